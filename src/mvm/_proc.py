@@ -1,0 +1,188 @@
+"""The one way mvm runs host processes.
+
+Every child process (mmdebstrap, mkfs.ext4, nix, qemu) goes through a :class:`Runner`, so
+logic above it can be unit-tested with a fake, and so every failure carries the same
+things: a human description of the step, the full argv, the exit code and the output tail.
+Nothing here ever goes through a shell: argv lists only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Protocol
+
+from .errors import CommandFailed, ToolMissing
+
+log = logging.getLogger(__name__)
+
+#: How to install each external tool mvm may need, keyed by executable name.
+INSTALL_HINTS: dict[str, str] = {
+    "qemu-system-x86_64": "apt-get install qemu-system-x86",
+    "qemu-img": "apt-get install qemu-utils",
+    "mmdebstrap": "apt-get install mmdebstrap",
+    "mkfs.ext4": "apt-get install e2fsprogs",
+    "resize2fs": "apt-get install e2fsprogs",
+    "e2fsck": "apt-get install e2fsprogs",
+    "debugfs": "apt-get install e2fsprogs",
+    "dumpe2fs": "apt-get install e2fsprogs",
+    "busybox": "apt-get install busybox-static",
+    "apt-get": "run mvm on Debian or Ubuntu, or use the Nix front end (--flake)",
+    "dpkg-deb": "apt-get install dpkg",
+    "depmod": "apt-get install kmod",
+    "lz4": "apt-get install lz4",
+    "nix": "apt-get install nix-bin  (or run `mvmctl dev` for a shell that has nix)",
+}
+
+OUTPUT_TAIL_LINES = 40
+
+
+@dataclass
+class Completed:
+    argv: list[str]
+    returncode: int
+    output: str
+
+
+def require_tool(name: str) -> str:
+    """Absolute path of ``name`` on PATH, or a ToolMissing that says how to install it."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if not found:
+        hint = INSTALL_HINTS.get(name)
+        raise ToolMissing(
+            f"`{name}` is not installed or not on PATH",
+            hint=f"install it: {hint}" if hint else None,
+        )
+    return found
+
+
+class Runner(Protocol):
+    def run(
+        self,
+        argv: Sequence[str | os.PathLike[str]],
+        *,
+        desc: str,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        input: bytes | None = None,
+        timeout: float | None = None,
+        on_line: Callable[[str], None] | None = None,
+        error: type[CommandFailed] = CommandFailed,
+        hint: str | None = None,
+        ok_codes: Sequence[int] = (0,),
+    ) -> Completed: ...
+
+    def spawn(
+        self,
+        argv: Sequence[str | os.PathLike[str]],
+        *,
+        stdout: IO[bytes] | int,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]: ...
+
+
+class SubprocessRunner:
+    """Runs children with stderr merged into stdout; keeps the tail for the error."""
+
+    def run(
+        self,
+        argv: Sequence[str | os.PathLike[str]],
+        *,
+        desc: str,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        input: bytes | None = None,
+        timeout: float | None = None,
+        on_line: Callable[[str], None] | None = None,
+        error: type[CommandFailed] = CommandFailed,
+        hint: str | None = None,
+        ok_codes: Sequence[int] = (0,),
+    ) -> Completed:
+        args = [os.fspath(a) for a in argv]
+        args[0] = require_tool(args[0]) if "/" not in args[0] else args[0]
+        log.debug("run (%s): %s", desc, args)
+        full_env = None if env is None else {**os.environ, **env}
+        try:
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=full_env,
+            )
+        except FileNotFoundError as exc:
+            raise ToolMissing(f"`{args[0]}` could not be started: {exc.strerror}") from exc
+        lines: list[str] = []
+        tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
+        try:
+            if input is not None:
+                out, _ = proc.communicate(input, timeout=timeout)
+                for raw in out.decode(errors="replace").splitlines():
+                    lines.append(raw)
+                    tail.append(raw)
+                    if on_line:
+                        on_line(raw)
+            else:
+                assert proc.stdout is not None
+                for raw_b in proc.stdout:
+                    raw = raw_b.decode(errors="replace").rstrip("\n")
+                    lines.append(raw)
+                    tail.append(raw)
+                    if on_line:
+                        on_line(raw)
+                proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            proc.kill()
+            proc.wait()
+            raise error(
+                f"{desc}: timed out after {timeout:.0f}s",
+                argv=args,
+                output="\n".join(tail),
+                hint=hint,
+            ) from exc
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.returncode not in ok_codes:
+            raise error(
+                f"{desc} failed (exit code {proc.returncode})",
+                argv=args,
+                returncode=proc.returncode,
+                output="\n".join(tail),
+                hint=hint,
+            )
+        return Completed(args, proc.returncode, "\n".join(lines))
+
+    def spawn(
+        self,
+        argv: Sequence[str | os.PathLike[str]],
+        *,
+        stdout: IO[bytes] | int,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start a long-lived child in its own session, detached from our terminal."""
+        args = [os.fspath(a) for a in argv]
+        args[0] = require_tool(args[0]) if "/" not in args[0] else args[0]
+        log.debug("spawn: %s", args)
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=None if env is None else {**os.environ, **env},
+            start_new_session=True,
+        )
+
+
+DEFAULT_RUNNER: Runner = SubprocessRunner()

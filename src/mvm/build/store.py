@@ -1,0 +1,173 @@
+"""The content-addressed image store.
+
+An image is a directory ``images/<key>/`` holding ``vmlinux``, ``initrd``, ``rootfs.ext4``
+and ``manifest.json``. The key is a digest of everything that went into the image, so an
+unchanged spec finds its image without building. Images are published atomically: built in
+a temporary sibling directory and renamed into place, under a per-key lock, so a crash or
+Ctrl-C never leaves a half-written entry that looks complete. Booting never modifies an
+image (the root drive is a per-boot snapshot).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import StateError
+
+MANIFEST_SCHEMA = 1
+MANIFEST = "manifest.json"
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: int = MANIFEST_SCHEMA
+    key: str
+    name: str
+    frontend: Literal["toml", "nix"]
+    source: dict[str, Any]
+    kernel: str = "vmlinux"
+    kernel_version: str = ""
+    initrd: str | None = "initrd"
+    rootfs: str = "rootfs.ext4"
+    sizes: dict[str, int] = {}
+    transports: list[str] = ["virtio-serial"]
+    guest: dict[str, Any]
+    created_at: float = 0.0
+    build_secs: float = 0.0
+
+
+@dataclass(frozen=True)
+class Image:
+    path: Path
+    manifest: Manifest
+
+    @property
+    def kernel(self) -> Path:
+        return self.path / self.manifest.kernel
+
+    @property
+    def initrd(self) -> Path | None:
+        return self.path / self.manifest.initrd if self.manifest.initrd else None
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / self.manifest.rootfs
+
+    @property
+    def key(self) -> str:
+        return self.manifest.key
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+
+def write_json_atomic(path: Path, data: dict[str, Any], mode: int = 0o644) -> None:
+    """Temp file in the same dir, fsync, rename: readers see the old or the new file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(path: Path) -> Manifest:
+    file = path / MANIFEST
+    try:
+        data = json.loads(file.read_text())
+        manifest = Manifest.model_validate(data)
+    except (OSError, ValueError, ValidationError) as exc:
+        raise StateError(
+            f"image manifest {file} is unreadable: {str(exc).splitlines()[0]}",
+            hint="remove the broken image with `mvmctl cleanup` and build again",
+        ) from None
+    if manifest.schema_version != MANIFEST_SCHEMA:
+        raise StateError(
+            f"image manifest {file} has schema_version {manifest.schema_version}, "
+            f"this mvm reads {MANIFEST_SCHEMA}",
+            hint="rebuild the image with this version of mvm",
+        )
+    return manifest
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+class ImageStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _dir(self, key: str) -> Path:
+        return self.root / key
+
+    def get(self, key: str) -> Image | None:
+        path = self._dir(key)
+        if not (path / MANIFEST).is_file():
+            return None
+        return Image(path, read_manifest(path))
+
+    def all(self) -> list[Image]:
+        images = []
+        if self.root.is_dir():
+            for entry in self.root.iterdir():
+                if entry.name.startswith(".") or not (entry / MANIFEST).is_file():
+                    continue
+                try:
+                    images.append(Image(entry, read_manifest(entry)))
+                except StateError:
+                    continue
+        return sorted(images, key=lambda i: i.manifest.created_at)
+
+    def publish(self, key: str, make: Callable[[Path], Manifest]) -> Image:
+        """Build into a temp dir with ``make`` and rename it to ``images/<key>``."""
+        from filelock import FileLock
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / f".{key}.lock")):
+            existing = self.get(key)
+            if existing is not None:
+                return existing
+            staging = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=self.root))
+            try:
+                started = time.monotonic()
+                manifest = make(staging)
+                manifest.key = key
+                manifest.created_at = time.time()
+                manifest.build_secs = round(time.monotonic() - started, 2)
+                manifest.sizes = {
+                    f.name: f.stat().st_size for f in staging.iterdir() if f.is_file()
+                }
+                write_json_atomic(staging / MANIFEST, manifest.model_dump(mode="json"))
+                os.rename(staging, self._dir(key))
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        return Image(self._dir(key), manifest)
+
+    def stale_staging(self) -> list[Path]:
+        """Leftovers of interrupted builds (only ever named ``.build-*``)."""
+        if not self.root.is_dir():
+            return []
+        return [p for p in self.root.glob(".build-*") if p.is_dir()]

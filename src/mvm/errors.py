@@ -1,0 +1,152 @@
+"""Every error mvm raises on purpose.
+
+A leaf module: it imports nothing from mvm, so any layer can raise these without cycles.
+Each error carries a one-line ``message``, an optional ``hint`` (what to do next) and an
+optional ``output`` (the tail of a child process or console that explains the failure).
+The CLI renders them and maps them to exit codes in exactly one place (``mvm.cli.app``).
+
+    MvmError
+    ├── SpecError            mvm.toml / flake attributes are invalid
+    ├── UsageError           a command-line value is malformed (-p, -e, -v, names)
+    ├── ToolMissing          qemu, mmdebstrap, nix, ... is not installed
+    ├── CommandFailed        a child process (mmdebstrap, mkfs, nix) exited non-zero
+    │   └── BuildError       ... while building an image
+    ├── StateError           vm.json / manifest.json is unreadable
+    ├── PortInUse            a host port cannot be bound
+    ├── VolumeError          a -v volume is unusable or would lose data
+    └── VMError              something about one named VM
+        ├── VMNotFound
+        ├── VMExists
+        ├── VMNotRunning
+        ├── BootError        the guest never answered (console tail attached)
+        ├── AgentError       the control channel failed or the guest refused a request
+        │   └── AgentTimeout
+        ├── HealthTimeout    `up --wait` gave up (check output attached)
+        └── ExecTimeout      `exec --timeout` expired and the guest process was killed
+"""
+
+from __future__ import annotations
+
+
+class MvmError(Exception):
+    """Base of every deliberate mvm failure."""
+
+    reference = "mvm-error"
+
+    def __init__(self, message: str, *, hint: str | None = None, output: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.output = output
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SpecError(MvmError):
+    reference = "invalid-spec"
+
+
+class UsageError(MvmError):
+    reference = "invalid-argument"
+
+
+class ToolMissing(MvmError):
+    reference = "tool-missing"
+
+
+class CommandFailed(MvmError):
+    reference = "command-failed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: list[str] | None = None,
+        returncode: int | None = None,
+        hint: str | None = None,
+        output: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint, output=output)
+        self.argv = argv or []
+        self.returncode = returncode
+
+
+class BuildError(CommandFailed):
+    reference = "build-failed"
+
+
+class StateError(MvmError):
+    reference = "corrupt-state"
+
+
+class PortInUse(MvmError):
+    reference = "port-in-use"
+
+
+class VolumeError(MvmError):
+    reference = "volume-error"
+
+
+class VMError(MvmError):
+    reference = "vm-error"
+
+    def __init__(
+        self, vm: str, message: str, *, hint: str | None = None, output: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint, output=output)
+        self.vm = vm
+
+
+class VMNotFound(VMError):
+    reference = "vm-not-found"
+
+
+class VMExists(VMError):
+    reference = "vm-exists"
+
+
+class VMNotRunning(VMError):
+    reference = "vm-not-running"
+
+
+class BootError(VMError):
+    reference = "boot-failed"
+
+
+class AgentError(VMError):
+    reference = "agent-error"
+
+
+class AgentTimeout(AgentError):
+    reference = "agent-timeout"
+
+
+class HealthTimeout(VMError):
+    reference = "health-timeout"
+
+
+class ExecTimeout(VMError):
+    reference = "exec-timeout"
+
+
+__all__ = [
+    "AgentError",
+    "AgentTimeout",
+    "BootError",
+    "BuildError",
+    "CommandFailed",
+    "ExecTimeout",
+    "HealthTimeout",
+    "MvmError",
+    "PortInUse",
+    "SpecError",
+    "StateError",
+    "ToolMissing",
+    "UsageError",
+    "VMError",
+    "VMExists",
+    "VMNotFound",
+    "VMNotRunning",
+    "VolumeError",
+]

@@ -1,0 +1,297 @@
+"""The guest end of the control channel: one server thread per virtio-serial port.
+
+The host has no daemon, so several ``mvmctl`` processes may talk to one VM at once; each
+takes one of the ``CONTROL_PORTS`` ports for the length of its request. Only the verbs in
+``protocol.OPS`` are answered.
+
+While no host client is connected, the port polls as hung up; the thread then sleeps until
+SIGIO (sent by the kernel when the host opens the port) or a short fallback timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import termios
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import protocol
+from .reaper import Exit, Reaper
+from .supervisor import Identity, base_env
+
+StatusFn = Callable[[], dict[str, Any]]
+
+
+class Connection:
+    """Serialises writes to one port; tracks the streaming op that owns it, if any."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lock = threading.Lock()
+        self.active: StreamOp | None = None
+
+    def send(self, msg: dict[str, Any]) -> None:
+        data = protocol.encode(msg)
+        with self.lock:
+            try:
+                protocol.write_all(self.fd, data)
+            except OSError:
+                pass
+
+
+class StreamOp:
+    """A running ``exec`` (optionally on a pty) that streams output back to the host."""
+
+    def __init__(self, conn: Connection, req: dict[str, Any], server: ControlServer) -> None:
+        self.conn = conn
+        self.req = req
+        self.server = server
+        self.child: Exit | None = None
+        self.stdin_fd: int | None = None
+        self.pty_master: int | None = None
+        self.timed_out = False
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="exec", daemon=True).start()
+
+    def _build(self) -> tuple[list[str], dict[str, Any]]:
+        req = self.req
+        argv = req.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError("argv must be a non-empty list of strings")
+        ident = Identity(req.get("user") or "root")
+        env = base_env(ident, self.server.path)
+        env.update(self.server.env_overrides)
+        extra = req.get("env") or {}
+        if not isinstance(extra, dict):
+            raise ValueError("env must be an object")
+        env.update({str(k): str(v) for k, v in extra.items()})
+        if req.get("tty"):
+            env.setdefault("TERM", str(req.get("term") or "xterm"))
+        cwd = req.get("cwd") or ident.home
+        kwargs: dict[str, Any] = {"env": env, "cwd": cwd, "start_new_session": True}
+        kwargs.update(ident.popen_args())
+        return argv, kwargs
+
+    def _run(self) -> None:
+        try:
+            argv, kwargs = self._build()
+            if self.req.get("tty"):
+                self._run_tty(argv, kwargs)
+            else:
+                self._run_pipes(argv, kwargs)
+        except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+            self.conn.active = None
+            self.conn.send({"ok": False, "error": f"cannot run {self.req.get('argv')!r}: {exc}",
+                            "exit": 127})
+
+    def _pump(self, fd: int, name: str) -> None:
+        while True:
+            try:
+                data = os.read(fd, 32768)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            self.conn.send({"event": name, "data": base64.b64encode(data).decode()})
+        os.close(fd)
+
+    def _run_pipes(self, argv: list[str], kwargs: dict[str, Any]) -> None:
+        r_out, w_out = os.pipe()
+        r_err, w_err = os.pipe()
+        r_in, w_in = os.pipe()
+        try:
+            self.child = self.server.reaper.spawn(
+                argv, stdin=r_in, stdout=w_out, stderr=w_err, close_fds=True, **kwargs
+            )
+        finally:
+            os.close(w_out)
+            os.close(w_err)
+            os.close(r_in)
+        self.stdin_fd = w_in
+        pumps = [threading.Thread(target=self._pump, args=(r_out, "stdout"), daemon=True),
+                 threading.Thread(target=self._pump, args=(r_err, "stderr"), daemon=True)]
+        for p in pumps:
+            p.start()
+        self._finish(pumps)
+
+    def _run_tty(self, argv: list[str], kwargs: dict[str, Any]) -> None:
+        master, slave = pty.openpty()
+        rows, cols = int(self.req.get("rows") or 24), int(self.req.get("cols") or 80)
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+        def make_controlling_tty() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        try:
+            self.child = self.server.reaper.spawn(
+                argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                preexec_fn=make_controlling_tty, **kwargs,
+            )
+        finally:
+            os.close(slave)
+        self.pty_master = master
+        self.stdin_fd = os.dup(master)
+        pump = threading.Thread(target=self._pump, args=(master, "stdout"), daemon=True)
+        pump.start()
+        self._finish([pump])
+
+    def _finish(self, pumps: list[threading.Thread]) -> None:
+        assert self.child is not None
+        timeout = self.req.get("timeout")
+        code = self.child.wait(float(timeout) if timeout else None)
+        if code is None:
+            self.timed_out = True
+            self.kill()
+            code = self.child.wait(5)
+        for p in pumps:
+            p.join(2)
+        self._close_stdin()
+        self.conn.active = None
+        if self.timed_out:
+            self.conn.send({"ok": False, "exit": 124, "timed_out": True,
+                            "error": f"timed out after {float(timeout):g}s; process killed"})
+        else:
+            self.conn.send({"ok": True, "exit": code})
+
+    def _close_stdin(self) -> None:
+        if self.stdin_fd is not None:
+            try:
+                os.close(self.stdin_fd)
+            except OSError:
+                pass
+            self.stdin_fd = None
+
+    def kill(self) -> None:
+        if self.child is not None and not self.child.done:
+            try:
+                os.killpg(self.child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def feed(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("op")
+        if kind == "stdin" and self.stdin_fd is not None:
+            try:
+                protocol.write_all(self.stdin_fd, base64.b64decode(msg.get("data") or ""))
+            except OSError:
+                pass
+        elif kind == "eof":
+            self._close_stdin()
+        elif kind == "resize" and self.pty_master is not None:
+            packed = struct.pack("HHHH", int(msg.get("rows", 24)), int(msg.get("cols", 80)), 0, 0)
+            fcntl.ioctl(self.pty_master, termios.TIOCSWINSZ, packed)
+        elif kind == "signal" and self.child is not None:
+            try:
+                os.killpg(self.child.pid, int(msg.get("signal", signal.SIGTERM)))
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+class ControlServer:
+    def __init__(
+        self,
+        ports: list[str],
+        *,
+        reaper: Reaper,
+        status: StatusFn,
+        shutdown: Callable[[], None],
+        env_overrides: dict[str, str],
+        path: str,
+    ) -> None:
+        self.ports = ports
+        self.reaper = reaper
+        self.status = status
+        self.shutdown = shutdown
+        self.env_overrides = env_overrides
+        self.path = path
+        self._wakeups: list[threading.Event] = []
+
+    def _on_sigio(self, *_: object) -> None:
+        for event in self._wakeups:
+            event.set()
+
+    def start(self) -> None:
+        signal.signal(signal.SIGIO, self._on_sigio)
+        for dev in self.ports:
+            threading.Thread(target=self._serve, args=(dev,), name=f"ctl-{dev}", daemon=True).start()
+
+    def _serve(self, dev: str) -> None:
+        fd = os.open(dev, os.O_RDWR | os.O_NOCTTY)
+        fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+        conn = Connection(fd)
+        wakeup = threading.Event()
+        self._wakeups.append(wakeup)
+        buf = protocol.LineBuffer()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while True:
+            events = poller.poll(1000)
+            if not events:
+                continue
+            mask = events[0][1]
+            data = b""
+            if mask & select.POLLIN:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    data = b""
+            if not data:
+                # Host side closed (or never opened): drop the session, wait for a client.
+                buf.reset()
+                if conn.active is not None:
+                    conn.active.kill()
+                wakeup.wait(0.25)
+                wakeup.clear()
+                continue
+            try:
+                lines = buf.feed(data)
+            except ValueError:
+                conn.send({"ok": False, "error": "request too large"})
+                continue
+            for line in lines:
+                self._dispatch(conn, line)
+
+    def _dispatch(self, conn: Connection, line: bytes) -> None:
+        try:
+            req = protocol.decode(line)
+        except ValueError:
+            conn.send({"ok": False, "error": "malformed request: not a JSON object"})
+            return
+        op = req.get("op")
+        if conn.active is not None:
+            if op in protocol.STREAM_INPUT:
+                conn.active.feed(req)
+            else:
+                conn.send({"ok": False, "error": f"{op!r} not allowed while a command runs"})
+            return
+        if op not in protocol.OPS:
+            conn.send({"ok": False, "error": f"unknown op {op!r}; allowed: {sorted(protocol.OPS)}"})
+            return
+        if op == "ping":
+            conn.send({"ok": True, "pong": time.time(), "version": protocol.PROTOCOL_VERSION})
+        elif op == "status":
+            conn.send({"ok": True, **self.status()})
+        elif op == "sync":
+            os.sync()
+            conn.send({"ok": True})
+        elif op == "shutdown":
+            conn.send({"ok": True})
+            threading.Thread(target=self.shutdown, name="shutdown", daemon=True).start()
+        elif op in ("exec", "console"):
+            if op == "console":
+                shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+                req = {**req, "argv": [shell, "-l"], "tty": True}
+            stream = StreamOp(conn, req, self)
+            conn.active = stream
+            stream.start()

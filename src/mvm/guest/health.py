@@ -1,0 +1,156 @@
+"""Health checks run by the guest agent.
+
+Each check runs ``healthCmd`` under ``sh -c`` (as the user of the service with the same
+name, else ``mvm``), killing it after ``healthTimeoutSecs``. States:
+
+- ``starting``: no check has passed yet and the grace period has not run out. Until the
+  first pass, checks run every ``min(1 s, interval)`` so ``up --wait`` returns promptly.
+- ``healthy``: the last check passed.
+- ``unhealthy``: the last check failed after ``startupGraceSecs``.
+
+Every transition is emitted on the event stream, so ``mvmctl logs`` shows it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from typing import Any
+
+from .events import EventLog
+from .reaper import Reaper
+from .supervisor import Identity, base_env
+
+OUTPUT_LIMIT = 2048
+FAST_PROBE = 1.0
+
+
+def next_state(state: str, passed: bool, in_grace: bool) -> str:
+    if passed:
+        return "healthy"
+    if in_grace and state == "starting":
+        return "starting"
+    return "unhealthy"
+
+
+class Check:
+    def __init__(self, name: str, spec: dict[str, Any], mon: HealthMonitor) -> None:
+        self.name = name
+        self.spec = spec
+        self.mon = mon
+        self.state = "starting"
+        self.last_exit: int | None = None
+        self.last_output = ""
+        self.checked_at: float | None = None
+        self.failures = 0
+        self.thread = threading.Thread(target=self._loop, name=f"health-{name}", daemon=True)
+
+    @property
+    def interval(self) -> float:
+        return float(self.spec.get("healthIntervalSecs", 30))
+
+    @property
+    def timeout(self) -> float:
+        return float(self.spec.get("healthTimeoutSecs", 10))
+
+    @property
+    def grace(self) -> float:
+        return float(self.spec.get("startupGraceSecs", 0))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "last_exit": self.last_exit,
+            "last_output": self.last_output,
+            "checked_at": self.checked_at,
+            "failures": self.failures,
+            "interval": self.interval,
+        }
+
+    def _run_once(self) -> tuple[int, str]:
+        svc = self.mon.services.get(self.name) or {}
+        try:
+            ident = Identity(svc.get("user") or "mvm")
+        except KeyError:
+            ident = Identity("root")
+        env = base_env(ident, self.mon.path)
+        env.update(svc.get("env") or {})
+        env.update(self.mon.env_overrides)
+        child = self.mon.reaper.spawn(
+            ["/bin/sh", "-c", self.spec["healthCmd"]],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ident.home,
+            start_new_session=True,
+            **ident.popen_args(),
+        )
+        out: list[bytes] = []
+        assert child.proc.stdout is not None
+        reader = threading.Thread(target=lambda: out.append(child.proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        code = child.wait(self.timeout)
+        if code is None:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.wait(2)
+            reader.join(1)
+            return 124, f"timed out after {self.timeout:g}s"
+        reader.join(1)
+        text = b"".join(out).decode(errors="replace").strip()
+        return code, text[-OUTPUT_LIMIT:]
+
+    def _loop(self) -> None:
+        started = time.monotonic()
+        while not self.mon.stopping.is_set():
+            code, output = self._run_once()
+            if self.mon.stopping.is_set():
+                return
+            in_grace = time.monotonic() - started < self.grace
+            passed = code == 0
+            self.failures = 0 if passed else self.failures + 1
+            self.last_exit, self.last_output, self.checked_at = code, output, time.time()
+            new = next_state(self.state, passed, in_grace)
+            if new != self.state:
+                self.state = new
+                self.mon.events.emit(
+                    "health", check=self.name, state=new, exit=code, output=output[-400:]
+                )
+            fast = self.state == "starting" or (self.state == "unhealthy" and self.failures == 0)
+            self.mon.stopping.wait(min(FAST_PROBE, self.interval) if fast else self.interval)
+
+
+class HealthMonitor:
+    def __init__(
+        self,
+        checks: dict[str, dict[str, Any]],
+        *,
+        services: dict[str, dict[str, Any]],
+        reaper: Reaper,
+        events: EventLog,
+        env_overrides: dict[str, str],
+        path: str,
+    ) -> None:
+        self.services = services
+        self.reaper = reaper
+        self.events = events
+        self.env_overrides = env_overrides
+        self.path = path
+        self.stopping = threading.Event()
+        self.checks = {name: Check(name, spec, self) for name, spec in checks.items()}
+
+    def start(self) -> None:
+        for check in self.checks.values():
+            check.thread.start()
+
+    def status(self) -> dict[str, Any]:
+        return {name: c.status() for name, c in self.checks.items()}
+
+    def stop(self) -> None:
+        self.stopping.set()

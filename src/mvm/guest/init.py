@@ -1,0 +1,242 @@
+"""PID 1 of every mvm guest. Stdlib only.
+
+Boot order is chosen for time to first service: API filesystems, the guest model
+(``/etc/mvm/guest.json``, baked at build) and the per-boot runtime config (a raw disk with
+serial ``mvm-config``), network, volumes, then services. Health checks, the control channel
+and the power button come up while the services start.
+
+Shutdown (agent request, SIGTERM/SIGINT, or the ACPI power button): services get TERM, then
+KILL after a grace period, everything is synced and unmounted, and the VM powers off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import sys
+import threading
+import time
+from typing import Any
+
+from . import protocol, system
+from .control import ControlServer
+from .events import EventLog
+from .health import HealthMonitor
+from .reaper import Reaper
+from .supervisor import DEFAULT_PATH, Identity, Supervisor
+
+GUEST_JSON = "/etc/mvm/guest.json"
+KEY_POWER = 116
+EV_KEY = 1
+STOP_TIMEOUT = 5.0
+
+
+def say(msg: str) -> None:
+    print(f"mvm-init: {msg}", flush=True)
+
+
+def read_runtime_config() -> dict[str, Any]:
+    disks = system.wait_for_disks([protocol.CONFIG_DISK_SERIAL], timeout=2.0)
+    dev = disks.get(protocol.CONFIG_DISK_SERIAL)
+    if dev is None:
+        return {}
+    with open(dev, "rb") as f:
+        raw = f.read(protocol.CONFIG_DISK_BYTES).split(b"\0", 1)[0]
+    return json.loads(raw) if raw.strip() else {}
+
+
+def mount_volumes(volumes: list[dict[str, Any]], owner: Identity | None) -> list[str]:
+    """Mount each volume at its path; return the writable mount points."""
+    if not volumes:
+        return []
+    disks = system.wait_for_disks([v["serial"] for v in volumes])
+    writable: list[str] = []
+    for vol in volumes:
+        dev = disks.get(vol["serial"])
+        if dev is None:
+            say(f"volume {vol['serial']} for {vol['target']} did not appear")
+            continue
+        flags = system.MS_NOSUID | system.MS_NODEV
+        if vol.get("readonly"):
+            flags |= system.MS_RDONLY | system.MS_NOEXEC
+        system.mount(dev, vol["target"], "ext4", flags)
+        if not vol.get("readonly"):
+            writable.append(vol["target"])
+            if owner is not None:
+                if vol.get("fresh"):
+                    for dirpath, dirnames, filenames in os.walk(vol["target"]):
+                        for name in dirnames + filenames:
+                            os.lchown(os.path.join(dirpath, name), owner.uid, owner.gid)
+                os.chown(vol["target"], owner.uid, owner.gid)
+    return writable
+
+
+class Init:
+    def __init__(self) -> None:
+        self.boot_started = time.time()
+        self.reaper = Reaper()
+        self._shutdown_lock = threading.Lock()
+        self._shutting_down = False
+        self.volumes: list[str] = []
+        self.supervisor: Supervisor | None = None
+        self.health: HealthMonitor | None = None
+        self.events: EventLog | None = None
+        self.guest: dict[str, Any] = {}
+
+    def boot(self) -> None:
+        system.mount_early()
+        with open(GUEST_JSON) as f:
+            self.guest = json.load(f)
+        try:
+            runtime = read_runtime_config()
+        except (OSError, ValueError) as exc:
+            say(f"runtime config unreadable, booting without it: {exc}")
+            runtime = {}
+        ports = system.virtio_ports()
+        self.events = events = EventLog(ports.get(protocol.EVENT_PORT))
+        hostname = runtime.get("hostname") or self.guest.get("hostname") or self.guest.get("name")
+        if hostname:
+            system.set_hostname(hostname)
+        try:
+            system.configure_network("10.0.2.15", "255.255.255.0", "10.0.2.2", "10.0.2.3")
+        except OSError as exc:
+            events.emit("init", msg=f"network set-up failed: {exc}")
+        try:
+            owner: Identity | None = Identity("mvm")
+        except KeyError:
+            owner = None
+        volumes = runtime.get("volumes") or []
+        writable = mount_volumes(volumes, owner)
+        self.volumes = [v["target"] for v in volumes]
+        env_overrides = runtime.get("env") or {}
+        path = self.guest.get("path") or DEFAULT_PATH
+        services = self.guest.get("services") or {}
+        self.supervisor = Supervisor(
+            services,
+            reaper=self.reaper,
+            events=events,
+            env_overrides=env_overrides,
+            handover_roots=["/tmp", *writable],
+            path=path,
+        )
+        self.supervisor.start()
+        self.health = HealthMonitor(
+            self.guest.get("healthChecks") or {},
+            services=services,
+            reaper=self.reaper,
+            events=events,
+            env_overrides=env_overrides,
+            path=path,
+        )
+        self.health.start()
+        control_ports = [
+            dev for name, dev in sorted(ports.items()) if name.startswith(protocol.CONTROL_PORT_PREFIX)
+        ]
+        ControlServer(
+            control_ports,
+            reaper=self.reaper,
+            status=self.status,
+            shutdown=self.shutdown,
+            env_overrides=env_overrides,
+            path=path,
+        ).start()
+        threading.Thread(target=self._watch_power_button, name="power", daemon=True).start()
+        uptime = _uptime()
+        events.emit("init", msg="ready", uptime=uptime)
+        say(f"ready after {uptime:.2f}s uptime ({len(services)} services)")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.guest.get("name"),
+            "uptime": _uptime(),
+            "services": self.supervisor.status() if self.supervisor else {},
+            "health": self.health.status() if self.health else {},
+            "shutting_down": self._shutting_down,
+        }
+
+    def shutdown(self) -> None:
+        with self._shutdown_lock:
+            if self._shutting_down:
+                return
+            self._shutting_down = True
+        say("shutting down")
+        if self.events:
+            self.events.emit("init", msg="shutting down")
+        if self.health:
+            self.health.stop()
+        if self.supervisor:
+            self.supervisor.stop(STOP_TIMEOUT)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(-1, sig)  # every process but PID 1
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        os.sync()
+        for target in reversed(self.volumes):
+            try:
+                system.umount(target)
+            except OSError:
+                system.umount(target, lazy=True)
+        if self.events:
+            self.events.emit("init", msg="powering off")
+            self.events.flush()
+        say("powering off")
+        system.power_off()
+
+    def _watch_power_button(self) -> None:
+        """Read evdev devices for KEY_POWER (QMP system_powerdown → ACPI button)."""
+        fmt = "llHHi"
+        size = struct.calcsize(fmt)
+        try:
+            devices = [f"/dev/input/{d}" for d in os.listdir("/dev/input") if d.startswith("event")]
+        except OSError:
+            return
+        fds = []
+        for dev in devices:
+            try:
+                fds.append(os.open(dev, os.O_RDONLY))
+            except OSError:
+                continue
+        import select
+
+        while fds:
+            ready, _, _ = select.select(fds, [], [])
+            for fd in ready:
+                data = os.read(fd, size * 16)
+                for off in range(0, len(data) - size + 1, size):
+                    _, _, etype, code, value = struct.unpack_from(fmt, data, off)
+                    if etype == EV_KEY and code == KEY_POWER and value == 1:
+                        self.shutdown()
+
+
+def _uptime() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
+def main() -> None:
+    if os.getpid() != 1:
+        print("mvm-init must run as PID 1 inside an mvm guest", file=sys.stderr)
+        raise SystemExit(2)
+    init = Init()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        threading.Thread(target=init.shutdown, name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        init.boot()
+    except Exception as exc:  # PID 1 must never exit: report and power off
+        import traceback
+
+        traceback.print_exc()
+        say(f"boot failed: {exc}")
+        if init.events:
+            init.events.emit("init", msg=f"boot failed: {exc}")
+            init.events.flush()
+        system.power_off()
+    init.reaper.loop()

@@ -1,0 +1,265 @@
+"""Service supervision: preStart once per boot, then the command, restarted with backoff.
+
+Rules (documented in docs/guest.md):
+- ``preStart`` runs once per boot, as root, under ``sh -c`` with the service's env, before
+  the service first starts. A restart does not repeat it. If it fails the service is
+  marked failed and not started.
+- Ownership hand-off: whatever ``preStart`` creates under ``/tmp`` or on a writable volume
+  is handed to the service's user (files the service could not otherwise write to). The
+  root of every writable volume belongs to the default service user.
+- ``command`` runs under ``sh -c`` as ``user`` (default ``mvm``), in its own session, with
+  the env from the spec, overridden by ``mvmctl up -e``.
+- ``restart``: ``always`` (default), ``on-failure`` (non-zero exit or signal) or ``no``.
+  Delays grow 0.5 s, 1 s, 2 s ... up to 30 s, and reset once a run lasted 10 s.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import subprocess
+import threading
+import time
+from typing import IO, Any
+
+from .events import EventLog
+from .reaper import Exit, Reaper
+
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+BACKOFF_RESET_AFTER = 10.0
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def backoff_delay(consecutive_failures: int) -> float:
+    return float(min(BACKOFF_CAP, BACKOFF_BASE * (2 ** max(0, consecutive_failures - 1))))
+
+
+def should_restart(policy: str, code: int) -> bool:
+    if policy == "always":
+        return True
+    if policy == "on-failure":
+        return code != 0
+    return False
+
+
+class Identity:
+    """Who a process runs as, resolved from /etc/passwd."""
+
+    def __init__(self, user: str) -> None:
+        entry = pwd.getpwnam(user)
+        self.name = user
+        self.uid = entry.pw_uid
+        self.gid = entry.pw_gid
+        self.home = entry.pw_dir if os.path.isdir(entry.pw_dir) else "/"
+        self.groups = sorted(
+            {g for g in _supplementary_groups(user)} | {entry.pw_gid}
+        )
+
+    def popen_args(self) -> dict[str, Any]:
+        if self.uid == 0:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": self.groups}
+
+
+def _supplementary_groups(user: str) -> list[int]:
+    import grp
+
+    return [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
+
+
+def base_env(identity: Identity, path: str) -> dict[str, str]:
+    return {
+        "PATH": path,
+        "HOME": identity.home,
+        "USER": identity.name,
+        "LOGNAME": identity.name,
+        "SHELL": "/bin/sh",
+        "LANG": "C.UTF-8",
+    }
+
+
+def snapshot_tree(roots: list[str]) -> set[str]:
+    seen: set[str] = set()
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                seen.add(os.path.join(dirpath, name))
+    return seen
+
+
+def hand_over(roots: list[str], before: set[str], uid: int, gid: int) -> int:
+    """Give paths created since ``before`` to uid:gid; returns how many changed hands."""
+    changed = 0
+    for path in snapshot_tree(roots) - before:
+        try:
+            os.lchown(path, uid, gid)
+            changed += 1
+        except OSError:
+            pass
+    return changed
+
+
+def pump_lines(stream: IO[bytes], events: EventLog, svc: str, name: str) -> None:
+    for raw in iter(stream.readline, b""):
+        events.log(svc, name, raw.decode(errors="replace").rstrip("\r\n"))
+    stream.close()
+
+
+class Service:
+    def __init__(self, name: str, spec: dict[str, Any], sup: Supervisor) -> None:
+        self.name = name
+        self.spec = spec
+        self.sup = sup
+        self.state = "pending"
+        self.pid: int | None = None
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self.started_at: float | None = None
+        self.started = threading.Event()
+        self.child: Exit | None = None
+        self.thread = threading.Thread(target=self._run, name=f"svc-{name}", daemon=True)
+
+    def status(self) -> dict[str, Any]:
+        uptime = None
+        if self.state == "running" and self.started_at is not None:
+            uptime = round(time.time() - self.started_at, 1)
+        return {
+            "state": self.state,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "uptime": uptime,
+            "user": self.spec.get("user", "mvm"),
+            "restart": self.spec.get("restart", "always"),
+        }
+
+    def _set_state(self, state: str, **extra: Any) -> None:
+        self.state = state
+        self.sup.events.emit("service", svc=self.name, state=state, **extra)
+
+    def _env(self, identity: Identity) -> dict[str, str]:
+        env = base_env(identity, self.sup.path)
+        env.update(self.spec.get("env") or {})
+        env.update(self.sup.env_overrides)
+        return env
+
+    def _spawn(self, command: str, identity: Identity, stream_name: str) -> Exit:
+        proc_kwargs: dict[str, Any] = identity.popen_args()
+        child = self.sup.reaper.spawn(
+            ["/bin/sh", "-c", command],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self._env(identity),
+            cwd=identity.home,
+            start_new_session=True,
+            close_fds=True,
+            **proc_kwargs,
+        )
+        proc = child.proc
+        for pipe, label in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+            assert pipe is not None
+            tag = label if stream_name == "service" else f"{stream_name}:{label}"
+            threading.Thread(
+                target=pump_lines, args=(pipe, self.sup.events, self.name, tag), daemon=True
+            ).start()
+        return child
+
+    def _run(self) -> None:
+        for dep in self.spec.get("dependsOn") or []:
+            self.sup.services[dep].started.wait()
+        try:
+            user = Identity(self.spec.get("user") or "mvm")
+        except KeyError:
+            self._set_state("failed", reason=f"user {self.spec.get('user')!r} does not exist")
+            self.started.set()
+            return
+        pre = (self.spec.get("preStart") or "").strip()
+        if pre and not self.sup.stopping.is_set():
+            self._set_state("prestart")
+            roots = self.sup.handover_roots
+            before = snapshot_tree(roots)
+            code = self._spawn(pre, Identity("root"), "preStart").wait()
+            if user.uid != 0:
+                hand_over(roots, before, user.uid, user.gid)
+            if code != 0:
+                self.last_exit = code
+                self._set_state("failed", reason=f"preStart exited with {code}", exit=code)
+                self.started.set()
+                return
+        failures = 0
+        while not self.sup.stopping.is_set():
+            self.child = self._spawn(self.spec["command"], user, "service")
+            self.pid = self.child.pid
+            self.started_at = time.time()
+            began = time.monotonic()
+            self._set_state("running", pid=self.pid, restarts=self.restarts)
+            self.started.set()
+            code = self.child.wait()
+            assert code is not None
+            self.last_exit = code
+            self.pid = None
+            if self.sup.stopping.is_set():
+                self._set_state("stopped", exit=code)
+                return
+            policy = self.spec.get("restart") or "always"
+            if not should_restart(policy, code):
+                self._set_state("exited" if code == 0 else "failed", exit=code)
+                return
+            failures = 1 if time.monotonic() - began >= BACKOFF_RESET_AFTER else failures + 1
+            delay = backoff_delay(failures)
+            self._set_state("backoff", exit=code, delay=delay)
+            if self.sup.stopping.wait(delay):
+                self._set_state("stopped", exit=code)
+                return
+            self.restarts += 1
+
+    def signal(self, sig: int) -> None:
+        child = self.child
+        if child is not None and not child.done:
+            try:
+                os.killpg(child.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+class Supervisor:
+    def __init__(
+        self,
+        services: dict[str, dict[str, Any]],
+        *,
+        reaper: Reaper,
+        events: EventLog,
+        env_overrides: dict[str, str],
+        handover_roots: list[str],
+        path: str = DEFAULT_PATH,
+    ) -> None:
+        self.reaper = reaper
+        self.events = events
+        self.env_overrides = env_overrides
+        self.handover_roots = handover_roots
+        self.path = path
+        self.stopping = threading.Event()
+        self.services = {name: Service(name, spec, self) for name, spec in services.items()}
+
+    def start(self) -> None:
+        for svc in self.services.values():
+            svc.thread.start()
+
+    def status(self) -> dict[str, Any]:
+        return {name: svc.status() for name, svc in self.services.items()}
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """TERM every service's process group, then KILL what is left after ``timeout``."""
+        self.stopping.set()
+        for svc in self.services.values():
+            svc.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for svc in self.services.values():
+            child = svc.child
+            if child is not None:
+                child.wait(max(0.0, deadline - time.monotonic()))
+        for svc in self.services.values():
+            svc.signal(signal.SIGKILL)

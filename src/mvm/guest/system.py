@@ -1,0 +1,194 @@
+"""Thin wrappers over the Linux calls PID 1 needs, without forking helpers.
+
+Stdlib only. Mounting, hostname, power-off and network set-up go through libc (ctypes) and
+ioctls, because every fork costs tens of milliseconds under software emulation.
+There is no udev in the guest: disks are found by ``/sys/block/vd*/serial`` and
+virtio-serial ports by ``/sys/class/virtio-ports/*/name``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import struct
+import time
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MNT_DETACH = 2
+RB_POWER_OFF = 0x4321FEDC
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.reboot.argtypes = [ctypes.c_int]
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    os.makedirs(target, exist_ok=True)
+    _check(
+        _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode() or None),
+        f"mount {source} on {target}",
+    )
+
+
+def umount(target: str, lazy: bool = False) -> None:
+    _check(_libc.umount2(target.encode(), MNT_DETACH if lazy else 0), f"umount {target}")
+
+
+def power_off() -> None:
+    os.sync()
+    _libc.reboot(RB_POWER_OFF)
+
+
+def is_mounted(target: str) -> bool:
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1] == target for line in f)
+    except OSError:
+        return False
+
+
+def mount_early() -> None:
+    """The API filesystems. /dev is already devtmpfs, moved over by the initrd."""
+    table = [
+        ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
+        ("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
+        ("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"),
+        ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
+        ("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+        ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "mode=0620,ptmxmode=0666,gid=5"),
+        ("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+    ]
+    for source, target, fstype, flags, data in table:
+        try:
+            mount(source, target, fstype, flags, data)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+    for link, dest in (("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
+                       ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2"),
+                       ("/dev/ptmx", "pts/ptmx")):
+        if not os.path.lexists(link):
+            try:
+                os.symlink(dest, link)
+            except OSError:
+                pass
+
+
+def set_hostname(name: str) -> None:
+    with open("/proc/sys/kernel/hostname", "w") as f:
+        f.write(name)
+    try:
+        with open("/etc/hostname", "w") as f:
+            f.write(name + "\n")
+        with open("/etc/hosts", "w") as f:
+            f.write(f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost\n")
+    except OSError:
+        pass  # a read-only root is fine: the kernel hostname is what matters
+
+
+# --- network (QEMU user networking: 10.0.2.15/24, gateway .2, DNS .3) -------------------
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCSIFADDR = 0x8916
+SIOCSIFNETMASK = 0x891C
+SIOCADDRT = 0x890B
+IFF_UP = 0x1
+IFF_RUNNING = 0x40
+RTF_UP = 0x1
+RTF_GATEWAY = 0x2
+
+
+def _sockaddr(ip: str) -> bytes:
+    return struct.pack("=HH4s8s", socket.AF_INET, 0, socket.inet_aton(ip), b"")
+
+
+def _link_up(sock: socket.socket, ifname: str) -> None:
+    req = struct.pack("16sh22x", ifname.encode(), 0)
+    flags = struct.unpack("16sh22x", fcntl.ioctl(sock, SIOCGIFFLAGS, req))[1]
+    fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sh22x", ifname.encode(), flags | IFF_UP | IFF_RUNNING))
+
+
+def configure_network(address: str, netmask: str, gateway: str, dns: str) -> str | None:
+    """Bring up lo and the first ethernet device; return its name (None if there is none)."""
+    ifaces = sorted(n for n in os.listdir("/sys/class/net") if n != "lo")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        _link_up(sock, "lo")
+        if not ifaces:
+            return None
+        ifname = ifaces[0]
+        fcntl.ioctl(sock, SIOCSIFADDR, ifname.encode().ljust(16, b"\0") + _sockaddr(address))
+        fcntl.ioctl(sock, SIOCSIFNETMASK, ifname.encode().ljust(16, b"\0") + _sockaddr(netmask))
+        _link_up(sock, ifname)
+        dev = ctypes.create_string_buffer(ifname.encode())
+        # struct rtentry (x86_64/aarch64 native layout)
+        route = struct.pack(
+            "@L16s16s16sHhLPhPLLH",
+            0, _sockaddr("0.0.0.0"), _sockaddr(gateway), _sockaddr("0.0.0.0"),
+            RTF_UP | RTF_GATEWAY, 0, 0, 0, 0, ctypes.addressof(dev), 0, 0, 0,
+        )
+        buf = bytearray(route)
+        fcntl.ioctl(sock, SIOCADDRT, buf)
+    try:
+        with open("/etc/resolv.conf", "w") as f:
+            f.write(f"nameserver {dns}\n")
+    except OSError:
+        pass
+    return ifname
+
+
+# --- devices ---------------------------------------------------------------------------
+
+
+def disks_by_serial() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for name in os.listdir("/sys/block"):
+        try:
+            with open(f"/sys/block/{name}/serial") as f:
+                serial = f.read().strip()
+        except OSError:
+            continue
+        if serial:
+            found[serial] = f"/dev/{name}"
+    return found
+
+
+def wait_for_disks(serials: list[str], timeout: float = 5.0) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = disks_by_serial()
+        if all(s in found for s in serials) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.01)
+
+
+def virtio_ports() -> dict[str, str]:
+    """Port name -> /dev node, from sysfs (there is no /dev/virtio-ports without udev)."""
+    ports: dict[str, str] = {}
+    base = "/sys/class/virtio-ports"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return ports
+    for dev in entries:
+        try:
+            with open(f"{base}/{dev}/name") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if name:
+            ports[name] = f"/dev/{dev}"
+    return ports

@@ -1,0 +1,115 @@
+"""Where mvm keeps things on the host. Names only: nothing here touches the disk.
+
+``MVM_HOME`` overrides both roots (``$MVM_HOME/state`` and ``$MVM_HOME/cache``), which is
+how tests and parallel users keep apart. Otherwise the XDG state and cache dirs are used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _xdg_dir(kind: str) -> Path:
+    import platformdirs
+
+    if kind == "state":
+        return Path(platformdirs.user_state_dir("mvm"))
+    return Path(platformdirs.user_cache_dir("mvm"))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The roots of mvm's on-disk state: VM runtime dirs, volumes, and caches."""
+
+    state: Path
+    cache: Path
+
+    @classmethod
+    def default(cls) -> Layout:
+        home = os.environ.get("MVM_HOME")
+        if home:
+            root = Path(home).expanduser().absolute()
+            return cls(state=root / "state", cache=root / "cache")
+        return cls(state=_xdg_dir("state"), cache=_xdg_dir("cache"))
+
+    @property
+    def vms(self) -> Path:
+        return self.state / "vms"
+
+    def vm_dir(self, name: str) -> Path:
+        return self.vms / name
+
+    @property
+    def locks(self) -> Path:
+        return self.state / "locks"
+
+    @property
+    def volumes(self) -> Path:
+        return self.state / "volumes"
+
+    @property
+    def images(self) -> Path:
+        return self.cache / "images"
+
+    @property
+    def kernels(self) -> Path:
+        return self.cache / "kernels"
+
+    @property
+    def debs(self) -> Path:
+        return self.cache / "debs"
+
+    @property
+    def probes(self) -> Path:
+        return self.cache / "probes"
+
+
+@dataclass(frozen=True)
+class VMFiles:
+    """The files of one VM's runtime dir. Short names keep unix socket paths under 108 bytes."""
+
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        return self.root / "vm.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "vm.lock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "qemu.pid"
+
+    @property
+    def qmp(self) -> Path:
+        return self.root / "qmp.sock"
+
+    def control(self, index: int) -> Path:
+        return self.root / f"c{index}.sock"
+
+    def control_lock(self, index: int) -> Path:
+        return self.root / f"c{index}.lock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.root / "console.log"
+
+    @property
+    def events_log(self) -> Path:
+        return self.root / "events.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.root / "qemu.log"
+
+    @property
+    def config_disk(self) -> Path:
+        return self.root / "config.img"
+
+    @property
+    def volumes(self) -> Path:
+        return self.root / "ro-volumes"

@@ -1,0 +1,187 @@
+"""The guest model shared by both front ends, and the ``mvm.toml`` loader.
+
+``mkGuest`` (Nix) and ``mvm.toml`` describe the same thing, field for field, in the seed's
+camelCase names. The build writes the model into the rootfs as ``/etc/mvm/guest.json``;
+the guest init reads only that file. Validation errors name the file and the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import SpecError
+
+GUEST_JSON_SCHEMA = 1
+NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+DEFAULT_USER = "mvm"
+
+
+def check_vm_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise ValueError(
+            f"{name!r} is not a valid VM name: use 1-63 characters of a-z, 0-9 and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
+def check_env(env: dict[str, str]) -> dict[str, str]:
+    for key, value in env.items():
+        if not ENV_NAME_RE.match(key):
+            raise ValueError(f"{key!r} is not a valid environment variable name")
+        if "\0" in value:
+            raise ValueError(f"the value of {key} contains a NUL byte")
+    return env
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class Service(_Model):
+    """A supervised long-running process. ``command`` runs under ``sh -c`` as ``user``."""
+
+    command: str = Field(min_length=1)
+    pre_start: str = Field("", alias="preStart")
+    env: dict[str, str] = Field(default_factory=dict)
+    user: str = DEFAULT_USER
+    restart: Literal["always", "on-failure", "no"] = "always"
+    depends_on: list[str] = Field(default_factory=list, alias="dependsOn")
+
+    _check_env = field_validator("env")(check_env)
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if not USER_RE.match(value):
+            raise ValueError(f"{value!r} is not a valid user name")
+        return value
+
+
+class HealthCheck(_Model):
+    """A command run by the guest agent; exit 0 means healthy."""
+
+    health_cmd: str = Field(alias="healthCmd", min_length=1)
+    health_interval_secs: float = Field(30, alias="healthIntervalSecs", gt=0)
+    health_timeout_secs: float = Field(10, alias="healthTimeoutSecs", gt=0)
+    startup_grace_secs: float = Field(0, alias="startupGraceSecs", ge=0)
+
+
+class GuestSpec(_Model):
+    name: str
+    packages: list[str] = Field(default_factory=list)
+    hostname: str | None = None
+    cpus: int = Field(1, ge=1, le=64)
+    memory: int = Field(512, ge=64, le=65536, description="MiB")
+    services: dict[str, Service] = Field(default_factory=dict)
+    health_checks: dict[str, HealthCheck] = Field(default_factory=dict, alias="healthChecks")
+
+    _check_name = field_validator("name")(check_vm_name)
+
+    @field_validator("packages")
+    @classmethod
+    def _packages(cls, value: list[str]) -> list[str]:
+        for pkg in value:
+            if not re.match(r"^[a-z0-9][a-z0-9+.:=~-]*$", pkg):
+                raise ValueError(f"{pkg!r} is not a valid Debian package name")
+        return value
+
+    @field_validator("services")
+    @classmethod
+    def _service_names(cls, value: dict[str, Service]) -> dict[str, Service]:
+        for svc in value:
+            if not SERVICE_RE.match(svc):
+                raise ValueError(f"{svc!r} is not a valid service name")
+        return value
+
+    @model_validator(mode="after")
+    def _depends(self) -> GuestSpec:
+        for name, svc in self.services.items():
+            for dep in svc.depends_on:
+                if dep not in self.services:
+                    raise ValueError(f"services.{name}.dependsOn names unknown service {dep!r}")
+        return self
+
+    def guest_json(self, *, frontend: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The document the guest init reads from /etc/mvm/guest.json."""
+        doc = self.model_dump(by_alias=True, mode="json")
+        doc["schema_version"] = GUEST_JSON_SCHEMA
+        doc["frontend"] = frontend
+        doc.update(extra or {})
+        return doc
+
+    def digest(self) -> str:
+        blob = json.dumps(self.model_dump(by_alias=True, mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _describe(err: dict[str, Any], model_fields: dict[str, Any] | None = None) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        key = str(err["loc"][-1])
+        known = _known_keys(err["loc"])
+        close = difflib.get_close_matches(key, known, n=1)
+        suffix = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(known)})"
+        return f"{loc}: unknown key{suffix}"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}"
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at the parent of ``loc``, in spec spelling."""
+    parent = loc[:-1]
+    model: type[BaseModel] = GuestSpec
+    if len(parent) >= 2 and parent[0] == "services":
+        model = Service
+    elif len(parent) >= 2 and parent[0] == "healthChecks":
+        model = HealthCheck
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def parse_spec(data: dict[str, Any], *, source: str) -> GuestSpec:
+    try:
+        return GuestSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]  # type: ignore[arg-type]
+        first, rest = problems[0], problems[1:]
+        more = f" (and {len(rest)} more: {'; '.join(rest)})" if rest else ""
+        raise SpecError(
+            f"{source}: {first}{more}",
+            hint="fix the key in the spec; see examples/hello/mvm.toml for the format",
+        ) from None
+
+
+def spec_file(path: Path) -> Path:
+    """Accept either a directory holding mvm.toml or the file itself."""
+    candidate = path / "mvm.toml" if path.is_dir() else path
+    if not candidate.is_file():
+        raise SpecError(
+            f"no mvm.toml at {path}",
+            hint="pass the directory that holds mvm.toml (or --flake for a Nix flake)",
+        )
+    return candidate
+
+
+def load_toml(path: Path) -> GuestSpec:
+    file = spec_file(path)
+    try:
+        data = tomllib.loads(file.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{file}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise SpecError(f"{file}: cannot read: {exc.strerror}") from None
+    return parse_spec(data, source=str(file))
