@@ -75,7 +75,8 @@ class HealthCheck(_Model):
     health_cmd: str = Field(alias="healthCmd", min_length=1)
     health_interval_secs: float = Field(30, alias="healthIntervalSecs", gt=0)
     health_timeout_secs: float = Field(10, alias="healthTimeoutSecs", gt=0)
-    startup_grace_secs: float = Field(0, alias="startupGraceSecs", ge=0)
+    #: Failures in this window after boot keep the check "starting". Default: one interval.
+    startup_grace_secs: float | None = Field(None, alias="startupGraceSecs", ge=0)
 
 
 class GuestSpec(_Model):
@@ -126,7 +127,7 @@ class GuestSpec(_Model):
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _describe(err: dict[str, Any], model_fields: dict[str, Any] | None = None) -> str:
+def _describe(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":

@@ -88,6 +88,7 @@ def build_argv(spec: LaunchSpec, qemu: str = QEMU) -> list[str]:
         "-chardev", "file,id=con,path=console.log",
         "-serial", "chardev:con",
         "-qmp", "unix:qmp.sock,server=on,wait=off",
+        "-pidfile", "qemu.pid",
     ]
     if spec.initrd:
         argv += ["-initrd", str(spec.initrd)]

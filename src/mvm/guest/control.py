@@ -26,6 +26,7 @@ from typing import Any
 
 from . import protocol
 from .reaper import Exit, Reaper
+from .signals import SignalDispatcher
 from .supervisor import Identity, base_env
 
 StatusFn = Callable[[], dict[str, Any]]
@@ -39,7 +40,9 @@ class Connection:
         self.lock = threading.Lock()
         self.active: StreamOp | None = None
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: dict[str, Any], rid: Any = None) -> None:
+        if rid is not None:
+            msg = {**msg, "id": rid}
         data = protocol.encode(msg)
         with self.lock:
             try:
@@ -54,11 +57,16 @@ class StreamOp:
     def __init__(self, conn: Connection, req: dict[str, Any], server: ControlServer) -> None:
         self.conn = conn
         self.req = req
+        self.rid = req.get("id")
         self.server = server
         self.child: Exit | None = None
         self.stdin_fd: int | None = None
         self.pty_master: int | None = None
         self.timed_out = False
+        # Input can arrive before the process exists; it is held until then.
+        self._input_lock = threading.Lock()
+        self._started = False
+        self._early: list[dict[str, Any]] = []
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="exec", daemon=True).start()
@@ -92,7 +100,7 @@ class StreamOp:
         except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
             self.conn.active = None
             self.conn.send({"ok": False, "error": f"cannot run {self.req.get('argv')!r}: {exc}",
-                            "exit": 127})
+                            "exit": 127}, self.rid)
 
     def _pump(self, fd: int, name: str) -> None:
         while True:
@@ -102,7 +110,7 @@ class StreamOp:
                 data = b""
             if not data:
                 break
-            self.conn.send({"event": name, "data": base64.b64encode(data).decode()})
+            self.conn.send({"event": name, "data": base64.b64encode(data).decode()}, self.rid)
         os.close(fd)
 
     def _run_pipes(self, argv: list[str], kwargs: dict[str, Any]) -> None:
@@ -118,6 +126,7 @@ class StreamOp:
             os.close(w_err)
             os.close(r_in)
         self.stdin_fd = w_in
+        self._mark_started()
         pumps = [threading.Thread(target=self._pump, args=(r_out, "stdout"), daemon=True),
                  threading.Thread(target=self._pump, args=(r_err, "stderr"), daemon=True)]
         for p in pumps:
@@ -141,6 +150,7 @@ class StreamOp:
             os.close(slave)
         self.pty_master = master
         self.stdin_fd = os.dup(master)
+        self._mark_started()
         pump = threading.Thread(target=self._pump, args=(master, "stdout"), daemon=True)
         pump.start()
         self._finish([pump])
@@ -159,9 +169,9 @@ class StreamOp:
         self.conn.active = None
         if self.timed_out:
             self.conn.send({"ok": False, "exit": 124, "timed_out": True,
-                            "error": f"timed out after {float(timeout):g}s; process killed"})
+                            "error": f"timed out after {float(timeout):g}s; process killed"}, self.rid)
         else:
-            self.conn.send({"ok": True, "exit": code})
+            self.conn.send({"ok": True, "exit": code}, self.rid)
 
     def _close_stdin(self) -> None:
         if self.stdin_fd is not None:
@@ -178,7 +188,21 @@ class StreamOp:
             except ProcessLookupError:
                 pass
 
+    def _mark_started(self) -> None:
+        with self._input_lock:
+            self._started = True
+            early, self._early = self._early, []
+        for msg in early:
+            self._apply(msg)
+
     def feed(self, msg: dict[str, Any]) -> None:
+        with self._input_lock:
+            if not self._started:
+                self._early.append(msg)
+                return
+        self._apply(msg)
+
+    def _apply(self, msg: dict[str, Any]) -> None:
         kind = msg.get("op")
         if kind == "stdin" and self.stdin_fd is not None:
             try:
@@ -207,7 +231,9 @@ class ControlServer:
         shutdown: Callable[[], None],
         env_overrides: dict[str, str],
         path: str,
+        signals: SignalDispatcher,
     ) -> None:
+        self.signals = signals
         self.ports = ports
         self.reaper = reaper
         self.status = status
@@ -216,12 +242,12 @@ class ControlServer:
         self.path = path
         self._wakeups: list[threading.Event] = []
 
-    def _on_sigio(self, *_: object) -> None:
+    def _on_sigio(self) -> None:
         for event in self._wakeups:
             event.set()
 
     def start(self) -> None:
-        signal.signal(signal.SIGIO, self._on_sigio)
+        self.signals.subscribe(signal.SIGIO, self._on_sigio)
         for dev in self.ports:
             threading.Thread(target=self._serve, args=(dev,), name=f"ctl-{dev}", daemon=True).start()
 
@@ -268,25 +294,34 @@ class ControlServer:
         except ValueError:
             conn.send({"ok": False, "error": "malformed request: not a JSON object"})
             return
-        op = req.get("op")
+        op, rid = req.get("op"), req.get("id")
         if conn.active is not None:
             if op in protocol.STREAM_INPUT:
                 conn.active.feed(req)
             else:
-                conn.send({"ok": False, "error": f"{op!r} not allowed while a command runs"})
+                conn.send({"ok": False, "error": f"{op!r} not allowed while a command runs"}, rid)
             return
         if op not in protocol.OPS:
-            conn.send({"ok": False, "error": f"unknown op {op!r}; allowed: {sorted(protocol.OPS)}"})
+            conn.send({"ok": False, "error": f"unknown op {op!r}; allowed: {sorted(protocol.OPS)}"}, rid)
             return
         if op == "ping":
-            conn.send({"ok": True, "pong": time.time(), "version": protocol.PROTOCOL_VERSION})
+            conn.send({"ok": True, "pong": time.time(), "version": protocol.PROTOCOL_VERSION}, rid)
         elif op == "status":
-            conn.send({"ok": True, **self.status()})
+            extra: dict[str, Any] = {}
+            if req.get("debug"):
+                import sys
+                import traceback
+
+                extra["threads"] = {
+                    str(tid): "".join(traceback.format_stack(frame))
+                    for tid, frame in sys._current_frames().items()
+                }
+            conn.send({"ok": True, **self.status(), **extra}, rid)
         elif op == "sync":
             os.sync()
-            conn.send({"ok": True})
+            conn.send({"ok": True}, rid)
         elif op == "shutdown":
-            conn.send({"ok": True})
+            conn.send({"ok": True}, rid)
             threading.Thread(target=self.shutdown, name="shutdown", daemon=True).start()
         elif op in ("exec", "console"):
             if op == "console":

@@ -58,7 +58,8 @@ class Check:
 
     @property
     def grace(self) -> float:
-        return float(self.spec.get("startupGraceSecs", 0))
+        grace = self.spec.get("startupGraceSecs")
+        return self.interval if grace is None else float(grace)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -122,7 +123,7 @@ class Check:
                 self.mon.events.emit(
                     "health", check=self.name, state=new, exit=code, output=output[-400:]
                 )
-            fast = self.state == "starting" or (self.state == "unhealthy" and self.failures == 0)
+            fast = self.state == "starting"
             self.mon.stopping.wait(min(FAST_PROBE, self.interval) if fast else self.interval)
 
 

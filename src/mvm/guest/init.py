@@ -25,6 +25,7 @@ from .control import ControlServer
 from .events import EventLog
 from .health import HealthMonitor
 from .reaper import Reaper
+from .signals import SignalDispatcher
 from .supervisor import DEFAULT_PATH, Identity, Supervisor
 
 GUEST_JSON = "/etc/mvm/guest.json"
@@ -74,8 +75,8 @@ def mount_volumes(volumes: list[dict[str, Any]], owner: Identity | None) -> list
 
 
 class Init:
-    def __init__(self) -> None:
-        self.boot_started = time.time()
+    def __init__(self, signals: SignalDispatcher) -> None:
+        self.signals = signals
         self.reaper = Reaper()
         self._shutdown_lock = threading.Lock()
         self._shutting_down = False
@@ -141,6 +142,7 @@ class Init:
             shutdown=self.shutdown,
             env_overrides=env_overrides,
             path=path,
+            signals=self.signals,
         ).start()
         threading.Thread(target=self._watch_power_button, name="power", daemon=True).start()
         uptime = _uptime()
@@ -221,13 +223,14 @@ def main() -> None:
     if os.getpid() != 1:
         print("mvm-init must run as PID 1 inside an mvm guest", file=sys.stderr)
         raise SystemExit(2)
-    init = Init()
+    signals = SignalDispatcher()
+    init = Init(signals)
 
-    def on_signal(signum: int, _frame: object) -> None:
+    def on_stop_signal() -> None:
         threading.Thread(target=init.shutdown, name="shutdown", daemon=True).start()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signals.subscribe(signal.SIGTERM, on_stop_signal)
+    signals.subscribe(signal.SIGINT, on_stop_signal)  # Ctrl-Alt-Del
     try:
         init.boot()
     except Exception as exc:  # PID 1 must never exit: report and power off

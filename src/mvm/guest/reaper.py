@@ -46,7 +46,6 @@ class Reaper:
 
     def spawn(self, *args: object, **kwargs: object) -> Exit:
         """``subprocess.Popen(*args, **kwargs)`` whose exit this reaper reports."""
-        self._spawned.set()
         proc = subprocess.Popen(*args, **kwargs)  # type: ignore[call-overload]  # noqa: S603
         return self.watch(proc)
 
@@ -58,6 +57,7 @@ class Reaper:
                 self._watched[proc.pid] = ex
         if early is not None:
             ex._set(early[0])
+        self._spawned.set()  # after the fork, so an idle loop() finds the child
         return ex
 
     def loop(self) -> None:

@@ -1,0 +1,96 @@
+"""``mvmctl``: the command line. A thin layer over ``mvm``'s library API.
+
+``main()`` is the only place where exceptions become exit codes:
+
+    0    success
+    1    a known mvm error (bad spec, port in use, VM not found, ...), printed with a hint
+    2    command-line usage error
+    3    a bug in mvm (traceback printed; please report it)
+    124  `exec --timeout` expired
+    130  interrupted (Ctrl-C / SIGTERM); everything started so far is cleaned up
+    N    `exec` passes the guest command's exit code through
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+import click
+import typer
+
+from . import output
+from .commands import build, console, down, exec_, forward, logs, ls, status, up
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_BUG = 3
+EXIT_TIMEOUT = 124
+EXIT_BROKEN_PIPE = 120
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="mvmctl",
+    help="mvm: describe a guest, build it, and boot it as a real microVM that serves on localhost.\n\n"
+    "Typical use:  mvmctl build examples/hello;  mvmctl up examples/hello -p 8080:8080;  "
+    "mvmctl ls;  mvmctl logs hello -f;  mvmctl down hello.\n\n"
+    "State lives under $MVM_HOME (default: the XDG state and cache dirs).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Log every step and show tracebacks."),
+) -> None:
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+
+
+for module in (build, up, ls, status, logs, exec_, console, forward, down):
+    module.register(app)
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so every cleanup runs
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ..errors import ExecTimeout, MvmError
+
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or bool(os.environ.get("MVM_DEBUG"))
+    signal.signal(signal.SIGTERM, _sigterm)
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="mvmctl", standalone_mode=False)
+        sys.stdout.flush()
+    except MvmError as exc:
+        output.render_error(exc, debug)
+        code = EXIT_TIMEOUT if isinstance(exc, ExecTimeout) else EXIT_ERROR
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = EXIT_USAGE
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        output.err.print("[yellow]interrupted[/]: cleaned up what this command had started")
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        output.err.print("[bold red]This is a bug in mvm.[/] Please report it with the traceback above.")
+        code = EXIT_BUG
+    raise SystemExit(code if isinstance(code, int) else 0)

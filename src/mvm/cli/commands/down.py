@@ -1,0 +1,41 @@
+"""mvmctl down."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def down(
+    names: Annotated[list[str] | None, typer.Argument(help="VMs to stop.", show_default=False)] = None,
+    all_: Annotated[bool, typer.Option("--all", "-a", help="Stop every VM.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for a graceful stop.")] = 20.0,
+) -> None:
+    """Stop VMs and remove their runtime state. Idempotent.
+
+    First the guest agent stops the services (TERM, then KILL), syncs and powers off; if the
+    agent does not answer, QEMU is told to quit; if that fails it is killed. The VM's runtime
+    dir is removed in every case. Volumes are never touched.
+    """
+    import mvm
+
+    from .. import output
+
+    if all_:
+        targets = [row["name"] for row in mvm.ls(health=False)]
+    elif names:
+        targets = list(names)
+    else:
+        raise mvm.UsageError("name a VM to stop, or pass --all", hint="see `mvmctl ls`")
+    for name in targets:
+        try:
+            how = mvm.down(name, timeout=timeout)
+        except mvm.VMNotFound:
+            output.info(f"{name}: not found (already down)")
+            continue
+        output.info(f"{name}: down ({how})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(down)

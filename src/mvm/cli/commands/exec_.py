@@ -1,0 +1,58 @@
+"""mvmctl exec."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+
+from ..options import Env, VMName
+
+
+def _stdin_chunks() -> Iterator[bytes]:
+    while chunk := sys.stdin.buffer.read1(65536):
+        yield chunk
+
+
+def exec_(
+    name: VMName,
+    command: Annotated[list[str], typer.Argument(help="The command and its arguments (after --).",
+                                                 show_default=False)],
+    user: Annotated[str | None, typer.Option("--user", "-u", help="Run as this guest user (default root).",
+                                             show_default=False)] = None,
+    env: Env = None,
+    workdir: Annotated[str | None, typer.Option("--workdir", "-w", help="Working directory in the guest.",
+                                                show_default=False)] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Kill the command after this many "
+                                                  "seconds (exit code 124).", show_default=False)] = None,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Send this command's stdin to "
+                                              "the guest command.")] = False,
+) -> None:
+    """Run a command inside a running VM and pass its exit code through.
+
+    The argv is sent as a list (no shell on the host or in the guest); use `sh -c '...'`
+    for shell syntax. stdout and stderr are streamed as they are produced.
+
+    [bold]Examples[/]
+      mvmctl exec hello -- uname -a
+      mvmctl exec hello --user mvm -e DEBUG=1 -- sh -c 'echo $DEBUG; id'
+      echo hi | mvmctl exec hello -i -- cat
+    """
+    import mvm
+    from mvm.runtime.options import parse_env
+
+    def write(stream: str, data: bytes) -> None:
+        target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+        target.write(data)
+        target.flush()
+
+    vm = mvm.get(name)
+    result = vm.exec(command, user=user, env=parse_env(env or []), cwd=workdir, timeout=timeout,
+                     stdin=_stdin_chunks() if interactive else None, on_output=write)
+    raise typer.Exit(result.exit_code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("exec")(exec_)

@@ -1,0 +1,60 @@
+"""mvmctl up."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..options import Env, Json, Ports, SpecPath
+
+
+def up(
+    path: SpecPath = ".",
+    name: Annotated[str | None, typer.Option("--name", "-n", help="VM name (default: the spec's name).",
+                                             show_default=False)] = None,
+    cpus: Annotated[int | None, typer.Option("--cpus", help="vCPUs (default: the spec's, else 1).",
+                                             show_default=False)] = None,
+    memory: Annotated[int | None, typer.Option("--memory", "-m", help="Memory in MiB (default: the "
+                                               "spec's, else 512).", show_default=False)] = None,
+    port: Ports = None,
+    env: Env = None,
+    hypervisor: Annotated[str, typer.Option(
+        "--hypervisor", help="auto (KVM only if a probe proves it boots, else TCG), qemu-kvm or qemu-tcg."
+    )] = "auto",
+    wait: Annotated[bool, typer.Option("--wait", help="Return only once every health check is healthy.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds --wait waits for health.")] = 120.0,
+    json: Json = False,
+) -> None:
+    """Build if needed, boot the VM in the background, and return once its agent answers.
+
+    The root filesystem is a throwaway snapshot per boot; the cached image is never changed.
+    On any failure (bad port, boot timeout, Ctrl-C) nothing is left behind.
+
+    [bold]Examples[/]
+      mvmctl up examples/hello -p 8080:8080
+      mvmctl up . --name api2 -p 127.0.0.1:9000:8080 -e LOG_LEVEL=debug --wait
+    """
+    import mvm
+
+    from .. import output
+
+    with output.progress("starting") as prog:
+        vm = mvm.up(path, name=name, cpus=cpus, memory=memory, ports=port or [], env=env or [],
+                    hypervisor=hypervisor, wait=wait, wait_timeout=timeout, progress=prog)
+    info = vm.info()
+    if json:
+        output.print_json(info)
+        return
+    output.info(
+        f"[green]{info['name']}[/] is running ({info['accel']}, {info['cpus']} vCPU, "
+        f"{info['memory']} MiB)" + (" and healthy" if wait and info.get("checks") else "")
+    )
+    for p in info["ports"]:
+        scheme = "http://" if p["proto"] == "tcp" else ""
+        output.out.print(f"{scheme}{p['host_ip']}:{p['host_port']} -> guest {p['guest_port']}/{p['proto']}")
+    output.info(f"logs: mvmctl logs {info['name']} -f    stop: mvmctl down {info['name']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(up)

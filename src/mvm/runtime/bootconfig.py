@@ -1,0 +1,31 @@
+"""The per-boot runtime config, handed to the guest as a small raw disk.
+
+Things that change per ``up`` and not per image (``-e`` overrides, volume mounts, the VM
+name) reach the guest init before any service starts, without a network round trip and
+without the kernel command line's 2 KiB limit. The disk is JSON padded with NULs, found in
+the guest by its serial (``mvm-config``). A raw disk works on every backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..guest import protocol
+
+SCHEMA = 1
+
+
+def write_config_disk(path: Path, doc: dict[str, Any]) -> None:
+    data = json.dumps({"schema_version": SCHEMA, **doc}, separators=(",", ":")).encode()
+    if len(data) >= protocol.CONFIG_DISK_BYTES:
+        raise UsageError(
+            f"the runtime config is {len(data)} bytes; at most {protocol.CONFIG_DISK_BYTES - 1} fit",
+            hint="pass large values through a read-only volume (-v DIR:/path) instead of -e",
+        )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.ljust(protocol.CONFIG_DISK_BYTES, b"\0"))

@@ -1,0 +1,145 @@
+"""Reading a VM's logs: the boot console and the guest's event stream.
+
+Both are plain files in the VM dir, written by QEMU (the console, and the guest's
+``org.mvm.events`` port), so reading them needs neither the guest nor a daemon, and they
+remain readable after the VM died. Events are JSON lines; they are rendered here as
+``TIME SERVICE | line`` for output, and ``TIME [health NAME] state`` for transitions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ..paths import VMFiles
+
+
+@dataclass(frozen=True)
+class LogLine:
+    source: str  # "console" | "service" | "health" | "init"
+    text: str
+    event: dict[str, Any] | None = None
+
+
+def _ts(t: float | None) -> str:
+    if t is None:
+        return ""
+    return datetime.fromtimestamp(t).strftime("%H:%M:%S.%f")[:-3]
+
+
+def format_event(ev: dict[str, Any]) -> LogLine | None:
+    kind = ev.get("kind")
+    ts = _ts(ev.get("t"))
+    if kind == "log":
+        stream = ev.get("stream", "stdout")
+        tag = ev.get("svc", "?") if stream in ("stdout", "stderr") else f"{ev.get('svc')} {stream}"
+        return LogLine("service", f"{ts} {tag} | {ev.get('line', '')}", ev)
+    if kind == "service":
+        detail = []
+        for key in ("pid", "exit", "delay", "reason"):
+            if ev.get(key) is not None:
+                detail.append(f"{key} {ev[key]}")
+        suffix = f" ({', '.join(detail)})" if detail else ""
+        return LogLine("service", f"{ts} [service {ev.get('svc')}] {ev.get('state')}{suffix}", ev)
+    if kind == "health":
+        out = f": {ev.get('output')}" if ev.get("output") else ""
+        return LogLine("health", f"{ts} [health {ev.get('check')}] {ev.get('state')} (exit {ev.get('exit')}){out}", ev)
+    if kind == "init":
+        return LogLine("init", f"{ts} [init] {ev.get('msg')}", ev)
+    return None
+
+
+def parse_events(data: bytes) -> Iterator[dict[str, Any]]:
+    for raw in data.splitlines():
+        try:
+            ev = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(ev, dict):
+            yield ev
+
+
+def read_events(files: VMFiles) -> list[dict[str, Any]]:
+    try:
+        return list(parse_events(files.events_log.read_bytes()))
+    except OSError:
+        return []
+
+
+def snapshot(files: VMFiles, *, console: bool = True, services: bool = True,
+             lines: int | None = None) -> list[LogLine]:
+    """Everything logged so far (or the last ``lines`` of each part)."""
+    out: list[LogLine] = []
+    if console:
+        part = [LogLine("console", ln) for ln in _read_text(files.console_log).splitlines()]
+        out += part[-lines:] if lines else part
+    if services:
+        part = [ln for ev in read_events(files) if (ln := format_event(ev)) is not None]
+        out += part[-lines:] if lines else part
+    return out
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class _Tail:
+    """Incremental reader of a growing file, yielding complete lines."""
+
+    def __init__(self, path: Path, from_end: bool) -> None:
+        self.path = path
+        self.pos = path.stat().st_size if from_end and path.exists() else 0
+        self.partial = b""
+
+    def read(self) -> list[bytes]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except OSError:
+            return []
+        self.pos += len(data)
+        data = self.partial + data
+        *complete, self.partial = data.split(b"\n")
+        return complete
+
+
+def follow(
+    files: VMFiles,
+    *,
+    console: bool = True,
+    services: bool = True,
+    from_end: bool = True,
+    keep_going: Callable[[], bool] = lambda: True,
+    poll: float = 0.2,
+) -> Iterator[LogLine]:
+    """New lines as they are written, until ``keep_going()`` is false (e.g. the VM died)."""
+    tails: list[tuple[str, _Tail]] = []
+    if console:
+        tails.append(("console", _Tail(files.console_log, from_end)))
+    if services:
+        tails.append(("events", _Tail(files.events_log, from_end)))
+    while True:
+        got = False
+        for kind, tail in tails:
+            for raw in tail.read():
+                got = True
+                if kind == "console":
+                    yield LogLine("console", raw.decode(errors="replace"))
+                else:
+                    for ev in parse_events(raw):
+                        line = format_event(ev)
+                        if line is not None:
+                            yield line
+        if not got:
+            if not keep_going():
+                return
+            time.sleep(poll)

@@ -1,0 +1,66 @@
+"""Parsers for the values users type: ``-p`` port forwards and ``-e`` environment.
+
+Each error names the offending value and shows the accepted form.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from ..backends.base import PortForward
+from ..errors import UsageError
+from ..spec import ENV_NAME_RE
+
+PORT_FORMS = "HOST:GUEST, IP:HOST:GUEST, optionally with /tcp or /udp (e.g. -p 8080:8080)"
+
+
+def _port(text: str, what: str, spec: str, allow_zero: bool = False) -> int:
+    if not re.fullmatch(r"\d{1,5}", text):
+        raise UsageError(f"-p {spec!r}: {what} port {text!r} is not a number",
+                         hint=f"use {PORT_FORMS}")
+    value = int(text)
+    if not (0 if allow_zero else 1) <= value <= 65535:
+        raise UsageError(f"-p {spec!r}: {what} port {value} is out of range (1-65535)",
+                         hint=f"use {PORT_FORMS}")
+    return value
+
+
+def parse_port(spec: str) -> PortForward:
+    body, _, proto = spec.partition("/")
+    proto = proto or "tcp"
+    if proto not in ("tcp", "udp"):
+        raise UsageError(f"-p {spec!r}: protocol {proto!r} must be tcp or udp", hint=f"use {PORT_FORMS}")
+    parts = body.rsplit(":", 2)
+    if len(parts) == 2:
+        host_ip, host, guest = "127.0.0.1", parts[0], parts[1]
+    elif len(parts) == 3:
+        host_ip, host, guest = parts
+        try:
+            ipaddress.IPv4Address(host_ip)
+        except ValueError:
+            raise UsageError(f"-p {spec!r}: {host_ip!r} is not an IPv4 address",
+                             hint=f"use {PORT_FORMS}") from None
+    else:
+        raise UsageError(f"-p {spec!r}: expected HOST:GUEST", hint=f"use {PORT_FORMS}")
+    return PortForward(
+        host_port=_port(host, "host", spec),
+        guest_port=_port(guest, "guest", spec),
+        host_ip=host_ip,
+        proto=proto,  # type: ignore[arg-type]
+    )
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"-e {item!r}: expected KEY=VALUE", hint="e.g. -e LOG_LEVEL=debug")
+        if not ENV_NAME_RE.match(key):
+            raise UsageError(f"-e {item!r}: {key!r} is not a valid variable name",
+                             hint="names are letters, digits and _, not starting with a digit")
+        if "\0" in value:
+            raise UsageError(f"-e {key}: the value contains a NUL byte")
+        env[key] = value
+    return env
