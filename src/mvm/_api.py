@@ -279,7 +279,7 @@ def up(
     layout = _layout(layout)
     prog = progress or _Quiet()
     forwards = [parse_port(p) if isinstance(p, str) else p for p in ports]
-    overrides = parse_env(list(env)) if isinstance(env, (list, tuple)) else dict(env or {})
+    overrides = dict(env) if isinstance(env, dict) else parse_env(list(env or []))
     if cpus is not None and not 1 <= cpus <= 64:
         raise UsageError(f"--cpus {cpus}: must be between 1 and 64")
     if memory is not None and not 64 <= memory <= 65536:

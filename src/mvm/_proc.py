@@ -52,7 +52,8 @@ class Completed:
 
 def require_tool(name: str) -> str:
     """Absolute path of ``name`` on PATH, or a ToolMissing that says how to install it."""
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    # mkfs.ext4 and friends live in sbin, which is not on every user's PATH.
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if not found:
         hint = INSTALL_HINTS.get(name)
         raise ToolMissing(

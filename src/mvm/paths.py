@@ -1,7 +1,9 @@
 """Where mvm keeps things on the host. Names only: nothing here touches the disk.
 
 ``MVM_HOME`` overrides both roots (``$MVM_HOME/state`` and ``$MVM_HOME/cache``), which is
-how tests and parallel users keep apart. Otherwise the XDG state and cache dirs are used.
+how tests and parallel users keep apart. ``MVM_CACHE`` overrides the cache root alone (so
+several state dirs can share built images and the kernel). Otherwise the XDG state and
+cache dirs are used.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ class Layout:
     @classmethod
     def default(cls) -> Layout:
         home = os.environ.get("MVM_HOME")
+        cache = os.environ.get("MVM_CACHE")
         if home:
             root = Path(home).expanduser().absolute()
-            return cls(state=root / "state", cache=root / "cache")
-        return cls(state=_xdg_dir("state"), cache=_xdg_dir("cache"))
+            state, default_cache = root / "state", root / "cache"
+        else:
+            state, default_cache = _xdg_dir("state"), _xdg_dir("cache")
+        return cls(state=state, cache=Path(cache).expanduser().absolute() if cache else default_cache)
 
     @property
     def vms(self) -> Path:

@@ -58,7 +58,7 @@ class Backend(Protocol):
         """Start the VM in the background; return its pid. Cleans up after itself on failure."""
         ...
 
-    def stop(self, files: VMFiles, pid: int | None, timeout: float) -> str:
+    def stop(self, files: VMFiles, pid: int | None, timeout: float, started: int | None = None) -> str:
         """Stop a VM whose agent did not power it off; return how (``quit``, ``killed``...)."""
         ...
 

@@ -8,7 +8,6 @@ errors, socket errors and timeouts all become :class:`~mvm.errors.VMError` namin
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from types import TracebackType
@@ -45,7 +44,7 @@ class QMP:
 
         try:
             return self._mon.cmd(name, **args)
-        except (QMPError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, QMPError, OSError) as exc:
             raise VMError(self.vm, f"QMP {name} failed: {exc}") from exc
 
     def hmp(self, command_line: str) -> str:

@@ -65,7 +65,8 @@ def image_key(spec: GuestSpec, kernel_version: str, suite: str, mirror: str) -> 
 def customize_script(overlay: Path, out: Path, users: list[tuple[str, int]]) -> str:
     q = shlex.quote
     homes = "\n".join(
-        f'mkdir -p "$root/home/{u}" && chown {uid}:{uid} "$root/home/{u}" && chmod 0750 "$root/home/{u}"'
+        f'mkdir -p "$root/home/{u}" && chown {uid}:{uid} "$root/home/{u}" '
+        f'&& chmod 0750 "$root/home/{u}"'
         for u, uid in users
     )
     trims = " ".join(f'"$root"/{pattern}' for pattern in TRIM)
@@ -93,7 +94,8 @@ mkfs.ext4 -q -F -T default -O ^has_journal -L mvm-root -E root_owner=0:0 -d "$vi
 def apt_errors(output: str) -> str | None:
     """The apt complaint in mmdebstrap's output, e.g. an unknown package name."""
     errors = [ln.strip() for ln in output.splitlines() if re.match(r"^\s*E:", ln)]
-    unknown = [e.removeprefix("E: ") for e in errors if "Unable to locate package" in e or "has no installation candidate" in e]
+    markers = ("Unable to locate package", "has no installation candidate")
+    unknown = [e.removeprefix("E: ") for e in errors if any(m in e for m in markers)]
     return "; ".join(dict.fromkeys(unknown)) if unknown else None
 
 
@@ -130,7 +132,7 @@ def build_rootfs(
             "--dpkgopt=path-exclude=/usr/share/locale/*",
             "--dpkgopt=path-exclude=/usr/share/info/*",
             "--skip=essential/unlink",
-            f"--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/",
+            "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/",
             f"--setup-hook=sync-in {shlex.quote(str(debs))} /var/cache/apt/archives/",
             f"--customize-hook=sync-out /var/cache/apt/archives {shlex.quote(str(debs))}",
             f"--customize-hook=sh {shlex.quote(str(script))} \"$1\"",

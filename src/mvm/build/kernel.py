@@ -74,7 +74,9 @@ def _decompress_with(runner: Runner, tool: str, payload: bytes) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         src, dest = Path(tmp, "in"), Path(tmp, "out")
         src.write_bytes(payload)
-        argv = [tool, "-d", "-q", str(src), str(dest)] if tool == "lz4" else [tool, "-d", "-q", str(src), "-o", str(dest)]
+        argv = [tool, "-d", "-q", str(src), str(dest)]
+        if tool == "zstd":
+            argv = [tool, "-d", "-q", str(src), "-o", str(dest)]
         # lz4 exits 1 on the legacy frame's trailing size field; the ELF check below decides.
         runner.run(argv, desc="decompressing the kernel", error=BuildError, ok_codes=(0, 1))
         return dest.read_bytes()

@@ -169,7 +169,7 @@ class StreamOp:
         self.conn.active = None
         if self.timed_out:
             self.conn.send({"ok": False, "exit": 124, "timed_out": True,
-                            "error": f"timed out after {float(timeout):g}s; process killed"}, self.rid)
+                            "error": f"timed out after {float(timeout or 0):g}s; process killed"}, self.rid)
         else:
             self.conn.send({"ok": True, "exit": code}, self.rid)
 

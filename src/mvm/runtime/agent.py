@@ -79,7 +79,7 @@ class AgentSession:
         except OSError as exc:
             os.close(fd)
             raise AgentError(self.vm, f"cannot connect to the VM's agent: {exc.strerror or exc}",
-                             hint=f"is it running? see `mvmctl ls`") from None
+                             hint="is it running? see `mvmctl ls`") from None
         self._lock_fd = fd
         return True
 

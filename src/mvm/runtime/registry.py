@@ -83,7 +83,7 @@ def _read(files: VMFiles) -> VMRecord:
     if record.schema_version != VM_SCHEMA:
         raise StateError(
             f"{files.state} has schema_version {record.schema_version}; this mvm reads {VM_SCHEMA}",
-            hint=f"stop it with the mvm that started it, or `mvmctl cleanup` to forget it",
+            hint="stop it with the mvm that started it, or `mvmctl cleanup` to forget it",
         )
     return record
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from typing import Annotated
@@ -12,7 +13,7 @@ from ..options import Env, VMName
 
 
 def _stdin_chunks() -> Iterator[bytes]:
-    while chunk := sys.stdin.buffer.read1(65536):
+    while chunk := os.read(sys.stdin.fileno(), 65536):
         yield chunk
 
 

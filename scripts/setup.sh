@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what mvm and its tests need on Debian/Ubuntu: the host tools (apt) and the
+# Python package into ./.venv. Safe to run again; it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-system-x86 qemu-utils   # the hypervisor (KVM or TCG) and qemu-img
+  mmdebstrap                   # builds Debian root filesystems for mvm.toml guests
+  e2fsprogs                    # mkfs.ext4 -d, resize2fs, e2fsck, debugfs
+  busybox-static               # the initrd's userland
+  kmod lz4 zstd                # depmod, and unpacking the Debian kernel
+  dpkg apt                     # apt-get download of the kernel package
+  nix-bin                      # the Nix front end (mkGuest flakes), offline
+  curl ca-certificates python3-venv
+)
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+# apt-get download (the guest kernel) needs fresh package lists even when nothing is missing.
+$SUDO apt-get update -q >/dev/null
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+echo "setup: ready ($(.venv/bin/mvmctl --version 2>/dev/null || echo mvmctl installed))"

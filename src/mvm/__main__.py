@@ -1,0 +1,5 @@
+"""`python -m mvm` is `mvmctl`."""
+
+from .cli.app import main
+
+main()

@@ -1,0 +1,64 @@
+"""Issue 2's acceptance path: build examples/hello, boot it, fetch the page, tear down."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+from .conftest import CLI, EXAMPLES, free_port, http_get, qemu_pids_under
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_hello_build_up_get_ls_logs_down(cli: CLI, hello_image: dict[str, Any], no_leaks: None) -> None:
+    rootfs = Path(hello_image["path"]) / "rootfs.ext4"
+    before = _digest(rootfs)
+    port = free_port()
+    up = cli("up", str(EXAMPLES / "hello"), "-p", f"{port}:8080")
+    assert f"127.0.0.1:{port} -> guest 8080/tcp" in up.stdout
+
+    assert http_get(port) == "<h1>Hello from mvm!</h1>\n"
+
+    rows = cli.json("ls")
+    row = next(r for r in rows if r["name"] == "hello")
+    assert row["status"] == "running"
+    assert row["ports"] == [{"host_ip": "127.0.0.1", "host_port": port, "guest_port": 8080, "proto": "tcp"}]
+    assert row["accel"] in ("tcg", "kvm") and row["backend"] == "qemu"
+    table = cli("ls").stdout
+    assert "hello" in table and "running" in table and f"{port}->8080" in table
+
+    logs = cli("logs", "hello").stdout
+    assert "[service hello] running" in logs
+    assert '"GET / HTTP/1.1" 200' in logs  # the service's own stderr, streamed from the guest
+    assert "mvm-init: ready" in logs  # the boot console
+
+    # the guest writes to its root filesystem; the cached image must not change
+    cli("exec", "hello", "--", "sh", "-c", "echo scribble > /etc/scribble && sync")
+    pid = row["pid"]
+    down = cli("down", "hello")
+    assert "hello: down" in down.stderr
+    assert not (cli.vms / "hello").exists()
+    assert not Path(f"/proc/{pid}").exists() or pid not in qemu_pids_under(cli.home)
+    assert _digest(rootfs) == before
+    again = cli("down", "hello")  # idempotent
+    assert again.returncode == 0 and "already down" in again.stderr
+
+
+def test_unchanged_spec_is_a_cache_hit(cli: CLI, hello_image: dict[str, Any]) -> None:
+    started = time.monotonic()
+    result = cli.json("build", str(EXAMPLES / "hello"))
+    assert result["built"] is False
+    assert result["key"] == hello_image["key"]
+    assert time.monotonic() - started < 5  # generous: the benchmark holds the real target
+    manifest = result["manifest"]
+    assert manifest["schema_version"] == 1
+    assert set(manifest["sizes"]) == {"vmlinux", "initrd", "rootfs.ext4"}
+    assert manifest["guest"]["services"]["hello"]["command"].startswith("python3 -m http.server")

@@ -1,0 +1,69 @@
+"""Pure logic of the guest agent (runs on the host; the guest code is stdlib-only)."""
+
+import os
+
+import pytest
+
+from mvm.guest import protocol
+from mvm.guest.health import next_state
+from mvm.guest.supervisor import BACKOFF_CAP, backoff_delay, hand_over, should_restart, snapshot_tree
+
+
+def test_backoff_is_exponential_and_capped() -> None:
+    delays = [backoff_delay(n) for n in range(1, 12)]
+    assert delays[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert max(delays) == BACKOFF_CAP and delays == sorted(delays)
+
+
+@pytest.mark.parametrize(
+    ("policy", "code", "restart"),
+    [("always", 0, True), ("always", 1, True), ("on-failure", 0, False), ("on-failure", -9, True),
+     ("no", 1, False)],
+)
+def test_restart_policy(policy: str, code: int, restart: bool) -> None:
+    assert should_restart(policy, code) is restart
+
+
+def test_health_transitions() -> None:
+    assert next_state("starting", passed=False, in_grace=True) == "starting"
+    assert next_state("starting", passed=False, in_grace=False) == "unhealthy"
+    assert next_state("starting", passed=True, in_grace=True) == "healthy"
+    assert next_state("healthy", passed=False, in_grace=True) == "unhealthy"
+    assert next_state("unhealthy", passed=True, in_grace=False) == "healthy"
+
+
+def test_line_buffer_keeps_partial_lines() -> None:
+    buf = protocol.LineBuffer()
+    assert buf.feed(b'{"a":1}\n{"b"') == [b'{"a":1}']
+    assert buf.feed(b':2}\n\n') == [b'{"b":2}']
+    assert protocol.decode(protocol.encode({"x": "é\n"})) == {"x": "é\n"}
+
+
+def test_write_all_loops_past_short_writes() -> None:
+    r, w = os.pipe()
+    data = b"x" * (200 * 1024)
+    import threading
+
+    got = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(r, 7000):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    protocol.write_all(w, data)
+    os.close(w)
+    reader.join()
+    os.close(r)
+    assert bytes(got) == data
+
+
+def test_hand_over_only_touches_new_paths(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "old").mkdir()
+    before = snapshot_tree([str(tmp_path)])
+    (tmp_path / "new" / "deep").mkdir(parents=True)
+    (tmp_path / "new" / "deep" / "f").write_text("x")
+    uid, gid = os.getuid(), os.getgid()
+    changed = hand_over([str(tmp_path)], before, uid, gid)
+    assert changed == 3

@@ -1,0 +1,49 @@
+import pytest
+
+from mvm.backends.base import PortForward
+from mvm.errors import UsageError
+from mvm.runtime.options import parse_env, parse_port
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8080:80", PortForward(8080, 80)),
+        ("0.0.0.0:8080:80", PortForward(8080, 80, "0.0.0.0")),
+        ("5353:53/udp", PortForward(5353, 53, proto="udp")),
+        ("1:65535/tcp", PortForward(1, 65535)),
+    ],
+)
+def test_parse_port(text: str, expected: PortForward) -> None:
+    assert parse_port(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("8080", "expected HOST:GUEST"),
+        ("a:80", "host port 'a' is not a number"),
+        ("80:b", "guest port 'b' is not a number"),
+        ("70000:80", "out of range"),
+        ("0:80", "out of range"),
+        ("8080:80/sctp", "must be tcp or udp"),
+        ("host:8080:80", "not an IPv4 address"),
+        ("1:2:3:4", "not an IPv4 address"),
+    ],
+)
+def test_parse_port_errors_name_the_value(text: str, fragment: str) -> None:
+    with pytest.raises(UsageError) as err:
+        parse_port(text)
+    assert fragment in err.value.message
+    assert repr(text) in err.value.message
+    assert err.value.hint
+
+
+def test_parse_env() -> None:
+    assert parse_env(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
+
+
+@pytest.mark.parametrize(("item", "fragment"), [("NOVALUE", "expected KEY=VALUE"), ("1A=x", "not a valid")])
+def test_parse_env_errors(item: str, fragment: str) -> None:
+    with pytest.raises(UsageError, match=fragment):
+        parse_env([item])

@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+
+from mvm.errors import SpecError
+from mvm.spec import load_toml, parse_spec
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def test_hello_example_matches_the_seed() -> None:
+    spec = load_toml(EXAMPLES / "hello")
+    assert spec.name == "hello"
+    assert spec.packages == ["python3", "curl"]
+    svc = spec.services["hello"]
+    assert "mkdir -p /tmp/www" in svc.pre_start
+    assert svc.command == "python3 -m http.server 8080 --directory /tmp/www"
+    assert svc.user == "mvm" and svc.restart == "always"
+    check = spec.health_checks["hello"]
+    assert check.health_cmd == "curl -sf http://localhost:8080/"
+    assert check.health_interval_secs == 5
+    doc = spec.guest_json(frontend="toml")
+    assert doc["schema_version"] == 1
+    assert doc["services"]["hello"]["preStart"].startswith("mkdir")
+    assert doc["healthChecks"]["hello"]["healthCmd"].startswith("curl")
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path: Path) -> None:
+    (tmp_path / "mvm.toml").write_text('name = "x"\n[services.web]\ncomand = "true"\n')
+    with pytest.raises(SpecError) as err:
+        load_toml(tmp_path)
+    msg = err.value.message
+    assert str(tmp_path / "mvm.toml") in msg
+    assert "services.web.comand: unknown key" in msg
+    assert "did you mean 'command'" in msg
+
+
+def test_service_without_command() -> None:
+    with pytest.raises(SpecError, match=r"services\.web\.command: required key is missing"):
+        parse_spec({"name": "x", "services": {"web": {"preStart": "true"}}}, source="t")
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"name": "Bad_Name"}, "not a valid VM name"),
+        ({"name": "x", "packages": ["Not Valid"]}, "not a valid Debian package name"),
+        ({"name": "x", "services": {"a": {"command": "x", "env": {"1BAD": "v"}}}}, "not a valid environment"),
+        ({"name": "x", "services": {"a": {"command": "x", "restart": "sometimes"}}}, "restart"),
+        ({"name": "x", "services": {"a": {"command": "x", "dependsOn": ["b"]}}}, "unknown service 'b'"),
+        ({"name": "x", "healthChecks": {"a": {"healthCmd": "x", "healthIntervalSecs": 0}}}, "greater than 0"),
+        ({"name": "x", "memory": 1}, "memory"),
+    ],
+)
+def test_invalid_values_are_named(data: dict, fragment: str) -> None:
+    with pytest.raises(SpecError, match=fragment):
+        parse_spec(data, source="t")
+
+
+def test_bad_toml_syntax(tmp_path: Path) -> None:
+    (tmp_path / "mvm.toml").write_text("name = \n")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        load_toml(tmp_path)
+
+
+def test_missing_spec_file(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="no mvm.toml"):
+        load_toml(tmp_path)
+
+
+def test_digest_changes_with_content() -> None:
+    a = parse_spec({"name": "x", "packages": ["curl"]}, source="t")
+    b = parse_spec({"name": "x", "packages": ["wget"]}, source="t")
+    assert a.digest() != b.digest()
+    assert a.digest() == parse_spec({"name": "x", "packages": ["curl"]}, source="t").digest()
