@@ -327,6 +327,7 @@ def up(
             memory=record.memory,
             accel=choice.accel,
             ports=forwards,
+            config_disk=files.config_disk,
         )
         prog.stage(f"booting ({choice.accel})")
         pid = backend.start(launch)

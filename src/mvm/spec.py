@@ -87,8 +87,20 @@ class GuestSpec(_Model):
     memory: int = Field(512, ge=64, le=65536, description="MiB")
     services: dict[str, Service] = Field(default_factory=dict)
     health_checks: dict[str, HealthCheck] = Field(default_factory=dict, alias="healthChecks")
+    #: mvm.toml only: guest path -> file or directory (relative to mvm.toml) copied into the
+    #: image. The Nix front end gets the same effect from store paths (``${./server.py}``).
+    files: dict[str, str] = Field(default_factory=dict)
 
     _check_name = field_validator("name")(check_vm_name)
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, value: dict[str, str]) -> dict[str, str]:
+        for target in value:
+            parts = target.split("/")
+            if not target.startswith("/") or ".." in parts or target.rstrip("/") == "":
+                raise ValueError(f"{target!r} must be an absolute guest path (not / and without '..')")
+        return value
 
     @field_validator("packages")
     @classmethod
@@ -116,7 +128,7 @@ class GuestSpec(_Model):
 
     def guest_json(self, *, frontend: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The document the guest init reads from /etc/mvm/guest.json."""
-        doc = self.model_dump(by_alias=True, mode="json")
+        doc = self.model_dump(by_alias=True, mode="json", exclude={"files"})
         doc["schema_version"] = GUEST_JSON_SCHEMA
         doc["frontend"] = frontend
         doc.update(extra or {})
@@ -185,4 +197,23 @@ def load_toml(path: Path) -> GuestSpec:
         raise SpecError(f"{file}: not valid TOML: {exc}") from None
     except OSError as exc:
         raise SpecError(f"{file}: cannot read: {exc.strerror}") from None
-    return parse_spec(data, source=str(file))
+    spec = parse_spec(data, source=str(file))
+    for target, source in spec.files.items():
+        if not (file.parent / source).exists():
+            raise SpecError(
+                f"{file}: files.{target!r}: {source!r} does not exist (paths are relative to mvm.toml)",
+                hint=f"create {file.parent / source} or fix the path",
+            )
+    return spec
+
+
+def files_digest(spec: GuestSpec, base: Path) -> str:
+    """A digest of the contents of ``spec.files`` (part of the image key)."""
+    h = hashlib.sha256()
+    for target, source in sorted(spec.files.items()):
+        root = base / source
+        paths = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for p in paths:
+            h.update(f"{target}\0{p.relative_to(root) if root.is_dir() else ''}\0{p.stat().st_mode & 0o777}\0".encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()

@@ -135,3 +135,21 @@ def no_leaks(cli: CLI) -> Iterator[None]:
     after = set(os.listdir(cli.vms)) if cli.vms.exists() else set()
     assert after <= before, f"VM dirs left behind: {after - before}"
     assert set(qemu_pids_under(cli.home)) <= pids_before, "QEMU process left behind"
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def testbed_image(cli: CLI) -> dict[str, Any]:
+    return cli.json("build", str(FIXTURES / "testbed"))
+
+
+@pytest.fixture(scope="module")
+def testbed_vm(cli: CLI, testbed_image: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A running, healthy testbed VM shared by a module's tests."""
+    port = free_port()
+    cli("up", str(FIXTURES / "testbed"), "--name", "shared", "-p", f"{port}:8080", "--wait", "--timeout", "120")
+    try:
+        yield {"name": "shared", "port": port}
+    finally:
+        cli("down", "shared")

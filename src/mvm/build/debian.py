@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import shlex
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 from .._proc import Runner, require_tool
 from ..errors import BuildError, SpecError
 from ..paths import Layout
-from ..spec import GuestSpec
+from ..spec import GuestSpec, files_digest
 from . import guestfiles, initrd, kernel
 from .store import Image, ImageStore, Manifest, link_or_copy
 
@@ -49,10 +50,11 @@ def host_suite() -> tuple[str, str]:
     return suite, "http://deb.debian.org/debian"
 
 
-def image_key(spec: GuestSpec, kernel_version: str, suite: str, mirror: str) -> str:
+def image_key(spec: GuestSpec, base: Path, kernel_version: str, suite: str, mirror: str) -> str:
     parts = {
         "builder": BUILDER_VERSION,
         "spec": spec.digest(),
+        "files": files_digest(spec, base),
         "agent": guestfiles.agent_digest(),
         "initrd": hashlib.sha256(Path(initrd.__file__).read_bytes()).hexdigest(),
         "kernel": kernel_version,
@@ -99,11 +101,23 @@ def apt_errors(output: str) -> str | None:
     return "; ".join(dict.fromkeys(unknown)) if unknown else None
 
 
+def stage_files(spec: GuestSpec, base: Path, overlay: Path) -> None:
+    """Copy ``files`` into the overlay, root-owned, keeping the exec bit."""
+    for target, source in spec.files.items():
+        src, dest = base / source, overlay / target.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dest, dirs_exist_ok=True, symlinks=True)
+        else:
+            shutil.copy2(src, dest)
+
+
 def build_rootfs(
     spec: GuestSpec,
     guest: dict[str, object],
     out: Path,
     *,
+    base: Path,
     layout: Layout,
     runner: Runner,
     suite: str,
@@ -119,6 +133,7 @@ def build_rootfs(
         work = Path(tmp)
         overlay = work / "overlay"
         guestfiles.stage(overlay, dict(guest), python="/usr/bin/python3")
+        stage_files(spec, base, overlay)
         script = work / "customize.sh"
         script.write_text(customize_script(overlay, out, guestfiles.service_users(dict(guest))))
         argv = [
@@ -171,7 +186,7 @@ def build(
     """Return (image, built): the cached image for ``spec``, building it if needed."""
     suite, mirror = host_suite()
     k = kernel.ensure_kernel(layout.kernels, runner)
-    key = image_key(spec, k.version, suite, mirror)
+    key = image_key(spec, source.parent, k.version, suite, mirror)
     store = ImageStore(layout.images)
     hit = store.get(key)
     if hit is not None:
@@ -181,7 +196,7 @@ def build(
         guest = spec.guest_json(frontend="toml")
         if on_stage:
             on_stage("rootfs")
-        build_rootfs(spec, guest, staging / "rootfs.ext4", layout=layout, runner=runner,
+        build_rootfs(spec, guest, staging / "rootfs.ext4", base=source.parent, layout=layout, runner=runner,
                      suite=suite, mirror=mirror, on_line=on_line)
         if on_stage:
             on_stage("kernel")
