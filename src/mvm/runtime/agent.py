@@ -189,7 +189,7 @@ def wait_ready(files: VMFiles, vm: str, timeout: float, alive: Callable[[], bool
         try:
             with AgentSession(files, vm, timeout=max(0.1, deadline - time.monotonic())) as session:
                 rid = secrets.token_hex(6)
-                session.send({"op": "ping", "id": rid})
+                session.send({"op": "ping", "id": rid, "time": time.time()})
                 while True:
                     if not alive():
                         raise AgentError(vm, "the VM stopped while booting")

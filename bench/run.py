@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""mvm benchmarks, each figure next to a baseline measured in the same run.
+
+These machines are noisy, so absolute numbers mean little; ratios against a baseline taken
+minutes apart on the same host mean more. Figures (median of --runs, min/max shown):
+
+  floor      bare QEMU booting the same kernel + initrd to a static busybox init that
+             prints a marker (no mvm code at all): the cost of the kernel and initrd
+  up→200     `mvmctl up examples/hello -p P:8080` started → first HTTP 200 through the
+             forwarded port (build cache hit, agent wait, service start included)
+  build      warm `mvmctl build examples/hello` (cache hit), end to end
+  ping       agent round trip on a running VM (library call, connection included)
+  exec       `mvmctl exec hello -- true`, end to end (CLI start-up included)
+  cli        `mvmctl --version` (the CLI's own start-up; the baseline for build and exec)
+
+Targets (issue 2, 3): up→200 ≤ 1.5× floor under TCG; warm build ≤ 0.5 s; ping ≤ 20 ms;
+exec ≤ 300 ms. Usage: .venv/bin/python bench/run.py [--runs N] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HELLO = ROOT / "examples" / "hello"
+MARKER = b"MVM-BENCH-INIT"
+
+
+def mvmctl(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    exe = Path(sys.executable).with_name("mvmctl")
+    return subprocess.run([str(exe), *args], env=env, capture_output=True, check=check)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def floor_rootfs(workdir: Path) -> Path:
+    """A tiny ext4 root whose /sbin/init is static busybox printing MARKER, then powering off."""
+    tree = workdir / "tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "sbin").mkdir()
+    for d in ("dev", "proc", "sys"):
+        (tree / d).mkdir()
+    shutil.copy(shutil.which("busybox") or "/bin/busybox", tree / "bin" / "busybox")
+    (tree / "bin" / "sh").symlink_to("busybox")
+    init = tree / "sbin" / "init"
+    init.write_text(f"#!/bin/sh\necho {MARKER.decode()}\n/bin/busybox poweroff -f\n")
+    init.chmod(0o755)
+    image = workdir / "floor.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-T", "default", "-d", str(tree), str(image), "16M"], check=True)
+    return image
+
+
+def boot_floor(kernel: Path, initrd: Path, rootfs: Path) -> float:
+    from mvm.backends.qemu import tsc_khz
+
+    argv = [
+        "qemu-system-x86_64", "-M", "microvm,pcie=on,rtc=on", "-accel", "tcg,tb-size=64",
+        "-cpu", "qemu64,+rdrand", "-m", "512M", "-smp", "1", "-nodefaults", "-no-user-config",
+        "-nographic", "-no-reboot", "-serial", "stdio", "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", "console=ttyS0 root=/dev/vda rw panic=-1 quiet cryptomgr.notests init=/sbin/init "
+        f"tsc_early_khz={tsc_khz()}",
+        "-drive", f"file={rootfs},format=raw,if=none,id=d0,snapshot=on",
+        "-device", "virtio-blk-pci,drive=d0",
+    ]
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    seen = b""
+    try:
+        while MARKER not in seen:
+            chunk = proc.stdout.read1(4096)  # type: ignore[attr-defined]
+            if not chunk:
+                raise RuntimeError(f"floor VM exited without the marker: {seen[-500:]!r}")
+            seen += chunk
+        return time.monotonic() - started
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def up_to_first_200(env: dict[str, str]) -> float:
+    port = free_port()
+    exe = Path(sys.executable).with_name("mvmctl")
+    started = time.monotonic()
+    proc = subprocess.Popen([str(exe), "up", str(HELLO), "--name", "bench", "-p", f"{port}:8080"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=0.5) as r:
+                    if r.status == 200:
+                        return time.monotonic() - started
+            except OSError:
+                pass
+            if proc.poll() not in (None, 0):
+                raise RuntimeError(f"up failed: {proc.stderr.read().decode() if proc.stderr else ''}")
+            if time.monotonic() - started > 120:
+                raise RuntimeError("no HTTP 200 within 120 s")
+            time.sleep(0.02)
+    finally:
+        proc.wait()
+        mvmctl("down", "bench", env=env, check=False)
+
+
+def timed(fn: object, runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        started = time.monotonic()
+        fn()  # type: ignore[operator]
+        out.append(time.monotonic() - started)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="mvm-bench-"))
+    env = {**os.environ, "MVM_HOME": str(home)}
+    env.setdefault("MVM_CACHE", str(Path.home() / ".cache" / "mvm"))
+    os.environ.update(env)
+    import mvm
+
+    results: dict[str, dict[str, float]] = {}
+    try:
+        print("preparing: building examples/hello (once) ...", file=sys.stderr)
+        image = mvm.build(HELLO).image
+        assert image.initrd is not None
+        with tempfile.TemporaryDirectory() as tmp:
+            rootfs = floor_rootfs(Path(tmp))
+            boot_floor(image.kernel, image.initrd, rootfs)  # warm the page cache
+            floor, up = [], []
+            for _ in range(args.runs):  # interleaved, so drift hits both alike
+                floor.append(boot_floor(image.kernel, image.initrd, rootfs))
+                up.append(up_to_first_200(env))
+        results["floor"] = summary(floor)
+        results["up_to_200"] = summary(up)
+        results["cli"] = summary(timed(lambda: mvmctl("--version", env=env), args.runs))
+        results["build_warm"] = summary(timed(lambda: mvmctl("build", str(HELLO), env=env), args.runs))
+        vm = mvm.up(HELLO, name="bench")
+        try:
+            pings = []
+            for _ in range(max(50, args.runs)):
+                pings.append(vm.ping())
+            results["ping"] = summary(pings)
+            results["exec_true"] = summary(timed(lambda: mvmctl("exec", "bench", "--", "true", env=env),
+                                                 args.runs))
+        finally:
+            vm.down()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+    f, u = results["floor"]["median"], results["up_to_200"]["median"]
+    rows = [
+        ("floor (bare QEMU, same kernel+initrd → init)", results["floor"], None),
+        ("mvmctl up → first HTTP 200", results["up_to_200"], f"{u / f:.2f}× floor (target ≤ 1.5×)"),
+        ("mvmctl --version (CLI start-up)", results["cli"], None),
+        ("warm mvmctl build", results["build_warm"], "target ≤ 0.5 s"),
+        ("agent ping", results["ping"], "target ≤ 20 ms"),
+        ("mvmctl exec -- true", results["exec_true"], "target ≤ 300 ms"),
+    ]
+    print(f"{'figure':48} {'median':>9} {'min':>9} {'max':>9}  note")
+    for label, r, note in rows:
+        print(f"{label:48} {r['median']:9.3f} {r['min']:9.3f} {r['max']:9.3f}  {note or ''}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
