@@ -6,6 +6,7 @@
     vm.down()
 """
 
+from . import paths
 from ._api import VM, BuildResult, ExecResult, build, down, get, ls, up
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
@@ -24,6 +25,7 @@ __all__ = [
     "down",
     "get",
     "load_toml",
+    "paths",
     "ls",
     "up",
     *_errors_all,

@@ -8,10 +8,13 @@ Nothing here ever goes through a shell: argv lists only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -89,6 +92,35 @@ class Runner(Protocol):
     ) -> subprocess.Popen[bytes]: ...
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_gracefully(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    """SIGTERM the child's whole process group, give it ``grace`` seconds to clean up
+    (mmdebstrap unmounts and deletes its chroot), then SIGKILL whatever is left of it."""
+    pgid = proc.pid  # children are started as process-group leaders
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    deadline = time.monotonic() + 5.0
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    proc.wait()
+
+
 class SubprocessRunner:
     """Runs children with stderr merged into stdout; keeps the tail for the error."""
 
@@ -118,6 +150,7 @@ class SubprocessRunner:
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
                 env=full_env,
+                process_group=0,  # so an interrupt can stop the child and all it started
             )
         except FileNotFoundError as exc:
             raise ToolMissing(f"`{args[0]}` could not be started: {exc.strerror}") from exc
@@ -141,8 +174,7 @@ class SubprocessRunner:
                         on_line(raw)
                 proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired as exc:
-            proc.kill()
-            proc.wait()
+            stop_gracefully(proc)
             raise error(
                 f"{desc}: timed out after {timeout:.0f}s",
                 argv=args,
@@ -150,8 +182,9 @@ class SubprocessRunner:
                 hint=hint,
             ) from exc
         except BaseException:
-            proc.kill()
-            proc.wait()
+            # Ctrl-C / SIGTERM: let the child clean up after itself (mmdebstrap unmounts its
+            # chroot and removes its temp dir on SIGTERM), then make sure it is gone.
+            stop_gracefully(proc)
             raise
         if proc.returncode not in ok_codes:
             raise error(
@@ -183,6 +216,7 @@ class SubprocessRunner:
             cwd=cwd,
             env=None if env is None else {**os.environ, **env},
             start_new_session=True,
+            umask=0o077,  # sockets, logs and pid files it creates are private to the user
         )
 
 

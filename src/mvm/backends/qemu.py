@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import socket
 import subprocess
@@ -163,7 +164,8 @@ class QemuBackend:
         check_ports_free(spec.ports)
         argv = build_argv(spec, qemu)
         files = spec.files
-        with open(files.qemu_log, "ab") as log_file:
+        fd = os.open(files.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as log_file:
             proc = self.runner.spawn(argv, stdout=log_file, cwd=files.root)
         try:
             self._wait_started(proc, files, spec)

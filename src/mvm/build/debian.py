@@ -101,6 +101,19 @@ def apt_errors(output: str) -> str | None:
     return "; ".join(dict.fromkeys(unknown)) if unknown else None
 
 
+def unmount_below(path: Path, runner: Runner) -> None:
+    """Detach anything still mounted under ``path`` (an interrupted mmdebstrap's chroot
+    mounts), so removing the temp dir can never reach into a mounted /proc or /dev."""
+    try:
+        with open("/proc/self/mounts") as f:
+            targets = [line.split()[1] for line in f]
+    except OSError:
+        return
+    prefix = str(path.resolve()) + "/"
+    for target in sorted((t for t in targets if t.startswith(prefix)), key=len, reverse=True):
+        runner.run(["umount", "--lazy", target], desc=f"unmounting {target}", ok_codes=(0, 1, 32))
+
+
 def stage_files(spec: GuestSpec, base: Path, overlay: Path) -> None:
     """Copy ``files`` into the overlay, root-owned, keeping the exec bit."""
     for target, source in spec.files.items():
@@ -156,22 +169,25 @@ def build_rootfs(
             mirror,
         ]
         try:
-            runner.run(
-                argv,
-                desc="building the root filesystem with mmdebstrap",
-                env={"TMPDIR": str(work)},
-                on_line=on_line,
-                error=BuildError,
-            )
-        except BuildError as exc:
-            complaint = apt_errors(exc.output or "")
-            if complaint:
-                raise SpecError(
-                    f"apt could not install the packages: {complaint}",
-                    hint="check the names in `packages` (apt-cache search NAME); "
-                    f"packages come from Debian {suite}",
-                ) from None
-            raise
+            try:
+                runner.run(
+                    argv,
+                    desc="building the root filesystem with mmdebstrap",
+                    env={"TMPDIR": str(work)},
+                    on_line=on_line,
+                    error=BuildError,
+                )
+            except BuildError as exc:
+                complaint = apt_errors(exc.output or "")
+                if complaint:
+                    raise SpecError(
+                        f"apt could not install the packages: {complaint}",
+                        hint="check the names in `packages` (apt-cache search NAME); "
+                        f"packages come from Debian {suite}",
+                    ) from None
+                raise
+        finally:
+            unmount_below(work, runner)
 
 
 def build(

@@ -22,7 +22,7 @@ import click
 import typer
 
 from . import output
-from .commands import build, console, down, exec_, forward, logs, ls, status, up
+from .commands import build, cleanup, console, doctor, down, exec_, forward, logs, ls, status, up
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -64,12 +64,18 @@ def _root(
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
 
 
-for module in (build, up, ls, status, logs, exec_, console, forward, down):
+for module in (build, up, ls, status, logs, exec_, console, forward, down, cleanup, doctor):
     module.register(app)
 
 
-def _sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # unwinds like Ctrl-C, so every cleanup runs
+_interrupted = False
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGINT and SIGTERM unwind like Ctrl-C, so every cleanup (ExitStack) runs."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,8 +83,11 @@ def main(argv: list[str] | None = None) -> None:
 
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or bool(os.environ.get("MVM_DEBUG"))
-    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
     command = typer.main.get_command(app)
+    code: object
     try:
         code = command.main(args=args, prog_name="mvmctl", standalone_mode=False)
         sys.stdout.flush()
@@ -91,16 +100,22 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         code = EXIT_USAGE
     except (KeyboardInterrupt, click.exceptions.Abort):
-        output.err.print("[yellow]interrupted[/]: cleaned up what this command had started")
         code = EXIT_INTERRUPTED
-    except BrokenPipeError:
+    except BrokenPipeError:  # `mvmctl ls | head`
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         code = EXIT_BROKEN_PIPE
     except Exception:
+        if debug:
+            raise
         import traceback
 
         traceback.print_exc()
         output.err.print("[bold red]This is a bug in mvm.[/] Please report it with the traceback above.")
         code = EXIT_BUG
+    if _interrupted:
+        # Typer turns KeyboardInterrupt into a silent exit code 130; the flag tells an
+        # interrupt apart from a guest command that exited 130.
+        output.err.print("[yellow]interrupted[/]: cleaned up what this command had started")
+        code = EXIT_INTERRUPTED
     raise SystemExit(code if isinstance(code, int) else 0)

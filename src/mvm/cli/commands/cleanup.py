@@ -1,0 +1,49 @@
+"""mvmctl cleanup."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..options import Json
+
+
+def cleanup(
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Only list what would be removed.")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="Also run nix-collect-garbage when Nix is installed.")] = False,
+    keep: Annotated[int, typer.Option("--keep", help="Unused images to keep (newest first).", min=0)] = 3,
+    json: Json = False,
+) -> None:
+    """Remove what stopped VMs and old builds left behind, and say how much it freed.
+
+    Removes: state of VMs that are not running (exited, crashed, unreadable, or an
+    interrupted start), leftovers of interrupted builds, stale locks, and images that no VM
+    uses beyond the newest --keep. Never touches a running VM, and never a volume
+    (remove those by name with `mvmctl volume rm`).
+    """
+    import mvm
+    from mvm.runtime.cleanup import cleanup as run_cleanup
+
+    from .. import output
+
+    report = run_cleanup(mvm.paths.Layout.default(), dry_run=dry_run, everything=all_, keep=keep)
+    if json:
+        output.print_json(report.as_dict())
+        return
+    verb = "would remove" if dry_run else "removed"
+    for item in report.items:
+        output.out.print(f"{verb} {item.kind:5} {item.path}  ({_size(item.bytes)}; {item.reason})")
+    for note in report.notes:
+        output.info(note)
+    output.info(f"{'would free' if dry_run else 'freed'} {_size(report.freed)} ({len(report.items)} items)")
+
+
+def _size(n: int) -> str:
+    from rich.filesize import decimal
+
+    return decimal(n)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(cleanup)

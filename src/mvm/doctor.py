@@ -1,0 +1,124 @@
+"""What this host can do, and the exact command that fixes each missing piece.
+
+``mvmctl doctor`` reports the backends (and why one is unusable: e.g. /dev/kvm present
+but the boot probe hung, so TCG is used), the external tools with their versions, and the
+state dir with its free space.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from typing import Any
+
+from ._proc import INSTALL_HINTS
+from .paths import Layout
+
+TOOLS: list[tuple[str, list[str], str]] = [
+    # (executable, version argv, what mvm uses it for)
+    ("qemu-system-x86_64", ["--version"], "the QEMU backend (KVM or TCG)"),
+    ("mmdebstrap", ["--version"], "building mvm.toml images"),
+    ("mkfs.ext4", ["-V"], "root filesystems and volumes"),
+    ("resize2fs", [], "growing volumes"),
+    ("busybox", ["--help"], "the initrd"),
+    ("depmod", ["--version"], "indexing kernel modules"),
+    ("lz4", ["--version"], "unpacking the Debian kernel"),
+    ("apt-get", ["--version"], "fetching the Debian kernel"),
+    ("nix", ["--version"], "the Nix front end (--flake) and `mvmctl dev`"),
+    ("firecracker", ["--version"], "the Firecracker backend (not implemented yet)"),
+]
+MIN_FREE_BYTES = 2 * 1024**3
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
+def tool_version(path: str, args: list[str]) -> str:
+    if not args:
+        return "present"
+    try:
+        out = subprocess.run([path, *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "present (version unknown)"
+    text = (out.stdout or out.stderr).strip()
+    first = text.splitlines()[0] if text else "present"
+    match = re.search(r"\d+\.\d+(\.\d+)?", first)
+    return match.group(0) if match else first[:60]
+
+
+def check_tools() -> list[dict[str, Any]]:
+    rows = []
+    for name, args, purpose in TOOLS:
+        path = _which(name)
+        hint = INSTALL_HINTS.get(name)
+        if name == "firecracker":
+            hint = "not packaged for Debian; mvm's Firecracker backend is not implemented yet"
+        rows.append({
+            "tool": name,
+            "purpose": purpose,
+            "found": path is not None,
+            "path": path,
+            "version": tool_version(path, args) if path else None,
+            "fix": None if path else hint,
+        })
+    return rows
+
+
+def check_backends(layout: Layout) -> list[dict[str, Any]]:
+    from .backends import accel
+
+    qemu = _which("qemu-system-x86_64")
+    rows: list[dict[str, Any]] = []
+    if not qemu:
+        fix = INSTALL_HINTS["qemu-system-x86_64"]
+        return [
+            {"backend": "qemu-tcg", "usable": False, "reason": "QEMU is not installed", "fix": fix},
+            {"backend": "qemu-kvm", "usable": False, "reason": "QEMU is not installed", "fix": fix},
+        ]
+    rows.append({"backend": "qemu-tcg", "usable": True, "reason": "software emulation always works", "fix": None})
+    from .build import kernel as kernel_mod
+
+    kernels = kernel_mod.cached_kernels(layout.kernels)
+    if not os.path.exists("/dev/kvm"):
+        kvm = {"usable": False, "reason": "/dev/kvm does not exist (no hardware virtualisation here)",
+               "fix": "enable VT-x/AMD-V, or load kvm_intel/kvm_amd; TCG works meanwhile"}
+    elif not kernels:
+        kvm = {"usable": None, "reason": "/dev/kvm exists; not probed yet (no kernel cached)",
+               "fix": "run `mvmctl build` once; the first `up` probes KVM"}
+    else:
+        k = kernels[-1]
+        ok, reason = accel.kvm_verdict(k.vmlinux, k.initrd, layout.probes)
+        kvm = {"usable": ok, "reason": reason,
+               "fix": None if ok else "nothing to fix for mvm: TCG is used automatically"}
+    rows.append({"backend": "qemu-kvm", **kvm})
+    rows.append({"backend": "firecracker", "usable": False,
+                 "reason": "not implemented (the binary is not packaged here and cannot boot under nested PVM)",
+                 "fix": None})
+    return rows
+
+
+def check_disk(layout: Layout) -> dict[str, Any]:
+    probe = layout.state
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    usage = shutil.disk_usage(probe)
+    return {
+        "state_dir": str(layout.state),
+        "cache_dir": str(layout.cache),
+        "free_bytes": usage.free,
+        "ok": usage.free >= MIN_FREE_BYTES,
+        "fix": None if usage.free >= MIN_FREE_BYTES else "free disk space, e.g. `mvmctl cleanup`",
+    }
+
+
+def doctor(layout: Layout | None = None) -> dict[str, Any]:
+    layout = layout or Layout.default()
+    tools = check_tools()
+    backends = check_backends(layout)
+    disk = check_disk(layout)
+    required = {"qemu-system-x86_64", "mmdebstrap", "mkfs.ext4", "busybox", "depmod", "lz4", "apt-get"}
+    ok = all(t["found"] for t in tools if t["tool"] in required) and disk["ok"]
+    return {"schema_version": 1, "ok": ok, "backends": backends, "tools": tools, "disk": disk}

@@ -1,0 +1,303 @@
+"""Issue 6: the fault-injection suite. Each scenario injects faults into real VMs and real
+builds, checks mvm's reaction, and records the leak figures (all must be 0)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import CLI, FIXTURES, ROOT, free_port, http_get, wait_for
+from .faults import Recorder, find_leaks
+
+TESTBED = str(FIXTURES / "testbed")
+
+
+@pytest.fixture(scope="session")
+def recorder() -> Iterator[Recorder]:
+    rec = Recorder()
+    yield rec
+    target = os.environ.get("MVM_RELIABILITY_REPORT")
+    if target:
+        rec.write(Path(target))
+
+
+def _leaks(cli: CLI, expected: set[str] = frozenset()) -> dict[str, int]:  # type: ignore[assignment]
+    return find_leaks(cli.home, Path(cli.env["MVM_CACHE"]), set(expected))
+
+
+def _assert_clean(leaks: dict[str, int]) -> None:
+    assert not any(leaks.values()), f"leaks: {leaks}"
+
+
+def _spawn_up(cli: CLI, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "mvm", "up", *args], env=cli.env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _row(cli: CLI, name: str) -> dict[str, Any]:
+    return next(r for r in cli.json("ls") if r["name"] == name)
+
+
+def test_kill_9_of_qemu(cli: CLI, testbed_image: dict[str, Any], recorder: Recorder) -> None:
+    started = time.monotonic()
+    cli("up", TESTBED, "--name", "k9")
+    pid = _row(cli, "k9")["pid"]
+    os.kill(pid, signal.SIGKILL)
+    row = wait_for(lambda: (r := _row(cli, "k9"))["status"] != "running" and r, 10, "ls to notice")
+    assert row["status"] == "crashed"
+    assert "killed" in row["exit_reason"]
+    assert "crashed" in cli("ls").stdout
+    status = cli("status", "k9")
+    assert "QEMU exited unexpectedly" in status.stdout
+    cli("down", "k9")
+    cli("up", TESTBED, "--name", "k9")  # the name is usable again
+    cli("down", "k9")
+    leaks = _leaks(cli)
+    recorder.add("kill -9 of QEMU", "ls shows crashed + reason; down cleans; the name is reusable", 1, leaks,
+                 started=started)
+    _assert_clean(leaks)
+
+
+def _interrupt_up(cli: CLI, args: list[str], wait_for_line: str | None, sig: int, delay: float) -> int:
+    proc = _spawn_up(cli, *args)
+    assert proc.stderr is not None
+    if wait_for_line:
+        for line in proc.stderr:
+            if wait_for_line in line:
+                break
+        else:
+            raise AssertionError(f"`up` ended before printing {wait_for_line!r}")
+    time.sleep(delay)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)  # also closes the pipes
+    if proc.returncode == 130:
+        assert "interrupted: cleaned up" in err, err
+    return proc.returncode
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signals_during_up(cli: CLI, testbed_image: dict[str, Any], recorder: Recorder, tmp_path: Path,
+                           sig: int) -> None:
+    started = time.monotonic()
+    # a spec nobody built yet, so `up` is interrupted inside mmdebstrap
+    (tmp_path / "mvm.toml").write_text(f'name = "fresh"\npackages = ["jq"]\nhostname = "h{time.time_ns()}"\n')
+    points = [
+        ([str(tmp_path)], "building the root filesystem", 4.0, "during the image build"),
+        ([TESTBED, "--name", "sig1"], "booting", 0.0, "right after QEMU starts"),
+        ([TESTBED, "--name", "sig2"], "waiting for the guest agent", 0.7, "while waiting for the agent"),
+    ]
+    faults = 0
+    for args, line, delay, _ in points:
+        # off a terminal, `up` prints one plain line per stage; the build prints mmdebstrap's stages
+        code = _interrupt_up(cli, args, "rootfs" if "building" in line else line, sig, delay)
+        faults += 1
+        assert code == 130, f"exit code {code} after {signal.Signals(sig).name}"
+        _assert_clean(_leaks(cli))
+    assert not list(Path(cli.env["MVM_CACHE"], "images").glob(".build-*"))
+    leaks = _leaks(cli)
+    name = signal.Signals(sig).name
+    recorder.add(f"{name} to `mvmctl up`", "during build, right after QEMU starts, while waiting for the agent: "
+                 "exit 130, no VM, no half-written image", faults, leaks, started=started)
+    _assert_clean(leaks)
+
+
+def test_concurrent_up_of_one_name(cli: CLI, testbed_image: dict[str, Any], recorder: Recorder) -> None:
+    started = time.monotonic()
+    procs = [_spawn_up(cli, TESTBED, "--name", "race") for _ in range(8)]
+    results = [(p.communicate(timeout=300)[1], p.returncode) for p in procs]
+    results = [(code, err) for err, code in results]
+    winners = [r for r in results if r[0] == 0]
+    losers = [r for r in results if r[0] != 0]
+    assert len(winners) == 1, results
+    for code, err in losers:
+        assert code == 1 and "a VM named 'race' already exists" in err, err
+    assert _row(cli, "race")["status"] == "running"
+    leaks = _leaks(cli, {"race"})
+    cli("down", "race")
+    leaks = {k: v + _leaks(cli)[k] for k, v in leaks.items()}
+    recorder.add("8 concurrent `up` of one name", "exactly one wins; 7 get a clear 'already exists'", 8, leaks,
+                 started=started)
+    _assert_clean(leaks)
+
+
+def test_five_vms_at_once(cli: CLI, testbed_image: dict[str, Any], recorder: Recorder) -> None:
+    started = time.monotonic()
+    names = [f"multi{i}" for i in range(5)]
+    ports = [free_port() for _ in names]
+    procs = [_spawn_up(cli, TESTBED, "--name", n, "-p", f"{p}:8080", "--wait", "--timeout", "300")
+             for n, p in zip(names, ports, strict=True)]
+    try:
+        results = [(p.communicate(timeout=400)[1], p.returncode) for p in procs]
+        results = [(code, err) for err, code in results]
+        assert all(code == 0 for code, _ in results), results
+        rows = {r["name"]: r for r in cli.json("ls")}
+        assert all(rows[n]["status"] == "running" and rows[n]["health"] == "healthy" for n in names)
+        for port in ports:
+            assert http_get(port) == "testbed\n"
+    finally:
+        cli("down", *names)
+    leaks = _leaks(cli)
+    recorder.add("5 VMs started concurrently on 2 cores", "all healthy, all serve through their ports", 0, leaks,
+                 started=started)
+    _assert_clean(leaks)
+
+
+def test_guest_kernel_panic(cli: CLI, testbed_image: dict[str, Any], recorder: Recorder) -> None:
+    started = time.monotonic()
+    cli("up", TESTBED, "--name", "panic")
+    cli("exec", "panic", "--timeout", "5", "--", "sh", "-c", "echo c > /proc/sysrq-trigger", check=False)
+    row = wait_for(lambda: (r := _row(cli, "panic"))["status"] != "running" and r, 30, "the panic to be seen")
+    assert row["status"] == "crashed"
+    assert "Kernel panic" in row["exit_reason"]
+    assert "Kernel panic" in cli("status", "panic").stdout
+    assert "sysrq" in cli("logs", "panic", "--no-services").stdout.lower()
+    exec_after = cli("exec", "panic", "--", "true", check=False)
+    assert exec_after.returncode == 1 and "is crashed" in exec_after.stderr
+    cli("down", "panic")
+    leaks = _leaks(cli)
+    recorder.add("guest kernel panic", "reported as crashed with the panic line; console kept for `logs`", 1,
+                 leaks, started=started)
+    _assert_clean(leaks)
+
+
+def test_corrupt_vm_json_and_manifest(cli: CLI, testbed_image: dict[str, Any], recorder: Recorder) -> None:
+    started = time.monotonic()
+    cli("up", TESTBED, "--name", "corrupt")
+    state = cli.vms / "corrupt" / "vm.json"
+    state.write_text(state.read_text()[:40])  # truncated mid-write
+    ls = cli("ls")
+    assert "broken" in ls.stdout and "Traceback" not in ls.stderr
+    st = cli("status", "corrupt", check=False)
+    assert st.returncode == 1 and str(state) in st.stderr and "is unreadable" in st.stderr
+    assert "mvmctl down corrupt" in st.stderr and "Traceback" not in st.stderr
+    report = cli.json("cleanup", "--dry-run")
+    assert any("corrupt: state is unreadable but its QEMU is running" in n for n in report["notes"])
+    cli("down", "corrupt")  # finds QEMU through its pid file and cwd, and stops it
+    faults = 1
+
+    manifest = Path(testbed_image["path"]) / "manifest.json"
+    saved = manifest.read_bytes()
+    try:
+        manifest.write_bytes(saved[: len(saved) // 2])
+        for cmd in (["build", TESTBED], ["up", TESTBED, "--name", "nomanifest"]):
+            r = cli(*cmd, check=False)
+            assert r.returncode == 1 and str(manifest) in r.stderr and "mvmctl cleanup" in r.stderr, r.stderr
+            assert "Traceback" not in r.stderr
+            faults += 1
+    finally:
+        manifest.write_bytes(saved)
+    leaks = _leaks(cli)
+    recorder.add("corrupted vm.json / manifest.json", "one-line error naming the file + recovery hint; "
+                 "down still stops the VM; never a traceback", faults, leaks, started=started)
+    _assert_clean(leaks)
+
+
+def test_hostile_strings_reach_the_guest_literally(cli: CLI, testbed_image: dict[str, Any],
+                                                   recorder: Recorder, tmp_path: Path) -> None:
+    started = time.monotonic()
+    canary = tmp_path / "pwned"
+    evil = (f"$(touch {canary}) `touch /tmp/pwned` \"dq\" 'sq' ; touch /tmp/pwned {canary} \\ \n"
+            " second line")
+    cli("up", TESTBED, "--name", "hostile", "-e", f"EVIL={evil}")
+    try:
+        pid = cli.json("status", "hostile")["services"]["web"]["pid"]
+        environ = cli("exec", "hostile", "--", "cat", f"/proc/{pid}/environ").stdout
+        assert f"EVIL={evil}" in environ.split("\0")
+        guest = json.loads(cli("exec", "hostile", "--", "cat", "/etc/mvm/guest.json").stdout)
+        assert guest["services"]["web"]["command"] == (
+            "sleep ${WEB_DELAY:-0}; exec python3 -m http.server 8080 --directory /tmp/www"
+        )
+        r = cli("exec", "hostile", "--", "printf", "%s", evil)
+        assert r.stdout == evil
+        probe = cli("exec", "hostile", "--", "sh", "-c", "test -e /tmp/pwned && echo yes || echo no")
+        assert probe.stdout.strip() == "no"
+    finally:
+        cli("down", "hostile")
+    assert not canary.exists()
+    bad = cli("up", TESTBED, "--name", "x;rm -rf ~", check=False)
+    assert bad.returncode == 1 and "not a valid VM name" in bad.stderr
+    bad = cli("up", TESTBED, "-e", "A B=1", check=False)
+    assert bad.returncode == 1 and "not a valid variable name" in bad.stderr
+    leaks = _leaks(cli)
+    recorder.add("hostile spec strings", "$(…), backticks, quotes, newlines in env and argv arrive literally; "
+                 "no host shell; bad names refused", 5, leaks, started=started)
+    _assert_clean(leaks)
+
+
+def test_security_defaults(cli: CLI, testbed_image: dict[str, Any], recorder: Recorder) -> None:
+    started = time.monotonic()
+    cli("up", TESTBED, "--name", "secure")
+    try:
+        vmdir = cli.vms / "secure"
+        assert vmdir.stat().st_mode & 0o777 == 0o700
+        for f in vmdir.iterdir():
+            mode = f.stat().st_mode & 0o777
+            assert mode & 0o077 == 0, f"{f.name} is {oct(mode)}"
+        pid = _row(cli, "secure")["pid"]
+        seccomp = re.search(r"^Seccomp:\s+(\d)", Path(f"/proc/{pid}/status").read_text(), re.M)
+        assert seccomp and seccomp.group(1) == "2", "QEMU runs without its seccomp sandbox"
+        svc_pid = cli.json("status", "secure")["services"]["web"]["pid"]
+        user = cli("exec", "secure", "--", "ps", "-o", "user=", "-p", str(svc_pid)).stdout.strip()
+        assert user == "mvm"
+    finally:
+        cli("down", "secure")
+    leaks = _leaks(cli)
+    recorder.add("security defaults", "runtime dir 0700, its files 0600, QEMU seccomp on, services unprivileged",
+                 0, leaks, started=started)
+    _assert_clean(leaks)
+
+
+def test_cleanup_frees_dead_state_but_never_running_vms(cli: CLI, testbed_image: dict[str, Any],
+                                                       recorder: Recorder) -> None:
+    started = time.monotonic()
+    cli("up", TESTBED, "--name", "alive")
+    cli("up", TESTBED, "--name", "dead")
+    os.kill(_row(cli, "dead")["pid"], signal.SIGKILL)
+    wait_for(lambda: _row(cli, "dead")["status"] == "crashed", 10, "crash noticed")
+    staging = Path(cli.env["MVM_CACHE"]) / "images" / ".build-deadbeef-test"
+    staging.mkdir()
+    (staging / "rootfs.ext4").write_bytes(b"\0" * 4096)
+    try:
+        dry = cli.json("cleanup", "--dry-run")
+        paths = {i["path"] for i in dry["items"]}
+        assert str(cli.vms / "dead") in paths and str(staging) in paths
+        assert str(cli.vms / "alive") not in paths
+        assert (cli.vms / "dead").exists() and staging.exists()  # dry run changed nothing
+        real = cli("cleanup", "--keep", "1000")
+        assert "freed" in real.stderr
+        assert not (cli.vms / "dead").exists() and not staging.exists()
+        assert _row(cli, "alive")["status"] == "running"
+        assert cli("exec", "alive", "--", "true").returncode == 0
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        cli("down", "alive")
+    leaks = _leaks(cli)
+    recorder.add("`mvmctl cleanup`", "removes dead VM state and interrupted builds; running VMs untouched",
+                 1, leaks, started=started)
+    _assert_clean(leaks)
+
+
+def test_doctor_reports_backends_and_tools(cli: CLI, tmp_path: Path) -> None:
+    report = cli.json("doctor")
+    backends = {b["backend"]: b for b in report["backends"]}
+    assert backends["qemu-tcg"]["usable"] is True
+    assert isinstance(backends["qemu-kvm"]["reason"], str) and backends["qemu-kvm"]["reason"]
+    tools = {t["tool"]: t for t in report["tools"]}
+    assert tools["qemu-system-x86_64"]["found"] and re.match(r"\d+\.\d+", tools["qemu-system-x86_64"]["version"])
+    assert report["disk"]["state_dir"] == str(cli.home / "state")
+    missing = cli("doctor", "--json", check=False, env={"PATH": str(tmp_path)})
+    assert missing.returncode == 1
+    data = json.loads(missing.stdout)
+    qemu = next(t for t in data["tools"] if t["tool"] == "qemu-system-x86_64")
+    assert not qemu["found"] and qemu["fix"] == "apt-get install qemu-system-x86"
