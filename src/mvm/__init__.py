@@ -7,6 +7,7 @@
 """
 
 from ._api import VM, BuildResult, ExecResult, build, down, get, ls, up
+from ._volumes import volume_export, volume_ls, volume_rm
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
 from .spec import GuestSpec, HealthCheck, Service, load_toml
@@ -26,5 +27,8 @@ __all__ = [
     "load_toml",
     "ls",
     "up",
+    "volume_export",
+    "volume_ls",
+    "volume_rm",
     *_errors_all,
 ]

@@ -86,6 +86,7 @@ class Runner(Protocol):
         stdout: IO[bytes] | int,
         cwd: Path | None = None,
         env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> subprocess.Popen[bytes]: ...
 
 
@@ -170,8 +171,12 @@ class SubprocessRunner:
         stdout: IO[bytes] | int,
         cwd: Path | None = None,
         env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> subprocess.Popen[bytes]:
-        """Start a long-lived child in its own session, detached from our terminal."""
+        """Start a long-lived child in its own session, detached from our terminal.
+
+        ``pass_fds`` are inherited by the child (every other descriptor is closed).
+        """
         args = [os.fspath(a) for a in argv]
         args[0] = require_tool(args[0]) if "/" not in args[0] else args[0]
         log.debug("spawn: %s", args)
@@ -183,6 +188,7 @@ class SubprocessRunner:
             cwd=cwd,
             env=None if env is None else {**os.environ, **env},
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, Runner, require_tool
-from ..errors import BootError, PortInUse, VMError
+from ..errors import BootError, PortInUse, VMError, VolumeError
 from ..guest import protocol
 from ..paths import VMFiles
 from ..runtime import process
@@ -164,7 +164,7 @@ class QemuBackend:
         argv = build_argv(spec, qemu)
         files = spec.files
         with open(files.qemu_log, "ab") as log_file:
-            proc = self.runner.spawn(argv, stdout=log_file, cwd=files.root)
+            proc = self.runner.spawn(argv, stdout=log_file, cwd=files.root, pass_fds=spec.hold_fds)
         try:
             self._wait_started(proc, files, spec)
         except BaseException:
@@ -195,6 +195,12 @@ class QemuBackend:
             raise PortInUse(
                 f"host port in {match.group(1)} could not be bound (taken by another process?)",
                 hint="pick another host port with -p",
+            )
+        if 'Failed to get "write" lock' in text:
+            raise VolumeError(
+                "a volume image is in use by another process (QEMU could not lock it for writing)",
+                hint="another VM, maybe under another MVM_HOME, has it attached: stop that VM first",
+                output=text,
             )
         raise BootError(spec.name, f"QEMU exited during start-up (exit code {code})", output=text)
 
