@@ -369,7 +369,7 @@ def up(
 
         registry.update(vm_name, mark_running)
         undo.pop_all()
-    vols.release()
+    vols.booted()
     vm = VM(vm_name, layout)
     if wait and record.checks:
         prog.stage("waiting for health checks")

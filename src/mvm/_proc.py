@@ -154,6 +154,9 @@ class SubprocessRunner:
             proc.kill()
             proc.wait()
             raise
+        finally:
+            if proc.stdout is not None:
+                proc.stdout.close()
         if proc.returncode not in ok_codes:
             raise error(
                 f"{desc} failed (exit code {proc.returncode})",

@@ -99,7 +99,7 @@ def volume_export(
     label = f"{meta.host} ({meta.id})"
     lock = store.lock(meta.id, label)
     try:
-        store.set_holder(meta.id, Holder(what="mvmctl volume export", pid=os.getpid(),
+        store.set_holder(meta.id, Holder(what=f"mvmctl volume export (pid {os.getpid()})", pid=os.getpid(),
                                          pid_start=process.start_time(os.getpid()), since=time.time()))
         image = Path(meta.image)
         if ext4.read_superblock(image) is None:

@@ -53,6 +53,8 @@ class VolumeMeta(BaseModel):
     size_mb: int
     created_at: float
     seeded_from: str | None = None
+    #: The guest has handed the seeded files to the service user (done on the first boot).
+    guest_owned: bool = False
     fs_uuid: str = ""
     last_guest: str | None = None
     last_vm: str | None = None
@@ -61,7 +63,7 @@ class VolumeMeta(BaseModel):
 
 class Holder(BaseModel):
     schema_version: int = VOLUME_SCHEMA
-    what: str  # "VM 'web'" or "mvmctl volume export"
+    what: str  # "VM 'web' (QEMU pid 123)", "mvmctl up of VM 'web' (pid 122)", "mvmctl volume export (pid 9)"
     vm: str | None = None
     pid: int
     pid_start: int | None = None
@@ -191,8 +193,7 @@ class VolumeStore:
             hint = f"stop that VM first (`mvmctl down {holder.vm}`)"
             if attaching:
                 hint = f"a volume is attached to one VM at a time: {hint}, or give this VM another HOST path"
-            return VolumeError(f"volume {label} is in use by VM {holder.vm!r} (QEMU pid {holder.pid})",
-                               hint=hint)
+            return VolumeError(f"volume {label} is in use by {holder.what}", hint=hint)
         what = holder.what if holder else "another mvm process"
         return VolumeError(f"volume {label} is in use by {what}",
                            hint="wait for it to finish, then try again")

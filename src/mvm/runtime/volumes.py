@@ -290,7 +290,7 @@ class Attached:
     disks: list[Disk] = field(default_factory=list)
     boot: list[dict[str, Any]] = field(default_factory=list)
     locks: list[VolumeLock] = field(default_factory=list)
-    created: list[str] = field(default_factory=list)
+    fresh: list[str] = field(default_factory=list)
     started: bool = False
 
     @property
@@ -302,13 +302,28 @@ class Attached:
         """QEMU runs and holds the locks: from here on a failure never removes a volume."""
         self.started = True
         for lock in self.locks:
-            self.store.set_holder(lock.volume, Holder(what=f"VM {self.vm!r}", vm=self.vm, pid=pid,
+            self.store.set_holder(lock.volume, Holder(what=f"VM {self.vm!r} (QEMU pid {pid})", vm=self.vm, pid=pid,
                                                       pid_start=pid_start, since=time.time()))
 
     def release(self) -> None:
-        """Close this process's copies of the lock descriptors (QEMU keeps its own)."""
+        """Close this process's copies of the lock descriptors (QEMU keeps its own).
+
+        If QEMU never started, this process was the holder: say so no more (a library user
+        may call ``up`` again from the same, still living, process)."""
         for lock in self.locks:
+            if not self.started and lock.fd >= 0:
+                self.store.clear_holder(lock.volume)
             lock.release()
+
+    def booted(self) -> None:
+        """The guest agent answered, so the guest mounted every volume: note that fresh ones
+        were handed to the service user, then release this process's lock descriptors."""
+        for vid in self.fresh:
+            meta = self.store.load(vid)
+            if meta is not None and not meta.guest_owned:
+                meta.guest_owned = True
+                self.store.save(meta)
+        self.release()
 
     def _forget_new(self, vid: str, lock: VolumeLock) -> None:
         """Undo: a volume created by this ``up`` goes only if no guest ever ran on it."""
@@ -381,7 +396,7 @@ def attach(
     store = VolumeStore(layout)
     attached = Attached(store=store, vm=vm)
     undo.callback(attached.release)
-    me = Holder(what=f"mvmctl up (VM {vm!r})", vm=vm, pid=os.getpid(),
+    me = Holder(what=f"mvmctl up of VM {vm!r} (pid {os.getpid()})", vm=vm, pid=os.getpid(),
                 pid_start=process.start_time(os.getpid()), since=time.time())
     writable = sorted((p for p in planned if p.arg.writable), key=lambda p: p.vid or "")
     for p in writable:
@@ -394,7 +409,6 @@ def attach(
         if fresh and p.kind == "managed":
             stage(f"creating volume {p.vid} ({p.arg.size_mb} MB)")
             p.meta = create_managed(store, p.vid, p.arg, runner)
-            attached.created.append(p.vid)
             undo.callback(attached._forget_new, p.vid, lock)
         elif fresh:
             sb = ext4.read_superblock(p.arg.host)
@@ -406,6 +420,8 @@ def attach(
             undo.callback(attached._forget_new, p.vid, lock)
         meta = p.meta
         assert meta is not None
+        if meta.kind == "managed" and not meta.guest_owned:
+            attached.fresh.append(p.vid)
         image = Path(meta.image)
         sb = ext4.read_superblock(image)
         assert sb is not None
@@ -432,6 +448,6 @@ def attach(
             "target": p.arg.guest,
             "readonly": not p.arg.writable,
             "secret": p.arg.secret,
-            "fresh": p.vid in attached.created,
+            "fresh": p.vid in attached.fresh,
         })
     return attached
