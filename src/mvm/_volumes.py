@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ._proc import DEFAULT_RUNNER, Runner
-from .errors import VolumeError
+from .errors import MvmError, VolumeError
 from .paths import Layout
 from .runtime import ext4, process
 from .runtime.volexport import export_image
@@ -56,7 +56,17 @@ def volume_ls(*, layout: Layout | None = None) -> list[dict[str, Any]]:
     writes to the volume it lags behind (``df`` in the guest is exact).
     """
     store = _store(layout)
-    return [_view(store, meta) for vid in store.ids() if (meta := store.load(vid)) is not None]
+    rows: list[dict[str, Any]] = []
+    for vid in store.ids():
+        try:
+            meta = store.load(vid)
+        except MvmError as exc:
+            rows.append({"name": vid, "id": vid, "error": exc.message, "exists": False,
+                         "host": "?", "image": str(store.dir(vid))})
+            continue
+        if meta is not None:
+            rows.append(_view(store, meta))
+    return rows
 
 
 def volume_rm(name: str, *, layout: Layout | None = None) -> dict[str, Any]:

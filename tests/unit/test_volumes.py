@@ -117,6 +117,7 @@ def test_plan_refuses_bad_hosts_and_creates_nothing(tmp_path: Path, layout: Layo
         "./notes.txt:/mnt/c": "is not a directory",
         "./notes.txt:/mnt/d:64": "is an existing file but not an ext4 image",
     }
+    cases["./typo/data:/mnt/d:64"] = "neither " + str(tmp_path / "typo" / "data") + " nor its parent directory exists"
     for text, fragment in cases.items():
         with pytest.raises(VolumeError) as info:
             plan([text], layout, cwd=tmp_path)
@@ -346,3 +347,37 @@ def test_export_merges_three_ways_and_never_loses_a_host_edit(tmp_path: Path, la
     copy = volume_export(vid, to=tmp_path / "copy", layout=layout)
     assert sorted(copy["new"]) == sorted(["both-edit", "guest-edits", "host-edits", "new-in-guest", "untouched"])
     assert not list(tmp_path.glob(".*mvm-export-*")), "the temporary dump dir was left behind"
+
+
+def test_ls_shows_a_broken_volume_instead_of_failing(tmp_path: Path, layout: Layout) -> None:
+    with ExitStack() as undo:
+        _booted(_attach(layout, tmp_path, ["./a:/mnt/a:16", "./b:/mnt/b:16"], undo))
+        undo.pop_all()
+    store = VolumeStore(layout)
+    store.meta_path(volume_id(tmp_path / "a")).write_text("{not json")
+    rows = {row["name"]: row for row in volume_ls(layout=layout)}
+    assert "unreadable" in rows[volume_id(tmp_path / "a")]["error"]
+    assert rows[volume_id(tmp_path / "b")]["size_mb"] == 16
+
+
+def test_an_image_file_is_used_in_place_and_never_deleted(tmp_path: Path, layout: Layout) -> None:
+    _mkext4(tmp_path / "disk.img", 16)
+    uuid = ext4.read_superblock(tmp_path / "disk.img").uuid  # type: ignore[union-attr]
+    store = VolumeStore(layout)
+    with pytest.raises(RuntimeError), ExitStack() as undo:
+        a = _attach(layout, tmp_path, ["./disk.img:/mnt/d:24"], undo)
+        assert a.disks[0].path == tmp_path / "disk.img" and not a.boot[0]["fresh"]
+        a.held_by(DEAD_PID, None)
+        raise RuntimeError("the guest never answered")
+    assert store.ids() == []  # only metadata was made, and it went
+    sb = ext4.read_superblock(tmp_path / "disk.img")
+    assert sb is not None and sb.uuid == uuid and sb.size_bytes == 24 << 20  # grown, not reformatted
+    with ExitStack() as undo:
+        _booted(_attach(layout, tmp_path, ["./disk.img:/mnt/d:24"], undo))
+        undo.pop_all()
+    (row,) = volume_ls(layout=layout)
+    assert row["kind"] == "image" and row["image"] == str(tmp_path / "disk.img")
+    with pytest.raises(VolumeError, match="no host dir to export into"):
+        volume_export(row["name"], layout=layout)
+    volume_rm(str(tmp_path / "disk.img"), layout=layout)
+    assert store.ids() == [] and (tmp_path / "disk.img").is_file()

@@ -183,10 +183,36 @@ class QemuBackend:
             if code is not None:
                 self._raise_start_failure(spec, files, code)
             if all(p.exists() for p in wanted):
+                self._wait_initialised(proc, files, spec, deadline)
                 return
             time.sleep(0.005)
         raise BootError(spec.name, f"QEMU did not open its sockets within {START_TIMEOUT:.0f}s",
                         output=tail(files.qemu_log))
+
+    def _wait_initialised(self, proc: subprocess.Popen[bytes], files: VMFiles, spec: LaunchSpec,
+                          deadline: float) -> None:
+        """QEMU creates its sockets (and greets on QMP, from its monitor thread) before it opens
+        the drives; it answers a QMP command only from its main loop, once the machine is set
+        up. Waiting for that answer turns a late start-up failure (a volume image locked by
+        another QEMU) into QEMU's own error here, instead of an agent timeout later."""
+        answered = False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(max(0.1, deadline - time.monotonic()))
+                sock.connect(str(files.qmp))
+                reader = sock.makefile("rb")
+                if reader.readline():  # the greeting
+                    sock.sendall(b'{"execute": "qmp_capabilities"}\r\n')
+                    answered = b"return" in reader.readline()
+                reader.close()
+        except OSError:  # includes timeouts: leave the verdict to the agent wait, as before
+            pass
+        if not answered:
+            try:
+                code = proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                return
+            self._raise_start_failure(spec, files, code)
 
     def _raise_start_failure(self, spec: LaunchSpec, files: VMFiles, code: int) -> None:
         text = tail(files.qemu_log)

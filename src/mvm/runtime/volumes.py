@@ -229,6 +229,10 @@ def _resolve_writable(plan: Planned, store: VolumeStore) -> None:
         if meta is None:
             if arg.host.exists() and not arg.host.is_dir():
                 raise VolumeError(f"-v {arg.text!r}: {arg.host} is neither a directory nor an ext4 image file")
+            if not arg.host.exists() and not arg.host.parent.is_dir():
+                raise VolumeError(f"-v {arg.text!r}: neither {arg.host} nor its parent directory exists",
+                                  hint="fix the path, or create the parent directory (a new, empty volume is "
+                                  "created for a HOST that does not exist yet, if its parent does)")
             if arg.host.is_dir():
                 needed, _ = ext4.tree_bytes(arg.host)
                 if needed > arg.size_mb * MIB * 9 // 10:
@@ -325,9 +329,10 @@ class Attached:
                 self.store.save(meta)
         self.release()
 
-    def _forget_new(self, vid: str, lock: VolumeLock) -> None:
-        """Undo: a volume created by this ``up`` goes only if no guest ever ran on it."""
-        if not self.started and lock.fd >= 0 and self.store.dir(vid).is_dir():
+    def _forget_new(self, vid: str, lock: VolumeLock, kind: str) -> None:
+        """Undo: a volume created by this ``up`` goes only if no guest ever ran on it. For an
+        image file given as HOST only mvm's metadata was created, so that always goes."""
+        if (kind == "image" or not self.started) and lock.fd >= 0 and self.store.dir(vid).is_dir():
             self.store.remove(vid, lock)
 
 
@@ -409,7 +414,7 @@ def attach(
         if fresh and p.kind == "managed":
             stage(f"creating volume {p.vid} ({p.arg.size_mb} MB)")
             p.meta = create_managed(store, p.vid, p.arg, runner)
-            undo.callback(attached._forget_new, p.vid, lock)
+            undo.callback(attached._forget_new, p.vid, lock, p.kind)
         elif fresh:
             sb = ext4.read_superblock(p.arg.host)
             assert sb is not None
@@ -417,7 +422,7 @@ def attach(
                                 size_mb=-(-sb.size_bytes // MIB), created_at=time.time(), fs_uuid=sb.uuid)
             store.dir(p.vid).mkdir(parents=True, exist_ok=True, mode=0o700)
             store.save(p.meta)
-            undo.callback(attached._forget_new, p.vid, lock)
+            undo.callback(attached._forget_new, p.vid, lock, p.kind)
         meta = p.meta
         assert meta is not None
         if meta.kind == "managed" and not meta.guest_owned:

@@ -58,7 +58,9 @@ def ls(json: Json = False) -> None:
         row["used_text"] = _mb(row.get("used_mb"))
         row["disk_text"] = _mb(row.get("allocated_mb"))
         row["vm_text"] = row.get("vm") or ("(" + row["held_by"] + ")" if row.get("held_by") else "-")
-        if not row.get("exists"):
+        if row.get("error"):
+            row["image"] = f"BROKEN: {row['error']}"
+        elif not row.get("exists"):
             row["image"] = f"{row['image']} (MISSING)"
     output.table(
         [
