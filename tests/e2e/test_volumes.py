@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import CLI, EXAMPLES, free_port, http_get, wait_for
+from .conftest import CLI, EXAMPLES, free_port, http_get, qemu_pids_under, wait_for
 
 APP = str(EXAMPLES / "config-app")
 # Writes 256 KiB of random data, fsyncs the file and its directory, prints the sha256.
@@ -119,6 +119,16 @@ def test_config_secrets_env_and_an_image_file(cli: CLI, config_image: dict[str, 
         assert cli("exec", "cfg", "--", "cat", "/srv/img/hello.txt").stdout == "from an image file\n"
         cli("exec", "cfg", "-u", "mvm", "--", "sh", "-c", "echo written > /srv/img/new.txt && sync")
         assert 16 < _df_mb(cli, "cfg", "/srv/img") <= 32
+
+        # a VM of another MVM_HOME cannot open the same image file either: QEMU's own lock
+        home2 = tmp_path / "home2"
+        r = cli("up", APP, "--name", "cfg2", "-v", f"{cfg}:/mnt/config", "-v", f"{image}:/srv/img:32",
+                env={"MVM_HOME": str(home2)}, check=False)
+        assert r.returncode == 1
+        assert "a volume image is in use by another process" in _error_line(r.stderr)
+        assert "Failed to get \"write\" lock" in r.stderr
+        assert not qemu_pids_under(home2) and not list((home2 / "state" / "vms").iterdir())
+        assert not (home2 / "state" / "volumes").exists() or not list((home2 / "state" / "volumes").iterdir())
     finally:
         cli("down", "cfg")
     assert image.stat().st_size == 32 << 20
