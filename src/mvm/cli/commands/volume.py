@@ -34,16 +34,42 @@ def _mb(value: Any) -> str:
     return "-" if value is None else f"{value:g}M" if isinstance(value, float) else f"{value}M"
 
 
-@app.command("ls")
-def ls(json: Json = False) -> None:
-    """List persistent volumes: NAME VM SIZE USED ON-DISK GUEST HOST IMAGE.
+LS_HELP = (
+    "List persistent volumes: NAME VM SIZE USED ON-DISK GUEST HOST IMAGE.\n\n"
+    "VM is the VM holding the volume now (from the live QEMU pid and its start time), or -. SIZE is the "
+    "filesystem's size. USED is what the filesystem reports as used as of its last sync: exact once the VM is "
+    "down (`df` in the guest is always exact). ON-DISK is what the sparse image takes on the host. GUEST is the "
+    "path it was last mounted at, HOST the path given to -v, IMAGE the file that holds the data. --json adds "
+    "the kind (managed, or an ext4 image file given as HOST), creation and last-use times."
+)
 
-    VM is the VM holding the volume now (from the live QEMU pid and start time), or -.
-    SIZE is the filesystem's size; USED is what the filesystem reports as used as of its last
-    sync (exact once the VM is down; `df` in the guest is exact); ON-DISK is what the sparse
-    image takes on the host. GUEST is the path it was last mounted at. HOST is the path given
-    to -v; IMAGE is where the data lives.
-    """
+EXPORT_HELP = (
+    "Copy a volume's files to the host (the VM using it must be down).\n\n"
+    "By default the files go back into the HOST directory the volume was created from: after "
+    "`mvmctl up -v ./data:/mnt/data:1024`, `mvmctl down` and `mvmctl volume export ./data`, ./data holds what "
+    "the guest wrote.\n\n"
+    "Without --force, no edit made on the host is ever overwritten. A host file is written when it is "
+    "missing, or unchanged since mvm last copied it (when the volume was created, or at the last export). "
+    "A host file changed on the host only is kept. If a file was changed both on the host and in the volume, "
+    "nothing at all is written and the conflicts are listed: export elsewhere with --to, or overwrite them "
+    "with --force. Nothing on the host is ever deleted. Exported files get the owner of the destination "
+    "directory; setuid/setgid bits are dropped.\n\n"
+    "[bold]Examples[/]\n"
+    "  mvmctl volume export ./data\n"
+    "  mvmctl volume export data-1a2b3c4d --to /tmp/data-copy"
+)
+
+RM_HELP = (
+    "Delete volumes and the data in them. Refused while a VM holds the volume.\n\n"
+    "Asks for confirmation unless --yes is given (without a terminal, --yes is required). For a volume that is "
+    "an ext4 image file you gave as HOST, only mvm's record of it is removed: the file itself is never "
+    "deleted. To keep a managed volume's data, run `mvmctl volume export` first."
+)
+
+
+@app.command("ls", help=LS_HELP)
+def ls(json: Json = False) -> None:
+    """mvmctl volume ls."""
     import mvm
 
     from .. import output
@@ -77,7 +103,7 @@ def ls(json: Json = False) -> None:
     )
 
 
-@app.command("export")
+@app.command("export", help=EXPORT_HELP)
 def export(
     volume: VolumeName,
     to: Annotated[str | None, typer.Option(
@@ -89,21 +115,7 @@ def export(
     = False,
     json: Json = False,
 ) -> None:
-    """Copy a volume's files to the host (the VM using it must be down).
-
-    By default the files go back into the HOST directory the volume was created from, so after
-    `mvmctl up -v ./data:/mnt/data:1024`, `mvmctl down` and `mvmctl volume export ./data`, ./data
-    holds what the guest wrote. A host file is written when it is missing, identical, or
-    unchanged since mvm last copied it (at creation, or at the last export). A host file changed
-    on the host only is kept. If a file was changed both on the host and in the volume, nothing
-    at all is written and the conflicts are listed: export elsewhere with --to, or overwrite
-    them with --force. Nothing on the host is ever deleted.
-    Exported files get the owner of the destination directory; setuid/setgid bits are dropped.
-
-    [bold]Examples[/]
-      mvmctl volume export ./data
-      mvmctl volume export data-1a2b3c4d --to /tmp/data-copy
-    """
+    """mvmctl volume export."""
     import mvm
 
     from .. import output
@@ -123,19 +135,13 @@ def export(
         output.info(f"kept {len(result['host_only'])} host file(s) that are not in the volume")
 
 
-@app.command("rm")
+@app.command("rm", help=RM_HELP)
 def rm(
     volumes: Annotated[list[str], typer.Argument(help="Volumes to remove: names from `mvmctl volume ls` or HOST "
                                                  "paths.", show_default=False)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Delete volumes and the data in them. Refused while a VM holds the volume.
-
-    Asks for confirmation unless --yes is given (without a terminal, --yes is required).
-    For a volume that is an ext4 image file you gave as HOST, only mvm's record of it is
-    removed; the file itself is never deleted. To keep the data, run `mvmctl volume export`
-    first.
-    """
+    """mvmctl volume rm."""
     import mvm
 
     from .. import output
