@@ -45,6 +45,7 @@ def _view(store: VolumeStore, meta: VolumeMeta) -> dict[str, Any]:
         vm=holder.vm if holder else None,
         held_by=holder.what if holder else None,
         needs_recovery=bool(sb and sb.needs_recovery and not holder),  # mounted volumes always say so
+        fs_uuid=sb.uuid if sb else meta.fs_uuid,  # read now: the same UUID means the same filesystem
     )
     return view
 

@@ -176,6 +176,7 @@ def test_data_survives_down_kill_and_growth(cli: CLI, config_image: dict[str, An
         assert (row["vm"], row["size_mb"], row["last_guest"], row["kind"]) == ("data", 64, "/mnt/data", "managed")
         assert row["image"].startswith(str(cli.home / "state" / "volumes"))
         assert row["used_mb"] > 0 and row["allocated_mb"] < 64  # sparse
+        assert Path(row["image"]).stat().st_size == 64 << 20  # exactly SIZE_MB
         table = cli("volume", "ls").stdout
         assert row["name"] in table and "64M" in table and str(data) in table
     finally:
@@ -202,6 +203,8 @@ def test_data_survives_down_kill_and_growth(cli: CLI, config_image: dict[str, An
     finally:
         cli("down", "data")
     assert image.stat().st_size == 128 << 20
+    (after,) = [v for v in cli.json("volume", "ls") if v["host"] == str(data)]
+    assert after["fs_uuid"] == row["fs_uuid"] and after["size_mb"] == 128  # grown, never reformatted
 
     r = up(100, check=False)  # shrinking is refused, and changes nothing
     assert r.returncode == 1
