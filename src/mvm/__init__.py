@@ -8,6 +8,7 @@
 
 from . import paths
 from ._api import VM, BuildResult, ExecResult, build, down, get, ls, up
+from ._volumes import volume_export, volume_ls, volume_rm
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
 from .spec import GuestSpec, HealthCheck, Service, load_toml
@@ -28,5 +29,8 @@ __all__ = [
     "paths",
     "ls",
     "up",
+    "volume_export",
+    "volume_ls",
+    "volume_rm",
     *_errors_all,
 ]

@@ -39,6 +39,7 @@ from .errors import (
 )
 from .paths import Layout, VMFiles
 from .runtime import agent, process
+from .runtime import volumes as volumes_mod
 from .runtime.bootconfig import write_config_disk
 from .runtime.options import parse_env, parse_port
 from .runtime.registry import PortRecord, Registry, VMRecord, derive_status, record_view
@@ -266,6 +267,7 @@ def up(
     memory: int | None = None,
     ports: Sequence[str | PortForward] = (),
     env: dict[str, str] | Sequence[str] | None = None,
+    volumes: Sequence[str] = (),
     hypervisor: str = "auto",
     wait: bool = False,
     wait_timeout: float = 120.0,
@@ -275,7 +277,11 @@ def up(
     runner: Runner = DEFAULT_RUNNER,
     progress: Progress | None = None,
 ) -> VM:
-    """Build if needed, boot, and return once the guest agent answers (or is healthy)."""
+    """Build if needed, boot, and return once the guest agent answers (or is healthy).
+
+    ``volumes`` are ``-v`` values (see :mod:`mvm.runtime.volumes`); they are all checked
+    before anything is built or created.
+    """
     layout = _layout(layout)
     prog = progress or _Quiet()
     forwards = [parse_port(p) if isinstance(p, str) else p for p in ports]
@@ -289,6 +295,7 @@ def up(
             spec_mod.check_vm_name(name)
         except ValueError as exc:
             raise UsageError(f"--name: {exc}") from None
+    vol_plan = volumes_mod.plan(volumes, layout)
 
     result = build(path, layout=layout, runner=runner, progress=prog)
     image = result.image
@@ -312,11 +319,14 @@ def up(
         env_keys=sorted(overrides),
         services=sorted(guest.get("services") or {}),
         checks=sorted(guest.get("healthChecks") or {}),
+        volumes=volumes_mod.records(vol_plan, layout),
     )
     with ExitStack() as undo:
         files = registry.reserve(record)
         undo.callback(registry.remove, vm_name)
-        write_config_disk(files.config_disk, {"vm": vm_name, "env": overrides, "volumes": []})
+        vols = volumes_mod.attach(vol_plan, vm=vm_name, files=files, layout=layout, undo=undo,
+                                  runner=runner, stage=prog.stage)
+        write_config_disk(files.config_disk, {"vm": vm_name, "env": overrides, "volumes": vols.boot})
         launch = LaunchSpec(
             name=vm_name,
             files=files,
@@ -328,11 +338,14 @@ def up(
             accel=choice.accel,
             ports=forwards,
             config_disk=files.config_disk,
+            disks=vols.disks,
+            hold_fds=vols.hold_fds,
         )
         prog.stage(f"booting ({choice.accel})")
         pid = backend.start(launch)
         started = process.start_time(pid)
         undo.callback(backend.stop, files, pid, 5.0, started)
+        vols.held_by(pid, started)
 
         def mark_started(r: VMRecord) -> None:
             r.pid, r.pid_start, r.started_at = pid, started, time.time()
@@ -356,6 +369,7 @@ def up(
 
         registry.update(vm_name, mark_running)
         undo.pop_all()
+    vols.booted()
     vm = VM(vm_name, layout)
     if wait and record.checks:
         prog.stage("waiting for health checks")

@@ -89,6 +89,7 @@ class Runner(Protocol):
         stdout: IO[bytes] | int,
         cwd: Path | None = None,
         env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> subprocess.Popen[bytes]: ...
 
 
@@ -186,6 +187,9 @@ class SubprocessRunner:
             # chroot and removes its temp dir on SIGTERM), then make sure it is gone.
             stop_gracefully(proc)
             raise
+        finally:
+            if proc.stdout is not None:
+                proc.stdout.close()
         if proc.returncode not in ok_codes:
             raise error(
                 f"{desc} failed (exit code {proc.returncode})",
@@ -203,8 +207,12 @@ class SubprocessRunner:
         stdout: IO[bytes] | int,
         cwd: Path | None = None,
         env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> subprocess.Popen[bytes]:
-        """Start a long-lived child in its own session, detached from our terminal."""
+        """Start a long-lived child in its own session, detached from our terminal.
+
+        ``pass_fds`` are inherited by the child (every other descriptor is closed).
+        """
         args = [os.fspath(a) for a in argv]
         args[0] = require_tool(args[0]) if "/" not in args[0] else args[0]
         log.debug("spawn: %s", args)
@@ -217,6 +225,7 @@ class SubprocessRunner:
             env=None if env is None else {**os.environ, **env},
             start_new_session=True,
             umask=0o077,  # sockets, logs and pid files it creates are private to the user
+            pass_fds=tuple(pass_fds),
         )
 
 

@@ -49,6 +49,9 @@ class LaunchSpec:
     disks: list[Disk] = field(default_factory=list)
     config_disk: Path | None = None
     init: str = "/usr/lib/mvm/init"
+    #: Open descriptors the hypervisor process inherits and keeps for its whole life: the
+    #: volume locks (``flock``), which are thereby released exactly when the VM process ends.
+    hold_fds: tuple[int, ...] = ()
 
 
 class Backend(Protocol):

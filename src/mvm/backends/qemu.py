@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, Runner, require_tool
-from ..errors import BootError, PortInUse, VMError
+from ..errors import BootError, PortInUse, VMError, VolumeError
 from ..guest import protocol
 from ..paths import VMFiles
 from ..runtime import process
@@ -166,7 +166,7 @@ class QemuBackend:
         files = spec.files
         fd = os.open(files.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "ab") as log_file:
-            proc = self.runner.spawn(argv, stdout=log_file, cwd=files.root)
+            proc = self.runner.spawn(argv, stdout=log_file, cwd=files.root, pass_fds=spec.hold_fds)
         try:
             self._wait_started(proc, files, spec)
         except BaseException:
@@ -185,10 +185,36 @@ class QemuBackend:
             if code is not None:
                 self._raise_start_failure(spec, files, code)
             if all(p.exists() for p in wanted):
+                self._wait_initialised(proc, files, spec, deadline)
                 return
             time.sleep(0.005)
         raise BootError(spec.name, f"QEMU did not open its sockets within {START_TIMEOUT:.0f}s",
                         output=tail(files.qemu_log))
+
+    def _wait_initialised(self, proc: subprocess.Popen[bytes], files: VMFiles, spec: LaunchSpec,
+                          deadline: float) -> None:
+        """QEMU creates its sockets (and greets on QMP, from its monitor thread) before it opens
+        the drives; it answers a QMP command only from its main loop, once the machine is set
+        up. Waiting for that answer turns a late start-up failure (a volume image locked by
+        another QEMU) into QEMU's own error here, instead of an agent timeout later."""
+        answered = False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(max(0.1, deadline - time.monotonic()))
+                sock.connect(str(files.qmp))
+                reader = sock.makefile("rb")
+                if reader.readline():  # the greeting
+                    sock.sendall(b'{"execute": "qmp_capabilities"}\r\n')
+                    answered = b"return" in reader.readline()
+                reader.close()
+        except OSError:  # includes timeouts: leave the verdict to the agent wait, as before
+            pass
+        if not answered:
+            try:
+                code = proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                return
+            self._raise_start_failure(spec, files, code)
 
     def _raise_start_failure(self, spec: LaunchSpec, files: VMFiles, code: int) -> None:
         text = tail(files.qemu_log)
@@ -197,6 +223,12 @@ class QemuBackend:
             raise PortInUse(
                 f"host port in {match.group(1)} could not be bound (taken by another process?)",
                 hint="pick another host port with -p",
+            )
+        if 'Failed to get "write" lock' in text:
+            raise VolumeError(
+                "a volume image is in use by another process (QEMU could not lock it for writing)",
+                hint="another VM, maybe under another MVM_HOME, has it attached: stop that VM first",
+                output=text,
             )
         raise BootError(spec.name, f"QEMU exited during start-up (exit code {code})", output=text)
 

@@ -22,7 +22,7 @@ import click
 import typer
 
 from . import output
-from .commands import build, cleanup, console, doctor, down, exec_, forward, logs, ls, status, up
+from .commands import build, cleanup, console, doctor, down, exec_, forward, logs, ls, status, up, volume
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -64,7 +64,7 @@ def _root(
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
 
 
-for module in (build, up, ls, status, logs, exec_, console, forward, down, cleanup, doctor):
+for module in (build, up, ls, status, logs, exec_, console, forward, down, volume, cleanup, doctor):
     module.register(app)
 
 

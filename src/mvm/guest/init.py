@@ -53,7 +53,15 @@ def read_runtime_config() -> dict[str, Any]:
 
 
 def mount_volumes(volumes: list[dict[str, Any]], owner: Identity | None) -> list[str]:
-    """Mount each volume at its path; return the writable mount points."""
+    """Mount each volume at its path; return the writable mount points.
+
+    A volume that is missing or does not mount stops the boot: services must never start
+    and write into the throwaway root filesystem where their data volume should be.
+    Read-only volumes are ``ro,nosuid,nodev,noexec``; their owners and modes are baked into
+    the image on the host. A writable volume's root belongs to the default service user
+    (``0770`` if it is secret); on a volume created for this boot, so does every file
+    seeded into it from the host.
+    """
     if not volumes:
         return []
     disks = system.wait_for_disks([v["serial"] for v in volumes])
@@ -61,20 +69,22 @@ def mount_volumes(volumes: list[dict[str, Any]], owner: Identity | None) -> list
     for vol in volumes:
         dev = disks.get(vol["serial"])
         if dev is None:
-            say(f"volume {vol['serial']} for {vol['target']} did not appear")
-            continue
+            raise OSError(f"volume {vol['serial']} for {vol['target']} did not appear")
         flags = system.MS_NOSUID | system.MS_NODEV
         if vol.get("readonly"):
             flags |= system.MS_RDONLY | system.MS_NOEXEC
         system.mount(dev, vol["target"], "ext4", flags)
-        if not vol.get("readonly"):
-            writable.append(vol["target"])
-            if owner is not None:
-                if vol.get("fresh"):
-                    for dirpath, dirnames, filenames in os.walk(vol["target"]):
-                        for name in dirnames + filenames:
-                            os.lchown(os.path.join(dirpath, name), owner.uid, owner.gid)
-                os.chown(vol["target"], owner.uid, owner.gid)
+        if vol.get("readonly"):
+            continue
+        writable.append(vol["target"])
+        if owner is not None:
+            if vol.get("fresh"):
+                for dirpath, dirnames, filenames in os.walk(vol["target"]):
+                    for name in dirnames + filenames:
+                        os.lchown(os.path.join(dirpath, name), owner.uid, owner.gid)
+            os.chown(vol["target"], owner.uid, owner.gid)
+        if vol.get("secret"):
+            os.chmod(vol["target"], 0o770)
     return writable
 
 

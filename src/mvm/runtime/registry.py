@@ -40,6 +40,7 @@ class VolumeRecord(BaseModel):
     mode: Literal["ro", "secret", "rw"]
     size_mb: int | None = None
     image: str | None = None
+    volume: str | None = None  # the persistent volume's id (writable volumes)
 
 
 class VMRecord(BaseModel):

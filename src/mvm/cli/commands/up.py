@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import Env, Json, Ports, SpecPath
+from ..options import Env, Json, Ports, SpecPath, Volumes
 
 
 def up(
@@ -19,6 +19,7 @@ def up(
                                                "spec's, else 512).", show_default=False)] = None,
     port: Ports = None,
     env: Env = None,
+    volume: Volumes = None,
     hypervisor: Annotated[str, typer.Option(
         "--hypervisor", help="auto (KVM only if a probe proves it boots, else TCG), qemu-kvm or qemu-tcg."
     )] = "auto",
@@ -34,13 +35,14 @@ def up(
     [bold]Examples[/]
       mvmctl up examples/hello -p 8080:8080
       mvmctl up . --name api2 -p 127.0.0.1:9000:8080 -e LOG_LEVEL=debug --wait
+      mvmctl up . -v ./config:/mnt/config -v ./data:/mnt/data:1024
     """
     import mvm
 
     from .. import output
 
     with output.progress("starting") as prog:
-        vm = mvm.up(path, name=name, cpus=cpus, memory=memory, ports=port or [], env=env or [],
+        vm = mvm.up(path, name=name, cpus=cpus, memory=memory, ports=port or [], env=env or [], volumes=volume or [],
                     hypervisor=hypervisor, wait=wait, wait_timeout=timeout, progress=prog)
     info = vm.info()
     if json:
@@ -53,6 +55,9 @@ def up(
     for p in info["ports"]:
         scheme = "http://" if p["proto"] == "tcp" else ""
         output.out.print(f"{scheme}{p['host_ip']}:{p['host_port']} -> guest {p['guest_port']}/{p['proto']}")
+    for v in info.get("volumes") or []:
+        what = f"volume {v['volume']}, {v['size_mb']} MB" if v.get("volume") else v["mode"]
+        output.out.print(f"{v['host']} -> guest {v['guest']} ({what})")
     output.info(f"logs: mvmctl logs {info['name']} -f    stop: mvmctl down {info['name']}")
 
 

@@ -1,0 +1,123 @@
+"""The library API for persistent volumes: list, remove, export (``mvmctl volume ...``).
+
+Volumes are created by ``up`` (``-v HOST:/path:SIZE_MB``); these calls manage them
+afterwards. Each call that reads or changes a volume's data takes the volume's lock first,
+so it refuses a volume that a running VM holds, and a VM cannot start on a volume that is
+being exported or removed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ._proc import DEFAULT_RUNNER, Runner
+from .errors import MvmError, VolumeError
+from .paths import Layout
+from .runtime import ext4, process
+from .runtime.volexport import export_image
+from .runtime.volstore import Holder, VolumeMeta, VolumeStore
+
+__all__ = ["volume_export", "volume_ls", "volume_rm"]
+
+
+def _store(layout: Layout | None) -> VolumeStore:
+    return VolumeStore(layout or Layout.default())
+
+
+def _view(store: VolumeStore, meta: VolumeMeta) -> dict[str, Any]:
+    image = Path(meta.image)
+    sb = ext4.read_superblock(image)
+    holder = store.holder(meta.id)
+    try:
+        allocated = image.stat().st_blocks * 512
+    except OSError:
+        allocated = None
+    view = meta.model_dump(mode="json")
+    view.update(
+        name=meta.id,
+        exists=sb is not None,
+        size_mb=(sb.size_bytes // ext4.MIB) if sb else meta.size_mb,
+        used_mb=round(sb.used_bytes / ext4.MIB, 1) if sb else None,
+        allocated_mb=round(allocated / ext4.MIB, 1) if allocated is not None else None,
+        vm=holder.vm if holder else None,
+        held_by=holder.what if holder else None,
+        needs_recovery=bool(sb and sb.needs_recovery and not holder),  # mounted volumes always say so
+        fs_uuid=sb.uuid if sb else meta.fs_uuid,  # read now: the same UUID means the same filesystem
+    )
+    return view
+
+
+def volume_ls(*, layout: Layout | None = None) -> list[dict[str, Any]]:
+    """Every persistent volume: where it lives, its size and use, and which VM holds it.
+
+    ``used_mb`` comes from the superblock, as of the filesystem's last sync: while a VM
+    writes to the volume it lags behind (``df`` in the guest is exact).
+    """
+    store = _store(layout)
+    rows: list[dict[str, Any]] = []
+    for vid in store.ids():
+        try:
+            meta = store.load(vid)
+        except MvmError as exc:
+            rows.append({"name": vid, "id": vid, "error": exc.message, "exists": False,
+                         "host": "?", "image": str(store.dir(vid))})
+            continue
+        if meta is not None:
+            rows.append(_view(store, meta))
+    return rows
+
+
+def volume_rm(name: str, *, layout: Layout | None = None) -> dict[str, Any]:
+    """Delete a volume (by id or HOST path). Refused while a VM holds it.
+
+    A ``managed`` volume's image is deleted with its data. For an ``image`` volume (an ext4
+    file the user gave as HOST) only mvm's record of it goes; the file is left alone.
+    """
+    store = _store(layout)
+    meta = store.find(name)
+    lock = store.lock(meta.id, f"{meta.host} ({meta.id})")
+    try:
+        view = _view(store, meta)
+        store.remove(meta.id, lock)
+    finally:
+        lock.release()
+    return view
+
+
+def volume_export(
+    name: str,
+    *,
+    to: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    layout: Layout | None = None,
+    runner: Runner = DEFAULT_RUNNER,
+) -> dict[str, Any]:
+    """Copy a volume's files to the host: into its HOST dir, or into ``to``.
+
+    Refused while a VM holds the volume (stop it with ``down`` first). Host files the user
+    changed since mvm last copied them are never overwritten unless ``force`` (see
+    :mod:`mvm.runtime.volexport`); host files that are not in the volume are kept.
+    """
+    store = _store(layout)
+    meta = store.find(name)
+    if to is None and meta.kind == "image":
+        raise VolumeError(f"volume {meta.id} is the ext4 image {meta.host}: there is no host dir to export into",
+                          hint=f"name one: mvmctl volume export {meta.id} --to DIR")
+    dest = Path(to).expanduser().absolute() if to is not None else Path(meta.host)
+    label = f"{meta.host} ({meta.id})"
+    lock = store.lock(meta.id, label)
+    try:
+        store.set_holder(meta.id, Holder(what=f"mvmctl volume export (pid {os.getpid()})", pid=os.getpid(),
+                                         pid_start=process.start_time(os.getpid()), since=time.time()))
+        image = Path(meta.image)
+        if ext4.read_superblock(image) is None:
+            raise VolumeError(f"volume {label}: {image} is missing or not an ext4 image")
+        ext4.replay_journal(image, runner)
+        result = export_image(image, dest, store.baseline_path(meta.id), runner=runner, force=force)
+    finally:
+        store.clear_holder(meta.id)
+        lock.release()
+    return {"volume": meta.id, **result.as_dict()}
