@@ -301,3 +301,65 @@ def test_doctor_reports_backends_and_tools(cli: CLI, tmp_path: Path) -> None:
     data = json.loads(missing.stdout)
     qemu = next(t for t in data["tools"] if t["tool"] == "qemu-system-x86_64")
     assert not qemu["found"] and qemu["fix"] == "apt-get install qemu-system-x86"
+
+
+WRITE_BLOB = (
+    "import hashlib, os, sys\n"
+    "data = os.urandom(int(sys.argv[2]))\n"
+    "with open(sys.argv[1], 'wb') as f:\n"
+    "    f.write(data); f.flush(); os.fsync(f.fileno())\n"
+    "print(hashlib.sha256(data).hexdigest())\n"
+)
+READ_BLOB = "import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())"
+
+
+def test_data_survives_kill_9_and_down(cli: CLI, testbed_image: dict[str, Any], recorder: Recorder,
+                                       tmp_path: Path) -> None:
+    """Data the guest fsync'd is on the volume after QEMU is SIGKILLed, and after `down`."""
+    started = time.monotonic()
+    vol = f"{tmp_path / 'data'}:/mnt/data:64"
+    size = 8 << 20
+    lost = 0
+    for round_, stop in enumerate(("kill -9", "down")):
+        cli("up", TESTBED, "--name", "durable", "-v", vol)
+        digest = cli("exec", "durable", "--user", "mvm", "--", "python3", "-c", WRITE_BLOB,
+                     f"/mnt/data/blob{round_}", str(size)).stdout.strip()
+        if stop == "kill -9":
+            os.kill(_row(cli, "durable")["pid"], signal.SIGKILL)
+            wait_for(lambda: _row(cli, "durable")["status"] == "crashed", 10, "the kill to be seen")
+        cli("down", "durable")
+        cli("up", TESTBED, "--name", "durable", "-v", vol)
+        after = cli("exec", "durable", "--", "python3", "-c", READ_BLOB, f"/mnt/data/blob{round_}", check=False)
+        if after.stdout.strip() != digest:
+            lost += size
+        cli("down", "durable")
+    leaks = _leaks(cli)
+    recorder.add("fsync'd data vs kill -9 / down", f"an {size >> 20} MiB fsync'd file keeps its checksum after "
+                 "QEMU is SIGKILLed, and after down + up", 2, leaks, bytes_lost=lost, started=started)
+    assert lost == 0
+    _assert_clean(leaks)
+
+
+def test_full_data_volume(cli: CLI, testbed_image: dict[str, Any], recorder: Recorder, tmp_path: Path) -> None:
+    """ENOSPC on one volume reaches the writer; the VM, its services and other volumes stay fine."""
+    started = time.monotonic()
+    port = free_port()
+    cli("up", TESTBED, "--name", "full", "-p", f"{port}:8080", "-v", f"{tmp_path / 'small'}:/mnt/small:16",
+        "-v", f"{tmp_path / 'other'}:/mnt/other:16", "--wait")
+    try:
+        fill = cli("exec", "full", "--user", "mvm", "--", "sh", "-c",
+                   "dd if=/dev/zero of=/mnt/small/fill bs=1M count=64 2>&1; echo rc=$?", check=False)
+        assert "No space left on device" in fill.stdout and "rc=1" in fill.stdout
+        ok = cli("exec", "full", "--user", "mvm", "--", "python3", "-c", WRITE_BLOB, "/mnt/other/ok", "4096")
+        assert len(ok.stdout.strip()) == 64
+        assert cli("exec", "full", "--", "python3", "-c", READ_BLOB, "/mnt/other/ok").stdout == ok.stdout
+        assert http_get(port) == "testbed\n"
+        st = cli.json("status", "full")
+        assert st["services"]["web"]["state"] == "running" and st["health"]["web"]["state"] == "healthy"
+        leaks = _leaks(cli, {"full"})
+    finally:
+        cli("down", "full")
+    leaks = {k: v + _leaks(cli)[k] for k, v in leaks.items()}
+    recorder.add("full data volume", "the writer gets ENOSPC; the VM, its service, health and the other "
+                 "volume keep working", 1, leaks, bytes_lost=0, started=started)
+    _assert_clean(leaks)
