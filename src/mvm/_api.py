@@ -79,15 +79,28 @@ def _layout(layout: Layout | None) -> Layout:
 def build(
     path: str | os.PathLike[str] = ".",
     *,
+    flake: str | None = None,
+    nix_args: Sequence[str] = (),
     layout: Layout | None = None,
     runner: Runner = DEFAULT_RUNNER,
     progress: Progress | None = None,
 ) -> BuildResult:
-    """Build (or find in the cache) the image for the ``mvm.toml`` at ``path``."""
+    """Build (or find in the cache) the image for the ``mvm.toml`` at ``path``, or, with
+    ``flake="REF[#ATTR]"``, for a flake output made by ``mkGuest`` (``nix_args`` are passed
+    to nix, e.g. ``["--override-input", "nixpkgs", "path:/src/nixpkgs"]``)."""
     from .build import debian
 
     started = time.monotonic()
     prog = progress or _Quiet()
+    if flake is not None:
+        from .build import nix
+
+        if str(path) != ".":
+            raise UsageError(f"give either a path ({path}) or --flake, not both")
+
+        image, built = nix.build(flake, nix_args=nix_args, layout=_layout(layout), runner=runner,
+                                 on_stage=prog.stage, on_line=prog.line)
+        return BuildResult(image, built, time.monotonic() - started)
     source = Path(path)
     guest = spec_mod.load_toml(source)
     prog.stage("resolving")
@@ -261,6 +274,8 @@ def _default_backend() -> Backend:
 def up(
     path: str | os.PathLike[str] = ".",
     *,
+    flake: str | None = None,
+    nix_args: Sequence[str] = (),
     name: str | None = None,
     cpus: int | None = None,
     memory: int | None = None,
@@ -290,7 +305,7 @@ def up(
         except ValueError as exc:
             raise UsageError(f"--name: {exc}") from None
 
-    result = build(path, layout=layout, runner=runner, progress=prog)
+    result = build(path, flake=flake, nix_args=nix_args, layout=layout, runner=runner, progress=prog)
     image = result.image
     guest = image.manifest.guest
     vm_name = name or image.name

@@ -74,8 +74,9 @@ def _sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from ..errors import ExecTimeout, MvmError
+    from .options import join_override_pairs
 
-    args = sys.argv[1:] if argv is None else argv
+    args = join_override_pairs(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or bool(os.environ.get("MVM_DEBUG"))
     signal.signal(signal.SIGTERM, _sigterm)
     command = typer.main.get_command(app)
