@@ -81,11 +81,18 @@ def nix_argv(nix: str, command: str, *args: str, extra: Sequence[str] = ()) -> l
 
 def _run_nix(runner: Runner, argv: list[str], flake: FlakeRef, *, desc: str,
              on_line: Callable[[str], None] | None = None) -> str:
+    seen: list[str] = []  # all of it: the error headline may be far above the tail
+
+    def line(text: str) -> None:
+        seen.append(text)
+        if on_line:
+            on_line(text)
+
     try:
-        return runner.run(argv, desc=desc, on_line=on_line, error=BuildError).output
+        return runner.run(argv, desc=desc, on_line=line, error=BuildError).output
     except CommandFailed as exc:
         raise nixerrors.condense(
-            exc.output or "", flake=flake.url, attr=flake.attr, system=host_system(),
+            "\n".join(seen) or exc.output or "", flake=flake.url, attr=flake.attr, system=host_system(),
             returncode=exc.returncode, argv=exc.argv,
         ) from None
 
@@ -98,7 +105,7 @@ def evaluate(flake: FlakeRef, *, nix: str, nix_args: Sequence[str], runner: Runn
         flake,
         desc=f"evaluating {flake.installable}",
     )
-    lines = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("/nix/store/")]
+    lines = [ln.strip() for ln in out.splitlines() if ln.startswith("/")]
     if not lines:
         raise BuildError(f"nix did not print a store path for {flake.installable}", output=out[-2000:])
     return lines[-1].split()[0]
@@ -121,10 +128,10 @@ def read_output(out: Path, flake: FlakeRef) -> dict[str, Any]:
         f"{flake.installable} is not an mvm image (its output has no manifest.json)",
         hint="build the output with mvm.lib.${system}.mkGuest { ... } (see docs/nix.md)",
     )
+    if not (out / "manifest.json").is_file():
+        raise not_image
     try:
         doc = json.loads((out / "manifest.json").read_text())
-    except FileNotFoundError:
-        raise not_image from None
     except (OSError, ValueError) as exc:
         raise BuildError(f"{out}/manifest.json is unreadable: {exc}") from None
     if not isinstance(doc, dict) or doc.get("frontend") != "nix" or not isinstance(doc.get("guest"), dict):

@@ -11,6 +11,7 @@ Pure functions over text: unit-tested without Nix.
 from __future__ import annotations
 
 import re
+import textwrap
 from dataclasses import dataclass, field
 
 from ..errors import BuildError, MvmError, SpecError
@@ -56,14 +57,17 @@ def parse(output: str) -> NixError | None:
     while i < len(lines) and lines[i].strip() and not POSITION.match(lines[i]):
         err.detail.append(lines[i].strip())
         i += 1
+    excerpt_done = False
     for line in lines[i:]:
         m = POSITION.match(line)
         if m and err.position is None:
             err.position = f"{_relative(m['file'], m['rel'])}:{m['line']}:{m['col']}"
             continue
-        if err.position is not None and EXCERPT.match(line) and len(err.excerpt) < 6:
-            err.excerpt.append(line.rstrip())
-            continue
+        if err.position is not None and not excerpt_done:
+            if EXCERPT.match(line):
+                err.excerpt.append(line.rstrip())
+                continue
+            excerpt_done = bool(err.excerpt)  # only the block right after the position
         s = SUGGESTION.match(line)
         if s:
             err.suggestions = [n.strip() for n in s["names"].split(",") if n.strip()]
@@ -91,7 +95,7 @@ def condense(output: str, *, flake: str, attr: str, system: str,
         )
     head = err.headline
     where = f"{err.position}: " if err.position and not err.position.startswith("«") else ""
-    excerpt = "\n".join(err.excerpt) or None
+    excerpt = textwrap.dedent("\n".join(err.excerpt)) or None
 
     if head.startswith("mkGuest:"):
         return SpecError(head, hint="fix that attribute in the mkGuest call "
