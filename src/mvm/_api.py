@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from . import spec as spec_mod
 from ._proc import DEFAULT_RUNNER, Runner
 from .backends import accel
-from .backends.base import Backend, LaunchSpec, PortForward
+from .backends.base import Backend, LaunchSpec, PortForward, Share
 from .build.store import Image
 from .errors import (
     AgentError,
@@ -289,8 +289,13 @@ def up(
     backend: Backend | None = None,
     runner: Runner = DEFAULT_RUNNER,
     progress: Progress | None = None,
+    image: Image | None = None,
+    shares: Sequence[Share] = (),
 ) -> VM:
-    """Build if needed, boot, and return once the guest agent answers (or is healthy)."""
+    """Build if needed, boot, and return once the guest agent answers (or is healthy).
+
+    ``image`` boots an already-built image instead; ``shares`` are host directories the
+    guest can mount live (``mvmctl dev`` shares the project directory this way)."""
     layout = _layout(layout)
     prog = progress or _Quiet()
     forwards = [parse_port(p) if isinstance(p, str) else p for p in ports]
@@ -305,8 +310,8 @@ def up(
         except ValueError as exc:
             raise UsageError(f"--name: {exc}") from None
 
-    result = build(path, flake=flake, nix_args=nix_args, layout=layout, runner=runner, progress=prog)
-    image = result.image
+    if image is None:
+        image = build(path, flake=flake, nix_args=nix_args, layout=layout, runner=runner, progress=prog).image
     guest = image.manifest.guest
     vm_name = name or image.name
     prog.stage("choosing accelerator")
@@ -342,6 +347,7 @@ def up(
             memory=record.memory,
             accel=choice.accel,
             ports=forwards,
+            shares=list(shares),
         )
         prog.stage(f"booting ({choice.accel})")
         pid = backend.start(launch)

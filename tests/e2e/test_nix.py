@@ -12,6 +12,7 @@ Boots: the hello flake once, the two-service flake once. Everything else evaluat
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -269,3 +270,45 @@ def test_the_image_store_holds_the_files_themselves(hello_build: dict[str, Any])
     image = Path(hello_build["path"])
     for name in hello_build["manifest"]["sizes"]:
         assert (image / name).is_file() and not (image / name).is_symlink()
+
+
+# --- mvmctl dev ---------------------------------------------------------------------------
+
+DEV_FLAKE = '{ outputs = { self }: { answer = 42; greeting = "hello from the dev shell"; }; }\n'
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "flake.nix").write_text(DEV_FLAKE)
+    return tmp_path
+
+
+def test_dev_on_a_host_with_nix(nix_env: NixEnv, project: Path) -> None:
+    """The host's nix, with flakes switched on by `mvmctl dev` alone (NIX_CONFIG emptied)."""
+    plain = subprocess.run(["nix", "eval", ".#answer"], cwd=project, capture_output=True, text=True,
+                           env={**nix_env.cli.env, "NIX_CONFIG": ""})
+    assert plain.returncode != 0 and "experimental Nix feature" in plain.stderr
+    r = nix_env.cli("dev", "--dir", str(project), "--", "nix", "eval", ".#answer", env={"NIX_CONFIG": ""})
+    assert r.stdout.strip() == "42"
+    r = nix_env.cli("dev", "--dir", str(project), "--", "sh", "-c", "exit 3", check=False)
+    assert r.returncode == 3
+
+
+def test_dev_vm_shares_the_project_read_write(nix_env: NixEnv, project: Path, no_leaks: None) -> None:
+    """Without host Nix (forced here with --vm): a dev microVM with Debian's nix, the project
+    at /project (virtiofs), commands' exit codes passed through, and the VM gone after."""
+    script = "nix --version && nix eval --raw .#greeting > from-vm.txt && pwd && exit 7"
+    r = nix_env.cli("dev", "--vm", "--dir", str(project), "--", "sh", "-c", script, check=False,
+                    env={"NIX_CONFIG": ""})
+    assert r.returncode == 7, r.stderr
+    assert "nix (Nix) 2." in r.stdout and "/project" in r.stdout
+    assert (project / "from-vm.txt").read_text() == "hello from the dev shell"
+    leftover = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_our_virtiofsd(p, nix_env.cli.home)]
+    assert not leftover, "virtiofsd left behind"
+
+
+def _is_our_virtiofsd(proc: Path, home: Path) -> bool:
+    try:
+        return "virtiofsd" in (proc / "comm").read_text() and str(home) in os.readlink(proc / "cwd")
+    except OSError:
+        return False

@@ -282,3 +282,45 @@ def test_the_flake_sees_every_file_it_needs() -> None:
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     assert not untracked, f"git add {' '.join(untracked)}"
+
+
+def test_dev_shell_environment() -> None:
+    from mvm import dev
+
+    env = dev.host_env({"NIX_CONFIG": "substituters =", "HOME": "/h"}, root_without_build_users=True)
+    assert env["NIX_CONFIG"].splitlines() == [
+        "substituters =", "extra-experimental-features = nix-command flakes", "build-users-group ="]
+    assert env["HOME"] == "/h" and env["MVM_DEV"] == "host"
+    plain = dev.host_env({}, root_without_build_users=False)
+    assert plain["NIX_CONFIG"] == "extra-experimental-features = nix-command flakes"
+
+
+def test_dev_mode_follows_nix_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm import dev
+
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/nix")
+    assert dev.choose_mode() == "host" and dev.choose_mode(force_vm=True) == "vm"
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert dev.choose_mode() == "vm"
+
+
+def test_shares_add_virtiofs_devices_and_shared_memory(tmp_path: Path) -> None:
+    from mvm.backends.base import LaunchSpec, Share
+    from mvm.backends.qemu import build_argv
+    from mvm.paths import VMFiles
+
+    spec = LaunchSpec(name="d", files=VMFiles(tmp_path), kernel=tmp_path / "k", initrd=None,
+                      rootfs=tmp_path / "r", cpus=1, memory=768, accel="tcg",
+                      shares=[Share("mvm-project", tmp_path)])
+    argv = build_argv(spec, "qemu")
+    assert argv[argv.index("-M") + 1].endswith(",memory-backend=mem")
+    assert "memory-backend-memfd,id=mem,size=768M,share=on" in argv
+    assert "vhost-user-fs-pci,chardev=fs0,tag=mvm-project" in argv
+    plain = build_argv(LaunchSpec(name="d", files=VMFiles(tmp_path), kernel=tmp_path / "k", initrd=None,
+                                  rootfs=tmp_path / "r", cpus=1, memory=768, accel="tcg"), "qemu")
+    assert not any("memory-backend" in a for a in plain)
+
+
+def test_build_users_error_has_a_hint() -> None:
+    err = _condense("error: the group 'nixbld' specified in 'build-users-group' does not exist\n")
+    assert "build-users-group =" in (err.hint or "")

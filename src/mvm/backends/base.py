@@ -35,6 +35,14 @@ class Disk:
     readonly: bool
 
 
+@dataclass(frozen=True)
+class Share:
+    """A host directory the guest mounts live (virtiofs), read-write: ``mount -t virtiofs TAG DIR``."""
+
+    tag: str
+    path: Path
+
+
 @dataclass
 class LaunchSpec:
     name: str
@@ -49,6 +57,7 @@ class LaunchSpec:
     disks: list[Disk] = field(default_factory=list)
     config_disk: Path | None = None
     init: str = "/usr/lib/mvm/init"
+    shares: list[Share] = field(default_factory=list)
 
 
 class Backend(Protocol):

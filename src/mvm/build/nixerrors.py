@@ -162,6 +162,14 @@ def condense(output: str, *, flake: str, attr: str, system: str,
             "(remote builders or binfmt emulation)",
         )
 
+    if re.search(r"the group '[^']+' specified in 'build-users-group' does not exist", head):
+        return BuildError(
+            head, argv=argv, returncode=returncode,
+            hint="nix is set up to build as unprivileged build users that do not exist (Debian's "
+            "nix-bin alone creates none): install nix-setup-systemd, or as root set "
+            "`build-users-group =` in /etc/nix/nix.conf (or NIX_CONFIG)",
+        )
+
     if re.search(r"unable to download|Could not resolve host|Couldn't resolve host|"
                  r"unable to fetch|cannot fetch|Failed to connect", head + " " + " ".join(err.detail)):
         return BuildError(

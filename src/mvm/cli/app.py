@@ -22,7 +22,7 @@ import click
 import typer
 
 from . import output
-from .commands import build, console, down, exec_, forward, logs, ls, status, up
+from .commands import build, console, dev, down, exec_, forward, logs, ls, status, up
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -64,7 +64,7 @@ def _root(
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
 
 
-for module in (build, up, ls, status, logs, exec_, console, forward, down):
+for module in (build, up, ls, status, logs, exec_, console, forward, down, dev):
     module.register(app)
 
 
