@@ -101,7 +101,7 @@ let
     printf '%s\n' '#!${python}/bin/python3 -IS' 'import sys' "sys.path.insert(0, '/usr/lib/mvm')" \
       'from mvm.guest.init import main' 'main()' > $out/lib/mvm/init
     chmod 0755 $out/lib/mvm/init
-    ${python}/bin/python3 -m compileall -q --invalidation-mode unchecked-hash $out/lib/mvm/mvm >/dev/null
+    PYTHONDONTWRITEBYTECODE=1 ${python}/bin/python3 -m compileall -f -q --invalidation-mode unchecked-hash $out/lib/mvm/mvm >/dev/null
   '';
 
   closure = pkgs.closureInfo {

@@ -127,6 +127,11 @@ def test_seed_hello_flake_builds_boots_and_serves(nix_env: NixEnv, hello_flake: 
         init = cli("exec", "hello", "--", "cat", "/usr/lib/mvm/init").stdout
         assert init == guestfiles.init_script(python)
         assert json.loads(cli("exec", "hello", "--", "cat", "/etc/mvm/guest.json").stdout) == guest
+        # precompiled bytecode must be valid although store files have mtime 1 (a stale
+        # .pyc is recompiled on every boot: seconds under TCG)
+        imports = cli("exec", "hello", "--", python, "-v", "-IS", "-c",
+                      "import sys; sys.path.insert(0, '/usr/lib/mvm'); import mvm.guest.init, http.server")
+        assert "matches" in imports.stderr and "stale" not in imports.stderr
         ident = cli("exec", "hello", "-u", "mvm", "--", "sh", "-c", "id -u; echo $PATH; ls /usr/bin").stdout
         uid, path, *programs = ident.split()
         assert (uid, path) == ("1000", "/usr/bin:/bin")
