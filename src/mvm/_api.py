@@ -92,6 +92,8 @@ def build(
 
     started = time.monotonic()
     prog = progress or _Quiet()
+    if flake is None and nix_args:
+        raise UsageError("--override-input and --nix-arg are for --flake builds")
     if flake is not None:
         from .build import nix
 

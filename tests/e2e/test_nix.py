@@ -268,6 +268,9 @@ def test_flake_and_path_together_is_a_usage_error(nix_env: NixEnv, hello_flake: 
     r = nix_env.cli("build", "examples/hello", "--flake", str(hello_flake), check=False)
     assert r.returncode == 1
     assert "not both" in _error_line(r.stderr)
+    r = nix_env.cli("build", "examples/hello", "--override-input", "nixpkgs", "path:/x", check=False)
+    assert r.returncode == 1
+    assert "are for --flake builds" in _error_line(r.stderr)
 
 
 def test_the_image_store_holds_the_files_themselves(hello_build: dict[str, Any]) -> None:
