@@ -50,8 +50,11 @@ def forget(installable: str, overrides: list[str], env: dict[str, str]) -> None:
     # a path goes only together with everything that refers to it (e.g. other test images)
     referrers = subprocess.run(["nix-store", "--query", "--referrers-closure", *valid], env=env,
                                capture_output=True, text=True, check=True).stdout.split()
-    subprocess.run(["nix-store", "--delete", *sorted(set(valid) | set(referrers))], env=env,
-                   capture_output=True, text=True)
+    deleted = subprocess.run(["nix-store", "--delete", "--ignore-liveness", *sorted(set(valid) | set(referrers))],
+                             env=env,
+                             capture_output=True, text=True)
+    if deleted.returncode != 0:
+        print("  nix-store --delete:", deleted.stderr.strip().splitlines()[-1:])
     left = [p for p in paths if os.path.exists(p) and not p.endswith(".drv") and "-source" not in p]
     if left:
         print(f"  note: {len(left)} paths are still alive (in use elsewhere), e.g. {left[0]}")
