@@ -12,6 +12,8 @@ APT_PACKAGES=(
   kmod lz4 zstd                # depmod, and unpacking the Debian kernel
   dpkg apt                     # apt-get download of the kernel package
   nix-bin                      # the Nix front end (mkGuest flakes), offline
+  patchelf git                 # the Nix tests' nixpkgs stand-in wraps host programs; flakes are git trees
+  qemu-system-common           # virtiofsd: mvmctl dev shares the project with its dev VM
   curl ca-certificates python3-venv
 )
 

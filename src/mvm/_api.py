@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from . import spec as spec_mod
 from ._proc import DEFAULT_RUNNER, Runner
 from .backends import accel
-from .backends.base import Backend, LaunchSpec, PortForward
+from .backends.base import Backend, LaunchSpec, PortForward, Share
 from .build.store import Image
 from .errors import (
     AgentError,
@@ -80,15 +80,30 @@ def _layout(layout: Layout | None) -> Layout:
 def build(
     path: str | os.PathLike[str] = ".",
     *,
+    flake: str | None = None,
+    nix_args: Sequence[str] = (),
     layout: Layout | None = None,
     runner: Runner = DEFAULT_RUNNER,
     progress: Progress | None = None,
 ) -> BuildResult:
-    """Build (or find in the cache) the image for the ``mvm.toml`` at ``path``."""
+    """Build (or find in the cache) the image for the ``mvm.toml`` at ``path``, or, with
+    ``flake="REF[#ATTR]"``, for a flake output made by ``mkGuest`` (``nix_args`` are passed
+    to nix, e.g. ``["--override-input", "nixpkgs", "path:/src/nixpkgs"]``)."""
     from .build import debian
 
     started = time.monotonic()
     prog = progress or _Quiet()
+    if flake is None and nix_args:
+        raise UsageError("--override-input and --nix-arg are for --flake builds")
+    if flake is not None:
+        from .build import nix
+
+        if str(path) != ".":
+            raise UsageError(f"give either a path ({path}) or --flake, not both")
+
+        image, built = nix.build(flake, nix_args=nix_args, layout=_layout(layout), runner=runner,
+                                 on_stage=prog.stage, on_line=prog.line)
+        return BuildResult(image, built, time.monotonic() - started)
     source = Path(path)
     guest = spec_mod.load_toml(source)
     prog.stage("resolving")
@@ -262,6 +277,8 @@ def _default_backend() -> Backend:
 def up(
     path: str | os.PathLike[str] = ".",
     *,
+    flake: str | None = None,
+    nix_args: Sequence[str] = (),
     name: str | None = None,
     cpus: int | None = None,
     memory: int | None = None,
@@ -276,11 +293,15 @@ def up(
     backend: Backend | None = None,
     runner: Runner = DEFAULT_RUNNER,
     progress: Progress | None = None,
+    image: Image | None = None,
+    shares: Sequence[Share] = (),
 ) -> VM:
     """Build if needed, boot, and return once the guest agent answers (or is healthy).
 
     ``volumes`` are ``-v`` values (see :mod:`mvm.runtime.volumes`); they are all checked
-    before anything is built or created.
+    before anything is built or created. ``image`` boots an already-built image instead;
+    ``shares`` are host directories the guest can mount live (``mvmctl dev`` shares the
+    project directory this way).
     """
     layout = _layout(layout)
     prog = progress or _Quiet()
@@ -297,8 +318,8 @@ def up(
             raise UsageError(f"--name: {exc}") from None
     vol_plan = volumes_mod.plan(volumes, layout)
 
-    result = build(path, layout=layout, runner=runner, progress=prog)
-    image = result.image
+    if image is None:
+        image = build(path, flake=flake, nix_args=nix_args, layout=layout, runner=runner, progress=prog).image
     guest = image.manifest.guest
     vm_name = name or image.name
     prog.stage("choosing accelerator")
@@ -340,6 +361,7 @@ def up(
             config_disk=files.config_disk,
             disks=vols.disks,
             hold_fds=vols.hold_fds,
+            shares=list(shares),
         )
         prog.stage(f"booting ({choice.accel})")
         pid = backend.start(launch)

@@ -40,7 +40,9 @@ INSTALL_HINTS: dict[str, str] = {
     "dpkg-deb": "apt-get install dpkg",
     "depmod": "apt-get install kmod",
     "lz4": "apt-get install lz4",
-    "nix": "apt-get install nix-bin  (or run `mvmctl dev` for a shell that has nix)",
+    "nix": "see https://nixos.org/download (Debian/Ubuntu: apt-get install nix-bin), or use "
+    "`mvmctl dev`, which gives you a shell with nix in a microVM",
+    "virtiofsd": "apt-get install qemu-system-common (Debian 12) or virtiofsd",
 }
 
 OUTPUT_TAIL_LINES = 40
@@ -227,6 +229,21 @@ class SubprocessRunner:
             umask=0o077,  # sockets, logs and pid files it creates are private to the user
             pass_fds=tuple(pass_fds),
         )
+
+
+def interactive(argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Run a child on our terminal (stdin, stdout and stderr inherited); return its exit code.
+
+    For shells and commands a user drives (``mvmctl dev``); everything else goes through a
+    :class:`Runner`, which captures output.
+    """
+    args = list(argv)
+    args[0] = require_tool(args[0]) if "/" not in args[0] else args[0]
+    log.debug("interactive: %s", args)
+    try:
+        return subprocess.call(args, cwd=cwd, env=None if env is None else dict(env))
+    except FileNotFoundError as exc:
+        raise ToolMissing(f"`{args[0]}` could not be started: {exc.strerror}") from exc
 
 
 DEFAULT_RUNNER: Runner = SubprocessRunner()

@@ -35,6 +35,14 @@ class Disk:
     readonly: bool
 
 
+@dataclass(frozen=True)
+class Share:
+    """A host directory the guest mounts live (virtiofs), read-write: ``mount -t virtiofs TAG DIR``."""
+
+    tag: str
+    path: Path
+
+
 @dataclass
 class LaunchSpec:
     name: str
@@ -52,6 +60,7 @@ class LaunchSpec:
     #: Open descriptors the hypervisor process inherits and keeps for its whole life: the
     #: volume locks (``flock``), which are thereby released exactly when the VM process ends.
     hold_fds: tuple[int, ...] = ()
+    shares: list[Share] = field(default_factory=list)
 
 
 class Backend(Protocol):

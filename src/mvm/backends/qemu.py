@@ -118,7 +118,27 @@ def build_argv(spec: LaunchSpec, qemu: str = QEMU) -> list[str]:
             "-chardev", f"socket,id=c{i},path=c{i}.sock,server=on,wait=off",
             "-device", f"virtserialport,bus=vs0.0,chardev=c{i},name={protocol.CONTROL_PORT_PREFIX}{i}",
         ]
+    if spec.shares:
+        # vhost-user (virtiofsd) needs the guest's memory in a shareable memfd
+        machine = argv.index("-M") + 1
+        argv[machine] += ",memory-backend=mem"
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={spec.memory}M,share=on"]
+        for i, share in enumerate(spec.shares):
+            argv += ["-chardev", f"socket,id=fs{i},path={share_socket(i)}",
+                     "-device", f"vhost-user-fs-pci,chardev=fs{i},tag={share.tag}"]
     return argv
+
+
+def share_socket(index: int) -> str:
+    return f"fs{index}.sock"
+
+
+def find_virtiofsd() -> str:
+    """virtiofsd is not on PATH on Debian (qemu-system-common puts it in /usr/lib/qemu)."""
+    for candidate in ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return require_tool("virtiofsd")
 
 
 def check_ports_free(ports: list[PortForward]) -> None:
@@ -164,17 +184,56 @@ class QemuBackend:
         check_ports_free(spec.ports)
         argv = build_argv(spec, qemu)
         files = spec.files
-        fd = os.open(files.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "ab") as log_file:
-            proc = self.runner.spawn(argv, stdout=log_file, cwd=files.root, pass_fds=spec.hold_fds)
+        helpers = self._start_shares(spec)
         try:
-            self._wait_started(proc, files, spec)
+            fd = os.open(files.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "ab") as log_file:
+                proc = self.runner.spawn(argv, stdout=log_file, cwd=files.root, pass_fds=spec.hold_fds)
+            try:
+                self._wait_started(proc, files, spec)
+            except BaseException:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                raise
         except BaseException:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            for helper in helpers:
+                if helper.poll() is None:
+                    helper.kill()
+                helper.wait()
             raise
         return proc.pid
+
+    def _start_shares(self, spec: LaunchSpec) -> list[subprocess.Popen[bytes]]:
+        """One virtiofsd per share. Each serves one QEMU connection and exits when QEMU does."""
+        helpers: list[subprocess.Popen[bytes]] = []
+        if not spec.shares:
+            return helpers
+        virtiofsd = find_virtiofsd()
+        try:
+            for i, share in enumerate(spec.shares):
+                sock = spec.files.root / share_socket(i)
+                log_path = spec.files.root / f"virtiofsd{i}.log"
+                with open(log_path, "ab") as log_file:
+                    helper = self.runner.spawn(
+                        [virtiofsd, f"--socket-path={sock}", "-o", f"source={share.path}", "-o", "cache=auto"],
+                        stdout=log_file, cwd=spec.files.root,
+                    )
+                helpers.append(helper)
+                deadline = time.monotonic() + START_TIMEOUT
+                while not sock.exists():
+                    if helper.poll() is not None or time.monotonic() > deadline:
+                        raise BootError(spec.name, f"virtiofsd could not share {share.path}",
+                                        hint="virtiofsd needs root (it sandboxes itself in namespaces)",
+                                        output=tail(log_path))
+                    time.sleep(0.01)
+        except BaseException:
+            for helper in helpers:
+                if helper.poll() is None:
+                    helper.kill()
+                helper.wait()
+            raise
+        return helpers
 
     def _wait_started(self, proc: subprocess.Popen[bytes], files: VMFiles, spec: LaunchSpec) -> None:
         """Return once QEMU listens on its sockets; raise with its log if it died."""

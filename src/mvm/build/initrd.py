@@ -22,10 +22,12 @@ import shutil
 import stat
 import subprocess
 
-#: Modules the guest needs; any that are built in (or absent) are skipped.
+#: Modules the guest needs; any that are built in (or absent) are skipped. Debian's cloud
+#: kernel builds ext4 in; nixpkgs' kernels build it (and the crc32c it checksums with) as
+#: modules, which the root mount then needs from the initrd.
 WANTED_MODULES = [
     "virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_console",
-    "button", "evdev",
+    "button", "evdev", "crc32c_generic", "crc32c_intel", "ext4",
 ]
 
 INIT_SCRIPT = r"""#!/bin/sh

@@ -22,7 +22,7 @@ import click
 import typer
 
 from . import output
-from .commands import build, cleanup, console, doctor, down, exec_, forward, logs, ls, status, up, volume
+from .commands import build, cleanup, console, dev, doctor, down, exec_, forward, logs, ls, status, up, volume
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -64,7 +64,7 @@ def _root(
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
 
 
-for module in (build, up, ls, status, logs, exec_, console, forward, down, volume, cleanup, doctor):
+for module in (build, up, ls, status, logs, exec_, console, forward, down, volume, dev, cleanup, doctor):
     module.register(app)
 
 
@@ -80,8 +80,9 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from ..errors import ExecTimeout, MvmError
+    from .options import join_override_pairs
 
-    args = sys.argv[1:] if argv is None else argv
+    args = join_override_pairs(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or bool(os.environ.get("MVM_DEBUG"))
     signal.signal(signal.SIGTERM, _interrupt)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:

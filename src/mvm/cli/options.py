@@ -37,3 +37,64 @@ SpecPath = Annotated[
     str,
     typer.Argument(help="Directory holding mvm.toml (or the file itself).", show_default="."),
 ]
+Flake = Annotated[
+    str | None,
+    typer.Option(
+        "--flake",
+        help="Build from a Nix flake instead of mvm.toml: REF[#ATTR] (default ATTR: "
+        "packages.<this system>.default), e.g. `.` or `github:me/app#guest`.",
+        show_default=False,
+    ),
+]
+OverrideInput = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--override-input",
+        metavar="NAME URL",
+        help="With --flake: use URL for the flake input NAME (passed to nix; NAME=URL also works). "
+        "Repeatable.",
+        show_default=False,
+    ),
+]
+NixArg = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--nix-arg",
+        metavar="ARG",
+        help="With --flake: pass ARG to nix as is, e.g. --nix-arg=--show-trace. Repeatable.",
+        show_default=False,
+    ),
+]
+
+
+def join_override_pairs(args: list[str]) -> list[str]:
+    """Nix spells it ``--override-input NAME URL``; the option parser takes one value, so
+    the pair becomes ``NAME=URL`` before parsing (``nix_args`` splits it again)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return out + args[i:]
+        if (arg == "--override-input" and i + 2 < len(args) and "=" not in args[i + 1]
+                and not args[i + 2].startswith("-")):
+            out += [arg, f"{args[i + 1]}={args[i + 2]}"]
+            i += 3
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def nix_args(override_input: list[str] | None, nix_arg: list[str] | None) -> list[str]:
+    """The extra arguments for nix: each NAME=URL override, then the raw --nix-arg values."""
+    from ..errors import UsageError
+
+    args: list[str] = []
+    for pair in override_input or []:
+        name, sep, url = pair.partition("=")
+        if not sep or not name or not url:
+            raise UsageError(f"--override-input {pair!r}: expected NAME URL",
+                             hint="e.g. --override-input nixpkgs path:/src/nixpkgs")
+        args += ["--override-input", name, url]
+    return args + list(nix_arg or [])

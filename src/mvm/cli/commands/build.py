@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import typer
 
-from ..options import Json, SpecPath
+from ..options import Flake, Json, NixArg, OverrideInput, SpecPath, nix_args
 
 
-def build(path: SpecPath = ".", json: Json = False) -> None:
-    """Build the image for a guest spec (mvm.toml), or find it in the cache.
+def build(path: SpecPath = ".", json: Json = False, flake: Flake = None,
+          override_input: OverrideInput = None, nix_arg: NixArg = None) -> None:
+    """Build the image for a guest spec (mvm.toml) or a flake's mkGuest output, or find it in the cache.
 
     The image (kernel, initrd, rootfs.ext4, manifest.json) is stored by content: building an
-    unchanged spec again is a cache hit that takes well under a second.
+    unchanged spec again is a cache hit that takes well under a second. With --flake, nix
+    builds the image and its output path is the cache key.
 
     [bold]Examples[/]
       mvmctl build examples/hello
       mvmctl build . --json
+      mvmctl build --flake .
+      mvmctl build --flake .#api --override-input nixpkgs path:../nixpkgs
     """
     import mvm
 
     from .. import output
 
-    with output.progress(f"building {path}") as prog:
-        result = mvm.build(path, progress=prog)
+    extra = nix_args(override_input, nix_arg)
+    with output.progress(f"building {flake or path}") as prog:
+        result = mvm.build(path, flake=flake, nix_args=extra, progress=prog)
     image = result.image
     if json:
         output.print_json({

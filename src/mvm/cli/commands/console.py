@@ -28,12 +28,19 @@ def console(
     Leave with Ctrl-D or `exit`.
     """
     import mvm
-    from mvm.runtime.agent import AgentSession
 
     vm = mvm.get(name)
     vm.agent_status()  # fails clearly if the VM is not running
+    raise typer.Exit(run_console(vm, user=user))
+
+
+def run_console(vm: Any, *, user: str | None = None, cwd: str | None = None,
+                env: dict[str, str] | None = None) -> int:
+    """Drive a shell on a guest pty from this terminal until it exits; return its exit code."""
+    from mvm.runtime.agent import AgentSession
+
     cols, rows = shutil.get_terminal_size()
-    session = AgentSession(vm.files, name)
+    session = AgentSession(vm.files, vm.name)
     session.open()
     code = 1
     stdin_fd = sys.stdin.fileno()
@@ -47,7 +54,8 @@ def console(
         if saved is not None:
             tty.setraw(stdin_fd)
         signal.signal(signal.SIGWINCH, on_resize)
-        session.start("console", user=user, rows=rows, cols=cols, term=os.environ.get("TERM", "xterm"))
+        session.start("console", user=user, rows=rows, cols=cols, term=os.environ.get("TERM", "xterm"),
+                      cwd=cwd, env=env or {})
         sock = session.fileno()
         stdin_open = True
         pending = session.pending()
@@ -57,7 +65,7 @@ def console(
                     os.write(sys.stdout.fileno(), base64.b64decode(msg.get("data") or ""))
                 else:
                     code = int(msg.get("exit", 1))
-                    raise typer.Exit(code)
+                    return code
             watch = [sock] + ([stdin_fd] if stdin_open else [])
             ready, _, _ = select.select(watch, [], [])
             if stdin_fd in ready:

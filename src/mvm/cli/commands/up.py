@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import Env, Json, Ports, SpecPath, Volumes
+from ..options import Env, Flake, Json, NixArg, OverrideInput, Ports, SpecPath, Volumes, nix_args
 
 
 def up(
@@ -26,6 +26,9 @@ def up(
     wait: Annotated[bool, typer.Option("--wait", help="Return only once every health check is healthy.")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds --wait waits for health.")] = 120.0,
     json: Json = False,
+    flake: Flake = None,
+    override_input: OverrideInput = None,
+    nix_arg: NixArg = None,
 ) -> None:
     """Build if needed, boot the VM in the background, and return once its agent answers.
 
@@ -36,13 +39,15 @@ def up(
       mvmctl up examples/hello -p 8080:8080
       mvmctl up . --name api2 -p 127.0.0.1:9000:8080 -e LOG_LEVEL=debug --wait
       mvmctl up . -v ./config:/mnt/config -v ./data:/mnt/data:1024
+      mvmctl up --flake . --cpus 2 --memory 1024 -p 8080:8080
     """
     import mvm
 
     from .. import output
 
     with output.progress("starting") as prog:
-        vm = mvm.up(path, name=name, cpus=cpus, memory=memory, ports=port or [], env=env or [], volumes=volume or [],
+        vm = mvm.up(path, flake=flake, nix_args=nix_args(override_input, nix_arg), name=name,
+                    cpus=cpus, memory=memory, ports=port or [], env=env or [], volumes=volume or [],
                     hypervisor=hypervisor, wait=wait, wait_timeout=timeout, progress=prog)
     info = vm.info()
     if json:

@@ -1,0 +1,220 @@
+"""The Nix front end: a flake output made by ``mkGuest`` -> an image in mvm's store.
+
+``mvmctl build --flake REF[#ATTR]`` runs in two steps:
+
+1. ``nix eval`` of the output's store path (fast: no build). The image store key is a
+   digest of that path, so an unchanged flake is a cache hit after one evaluation, even if
+   ``nix-collect-garbage`` has since removed the build from ``/nix/store``.
+2. On a miss, ``nix build`` (its progress streamed line by line), then the output's files
+   are hard-linked (or copied) into the image store next to a manifest that records the
+   flake reference and the output path. The image then boots exactly like one from
+   ``mvm.toml``.
+
+Nix's errors are condensed by :mod:`mvm.build.nixerrors`. The flags that enable flakes are
+passed on the command line, so a stock Nix (e.g. Debian's ``nix-bin``) needs no config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .._proc import Runner, require_tool
+from ..errors import BuildError, CommandFailed, SpecError, UsageError
+from ..paths import Layout
+from ..spec import GuestSpec
+from . import nixerrors
+from .store import Image, ImageStore, Manifest, link_or_copy
+
+log = logging.getLogger(__name__)
+
+BUILDER_VERSION = "nix-1"
+#: Always passed: flakes work without touching nix.conf.
+NIX_FLAGS = ["--extra-experimental-features", "nix-command flakes"]
+#: guest.json keys the Nix front end adds on top of GuestSpec's (and the free-form packages).
+NIX_GUEST_KEYS = ("schema_version", "frontend", "path", "packages")
+
+
+@dataclass(frozen=True)
+class FlakeRef:
+    """``URL#ATTR`` as given, split; ``attr`` defaults to the host's default package."""
+
+    given: str
+    url: str
+    attr: str
+
+    @property
+    def installable(self) -> str:
+        return f"{self.url}#{self.attr}"
+
+
+def host_system() -> str:
+    """Nix's name for this machine's platform, e.g. ``x86_64-linux``."""
+    machine = platform.machine().lower()
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    return f"{arch}-{platform.system().lower()}"
+
+
+def parse_ref(ref: str, system: str | None = None) -> FlakeRef:
+    if not ref.strip():
+        raise UsageError("--flake needs a flake reference", hint="e.g. --flake . or --flake .#myguest")
+    url, _, attr = ref.partition("#")
+    return FlakeRef(ref, url or ".", attr or f"packages.{system or host_system()}.default")
+
+
+def image_key(out_path: str) -> str:
+    blob = json.dumps({"builder": BUILDER_VERSION, "out": out_path}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def nix_argv(nix: str, command: str, *args: str, extra: Sequence[str] = ()) -> list[str]:
+    return [nix, *NIX_FLAGS, command, *args, *extra]
+
+
+def _run_nix(runner: Runner, argv: list[str], flake: FlakeRef, *, desc: str,
+             on_line: Callable[[str], None] | None = None) -> str:
+    seen: list[str] = []  # all of it: the error headline may be far above the tail
+
+    def line(text: str) -> None:
+        seen.append(text)
+        if on_line:
+            on_line(text)
+
+    try:
+        return runner.run(argv, desc=desc, on_line=line, error=BuildError).output
+    except CommandFailed as exc:
+        raise nixerrors.condense(
+            "\n".join(seen) or exc.output or "", flake=flake.url, attr=flake.attr, system=host_system(),
+            returncode=exc.returncode, argv=exc.argv,
+        ) from None
+
+
+def evaluate(flake: FlakeRef, *, nix: str, nix_args: Sequence[str], runner: Runner) -> str:
+    """The store path the flake output would build, without building it."""
+    out = _run_nix(
+        runner,
+        nix_argv(nix, "eval", "--raw", f"{flake.installable}.outPath", extra=nix_args),
+        flake,
+        desc=f"evaluating {flake.installable}",
+    )
+    lines = [ln.strip() for ln in out.splitlines() if ln.startswith("/")]
+    if not lines:
+        raise BuildError(f"nix did not print a store path for {flake.installable}", output=out[-2000:])
+    return lines[-1].split()[0]
+
+
+def realise(flake: FlakeRef, *, nix: str, nix_args: Sequence[str], runner: Runner,
+            on_line: Callable[[str], None] | None) -> None:
+    _run_nix(
+        runner,
+        nix_argv(nix, "build", "--no-link", "--print-build-logs", flake.installable, extra=nix_args),
+        flake,
+        desc=f"building {flake.installable} with nix",
+        on_line=on_line,
+    )
+
+
+def read_output(out: Path, flake: FlakeRef) -> dict[str, Any]:
+    """The manifest mkGuest wrote, checked: is this an mvm image, and is it complete?"""
+    not_image = SpecError(
+        f"{flake.installable} is not an mvm image (its output has no manifest.json)",
+        hint="build the output with mvm.lib.${system}.mkGuest { ... } (see docs/nix.md)",
+    )
+    if not (out / "manifest.json").is_file():
+        raise not_image
+    try:
+        doc = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise BuildError(f"{out}/manifest.json is unreadable: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("frontend") != "nix" or not isinstance(doc.get("guest"), dict):
+        raise not_image
+    if doc.get("schema_version") != 1:
+        raise SpecError(
+            f"{flake.installable} was made by an mkGuest with manifest schema "
+            f"{doc.get('schema_version')}; this mvm reads schema 1",
+            hint="update the flake's mvm input (nix flake lock --update-input mvm) or mvm itself",
+        )
+    for key in ("kernel", "initrd", "rootfs"):
+        name = doc.get(key)
+        if key == "initrd" and name is None:
+            continue
+        if not isinstance(name, str) or not (out / name).is_file():
+            raise BuildError(f"{flake.installable}: the image has no {key} file ({name!r})")
+    check_guest(doc["guest"], flake)
+    return doc
+
+
+def check_guest(guest: dict[str, Any], flake: FlakeRef) -> GuestSpec:
+    """The guest document must be one the guest init understands: validate it as mvm.toml is."""
+    model = {k: v for k, v in guest.items() if k not in NIX_GUEST_KEYS}
+    try:
+        return GuestSpec.model_validate(model)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise SpecError(
+            f"{flake.installable}: the guest in the image is invalid: {loc}: {first['msg']}",
+            hint="the flake's mvm input and this mvm disagree; update one of them",
+        ) from None
+
+
+def build(
+    ref: str,
+    *,
+    nix_args: Sequence[str] = (),
+    layout: Layout,
+    runner: Runner,
+    on_stage: Callable[[str], None] | None = None,
+    on_line: Callable[[str], None] | None = None,
+) -> tuple[Image, bool]:
+    """Return (image, built): the image for flake output ``ref``, building it if needed."""
+    flake = parse_ref(ref)
+    nix = require_tool("nix")
+    stage = on_stage or (lambda _: None)
+    stage(f"evaluating {flake.installable}")
+    out_path = evaluate(flake, nix=nix, nix_args=nix_args, runner=runner)
+    key = image_key(out_path)
+    store = ImageStore(layout.images)
+    hit = store.get(key)
+    if hit is not None:
+        return hit, False
+
+    stage("building with nix")
+    realise(flake, nix=nix, nix_args=nix_args, runner=runner, on_line=on_line)
+    out = Path(out_path)
+    doc = read_output(out, flake)
+
+    def make(staging: Path) -> Manifest:
+        stage("importing into the image store")
+        files = [doc["kernel"], doc["rootfs"]] + ([doc["initrd"]] if doc.get("initrd") else [])
+        for name in files:
+            link_or_copy((out / name).resolve(), staging / name)
+        return Manifest(
+            key=key,
+            name=doc["guest"]["name"],
+            frontend="nix",
+            source={
+                "flake": flake.url if "://" in flake.url or ":" in flake.url else str(Path(flake.url).resolve()),
+                "attr": flake.attr,
+                "out_path": out_path,
+                "nix_args": list(nix_args),
+            },
+            kernel=doc["kernel"],
+            kernel_version=str(doc.get("kernel_version") or ""),
+            initrd=doc.get("initrd"),
+            rootfs=doc["rootfs"],
+            transports=list(doc.get("transports") or ["virtio-serial"]),
+            guest=doc["guest"],
+        )
+
+    image = store.publish(key, make)
+    log.info("imported %s as image %s", out_path, key)
+    return image, True

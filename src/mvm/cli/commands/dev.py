@@ -1,0 +1,65 @@
+"""mvmctl dev."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+
+def dev(
+    command: Annotated[list[str] | None, typer.Argument(
+        help="Run this command (after --) instead of an interactive shell; its exit code is passed through.",
+        show_default=False)] = None,
+    directory: Annotated[str, typer.Option("--dir", "-C", help="The project directory.")] = ".",
+    vm: Annotated[bool, typer.Option("--vm", help="Use the dev microVM even when nix is installed here.")] = False,
+    cpus: Annotated[int | None, typer.Option("--cpus", help="vCPUs of the dev VM (default 1).",
+                                             show_default=False)] = None,
+    memory: Annotated[int | None, typer.Option("--memory", "-m", help="Memory of the dev VM in MiB "
+                                               "(default 1024; /nix is a tmpfs in it).", show_default=False)] = None,
+) -> None:
+    """A shell where `nix` works (flakes enabled), in your project directory.
+
+    With nix on this machine: your $SHELL here, with flakes switched on through NIX_CONFIG.
+    Without it (or with --vm): a dev microVM with Debian's nix, your project directory
+    shared read-write at /project, and a throwaway /nix. The VM stops when the shell exits.
+
+    [bold]Examples[/]
+      mvmctl dev
+      mvmctl dev -- nix flake show
+      mvmctl dev --vm -- nix eval .#packages.x86_64-linux.default.name
+    """
+    from mvm import dev as devlib
+
+    from .. import output
+
+    project = devlib.project_dir(directory)
+    if devlib.choose_mode(vm) == "host":
+        if not command:
+            output.info(f"mvm dev: nix with flakes, in {project} (exit to leave)")
+        raise typer.Exit(devlib.run_on_host(project, command))
+
+    with output.progress("dev VM") as prog:
+        session = devlib.boot_vm(project, memory=memory, cpus=cpus, progress=prog)
+    try:
+        if command:
+            def write(stream: str, data: bytes) -> None:
+                target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+                target.write(data)
+                target.flush()
+
+            code = session.vm.exec(command, cwd=session.cwd, env=session.env, on_output=write).exit_code
+        else:
+            from .console import run_console
+
+            output.info(f"mvm dev VM {session.vm.name}: {project} is at {session.cwd}, nix has flakes on; "
+                        "exit to stop the VM")
+            code = run_console(session.vm, cwd=session.cwd, env=session.env)
+    finally:
+        session.down()
+    raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(dev)

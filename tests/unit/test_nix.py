@@ -1,0 +1,326 @@
+"""The Nix front end's host side, without Nix: error condensing, arguments, import."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from mvm._proc import Completed
+from mvm.build import nix, nixerrors
+from mvm.cli.options import join_override_pairs, nix_args
+from mvm.errors import BuildError, SpecError, ToolMissing, UsageError
+from mvm.paths import Layout
+from mvm.spec import GuestSpec, HealthCheck, Service
+
+ROOT = Path(__file__).parents[2]
+STORE = "/nix/store/yz4nxgv09zagbf5aaw83mm9b1k8v3gkx-source"
+
+# Verbatim nix 2.8 output for the seed guide's troubleshooting cases (plus a few more).
+TYPO = f"""warning: Git tree '/src' is dirty
+error: attribute 'pyhton3' missing
+
+       at {STORE}/flake.nix:13:22:
+
+           12|         name = "hello";
+           13|         packages = [ pkgs.pyhton3 pkgs.curl ];
+             |                      ^
+           14|         services.hello = {{
+       Did you mean python3?
+"""
+MISSING_PATH = f"""error: getting status of '{STORE}/app': No such file or directory
+(use '--show-trace' to show detailed location information)
+"""
+RECURSION = f"""error: infinite recursion encountered
+
+       at {STORE}/flake.nix:9:54:
+
+            8|       system = "x86_64-linux";
+            9|       pkgs = import nixpkgs {{ inherit system; }}; a = b; b = a; x = a;
+             |                                                      ^
+           10|     in {{
+(use '--show-trace' to show detailed location information)
+"""
+MKGUEST = "error: mkGuest: healthChecks.hello.healthIntervalSec: unknown attribute " \
+          "(did you mean 'healthIntervalSecs'?)\n"
+NO_OUTPUT = "error: flake 'path:/tmp/seed' does not provide attribute " \
+            "'packages.x86_64-linux.packages.x86_64-linux.default.outPath', " \
+            "'legacyPackages.x86_64-linux.packages.x86_64-linux.default.outPath' or " \
+            "'packages.x86_64-linux.default.outPath'\n"
+WRONG_SYSTEM = "error: a 'aarch64-linux' with features {} is required to build " \
+               "'/nix/store/vpb9cgrgh7bx7sfk7bdknhxpqy7fyad1-linux-6.1.drv', but I am a " \
+               "'x86_64-linux' with features {benchmark, big-parallel, kvm, nixos-test}\n"
+BUILDER = """building '/nix/store/fby0ahfy8xixadyznn1m3jl46izqyd30-mvm-hello-rootfs.drv'...
+mvm-hello-rootfs> mkfs.ext4: No space left on device
+error: builder for '/nix/store/fby0ahfy8xixadyznn1m3jl46izqyd30-mvm-hello-rootfs.drv' failed with exit code 1
+"""
+OFFLINE = "error: unable to download 'https://github.com/NixOS/nixpkgs/archive/x.tar.gz': " \
+          "Couldn't resolve host name (6)\n"
+
+
+def _condense(output: str) -> Any:
+    return nixerrors.condense(output, flake="/tmp/seed", attr="packages.x86_64-linux.default",
+                              system="x86_64-linux", returncode=1)
+
+
+def test_typo_in_a_package_name() -> None:
+    err = _condense(TYPO)
+    assert isinstance(err, SpecError)
+    assert err.message == "flake.nix:13:22: attribute 'pyhton3' does not exist"
+    assert err.hint.startswith("did you mean 'python3'?")
+    assert "search.nixos.org" in err.hint
+    assert err.output.splitlines()[1] == "13|         packages = [ pkgs.pyhton3 pkgs.curl ];"
+
+
+def test_missing_path_is_shown_relative_to_the_flake() -> None:
+    err = _condense(MISSING_PATH)
+    assert err.message == "the flake refers to a path that does not exist: ./app"
+    assert "git add" in err.hint
+
+
+def test_infinite_recursion() -> None:
+    err = _condense(RECURSION)
+    assert err.message == "flake.nix:9:54: infinite recursion"
+    assert "refers to its own name" in err.hint
+
+
+def test_mkguest_errors_pass_through() -> None:
+    err = _condense(MKGUEST)
+    assert isinstance(err, SpecError)
+    assert err.message == ("mkGuest: healthChecks.hello.healthIntervalSec: unknown attribute "
+                           "(did you mean 'healthIntervalSecs'?)")
+
+
+def test_missing_default_output_suggests_the_system() -> None:
+    err = _condense(NO_OUTPUT)
+    assert err.message == "the flake /tmp/seed has no output packages.x86_64-linux.default"
+    assert 'system = "x86_64-linux";' in err.hint
+
+
+def test_wrong_system_and_offline_and_builder_failures() -> None:
+    assert _condense(WRONG_SYSTEM).message == "this machine (x86_64-linux) cannot build for aarch64-linux"
+    offline = _condense(OFFLINE)
+    assert isinstance(offline, BuildError) and "--override-input" in (offline.hint or "")
+    built = _condense(BUILDER)
+    assert built.message == "nix could not build mvm-hello-rootfs with exit code 1"
+    assert "No space left on device" in built.output
+
+
+def test_unknown_errors_keep_nix_words_and_no_error_at_all() -> None:
+    err = _condense("error: something new\n       and its detail\n")
+    assert err.message == "something new" and err.output == "and its detail"
+    none = _condense("segfault\n")
+    assert isinstance(none, BuildError) and "exit code 1" in none.message
+
+
+def test_ansi_colours_are_ignored() -> None:
+    err = _condense("\x1b[31;1merror:\x1b[0m attribute '\x1b[35;1mfoo\x1b[0m' missing\n")
+    assert err.message == "attribute 'foo' does not exist"
+
+
+@pytest.mark.parametrize(
+    ("argv", "joined"),
+    [
+        (["build", "--override-input", "mvm", "path:/x", "--json"],
+         ["build", "--override-input", "mvm=path:/x", "--json"]),
+        (["--override-input", "mvm", "git+file:///r?dir=nix"], ["--override-input", "mvm=git+file:///r?dir=nix"]),
+        (["--override-input", "a=b"], ["--override-input", "a=b"]),
+        (["exec", "x", "--", "--override-input", "a", "b"], ["exec", "x", "--", "--override-input", "a", "b"]),
+        (["--override-input", "a"], ["--override-input", "a"]),
+    ],
+)
+def test_override_pairs_are_joined_before_parsing(argv: list[str], joined: list[str]) -> None:
+    assert join_override_pairs(argv) == joined
+
+
+def test_nix_args() -> None:
+    assert nix_args(["mvm=git+file:///r?dir=nix"], ["--show-trace"]) == [
+        "--override-input", "mvm", "git+file:///r?dir=nix", "--show-trace"]
+    with pytest.raises(UsageError, match="expected NAME URL"):
+        nix_args(["mvm"], None)
+
+
+def test_flake_refs() -> None:
+    assert nix.parse_ref(".", "x86_64-linux").installable == ".#packages.x86_64-linux.default"
+    assert nix.parse_ref("github:me/app#guest", "x86_64-linux").installable == "github:me/app#guest"
+    assert nix.parse_ref("#x", "aarch64-linux").installable == ".#x"
+    with pytest.raises(UsageError):
+        nix.parse_ref(" ")
+
+
+class FakeNix:
+    """A Runner that answers `nix eval` with a path and records `nix build`."""
+
+    def __init__(self, out: Path, fail: str | None = None) -> None:
+        self.out = out
+        self.fail = fail
+        self.calls: list[list[str]] = []
+
+    def run(self, argv: Sequence[str | os.PathLike[str]], *, desc: str, env: Mapping[str, str] | None = None,
+            cwd: Path | None = None, input: bytes | None = None, timeout: float | None = None,
+            on_line: Callable[[str], None] | None = None, error: type[Any] = BuildError,
+            hint: str | None = None, ok_codes: Sequence[int] = (0,)) -> Completed:
+        args = [os.fspath(a) for a in argv]
+        self.calls.append(args)
+        assert args[1:3] == ["--extra-experimental-features", "nix-command flakes"]
+        if self.fail:
+            for line in self.fail.splitlines():
+                if on_line:
+                    on_line(line)
+            raise error("nix failed", argv=args, returncode=1, output=self.fail[-100:])
+        text = f"warning: Git tree is dirty\n{self.out}" if args[3] == "eval" else "building...\n"
+        return Completed(args, 0, text)
+
+    def spawn(self, argv: Sequence[str | os.PathLike[str]], *, stdout: IO[bytes] | int,
+              cwd: Path | None = None, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        raise NotImplementedError
+
+
+def _nix_output(root: Path, **manifest: Any) -> Path:
+    out = root / "out"
+    out.mkdir()
+    (out / "vmlinux").write_bytes(b"\x7fELF")
+    (out / "initrd").write_bytes(b"070701")
+    (out / "rootfs.ext4").write_bytes(b"\0" * 1024)
+    guest = GuestSpec(name="hello", services={"hello": Service(command="true")},
+                      health_checks={"hello": HealthCheck(health_cmd="true")}).guest_json(
+        frontend="nix", extra={"path": "/usr/bin:/bin", "packages": ["python3-3.11"]})
+    doc = {"schema_version": 1, "name": "hello", "frontend": "nix", "kernel": "vmlinux", "initrd": "initrd",
+           "rootfs": "rootfs.ext4", "kernel_version": "6.1", "guest": guest, **manifest}
+    (out / "manifest.json").write_text(json.dumps(doc))
+    return out
+
+
+@pytest.fixture()
+def with_nix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nix, "require_tool", lambda name: "/usr/bin/nix")
+
+
+def test_build_imports_then_hits_the_cache(tmp_path: Path, with_nix: None) -> None:
+    out = _nix_output(tmp_path)
+    runner = FakeNix(out)
+    layout = Layout(state=tmp_path / "state", cache=tmp_path / "cache")
+    image, built = nix.build("/src/app#hello", nix_args=["--override-input", "a", "b"], layout=layout, runner=runner)
+    assert built and [c[3] for c in runner.calls] == ["eval", "build"]
+    assert runner.calls[0][-3:] == ["--override-input", "a", "b"]
+    assert runner.calls[0][4:6] == ["--raw", "/src/app#hello.outPath"]
+    assert image.manifest.frontend == "nix" and image.manifest.source["out_path"] == str(out)
+    assert image.manifest.key == nix.image_key(str(out))
+    assert image.rootfs.is_file() and not image.rootfs.is_symlink()
+    assert image.manifest.guest["path"] == "/usr/bin:/bin"
+    runner.calls.clear()
+    again, built = nix.build("/src/app#hello", layout=layout, runner=runner)
+    assert not built and again.path == image.path
+    assert [c[3] for c in runner.calls] == ["eval"]  # a cache hit costs one evaluation
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"schema_version": 2}, "manifest schema 2"),
+        ({"frontend": "toml"}, "is not an mvm image"),
+        ({"rootfs": "missing.ext4"}, "the image has no rootfs file"),
+        ({"guest": {"name": "Bad Name"}}, "the guest in the image is invalid"),
+    ],
+)
+def test_outputs_that_are_not_usable_images(tmp_path: Path, with_nix: None, change: dict[str, Any],
+                                            message: str) -> None:
+    out = _nix_output(tmp_path, **change)
+    layout = Layout(state=tmp_path / "state", cache=tmp_path / "cache")
+    with pytest.raises((SpecError, BuildError), match=re.escape(message)):
+        nix.build(".", layout=layout, runner=FakeNix(out))
+    assert not list((tmp_path / "cache" / "images").glob("*/manifest.json"))
+
+
+def test_nix_errors_are_condensed_from_the_whole_output(tmp_path: Path, with_nix: None) -> None:
+    layout = Layout(state=tmp_path / "state", cache=tmp_path / "cache")
+    noisy = TYPO + "".join(f"       … while evaluating frame {i}\n" for i in range(60))
+    with pytest.raises(SpecError, match="attribute 'pyhton3' does not exist"):
+        nix.build(".", layout=layout, runner=FakeNix(tmp_path, fail=noisy))
+
+
+def test_no_nix_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr("shutil.which", lambda *a, **k: None)
+    layout = Layout(state=tmp_path / "state", cache=tmp_path / "cache")
+    with pytest.raises(ToolMissing) as info:
+        nix.build(".", layout=layout, runner=FakeNix(tmp_path))
+    assert "mvmctl dev" in (info.value.hint or "") and "nix" in (info.value.hint or "")
+
+
+def _nix_list(name: str) -> list[str]:
+    text = (ROOT / "nix" / "spec.nix").read_text()
+    block = re.search(rf"{name} = \[(.*?)\];", text, re.S)
+    assert block, name
+    return re.findall(r'"([^"]+)"', block[1])
+
+
+def test_mkguest_accepts_the_same_attributes_as_the_python_model() -> None:
+    def aliases(model: Any) -> set[str]:
+        return {f.alias or n for n, f in model.model_fields.items()}
+
+    assert set(_nix_list("topKeys")) == aliases(GuestSpec) | {"kernel"}
+    assert set(_nix_list("serviceKeys")) == aliases(Service)
+    assert set(_nix_list("checkKeys")) == aliases(HealthCheck)
+    assert set(_nix_list("restartPolicies")) == {"always", "on-failure", "no"}
+
+
+def test_the_flake_sees_every_file_it_needs() -> None:
+    """Flakes read only files git tracks: an untracked file under nix/ would build here
+    from a path: copy and fail for users of github:...?dir=nix."""
+    try:
+        untracked = subprocess.run(
+            ["git", "ls-files", "--others", "--exclude-standard", "nix", "src/mvm/guest", "src/mvm/build/initrd.py"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    assert not untracked, f"git add {' '.join(untracked)}"
+
+
+def test_dev_shell_environment() -> None:
+    from mvm import dev
+
+    env = dev.host_env({"NIX_CONFIG": "substituters =", "HOME": "/h"}, root_without_build_users=True)
+    assert env["NIX_CONFIG"].splitlines() == [
+        "substituters =", "extra-experimental-features = nix-command flakes", "build-users-group ="]
+    assert env["HOME"] == "/h" and env["MVM_DEV"] == "host"
+    plain = dev.host_env({}, root_without_build_users=False)
+    assert plain["NIX_CONFIG"] == "extra-experimental-features = nix-command flakes"
+
+
+def test_dev_mode_follows_nix_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm import dev
+
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/nix")
+    assert dev.choose_mode() == "host" and dev.choose_mode(force_vm=True) == "vm"
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert dev.choose_mode() == "vm"
+
+
+def test_shares_add_virtiofs_devices_and_shared_memory(tmp_path: Path) -> None:
+    from mvm.backends.base import LaunchSpec, Share
+    from mvm.backends.qemu import build_argv
+    from mvm.paths import VMFiles
+
+    spec = LaunchSpec(name="d", files=VMFiles(tmp_path), kernel=tmp_path / "k", initrd=None,
+                      rootfs=tmp_path / "r", cpus=1, memory=768, accel="tcg",
+                      shares=[Share("mvm-project", tmp_path)])
+    argv = build_argv(spec, "qemu")
+    assert argv[argv.index("-M") + 1].endswith(",memory-backend=mem")
+    assert "memory-backend-memfd,id=mem,size=768M,share=on" in argv
+    assert "vhost-user-fs-pci,chardev=fs0,tag=mvm-project" in argv
+    plain = build_argv(LaunchSpec(name="d", files=VMFiles(tmp_path), kernel=tmp_path / "k", initrd=None,
+                                  rootfs=tmp_path / "r", cpus=1, memory=768, accel="tcg"), "qemu")
+    assert not any("memory-backend" in a for a in plain)
+
+
+def test_build_users_error_has_a_hint() -> None:
+    err = _condense("error: the group 'nixbld' specified in 'build-users-group' does not exist\n")
+    assert "build-users-group =" in (err.hint or "")
