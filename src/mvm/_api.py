@@ -20,13 +20,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from . import spec as spec_mod
 from ._proc import DEFAULT_RUNNER, Runner
-from .backends import accel
 from .backends.base import Backend, LaunchSpec, PortForward, Share
-from .build.store import Image
 from .errors import (
     AgentError,
     BootError,
@@ -37,12 +34,15 @@ from .errors import (
     VMNotFound,
     VMNotRunning,
 )
+from .names import check_vm_name
 from .paths import Layout, VMFiles
 from .runtime import agent, process
-from .runtime import volumes as volumes_mod
 from .runtime.bootconfig import write_config_disk
 from .runtime.options import parse_env, parse_port
 from .runtime.registry import PortRecord, Registry, VMRecord, derive_status, record_view
+
+if TYPE_CHECKING:
+    from .build.store import Image
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ def build(
                                  on_stage=prog.stage, on_line=prog.line)
         return BuildResult(image, built, time.monotonic() - started)
     source = Path(path)
+    from . import spec as spec_mod
+
     guest = spec_mod.load_toml(source)
     prog.stage("resolving")
     image, built = debian.build(
@@ -313,9 +315,12 @@ def up(
         raise UsageError(f"--memory {memory}: must be between 64 and 65536 MiB")
     if name is not None:
         try:
-            spec_mod.check_vm_name(name)
+            check_vm_name(name)
         except ValueError as exc:
             raise UsageError(f"--name: {exc}") from None
+    from .backends import accel
+    from .runtime import volumes as volumes_mod
+
     vol_plan = volumes_mod.plan(volumes, layout)
 
     if image is None:

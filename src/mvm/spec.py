@@ -18,31 +18,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
+from .names import SERVICE_RE, USER_RE, check_env, check_vm_name
 
 GUEST_JSON_SCHEMA = 1
-NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_USER = "mvm"
-
-
-def check_vm_name(name: str) -> str:
-    if not NAME_RE.match(name):
-        raise ValueError(
-            f"{name!r} is not a valid VM name: use 1-63 characters of a-z, 0-9 and '-', "
-            "starting and ending with a letter or digit"
-        )
-    return name
-
-
-def check_env(env: dict[str, str]) -> dict[str, str]:
-    for key, value in env.items():
-        if not ENV_NAME_RE.match(key):
-            raise ValueError(f"{key!r} is not a valid environment variable name")
-        if "\0" in value:
-            raise ValueError(f"the value of {key} contains a NUL byte")
-    return env
 
 
 class _Model(BaseModel):

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .._atomic import write_json_atomic
 from .._proc import require_tool
-from ..build.store import write_json_atomic
 from ..errors import UsageError
 
 PROBE_TIMEOUT = 6.0

@@ -170,6 +170,14 @@ def tail(path: Path, lines: int = 30) -> str:
     return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
+def kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Undo for a failed start: kill and reap what was started."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 class QemuBackend:
     name = "qemu"
 
@@ -192,15 +200,10 @@ class QemuBackend:
             try:
                 self._wait_started(proc, files, spec)
             except BaseException:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
+                kill_all([proc])
                 raise
         except BaseException:
-            for helper in helpers:
-                if helper.poll() is None:
-                    helper.kill()
-                helper.wait()
+            kill_all(helpers)
             raise
         return proc.pid
 
@@ -228,10 +231,7 @@ class QemuBackend:
                                         output=tail(log_path))
                     time.sleep(0.01)
         except BaseException:
-            for helper in helpers:
-                if helper.poll() is None:
-                    helper.kill()
-                helper.wait()
+            kill_all(helpers)
             raise
         return helpers
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .._atomic import write_json_atomic
 from ..errors import StateError
 
 MANIFEST_SCHEMA = 1
@@ -71,22 +72,6 @@ class Image:
     @property
     def name(self) -> str:
         return self.manifest.name
-
-
-def write_json_atomic(path: Path, data: dict[str, Any], mode: int = 0o644) -> None:
-    """Temp file in the same dir, fsync, rename: readers see the old or the new file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_manifest(path: Path) -> Manifest:

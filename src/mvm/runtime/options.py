@@ -10,7 +10,7 @@ import re
 
 from ..backends.base import PortForward
 from ..errors import UsageError
-from ..spec import ENV_NAME_RE
+from ..names import ENV_NAME_RE
 
 PORT_FORMS = "HOST:GUEST, IP:HOST:GUEST, optionally with /tcp or /udp (e.g. -p 8080:8080)"
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..build.store import write_json_atomic
+from .._atomic import write_json_atomic
 from ..errors import StateError, VMExists, VMNotFound
 from ..paths import Layout, VMFiles
 from . import process

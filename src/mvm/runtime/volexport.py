@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._atomic import write_json_atomic
 from .._proc import Runner
-from ..build.store import write_json_atomic
 from ..errors import VolumeError
 from . import ext4
 

@@ -33,7 +33,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..build.store import write_json_atomic
+from .._atomic import write_json_atomic
 from ..errors import StateError, VolumeError
 from ..paths import Layout
 from . import process
