@@ -98,8 +98,7 @@ let
     mkdir -p $out/lib/mvm/mvm/guest
     cp ${agentSrc}/*.py $out/lib/mvm/mvm/guest/
     : > $out/lib/mvm/mvm/__init__.py
-    printf '%s\n' '#!${python}/bin/python3 -IS' 'import sys' "sys.path.insert(0, '/usr/lib/mvm')" \
-      'from mvm.guest.init import main' 'main()' > $out/lib/mvm/init
+    { printf '%s\n' '#!${python}/bin/python3 -IS'; cat ${agentSrc}/entry.py; } > $out/lib/mvm/init
     chmod 0755 $out/lib/mvm/init
     PYTHONDONTWRITEBYTECODE=1 ${python}/bin/python3 -m compileall -f -q --invalidation-mode unchecked-hash $out/lib/mvm/mvm >/dev/null
   '';

@@ -39,13 +39,8 @@ def agent_digest() -> str:
 
 
 def init_script(python: str) -> str:
-    return (
-        f"#!{python} -IS\n"
-        "import sys\n"
-        f"sys.path.insert(0, '/{AGENT_DIR}')\n"
-        "from mvm.guest.init import main\n"
-        "main()\n"
-    )
+    """guest/entry.py behind a shebang for the image's Python (nix/mkguest.nix does the same)."""
+    return f"#!{python} -IS\n" + guest_sources()["entry.py"].decode()
 
 
 def service_users(guest: dict[str, Any]) -> list[tuple[str, int]]:

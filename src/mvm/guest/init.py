@@ -91,7 +91,7 @@ def mount_volumes(volumes: list[dict[str, Any]], owner: Identity | None) -> list
 class Init:
     def __init__(self, signals: SignalDispatcher) -> None:
         self.signals = signals
-        self.started = 0.0
+        self.marks: dict[str, float] = {}
         self.reaper = Reaper()
         self._shutdown_lock = threading.Lock()
         self._shutting_down = False
@@ -134,11 +134,13 @@ class Init:
             path=path,
         )
         self.supervisor.start()
-        events.emit("init", msg="services started", init_started=round(self.started, 3))
+        events.emit("init", msg="services started", **self.marks)
         # Everything below overlaps with the services' own start-up. The network can come
         # up after a service binds 0.0.0.0: forwarded connections only arrive once it is up.
+        from . import net
+
         try:
-            system.configure_network("10.0.2.15", "255.255.255.0", "10.0.2.2", "10.0.2.3")
+            net.configure_network("10.0.2.15", "255.255.255.0", "10.0.2.2", "10.0.2.3")
         except OSError as exc:
             events.emit("init", msg=f"network set-up failed: {exc}")
         from .control import ControlServer
@@ -241,8 +243,9 @@ def _uptime() -> float:
         return float(f.read().split()[0])
 
 
-def main() -> None:
-    started = time.monotonic()
+def main(started: float | None = None) -> None:
+    """``started``: when the interpreter began running the entry script (seconds since boot)."""
+    imported = time.monotonic()
     if os.getpid() != 1:
         print("mvm-init must run as PID 1 inside an mvm guest", file=sys.stderr)
         raise SystemExit(2)
@@ -254,7 +257,7 @@ def main() -> None:
 
     signals.subscribe(signal.SIGTERM, on_stop_signal)
     signals.subscribe(signal.SIGINT, on_stop_signal)  # Ctrl-Alt-Del
-    init.started = started
+    init.marks = {"python_ready": round(started or imported, 3), "init_imported": round(imported, 3)}
     try:
         init.boot()
     except Exception as exc:  # PID 1 must never exit: report and power off
