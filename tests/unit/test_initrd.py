@@ -66,7 +66,9 @@ def test_build_initrd_packs_modules_in_order(tmp_path: Path) -> None:
     out = tmp_path / "initrd"
     build_initrd(str(mods), str(busybox), str(out), ["virtio_net"])
     entries = _read_cpio(out.read_bytes())
-    assert entries["lib/modules/virtio_net.ko"][1].startswith(b"ELF-")  # decompressed
+    assert entries["lib/modules/modules/virtio_net.ko"][1].startswith(b"ELF-")  # decompressed
+    dep = entries["lib/modules/modules/modules.dep"][1].decode()
+    assert "virtio_net.ko: net_failover.ko virtio.ko\n" in dep and "failover.ko\n" in dep
     init = entries["init"][1].decode()
-    assert "for m in failover.ko net_failover.ko virtio_ring.ko virtio.ko virtio_net.ko;" in init
+    assert "modprobe -a failover net_failover virtio_ring virtio virtio_net " in init
     assert "switch_root /newroot" in init

@@ -23,7 +23,7 @@ from .._proc import Runner, require_tool
 from ..errors import BuildError, SpecError
 from ..paths import Layout
 from ..spec import GuestSpec, files_digest
-from . import guestfiles, initrd, kernel
+from . import guestfiles, kernel
 from .store import Image, ImageStore, Manifest, link_or_copy
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def image_key(spec: GuestSpec, base: Path, kernel_version: str, suite: str, mirr
         "spec": spec.digest(),
         "files": files_digest(spec, base),
         "agent": guestfiles.agent_digest(),
-        "initrd": hashlib.sha256(Path(initrd.__file__).read_bytes()).hexdigest(),
+        "initrd": kernel.initrd_digest(),
         "kernel": kernel_version,
         "suite": suite,
         "mirror": mirror,

@@ -7,7 +7,9 @@ TCG). Modules are kept for the initrd, with a ``modules.dep`` made by depmod.
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import logging
 import lzma
 import os
@@ -42,7 +44,24 @@ class Kernel:
 
     @property
     def initrd(self) -> Path:
-        return self.root / "initrd"
+        """Named by the digest of initrd.py, so a changed initrd builder makes a new one."""
+        return self.root / f"initrd-{initrd_digest()[:16]}"
+
+
+@functools.cache
+def initrd_digest() -> str:
+    return hashlib.sha256(Path(initrd.__file__).read_bytes()).hexdigest()
+
+
+def ensure_initrd(kernel: Kernel) -> None:
+    if kernel.initrd.is_file():
+        return
+    tmp = kernel.initrd.with_name(f".{kernel.initrd.name}.{os.getpid()}")
+    try:
+        initrd.build_initrd(str(kernel.modules), require_tool("busybox"), str(tmp))
+        os.replace(tmp, kernel.initrd)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def extract_vmlinux(bzimage: bytes, runner: Runner) -> bytes:
@@ -99,7 +118,7 @@ def cached_kernels(cache: Path) -> list[Kernel]:
     found = []
     if cache.is_dir():
         for entry in sorted(cache.iterdir()):
-            if (entry / "vmlinux").is_file() and (entry / "initrd").is_file():
+            if (entry / "vmlinux").is_file() and (entry / "lib" / "modules" / entry.name).is_dir():
                 found.append(Kernel(entry.name, entry))
     return found
 
@@ -109,12 +128,14 @@ def ensure_kernel(cache: Path, runner: Runner, *, refresh: bool = False) -> Kern
     if not refresh:
         have = cached_kernels(cache)
         if have:
+            ensure_initrd(have[-1])
             return have[-1]
     package = resolve_package(runner)
     version = package.removeprefix("linux-image-")
     target = cache / version
     kernel = Kernel(version, target)
-    if kernel.vmlinux.is_file() and kernel.initrd.is_file():
+    if kernel.vmlinux.is_file():
+        ensure_initrd(kernel)
         return kernel
     cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".kernel-", dir=cache))
@@ -140,10 +161,8 @@ def ensure_kernel(cache: Path, runner: Runner, *, refresh: bool = False) -> Kern
         bzimage = (unpacked / "boot" / f"vmlinuz-{version}").read_bytes()
         (staged / "vmlinux").write_bytes(extract_vmlinux(bzimage, runner))
         shutil.copy(unpacked / "boot" / f"config-{version}", staged / "config")
-        initrd.build_initrd(
-            str(staged / "lib" / "modules" / version), require_tool("busybox"), str(staged / "initrd")
-        )
         os.replace(staged, target)
+        ensure_initrd(kernel)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("kernel %s ready in %s", version, target)
