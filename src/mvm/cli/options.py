@@ -7,11 +7,13 @@ from typing import Annotated
 import typer
 
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-VMName = Annotated[str, typer.Argument(help="The VM's name (see `mvmctl ls`).", show_default=False)]
+VMName = Annotated[str, typer.Argument(metavar="NAME", help="The VM's name (see `mvmctl ls`).",
+                                       show_default=False)]
 Ports = Annotated[
     list[str] | None,
     typer.Option(
         "-p", "--port",
+        metavar="HOST:GUEST",
         help="Forward a host port to a guest port: HOST:GUEST, IP:HOST:GUEST, optional /tcp|/udp. "
         "Binds 127.0.0.1 unless an IP is given. Repeatable.",
         show_default=False,
@@ -19,13 +21,15 @@ Ports = Annotated[
 ]
 Env = Annotated[
     list[str] | None,
-    typer.Option("-e", "--env", help="Set KEY=VALUE in every service's environment (overrides the spec). "
-                 "Repeatable.", show_default=False),
+    typer.Option("-e", "--env", metavar="KEY=VALUE",
+                 help="Set KEY=VALUE in every service's environment (overrides the spec). Repeatable.",
+                 show_default=False),
 ]
 Volumes = Annotated[
     list[str] | None,
     typer.Option(
         "-v", "--volume",
+        metavar="HOST:PATH[:MB]",
         help="Attach a volume. HOSTDIR:/guest/path is read-only: an image of HOSTDIR built at each up, "
         "mounted ro,nosuid,nodev,noexec (add :secret, or use a path containing 'secret', to hide it from "
         "non-service users). HOST:/guest/path:SIZE_MB is writable and persistent: created once from HOST's "
@@ -35,12 +39,13 @@ Volumes = Annotated[
 ]
 SpecPath = Annotated[
     str,
-    typer.Argument(help="Directory holding mvm.toml (or the file itself).", show_default="."),
+    typer.Argument(metavar="PATH", help="Directory holding mvm.toml (or the file itself).", show_default="."),
 ]
 Flake = Annotated[
     str | None,
     typer.Option(
         "--flake",
+        metavar="REF[#ATTR]",
         help="Build from a Nix flake instead of mvm.toml: REF[#ATTR] (default ATTR: "
         "packages.<this system>.default), e.g. `.` or `github:me/app#guest`.",
         show_default=False,
