@@ -172,3 +172,30 @@ def test_agent_refuses_unknown_verbs(cli: CLI, testbed_vm: dict[str, Any]) -> No
     )
     r = subprocess.run([sys.executable, "-c", code], env=cli.env, capture_output=True, text=True, check=True)
     assert "unknown op 'reboot_host'" in r.stdout
+
+
+def test_logs_follow_shows_new_lines_live(cli: CLI, testbed_vm: dict[str, Any]) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "mvm", "logs", "shared", "-f", "-n", "1"], env=cli.env,
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        marker = f"/follow-{time.time_ns()}"
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{testbed_vm['port']}{marker}", timeout=10).close()
+        except urllib.error.HTTPError as err:  # a 404 is fine: the request line is what we look for
+            err.close()
+        deadline = time.monotonic() + 20
+        assert proc.stdout is not None
+        seen = ""
+        while marker not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if ready:
+                seen += proc.stdout.readline()
+        assert marker in seen, seen
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    assert proc.returncode in (130, -15)
