@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
@@ -31,6 +32,7 @@ from .errors import (
     HealthTimeout,
     MvmError,
     UsageError,
+    VMError,
     VMNotFound,
     VMNotRunning,
 )
@@ -195,10 +197,10 @@ class VM:
         with agent.AgentSession(self.files, self.name) as session:
             session.start("exec", **request)
             if stdin is not None:
-                chunks = [stdin] if isinstance(stdin, bytes) else stdin
-                for chunk in chunks:
-                    session.send_stdin(chunk)
-                session.send_input("eof")
+                # Input goes from its own thread, so output streams while input is still
+                # being sent (and a large input cannot deadlock against unread output).
+                feeder = threading.Thread(target=_feed_stdin, args=(session, stdin), daemon=True)
+                feeder.start()
             final: dict[str, Any] = {}
             for msg in session.events():
                 if "event" in msg:
@@ -212,27 +214,28 @@ class VM:
         if final.get("timed_out"):
             raise ExecTimeout(self.name, f"command {list(argv)!r} {final.get('error')}",
                               hint="raise --timeout if it needs longer")
-        if not final.get("ok") and "exit" in final and final.get("exit") == 127 and "error" in final:
-            raise AgentError(self.name, str(final["error"]))
+        if not final.get("ok") and final.get("exit") == 127:
+            raise AgentError(self.name, str(final.get("error")))
         return ExecResult(int(final.get("exit", 1)), b"".join(out["stdout"]), b"".join(out["stderr"]))
 
     def forward(self, port: str | PortForward) -> PortForward:
         """Add a host→guest port forward to the running VM and record it."""
-        from .backends.qemu import QemuBackend
-
         fwd = parse_port(port) if isinstance(port, str) else port
-        record = self._require_running()
-        for existing in record.ports:
-            if existing.host_port == fwd.host_port and existing.proto == fwd.proto:
-                raise UsageError(
-                    f"host port {fwd.host_port}/{fwd.proto} is already forwarded to guest port "
-                    f"{existing.guest_port} on {self.name}",
-                    hint="pick another host port",
-                )
-        registry = Registry(self.layout)
-        with registry.locked(self.name):
-            QemuBackend().add_forward(self.files, fwd)
-        registry.update(self.name, lambda r: r.ports.append(PortRecord(**fwd.__dict__)))
+        self._require_running()
+        with Registry(self.layout).transaction(self.name) as (files, record):  # one forward at a time
+            for existing in record.ports:
+                if existing.host_port == fwd.host_port and existing.proto == fwd.proto:
+                    raise UsageError(
+                        f"host port {fwd.host_port}/{fwd.proto} is already forwarded to guest port "
+                        f"{existing.guest_port} on {self.name}",
+                        hint="pick another host port",
+                    )
+            backend = backend_for(record)
+            if "hotplug-forward" not in backend.capabilities():
+                raise UsageError(f"the {backend.name} backend cannot add forwards to a running VM",
+                                 hint=f"stop it and `mvmctl up` again with -p {fwd.host_port}:{fwd.guest_port}")
+            backend.add_forward(files, fwd)
+            record.ports.append(PortRecord(**fwd.__dict__))
         return fwd
 
     def wait_healthy(self, timeout: float, on_change: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -270,10 +273,26 @@ class VM:
         return down(self.name, timeout=timeout, layout=self.layout)
 
 
+def _feed_stdin(session: agent.AgentSession, stdin: bytes | Iterable[bytes]) -> None:
+    try:
+        for chunk in [stdin] if isinstance(stdin, bytes) else stdin:
+            session.send_stdin(chunk)
+        session.send_input("eof")
+    except (AgentError, OSError):
+        pass  # the command ended (or the VM went away) before it read all its input
+
+
 def _default_backend() -> Backend:
     from .backends.qemu import QemuBackend
 
     return QemuBackend()
+
+
+def backend_for(record: VMRecord | None) -> Backend:
+    """The backend that runs a recorded VM (QEMU is the only one so far)."""
+    if record is not None and record.backend != "qemu":
+        raise UsageError(f"VM {record.name!r} runs on backend {record.backend!r}, which this mvm lacks")
+    return _default_backend()
 
 
 def up(
@@ -319,8 +338,10 @@ def up(
         except ValueError as exc:
             raise UsageError(f"--name: {exc}") from None
     from .backends import accel
+    from .backends.qemu import check_ports_free
     from .runtime import volumes as volumes_mod
 
+    check_ports_free(forwards)  # before building or creating anything
     vol_plan = volumes_mod.plan(volumes, layout)
 
     if image is None:
@@ -400,7 +421,11 @@ def up(
     vm = VM(vm_name, layout)
     if wait and record.checks:
         prog.stage("waiting for health checks")
-        vm.wait_healthy(wait_timeout)
+        try:
+            vm.wait_healthy(wait_timeout)  # a timeout keeps the VM for inspection (the error says so)
+        except KeyboardInterrupt:
+            down(vm_name, layout=layout)  # Ctrl-C aborts the whole `up`
+            raise
     return vm
 
 
@@ -444,28 +469,21 @@ def summarize_health(checks: dict[str, Any]) -> str:
 
 
 def _candidate_pids(record: VMRecord | None, files: VMFiles) -> Iterator[tuple[int, int | None]]:
-    """QEMU pids that belong to this VM: the recorded one, or one whose cwd is the VM dir."""
+    """QEMU pids that belong to this VM: the recorded one, or any whose cwd is the VM dir
+    (found even when vm.json is unreadable)."""
     if record and record.pid:
         yield record.pid, record.pid_start
-    try:
-        pid = int((files.root / "qemu.pid").read_text().strip())
-    except (OSError, ValueError):
-        return
-    try:
-        if os.readlink(f"/proc/{pid}/cwd") == str(files.root):
-            yield pid, process.start_time(pid)
-    except OSError:
-        return
+    for pid in process.pids_with_cwd(files.root):
+        yield pid, process.start_time(pid)
 
 
 def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None = None) -> str:
-    """Stop a VM and remove its runtime dir. Idempotent: a missing VM is not an error.
+    """Stop a VM and remove its runtime dir. Raises VMNotFound for an unknown name (the CLI
+    reports that and exits 0, so `mvmctl down` can be repeated safely).
 
     Escalation: the agent stops services, syncs and powers off; if that fails, QMP
     ``quit``; then SIGTERM/SIGKILL. The runtime dir goes in every case.
     """
-    from .backends.qemu import QemuBackend
-
     layout = _layout(layout)
     registry = Registry(layout)
     files = registry.files(name)
@@ -475,6 +493,10 @@ def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None 
         record: VMRecord | None = registry.load(name)
     except MvmError:
         record = None  # corrupt state: still find and stop its QEMU
+    if (record is not None and record.state == "starting" and not process.alive(record.pid, record.pid_start)
+            and process.alive(record.owner_pid, record.owner_start)):
+        raise VMError(name, f"VM {name!r} is being started by process {record.owner_pid}",
+                      hint="wait for that `mvmctl up` to finish (or interrupt it), then run down")
     how = "not running"
     for pid, started in _candidate_pids(record, files):
         if not process.alive(pid, started):
@@ -484,11 +506,12 @@ def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None 
         except MvmError:
             pass
         how = "stopped by the guest"
+        backend = backend_for(record)
         try:
             agent.request(files, name, "shutdown", timeout=3.0)
             if not process.wait_gone(pid, started, timeout):
-                how = QemuBackend().stop(files, pid, 5.0, started)
+                how = backend.stop(files, pid, 5.0, started)
         except MvmError:
-            how = QemuBackend().stop(files, pid, 5.0, started)
+            how = backend.stop(files, pid, 5.0, started)
     registry.remove(name)
     return how

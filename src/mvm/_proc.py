@@ -55,10 +55,15 @@ class Completed:
     output: str
 
 
+def find_tool(name: str) -> str | None:
+    """Absolute path of ``name``: on PATH, or in sbin (mkfs.ext4 and friends live there,
+    and sbin is not on every user's PATH)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
 def require_tool(name: str) -> str:
-    """Absolute path of ``name`` on PATH, or a ToolMissing that says how to install it."""
-    # mkfs.ext4 and friends live in sbin, which is not on every user's PATH.
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    """Absolute path of ``name``, or a ToolMissing that says how to install it."""
+    found = find_tool(name)
     if not found:
         hint = INSTALL_HINTS.get(name)
         raise ToolMissing(
@@ -76,8 +81,6 @@ class Runner(Protocol):
         desc: str,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
-        input: bytes | None = None,
-        timeout: float | None = None,
         on_line: Callable[[str], None] | None = None,
         error: type[CommandFailed] = CommandFailed,
         hint: str | None = None,
@@ -134,8 +137,6 @@ class SubprocessRunner:
         desc: str,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
-        input: bytes | None = None,
-        timeout: float | None = None,
         on_line: Callable[[str], None] | None = None,
         error: type[CommandFailed] = CommandFailed,
         hint: str | None = None,
@@ -148,7 +149,7 @@ class SubprocessRunner:
         try:
             proc = subprocess.Popen(
                 args,
-                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
@@ -160,30 +161,14 @@ class SubprocessRunner:
         lines: list[str] = []
         tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
         try:
-            if input is not None:
-                out, _ = proc.communicate(input, timeout=timeout)
-                for raw in out.decode(errors="replace").splitlines():
-                    lines.append(raw)
-                    tail.append(raw)
-                    if on_line:
-                        on_line(raw)
-            else:
-                assert proc.stdout is not None
-                for raw_b in proc.stdout:
-                    raw = raw_b.decode(errors="replace").rstrip("\n")
-                    lines.append(raw)
-                    tail.append(raw)
-                    if on_line:
-                        on_line(raw)
-                proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            stop_gracefully(proc)
-            raise error(
-                f"{desc}: timed out after {timeout:.0f}s",
-                argv=args,
-                output="\n".join(tail),
-                hint=hint,
-            ) from exc
+            assert proc.stdout is not None
+            for raw_b in proc.stdout:
+                raw = raw_b.decode(errors="replace").rstrip("\n")
+                lines.append(raw)
+                tail.append(raw)
+                if on_line:
+                    on_line(raw)
+            proc.wait()
         except BaseException:
             # Ctrl-C / SIGTERM: let the child clean up after itself (mmdebstrap unmounts its
             # chroot and removes its temp dir on SIGTERM), then make sure it is gone.

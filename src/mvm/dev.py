@@ -113,7 +113,7 @@ def share_image(base: Image, layout: Layout, runner: Runner) -> Image:
         "base": base.key,
         "kernel": k.version,
         "modules": wanted,
-        "initrd": hashlib.sha256(Path(initrd.__file__).read_bytes()).hexdigest(),
+        "initrd": kernel.initrd_digest(),
     }
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from typing import Any
 
-from ._proc import INSTALL_HINTS
+from ._proc import INSTALL_HINTS, find_tool
 from .paths import Layout
 
 TOOLS: list[tuple[str, list[str], str]] = [
@@ -32,10 +32,6 @@ TOOLS: list[tuple[str, list[str], str]] = [
 MIN_FREE_BYTES = 2 * 1024**3
 
 
-def _which(name: str) -> str | None:
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-
-
 def tool_version(path: str, args: list[str]) -> str:
     if not args:
         return "present"
@@ -52,7 +48,7 @@ def tool_version(path: str, args: list[str]) -> str:
 def check_tools() -> list[dict[str, Any]]:
     rows = []
     for name, args, purpose in TOOLS:
-        path = _which(name)
+        path = find_tool(name)
         hint = INSTALL_HINTS.get(name)
         if name == "firecracker":
             hint = "not packaged for Debian; mvm's Firecracker backend is not implemented yet"
@@ -70,7 +66,7 @@ def check_tools() -> list[dict[str, Any]]:
 def check_backends(layout: Layout) -> list[dict[str, Any]]:
     from .backends import accel
 
-    qemu = _which("qemu-system-x86_64")
+    qemu = find_tool("qemu-system-x86_64")
     rows: list[dict[str, Any]] = []
     if not qemu:
         fix = INSTALL_HINTS["qemu-system-x86_64"]

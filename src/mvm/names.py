@@ -11,7 +11,7 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def check_vm_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ValueError(
             f"{name!r} is not a valid VM name: use 1-63 characters of a-z, 0-9 and '-', "
             "starting and ending with a letter or digit"
@@ -21,7 +21,7 @@ def check_vm_name(name: str) -> str:
 
 def check_env(env: dict[str, str]) -> dict[str, str]:
     for key, value in env.items():
-        if not ENV_NAME_RE.match(key):
+        if not ENV_NAME_RE.fullmatch(key):
             raise ValueError(f"{key!r} is not a valid environment variable name")
         if "\0" in value:
             raise ValueError(f"the value of {key} contains a NUL byte")

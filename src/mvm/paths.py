@@ -47,10 +47,6 @@ class Layout:
         return self.vms / name
 
     @property
-    def locks(self) -> Path:
-        return self.state / "locks"
-
-    @property
     def volumes(self) -> Path:
         return self.state / "volumes"
 
@@ -84,10 +80,6 @@ class VMFiles:
     @property
     def lock(self) -> Path:
         return self.root / "vm.lock"
-
-    @property
-    def pidfile(self) -> Path:
-        return self.root / "qemu.pid"
 
     @property
     def qmp(self) -> Path:

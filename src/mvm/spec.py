@@ -43,7 +43,7 @@ class Service(_Model):
     @field_validator("user")
     @classmethod
     def _user(cls, value: str) -> str:
-        if not USER_RE.match(value):
+        if not USER_RE.fullmatch(value):
             raise ValueError(f"{value!r} is not a valid user name")
         return value
 
@@ -85,7 +85,7 @@ class GuestSpec(_Model):
     @classmethod
     def _packages(cls, value: list[str]) -> list[str]:
         for pkg in value:
-            if not re.match(r"^[a-z0-9][a-z0-9+.:=~-]*$", pkg):
+            if not re.fullmatch(r"[a-z0-9][a-z0-9+.:=~-]*", pkg):
                 raise ValueError(f"{pkg!r} is not a valid Debian package name")
         return value
 
@@ -93,7 +93,7 @@ class GuestSpec(_Model):
     @classmethod
     def _service_names(cls, value: dict[str, Service]) -> dict[str, Service]:
         for svc in value:
-            if not SERVICE_RE.match(svc):
+            if not SERVICE_RE.fullmatch(svc):
                 raise ValueError(f"{svc!r} is not a valid service name")
         return value
 

@@ -66,7 +66,7 @@ def find_leaks(home: Path, cache: Path, expected_vms: set[str] = frozenset()) ->
         if backing.read_text().strip().startswith((str(home), str(cache))):
             loops += 1
     taps = sum(1 for n in os.listdir("/sys/class/net") if n.startswith(("tap", "mvm")))
-    builds = len(list((cache / "images").glob(".build-*"))) + len(list(cache.glob("mvm-build-*")))
+    builds = len(list((cache / "images").glob(".build-*")))
     strays = 0  # any process but a VM's QEMU that inherited this session's MVM_HOME
     marker = f"MVM_HOME={home}".encode()
     for entry in Path("/proc").iterdir():

@@ -107,7 +107,7 @@ def test_console_gives_an_interactive_shell(cli: CLI, testbed_vm: dict[str, Any]
                 except OSError:
                     break
 
-    read_until(b"root@testbed")  # the guest shell's prompt: typing before it may be discarded
+    read_until(b"root@shared")  # the prompt (hostname = VM name); typing before it may be lost
     os.write(fd, b"echo answer-$((6*7)); tty\n")
     read_until(b"answer-42")
     read_until(b"/dev/pts/")

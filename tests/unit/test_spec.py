@@ -73,3 +73,18 @@ def test_digest_changes_with_content() -> None:
     b = parse_spec({"name": "x", "packages": ["wget"]}, source="t")
     assert a.digest() != b.digest()
     assert a.digest() == parse_spec({"name": "x", "packages": ["curl"]}, source="t").digest()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"name": "hello\n"},
+        {"name": "x", "packages": ["curl\n"]},
+        {"name": "x", "services": {"a\n": {"command": "x"}}},
+        {"name": "x", "services": {"a": {"command": "x", "user": "bob\n"}}},
+        {"name": "x", "services": {"a": {"command": "x", "env": {"K\n": "v"}}}},
+    ],
+)
+def test_a_trailing_newline_is_not_a_valid_name(data: dict) -> None:
+    with pytest.raises(SpecError):
+        parse_spec(data, source="t")

@@ -22,6 +22,7 @@ from typing import Literal
 from .._atomic import write_json_atomic
 from .._proc import require_tool
 from ..errors import UsageError
+from .qemu import QEMU
 
 PROBE_TIMEOUT = 6.0
 MARKER = b"Run /init as init process"
@@ -34,9 +35,9 @@ class AccelChoice:
     reason: str
 
 
-def _probe_key(kernel: Path, qemu: str) -> str:
+def _probe_key(kernel: Path, initrd: Path | None, qemu: str) -> str:
     parts = []
-    for p in (kernel, Path(qemu)):
+    for p in (kernel, *([initrd] if initrd else []), Path(qemu)):
         st = p.stat()
         parts.append(f"{p}:{st.st_size}:{st.st_mtime_ns}")
     parts.append(platform.release())
@@ -81,8 +82,11 @@ def kvm_verdict(kernel: Path, initrd: Path | None, probes: Path) -> tuple[bool, 
         return False, "/dev/kvm does not exist"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is not accessible to this user (join the kvm group)"
-    qemu = require_tool("qemu-system-x86_64")
-    cache = probes / f"kvm-{_probe_key(kernel, qemu)}.json"
+    qemu = require_tool(QEMU)
+    missing = [str(p) for p in (kernel, initrd) if p is not None and not p.is_file()]
+    if missing:  # not a verdict about KVM: never cache it
+        return False, f"not probed ({', '.join(missing)} missing); TCG until the next build"
+    cache = probes / f"kvm-{_probe_key(kernel, initrd, qemu)}.json"
     try:
         data = json.loads(cache.read_text())
         return bool(data["ok"]), str(data["reason"])

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, Runner, require_tool
-from ..errors import BootError, PortInUse, VMError, VolumeError
+from ..errors import BootError, PortInUse, UsageError, VMError, VolumeError
 from ..guest import protocol
 from ..paths import VMFiles
 from ..runtime import process
@@ -66,6 +66,11 @@ def kernel_cmdline(spec: LaunchSpec) -> str:
     return " ".join(args)
 
 
+def qemu_escape(path: Path | str) -> str:
+    """QEMU option values are comma-separated; a literal comma is written twice."""
+    return str(path).replace(",", ",,")
+
+
 def hostfwd_rule(fwd: PortForward) -> str:
     return f"{fwd.proto}:{fwd.host_ip}:{fwd.host_port}-:{fwd.guest_port}"
 
@@ -89,7 +94,6 @@ def build_argv(spec: LaunchSpec, qemu: str = QEMU) -> list[str]:
         "-chardev", "file,id=con,path=console.log",
         "-serial", "chardev:con",
         "-qmp", "unix:qmp.sock,server=on,wait=off",
-        "-pidfile", "qemu.pid",
     ]
     if spec.initrd:
         argv += ["-initrd", str(spec.initrd)]
@@ -98,7 +102,7 @@ def build_argv(spec: LaunchSpec, qemu: str = QEMU) -> list[str]:
         drives.append((spec.config_disk, protocol.CONFIG_DISK_SERIAL, True, False))
     drives += [(d.path, d.serial, d.readonly, False) for d in spec.disks]
     for i, (path, serial, readonly, snapshot) in enumerate(drives):
-        opts = f"file={path},format=raw,if=none,id=d{i},cache=writeback,discard=unmap"
+        opts = f"file={qemu_escape(path)},format=raw,if=none,id=d{i},cache=writeback,discard=unmap"
         if snapshot:
             opts += ",snapshot=on"
         if readonly:
@@ -152,6 +156,9 @@ def check_ports_free(ports: list[PortForward]) -> None:
         seen.add(key)
         kind = socket.SOCK_STREAM if fwd.proto == "tcp" else socket.SOCK_DGRAM
         with socket.socket(socket.AF_INET, kind) as s:
+            # QEMU's slirp binds with SO_REUSEADDR, so a TIME_WAIT left by the last VM on this
+            # port (after `down`) must not count as "in use" here either.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((fwd.host_ip, fwd.host_port))
             except OSError as exc:
@@ -212,6 +219,10 @@ class QemuBackend:
         helpers: list[subprocess.Popen[bytes]] = []
         if not spec.shares:
             return helpers
+        for share in spec.shares:
+            if "," in str(share.path):
+                raise UsageError(f"cannot share {share.path}: virtiofsd options cannot hold a comma",
+                                 hint="move or link the directory to a path without commas")
         virtiofsd = find_virtiofsd()
         try:
             for i, share in enumerate(spec.shares):
@@ -219,7 +230,8 @@ class QemuBackend:
                 log_path = spec.files.root / f"virtiofsd{i}.log"
                 with open(log_path, "ab") as log_file:
                     helper = self.runner.spawn(
-                        [virtiofsd, f"--socket-path={sock}", "-o", f"source={share.path}", "-o", "cache=auto"],
+                        [virtiofsd, f"--socket-path={share_socket(i)}", "-o", f"source={share.path}",
+                         "-o", "cache=auto"],
                         stdout=log_file, cwd=spec.files.root,
                     )
                 helpers.append(helper)
@@ -256,24 +268,17 @@ class QemuBackend:
         the drives; it answers a QMP command only from its main loop, once the machine is set
         up. Waiting for that answer turns a late start-up failure (a volume image locked by
         another QEMU) into QEMU's own error here, instead of an agent timeout later."""
-        answered = False
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(max(0.1, deadline - time.monotonic()))
-                sock.connect(str(files.qmp))
-                reader = sock.makefile("rb")
-                if reader.readline():  # the greeting
-                    sock.sendall(b'{"execute": "qmp_capabilities"}\r\n')
-                    answered = b"return" in reader.readline()
-                reader.close()
-        except OSError:  # includes timeouts: leave the verdict to the agent wait, as before
+            with QMP(files.qmp, spec.name, timeout=max(0.5, deadline - time.monotonic())) as qmp:
+                qmp.command("query-status")
+            return
+        except VMError:  # no answer (yet): did QEMU die? Otherwise the agent wait decides.
             pass
-        if not answered:
-            try:
-                code = proc.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                return
-            self._raise_start_failure(spec, files, code)
+        try:
+            code = proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            return
+        self._raise_start_failure(spec, files, code)
 
     def _raise_start_failure(self, spec: LaunchSpec, files: VMFiles, code: int) -> None:
         text = tail(files.qemu_log)

@@ -142,7 +142,9 @@ def build_rootfs(
     debs = layout.debs
     debs.mkdir(parents=True, exist_ok=True)
     packages = list(dict.fromkeys(BASE_PACKAGES + spec.packages))
-    with tempfile.TemporaryDirectory(prefix="mvm-build-", dir=layout.cache) as tmp:
+    # The work dir lives in the image's staging dir: it is covered by the same build lock,
+    # and an interrupted build leaves one leftover (which `mvmctl cleanup` removes), not two.
+    with tempfile.TemporaryDirectory(prefix=".work-", dir=out.parent) as tmp:
         work = Path(tmp)
         overlay = work / "overlay"
         guestfiles.stage(overlay, dict(guest), python="/usr/bin/python3")

@@ -153,26 +153,30 @@ def build_initrd(modules_dir: str, busybox: str, out: str, wanted: list[str] | N
     order = load_order(wanted or WANTED_MODULES, deps)
     flat = [os.path.basename(p).split(".ko")[0] + ".ko" for p in order]
     flat_of = dict(zip(order, flat, strict=True))
-    # One `modprobe -a` loads them all (one process instead of one insmod per module, which
-    # is measurable under TCG). It reads a modules.dep in /lib/modules/<uname -r>.
+    # One `modprobe -a` loads them all (one process instead of an insmod per module); it
+    # reads a modules.dep in /lib/modules/<uname -r>.
     version = os.path.basename(os.path.normpath(modules_dir))
     dep_lines = [f"{flat_of[p]}: {' '.join(flat_of[d] for d in deps.get(p, []) if d in flat_of)}".rstrip()
                  for p in order]
-    tmp = out + ".tmp"
-    with open(tmp, "wb") as raw:
-        cpio = CpioWriter(raw)
-        for d in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules", f"lib/modules/{version}"):
-            cpio.dir(d)
-        with open(busybox, "rb") as f:
-            cpio.file("bin/busybox", f.read(), 0o755)
-        cpio.symlink("bin/sh", "busybox")
-        for path, name in zip(order, flat, strict=True):
-            cpio.file(f"lib/modules/{version}/{name}", _module_bytes(os.path.join(modules_dir, path)))
-        cpio.file(f"lib/modules/{version}/modules.dep", ("\n".join(dep_lines) + "\n").encode())
-        names = " ".join(module_name(p) for p in order)
-        cpio.file("init", INIT_SCRIPT.replace("@MODULES@", names).encode(), 0o755)
-        cpio.close()
-    os.replace(tmp, out)
+    tmp = f"{out}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as raw:
+            cpio = CpioWriter(raw)
+            for d in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules", f"lib/modules/{version}"):
+                cpio.dir(d)
+            with open(busybox, "rb") as f:
+                cpio.file("bin/busybox", f.read(), 0o755)
+            cpio.symlink("bin/sh", "busybox")
+            for path, name in zip(order, flat, strict=True):
+                cpio.file(f"lib/modules/{version}/{name}", _module_bytes(os.path.join(modules_dir, path)))
+            cpio.file(f"lib/modules/{version}/modules.dep", ("\n".join(dep_lines) + "\n").encode())
+            names = " ".join(module_name(p) for p in order)
+            cpio.file("init", INIT_SCRIPT.replace("@MODULES@", names).encode(), 0o755)
+            cpio.close()
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return order
 
 

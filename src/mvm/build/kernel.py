@@ -54,14 +54,8 @@ def initrd_digest() -> str:
 
 
 def ensure_initrd(kernel: Kernel) -> None:
-    if kernel.initrd.is_file():
-        return
-    tmp = kernel.initrd.with_name(f".{kernel.initrd.name}.{os.getpid()}")
-    try:
-        initrd.build_initrd(str(kernel.modules), require_tool("busybox"), str(tmp))
-        os.replace(tmp, kernel.initrd)
-    finally:
-        tmp.unlink(missing_ok=True)
+    if not kernel.initrd.is_file():  # build_initrd writes atomically itself
+        initrd.build_initrd(str(kernel.modules), require_tool("busybox"), str(kernel.initrd))
 
 
 def extract_vmlinux(bzimage: bytes, runner: Runner) -> bytes:
@@ -123,21 +117,28 @@ def cached_kernels(cache: Path) -> list[Kernel]:
     return found
 
 
-def ensure_kernel(cache: Path, runner: Runner, *, refresh: bool = False) -> Kernel:
+def ensure_kernel(cache: Path, runner: Runner) -> Kernel:
     """The newest cached kernel, or fetch and prepare one (once per version)."""
-    if not refresh:
-        have = cached_kernels(cache)
-        if have:
-            ensure_initrd(have[-1])
-            return have[-1]
+    have = cached_kernels(cache)
+    if have:
+        ensure_initrd(have[-1])
+        return have[-1]
     package = resolve_package(runner)
     version = package.removeprefix("linux-image-")
-    target = cache / version
-    kernel = Kernel(version, target)
-    if kernel.vmlinux.is_file():
-        ensure_initrd(kernel)
-        return kernel
     cache.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    with FileLock(str(cache / ".fetch.lock")):  # two first builds download it once
+        kernel = Kernel(version, cache / version)
+        if not kernel.vmlinux.is_file():
+            _fetch(package, version, cache, runner)
+        ensure_initrd(kernel)
+    log.info("kernel %s ready in %s", version, kernel.root)
+    return kernel
+
+
+def _fetch(package: str, version: str, cache: Path, runner: Runner) -> None:
+    target = cache / version
     work = Path(tempfile.mkdtemp(prefix=".kernel-", dir=cache))
     try:
         runner.run(
@@ -147,7 +148,9 @@ def ensure_kernel(cache: Path, runner: Runner, *, refresh: bool = False) -> Kern
             error=BuildError,
             hint="check network access to the Debian mirror, and run `apt-get update`",
         )
-        deb = next(work.glob("*.deb"))
+        deb = next(work.glob("*.deb"), None)
+        if deb is None:
+            raise BuildError(f"apt-get download {package} produced no .deb file")
         unpacked = work / "x"
         runner.run(["dpkg-deb", "-x", deb, unpacked], desc="unpacking the kernel", error=BuildError)
         staged = work / "out"
@@ -162,8 +165,5 @@ def ensure_kernel(cache: Path, runner: Runner, *, refresh: bool = False) -> Kern
         (staged / "vmlinux").write_bytes(extract_vmlinux(bzimage, runner))
         shutil.copy(unpacked / "boot" / f"config-{version}", staged / "config")
         os.replace(staged, target)
-        ensure_initrd(kernel)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log.info("kernel %s ready in %s", version, target)
-    return kernel

@@ -152,7 +152,22 @@ class ImageStore:
         return Image(self._dir(key), manifest)
 
     def stale_staging(self) -> list[Path]:
-        """Leftovers of interrupted builds (only ever named ``.build-*``)."""
+        """Leftovers of interrupted builds (only ever named ``.build-*``); a staging dir whose
+        build still holds its lock is in use, not stale."""
         if not self.root.is_dir():
             return []
-        return [p for p in self.root.glob(".build-*") if p.is_dir()]
+        from filelock import FileLock, Timeout
+
+        stale = []
+        for staging in self.root.glob(".build-*"):
+            prefix = staging.name.split("-")[1]  # .build-<key[:12]>-<random>
+            held = False
+            for lock in self.root.glob(f".{prefix}*.lock"):
+                try:
+                    with FileLock(str(lock), timeout=0):
+                        pass
+                except Timeout:
+                    held = True
+            if staging.is_dir() and not held:
+                stale.append(staging)
+        return stale

@@ -6,6 +6,7 @@
     1    a known mvm error (bad spec, port in use, VM not found, ...), printed with a hint
     2    command-line usage error
     3    a bug in mvm (traceback printed; please report it)
+    120  stdout was closed early (e.g. `mvmctl ls | head`)
     124  `exec --timeout` expired
     130  interrupted (Ctrl-C / SIGTERM); everything started so far is cleaned up
     N    `exec` passes the guest command's exit code through

@@ -29,6 +29,13 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+def write_stream(stream: str, data: bytes) -> None:
+    """Pass a guest command's output through to our stdout or stderr, unbuffered."""
+    target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+    target.write(data)
+    target.flush()
+
+
 def info(message: str) -> None:
     err.print(message)
 
@@ -40,8 +47,10 @@ def render_error(exc: MvmError, debug: bool = False) -> None:
         err.print("[dim]" + escape("\n".join(f"  | {ln}" for ln in lines)) + "[/]")
     if exc.hint:
         err.print(f"[yellow]hint:[/] {escape(exc.hint)}")
-    if debug and getattr(exc, "argv", None):
-        err.print(f"[dim]command: {escape(' '.join(exc.argv))}[/]")  # type: ignore[attr-defined]
+    if debug:
+        err.print(f"[dim]error kind: {exc.reference}[/]")
+        if getattr(exc, "argv", None):
+            err.print(f"[dim]command: {escape(' '.join(exc.argv))}[/]")  # type: ignore[attr-defined]
 
 
 @dataclass

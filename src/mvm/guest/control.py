@@ -216,11 +216,7 @@ class StreamOp:
         elif kind == "resize" and self.pty_master is not None:
             packed = struct.pack("HHHH", int(msg.get("rows", 24)), int(msg.get("cols", 80)), 0, 0)
             fcntl.ioctl(self.pty_master, termios.TIOCSWINSZ, packed)
-        elif kind == "signal" and self.child is not None:
-            try:
-                os.killpg(self.child.pid, int(msg.get("signal", signal.SIGTERM)))
-            except (ProcessLookupError, ValueError):
-                pass
+
 
 
 class ControlServer:
@@ -326,9 +322,6 @@ class ControlServer:
                     for tid, frame in sys._current_frames().items()
                 }
             conn.send({"ok": True, **self.status(), **extra}, rid)
-        elif op == "sync":
-            os.sync()
-            conn.send({"ok": True}, rid)
         elif op == "shutdown":
             conn.send({"ok": True}, rid)
             threading.Thread(target=self.shutdown, name="shutdown", daemon=True).start()

@@ -44,8 +44,8 @@ class EventLog:
 
     def flush(self, timeout: float = 2.0) -> None:
         done = threading.Event()
-        self._queue.put(None)
         self._flushed = done
+        self._queue.put(None)
         done.wait(timeout)
 
     def _drain(self) -> None:

@@ -112,7 +112,8 @@ class Init:
             runtime = {}
         ports = system.virtio_ports()
         self.events = events = EventLog(ports.get(protocol.EVENT_PORT))
-        hostname = runtime.get("hostname") or self.guest.get("hostname") or self.guest.get("name")
+        # the spec's hostname, else the VM's name (`up --name`), else the spec's name
+        hostname = self.guest.get("hostname") or runtime.get("vm") or self.guest.get("name")
         if hostname:
             system.set_hostname(hostname)
         try:

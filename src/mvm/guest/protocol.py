@@ -6,7 +6,7 @@ Messages are JSON objects, one per line (UTF-8, ``\\n``-terminated). A request c
 ``op``; the guest answers with ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
 Streaming operations (``exec``, ``console``) first send events (``{"event": "stdout",
 "data": <base64>}``) and end with one ``{"ok": ..., "exit": N}`` reply. While one runs, the
-host may send ``stdin``/``eof``/``resize``/``signal`` messages on the same connection.
+host may send ``stdin``/``eof``/``resize`` messages on the same connection.
 
 A guest ``write()`` to a virtio-serial port is capped at 32 KiB, so :func:`write_all` loops.
 """
@@ -32,9 +32,9 @@ CONFIG_DISK_BYTES = 64 * 1024
 PROTOCOL_VERSION = 1
 
 #: The only requests the agent answers. Anything else is refused.
-OPS = frozenset({"ping", "status", "shutdown", "exec", "console", "sync"})
+OPS = frozenset({"ping", "status", "shutdown", "exec", "console"})
 #: Messages a client may send while a streaming op runs.
-STREAM_INPUT = frozenset({"stdin", "eof", "resize", "signal"})
+STREAM_INPUT = frozenset({"stdin", "eof", "resize"})
 
 
 def encode(msg: dict[str, Any]) -> bytes:

@@ -94,10 +94,13 @@ def snapshot_tree(roots: list[str]) -> set[str]:
 
 
 def hand_over(roots: list[str], before: set[str], uid: int, gid: int) -> int:
-    """Give paths created since ``before`` to uid:gid; returns how many changed hands."""
+    """Give root-owned paths created since ``before`` (i.e. by a preStart) to uid:gid;
+    returns how many changed hands. Paths other users created are left alone."""
     changed = 0
     for path in snapshot_tree(roots) - before:
         try:
+            if os.lstat(path).st_uid != 0:
+                continue
             os.lchown(path, uid, gid)
             changed += 1
         except OSError:
@@ -184,10 +187,12 @@ class Service:
         if pre and not self.sup.stopping.is_set():
             self._set_state("prestart")
             roots = self.sup.handover_roots
-            before = snapshot_tree(roots)
-            code = self._spawn(pre, Identity("root"), "preStart").wait()
-            if user.uid != 0:
-                hand_over(roots, before, user.uid, user.gid)
+            # One preStart at a time: what appears meanwhile is this one's to hand over.
+            with self.sup.prestart_lock:
+                before = snapshot_tree(roots)
+                code = self._spawn(pre, Identity("root"), "preStart").wait()
+                if user.uid != 0:
+                    hand_over(roots, before, user.uid, user.gid)
             if code != 0:
                 self.last_exit = code
                 self._set_state("failed", reason=f"preStart exited with {code}", exit=code)
@@ -246,6 +251,7 @@ class Supervisor:
         self.handover_roots = handover_roots
         self.path = path
         self.stopping = threading.Event()
+        self.prestart_lock = threading.Lock()
         self.services = {name: Service(name, spec, self) for name, spec in services.items()}
 
     def start(self) -> None:

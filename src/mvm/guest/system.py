@@ -49,14 +49,6 @@ def power_off() -> None:
     _libc.reboot(RB_POWER_OFF)
 
 
-def is_mounted(target: str) -> bool:
-    try:
-        with open("/proc/self/mounts") as f:
-            return any(line.split()[1] == target for line in f)
-    except OSError:
-        return False
-
-
 def mount_early() -> None:
     """The API filesystems. /dev is already devtmpfs, moved over by the initrd."""
     table = [

@@ -94,7 +94,8 @@ class AgentSession:
     # -- messages -----------------------------------------------------------------------
 
     def send(self, msg: dict[str, Any]) -> None:
-        assert self._sock is not None
+        if self._sock is None:
+            raise AgentError(self.vm, "the connection to the agent is closed")
         try:
             self._sock.sendall(protocol.encode(msg))
         except OSError as exc:
@@ -106,8 +107,8 @@ class AgentSession:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             while self._pending:
-                msg = protocol.decode(self._pending.pop(0))
-                if msg.get("id") == rid:
+                msg = _decode_or_none(self._pending.pop(0))
+                if msg is not None and msg.get("id") == rid:
                     return msg
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -121,12 +122,12 @@ class AgentSession:
                 raise AgentError(self.vm, f"lost the connection to the agent: {exc}") from None
             if not data:
                 raise AgentError(self.vm, "the agent closed the connection (VM stopping?)")
-            self._pending.extend(self._buf.feed(data))
+            self._feed(data)
 
-    def request(self, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+    def request(self, op: str, **args: Any) -> dict[str, Any]:
         rid = secrets.token_hex(6)
         self.send({"op": op, "id": rid, **args})
-        reply = self.receive(rid, self.timeout if timeout is None else timeout)
+        reply = self.receive(rid, self.timeout)
         if not reply.get("ok"):
             raise AgentError(self.vm, f"the guest refused {op!r}: {reply.get('error', 'no reason given')}")
         return reply
@@ -160,16 +161,31 @@ class AgentSession:
                 raise AgentError(self.vm, f"lost the connection to the agent: {exc}") from None
             if not data:
                 raise AgentError(self.vm, "the agent closed the connection")
-            self._pending.extend(self._buf.feed(data))
-        msgs = [protocol.decode(raw) for raw in self._pending]
+            self._feed(data)
+        msgs = [_decode_or_none(raw) for raw in self._pending]
         self._pending.clear()
-        return [m for m in msgs if m.get("id") == self.rid]
+        return [m for m in msgs if m is not None and m.get("id") == self.rid]
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._pending.extend(self._buf.feed(data))
+        except ValueError as exc:
+            raise AgentError(self.vm, f"the agent sent a malformed reply: {exc}") from None
 
     def send_input(self, kind: str, **fields: Any) -> None:
         self.send({"op": kind, "id": self.rid, **fields})
 
     def send_stdin(self, data: bytes) -> None:
         self.send_input("stdin", data=base64.b64encode(data).decode())
+
+
+def _decode_or_none(raw: bytes) -> dict[str, Any] | None:
+    """A line that is not a JSON object (say, the tail of a reply meant for an interrupted
+    client) is skipped like any reply with another id."""
+    try:
+        return protocol.decode(raw)
+    except ValueError:
+        return None
 
 
 def request(files: VMFiles, vm: str, op: str, timeout: float = DEFAULT_TIMEOUT, **args: Any) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 What it removes, and only that:
 - runtime dirs of VMs that are not running (exited, crashed, broken state, or a start that
   was interrupted hard), after killing any QEMU still running in such a dir;
-- leftovers of interrupted builds (``.build-*`` staging dirs, ``mvm-build-*`` temp dirs)
+- leftovers of interrupted builds (``.build-*`` staging dirs whose build is not running)
   and image-store lock files nobody holds;
 - images no VM uses, except the newest ``keep``;
 - with ``everything``: also ``nix-collect-garbage`` when Nix is installed.
@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from .._proc import DEFAULT_RUNNER, Runner
+from ..build.debian import unmount_below
 from ..build.store import ImageStore, read_manifest
 from ..errors import MvmError, StateError
-from ..paths import Layout, VMFiles
+from ..paths import Layout
 from . import process
 from .registry import Registry, derive_status
 
@@ -89,21 +90,9 @@ def _unheld(lock: Path) -> bool:
         os.close(fd)
 
 
-def _stray_qemu(files: VMFiles) -> list[int]:
-    """QEMU processes still running with this VM dir as cwd (e.g. after vm.json got lost)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.readlink(entry / "cwd") == str(files.root):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def _remove(path: Path) -> None:
+def _remove(path: Path, runner: Runner) -> None:
     if path.is_dir() and not path.is_symlink():
+        unmount_below(path, runner)  # an interrupted mmdebstrap may have left its chroot mounts
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
@@ -134,23 +123,20 @@ def cleanup(
             status = "broken"
         if status in RUNNING:
             continue
-        if status == "broken" and _stray_qemu(files):
+        if status == "broken" and process.pids_with_cwd(files.root):
             report.notes.append(f"{name}: state is unreadable but its QEMU is running; "
                                 f"stop it with `mvmctl down {name}`")
             continue
         report.items.append(Item("vm", str(files.root), disk_usage(files.root), f"VM {name} is {status}"))
         if not dry_run:
             if orphan_start:  # `up` died between starting QEMU and recording it
-                for pid in _stray_qemu(files):
+                for pid in process.pids_with_cwd(files.root):
                     process.terminate(pid, process.start_time(pid), timeout=3.0)
             registry.remove(name)
 
     store = ImageStore(layout.images)
     for staging in store.stale_staging():
         report.items.append(Item("build", str(staging), disk_usage(staging), "interrupted build"))
-    if layout.cache.is_dir():
-        for tmp in layout.cache.glob("mvm-build-*"):
-            report.items.append(Item("build", str(tmp), disk_usage(tmp), "interrupted build"))
     if layout.images.is_dir():
         for lock in layout.images.glob(".*.lock"):
             key = lock.name[1:-len(".lock")]
@@ -172,7 +158,7 @@ def cleanup(
     if not dry_run:
         for item in report.items:
             if item.kind != "vm":
-                _remove(Path(item.path))
+                _remove(Path(item.path), runner)
 
     if everything:
         if shutil.which("nix-collect-garbage"):

@@ -204,8 +204,10 @@ def owner_script(tree: Path, *, uid: int, gid: int, dir_mode: int, file_mode: in
     return lines
 
 
-def run_debugfs(path: Path, commands: list[str], runner: Runner, *, desc: str, write: bool) -> str:
-    """Run debugfs commands on an image; debugfs exits 0 on errors, so its output is checked."""
+def run_debugfs(path: Path, commands: list[str], runner: Runner, *, desc: str, write: bool,
+                tolerate: tuple[str, ...] = ()) -> str:
+    """Run debugfs commands on an image; debugfs exits 0 on errors, so its output is checked.
+    Lines containing one of ``tolerate`` are not errors."""
     script = path.parent / f".{path.name}.debugfs"
     script.write_text("\n".join(commands) + "\n")
     try:
@@ -214,7 +216,8 @@ def run_debugfs(path: Path, commands: list[str], runner: Runner, *, desc: str, w
     finally:
         script.unlink(missing_ok=True)
     problems = [ln for ln in done.output.splitlines()
-                if ln.strip() and not ln.startswith("debugfs ") and not ln.startswith("debugfs: ")]
+                if ln.strip() and not ln.startswith("debugfs ") and not ln.startswith("debugfs: ")
+                and not any(t in ln for t in tolerate)]
     if problems:
         raise CommandFailed(f"{desc} failed", argv=done.argv, output="\n".join(problems[-20:]))
     return done.output
@@ -227,9 +230,16 @@ def set_tree_owner(image: Path, tree: Path, runner: Runner, *, uid: int, gid: in
 
 
 def dump_tree(image: Path, dest: Path, runner: Runner) -> None:
-    """Copy every file of ``image`` into the existing, empty directory ``dest``."""
+    """Copy every file of ``image`` into the existing, empty directory ``dest``, and make
+    the copy's directories writable by us (so the export can move files out of them).
+
+    rdump also tries to give each file its owner from the image; only root may, so for
+    other users those complaints are expected (the export sets owners itself)."""
+    unprivileged = ("while changing ownership",) if os.geteuid() != 0 else ()
     run_debugfs(image, [f"rdump / {debugfs_quote(str(dest))}"], runner,
-                desc=f"copying the files out of {image.name}", write=False)
+                desc=f"copying the files out of {image.name}", write=False, tolerate=unprivileged)
+    for dirpath, _dirs, _files in os.walk(dest):
+        os.chmod(dirpath, os.stat(dirpath).st_mode | stat.S_IRWXU)
 
 
 def tree_bytes(tree: Path) -> tuple[int, int]:

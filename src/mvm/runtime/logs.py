@@ -71,32 +71,12 @@ def read_events(files: VMFiles) -> list[dict[str, Any]]:
         return []
 
 
-def snapshot(files: VMFiles, *, console: bool = True, services: bool = True,
-             lines: int | None = None) -> list[LogLine]:
-    """Everything logged so far (or the last ``lines`` of each part)."""
-    out: list[LogLine] = []
-    if console:
-        part = [LogLine("console", ln) for ln in _read_text(files.console_log).splitlines()]
-        out += part[-lines:] if lines else part
-    if services:
-        part = [ln for ev in read_events(files) if (ln := format_event(ev)) is not None]
-        out += part[-lines:] if lines else part
-    return out
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
-
-
 class _Tail:
     """Incremental reader of a growing file, yielding complete lines."""
 
-    def __init__(self, path: Path, from_end: bool) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.pos = path.stat().st_size if from_end and path.exists() else 0
+        self.pos = 0
         self.partial = b""
 
     def read(self) -> list[bytes]:
@@ -112,33 +92,39 @@ class _Tail:
         return complete
 
 
-def follow(
+def _render(kind: str, raw: bytes) -> list[LogLine]:
+    if kind == "console":
+        return [LogLine("console", raw.decode(errors="replace"))]
+    return [line for ev in parse_events(raw) if (line := format_event(ev)) is not None]
+
+
+def stream(
     files: VMFiles,
     *,
     console: bool = True,
     services: bool = True,
-    from_end: bool = True,
+    lines: int | None = None,
+    follow: bool = False,
     keep_going: Callable[[], bool] = lambda: True,
     poll: float = 0.2,
 ) -> Iterator[LogLine]:
-    """New lines as they are written, until ``keep_going()`` is false (e.g. the VM died)."""
+    """What was logged so far (the last ``lines`` of each part), then, with ``follow``, new
+    lines as they are written until ``keep_going()`` is false. Following continues exactly
+    where the first read stopped, so no line is lost or shown twice."""
     tails: list[tuple[str, _Tail]] = []
     if console:
-        tails.append(("console", _Tail(files.console_log, from_end)))
+        tails.append(("console", _Tail(files.console_log)))
     if services:
-        tails.append(("events", _Tail(files.events_log, from_end)))
-    while True:
+        tails.append(("events", _Tail(files.events_log)))
+    for kind, tail in tails:
+        part = [line for raw in tail.read() for line in _render(kind, raw)]
+        yield from part if lines is None else part[max(0, len(part) - lines):]
+    while follow:
         got = False
         for kind, tail in tails:
             for raw in tail.read():
                 got = True
-                if kind == "console":
-                    yield LogLine("console", raw.decode(errors="replace"))
-                else:
-                    for ev in parse_events(raw):
-                        line = format_event(ev)
-                        if line is not None:
-                            yield line
+                yield from _render(kind, raw)
         if not got:
             if not keep_going():
                 return

@@ -15,12 +15,12 @@ from ..names import ENV_NAME_RE
 PORT_FORMS = "HOST:GUEST, IP:HOST:GUEST, optionally with /tcp or /udp (e.g. -p 8080:8080)"
 
 
-def _port(text: str, what: str, spec: str, allow_zero: bool = False) -> int:
+def _port(text: str, what: str, spec: str) -> int:
     if not re.fullmatch(r"\d{1,5}", text):
         raise UsageError(f"-p {spec!r}: {what} port {text!r} is not a number",
                          hint=f"use {PORT_FORMS}")
     value = int(text)
-    if not (0 if allow_zero else 1) <= value <= 65535:
+    if not 1 <= value <= 65535:
         raise UsageError(f"-p {spec!r}: {what} port {value} is out of range (1-65535)",
                          hint=f"use {PORT_FORMS}")
     return value
@@ -57,7 +57,7 @@ def parse_env(items: list[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"-e {item!r}: expected KEY=VALUE", hint="e.g. -e LOG_LEVEL=debug")
-        if not ENV_NAME_RE.match(key):
+        if not ENV_NAME_RE.fullmatch(key):
             raise UsageError(f"-e {item!r}: {key!r} is not a valid variable name",
                              hint="names are letters, digits and _, not starting with a digit")
         if "\0" in value:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 
 def start_time(pid: int) -> int | None:
@@ -21,6 +22,21 @@ def start_time(pid: int) -> int | None:
     # The command name (field 2) may contain spaces and parens: split after the last ')'.
     fields = stat[stat.rindex(")") + 2 :].split()
     return int(fields[19])
+
+
+def pids_with_cwd(directory: Path) -> list[int]:
+    """Processes running in ``directory``: QEMU runs with its VM dir as cwd, so this finds a
+    VM's QEMU even when its recorded pid is lost."""
+    found = []
+    target = str(directory)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "cwd") == target:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 def is_zombie(pid: int) -> bool:

@@ -132,21 +132,22 @@ class Registry:
                              hint="list VMs with `mvmctl ls`") from None
 
     @contextmanager
-    def locked(self, name: str) -> Iterator[VMFiles]:
+    def transaction(self, name: str) -> Iterator[tuple[VMFiles, VMRecord]]:
+        """The VM's record under its lock; written back (atomically) if the block succeeds."""
         from filelock import FileLock
 
         files = self.files(name)
         if not files.root.is_dir():
             raise VMNotFound(name, f"no VM named {name!r}", hint="list VMs with `mvmctl ls`")
         with FileLock(str(files.lock), mode=0o600):
-            yield files
+            record = _read(files)
+            yield files, record
+            write_json_atomic(files.state, record.model_dump(mode="json"), mode=0o600)
 
     def update(self, name: str, change: Callable[[VMRecord], None]) -> VMRecord:
-        with self.locked(name) as files:
-            record = _read(files)
+        with self.transaction(name) as (_, record):
             change(record)
-            write_json_atomic(files.state, record.model_dump(mode="json"), mode=0o600)
-            return record
+        return record
 
     def names(self) -> list[str]:
         if not self.layout.vms.is_dir():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
@@ -44,12 +43,8 @@ def dev(
         session = devlib.boot_vm(project, memory=memory, cpus=cpus, progress=prog)
     try:
         if command:
-            def write(stream: str, data: bytes) -> None:
-                target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
-                target.write(data)
-                target.flush()
-
-            code = session.vm.exec(command, cwd=session.cwd, env=session.env, on_output=write).exit_code
+            code = session.vm.exec(command, cwd=session.cwd, env=session.env,
+                                   on_output=output.write_stream).exit_code
         else:
             from .console import run_console
 

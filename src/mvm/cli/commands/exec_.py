@@ -44,14 +44,11 @@ def exec_(
     import mvm
     from mvm.runtime.options import parse_env
 
-    def write(stream: str, data: bytes) -> None:
-        target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
-        target.write(data)
-        target.flush()
+    from ..output import write_stream
 
     vm = mvm.get(name)
     result = vm.exec(command, user=user, env=parse_env(env or []), cwd=workdir, timeout=timeout,
-                     stdin=_stdin_chunks() if interactive else None, on_output=write)
+                     stdin=_stdin_chunks() if interactive else None, on_output=write_stream)
     raise typer.Exit(result.exit_code)
 
 

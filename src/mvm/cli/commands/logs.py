@@ -30,18 +30,14 @@ def logs(
 
     vm = mvm.get(name)
     files = vm.files
-    for line in logmod.snapshot(files, console=console, services=services, lines=lines):
-        output.out.print(line.text, markup=False, highlight=False)
-    if not follow:
-        return
-
     def running() -> bool:
         try:
             return vm.status in ("running", "starting", "stopping")
         except mvm.MvmError:
             return False
 
-    for line in logmod.follow(files, console=console, services=services, keep_going=running):
+    for line in logmod.stream(files, console=console, services=services, lines=lines, follow=follow,
+                              keep_going=running):
         output.out.print(line.text, markup=False, highlight=False)
 
 

@@ -33,7 +33,8 @@ def up(
     """Build if needed, boot the VM in the background, and return once its agent answers.
 
     The root filesystem is a throwaway snapshot per boot; the cached image is never changed.
-    On any failure (bad port, boot timeout, Ctrl-C) nothing is left behind.
+    On any failure (bad port, boot timeout, Ctrl-C) nothing is left behind, except one: when
+    --wait gives up on health, the VM is kept running for inspection (the error says so).
 
     [bold]Examples[/]
       mvmctl up examples/hello -p 8080:8080
