@@ -9,7 +9,6 @@ docs/reliability.md this way).
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -142,7 +141,6 @@ class Recorder:
 
     def write(self, path: Path) -> None:
         path.write_text(self.render())
-        path.with_suffix(".json").write_text(json.dumps([r.__dict__ for r in self.rows], indent=2))
 
     def summary(self) -> dict[str, Any]:
         return {"rows": len(self.rows), "leaks": sum(sum(r.leaks.values()) for r in self.rows)}
