@@ -13,6 +13,7 @@ agent answers. A failure or Ctrl-C anywhere before that leaves nothing behind.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import threading
@@ -192,8 +193,6 @@ class VM:
         request: dict[str, Any] = {"argv": list(argv), "user": user, "env": env or {}, "cwd": cwd}
         if timeout:
             request["timeout"] = timeout
-        import base64
-
         with agent.AgentSession(self.files, self.name) as session:
             session.start("exec", **request)
             if stdin is not None:

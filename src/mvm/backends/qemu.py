@@ -196,7 +196,8 @@ class QemuBackend:
 
     def start(self, spec: LaunchSpec) -> int:
         qemu = require_tool(QEMU)
-        check_ports_free(spec.ports)
+        # Ports were checked by `up` before the build; one taken since then makes QEMU fail,
+        # and _raise_start_failure turns that into the same PortInUse.
         argv = build_argv(spec, qemu)
         files = spec.files
         helpers = self._start_shares(spec)
