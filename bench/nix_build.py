@@ -66,8 +66,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from mvm._proc import DEFAULT_RUNNER
-    from mvm.build.kernel import ensure_kernel
-    from mvm.build.nix import host_system
+    from mvm.images.kernel import ensure_kernel
+    from mvm.images.nix import host_system
 
     system = host_system()
     cache = Path(os.environ.get("MVM_TEST_CACHE", Path.home() / ".cache" / "mvm-tests"))

@@ -19,16 +19,16 @@ from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
 
 if TYPE_CHECKING:
-    from ._api import VM, BuildResult, ExecResult, build, down, get, ls, up
-    from ._volumes import volume_export, volume_ls, volume_rm
+    from ._api.core import VM, BuildResult, ExecResult, build, down, get, ls, up
+    from ._api.volumes import volume_export, volume_ls, volume_rm
     from .spec import GuestSpec, HealthCheck, Service, load_toml
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "VM": "._api", "BuildResult": "._api", "ExecResult": "._api", "build": "._api", "down": "._api",
-    "get": "._api", "ls": "._api", "up": "._api",
-    "volume_export": "._volumes", "volume_ls": "._volumes", "volume_rm": "._volumes",
+    "VM": "._api.core", "BuildResult": "._api.core", "ExecResult": "._api.core", "build": "._api.core",
+    "down": "._api.core", "get": "._api.core", "ls": "._api.core", "up": "._api.core",
+    "volume_export": "._api.volumes", "volume_ls": "._api.volumes", "volume_rm": "._api.volumes",
     "GuestSpec": ".spec", "HealthCheck": ".spec", "Service": ".spec", "load_toml": ".spec",
 }
 

@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Literal
 
 from ._proc import DEFAULT_RUNNER, Runner, interactive, require_tool
 from .backends.base import Share
-from .build import debian, initrd, kernel
-from .build.store import Image, ImageStore, Manifest, link_or_copy
 from .errors import BootError, UsageError
+from .images import debian, initrd, kernel
+from .images.store import Image, ImageStore, Manifest, link_or_copy
 from .paths import Layout
 from .spec import GuestSpec
 
 if TYPE_CHECKING:
-    from ._api import VM, Progress
+    from ._api.core import VM, Progress
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def boot_vm(project: Path, *, memory: int | None = None, cpus: int | None = None
             layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER,
             progress: Progress | None = None) -> DevVM:
     """Build (cached) and boot a dev VM sharing ``project``; mount the share and a /nix."""
-    from . import _api
+    from ._api import core as _api
 
     layout = layout or Layout.default()
     prog: Progress = progress or _api._Quiet()

@@ -75,7 +75,7 @@ def check_backends(layout: Layout) -> list[dict[str, Any]]:
             {"backend": "qemu-kvm", "usable": False, "reason": "QEMU is not installed", "fix": fix},
         ]
     rows.append({"backend": "qemu-tcg", "usable": True, "reason": "software emulation always works", "fix": None})
-    from .build import kernel as kernel_mod
+    from .images import kernel as kernel_mod
 
     kernels = kernel_mod.cached_kernels(layout.kernels)
     if not os.path.exists("/dev/kvm"):

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from mvm.build import guestfiles
-from mvm.build.nix import NIX_GUEST_KEYS, host_system
+from mvm.images import guestfiles
+from mvm.images.nix import NIX_GUEST_KEYS, host_system
 from mvm.spec import GuestSpec
 
 from . import nixfixture
@@ -58,7 +58,7 @@ def nix_env(cli: CLI, tmp_path_factory: pytest.TempPathFactory) -> NixEnv:
     if missing:
         pytest.skip(f"the Nix tests need {', '.join(missing)} (scripts/setup.sh installs them)")
     from mvm._proc import DEFAULT_RUNNER
-    from mvm.build.kernel import ensure_kernel
+    from mvm.images.kernel import ensure_kernel
 
     scratch = tmp_path_factory.mktemp("nix")
     kernel = ensure_kernel(Path(cli.env["MVM_CACHE"]) / "kernels", DEFAULT_RUNNER)

@@ -46,7 +46,7 @@ def test_errors_is_a_leaf() -> None:
 
 
 def test_build_initrd_is_standalone() -> None:
-    """nix/flake.nix runs build/initrd.py as a script with a bare python3."""
-    for name in _imports(SRC / "build" / "initrd.py"):
+    """nix/flake.nix runs images/initrd.py as a script with a bare python3."""
+    for name in _imports(SRC / "images" / "initrd.py"):
         assert not name.startswith("."), name
         assert name.split(".")[0] in sys.stdlib_module_names or name == "__future__"

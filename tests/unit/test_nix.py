@@ -13,9 +13,9 @@ from typing import IO, Any
 import pytest
 
 from mvm._proc import Completed
-from mvm.build import nix, nixerrors
 from mvm.cli.options import join_override_pairs, nix_args
 from mvm.errors import BuildError, SpecError, ToolMissing, UsageError
+from mvm.images import nix, nixerrors
 from mvm.paths import Layout
 from mvm.spec import GuestSpec, HealthCheck, Service
 
@@ -277,7 +277,7 @@ def test_the_flake_sees_every_file_it_needs() -> None:
     from a path: copy and fail for users of github:...?dir=nix."""
     try:
         untracked = subprocess.run(
-            ["git", "ls-files", "--others", "--exclude-standard", "nix", "src/mvm/guest", "src/mvm/build/initrd.py"],
+            ["git", "ls-files", "--others", "--exclude-standard", "nix", "src/mvm/guest", "src/mvm/images/initrd.py"],
             cwd=ROOT, capture_output=True, text=True, check=True,
         ).stdout.split()
     except (OSError, subprocess.CalledProcessError):

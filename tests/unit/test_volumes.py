@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from mvm._api.volumes import volume_export, volume_ls, volume_rm
 from mvm._proc import DEFAULT_RUNNER
-from mvm._volumes import volume_export, volume_ls, volume_rm
 from mvm.errors import UsageError, VolumeError
 from mvm.paths import Layout, VMFiles
-from mvm.runtime import ext4, volumes
-from mvm.runtime.volstore import VolumeStore, volume_id
-from mvm.runtime.volumes import parse_volume, parse_volumes, plan
+from mvm.volumes import attach as volumes
+from mvm.volumes import ext4
+from mvm.volumes.attach import parse_volume, parse_volumes, plan
+from mvm.volumes.store import VolumeStore, volume_id
 
 DEAD_PID = 2**22 + 12345  # above pid_max's default: never a live process
 

@@ -22,11 +22,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from .. import _proc
 from .._proc import DEFAULT_RUNNER, Runner, require_tool
 from ..errors import BootError, PortInUse, UsageError, VMError, VolumeError
 from ..guest import protocol
 from ..paths import VMFiles
-from ..runtime import process
 from .base import LaunchSpec, PortForward
 from .qmp import QMP
 
@@ -299,16 +299,16 @@ class QemuBackend:
 
     def stop(self, files: VMFiles, pid: int | None, timeout: float, started: int | None = None) -> str:
         """QMP ``quit``, then SIGTERM, then SIGKILL. Unsynced guest data is lost at this rung."""
-        if not pid or not process.alive(pid, started):
+        if not pid or not _proc.alive(pid, started):
             return "gone"
         try:
             with QMP(files.qmp, files.root.name, timeout=2.0) as qmp:
                 qmp.command("quit")
         except VMError as exc:
             log.debug("QMP quit failed: %s", exc)
-        if process.wait_gone(pid, started, timeout):
+        if _proc.wait_gone(pid, started, timeout):
             return "quit"
-        return process.terminate(pid, started, timeout=3.0)
+        return _proc.terminate(pid, started, timeout=3.0)
 
     def add_forward(self, files: VMFiles, forward: PortForward) -> None:
         check_ports_free([forward])

@@ -18,10 +18,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .. import _proc
 from .._atomic import write_json_atomic
 from ..errors import StateError, VMExists, VMNotFound
 from ..paths import Layout, VMFiles
-from . import process
 
 VM_SCHEMA = 1
 Status = Literal["starting", "running", "stopping", "exited", "crashed"]
@@ -114,7 +114,7 @@ class Registry:
                            hint=hint) from None
         record.created_at = time.time()
         record.owner_pid = os.getpid()
-        record.owner_start = process.start_time(os.getpid())
+        record.owner_start = _proc.start_time(os.getpid())
         write_json_atomic(files.state, record.model_dump(mode="json"), mode=0o600)
         return files
 
@@ -165,11 +165,11 @@ class Registry:
 
 
 def derive_status(record: VMRecord, files: VMFiles) -> Status:
-    if process.alive(record.pid, record.pid_start):
+    if _proc.alive(record.pid, record.pid_start):
         if record.state == "stopping":
             return "stopping"
         return "running" if record.state == "running" else "starting"
-    if record.state == "starting" and process.alive(record.owner_pid, record.owner_start):
+    if record.state == "starting" and _proc.alive(record.owner_pid, record.owner_start):
         return "starting"
     return "exited" if clean_poweroff(files) else "crashed"
 

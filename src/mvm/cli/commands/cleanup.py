@@ -23,7 +23,7 @@ def cleanup(
     (remove those by name with `mvmctl volume rm`).
     """
     import mvm
-    from mvm.runtime.cleanup import cleanup as run_cleanup
+    from mvm._api.cleanup import cleanup as run_cleanup
 
     from .. import output
 

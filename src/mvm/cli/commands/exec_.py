@@ -42,7 +42,7 @@ def exec_(
       echo hi | mvmctl exec hello -i -- cat
     """
     import mvm
-    from mvm.runtime.options import parse_env
+    from mvm._api.options import parse_env
 
     from ..output import write_stream
 

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import _proc
 from .._proc import DEFAULT_RUNNER, Runner
-from ..build.debian import unmount_below
-from ..build.store import ImageStore, read_manifest
 from ..errors import MvmError, StateError
+from ..images.debian import unmount_below
+from ..images.store import ImageStore, read_manifest
 from ..paths import Layout
-from . import process
-from .registry import Registry, derive_status
+from ..runtime.registry import Registry, derive_status
 
 RUNNING = ("running", "starting", "stopping")
 
@@ -123,15 +123,15 @@ def cleanup(
             status = "broken"
         if status in RUNNING:
             continue
-        if status == "broken" and process.pids_with_cwd(files.root):
+        if status == "broken" and _proc.pids_with_cwd(files.root):
             report.notes.append(f"{name}: state is unreadable but its QEMU is running; "
                                 f"stop it with `mvmctl down {name}`")
             continue
         report.items.append(Item("vm", str(files.root), disk_usage(files.root), f"VM {name} is {status}"))
         if not dry_run:
             if orphan_start:  # `up` died between starting QEMU and recording it
-                for pid in process.pids_with_cwd(files.root):
-                    process.terminate(pid, process.start_time(pid), timeout=3.0)
+                for pid in _proc.pids_with_cwd(files.root):
+                    _proc.terminate(pid, _proc.start_time(pid), timeout=3.0)
             registry.remove(name)
 
     store = ImageStore(layout.images)

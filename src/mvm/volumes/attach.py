@@ -28,14 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .. import _proc
 from .._proc import Runner
 from ..backends.base import Disk
-from ..build.guestfiles import DEFAULT_UID
 from ..errors import CommandFailed, UsageError, VolumeError
+from ..names import DEFAULT_UID
 from ..paths import Layout, VMFiles
-from . import ext4, process, volexport
-from .registry import VolumeRecord
-from .volstore import IMAGE_NAME, Holder, VolumeLock, VolumeMeta, VolumeStore, volume_id
+from ..runtime.registry import VolumeRecord
+from . import export as volexport
+from . import ext4
+from .store import IMAGE_NAME, Holder, VolumeLock, VolumeMeta, VolumeStore, volume_id
 
 Mode = Literal["ro", "secret", "rw"]
 MIB = ext4.MIB
@@ -402,7 +404,7 @@ def attach(
     attached = Attached(store=store, vm=vm)
     undo.callback(attached.release)
     me = Holder(what=f"mvmctl up of VM {vm!r} (pid {os.getpid()})", vm=vm, pid=os.getpid(),
-                pid_start=process.start_time(os.getpid()), since=time.time())
+                pid_start=_proc.start_time(os.getpid()), since=time.time())
     writable = sorted((p for p in planned if p.arg.writable), key=lambda p: p.vid or "")
     for p in writable:
         assert p.vid is not None

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._proc import DEFAULT_RUNNER, Runner
-from .errors import MvmError, VolumeError
-from .paths import Layout
-from .runtime import ext4, process
-from .runtime.volexport import export_image
-from .runtime.volstore import Holder, VolumeMeta, VolumeStore
+from .. import _proc
+from .._proc import DEFAULT_RUNNER, Runner
+from ..errors import MvmError, VolumeError
+from ..paths import Layout
+from ..volumes import ext4
+from ..volumes.export import export_image
+from ..volumes.store import Holder, VolumeMeta, VolumeStore
 
 __all__ = ["volume_export", "volume_ls", "volume_rm"]
 
@@ -99,7 +100,7 @@ def volume_export(
 
     Refused while a VM holds the volume (stop it with ``down`` first). Host files the user
     changed since mvm last copied them are never overwritten unless ``force`` (see
-    :mod:`mvm.runtime.volexport`); host files that are not in the volume are kept.
+    :mod:`mvm.volumes.export`); host files that are not in the volume are kept.
     """
     store = _store(layout)
     meta = store.find(name)
@@ -111,7 +112,7 @@ def volume_export(
     lock = store.lock(meta.id, label)
     try:
         store.set_holder(meta.id, Holder(what=f"mvmctl volume export (pid {os.getpid()})", pid=os.getpid(),
-                                         pid_start=process.start_time(os.getpid()), since=time.time()))
+                                         pid_start=_proc.start_time(os.getpid()), since=time.time()))
         image = Path(meta.image)
         if ext4.read_superblock(image) is None:
             raise VolumeError(f"volume {label}: {image} is missing or not an ext4 image")

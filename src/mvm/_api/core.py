@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._proc import DEFAULT_RUNNER, Runner
-from .backends.base import Backend, LaunchSpec, PortForward, Share
-from .errors import (
+from .. import _proc
+from .._proc import DEFAULT_RUNNER, Runner
+from ..backends.base import Backend, LaunchSpec, PortForward, Share
+from ..errors import (
     AgentError,
     BootError,
     ExecTimeout,
@@ -37,15 +38,15 @@ from .errors import (
     VMNotFound,
     VMNotRunning,
 )
-from .names import check_vm_name
-from .paths import Layout, VMFiles
-from .runtime import agent, process
-from .runtime.bootconfig import write_config_disk
-from .runtime.options import parse_env, parse_port
-from .runtime.registry import PortRecord, Registry, VMRecord, derive_status, record_view
+from ..names import check_vm_name
+from ..paths import Layout, VMFiles
+from ..runtime import agent
+from ..runtime.bootconfig import write_config_disk
+from ..runtime.registry import PortRecord, Registry, VMRecord, derive_status, record_view
+from .options import parse_env, parse_port
 
 if TYPE_CHECKING:
-    from .build.store import Image
+    from ..images.store import Image
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +93,14 @@ def build(
     """Build (or find in the cache) the image for the ``mvm.toml`` at ``path``, or, with
     ``flake="REF[#ATTR]"``, for a flake output made by ``mkGuest`` (``nix_args`` are passed
     to nix, e.g. ``["--override-input", "nixpkgs", "path:/src/nixpkgs"]``)."""
-    from .build import debian
+    from ..images import debian
 
     started = time.monotonic()
     prog = progress or _Quiet()
     if flake is None and nix_args:
         raise UsageError("--override-input and --nix-arg are for --flake builds")
     if flake is not None:
-        from .build import nix
+        from ..images import nix
 
         if str(path) != ".":
             raise UsageError(f"give either a path ({path}) or --flake, not both")
@@ -108,7 +109,7 @@ def build(
                                  on_stage=prog.stage, on_line=prog.line)
         return BuildResult(image, built, time.monotonic() - started)
     source = Path(path)
-    from . import spec as spec_mod
+    from .. import spec as spec_mod
 
     guest = spec_mod.load_toml(source)
     prog.stage("resolving")
@@ -257,7 +258,7 @@ class VM:
                     + ")"
                     for n, c in bad.items()
                 )
-                from .backends.qemu import tail
+                from ..backends.qemu import tail
 
                 raise HealthTimeout(
                     self.name,
@@ -282,7 +283,7 @@ def _feed_stdin(session: agent.AgentSession, stdin: bytes | Iterable[bytes]) -> 
 
 
 def _default_backend() -> Backend:
-    from .backends.qemu import QemuBackend
+    from ..backends.qemu import QemuBackend
 
     return QemuBackend()
 
@@ -318,7 +319,7 @@ def up(
 ) -> VM:
     """Build if needed, boot, and return once the guest agent answers (or is healthy).
 
-    ``volumes`` are ``-v`` values (see :mod:`mvm.runtime.volumes`); they are all checked
+    ``volumes`` are ``-v`` values (see :mod:`mvm.volumes.attach`); they are all checked
     before anything is built or created. ``image`` boots an already-built image instead;
     ``shares`` are host directories the guest can mount live (``mvmctl dev`` shares the
     project directory this way).
@@ -336,9 +337,9 @@ def up(
             check_vm_name(name)
         except ValueError as exc:
             raise UsageError(f"--name: {exc}") from None
-    from .backends import accel
-    from .backends.qemu import check_ports_free
-    from .runtime import volumes as volumes_mod
+    from ..backends import accel
+    from ..backends.qemu import check_ports_free
+    from ..volumes import attach as volumes_mod
 
     check_ports_free(forwards)  # before building or creating anything
     vol_plan = volumes_mod.plan(volumes, layout)
@@ -390,7 +391,7 @@ def up(
         )
         prog.stage(f"booting ({choice.accel})")
         pid = backend.start(launch)
-        started = process.start_time(pid)
+        started = _proc.start_time(pid)
         undo.callback(backend.stop, files, pid, 5.0, started)
         vols.held_by(pid, started)
 
@@ -400,9 +401,9 @@ def up(
         registry.update(vm_name, mark_started)
         prog.stage("waiting for the guest agent")
         try:
-            agent.wait_ready(files, vm_name, boot_timeout, lambda: process.alive(pid, started))
+            agent.wait_ready(files, vm_name, boot_timeout, lambda: _proc.alive(pid, started))
         except AgentError as exc:
-            from .backends.qemu import tail
+            from ..backends.qemu import tail
 
             raise BootError(
                 vm_name,
@@ -472,8 +473,8 @@ def _candidate_pids(record: VMRecord | None, files: VMFiles) -> Iterator[tuple[i
     (found even when vm.json is unreadable)."""
     if record and record.pid:
         yield record.pid, record.pid_start
-    for pid in process.pids_with_cwd(files.root):
-        yield pid, process.start_time(pid)
+    for pid in _proc.pids_with_cwd(files.root):
+        yield pid, _proc.start_time(pid)
 
 
 def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None = None) -> str:
@@ -492,13 +493,13 @@ def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None 
         record: VMRecord | None = registry.load(name)
     except MvmError:
         record = None  # corrupt state: still find and stop its QEMU
-    if (record is not None and record.state == "starting" and not process.alive(record.pid, record.pid_start)
-            and process.alive(record.owner_pid, record.owner_start)):
+    if (record is not None and record.state == "starting" and not _proc.alive(record.pid, record.pid_start)
+            and _proc.alive(record.owner_pid, record.owner_start)):
         raise VMError(name, f"VM {name!r} is being started by process {record.owner_pid}",
                       hint="wait for that `mvmctl up` to finish (or interrupt it), then run down")
     how = "not running"
     for pid, started in _candidate_pids(record, files):
-        if not process.alive(pid, started):
+        if not _proc.alive(pid, started):
             continue
         try:
             registry.update(name, lambda r: setattr(r, "state", "stopping"))
@@ -508,7 +509,7 @@ def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None 
         backend = backend_for(record)
         try:
             agent.request(files, name, "shutdown", timeout=3.0)
-            if not process.wait_gone(pid, started, timeout):
+            if not _proc.wait_gone(pid, started, timeout):
                 how = backend.stop(files, pid, 5.0, started)
         except MvmError:
             how = backend.stop(files, pid, 5.0, started)
