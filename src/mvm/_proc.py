@@ -274,10 +274,15 @@ def is_zombie(pid: int) -> bool:
 
 
 def alive(pid: int | None, started: int | None) -> bool:
+    """``pid`` runs and is the process that started at ``started``. A zombie is dead (and
+    reaped, if it is our child: after ``up`` in this process, QEMU is)."""
     if not pid:
         return False
     now = start_time(pid)
-    if now is None or is_zombie(pid):
+    if now is None:
+        return False
+    if is_zombie(pid):
+        _reap(pid)
         return False
     return started is None or now == started
 
@@ -332,6 +337,19 @@ def terminate(pid: int, started: int | None, timeout: float = 5.0) -> str:
     if wait_gone(pid, started, 10.0):
         return "killed"
     raise StillRunning(f"pid {pid} is still running 10 s after SIGKILL")
+
+
+
+def tail_file(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a child's log file (QEMU's log, a console), for errors."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            data = f.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
 DEFAULT_RUNNER: Runner = SubprocessRunner()

@@ -17,46 +17,17 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from .. import _proc
+from .. import backends
 from .._proc import DEFAULT_RUNNER, Runner
 from ..errors import MvmError, StateError
 from ..images.debian import unmount_below
 from ..images.store import ImageStore, read_manifest
 from ..paths import Layout
-from ..runtime.registry import Registry, derive_status
-
-RUNNING = ("running", "starting", "stopping")
-
-
-@dataclass
-class Item:
-    kind: str
-    path: str
-    bytes: int
-    reason: str
-
-
-@dataclass
-class Report:
-    dry_run: bool
-    items: list[Item] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def freed(self) -> int:
-        return sum(i.bytes for i in self.items)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "dry_run": self.dry_run,
-            "freed_bytes": self.freed,
-            "items": [i.__dict__ for i in self.items],
-            "notes": self.notes,
-        }
+from ..runtime.registry import Registry
+from .machines import backend_for, status_of
+from .models import CleanupItem, CleanupReport
 
 
 def disk_usage(path: Path) -> int:
@@ -99,74 +70,89 @@ def _remove(path: Path, runner: Runner) -> None:
 
 
 def cleanup(
-    layout: Layout,
+    layout: Layout | None = None,
     *,
     dry_run: bool = False,
     everything: bool = False,
     keep: int = 3,
     runner: Runner = DEFAULT_RUNNER,
-) -> Report:
-    report = Report(dry_run)
-    registry = Registry(layout)
-    in_use: set[str] = set()
-
-    for name in registry.names():
-        files = registry.files(name)
-        status: str
-        orphan_start = False
-        try:
-            record = registry.load(name)
-            status = derive_status(record, files)
-            in_use.add(record.image_key)
-            orphan_start = record.state == "starting"
-        except MvmError:  # corrupt vm.json: the VM is "broken" and its dir is removable
-            status = "broken"
-        if status in RUNNING:
-            continue
-        if status == "broken" and _proc.pids_with_cwd(files.root):
-            report.notes.append(f"{name}: state is unreadable but its QEMU is running; "
-                                f"stop it with `mvmctl down {name}`")
-            continue
-        report.items.append(Item("vm", str(files.root), disk_usage(files.root), f"VM {name} is {status}"))
-        if not dry_run:
-            if orphan_start:  # `up` died between starting QEMU and recording it
-                for pid in _proc.pids_with_cwd(files.root):
-                    _proc.terminate(pid, _proc.start_time(pid), timeout=3.0)
-            registry.remove(name)
+) -> CleanupReport:
+    """Remove what dead VMs and old builds left (see the module docstring); never a VM
+    whose machine runs, never a volume. ``dry_run`` only reports."""
+    layout = layout or Layout.default()
+    items: list[CleanupItem] = []
+    notes: list[str] = []
+    in_use = _dead_vms(layout, dry_run, runner, items, notes)
 
     store = ImageStore(layout.images)
     for staging in store.stale_staging():
-        report.items.append(Item("build", str(staging), disk_usage(staging), "interrupted build"))
+        items.append(CleanupItem(kind="build", path=str(staging), bytes=disk_usage(staging),
+                                 reason="interrupted build"))
     if layout.images.is_dir():
         for lock in layout.images.glob(".*.lock"):
             key = lock.name[1:-len(".lock")]
             if not (layout.images / key).exists() and _unheld(lock):
-                report.items.append(Item("lock", str(lock), 0, "stale lock of an image that is gone"))
+                items.append(CleanupItem(kind="lock", path=str(lock), bytes=0,
+                                         reason="stale lock of an image that is gone"))
         for entry in layout.images.iterdir():
             if entry.name.startswith(".") or not entry.is_dir():
                 continue
             try:
                 read_manifest(entry)
             except StateError as exc:
-                report.items.append(Item("image", str(entry), disk_usage(entry), f"broken image: {exc.message}"))
+                items.append(CleanupItem(kind="image", path=str(entry), bytes=disk_usage(entry),
+                                         reason=f"broken or outdated image: {exc.message}"))
     images = store.all()
     unused = [img for img in images if img.key not in in_use]
     for img in unused[: max(0, len(unused) - keep)]:
-        report.items.append(Item("image", str(img.path), disk_usage(img.path),
-                                 f"image {img.name} ({img.key[:12]}) is unused and not among the newest {keep}"))
+        items.append(CleanupItem(kind="image", path=str(img.path), bytes=disk_usage(img.path),
+                                 reason=f"image {img.name} ({img.key[:12]}) is unused and not among the newest {keep}"))
 
     if not dry_run:
-        for item in report.items:
+        for item in items:
             if item.kind != "vm":
                 _remove(Path(item.path), runner)
 
     if everything:
         if shutil.which("nix-collect-garbage"):
             if dry_run:
-                report.notes.append("would run nix-collect-garbage")
+                notes.append("would run nix-collect-garbage")
             else:
                 out = runner.run(["nix-collect-garbage"], desc="collecting Nix garbage").output
-                report.notes.append(out.strip().splitlines()[-1] if out.strip() else "nix-collect-garbage done")
+                notes.append(out.strip().splitlines()[-1] if out.strip() else "nix-collect-garbage done")
         else:
-            report.notes.append("Nix is not installed: nothing to collect")
-    return report
+            notes.append("Nix is not installed: nothing to collect")
+    return CleanupReport(dry_run=dry_run, items=items, notes=notes)
+
+
+def _dead_vms(layout: Layout, dry_run: bool, runner: Runner, items: list[CleanupItem], notes: list[str]) -> set[str]:
+    """Collect (and unless ``dry_run`` remove) the dirs of VMs that do not run; return the
+    image keys that VMs still use."""
+    registry = Registry(layout)
+    in_use: set[str] = set()
+    for name in registry.names():
+        files = registry.files(name)
+        orphan_start = False
+        backend = backends.get("qemu", runner)  # the one that can run a VM whose record is unreadable
+        try:
+            record = registry.load(name)
+            backend = backend_for(record, runner)
+            status = str(status_of(record, files, backend))
+            in_use.add(record.image_key)
+            orphan_start = record.phase == "starting"
+        except MvmError:  # corrupt vm.json: the VM is "broken" and its dir is removable
+            status = "broken"
+        if status in ("starting", "running", "stopping"):
+            continue
+        if status == "broken" and backend.strays(files):
+            notes.append(f"{name}: state is unreadable but its machine is running; "
+                         f"stop it with `mvmctl down {name}`")
+            continue
+        items.append(CleanupItem(kind="vm", path=str(files.root), bytes=disk_usage(files.root),
+                                 reason=f"VM {name} is {status}"))
+        if not dry_run:
+            if orphan_start:  # `up` died between starting its machine and recording it
+                for machine in backend.strays(files):
+                    backend.stop(files, machine, 3.0)
+            registry.remove(name)
+    return in_use
