@@ -16,7 +16,8 @@ from mvm.errors import UsageError, VolumeError
 from mvm.paths import Layout, VMFiles
 from mvm.volumes import attach as volumes
 from mvm.volumes import ext4
-from mvm.volumes.attach import parse_volume, parse_volumes, plan
+from mvm.volumes.args import parse_volume, parse_volumes
+from mvm.volumes.attach import plan
 from mvm.volumes.store import VolumeStore, volume_id
 
 DEAD_PID = 2**22 + 12345  # above pid_max's default: never a live process
