@@ -18,6 +18,7 @@ from .progress import Progress, Quiet
 def image_info(image: Image) -> ImageInfo:
     m = image.manifest
     return ImageInfo(key=m.key, name=m.name, path=str(image.path), frontend=m.frontend, source=m.source,
+                     arch=m.arch, kernel=m.kernel, initrd=m.initrd, rootfs=m.rootfs,
                      kernel_version=m.kernel_version, sizes=m.sizes, created_at=m.created_at,
                      build_secs=m.build_secs, guest=m.guest)
 

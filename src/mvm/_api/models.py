@@ -141,6 +141,10 @@ class ImageInfo(_Model):
     path: str
     frontend: str
     source: dict[str, Any]
+    arch: str
+    kernel: str  #: file names in ``path``
+    initrd: str | None
+    rootfs: str
     kernel_version: str
     sizes: dict[str, int]
     created_at: float
