@@ -363,3 +363,37 @@ def test_full_data_volume(cli: CLI, testbed_image: dict[str, Any], recorder: Rec
     recorder.add("full data volume", "the writer gets ENOSPC; the VM, its service, health and the other "
                  "volume keep working", 1, leaks, bytes_lost=0, started=started)
     _assert_clean(leaks)
+
+
+def test_down_of_a_machine_that_cannot_be_stopped_fails_and_keeps_the_vm(
+        cli: CLI, testbed_image: dict[str, Any], recorder: Recorder) -> None:
+    """A real QEMU that survives every rung of `down`: frozen in a (v1) freezer cgroup, it
+    cannot answer the agent or QMP and does not act on SIGKILL until thawed."""
+    started = time.monotonic()
+    cli("up", TESTBED, "--name", "frozen")
+    pid = _row(cli, "frozen")["pid"]
+    freezer = Path("/sys/fs/cgroup/freezer") / f"mvm-test-{os.getpid()}"
+    freezer.mkdir()
+    try:
+        (freezer / "cgroup.procs").write_text(str(pid))
+        (freezer / "freezer.state").write_text("FROZEN")
+        wait_for(lambda: (freezer / "freezer.state").read_text().strip() == "FROZEN", 10, "QEMU to freeze")
+        r = cli("down", "frozen", "--timeout", "2", check=False)
+        assert r.returncode == 1, r.stderr
+        assert f"QEMU (pid {pid})" in r.stderr and "still running" in r.stderr
+        row = _row(cli, "frozen")
+        assert row["status"] == "stopping" and (cli.vms / "frozen" / "vm.json").exists()
+    finally:
+        (freezer / "freezer.state").write_text("THAWED")
+        for _ in range(100):  # the pending SIGKILL ends QEMU once thawed
+            try:
+                freezer.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    assert "down" in cli("down", "frozen").stderr
+    assert "frozen" not in {r["name"] for r in cli.json("ls")}
+    leaks = _leaks(cli)
+    recorder.add("a machine that survives `down`", "QEMU frozen (cgroup freezer): down exits 1 naming the pid, "
+                 "the VM stays listed as stopping, a later down finishes", 1, leaks, started=started)
+    _assert_clean(leaks)

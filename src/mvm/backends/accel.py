@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .._atomic import write_json_atomic
-from .._proc import require_tool
+from .._proc import DEFAULT_RUNNER, Runner, require_tool
 from ..errors import UsageError
 from .base import AccelPreference, Preflight
 from .qemu_argv import QEMU
@@ -35,7 +35,8 @@ def _probe_key(kernel: Path, initrd: Path | None, qemu: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def run_probe(kernel: Path, initrd: Path | None, qemu: str, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
+def run_probe(kernel: Path, initrd: Path | None, qemu: str, runner: Runner,
+              timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
     argv = [
         qemu, "-M", "microvm,pcie=on", "-accel", "kvm", "-cpu", "host", "-m", "128M",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
@@ -43,8 +44,7 @@ def run_probe(kernel: Path, initrd: Path | None, qemu: str, timeout: float = PRO
     ]
     if initrd:
         argv += ["-initrd", str(initrd)]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = runner.spawn(argv, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     seen = b""
     deadline = time.monotonic() + timeout
@@ -68,7 +68,8 @@ def run_probe(kernel: Path, initrd: Path | None, qemu: str, timeout: float = PRO
         proc.stdout.close()
 
 
-def kvm_verdict(kernel: Path, initrd: Path | None, probes: Path) -> tuple[bool, str]:
+def kvm_verdict(kernel: Path, initrd: Path | None, probes: Path,
+                runner: Runner = DEFAULT_RUNNER) -> tuple[bool, str]:
     if not os.path.exists("/dev/kvm"):
         return False, "/dev/kvm does not exist"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -83,16 +84,17 @@ def kvm_verdict(kernel: Path, initrd: Path | None, probes: Path) -> tuple[bool, 
         return bool(data["ok"]), str(data["reason"])
     except (OSError, ValueError, KeyError):
         pass
-    ok, reason = run_probe(kernel, initrd, qemu)
+    ok, reason = run_probe(kernel, initrd, qemu, runner)
     probes.mkdir(parents=True, exist_ok=True)
     write_json_atomic(cache, {"schema_version": 1, "ok": ok, "reason": reason, "at": time.time()})
     return ok, reason
 
 
-def choose(requested: AccelPreference, kernel: Path, initrd: Path | None, probes: Path) -> Preflight:
+def choose(requested: AccelPreference, kernel: Path, initrd: Path | None, probes: Path,
+           runner: Runner = DEFAULT_RUNNER) -> Preflight:
     if requested == "tcg":
         return Preflight("tcg", "TCG requested (--hypervisor qemu-tcg)")
-    ok, reason = kvm_verdict(kernel, initrd, probes)
+    ok, reason = kvm_verdict(kernel, initrd, probes, runner)
     if requested == "kvm":
         if not ok:
             raise UsageError(f"KVM is not usable here: {reason}",

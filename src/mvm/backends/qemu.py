@@ -83,7 +83,7 @@ class QemuBackend:
 
     def preflight(self, request: MachineRequest) -> Preflight:
         require_tool(profile(request.arch).binary)
-        return accel.choose(request.accel, request.kernel, request.initrd, request.probe_cache)
+        return accel.choose(request.accel, request.kernel, request.initrd, request.probe_cache, self.runner)
 
     # -- start ----------------------------------------------------------------------------
 
