@@ -35,4 +35,10 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# The oldest Typer (and its click) that pyproject.toml allows, beside the newest in .venv:
+# tests/e2e/test_cli_usage.py runs the CLI's usage errors under both.
+if [ ! -d .venv/compat/typer-oldest/typer ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --target .venv/compat/typer-oldest \
+    'typer==0.12.5' 'click==8.1.7'
+fi
 echo "setup: ready ($(.venv/bin/mvmctl --version 2>/dev/null || echo mvmctl installed))"

@@ -14,12 +14,13 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
 import sys
+from types import ModuleType
 
-import click
 import typer
 
 from . import output
@@ -79,6 +80,20 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def usage_error_class() -> type[Exception]:
+    """The base of the usage errors of the click that parses our command line. Typer 0.2x
+    bundles its own copy (``typer._click``), whose exceptions are not ``click``'s: catching
+    ``click``'s would turn every usage error into a traceback. (``typer.Exit`` and
+    ``typer.Abort`` are the right classes under every version.)"""
+    module: ModuleType
+    try:
+        module = importlib.import_module("typer._click.exceptions")
+    except ImportError:
+        module = importlib.import_module("click.exceptions")
+    cls: type[Exception] = module.ClickException
+    return cls
+
+
 def main(argv: list[str] | None = None) -> None:
     from mvm import ExecTimeout, MvmError
 
@@ -90,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
     command = typer.main.get_command(app)
+    usage_error = usage_error_class()
     code: object
     try:
         code = command.main(args=args, prog_name="mvmctl", standalone_mode=False)
@@ -97,12 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     except MvmError as exc:
         output.render_error(exc, debug)
         code = EXIT_TIMEOUT if isinstance(exc, ExecTimeout) else EXIT_ERROR
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
+    except usage_error as exc:
+        exc.show()  # type: ignore[attr-defined]
         code = EXIT_USAGE
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         code = EXIT_INTERRUPTED
     except BrokenPipeError:  # `mvmctl ls | head`
         devnull = os.open(os.devnull, os.O_WRONLY)
