@@ -25,6 +25,11 @@ Env = Annotated[
                  help="Set KEY=VALUE in every service's environment (overrides the spec). Repeatable.",
                  show_default=False),
 ]
+ExecEnv = Annotated[
+    list[str] | None,
+    typer.Option("-e", "--env", metavar="KEY=VALUE",
+                 help="Set KEY=VALUE in the command's environment. Repeatable.", show_default=False),
+]
 Volumes = Annotated[
     list[str] | None,
     typer.Option(

@@ -5,6 +5,7 @@ Forms (the rules are in docs/volumes.md):
     -v HOSTDIR:/guest/path           read-only: an ext4 image built from HOSTDIR at each up
     -v HOSTDIR:/guest/path:secret    read-only, and readable only by root and service users
     -v HOST:/guest/path:SIZE_MB      writable and persistent: created once, never reformatted
+    -v HOST:/guest/path:SIZE_MB:secret   the same, readable only by root and service users
 
 A read-only mount whose guest path contains ``secret`` (e.g. ``/run/secrets``) is secret too.
 Each error names the offending value and shows the accepted forms.
@@ -24,7 +25,7 @@ Mode = Literal["ro", "secret", "rw"]
 MIN_SIZE_MB = 8
 MAX_SIZE_MB = 1024 * 1024  # 1 TiB
 FORMS = ("HOSTDIR:/guest/path (read-only), HOSTDIR:/guest/path:secret, "
-         "or HOST:/guest/path:SIZE_MB (writable, persistent)")
+         "or HOST:/guest/path:SIZE_MB[:secret] (writable, persistent)")
 #: Guest paths that cannot be volumes, with everything below them.
 RESERVED_TREES = ("/proc", "/sys", "/dev", "/usr/lib/mvm", "/etc/mvm")
 #: Guest paths that cannot be volumes themselves (the guest needs what is in them).
@@ -40,6 +41,7 @@ class VolumeArg:
     guest: str
     mode: Mode
     size_mb: int | None = None
+    secret_option: bool = False  #: ``:secret`` was given (also with a size: a writable secret volume)
 
     @property
     def writable(self) -> bool:
@@ -47,7 +49,7 @@ class VolumeArg:
 
     @property
     def secret(self) -> bool:
-        return self.mode == "secret" or is_secret_path(self.guest)
+        return self.mode == "secret" or self.secret_option or is_secret_path(self.guest)
 
 
 def is_secret_path(guest: str) -> bool:
@@ -103,25 +105,24 @@ def parse_volume(text: str, cwd: Path | None = None) -> VolumeArg:
     parts = text.split(":")
     if len(parts) < 2:
         raise _usage(text, "expected HOST:/guest/path")
-    option: str | None = None
-    if len(parts) == 2 or parts[-1].startswith("/"):
-        host_text, guest = ":".join(parts[:-1]), parts[-1]
-    else:
-        host_text, guest, option = ":".join(parts[:-2]), parts[-2], parts[-1]
+    # The guest path is the last absolute part; what follows it are options (ro, secret, a size).
+    at = max((i for i in range(1, len(parts)) if parts[i].startswith("/")), default=None)
+    if at is None:  # no absolute guest path: take the second-to-last part for the error message
+        at = len(parts) - 1 if len(parts) == 2 else len(parts) - 2
+    host_text, guest, options = ":".join(parts[:at]), parts[at], parts[at + 1:]
     if not host_text:
         raise _usage(text, "HOST is empty", hint="e.g. -v ./config:/mnt/config")
     path = normalize_guest_path(text, guest)
-    mode: Mode = "ro"
-    size: int | None = None
-    if option in (None, "ro"):
-        mode = "ro"
-    elif option == "secret":
-        mode = "secret"
-    else:
-        assert option is not None
-        size, mode = parse_size(text, option), "rw"
+    if len(options) > 2 or len(set(options)) < len(options):
+        raise _usage(text, f"too many options {':'.join(options)!r}: give ro or a size, and/or secret")
+    secret = "secret" in options
+    rest = [o for o in options if o not in ("secret", "ro")]
+    if "ro" in options and rest:
+        raise _usage(text, "a volume is either read-only (ro) or writable with a size, not both")
+    size = parse_size(text, rest[0]) if rest else None
+    mode: Mode = "rw" if size is not None else ("secret" if secret else "ro")
     host = ((cwd or Path.cwd()) / Path(host_text).expanduser()).resolve()
-    return VolumeArg(text=text, host=host, guest=path, mode=mode, size_mb=size)
+    return VolumeArg(text=text, host=host, guest=path, mode=mode, size_mb=size, secret_option=secret)
 
 
 def parse_volumes(texts: Sequence[str], cwd: Path | None = None) -> list[VolumeArg]:

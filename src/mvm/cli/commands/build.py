@@ -15,7 +15,8 @@ def build(path: SpecPath = ".", json: Json = False, flake: Flake = None,
     unchanged spec again is a cache hit that takes well under a second. With --flake, nix
     builds the image and its output path is the cache key.
 
-    [bold]Examples[/]
+    
+    Examples:
       mvmctl build examples/hello
       mvmctl build . --json
       mvmctl build --flake .

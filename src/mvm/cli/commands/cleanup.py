@@ -12,7 +12,7 @@ from ..options import Json
 def cleanup(
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Only list what would be removed.")] = False,
     all_: Annotated[bool, typer.Option("--all", help="Also run nix-collect-garbage when Nix is installed.")] = False,
-    keep: Annotated[int, typer.Option("--keep", help="Unused images to keep (newest first).", min=0)] = 3,
+    keep: Annotated[int, typer.Option("--keep", metavar="N", help="Unused images to keep (newest first).", min=0)] = 3,
     json: Json = False,
 ) -> None:
     """Remove what stopped VMs and old builds left behind, and say how much it freed.

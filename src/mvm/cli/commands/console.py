@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 def console(
     name: VMName,
-    user: Annotated[str | None, typer.Option("--user", "-u", help="Log in as this guest user (default root).",
+    user: Annotated[str | None, typer.Option("--user", "-u", metavar="USER",
+                                             help="Log in as this guest user (default root).",
                                              show_default=False)] = None,
 ) -> None:
     """Open an interactive shell in a running VM over the agent channel (no SSH, no network).

@@ -9,13 +9,14 @@ import typer
 
 def dev(
     command: Annotated[list[str] | None, typer.Argument(
+        metavar="COMMAND",
         help="Run this command (after --) instead of an interactive shell; its exit code is passed through.",
         show_default=False)] = None,
-    directory: Annotated[str, typer.Option("--dir", "-C", help="The project directory.")] = ".",
+    directory: Annotated[str, typer.Option("--dir", "-C", metavar="DIR", help="The project directory.")] = ".",
     vm: Annotated[bool, typer.Option("--vm", help="Use the dev microVM even when nix is installed here.")] = False,
-    cpus: Annotated[int | None, typer.Option("--cpus", help="vCPUs of the dev VM (default 1).",
+    cpus: Annotated[int | None, typer.Option("--cpus", metavar="N", help="vCPUs of the dev VM (default 1).",
                                              show_default=False)] = None,
-    memory: Annotated[int | None, typer.Option("--memory", "-m", help="Memory of the dev VM in MiB "
+    memory: Annotated[int | None, typer.Option("--memory", "-m", metavar="MIB", help="Memory of the dev VM in MiB "
                                                "(default 1024; /nix is a tmpfs in it).", show_default=False)] = None,
 ) -> None:
     """A shell where `nix` works (flakes enabled), in your project directory.
@@ -24,7 +25,8 @@ def dev(
     Without it (or with --vm): a dev microVM with Debian's nix, your project directory
     shared read-write at /project, and a throwaway /nix. The VM stops when the shell exits.
 
-    [bold]Examples[/]
+    
+    Examples:
       mvmctl dev
       mvmctl dev -- nix flake show
       mvmctl dev --vm -- nix eval .#packages.x86_64-linux.default.name

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import Env, VMName
+from ..options import ExecEnv, VMName
 
 
 def _stdin_chunks() -> Iterator[bytes]:
@@ -19,14 +19,17 @@ def _stdin_chunks() -> Iterator[bytes]:
 
 def exec_(
     name: VMName,
-    command: Annotated[list[str], typer.Argument(help="The command and its arguments (after --).",
+    command: Annotated[list[str], typer.Argument(metavar="COMMAND", help="The command and its arguments (after --).",
                                                  show_default=False)],
-    user: Annotated[str | None, typer.Option("--user", "-u", help="Run as this guest user (default root).",
+    user: Annotated[str | None, typer.Option("--user", "-u", metavar="USER",
+                                             help="Run as this guest user (default root).",
                                              show_default=False)] = None,
-    env: Env = None,
-    workdir: Annotated[str | None, typer.Option("--workdir", "-w", help="Working directory in the guest.",
+    env: ExecEnv = None,
+    workdir: Annotated[str | None, typer.Option("--workdir", "-w", metavar="DIR",
+                                                help="Working directory in the guest.",
                                                 show_default=False)] = None,
-    timeout: Annotated[float | None, typer.Option("--timeout", help="Kill the command after this many "
+    timeout: Annotated[float | None, typer.Option("--timeout", metavar="SECONDS",
+                                                  help="Kill the command after this many "
                                                   "seconds (exit code 124).", show_default=False)] = None,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Send this command's stdin to "
                                               "the guest command.")] = False,
@@ -36,7 +39,8 @@ def exec_(
     The argv is sent as a list (no shell on the host or in the guest); use `sh -c '...'`
     for shell syntax. stdout and stderr are streamed as they are produced.
 
-    [bold]Examples[/]
+    
+    Examples:
       mvmctl exec hello -- uname -a
       mvmctl exec hello --user mvm -e DEBUG=1 -- sh -c 'echo $DEBUG; id'
       echo hi | mvmctl exec hello -i -- cat

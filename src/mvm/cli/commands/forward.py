@@ -10,7 +10,8 @@ from ..options import Json, Ports, VMName
 def forward(name: VMName, port: Ports = None, json: Json = False) -> None:
     """Add port forwards to a running VM (recorded, and shown by `mvmctl ls`).
 
-    [bold]Example[/]
+    
+    Example:
       mvmctl forward hello -p 9090:9090
     """
     import mvm

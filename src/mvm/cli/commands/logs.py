@@ -13,7 +13,8 @@ def logs(
     name: VMName,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the VM stops "
                                          "(or Ctrl-C).")] = False,
-    lines: Annotated[int | None, typer.Option("-n", "--lines", help="Show only the last N lines of each "
+    lines: Annotated[int | None, typer.Option("-n", "--lines", metavar="N",
+                                              min=0, help="Show only the last N lines of each "
                                               "part.", show_default=False)] = None,
     console: Annotated[bool, typer.Option("--console/--no-console", help="Include the kernel/boot console.")] = True,
     services: Annotated[bool, typer.Option("--services/--no-services", help="Include service output, "

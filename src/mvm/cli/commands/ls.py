@@ -20,7 +20,7 @@ def ls(json: Json = False) -> None:
     """List VMs: status, health, backend, size, forwarded ports and uptime.
 
     STATUS is derived from the live machine (its process id and start time), never trusted
-    from a file: a VM whose QEMU died shows as [bold]crashed[/] (or [bold]exited[/] after a
+    from a file: a VM whose QEMU died shows as crashed (or exited after a
     clean power-off), with the reason in --json's exit_reason. The states are described in
     docs/architecture.md; the --json keys in docs/json.md.
     """

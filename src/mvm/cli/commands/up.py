@@ -11,20 +11,22 @@ from ..options import Env, Flake, Json, NixArg, OverrideInput, Ports, SpecPath, 
 
 def up(
     path: SpecPath = ".",
-    name: Annotated[str | None, typer.Option("--name", "-n", help="VM name (default: the spec's name).",
+    name: Annotated[str | None, typer.Option("--name", "-n", metavar="NAME", help="VM name (default: the spec's name).",
                                              show_default=False)] = None,
-    cpus: Annotated[int | None, typer.Option("--cpus", help="vCPUs (default: the spec's, else 1).",
+    cpus: Annotated[int | None, typer.Option("--cpus", metavar="N", help="vCPUs (default: the spec's, else 1).",
                                              show_default=False)] = None,
-    memory: Annotated[int | None, typer.Option("--memory", "-m", help="Memory in MiB (default: the "
+    memory: Annotated[int | None, typer.Option("--memory", "-m", metavar="MIB", help="Memory in MiB (default: the "
                                                "spec's, else 512).", show_default=False)] = None,
     port: Ports = None,
     env: Env = None,
     volume: Volumes = None,
     hypervisor: Annotated[str, typer.Option(
-        "--hypervisor", help="auto (KVM only if a probe proves it boots, else TCG), qemu-kvm or qemu-tcg."
+        "--hypervisor", metavar="auto|qemu-kvm|qemu-tcg",
+                        help="auto (KVM only if a probe proves it boots, else TCG), qemu-kvm or qemu-tcg."
     )] = "auto",
     wait: Annotated[bool, typer.Option("--wait", help="Return only once every health check is healthy.")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds --wait waits for health.")] = 120.0,
+    timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS",
+                                           help="Seconds --wait waits for health.")] = 120.0,
     json: Json = False,
     flake: Flake = None,
     override_input: OverrideInput = None,
@@ -36,7 +38,8 @@ def up(
     On any failure (bad port, boot timeout, Ctrl-C) nothing is left behind, except one: when
     --wait gives up on health, the VM is kept running for inspection (the error says so).
 
-    [bold]Examples[/]
+    
+    Examples:
       mvmctl up examples/hello -p 8080:8080
       mvmctl up . --name api2 -p 127.0.0.1:9000:8080 -e LOG_LEVEL=debug --wait
       mvmctl up . -v ./config:/mnt/config -v ./data:/mnt/data:1024

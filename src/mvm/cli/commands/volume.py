@@ -11,7 +11,8 @@ from ..options import Json
 
 VolumeName = Annotated[
     str,
-    typer.Argument(help="The volume: its name from `mvmctl volume ls` (e.g. data-1a2b3c4d) or the HOST path "
+    typer.Argument(metavar="VOLUME",
+                   help="The volume: its name from `mvmctl volume ls` (e.g. data-1a2b3c4d) or the HOST path "
                    "it was created for (e.g. ./data).", show_default=False),
 ]
 
@@ -54,7 +55,7 @@ EXPORT_HELP = (
     "nothing at all is written and the conflicts are listed: export elsewhere with --to, or overwrite them "
     "with --force. Nothing on the host is ever deleted. Exported files get the owner of the destination "
     "directory; setuid/setgid bits are dropped.\n\n"
-    "[bold]Examples[/]\n"
+    "\b\nExamples:\n"
     "  mvmctl volume export ./data\n"
     "  mvmctl volume export data-1a2b3c4d --to /tmp/data-copy"
 )
@@ -104,7 +105,8 @@ def ls(json: Json = False) -> None:
 def export(
     volume: VolumeName,
     to: Annotated[str | None, typer.Option(
-        "--to", help="Directory to copy into (created if missing). Default: the volume's HOST directory.",
+        "--to", metavar="DIR",
+                help="Directory to copy into (created if missing). Default: the volume's HOST directory.",
         show_default=False)] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Overwrite host files that were changed both on the host and in the volume since mvm "
@@ -134,7 +136,8 @@ def export(
 
 @app.command("rm", help=RM_HELP)
 def rm(
-    volumes: Annotated[list[str], typer.Argument(help="Volumes to remove: names from `mvmctl volume ls` or HOST "
+    volumes: Annotated[list[str], typer.Argument(metavar="VOLUME", help="Volumes to remove: names from "
+                                                 "`mvmctl volume ls` or HOST "
                                                  "paths.", show_default=False)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
