@@ -238,6 +238,14 @@ def write_layout(
     return OciLayout(dest, ref_name, manifest, config, layer, diff_id)
 
 
+def set_ref_name(layout: Path, ref_name: str) -> None:
+    """Rename the layout's image: index.json is outside every digest, so nothing else changes."""
+    index_path = layout / "index.json"
+    index = json.loads(index_path.read_text())
+    index["manifests"][0].setdefault("annotations", {})[REF_NAME_ANNOTATION] = ref_name
+    index_path.write_bytes(_canonical_json(index))
+
+
 def write_archive(layout: Path, archive: Path) -> None:
     """Pack a layout directory into one uncompressed tar (what ``oci-archive:`` reads),
     with the same fixed metadata as the layer, atomically."""
