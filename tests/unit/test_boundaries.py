@@ -50,3 +50,21 @@ def test_build_initrd_is_standalone() -> None:
     for name in _imports(SRC / "build" / "initrd.py"):
         assert not name.startswith("."), name
         assert name.split(".")[0] in sys.stdlib_module_names or name == "__future__"
+
+
+def test_export_is_leaf_ish() -> None:
+    """mvm.export reads image dirs and writes files: it may use errors, _proc and _atomic,
+    never the orchestration layer (_api, runtime, backends, cli), which can then call it."""
+    allowed_mvm = {"..errors", ".._proc", ".._atomic", "mvm.errors", "mvm._proc", "mvm._atomic"}
+    third_party = {"yaml", "jsonschema", "referencing"}
+    for path in (SRC / "export").glob("*.py"):
+        for name in _imports(path):
+            if name.startswith(".."):
+                assert name in allowed_mvm, f"{path.name} imports {name}"
+            elif name.startswith("."):
+                continue  # within mvm.export
+            elif name.startswith("mvm"):
+                assert name in allowed_mvm, f"{path.name} imports {name}"
+            else:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or top in third_party, f"{path.name} imports {name}"
