@@ -202,6 +202,7 @@ def test_the_vm_has_what_kubevirt_needs(image: Path) -> None:
     assert vmi["volumes"] == [{"name": "rootdisk", "containerDisk": {"image": "registry.example.com/hello:v1",
                                                                     "path": "/disk/rootfs.qcow2"}}]
     assert vmi["domain"]["devices"]["disks"] == [{"name": "rootdisk", "disk": {"bus": "virtio"}}]
+    assert vmi["domain"]["devices"]["logSerialConsole"] is True
     assert vmi["domain"]["cpu"] == {"cores": 2} and vmi["domain"]["memory"] == {"guest": "768Mi"}
     [iface] = vmi["domain"]["devices"]["interfaces"]
     assert iface["masquerade"] == {} and iface["ports"] == [{"name": "tcp-8080", "port": 8080, "protocol": "TCP"}]

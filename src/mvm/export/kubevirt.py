@@ -322,6 +322,10 @@ def virtual_machine(spec: KubevirtSpec, image: str, plan: ProbePlan, ports: Sequ
             "devices": {
                 "disks": [{"name": "rootdisk", "disk": {"bus": "virtio"}}],
                 "interfaces": [interface],
+                # The guest writes service logs and health transitions to its serial
+                # console; this streams it from the launcher pod's guest-console-log
+                # container even where the cluster turned that off by default.
+                "logSerialConsole": True,
             },
         },
         "networks": [{"name": "default", "pod": {}}],
