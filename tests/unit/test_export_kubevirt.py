@@ -457,6 +457,7 @@ def test_a_non_empty_output_dir_needs_force(image: Path, tmp_path: Path) -> None
         ({"name": "Web"}, UsageError, "cannot name"),
         ({"image": "registry.example.com/hello@sha256:" + "0" * 64}, UsageError, "digest"),
         ({"image": "Registry Example/hello"}, UsageError, "not an image reference"),
+        ({"ports": [0]}, UsageError, "out of range"),
     ],
 )
 def test_bad_inputs_are_refused_before_any_work(image: Path, tmp_path: Path, kwargs: dict[str, Any],

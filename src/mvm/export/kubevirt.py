@@ -427,8 +427,9 @@ def export(
 ) -> ExportResult:
     """Write the OCI image and vm.yaml for ``spec`` into ``out_dir``.
 
-    Everything is built in a temp dir next to ``out_dir`` and moved in at the end, so a
-    failed or interrupted export leaves no half-written layout behind.
+    Everything is built in a temp dir inside ``out_dir`` and renamed into place at the
+    end, so a failed or interrupted export leaves no half-written layout behind (and an
+    earlier export, replaced with ``force``, stays until the new one is complete).
     """
     check_name(spec.name)
     if spec.image is not None:
@@ -436,6 +437,9 @@ def export(
     for path in (spec.kernel, spec.rootfs, *([spec.initrd] if spec.initrd else [])):
         if not path.is_file():
             raise StateError(f"{path} is missing", hint="rebuild the image: mvmctl build")
+    for port in spec.ports:
+        if not 0 < port < 65536:
+            raise UsageError(f"port {port} is out of range", hint="ports are 1-65535")
     plan = plan_probe(spec.health_checks)
     notes = list(plan.notes)
     ports = tuple(dict.fromkeys(spec.ports))
