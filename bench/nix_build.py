@@ -66,8 +66,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from mvm._proc import DEFAULT_RUNNER
-    from mvm.build.kernel import ensure_kernel
-    from mvm.build.nix import host_system
+    from mvm.images.kernel import ensure_kernel
+    from mvm.images.nix import host_system
 
     system = host_system()
     cache = Path(os.environ.get("MVM_TEST_CACHE", Path.home() / ".cache" / "mvm-tests"))
@@ -105,7 +105,7 @@ def main() -> None:
         evals = [timed(["nix", "eval", "--raw", f"{image}.outPath", *overrides], env)[0] for _ in range(args.runs)]
         py = [timed([sys.executable, "-c", "import mvm.cli.app"], env)[0] for _ in range(args.runs)]
 
-    rootfs_mb = result["manifest"]["sizes"]["rootfs.ext4"] / 2**20
+    rootfs_mb = result["sizes"]["rootfs.ext4"] / 2**20
     print(f"seed hello flake on the nixpkgs stand-in ({system}), rootfs {rootfs_mb:.0f} MiB")
     print(f"cold   mvmctl build --flake             {cold:6.2f} s  (nix build + import into the image store)")
     print(f"cold   nix build <image>                {nix_cold:6.2f} s")

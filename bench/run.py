@@ -169,14 +169,15 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     try:
         print("preparing: building examples/hello (once) ...", file=sys.stderr)
-        image = mvm.build(HELLO).image
+        image = mvm.build(HELLO)
         assert image.initrd is not None
+        kernel, initrd = Path(image.path) / image.kernel, Path(image.path) / image.initrd
         with tempfile.TemporaryDirectory() as tmp:
             rootfs = floor_rootfs(Path(tmp))
-            boot_floor(image.kernel, image.initrd, rootfs)  # warm the page cache
+            boot_floor(kernel, initrd, rootfs)  # warm the page cache
             floor, up, phases = [], [], []
             for _ in range(args.runs):  # interleaved, so drift hits both alike
-                floor.append(boot_floor(image.kernel, image.initrd, rootfs))
+                floor.append(boot_floor(kernel, initrd, rootfs))
                 up.append(up_to_first_200(env, phases))
         results["floor"] = summary(floor)
         results["up_to_200"] = summary(up)

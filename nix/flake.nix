@@ -21,7 +21,7 @@
       };
       initrdScript = builtins.path {
         name = "mvm-initrd.py";
-        path = ../src/mvm/build/initrd.py;
+        path = ../src/mvm/images/initrd.py;
       };
 
       mkGuestFor =

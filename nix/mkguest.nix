@@ -2,12 +2,12 @@
 #
 #   $out/<kernel>        the kernel image, named as nixpkgs builds it (kernel.target:
 #                        bzImage on x86_64, Image on aarch64)
-#   $out/initrd          busybox + the virtio/ext4 modules, made by src/mvm/build/initrd.py
+#   $out/initrd          busybox + the virtio/ext4 modules, made by src/mvm/images/initrd.py
 #   $out/rootfs.ext4     the closure of `packages` (and of every store path the services
 #                        name), the guest agent, a Python for it, /etc/mvm/guest.json
 #   $out/manifest.json   what `mvmctl build --flake` imports into its image store
 #
-# The rootfs has the same layout as the Debian builder's (src/mvm/build/guestfiles.py):
+# The rootfs has the same layout as the Debian builder's (src/mvm/images/guestfiles.py):
 # /usr/lib/mvm/init is PID 1, the agent is /usr/lib/mvm/mvm/guest, services run as `mvm`
 # (uid 1000) unless they name a user. Package programs are linked into /usr/bin, busybox
 # provides /bin (so `sh -c` works), and guest.json's `path` is the guest's PATH.

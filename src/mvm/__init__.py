@@ -5,6 +5,9 @@
     print(vm.exec(["cat", "/etc/hostname"]).stdout)
     vm.down()
 
+Results are typed models (:class:`VMInfo`, :class:`GuestStatus`, :class:`VolumeInfo`, ...);
+errors are :class:`MvmError` subclasses, each with a ``hint``.
+
 Names are imported on first use (PEP 562), so ``mvmctl exec`` and ``mvmctl ls`` do not pay
 for the spec models and builders they never touch.
 """
@@ -19,32 +22,70 @@ from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
 
 if TYPE_CHECKING:
-    from ._api import VM, BuildResult, ExecResult, build, down, get, ls, up
-    from ._volumes import volume_export, volume_ls, volume_rm
+    from ._api import dev
+    from ._api.build import build
+    from ._api.cleanup import cleanup
+    from ._api.console import ConsoleSession
+    from ._api.doctor import doctor
+    from ._api.down import down
+    from ._api.listing import get, ls
+    from ._api.models import (
+        BuildResult,
+        CheckStatus,
+        CleanupReport,
+        DoctorReport,
+        DownResult,
+        ExecResult,
+        GuestStatus,
+        ImageInfo,
+        PortInfo,
+        ServiceStatus,
+        VMDetails,
+        VMInfo,
+        VolumeExport,
+        VolumeInfo,
+    )
+    from ._api.up import up
+    from ._api.vm import VM
+    from ._api.volumes import volume_export, volume_ls, volume_rm
+    from .runtime.logs import LogLine
+    from .runtime.states import VMStatus
     from .spec import GuestSpec, HealthCheck, Service, load_toml
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "VM": "._api", "BuildResult": "._api", "ExecResult": "._api", "build": "._api", "down": "._api",
-    "get": "._api", "ls": "._api", "up": "._api",
-    "volume_export": "._volumes", "volume_ls": "._volumes", "volume_rm": "._volumes",
+    "build": "._api.build", "up": "._api.up", "down": "._api.down", "get": "._api.listing",
+    "ls": "._api.listing", "cleanup": "._api.cleanup", "doctor": "._api.doctor", "VM": "._api.vm",
+    "ConsoleSession": "._api.console",
+    "volume_export": "._api.volumes", "volume_ls": "._api.volumes", "volume_rm": "._api.volumes",
+    "VMStatus": ".runtime.states", "LogLine": ".runtime.logs",
     "GuestSpec": ".spec", "HealthCheck": ".spec", "Service": ".spec", "load_toml": ".spec",
 }
+_MODELS = ("BuildResult", "CheckStatus", "CleanupReport", "DoctorReport", "DownResult", "ExecResult",
+           "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "VMDetails", "VMInfo", "VolumeExport",
+           "VolumeInfo")
+_LAZY.update(dict.fromkeys(_MODELS, "._api.models"))
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mvm' has no attribute {name!r}")
-    value = getattr(import_module(module, __name__), name)
+    if name == "dev":  # a namespace: mvm.dev.boot_vm(...), mvm.dev.run_on_host(...)
+        value: Any = import_module("._api.dev", __name__)
+    else:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'mvm' has no attribute {name!r}")
+        value = getattr(import_module(module, __name__), name)
     globals()[name] = value
     return value
 
 
 __all__ = [  # the errors are appended below
-    "VM", "BuildResult", "ExecResult", "build", "down", "get", "ls", "up",
+    "build", "up", "down", "get", "ls", "cleanup", "doctor", "dev", "VM", "ConsoleSession",
     "volume_export", "volume_ls", "volume_rm",
+    "BuildResult", "CheckStatus", "CleanupReport", "DoctorReport", "DownResult", "ExecResult",
+    "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "VMDetails", "VMInfo", "VolumeExport",
+    "VolumeInfo", "VMStatus", "LogLine",
     "GuestSpec", "HealthCheck", "Service", "load_toml",
     "paths",
 ]

@@ -231,4 +231,125 @@ def interactive(argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
         raise ToolMissing(f"`{args[0]}` could not be started: {exc.strerror}") from exc
 
 
+# --- process identity: a pid is only "ours" while its start time matches -----------------
+#
+# A pid alone can be reused by an unrelated process after the VM dies, so every recorded pid
+# is paired with its start time (``/proc/<pid>/stat`` field 22). Nothing is ever signalled
+# unless both match.
+
+
+def start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parens: split after the last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])
+
+
+def pids_with_cwd(directory: Path) -> list[int]:
+    """Processes running in ``directory``: QEMU runs with its VM dir as cwd, so this finds a
+    VM's QEMU even when its recorded pid is lost."""
+    found = []
+    target = str(directory)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "cwd") == target:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] == "Z"
+
+
+def alive(pid: int | None, started: int | None) -> bool:
+    """``pid`` runs and is the process that started at ``started``. A zombie is dead (and
+    reaped, if it is our child: after ``up`` in this process, QEMU is)."""
+    if not pid:
+        return False
+    now = start_time(pid)
+    if now is None:
+        return False
+    if is_zombie(pid):
+        _reap(pid)
+        return False
+    return started is None or now == started
+
+
+def wait_gone(pid: int, started: int | None, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid, started):
+        _reap(pid)
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    _reap(pid)
+    return True
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status if the process is our own child (it is after `up`)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def signal_checked(pid: int, started: int | None, sig: int) -> bool:
+    """Send ``sig`` if ``pid`` is still the process started at ``started``. False if it is
+    gone; :class:`PermissionError` if it is ours by identity but not ours to signal."""
+    if not alive(pid, started):
+        return False
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class StillRunning(Exception):
+    """A process survived SIGKILL, or this user may not signal it (the reason says which)."""
+
+
+def terminate(pid: int, started: int | None, timeout: float = 5.0) -> str:
+    """SIGTERM, wait, SIGKILL, wait. Returns what it took (``gone``, ``terminated`` or
+    ``killed``); raises :class:`StillRunning` when the process outlives all of it."""
+    if not alive(pid, started):
+        return "gone"
+    try:
+        signal_checked(pid, started, signal.SIGTERM)
+        if wait_gone(pid, started, timeout):
+            return "terminated"
+        signal_checked(pid, started, signal.SIGKILL)
+    except PermissionError as exc:
+        raise StillRunning(f"not permitted to signal pid {pid}: {exc.strerror}") from None
+    if wait_gone(pid, started, 10.0):
+        return "killed"
+    raise StillRunning(f"pid {pid} is still running 10 s after SIGKILL")
+
+
+
+def tail_file(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a child's log file (QEMU's log, a console), for errors."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            data = f.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
 DEFAULT_RUNNER: Runner = SubprocessRunner()

@@ -22,7 +22,8 @@ The CLI renders them and maps them to exit codes in exactly one place (``mvm.cli
         ├── AgentError       the control channel failed or the guest refused a request
         │   └── AgentTimeout
         ├── HealthTimeout    `up --wait` gave up (check output attached)
-        └── ExecTimeout      `exec --timeout` expired and the guest process was killed
+        ├── ExecTimeout      `exec --timeout` expired and the guest process was killed
+        └── StopFailed       the VM's process survived every way of stopping it
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ class ExecTimeout(VMError):
     reference = "exec-timeout"
 
 
+class StopFailed(VMError):
+    reference = "stop-failed"
+
+
 __all__ = [
     "AgentError",
     "AgentTimeout",
@@ -142,6 +147,7 @@ __all__ = [
     "PortInUse",
     "SpecError",
     "StateError",
+    "StopFailed",
     "ToolMissing",
     "UsageError",
     "VMError",

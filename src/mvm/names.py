@@ -9,6 +9,9 @@ SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+#: uid (and gid of group ``mvm``) of the default service user; further service users follow it.
+DEFAULT_UID = 1000
+
 
 def check_vm_name(name: str) -> str:
     if not NAME_RE.fullmatch(name):

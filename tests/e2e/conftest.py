@@ -54,6 +54,16 @@ class CLI:
         return self.home / "state" / "vms"
 
 
+def service(status: dict[str, Any], name: str) -> dict[str, Any]:
+    """One service from ``status --json`` (its guest.services list)."""
+    return next(s for s in status["guest"]["services"] if s["name"] == name)
+
+
+def check(status: dict[str, Any], name: str) -> dict[str, Any]:
+    """One health check from ``status --json`` (its guest.checks list)."""
+    return next(c for c in status["guest"]["checks"] if c["name"] == name)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -116,7 +116,7 @@ def mvm_flake_url(scratch: Path) -> str:
         top = ""
     if top and Path(top).resolve() == ROOT.resolve():
         untracked = _git("ls-files", "--others", "--exclude-standard", "nix", "src/mvm/guest",
-                         "src/mvm/build/initrd.py", cwd=ROOT).split()
+                         "src/mvm/images/initrd.py", cwd=ROOT).split()
         assert not untracked, (
             f"flakes see only files git tracks; `git add` these first: {untracked}"
         )

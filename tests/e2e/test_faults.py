@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import CLI, FIXTURES, ROOT, free_port, http_get, wait_for
+from .conftest import CLI, FIXTURES, ROOT, check, free_port, http_get, service, wait_for
 from .faults import Recorder, find_leaks
 
 TESTBED = str(FIXTURES / "testbed")
@@ -211,7 +211,7 @@ def test_hostile_strings_reach_the_guest_literally(cli: CLI, testbed_image: dict
             " second line")
     cli("up", TESTBED, "--name", "hostile", "-e", f"EVIL={evil}")
     try:
-        pid = cli.json("status", "hostile")["services"]["web"]["pid"]
+        pid = service(cli.json("status", "hostile"), "web")["pid"]
         environ = cli("exec", "hostile", "--", "cat", f"/proc/{pid}/environ").stdout
         assert f"EVIL={evil}" in environ.split("\0")
         guest = json.loads(cli("exec", "hostile", "--", "cat", "/etc/mvm/guest.json").stdout)
@@ -247,7 +247,7 @@ def test_security_defaults(cli: CLI, testbed_image: dict[str, Any], recorder: Re
         pid = _row(cli, "secure")["pid"]
         seccomp = re.search(r"^Seccomp:\s+(\d)", Path(f"/proc/{pid}/status").read_text(), re.M)
         assert seccomp and seccomp.group(1) == "2", "QEMU runs without its seccomp sandbox"
-        svc_pid = cli.json("status", "secure")["services"]["web"]["pid"]
+        svc_pid = service(cli.json("status", "secure"), "web")["pid"]
         user = cli("exec", "secure", "--", "ps", "-o", "user=", "-p", str(svc_pid)).stdout.strip()
         assert user == "mvm"
     finally:
@@ -355,7 +355,7 @@ def test_full_data_volume(cli: CLI, testbed_image: dict[str, Any], recorder: Rec
         assert cli("exec", "full", "--", "python3", "-c", READ_BLOB, "/mnt/other/ok").stdout == ok.stdout
         assert http_get(port) == "testbed\n"
         st = cli.json("status", "full")
-        assert st["services"]["web"]["state"] == "running" and st["health"]["web"]["state"] == "healthy"
+        assert service(st, "web")["state"] == "running" and check(st, "web")["state"] == "healthy"
         leaks = _leaks(cli, {"full"})
     finally:
         cli("down", "full")

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from .conftest import CLI, EXAMPLES, FIXTURES, ROOT, free_port, http_get, wait_for
+from .conftest import CLI, EXAMPLES, FIXTURES, ROOT, check, free_port, http_get, service, wait_for
 
 
 def _status(cli: CLI, name: str) -> dict[str, Any]:
@@ -41,11 +41,11 @@ def test_exec_timeout_kills_the_guest_process(cli: CLI, testbed_vm: dict[str, An
 
 def test_status_and_ls_show_services_and_health(cli: CLI, testbed_vm: dict[str, Any]) -> None:
     st = _status(cli, "shared")
-    web = st["services"]["web"]
+    web = service(st, "web")
     assert web["state"] == "running" and web["user"] == "mvm" and web["restarts"] == 0
     assert isinstance(web["pid"], int) and web["uptime"] >= 0
-    assert st["health"]["web"]["state"] == "healthy" and st["health"]["web"]["last_exit"] == 0
-    assert st["health"]["sick"]["state"] == "healthy"
+    assert check(st, "web")["state"] == "healthy" and check(st, "web")["last_exit"] == 0
+    assert check(st, "sick")["state"] == "healthy"
     row = next(r for r in cli.json("ls") if r["name"] == "shared")
     assert row["health"] == "healthy"
     table = cli("status", "shared").stdout
@@ -53,15 +53,15 @@ def test_status_and_ls_show_services_and_health(cli: CLI, testbed_vm: dict[str, 
 
 
 def test_killed_service_is_restarted(cli: CLI, testbed_vm: dict[str, Any]) -> None:
-    old_pid = _status(cli, "shared")["services"]["web"]["pid"]
+    old_pid = service(_status(cli, "shared"), "web")["pid"]
     cli("exec", "shared", "--", "kill", "-9", str(old_pid))
     st = wait_for(
-        lambda: (s := _status(cli, "shared"))["services"]["web"]["restarts"] == 1
-        and s["services"]["web"]["state"] == "running" and s,
+        lambda: service(s := _status(cli, "shared"), "web")["restarts"] == 1
+        and service(s, "web")["state"] == "running" and s,
         30, "the web service to be restarted",
     )
-    assert st["services"]["web"]["pid"] != old_pid
-    assert st["services"]["web"]["last_exit"] == -9
+    assert service(st, "web")["pid"] != old_pid
+    assert service(st, "web")["last_exit"] == -9
     assert http_get(testbed_vm["port"]) == "testbed\n"
     logs = cli("logs", "shared", "--no-console").stdout
     assert "[service web] backoff (exit -9, delay 0.5)" in logs
@@ -126,7 +126,7 @@ def test_up_wait_returns_once_healthy_after_grace(cli: CLI, testbed_image: dict[
         assert "and healthy" in r.stderr
         assert time.monotonic() - started > 4
         st = _status(cli, "slowstart")
-        assert st["health"]["web"]["state"] == "healthy"
+        assert check(st, "web")["state"] == "healthy"
     finally:
         cli("down", "slowstart")
 
@@ -159,8 +159,8 @@ def test_stack_example_serves_data_through_redis(cli: CLI) -> None:
         stored = cli("exec", "stack", "--", "redis-cli", "GET", "visits").stdout.strip()
         assert int(stored) == second["visits"]
         st = _status(cli, "stack")
-        assert set(st["services"]) == {"redis", "api"}
-        assert st["health"]["api"]["state"] == "healthy"
+        assert {s["name"] for s in st["guest"]["services"]} == {"redis", "api"}
+        assert check(st, "api")["state"] == "healthy"
     finally:
         cli("down", "stack")
 

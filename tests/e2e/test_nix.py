@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from mvm.build import guestfiles
-from mvm.build.nix import NIX_GUEST_KEYS, host_system
+from mvm.images import guestfiles
+from mvm.images.nix import host_system
 from mvm.spec import GuestSpec
 
 from . import nixfixture
@@ -58,7 +58,7 @@ def nix_env(cli: CLI, tmp_path_factory: pytest.TempPathFactory) -> NixEnv:
     if missing:
         pytest.skip(f"the Nix tests need {', '.join(missing)} (scripts/setup.sh installs them)")
     from mvm._proc import DEFAULT_RUNNER
-    from mvm.build.kernel import ensure_kernel
+    from mvm.images.kernel import ensure_kernel
 
     scratch = tmp_path_factory.mktemp("nix")
     kernel = ensure_kernel(Path(cli.env["MVM_CACHE"]) / "kernels", DEFAULT_RUNNER)
@@ -98,14 +98,14 @@ def test_the_flake_is_the_seeds_with_one_line_changed(hello_flake: Path) -> None
 
 def test_seed_hello_flake_builds_boots_and_serves(nix_env: NixEnv, hello_flake: Path,
                                                   hello_build: dict[str, Any], no_leaks: None) -> None:
-    manifest = hello_build["manifest"]
+    manifest = hello_build
     assert manifest["frontend"] == "nix"
     assert manifest["source"]["out_path"].startswith("/nix/store/")
     assert set(manifest["sizes"]) == {manifest["kernel"], "initrd", "rootfs.ext4"}
     guest = manifest["guest"]
-    # the same guest.json the Debian builder writes for the same spec (plus the guest's PATH)
-    spec = GuestSpec.model_validate({k: v for k, v in guest.items() if k not in NIX_GUEST_KEYS})
-    assert spec.guest_json(frontend="nix", extra={"path": guest["path"], "packages": guest["packages"]}) == guest
+    # the manifest carries the validated guest model, the same one mvm.toml gives
+    spec = GuestSpec.model_validate(guest)
+    assert spec.name == "hello" and "hello" in spec.services and "hello" in spec.health_checks
 
     port = free_port()
     cli = nix_env.cli
@@ -172,7 +172,7 @@ def test_two_services_build_and_talk(nix_env: NixEnv, no_leaks: None) -> None:
         assert http_get(port, "/count") == "hits=1"
         assert http_get(port, "/count") == "hits=2"
         status = cli.json("status", "my-stack")
-        services = status["services"]
+        services = {s["name"]: s for s in status["guest"]["services"]}
         assert services["redis"]["state"] == "running" and services["redis"]["user"] == "redis"
         assert services["api"]["state"] == "running" and services["api"]["user"] == "mvm"
         users = cli("exec", "my-stack", "--", "sh", "-c", "id -u redis; id -Gn redis").stdout.split()
@@ -276,7 +276,7 @@ def test_flake_and_path_together_is_a_usage_error(nix_env: NixEnv, hello_flake: 
 def test_the_image_store_holds_the_files_themselves(hello_build: dict[str, Any]) -> None:
     """Hard links (or copies), not symlinks into /nix/store: the image outlives nix's GC."""
     image = Path(hello_build["path"])
-    for name in hello_build["manifest"]["sizes"]:
+    for name in hello_build["sizes"]:
         assert (image / name).is_file() and not (image / name).is_symlink()
 
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from mvm._proc import Completed
-from mvm.backends import qemu
+from mvm.backends import qemu_argv
 from mvm.backends.base import LaunchSpec
 from mvm.errors import CommandFailed, StateError, UsageError
 from mvm.export import kubevirt, oci, schema
@@ -70,10 +70,10 @@ def _docs(spec: KubevirtSpec, ports: tuple[int, ...] = (8080,)) -> tuple[dict[st
 
 
 def test_kernel_args_are_the_qemu_ones_minus_the_host(monkeypatch: pytest.MonkeyPatch, image: Path) -> None:
-    monkeypatch.setattr(qemu, "tsc_khz", lambda: 2_500_000)
+    monkeypatch.setattr(qemu_argv, "tsc_khz", lambda: 2_500_000)
     launch = LaunchSpec(name="hello", files=VMFiles(Path("/state/vms/hello")), kernel=Path("k"), initrd=None,
                         rootfs=Path("r"), cpus=1, memory=512, accel="tcg")
-    under_qemu = qemu.kernel_cmdline(launch).split()
+    under_qemu = qemu_argv.kernel_cmdline(launch).split()
     assert "tsc_early_khz=2500000" in under_qemu
     exported = kubevirt.kernel_args(kubevirt.spec_from_image(image)).split()
     assert "tsc_early_khz" not in " ".join(exported)
@@ -465,6 +465,14 @@ def test_bad_inputs_are_refused_before_any_work(image: Path, tmp_path: Path, kwa
     with pytest.raises(error, match=message):
         kubevirt.export(kubevirt.spec_from_image(image, **kwargs), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_only_x86_64_images_export(tmp_path: Path) -> None:
+    image = _image_dir(tmp_path)
+    manifest = json.loads((image / "manifest.json").read_text())
+    (image / "manifest.json").write_text(json.dumps({**manifest, "arch": "aarch64"}))
+    with pytest.raises(UsageError, match="aarch64"):
+        kubevirt.spec_from_image(image)
 
 
 def test_a_broken_image_dir_is_a_state_error(tmp_path: Path) -> None:

@@ -13,9 +13,9 @@ from typing import IO, Any
 import pytest
 
 from mvm._proc import Completed
-from mvm.build import nix, nixerrors
 from mvm.cli.options import join_override_pairs, nix_args
 from mvm.errors import BuildError, SpecError, ToolMissing, UsageError
+from mvm.images import nix, nixerrors
 from mvm.paths import Layout
 from mvm.spec import GuestSpec, HealthCheck, Service
 
@@ -213,7 +213,7 @@ def test_build_imports_then_hits_the_cache(tmp_path: Path, with_nix: None) -> No
     assert image.manifest.frontend == "nix" and image.manifest.source["out_path"] == str(out)
     assert image.manifest.key == nix.image_key(str(out))
     assert image.rootfs.is_file() and not image.rootfs.is_symlink()
-    assert image.manifest.guest["path"] == "/usr/bin:/bin"
+    assert image.manifest.guest.name == "hello" and "hello" in image.manifest.guest.health_checks
     runner.calls.clear()
     again, built = nix.build("/src/app#hello", layout=layout, runner=runner)
     assert not built and again.path == image.path
@@ -277,7 +277,7 @@ def test_the_flake_sees_every_file_it_needs() -> None:
     from a path: copy and fail for users of github:...?dir=nix."""
     try:
         untracked = subprocess.run(
-            ["git", "ls-files", "--others", "--exclude-standard", "nix", "src/mvm/guest", "src/mvm/build/initrd.py"],
+            ["git", "ls-files", "--others", "--exclude-standard", "nix", "src/mvm/guest", "src/mvm/images/initrd.py"],
             cwd=ROOT, capture_output=True, text=True, check=True,
         ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
@@ -286,7 +286,7 @@ def test_the_flake_sees_every_file_it_needs() -> None:
 
 
 def test_dev_shell_environment() -> None:
-    from mvm import dev
+    from mvm._api import dev
 
     env = dev.host_env({"NIX_CONFIG": "substituters =", "HOME": "/h"}, root_without_build_users=True)
     assert env["NIX_CONFIG"].splitlines() == [
@@ -297,7 +297,7 @@ def test_dev_shell_environment() -> None:
 
 
 def test_dev_mode_follows_nix_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mvm import dev
+    from mvm._api import dev
 
     monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/nix")
     assert dev.choose_mode() == "host" and dev.choose_mode(force_vm=True) == "vm"
@@ -307,7 +307,7 @@ def test_dev_mode_follows_nix_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_shares_add_virtiofs_devices_and_shared_memory(tmp_path: Path) -> None:
     from mvm.backends.base import LaunchSpec, Share
-    from mvm.backends.qemu import build_argv
+    from mvm.backends.qemu_argv import build_argv
     from mvm.paths import VMFiles
 
     spec = LaunchSpec(name="d", files=VMFiles(tmp_path), kernel=tmp_path / "k", initrd=None,

@@ -1,8 +1,8 @@
 import pytest
 
+from mvm._api.options import parse_env, parse_port
 from mvm.backends.base import PortForward
 from mvm.errors import UsageError
-from mvm.runtime.options import parse_env, parse_port
 
 
 @pytest.mark.parametrize(

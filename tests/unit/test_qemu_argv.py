@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from mvm.backends.base import Disk, LaunchSpec, PortForward
-from mvm.backends.qemu import build_argv, kernel_cmdline
+from mvm.backends.qemu_argv import build_argv, kernel_cmdline
 from mvm.paths import VMFiles
 
 

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from mvm._api.volumes import volume_export, volume_ls, volume_rm
 from mvm._proc import DEFAULT_RUNNER
-from mvm._volumes import volume_export, volume_ls, volume_rm
 from mvm.errors import UsageError, VolumeError
 from mvm.paths import Layout, VMFiles
-from mvm.runtime import ext4, volumes
-from mvm.runtime.volstore import VolumeStore, volume_id
-from mvm.runtime.volumes import parse_volume, parse_volumes, plan
+from mvm.volumes import attach as volumes
+from mvm.volumes import ext4
+from mvm.volumes.args import parse_volume, parse_volumes
+from mvm.volumes.attach import plan
+from mvm.volumes.store import VolumeStore, volume_id
 
 DEAD_PID = 2**22 + 12345  # above pid_max's default: never a live process
 
@@ -248,16 +250,16 @@ def test_lock_refuses_a_second_holder_and_names_it(tmp_path: Path, layout: Layou
     with pytest.raises(VolumeError) as info:
         plan(["./data:/mnt/data:16"], layout, cwd=tmp_path)
     assert info.value.message.endswith(f"is in use by VM 'web' (QEMU pid {os.getpid()})")
-    assert volume_ls(layout=layout)[0]["held_by"] == f"VM 'web' (QEMU pid {os.getpid()})"
+    assert volume_ls(layout=layout)[0].held_by == f"VM 'web' (QEMU pid {os.getpid()})"
     assert "mvmctl down web" in (info.value.hint or "")
     with pytest.raises(VolumeError, match="in use by VM 'web'"):
         store.lock(vid, "data")  # the flock itself, not only holder.json
     with pytest.raises(VolumeError, match="in use by VM 'web'"):
         volume_rm(vid, layout=layout)
-    assert volume_ls(layout=layout)[0]["vm"] == "web"
+    assert volume_ls(layout=layout)[0].vm == "web"
     a.release()  # "QEMU exits"
     store.clear_holder(vid)
-    assert volume_ls(layout=layout)[0]["vm"] is None
+    assert volume_ls(layout=layout)[0].vm is None
     volume_rm(vid, layout=layout)
     assert store.ids() == [] and not store.lock_path(vid).exists()
 
@@ -332,9 +334,9 @@ def test_export_merges_three_ways_and_never_loses_a_host_edit(tmp_path: Path, la
 
     (data / "both-edit").write_text("v1")  # the user reverts their edit: no conflict any more
     result = volume_export(str(data), layout=layout)
-    assert sorted(result["updated"]) == ["both-edit", "guest-edits"]
-    assert result["new"] == ["new-in-guest"] and result["kept"] == ["host-edits"]
-    assert result["unchanged"] == ["untouched"] and result["host_only"] == ["host-only"]
+    assert sorted(result.updated) == ["both-edit", "guest-edits"]
+    assert result.new == ["new-in-guest"] and result.kept == ["host-edits"]
+    assert result.unchanged == ["untouched"] and result.host_only == ["host-only"]
     assert {p.name: p.read_text() for p in data.iterdir()} == {
         "guest-edits": "guest", "host-edits": "host", "both-edit": "guest", "untouched": "v1",
         "new-in-guest": "new", "host-only": "mine"}
@@ -343,9 +345,9 @@ def test_export_merges_three_ways_and_never_loses_a_host_edit(tmp_path: Path, la
     with pytest.raises(VolumeError):
         volume_export(vid, layout=layout)
     forced = volume_export(vid, layout=layout, force=True)
-    assert forced["overwritten"] == ["host-edits"] and (data / "host-edits").read_text() == "guest again"
+    assert forced.overwritten == ["host-edits"] and (data / "host-edits").read_text() == "guest again"
     copy = volume_export(vid, to=tmp_path / "copy", layout=layout)
-    assert sorted(copy["new"]) == sorted(["both-edit", "guest-edits", "host-edits", "new-in-guest", "untouched"])
+    assert sorted(copy.new) == sorted(["both-edit", "guest-edits", "host-edits", "new-in-guest", "untouched"])
     assert not list(tmp_path.glob(".*mvm-export-*")), "the temporary dump dir was left behind"
 
 
@@ -355,9 +357,9 @@ def test_ls_shows_a_broken_volume_instead_of_failing(tmp_path: Path, layout: Lay
         undo.pop_all()
     store = VolumeStore(layout)
     store.meta_path(volume_id(tmp_path / "a")).write_text("{not json")
-    rows = {row["name"]: row for row in volume_ls(layout=layout)}
-    assert "unreadable" in rows[volume_id(tmp_path / "a")]["error"]
-    assert rows[volume_id(tmp_path / "b")]["size_mb"] == 16
+    rows = {row.name: row for row in volume_ls(layout=layout)}
+    assert "unreadable" in (rows[volume_id(tmp_path / "a")].error or "")
+    assert rows[volume_id(tmp_path / "b")].size_mb == 16
 
 
 def test_an_image_file_is_used_in_place_and_never_deleted(tmp_path: Path, layout: Layout) -> None:
@@ -376,8 +378,8 @@ def test_an_image_file_is_used_in_place_and_never_deleted(tmp_path: Path, layout
         _booted(_attach(layout, tmp_path, ["./disk.img:/mnt/d:24"], undo))
         undo.pop_all()
     (row,) = volume_ls(layout=layout)
-    assert row["kind"] == "image" and row["image"] == str(tmp_path / "disk.img")
+    assert row.kind == "image" and row.image == str(tmp_path / "disk.img")
     with pytest.raises(VolumeError, match="no host dir to export into"):
-        volume_export(row["name"], layout=layout)
+        volume_export(row.name, layout=layout)
     volume_rm(str(tmp_path / "disk.img"), layout=layout)
     assert store.ids() == [] and (tmp_path / "disk.img").is_file()

@@ -15,25 +15,16 @@ import platform
 import select
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from .._atomic import write_json_atomic
 from .._proc import require_tool
 from ..errors import UsageError
-from .qemu import QEMU
+from .base import AccelPreference, Preflight
+from .qemu_argv import QEMU
 
 PROBE_TIMEOUT = 6.0
 MARKER = b"Run /init as init process"
-Hypervisor = Literal["auto", "qemu-kvm", "qemu-tcg"]
-
-
-@dataclass(frozen=True)
-class AccelChoice:
-    accel: Literal["kvm", "tcg"]
-    reason: str
-
 
 def _probe_key(kernel: Path, initrd: Path | None, qemu: str) -> str:
     parts = []
@@ -98,16 +89,13 @@ def kvm_verdict(kernel: Path, initrd: Path | None, probes: Path) -> tuple[bool, 
     return ok, reason
 
 
-def choose(requested: str, kernel: Path, initrd: Path | None, probes: Path) -> AccelChoice:
-    if requested not in ("auto", "qemu-kvm", "qemu-tcg"):
-        raise UsageError(f"unknown hypervisor {requested!r}",
-                         hint="use one of: auto, qemu-kvm, qemu-tcg")
-    if requested == "qemu-tcg":
-        return AccelChoice("tcg", "requested with --hypervisor qemu-tcg")
+def choose(requested: AccelPreference, kernel: Path, initrd: Path | None, probes: Path) -> Preflight:
+    if requested == "tcg":
+        return Preflight("tcg", "TCG requested (--hypervisor qemu-tcg)")
     ok, reason = kvm_verdict(kernel, initrd, probes)
-    if requested == "qemu-kvm":
+    if requested == "kvm":
         if not ok:
             raise UsageError(f"KVM is not usable here: {reason}",
                              hint="use --hypervisor qemu-tcg (or auto)")
-        return AccelChoice("kvm", reason)
-    return AccelChoice("kvm", reason) if ok else AccelChoice("tcg", f"TCG: {reason}")
+        return Preflight("kvm", reason)
+    return Preflight("kvm", reason) if ok else Preflight("tcg", f"TCG: {reason}")

@@ -1,20 +1,40 @@
 """What a hypervisor backend must do, and the plain data it is given.
 
-The seam is small on purpose (start, stop, add a forward, capabilities), so QEMU and a
-future Firecracker backend are interchangeable and ``up`` can be handed a fake in tests.
-Backends are stateless objects: everything they need to manage a running VM later (from a
-different ``mvmctl`` process) is in :class:`LaunchSpec`'s file layout and the recorded pid.
+A backend owns its machines: it judges whether a machine can run here (``check_ports``
+before anything is built, ``preflight`` once the image exists), starts it, tells whether it
+still runs, adds forwards to it and stops it. Orchestration (``mvm._api``) never reaches
+past this seam, so QEMU, the in-memory :mod:`~mvm.backends.fake` used by unit tests, and a
+later Firecracker backend are interchangeable.
+
+Backends are stateless objects: everything they need to manage a running machine later, from
+another ``mvmctl`` process, is in the VM dir (:class:`~mvm.paths.VMFiles`) and the
+:class:`MachineRef` recorded at start.
+
+Room by design, not by stubs: a backend that can save and restore machines will add
+``save``/``restore`` methods and announce :data:`SAVE_RESTORE` in :meth:`Backend.capabilities`;
+a machine profile per guest architecture is chosen from :attr:`LaunchSpec.arch`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
 from ..paths import VMFiles
 
-Protocol_ = Literal["tcp", "udp"]
+Accel = Literal["kvm", "tcg"]
+#: What the user asked for: prove KVM works and use it, or insist on one.
+AccelPreference = Literal["auto", "kvm", "tcg"]
+Proto = Literal["tcp", "udp"]
+Arch = Literal["x86_64", "aarch64"]
+
+#: Capabilities a backend may announce (:meth:`Backend.capabilities`).
+HOTPLUG_FORWARD = "hotplug-forward"  #: forwards can be added to a running machine
+VOLUMES = "volumes"  #: extra block devices (``-v``)
+SHARES = "shares"  #: live host directories (virtiofs), for ``mvmctl dev``
+SAVE_RESTORE = "save-restore"  #: reserved: save a running machine and restore it later
 
 
 @dataclass(frozen=True)
@@ -22,7 +42,7 @@ class PortForward:
     host_port: int
     guest_port: int
     host_ip: str = "127.0.0.1"
-    proto: Protocol_ = "tcp"
+    proto: Proto = "tcp"
 
     def __str__(self) -> str:
         return f"{self.host_ip}:{self.host_port}->{self.guest_port}/{self.proto}"
@@ -43,6 +63,38 @@ class Share:
     path: Path
 
 
+@dataclass(frozen=True)
+class MachineRef:
+    """How a backend finds a machine it started, from any later process: the pid of the
+    process that runs it and that process's start time (a reused pid never matches)."""
+
+    pid: int
+    start_time: int | None
+
+
+@dataclass(frozen=True)
+class MachineRequest:
+    """What :meth:`Backend.preflight` judges: the machine an ``up`` is about to ask for."""
+
+    name: str
+    kernel: Path
+    initrd: Path | None
+    #: Where verdicts that cost a boot (the KVM probe) are cached.
+    probe_cache: Path
+    accel: AccelPreference = "auto"
+    arch: Arch = "x86_64"
+    shares: bool = False
+    disks: int = 0
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """The backend's verdict: which accelerator the machine gets, and why."""
+
+    accel: Accel
+    reason: str
+
+
 @dataclass
 class LaunchSpec:
     name: str
@@ -52,7 +104,8 @@ class LaunchSpec:
     rootfs: Path
     cpus: int
     memory: int
-    accel: Literal["kvm", "tcg"]
+    accel: Accel
+    arch: Arch = "x86_64"
     ports: list[PortForward] = field(default_factory=list)
     disks: list[Disk] = field(default_factory=list)
     config_disk: Path | None = None
@@ -66,14 +119,43 @@ class LaunchSpec:
 class Backend(Protocol):
     name: str
 
-    def start(self, spec: LaunchSpec) -> int:
-        """Start the VM in the background; return its pid. Cleans up after itself on failure."""
+    def capabilities(self) -> frozenset[str]:
+        """What this backend can do beyond start and stop (the constants above)."""
         ...
 
-    def stop(self, files: VMFiles, pid: int | None, timeout: float, started: int | None = None) -> str:
-        """Stop a VM whose agent did not power it off; return how (``quit``, ``killed``...)."""
+    def check_ports(self, ports: Sequence[PortForward]) -> None:
+        """Raise :class:`~mvm.errors.PortInUse` for a host port that cannot be bound.
+
+        Called by ``up`` *before* the build, so a taken port fails in a second, not after
+        minutes of building, and creates nothing."""
         ...
 
-    def add_forward(self, files: VMFiles, forward: PortForward) -> None: ...
+    def preflight(self, request: MachineRequest) -> Preflight:
+        """Decide the accelerator and refuse what this backend cannot run.
 
-    def capabilities(self) -> set[str]: ...
+        Called by ``up`` *after* the build: the KVM probe boots the built kernel."""
+        ...
+
+    def start(self, spec: LaunchSpec) -> MachineRef:
+        """Start the machine in the background and return once it runs. Cleans up after
+        itself on failure (nothing of the attempt is left running)."""
+        ...
+
+    def alive(self, machine: MachineRef) -> bool:
+        """Whether the machine still runs."""
+        ...
+
+    def stop(self, files: VMFiles, machine: MachineRef, timeout: float) -> str:
+        """Stop a machine whose guest did not power it off: soft first (the hypervisor's
+        own quit), then hard. Returns how (``gone``, ``quit``, ``terminated``, ``killed``);
+        raises :class:`~mvm.errors.StopFailed` if the machine still runs afterwards."""
+        ...
+
+    def forward(self, files: VMFiles, machine: MachineRef, forward: PortForward) -> None:
+        """Add a host→guest forward to a running machine (needs :data:`HOTPLUG_FORWARD`)."""
+        ...
+
+    def strays(self, files: VMFiles) -> list[MachineRef]:
+        """Machines running in this VM dir whatever the record says (found even when
+        ``vm.json`` is unreadable, or when ``up`` died before recording the machine)."""
+        ...

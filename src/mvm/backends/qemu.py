@@ -1,140 +1,32 @@
-"""The QEMU backend: ``-M microvm`` with virtio-pci devices, KVM when it works, else TCG.
+"""The QEMU backend: KVM when a probe proves it boots, else TCG (see :mod:`.accel`).
 
-Choices, each measured (see docs/design-notes.md and DESIGN.md):
-- microvm with ``pcie=on``: the fastest machine type, and PCI lifts microvm's limit of
-  eight virtio-mmio devices (root, config, net, serial and many volumes).
-- the kernel is an uncompressed ELF booted via PVH; ``tsc_early_khz`` stops 1-in-3 hangs
-  in TSC calibration on microvm; ``+rdrand`` stops Python blocking on entropy.
-- the root drive is ``snapshot=on``: each boot writes to a throwaway overlay and the cached
-  image is never modified. Only the root drive: volumes keep their writes.
-- QEMU runs with the VM dir as cwd and relative socket/log names (short socket paths).
-- ``-sandbox on``: seccomp filtering, so a guest escape into QEMU has little to use.
+The command line is built in :mod:`.qemu_argv`. This module runs it: start-up that waits
+until QEMU really runs the machine (so a locked volume or a taken port fails here, with
+QEMU's own words), liveness by pid and start time, forwards over QMP, and the stop ladder
+(QMP ``quit``, SIGTERM, SIGKILL) that raises when the process survives.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import os
 import re
 import socket
 import subprocess
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
-from .._proc import DEFAULT_RUNNER, Runner, require_tool
-from ..errors import BootError, PortInUse, UsageError, VMError, VolumeError
+from .. import _proc
+from .._proc import DEFAULT_RUNNER, Runner, require_tool, tail_file
+from ..errors import BootError, PortInUse, StopFailed, UsageError, VMError, VolumeError
 from ..guest import protocol
 from ..paths import VMFiles
-from ..runtime import process
-from .base import LaunchSpec, PortForward
+from . import accel
+from .base import HOTPLUG_FORWARD, SHARES, VOLUMES, LaunchSpec, MachineRef, MachineRequest, PortForward, Preflight
+from .qemu_argv import build_argv, hostfwd_rule, profile, share_socket
 from .qmp import QMP
 
-log = logging.getLogger(__name__)
-
-QEMU = "qemu-system-x86_64"
 START_TIMEOUT = 10.0
 HOSTFWD_ERROR = re.compile(r"could not|unrecognized|invalid|error|failed", re.I)
-
-
-@functools.cache
-def tsc_khz() -> int | None:
-    """The host TSC rate; under TCG the guest TSC runs at it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("cpu MHz"):
-                    return int(float(line.split(":")[1]) * 1000)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def kernel_cmdline(spec: LaunchSpec) -> str:
-    args = [
-        "console=ttyS0",
-        "root=/dev/vda",
-        "rw",
-        "panic=-1",
-        "quiet",
-        "cryptomgr.notests",
-        f"init={spec.init}",
-    ]
-    khz = tsc_khz()
-    if khz:
-        args.append(f"tsc_early_khz={khz}")
-    return " ".join(args)
-
-
-def qemu_escape(path: Path | str) -> str:
-    """QEMU option values are comma-separated; a literal comma is written twice."""
-    return str(path).replace(",", ",,")
-
-
-def hostfwd_rule(fwd: PortForward) -> str:
-    return f"{fwd.proto}:{fwd.host_ip}:{fwd.host_port}-:{fwd.guest_port}"
-
-
-def build_argv(spec: LaunchSpec, qemu: str = QEMU) -> list[str]:
-    """The full QEMU command line. Paths are relative to the VM dir (QEMU's cwd)."""
-    cpu = "host" if spec.accel == "kvm" else "qemu64,+rdrand"
-    accel = "kvm" if spec.accel == "kvm" else "tcg,tb-size=64"
-    argv = [
-        qemu,
-        "-name", f"mvm-{spec.name},process=mvm-{spec.name}",
-        "-M", "microvm,pcie=on,rtc=on",
-        "-accel", accel,
-        "-cpu", cpu,
-        "-smp", str(spec.cpus),
-        "-m", f"{spec.memory}M",
-        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-        "-kernel", str(spec.kernel),
-        "-append", kernel_cmdline(spec),
-        "-chardev", "file,id=con,path=console.log",
-        "-serial", "chardev:con",
-        "-qmp", "unix:qmp.sock,server=on,wait=off",
-    ]
-    if spec.initrd:
-        argv += ["-initrd", str(spec.initrd)]
-    drives = [(spec.rootfs, "root", False, True)]
-    if spec.config_disk:
-        drives.append((spec.config_disk, protocol.CONFIG_DISK_SERIAL, True, False))
-    drives += [(d.path, d.serial, d.readonly, False) for d in spec.disks]
-    for i, (path, serial, readonly, snapshot) in enumerate(drives):
-        opts = f"file={qemu_escape(path)},format=raw,if=none,id=d{i},cache=writeback,discard=unmap"
-        if snapshot:
-            opts += ",snapshot=on"
-        if readonly:
-            opts += ",readonly=on"
-        argv += ["-drive", opts, "-device", f"virtio-blk-pci,drive=d{i},serial={serial}"]
-    netdev = "user,id=n0"
-    for fwd in spec.ports:
-        netdev += f",hostfwd={hostfwd_rule(fwd)}"
-    argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
-    argv += [
-        "-device", "virtio-serial-pci,id=vs0,max_ports=16",
-        "-chardev", "file,id=ev,path=events.log",
-        "-device", f"virtserialport,bus=vs0.0,chardev=ev,name={protocol.EVENT_PORT}",
-    ]
-    for i in range(protocol.CONTROL_PORTS):
-        argv += [
-            "-chardev", f"socket,id=c{i},path=c{i}.sock,server=on,wait=off",
-            "-device", f"virtserialport,bus=vs0.0,chardev=c{i},name={protocol.CONTROL_PORT_PREFIX}{i}",
-        ]
-    if spec.shares:
-        # vhost-user (virtiofsd) needs the guest's memory in a shareable memfd
-        machine = argv.index("-M") + 1
-        argv[machine] += ",memory-backend=mem"
-        argv += ["-object", f"memory-backend-memfd,id=mem,size={spec.memory}M,share=on"]
-        for i, share in enumerate(spec.shares):
-            argv += ["-chardev", f"socket,id=fs{i},path={share_socket(i)}",
-                     "-device", f"vhost-user-fs-pci,chardev=fs{i},tag={share.tag}"]
-    return argv
-
-
-def share_socket(index: int) -> str:
-    return f"fs{index}.sock"
 
 
 def find_virtiofsd() -> str:
@@ -145,7 +37,7 @@ def find_virtiofsd() -> str:
     return require_tool("virtiofsd")
 
 
-def check_ports_free(ports: list[PortForward]) -> None:
+def check_ports_free(ports: Sequence[PortForward]) -> None:
     """Fail before starting anything if a host port is taken (QEMU's own error is vague)."""
     seen: set[tuple[str, int, str]] = set()
     for fwd in ports:
@@ -169,14 +61,6 @@ def check_ports_free(ports: list[PortForward]) -> None:
                 ) from None
 
 
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        data = path.read_bytes()[-16384:]
-    except OSError:
-        return ""
-    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
-
-
 def kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
     """Undo for a failed start: kill and reap what was started."""
     for proc in procs:
@@ -191,11 +75,20 @@ class QemuBackend:
     def __init__(self, runner: Runner = DEFAULT_RUNNER) -> None:
         self.runner = runner
 
-    def capabilities(self) -> set[str]:
-        return {"hostfwd", "hotplug-forward", "virtio-serial", "snapshot-root", "volumes"}
+    def capabilities(self) -> frozenset[str]:
+        return frozenset({HOTPLUG_FORWARD, VOLUMES, SHARES})
 
-    def start(self, spec: LaunchSpec) -> int:
-        qemu = require_tool(QEMU)
+    def check_ports(self, ports: Sequence[PortForward]) -> None:
+        check_ports_free(ports)
+
+    def preflight(self, request: MachineRequest) -> Preflight:
+        require_tool(profile(request.arch).binary)
+        return accel.choose(request.accel, request.kernel, request.initrd, request.probe_cache)
+
+    # -- start ----------------------------------------------------------------------------
+
+    def start(self, spec: LaunchSpec) -> MachineRef:
+        qemu = require_tool(profile(spec.arch).binary)
         # Ports were checked by `up` before the build; one taken since then makes QEMU fail,
         # and _raise_start_failure turns that into the same PortInUse.
         argv = build_argv(spec, qemu)
@@ -213,7 +106,7 @@ class QemuBackend:
         except BaseException:
             kill_all(helpers)
             raise
-        return proc.pid
+        return MachineRef(proc.pid, _proc.start_time(proc.pid))
 
     def _start_shares(self, spec: LaunchSpec) -> list[subprocess.Popen[bytes]]:
         """One virtiofsd per share. Each serves one QEMU connection and exits when QEMU does."""
@@ -241,7 +134,7 @@ class QemuBackend:
                     if helper.poll() is not None or time.monotonic() > deadline:
                         raise BootError(spec.name, f"virtiofsd could not share {share.path}",
                                         hint="virtiofsd needs root (it sandboxes itself in namespaces)",
-                                        output=tail(log_path))
+                                        output=tail_file(log_path))
                     time.sleep(0.01)
         except BaseException:
             kill_all(helpers)
@@ -261,7 +154,7 @@ class QemuBackend:
                 return
             time.sleep(0.005)
         raise BootError(spec.name, f"QEMU did not open its sockets within {START_TIMEOUT:.0f}s",
-                        output=tail(files.qemu_log))
+                        output=tail_file(files.qemu_log))
 
     def _wait_initialised(self, proc: subprocess.Popen[bytes], files: VMFiles, spec: LaunchSpec,
                           deadline: float) -> None:
@@ -282,7 +175,7 @@ class QemuBackend:
         self._raise_start_failure(spec, files, code)
 
     def _raise_start_failure(self, spec: LaunchSpec, files: VMFiles, code: int) -> None:
-        text = tail(files.qemu_log)
+        text = tail_file(files.qemu_log)
         match = re.search(r"Could not set up host forwarding rule '([^']+)'", text)
         if match:
             raise PortInUse(
@@ -297,20 +190,35 @@ class QemuBackend:
             )
         raise BootError(spec.name, f"QEMU exited during start-up (exit code {code})", output=text)
 
-    def stop(self, files: VMFiles, pid: int | None, timeout: float, started: int | None = None) -> str:
+    # -- a running machine ---------------------------------------------------------------
+
+    def alive(self, machine: MachineRef) -> bool:
+        return _proc.alive(machine.pid, machine.start_time)
+
+    def strays(self, files: VMFiles) -> list[MachineRef]:
+        """QEMU runs with its VM dir as cwd, which finds it even without a record."""
+        return [MachineRef(pid, _proc.start_time(pid)) for pid in _proc.pids_with_cwd(files.root)]
+
+    def stop(self, files: VMFiles, machine: MachineRef, timeout: float) -> str:
         """QMP ``quit``, then SIGTERM, then SIGKILL. Unsynced guest data is lost at this rung."""
-        if not pid or not process.alive(pid, started):
+        pid, started = machine.pid, machine.start_time
+        if not _proc.alive(pid, started):
             return "gone"
         try:
             with QMP(files.qmp, files.root.name, timeout=2.0) as qmp:
                 qmp.command("quit")
-        except VMError as exc:
-            log.debug("QMP quit failed: %s", exc)
-        if process.wait_gone(pid, started, timeout):
+        except VMError:
+            pass  # no monitor (or no right to it): the signals decide
+        if _proc.wait_gone(pid, started, timeout):
             return "quit"
-        return process.terminate(pid, started, timeout=3.0)
+        try:
+            return _proc.terminate(pid, started, timeout=3.0)
+        except _proc.StillRunning as exc:
+            raise StopFailed(files.root.name, f"QEMU (pid {pid}) of VM {files.root.name!r} is still running: {exc}",
+                             hint=f"stop it as a user allowed to (e.g. `sudo kill {pid}`), then "
+                             f"`mvmctl down {files.root.name}` again") from None
 
-    def add_forward(self, files: VMFiles, forward: PortForward) -> None:
+    def forward(self, files: VMFiles, machine: MachineRef, forward: PortForward) -> None:
         check_ports_free([forward])
         with QMP(files.qmp, files.root.name) as qmp:
             reply = qmp.hmp(f"hostfwd_add n0 {hostfwd_rule(forward)}").strip()

@@ -13,8 +13,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .. import _unixsock as unixsock
 from ..errors import VMError
-from ..runtime import unixsock
 
 log = logging.getLogger(__name__)
 

@@ -80,7 +80,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..errors import ExecTimeout, MvmError
+    from mvm import ExecTimeout, MvmError
+
     from .options import join_override_pairs
 
     args = join_override_pairs(sys.argv[1:] if argv is None else argv)

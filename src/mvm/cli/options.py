@@ -93,7 +93,7 @@ def join_override_pairs(args: list[str]) -> list[str]:
 
 def nix_args(override_input: list[str] | None, nix_arg: list[str] | None) -> list[str]:
     """The extra arguments for nix: each NAME=URL override, then the raw --nix-arg values."""
-    from ..errors import UsageError
+    from mvm import UsageError
 
     args: list[str] = []
     for pair in override_input or []:

@@ -9,23 +9,34 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Literal, TypeVar
 
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
-from ..errors import MvmError
+from mvm import MvmError
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+Row = TypeVar("Row")
+
+
+def to_jsonable(data: Any) -> Any:
+    """Models (one, or a list of them) become their documented JSON form (docs/json.md)."""
+    if hasattr(data, "model_dump"):  # a pydantic model (not imported: CLI start-up stays fast)
+        return data.model_dump(mode="json", by_alias=True)
+    if isinstance(data, list):
+        return [to_jsonable(item) for item in data]
+    return data
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.write(json.dumps(to_jsonable(data), indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
 
 
@@ -54,24 +65,31 @@ def render_error(exc: MvmError, debug: bool = False) -> None:
 
 
 @dataclass
-class Column:
+class Column(Generic[Row]):
     """One listing column, declared once: header, how to get the value, and layout."""
 
     header: str
-    key: str
-    justify: str = "left"
+    value: Callable[[Row], object]
+    justify: Literal["left", "right"] = "left"
     style: str | None = None
     no_wrap: bool = True
 
 
-def table(columns: Sequence[Column], rows: Sequence[dict[str, Any]]) -> None:
+def table(columns: Sequence[Column[Row]], rows: Sequence[Row]) -> None:
+    """A borderless table on stdout. In a pipe it is printed at its natural width (nothing
+    cut off for ``grep`` or ``awk``); on a narrow terminal, wrapping columns fold and the
+    others keep at least their header's width."""
     t = Table(box=None, pad_edge=False, header_style="bold")
     for col in columns:
-        t.add_column(col.header, justify=col.justify, style=col.style, no_wrap=col.no_wrap)  # type: ignore[arg-type]
+        t.add_column(col.header, justify=col.justify, style=col.style, no_wrap=col.no_wrap,
+                     min_width=len(col.header), overflow="ellipsis" if col.no_wrap else "fold")
     for row in rows:
-        t.add_row(*(escape(str(row.get(col.key, "") if row.get(col.key) is not None else "-"))
-                    for col in columns))
-    out.print(t)
+        cells = (col.value(row) for col in columns)
+        t.add_row(*(escape("-" if cell is None or cell == "" else str(cell)) for cell in cells))
+    if out.is_terminal:
+        out.print(t)
+    else:
+        out.print(t, width=Measurement.get(out, out.options.update_width(100_000), t).maximum, crop=False)
 
 
 class StageProgress:

@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
+from .. import _unixsock as unixsock
 from ..errors import AgentError, AgentTimeout
 from ..guest import protocol
 from ..paths import VMFiles
-from . import unixsock
 
 DEFAULT_TIMEOUT = 10.0
 

@@ -9,6 +9,7 @@ remain readable after the VM died. Events are JSON lines; they are rendered here
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -129,3 +130,31 @@ def stream(
             if not keep_going():
                 return
             time.sleep(poll)
+
+
+def clean_poweroff(files: VMFiles) -> bool:
+    """The guest said it was powering off (as opposed to QEMU being killed, or a panic)."""
+    try:
+        with open(files.events_log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return False
+    return '"msg":"powering off"' in tail
+
+
+def exit_reason(files: VMFiles) -> str:
+    """A short human reason for a VM that is no longer running."""
+    if clean_poweroff(files):
+        return "powered off"
+    try:
+        console = files.console_log.read_bytes()[-8192:].decode(errors="replace")
+    except OSError:
+        console = ""
+    if "Kernel panic" in console:
+        line = next((ln for ln in console.splitlines() if "Kernel panic" in ln), "kernel panic")
+        return line.split("] ", 1)[-1].strip()
+    if "boot failed" in console:
+        return "guest init failed to boot"
+    return "the machine ended unexpectedly (QEMU killed or failed?)"

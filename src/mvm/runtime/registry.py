@@ -2,8 +2,9 @@
 
 A name is reserved by ``mkdir`` (atomic: of eight concurrent ``up`` calls exactly one
 wins). ``vm.json`` carries a ``schema_version`` and is rewritten atomically under the VM's
-lock. Liveness is derived, never stored: the recorded QEMU pid must exist *and* have the
-recorded start time, so a reused pid never makes a dead VM look alive.
+lock. The record says what the last command meant (its phase) and which machine it
+started; whether that machine still runs is asked of its backend each time, so the status
+(:mod:`.states`) is derived, never stored.
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .. import _proc
 from .._atomic import write_json_atomic
+from ..backends.base import MachineRef, PortForward
 from ..errors import StateError, VMExists, VMNotFound
 from ..paths import Layout, VMFiles
-from . import process
+from .states import Phase
 
-VM_SCHEMA = 1
-Status = Literal["starting", "running", "stopping", "exited", "crashed"]
+VM_SCHEMA = 2
 
 
 class PortRecord(BaseModel):
@@ -32,6 +34,10 @@ class PortRecord(BaseModel):
     host_port: int
     guest_port: int
     proto: Literal["tcp", "udp"] = "tcp"
+
+    @classmethod
+    def of(cls, fwd: PortForward) -> PortRecord:
+        return cls(host_ip=fwd.host_ip, host_port=fwd.host_port, guest_port=fwd.guest_port, proto=fwd.proto)
 
 
 class VolumeRecord(BaseModel):
@@ -43,16 +49,25 @@ class VolumeRecord(BaseModel):
     volume: str | None = None  # the persistent volume's id (writable volumes)
 
 
+class ProcessRecord(BaseModel):
+    """A process by identity: its pid and its start time (see :mod:`mvm._proc`)."""
+
+    pid: int
+    start_time: int | None = None
+
+    @property
+    def ref(self) -> MachineRef:
+        return MachineRef(self.pid, self.start_time)
+
+
 class VMRecord(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     schema_version: int = VM_SCHEMA
     name: str
-    state: Literal["starting", "running", "stopping"] = "starting"
-    owner_pid: int | None = None  # the mvmctl process that is starting the VM
-    owner_start: int | None = None
-    pid: int | None = None
-    pid_start: int | None = None
+    phase: Phase = "starting"
+    owner: ProcessRecord | None = None  # the `mvmctl up` that reserved the VM
+    machine: ProcessRecord | None = None  # what the backend started
     backend: str = "qemu"
     accel: str = "tcg"
     image_key: str = ""
@@ -69,6 +84,10 @@ class VMRecord(BaseModel):
     created_at: float = 0.0
     started_at: float | None = None
 
+    @property
+    def owner_alive(self) -> bool:
+        return self.owner is not None and _proc.alive(self.owner.pid, self.owner.start_time)
+
 
 def _read(files: VMFiles) -> VMRecord:
     try:
@@ -84,7 +103,7 @@ def _read(files: VMFiles) -> VMRecord:
     if record.schema_version != VM_SCHEMA:
         raise StateError(
             f"{files.state} has schema_version {record.schema_version}; this mvm reads {VM_SCHEMA}",
-            hint="stop it with the mvm that started it, or `mvmctl cleanup` to forget it",
+            hint=f"`mvmctl down {files.root.name}` stops it (found by its VM dir) and forgets it",
         )
     return record
 
@@ -103,18 +122,9 @@ class Registry:
         try:
             os.mkdir(files.root, 0o700)
         except FileExistsError:
-            status = self.status_of(record.name)
-            hint = (
-                f"stop it first (`mvmctl down {record.name}`) or pick another --name"
-                if status in ("running", "starting", "stopping")
-                else f"it is {status}: inspect it with `mvmctl logs {record.name}`, "
-                f"then remove it with `mvmctl down {record.name}`"
-            )
-            raise VMExists(record.name, f"a VM named {record.name!r} already exists ({status})",
-                           hint=hint) from None
+            raise VMExists(record.name, f"a VM named {record.name!r} already exists") from None
         record.created_at = time.time()
-        record.owner_pid = os.getpid()
-        record.owner_start = process.start_time(os.getpid())
+        record.owner = ProcessRecord(pid=os.getpid(), start_time=_proc.start_time(os.getpid()))
         write_json_atomic(files.state, record.model_dump(mode="json"), mode=0o600)
         return files
 
@@ -156,63 +166,3 @@ class Registry:
 
     def remove(self, name: str) -> None:
         shutil.rmtree(self.files(name).root, ignore_errors=True)
-
-    def status_of(self, name: str) -> str:
-        try:
-            return derive_status(self.load(name), self.files(name))
-        except (StateError, VMNotFound):
-            return "broken"
-
-
-def derive_status(record: VMRecord, files: VMFiles) -> Status:
-    if process.alive(record.pid, record.pid_start):
-        if record.state == "stopping":
-            return "stopping"
-        return "running" if record.state == "running" else "starting"
-    if record.state == "starting" and process.alive(record.owner_pid, record.owner_start):
-        return "starting"
-    return "exited" if clean_poweroff(files) else "crashed"
-
-
-def clean_poweroff(files: VMFiles) -> bool:
-    """The guest said it was powering off (as opposed to QEMU being killed, or a panic)."""
-    try:
-        with open(files.events_log, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
-            tail = f.read().decode(errors="replace")
-    except OSError:
-        return False
-    return '"msg":"powering off"' in tail
-
-
-def exit_reason(files: VMFiles) -> str:
-    """A short human reason for a VM that is no longer running."""
-    if clean_poweroff(files):
-        return "powered off"
-    try:
-        console = files.console_log.read_bytes()[-8192:].decode(errors="replace")
-    except OSError:
-        console = ""
-    if "Kernel panic" in console:
-        line = next((ln for ln in console.splitlines() if "Kernel panic" in ln), "kernel panic")
-        return line.split("] ", 1)[-1].strip()
-    if "boot failed" in console:
-        return "guest init failed to boot"
-    return "QEMU exited unexpectedly (killed?)"
-
-
-def record_view(record: VMRecord, files: VMFiles) -> dict[str, Any]:
-    status = derive_status(record, files)
-    view = record.model_dump(mode="json")
-    view["status"] = status
-    view["uptime"] = (
-        round(time.time() - record.started_at, 1)
-        if status == "running" and record.started_at
-        else None
-    )
-    if status in ("exited", "crashed"):
-        view["exit_reason"] = exit_reason(files)
-    view["dir"] = str(files.root)
-    return view
-

@@ -28,16 +28,12 @@ def build(path: SpecPath = ".", json: Json = False, flake: Flake = None,
     extra = nix_args(override_input, nix_arg)
     with output.progress(f"building {flake or path}") as prog:
         result = mvm.build(path, flake=flake, nix_args=extra, progress=prog)
-    image = result.image
     if json:
-        output.print_json({
-            "name": image.name, "key": image.key, "path": str(image.path), "built": result.built,
-            "seconds": round(result.seconds, 3), "manifest": image.manifest.model_dump(mode="json"),
-        })
+        output.print_json(result)
         return
     verb = "built" if result.built else "up to date (cached)"
-    output.info(f"{image.name}: {verb}, image {image.key[:12]} in {result.seconds:.2f}s")
-    output.out.print(str(image.path))
+    output.info(f"{result.name}: {verb}, image {result.key[:12]} in {result.seconds:.2f}s")
+    output.out.print(result.path)
 
 
 def register(app: typer.Typer) -> None:

@@ -23,20 +23,19 @@ def cleanup(
     (remove those by name with `mvmctl volume rm`).
     """
     import mvm
-    from mvm.runtime.cleanup import cleanup as run_cleanup
 
     from .. import output
 
-    report = run_cleanup(mvm.paths.Layout.default(), dry_run=dry_run, everything=all_, keep=keep)
+    report = mvm.cleanup(dry_run=dry_run, everything=all_, keep=keep)
     if json:
-        output.print_json(report.as_dict())
+        output.print_json(report)
         return
     verb = "would remove" if dry_run else "removed"
     for item in report.items:
         output.out.print(f"{verb} {item.kind:5} {item.path}  ({_size(item.bytes)}; {item.reason})")
     for note in report.notes:
         output.info(note)
-    output.info(f"{'would free' if dry_run else 'freed'} {_size(report.freed)} ({len(report.items)} items)")
+    output.info(f"{'would free' if dry_run else 'freed'} {_size(report.freed_bytes)} ({len(report.items)} items)")
 
 
 def _size(n: int) -> str:

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import base64
 import os
-import select
 import shutil
 import signal
 import sys
 import termios
 import tty
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ..options import VMName
+
+if TYPE_CHECKING:
+    from mvm import ConsoleSession
 
 
 def console(
@@ -29,58 +30,28 @@ def console(
     """
     import mvm
 
-    vm = mvm.get(name)
-    vm.agent_status()  # fails clearly if the VM is not running
-    raise typer.Exit(run_console(vm, user=user))
+    raise typer.Exit(run_on_terminal(mvm.get(name).console(user=user)))
 
 
-def run_console(vm: Any, *, user: str | None = None, cwd: str | None = None,
-                env: dict[str, str] | None = None) -> int:
-    """Drive a shell on a guest pty from this terminal until it exits; return its exit code."""
-    from mvm.runtime.agent import AgentSession
-
+def run_on_terminal(session: ConsoleSession) -> int:
+    """Put this terminal in raw mode, pass resizes on, and run ``session`` until its shell exits."""
     cols, rows = shutil.get_terminal_size()
-    session = AgentSession(vm.files, vm.name)
-    session.open()
-    code = 1
     stdin_fd = sys.stdin.fileno()
     saved = termios.tcgetattr(stdin_fd) if os.isatty(stdin_fd) else None
 
     def on_resize(*_: Any) -> None:
-        c, r = shutil.get_terminal_size()
-        session.send_input("resize", rows=r, cols=c)
+        session.resize(*shutil.get_terminal_size())
 
     try:
         if saved is not None:
             tty.setraw(stdin_fd)
         signal.signal(signal.SIGWINCH, on_resize)
-        session.start("console", user=user, rows=rows, cols=cols, term=os.environ.get("TERM", "xterm"),
-                      cwd=cwd, env=env or {})
-        sock = session.fileno()
-        stdin_open = True
-        pending = session.pending()
-        while True:
-            for msg in pending:
-                if "event" in msg:
-                    os.write(sys.stdout.fileno(), base64.b64decode(msg.get("data") or ""))
-                else:
-                    code = int(msg.get("exit", 1))
-                    return code
-            watch = [sock] + ([stdin_fd] if stdin_open else [])
-            ready, _, _ = select.select(watch, [], [])
-            if stdin_fd in ready:
-                data = os.read(stdin_fd, 4096)
-                if data:
-                    session.send_stdin(data)
-                else:
-                    stdin_open = False
-                    session.send_input("eof")
-            pending = session.pending(block=sock in ready)
+        return session.run(stdin_fd, sys.stdout.fileno(), cols=cols, rows=rows,
+                           term=os.environ.get("TERM", "xterm"))
     finally:
         signal.signal(signal.SIGWINCH, signal.SIG_DFL)
         if saved is not None:
             termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
-        session.close()
 
 
 def register(app: typer.Typer) -> None:

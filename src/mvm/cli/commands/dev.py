@@ -29,10 +29,11 @@ def dev(
       mvmctl dev -- nix flake show
       mvmctl dev --vm -- nix eval .#packages.x86_64-linux.default.name
     """
-    from mvm import dev as devlib
+    import mvm
 
     from .. import output
 
+    devlib = mvm.dev
     project = devlib.project_dir(directory)
     if devlib.choose_mode(vm) == "host":
         if not command:
@@ -46,11 +47,11 @@ def dev(
             code = session.vm.exec(command, cwd=session.cwd, env=session.env,
                                    on_output=output.write_stream).exit_code
         else:
-            from .console import run_console
+            from .console import run_on_terminal
 
             output.info(f"mvm dev VM {session.vm.name}: {project} is at {session.cwd}, nix has flakes on; "
                         "exit to stop the VM")
-            code = run_console(session.vm, cwd=session.cwd, env=session.env)
+            code = run_on_terminal(session.vm.console(cwd=session.cwd, env=session.env))
     finally:
         session.down()
     raise typer.Exit(code)

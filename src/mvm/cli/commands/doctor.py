@@ -14,31 +14,30 @@ def doctor(json: Json = False) -> None:
     from rich.filesize import decimal
     from rich.table import Table
 
-    from mvm.doctor import doctor as run_doctor
+    import mvm
 
     from .. import output
 
-    report = run_doctor()
+    report = mvm.doctor()
     if json:
         output.print_json(report)
-        raise typer.Exit(0 if report["ok"] else 1)
+        raise typer.Exit(0 if report.ok else 1)
     marks = {True: "[green]ok[/]", False: "[red]no[/]", None: "[yellow]unknown[/]"}
     backends = Table(title="backends", title_justify="left", box=None, show_header=False, pad_edge=False)
-    for b in report["backends"]:
-        backends.add_row(marks[b["usable"]], b["backend"], b["reason"] + (f"\nfix: {b['fix']}" if b.get("fix")
-                                                                        and not b["usable"] else ""))
+    for b in report.backends:
+        backends.add_row(marks[b.usable], b.backend, b.reason + (f"\nfix: {b.fix}" if b.fix and not b.usable else ""))
     tools = Table(title="tools", title_justify="left", box=None, show_header=False, pad_edge=False)
-    for t in report["tools"]:
-        tools.add_row("[green]ok[/]" if t["found"] else "[red]missing[/]", t["tool"], t["version"] or "",
-                      t["purpose"] + (f"\nfix: {t['fix']}" if t["fix"] else ""))
-    d = report["disk"]
+    for t in report.tools:
+        tools.add_row("[green]ok[/]" if t.found else "[red]missing[/]", t.tool, t.version or "",
+                      t.purpose + (f"\nfix: {t.fix}" if t.fix else ""))
+    d = report.disk
     state = Table(title="state", title_justify="left", box=None, show_header=False, pad_edge=False)
-    state.add_row("state dir", d["state_dir"])
-    state.add_row("cache dir", d["cache_dir"])
-    state.add_row("free", decimal(d["free_bytes"]) + (f"  (fix: {d['fix']})" if d["fix"] else ""))
-    for t in (backends, tools, state):
-        output.out.print(t)
-    raise typer.Exit(0 if report["ok"] else 1)
+    state.add_row("state dir", d.state_dir)
+    state.add_row("cache dir", d.cache_dir)
+    state.add_row("free", decimal(d.free_bytes) + (f"  (fix: {d.fix})" if d.fix else ""))
+    for section in (backends, tools, state):
+        output.out.print(section)
+    raise typer.Exit(0 if report.ok else 1)
 
 
 def register(app: typer.Typer) -> None:

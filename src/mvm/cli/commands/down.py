@@ -16,25 +16,27 @@ def down(
 
     First the guest agent stops the services (TERM, then KILL), syncs and powers off; if the
     agent does not answer, QEMU is told to quit; if that fails it is killed. The VM's runtime
-    dir is removed in every case. Volumes are never touched.
+    dir is removed once its machine is gone; if the machine survives everything (for
+    example a QEMU this user may not signal), down exits 1 and the VM stays listed.
+    Volumes are never touched.
     """
     import mvm
 
     from .. import output
 
     if all_:
-        targets = [row["name"] for row in mvm.ls(health=False)]
+        targets = [row.name for row in mvm.ls(health=False)]
     elif names:
         targets = list(names)
     else:
         raise mvm.UsageError("name a VM to stop, or pass --all", hint="see `mvmctl ls`")
     for name in targets:
         try:
-            how = mvm.down(name, timeout=timeout)
+            result = mvm.down(name, timeout=timeout)
         except mvm.VMNotFound:
             output.info(f"{name}: not found (already down)")
             continue
-        output.info(f"{name}: down ({how})")
+        output.info(f"{name}: down ({result.how})")
 
 
 def register(app: typer.Typer) -> None:

@@ -42,12 +42,11 @@ def exec_(
       echo hi | mvmctl exec hello -i -- cat
     """
     import mvm
-    from mvm.runtime.options import parse_env
 
     from ..output import write_stream
 
     vm = mvm.get(name)
-    result = vm.exec(command, user=user, env=parse_env(env or []), cwd=workdir, timeout=timeout,
+    result = vm.exec(command, user=user, env=env or [], cwd=workdir, timeout=timeout,
                      stdin=_stdin_chunks() if interactive else None, on_output=write_stream)
     raise typer.Exit(result.exit_code)
 

@@ -22,7 +22,7 @@ def forward(name: VMName, port: Ports = None, json: Json = False) -> None:
     vm = mvm.get(name)
     added = [vm.forward(p) for p in port]
     if json:
-        output.print_json([f.__dict__ for f in added])
+        output.print_json(added)
         return
     for f in added:
         output.out.print(f"{f.host_ip}:{f.host_port} -> guest {f.guest_port}/{f.proto}")

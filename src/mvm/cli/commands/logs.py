@@ -24,20 +24,10 @@ def logs(
     Logs are files in the VM's runtime dir, so they can be read after the VM crashed.
     """
     import mvm
-    from mvm.runtime import logs as logmod
 
     from .. import output
 
-    vm = mvm.get(name)
-    files = vm.files
-    def running() -> bool:
-        try:
-            return vm.status in ("running", "starting", "stopping")
-        except mvm.MvmError:
-            return False
-
-    for line in logmod.stream(files, console=console, services=services, lines=lines, follow=follow,
-                              keep_going=running):
+    for line in mvm.get(name).logs(follow=follow, lines=lines, console=console, services=services):
         output.out.print(line.text, markup=False, highlight=False)
 
 

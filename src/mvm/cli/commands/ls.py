@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 
 from ..options import Json
 
+if TYPE_CHECKING:
+    from mvm import VMInfo
 
-def _ports(row: dict[str, Any]) -> str:
-    return ",".join(f"{p['host_port']}->{p['guest_port']}" + ("/udp" if p["proto"] == "udp" else "")
-                    for p in row.get("ports") or []) or "-"
+
+def _ports(vm: VMInfo) -> str:
+    return ",".join(f"{p.host_port}->{p.guest_port}" + ("/udp" if p.proto == "udp" else "") for p in vm.ports)
 
 
 def ls(json: Json = False) -> None:
     """List VMs: status, health, backend, size, forwarded ports and uptime.
 
-    STATUS is derived from the live QEMU process (pid and start time), never trusted from a
-    file: a VM whose QEMU died shows as [bold]crashed[/] (or [bold]exited[/] after a clean
-    power-off), with the reason in --json's exit_reason.
+    STATUS is derived from the live machine (its process id and start time), never trusted
+    from a file: a VM whose QEMU died shows as [bold]crashed[/] (or [bold]exited[/] after a
+    clean power-off), with the reason in --json's exit_reason. The states are described in
+    docs/architecture.md; the --json keys in docs/json.md.
     """
     import mvm
 
@@ -30,24 +33,17 @@ def ls(json: Json = False) -> None:
     if json:
         output.print_json(rows)
         return
-    for row in rows:
-        row["ports_text"] = _ports(row)
-        row["backend_text"] = f"{row.get('backend', '?')}-{row.get('accel', '?')}"
-        row["uptime_text"] = output.human_secs(row.get("uptime"))
-        row["memory_text"] = f"{row['memory']}M" if row.get("memory") else "-"
-    output.table(
-        [
-            Column("NAME", "name", style="bold"),
-            Column("STATUS", "status"),
-            Column("HEALTH", "health"),
-            Column("BACKEND", "backend_text"),
-            Column("CPUS", "cpus", justify="right"),
-            Column("MEMORY", "memory_text", justify="right"),
-            Column("PORTS", "ports_text"),
-            Column("UPTIME", "uptime_text", justify="right"),
-        ],
-        rows,
-    )
+    columns: list[Column[VMInfo]] = [
+        Column("NAME", lambda vm: vm.name, style="bold"),
+        Column("STATUS", lambda vm: vm.status),
+        Column("HEALTH", lambda vm: vm.health),
+        Column("BACKEND", lambda vm: f"{vm.backend}-{vm.accel}" if vm.backend else None),
+        Column("CPUS", lambda vm: vm.cpus, justify="right"),
+        Column("MEMORY", lambda vm: f"{vm.memory}M" if vm.memory else None, justify="right"),
+        Column("PORTS", _ports, no_wrap=False),
+        Column("UPTIME", lambda vm: output.human_secs(vm.uptime), justify="right"),
+    ]
+    output.table(columns, rows)
 
 
 def register(app: typer.Typer) -> None:

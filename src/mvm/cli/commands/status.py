@@ -15,31 +15,36 @@ def status(name: VMName, json: Json = False) -> None:
     from .. import output
     from ..output import Column
 
-    vm = mvm.get(name)
-    info = vm.info()
-    guest = vm.agent_status() if info["status"] == "running" else {}
+    details = mvm.get(name).details()
     if json:
-        output.print_json({**info, "services": guest.get("services", {}), "health": guest.get("health", {})})
+        output.print_json(details)
         return
-    output.out.print(f"[bold]{name}[/]  {info['status']}  {info.get('backend')}-{info.get('accel')}  "
-                     f"{info['cpus']} vCPU  {info['memory']} MiB  up {output.human_secs(info.get('uptime'))}")
-    if info["status"] != "running":
-        output.out.print(f"  {info.get('exit_reason', '')}")
+    output.out.print(f"[bold]{name}[/]  {details.status}  {details.backend}-{details.accel}  "
+                     f"{details.cpus} vCPU  {details.memory} MiB  up {output.human_secs(details.uptime)}")
+    guest = details.guest
+    if guest is None:
+        output.out.print(f"  {details.exit_reason or ''}")
         return
-    services = [{"name": n, **s, "uptime": output.human_secs(s.get("uptime"))}
-                for n, s in (guest.get("services") or {}).items()]
-    if services:
+    if guest.services:
         output.out.print("\n[bold]services[/]")
-        output.table([Column("NAME", "name"), Column("STATE", "state"), Column("PID", "pid", "right"),
-                      Column("RESTARTS", "restarts", "right"), Column("LAST EXIT", "last_exit", "right"),
-                      Column("USER", "user"), Column("UPTIME", "uptime", "right")], services)
-    checks = [{"name": n, **c, "last_output": (c.get("last_output") or "")[-60:]}
-              for n, c in (guest.get("health") or {}).items()]
-    if checks:
+        output.table([
+            Column[mvm.ServiceStatus]("NAME", lambda s: s.name),
+            Column[mvm.ServiceStatus]("STATE", lambda s: s.state),
+            Column[mvm.ServiceStatus]("PID", lambda s: s.pid, "right"),
+            Column[mvm.ServiceStatus]("RESTARTS", lambda s: s.restarts, "right"),
+            Column[mvm.ServiceStatus]("LAST EXIT", lambda s: s.last_exit, "right"),
+            Column[mvm.ServiceStatus]("USER", lambda s: s.user),
+            Column[mvm.ServiceStatus]("UPTIME", lambda s: output.human_secs(s.uptime), "right"),
+        ], guest.services)
+    if guest.checks:
         output.out.print("\n[bold]health checks[/]")
-        output.table([Column("NAME", "name"), Column("STATE", "state"), Column("LAST EXIT", "last_exit", "right"),
-                      Column("FAILURES", "failures", "right"), Column("LAST OUTPUT", "last_output", no_wrap=False)],
-                     checks)
+        output.table([
+            Column[mvm.CheckStatus]("NAME", lambda c: c.name),
+            Column[mvm.CheckStatus]("STATE", lambda c: c.state),
+            Column[mvm.CheckStatus]("LAST EXIT", lambda c: c.last_exit, "right"),
+            Column[mvm.CheckStatus]("FAILURES", lambda c: c.failures, "right"),
+            Column[mvm.CheckStatus]("LAST OUTPUT", lambda c: (c.last_output or "")[-60:], no_wrap=False),
+        ], guest.checks)
 
 
 def register(app: typer.Typer) -> None:

@@ -55,16 +55,16 @@ def up(
         output.print_json(info)
         return
     output.info(
-        f"[green]{info['name']}[/] is running ({info['accel']}, {info['cpus']} vCPU, "
-        f"{info['memory']} MiB)" + (" and healthy" if wait and info.get("checks") else "")
+        f"[green]{info.name}[/] is running ({info.accel}, {info.cpus} vCPU, {info.memory} MiB)"
+        + (" and healthy" if wait and info.checks else "")
     )
-    for p in info["ports"]:
-        scheme = "http://" if p["proto"] == "tcp" else ""
-        output.out.print(f"{scheme}{p['host_ip']}:{p['host_port']} -> guest {p['guest_port']}/{p['proto']}")
-    for v in info.get("volumes") or []:
-        what = f"volume {v['volume']}, {v['size_mb']} MB" if v.get("volume") else v["mode"]
-        output.out.print(f"{v['host']} -> guest {v['guest']} ({what})")
-    output.info(f"logs: mvmctl logs {info['name']} -f    stop: mvmctl down {info['name']}")
+    for p in info.ports:
+        scheme = "http://" if p.proto == "tcp" else ""
+        output.out.print(f"{scheme}{p.host_ip}:{p.host_port} -> guest {p.guest_port}/{p.proto}")
+    for v in info.volumes:
+        what = f"volume {v.volume}, {v.size_mb} MB" if v.volume else v.mode
+        output.out.print(f"{v.host} -> guest {v.guest} ({what})")
+    output.info(f"logs: mvmctl logs {info.name} -f    stop: mvmctl down {info.name}")
 
 
 def register(app: typer.Typer) -> None:

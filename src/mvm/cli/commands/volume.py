@@ -79,25 +79,22 @@ def ls(json: Json = False) -> None:
     if json:
         output.print_json(rows)
         return
-    for row in rows:
-        row["size_text"] = _mb(row.get("size_mb"))
-        row["used_text"] = _mb(row.get("used_mb"))
-        row["disk_text"] = _mb(row.get("allocated_mb"))
-        row["vm_text"] = row.get("vm") or ("(" + row["held_by"] + ")" if row.get("held_by") else "-")
-        if row.get("error"):
-            row["image"] = f"BROKEN: {row['error']}"
-        elif not row.get("exists"):
-            row["image"] = f"{row['image']} (MISSING)"
+
+    def image(v: mvm.VolumeInfo) -> str:
+        if v.error:
+            return f"BROKEN: {v.error}"
+        return v.image if v.exists else f"{v.image} (MISSING)"
+
     output.table(
         [
-            Column("NAME", "name", style="bold"),
-            Column("VM", "vm_text"),
-            Column("SIZE", "size_text", justify="right"),
-            Column("USED", "used_text", justify="right"),
-            Column("ON-DISK", "disk_text", justify="right"),
-            Column("GUEST", "last_guest"),
-            Column("HOST", "host", no_wrap=False),
-            Column("IMAGE", "image", no_wrap=False),
+            Column[mvm.VolumeInfo]("NAME", lambda v: v.name, style="bold"),
+            Column[mvm.VolumeInfo]("VM", lambda v: v.vm or (f"({v.held_by})" if v.held_by else None)),
+            Column[mvm.VolumeInfo]("SIZE", lambda v: _mb(v.size_mb), justify="right"),
+            Column[mvm.VolumeInfo]("USED", lambda v: _mb(v.used_mb), justify="right"),
+            Column[mvm.VolumeInfo]("ON-DISK", lambda v: _mb(v.allocated_mb), justify="right"),
+            Column[mvm.VolumeInfo]("GUEST", lambda v: v.last_guest),
+            Column[mvm.VolumeInfo]("HOST", lambda v: v.host, no_wrap=False),
+            Column[mvm.VolumeInfo]("IMAGE", image, no_wrap=False),
         ],
         rows,
     )
@@ -124,15 +121,15 @@ def export(
     if json:
         output.print_json(result)
         return
-    changed = len(result["new"]) + len(result["updated"]) + len(result["overwritten"])
-    output.info(f"exported {result['volume']} into {result['dest']}: {changed} written "
-                f"({len(result['new'])} new, {len(result['updated'])} updated, "
-                f"{len(result['overwritten'])} overwritten), {len(result['unchanged'])} already up to date")
-    if result["kept"]:
-        output.info(f"kept {len(result['kept'])} host file(s) changed on the host only: "
-                    + ", ".join(result["kept"][:5]) + (" …" if len(result["kept"]) > 5 else ""))
-    if result["host_only"]:
-        output.info(f"kept {len(result['host_only'])} host file(s) that are not in the volume")
+    changed = len(result.new) + len(result.updated) + len(result.overwritten)
+    output.info(f"exported {result.volume} into {result.dest}: {changed} written "
+                f"({len(result.new)} new, {len(result.updated)} updated, "
+                f"{len(result.overwritten)} overwritten), {len(result.unchanged)} already up to date")
+    if result.kept:
+        output.info(f"kept {len(result.kept)} host file(s) changed on the host only: "
+                    + ", ".join(result.kept[:5]) + (" …" if len(result.kept) > 5 else ""))
+    if result.host_only:
+        output.info(f"kept {len(result.host_only)} host file(s) that are not in the volume")
 
 
 @app.command("rm", help=RM_HELP)
@@ -146,20 +143,20 @@ def rm(
 
     from .. import output
 
-    rows = {row["name"]: row for row in mvm.volume_ls()}
+    rows = {row.name: row for row in mvm.volume_ls()}
     if not yes:
         if not sys.stdin.isatty():
             raise mvm.UsageError("volume rm deletes data: pass --yes to confirm",
                                  hint="copy the data out first with `mvmctl volume export`")
         for name in volumes:
             row = rows.get(name)
-            what = f"{name} ({row['host']}, {_mb(row.get('used_mb'))} used)" if row else name
+            what = f"{name} ({row.host}, {_mb(row.used_mb)} used)" if row else name
             if not typer.confirm(f"delete volume {what} and its data?"):
                 raise typer.Exit(1)
     for name in volumes:
         view = mvm.volume_rm(name)
-        kept = f"; the image file {view['image']} was kept" if view["kind"] == "image" else ""
-        output.info(f"removed volume {view['name']} ({view['host']}){kept}")
+        kept = f"; the image file {view.image} was kept" if view.kind == "image" else ""
+        output.info(f"removed volume {view.name} ({view.host}){kept}")
 
 
 def register(root: typer.Typer) -> None:

@@ -10,7 +10,7 @@
    flake reference and the output path. The image then boots exactly like one from
    ``mvm.toml``.
 
-Nix's errors are condensed by :mod:`mvm.build.nixerrors`. The flags that enable flakes are
+Nix's errors are condensed by :mod:`mvm.images.nixerrors`. The flags that enable flakes are
 passed on the command line, so a stock Nix (e.g. Debian's ``nix-bin``) needs no config.
 """
 
@@ -148,7 +148,6 @@ def read_output(out: Path, flake: FlakeRef) -> dict[str, Any]:
             continue
         if not isinstance(name, str) or not (out / name).is_file():
             raise BuildError(f"{flake.installable}: the image has no {key} file ({name!r})")
-    check_guest(doc["guest"], flake)
     return doc
 
 
@@ -191,6 +190,7 @@ def build(
     realise(flake, nix=nix, nix_args=nix_args, runner=runner, on_line=on_line)
     out = Path(out_path)
     doc = read_output(out, flake)
+    guest = check_guest(doc["guest"], flake)
 
     def make(staging: Path) -> Manifest:
         stage("importing into the image store")
@@ -199,7 +199,7 @@ def build(
             link_or_copy((out / name).resolve(), staging / name)
         return Manifest(
             key=key,
-            name=doc["guest"]["name"],
+            name=guest.name,
             frontend="nix",
             source={
                 "flake": flake.url if "://" in flake.url or ":" in flake.url else str(Path(flake.url).resolve()),
@@ -212,7 +212,7 @@ def build(
             initrd=doc.get("initrd"),
             rootfs=doc["rootfs"],
             transports=list(doc.get("transports") or ["virtio-serial"]),
-            guest=doc["guest"],
+            guest=guest,
         )
 
     image = store.publish(key, make)

@@ -11,14 +11,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
 
-from ._proc import DEFAULT_RUNNER, Runner
-from .errors import MvmError, VolumeError
-from .paths import Layout
-from .runtime import ext4, process
-from .runtime.volexport import export_image
-from .runtime.volstore import Holder, VolumeMeta, VolumeStore
+from .. import _proc
+from .._proc import DEFAULT_RUNNER, Runner
+from ..errors import MvmError, VolumeError
+from ..paths import Layout
+from ..volumes import ext4
+from ..volumes.export import export_image
+from ..volumes.store import Holder, VolumeMeta, VolumeStore
+from .models import VolumeExport, VolumeInfo
 
 __all__ = ["volume_export", "volume_ls", "volume_rm"]
 
@@ -27,17 +28,19 @@ def _store(layout: Layout | None) -> VolumeStore:
     return VolumeStore(layout or Layout.default())
 
 
-def _view(store: VolumeStore, meta: VolumeMeta) -> dict[str, Any]:
+def _view(store: VolumeStore, meta: VolumeMeta) -> VolumeInfo:
     image = Path(meta.image)
     sb = ext4.read_superblock(image)
     holder = store.holder(meta.id)
     try:
-        allocated = image.stat().st_blocks * 512
+        allocated: int | None = image.stat().st_blocks * 512
     except OSError:
         allocated = None
-    view = meta.model_dump(mode="json")
-    view.update(
+    return VolumeInfo(
         name=meta.id,
+        kind=meta.kind,
+        host=meta.host,
+        image=meta.image,
         exists=sb is not None,
         size_mb=(sb.size_bytes // ext4.MIB) if sb else meta.size_mb,
         used_mb=round(sb.used_bytes / ext4.MIB, 1) if sb else None,
@@ -46,31 +49,33 @@ def _view(store: VolumeStore, meta: VolumeMeta) -> dict[str, Any]:
         held_by=holder.what if holder else None,
         needs_recovery=bool(sb and sb.needs_recovery and not holder),  # mounted volumes always say so
         fs_uuid=sb.uuid if sb else meta.fs_uuid,  # read now: the same UUID means the same filesystem
+        last_guest=meta.last_guest,
+        last_vm=meta.last_vm,
+        created_at=meta.created_at,
+        seeded_from=meta.seeded_from,
     )
-    return view
 
 
-def volume_ls(*, layout: Layout | None = None) -> list[dict[str, Any]]:
+def volume_ls(*, layout: Layout | None = None) -> list[VolumeInfo]:
     """Every persistent volume: where it lives, its size and use, and which VM holds it.
 
     ``used_mb`` comes from the superblock, as of the filesystem's last sync: while a VM
     writes to the volume it lags behind (``df`` in the guest is exact).
     """
     store = _store(layout)
-    rows: list[dict[str, Any]] = []
+    rows: list[VolumeInfo] = []
     for vid in store.ids():
         try:
             meta = store.load(vid)
         except MvmError as exc:
-            rows.append({"name": vid, "id": vid, "error": exc.message, "exists": False,
-                         "host": "?", "image": str(store.dir(vid))})
+            rows.append(VolumeInfo(name=vid, error=exc.message, exists=False, host="?", image=str(store.dir(vid))))
             continue
         if meta is not None:
             rows.append(_view(store, meta))
     return rows
 
 
-def volume_rm(name: str, *, layout: Layout | None = None) -> dict[str, Any]:
+def volume_rm(name: str, *, layout: Layout | None = None) -> VolumeInfo:
     """Delete a volume (by id or HOST path). Refused while a VM holds it.
 
     A ``managed`` volume's image is deleted with its data. For an ``image`` volume (an ext4
@@ -94,12 +99,12 @@ def volume_export(
     force: bool = False,
     layout: Layout | None = None,
     runner: Runner = DEFAULT_RUNNER,
-) -> dict[str, Any]:
+) -> VolumeExport:
     """Copy a volume's files to the host: into its HOST dir, or into ``to``.
 
     Refused while a VM holds the volume (stop it with ``down`` first). Host files the user
     changed since mvm last copied them are never overwritten unless ``force`` (see
-    :mod:`mvm.runtime.volexport`); host files that are not in the volume are kept.
+    :mod:`mvm.volumes.export`); host files that are not in the volume are kept.
     """
     store = _store(layout)
     meta = store.find(name)
@@ -111,7 +116,7 @@ def volume_export(
     lock = store.lock(meta.id, label)
     try:
         store.set_holder(meta.id, Holder(what=f"mvmctl volume export (pid {os.getpid()})", pid=os.getpid(),
-                                         pid_start=process.start_time(os.getpid()), since=time.time()))
+                                         pid_start=_proc.start_time(os.getpid()), since=time.time()))
         image = Path(meta.image)
         if ext4.read_superblock(image) is None:
             raise VolumeError(f"volume {label}: {image} is missing or not an ext4 image")
@@ -120,4 +125,4 @@ def volume_export(
     finally:
         store.clear_holder(meta.id)
         lock.release()
-    return {"volume": meta.id, **result.as_dict()}
+    return VolumeExport(volume=meta.id, **result.as_dict())

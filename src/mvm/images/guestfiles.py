@@ -17,9 +17,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..names import DEFAULT_UID
+
 INIT_PATH = "/usr/lib/mvm/init"
 AGENT_DIR = "usr/lib/mvm"
-DEFAULT_UID = 1000
 
 
 def guest_sources() -> dict[str, bytes]:

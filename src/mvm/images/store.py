@@ -24,8 +24,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .._atomic import write_json_atomic
 from ..errors import StateError
+from ..spec import GuestSpec
 
-MANIFEST_SCHEMA = 1
+#: 2: ``guest`` is the validated guest model (1 had a free-form dict); ``arch`` added.
+MANIFEST_SCHEMA = 2
 MANIFEST = "manifest.json"
 
 
@@ -43,7 +45,8 @@ class Manifest(BaseModel):
     rootfs: str = "rootfs.ext4"
     sizes: dict[str, int] = {}
     transports: list[str] = ["virtio-serial"]
-    guest: dict[str, Any]
+    arch: Literal["x86_64", "aarch64"] = "x86_64"
+    guest: GuestSpec
     created_at: float = 0.0
     build_secs: float = 0.0
 
@@ -93,6 +96,14 @@ def read_manifest(path: Path) -> Manifest:
     return manifest
 
 
+def _outdated(path: Path) -> bool:
+    try:
+        version = json.loads((path / MANIFEST).read_text()).get("schema_version")
+    except (OSError, ValueError, AttributeError):
+        return False  # missing or broken: read_manifest says so
+    return isinstance(version, int) and version < MANIFEST_SCHEMA
+
+
 def link_or_copy(src: Path, dest: Path) -> None:
     try:
         os.link(src, dest)
@@ -108,8 +119,10 @@ class ImageStore:
         return self.root / key
 
     def get(self, key: str) -> Image | None:
+        """The image stored under ``key``; None if there is none, or only one written by an
+        older mvm (its manifest schema), which the next :meth:`publish` replaces."""
         path = self._dir(key)
-        if not (path / MANIFEST).is_file():
+        if not (path / MANIFEST).is_file() or _outdated(path):
             return None
         return Image(path, read_manifest(path))
 
@@ -134,6 +147,8 @@ class ImageStore:
             existing = self.get(key)
             if existing is not None:
                 return existing
+            if _outdated(self._dir(key)):
+                shutil.rmtree(self._dir(key))
             staging = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=self.root))
             try:
                 started = time.monotonic()

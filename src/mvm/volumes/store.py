@@ -33,10 +33,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .. import _proc
 from .._atomic import write_json_atomic
 from ..errors import StateError, VolumeError
 from ..paths import Layout
-from . import process
 
 VOLUME_SCHEMA = 1
 IMAGE_NAME = "disk.ext4"
@@ -166,7 +166,7 @@ class VolumeStore:
             holder = Holder.model_validate_json(self.holder_path(vid).read_text())
         except (OSError, ValueError):
             return None
-        return holder if process.alive(holder.pid, holder.pid_start) else None
+        return holder if _proc.alive(holder.pid, holder.pid_start) else None
 
     def lock(self, vid: str, label: str, *, attaching: bool = False) -> VolumeLock:
         """Take the volume's lock without waiting, or raise a VolumeError naming the holder."""

@@ -25,16 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from ._proc import DEFAULT_RUNNER, Runner, interactive, require_tool
-from .backends.base import Share
-from .build import debian, initrd, kernel
-from .build.store import Image, ImageStore, Manifest, link_or_copy
-from .errors import BootError, UsageError
-from .paths import Layout
-from .spec import GuestSpec
+from .._proc import DEFAULT_RUNNER, Runner, interactive, require_tool
+from ..backends.base import Share
+from ..errors import BootError, UsageError
+from ..images import debian, initrd, kernel
+from ..images.store import Image, ImageStore, Manifest, link_or_copy
+from ..paths import Layout
+from ..spec import GuestSpec
+from .models import DownResult
+from .progress import Progress, Quiet
 
 if TYPE_CHECKING:
-    from ._api import VM, Progress
+    from .vm import VM
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,7 @@ class DevVM:
     env: dict[str, str] = field(default_factory=lambda: {"NIX_CONFIG": VM_NIX_CONFIG, "MVM_DEV": "vm"})
     cwd: str = GUEST_PROJECT
 
-    def down(self) -> str:
+    def down(self) -> DownResult:
         return self.vm.down()
 
 
@@ -152,14 +154,14 @@ def boot_vm(project: Path, *, memory: int | None = None, cpus: int | None = None
             layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER,
             progress: Progress | None = None) -> DevVM:
     """Build (cached) and boot a dev VM sharing ``project``; mount the share and a /nix."""
-    from . import _api
+    from .up import up
 
     layout = layout or Layout.default()
-    prog: Progress = progress or _api._Quiet()
+    prog: Progress = progress or Quiet()
     prog.stage("building the dev image")
     image = build_image(layout, runner, prog)
     name = f"dev-{os.getpid()}"
-    vm = _api.up(image=image, name=name, memory=memory, cpus=cpus, layout=layout, runner=runner,
+    vm = up(image=image, name=name, memory=memory, cpus=cpus, layout=layout, runner=runner,
                  shares=[Share(SHARE_TAG, project)], progress=prog)
     try:
         prog.stage(f"mounting {project} at {GUEST_PROJECT}")

@@ -226,7 +226,7 @@ def build(
             frontend="toml",
             source={"path": str(source), "spec_digest": spec.digest(), "suite": suite, "mirror": mirror},
             kernel_version=k.version,
-            guest=guest,
+            guest=spec,
         )
 
     return store.publish(key, make), True

@@ -1,0 +1,71 @@
+"""``build``: a spec or flake → an image in the content-addressed store (or a cache hit)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .._proc import DEFAULT_RUNNER, Runner
+from ..errors import UsageError
+from ..images.store import Image
+from ..paths import Layout
+from .models import BuildResult, ImageInfo
+from .progress import Progress, Quiet
+
+
+def image_info(image: Image) -> ImageInfo:
+    m = image.manifest
+    return ImageInfo(key=m.key, name=m.name, path=str(image.path), frontend=m.frontend, source=m.source,
+                     arch=m.arch, kernel=m.kernel, initrd=m.initrd, rootfs=m.rootfs,
+                     kernel_version=m.kernel_version, sizes=m.sizes, created_at=m.created_at,
+                     build_secs=m.build_secs, guest=m.guest)
+
+
+def build_image(
+    path: str | os.PathLike[str] = ".",
+    *,
+    flake: str | None = None,
+    nix_args: Sequence[str] = (),
+    layout: Layout,
+    runner: Runner = DEFAULT_RUNNER,
+    progress: Progress | None = None,
+) -> tuple[Image, bool]:
+    """The image for ``path``'s mvm.toml (or ``flake``), and whether it was built now."""
+    prog = progress or Quiet()
+    if flake is None and nix_args:
+        raise UsageError("--override-input and --nix-arg are for --flake builds")
+    if flake is not None:
+        from ..images import nix
+
+        if str(path) != ".":
+            raise UsageError(f"give either a path ({path}) or --flake, not both")
+        return nix.build(flake, nix_args=nix_args, layout=layout, runner=runner,
+                         on_stage=prog.stage, on_line=prog.line)
+    from .. import spec as spec_mod
+    from ..images import debian
+
+    source = Path(path)
+    guest = spec_mod.load_toml(source)
+    prog.stage("resolving")
+    return debian.build(guest, source=spec_mod.spec_file(source).resolve(), layout=layout, runner=runner,
+                        on_stage=prog.stage, on_line=prog.line)
+
+
+def build(
+    path: str | os.PathLike[str] = ".",
+    *,
+    flake: str | None = None,
+    nix_args: Sequence[str] = (),
+    layout: Layout | None = None,
+    runner: Runner = DEFAULT_RUNNER,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Build (or find in the cache) the image for the ``mvm.toml`` at ``path``, or, with
+    ``flake="REF[#ATTR]"``, for a flake output made by ``mkGuest`` (``nix_args`` are passed
+    to nix, e.g. ``["--override-input", "nixpkgs", "path:/src/nixpkgs"]``)."""
+    started = time.monotonic()
+    image, built = build_image(path, flake=flake, nix_args=nix_args, layout=layout or Layout.default(),
+                               runner=runner, progress=progress)
+    return BuildResult(**image_info(image).model_dump(), built=built, seconds=round(time.monotonic() - started, 3))

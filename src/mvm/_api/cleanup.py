@@ -1,0 +1,158 @@
+"""Reclaiming what dead VMs and old builds left: the logic behind ``mvmctl cleanup``.
+
+What it removes, and only that:
+- runtime dirs of VMs that are not running (exited, crashed, broken state, or a start that
+  was interrupted hard), after killing any QEMU still running in such a dir;
+- leftovers of interrupted builds (``.build-*`` staging dirs whose build is not running)
+  and image-store lock files nobody holds;
+- images no VM uses, except the newest ``keep``;
+- with ``everything``: also ``nix-collect-garbage`` when Nix is installed.
+
+It never touches a running VM, and never a volume: volumes live elsewhere and are only
+removed by ``mvmctl volume rm NAME``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from .. import backends
+from .._proc import DEFAULT_RUNNER, Runner
+from ..errors import MvmError, StateError
+from ..images.debian import unmount_below
+from ..images.store import ImageStore, read_manifest
+from ..paths import Layout
+from ..runtime.registry import Registry
+from .machines import backend_for, status_of
+from .models import CleanupItem, CleanupReport
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes actually allocated (sparse images count what they use)."""
+    if path.is_symlink() or not path.exists():
+        return 0
+    if path.is_file():
+        return path.stat().st_blocks * 512
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            total += st.st_blocks * 512 // max(1, st.st_nlink)  # images share the kernel by hardlink
+    return total
+
+
+def _unheld(lock: Path) -> bool:
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path, runner: Runner) -> None:
+    if path.is_dir() and not path.is_symlink():
+        unmount_below(path, runner)  # an interrupted mmdebstrap may have left its chroot mounts
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def cleanup(
+    layout: Layout | None = None,
+    *,
+    dry_run: bool = False,
+    everything: bool = False,
+    keep: int = 3,
+    runner: Runner = DEFAULT_RUNNER,
+) -> CleanupReport:
+    """Remove what dead VMs and old builds left (see the module docstring); never a VM
+    whose machine runs, never a volume. ``dry_run`` only reports."""
+    layout = layout or Layout.default()
+    items: list[CleanupItem] = []
+    notes: list[str] = []
+    in_use = _dead_vms(layout, dry_run, runner, items, notes)
+
+    store = ImageStore(layout.images)
+    for staging in store.stale_staging():
+        items.append(CleanupItem(kind="build", path=str(staging), bytes=disk_usage(staging),
+                                 reason="interrupted build"))
+    if layout.images.is_dir():
+        for lock in layout.images.glob(".*.lock"):
+            key = lock.name[1:-len(".lock")]
+            if not (layout.images / key).exists() and _unheld(lock):
+                items.append(CleanupItem(kind="lock", path=str(lock), bytes=0,
+                                         reason="stale lock of an image that is gone"))
+        for entry in layout.images.iterdir():
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            try:
+                read_manifest(entry)
+            except StateError as exc:
+                items.append(CleanupItem(kind="image", path=str(entry), bytes=disk_usage(entry),
+                                         reason=f"broken or outdated image: {exc.message}"))
+    images = store.all()
+    unused = [img for img in images if img.key not in in_use]
+    for img in unused[: max(0, len(unused) - keep)]:
+        items.append(CleanupItem(kind="image", path=str(img.path), bytes=disk_usage(img.path),
+                                 reason=f"image {img.name} ({img.key[:12]}) is unused and not among the newest {keep}"))
+
+    if not dry_run:
+        for item in items:
+            if item.kind != "vm":
+                _remove(Path(item.path), runner)
+
+    if everything:
+        if shutil.which("nix-collect-garbage"):
+            if dry_run:
+                notes.append("would run nix-collect-garbage")
+            else:
+                out = runner.run(["nix-collect-garbage"], desc="collecting Nix garbage").output
+                notes.append(out.strip().splitlines()[-1] if out.strip() else "nix-collect-garbage done")
+        else:
+            notes.append("Nix is not installed: nothing to collect")
+    return CleanupReport(dry_run=dry_run, items=items, notes=notes)
+
+
+def _dead_vms(layout: Layout, dry_run: bool, runner: Runner, items: list[CleanupItem], notes: list[str]) -> set[str]:
+    """Collect (and unless ``dry_run`` remove) the dirs of VMs that do not run; return the
+    image keys that VMs still use."""
+    registry = Registry(layout)
+    in_use: set[str] = set()
+    for name in registry.names():
+        files = registry.files(name)
+        orphan_start = False
+        backend = backends.get("qemu", runner)  # the one that can run a VM whose record is unreadable
+        try:
+            record = registry.load(name)
+            backend = backend_for(record, runner)
+            status = str(status_of(record, files, backend))
+            in_use.add(record.image_key)
+            orphan_start = record.phase == "starting"
+        except MvmError:  # corrupt vm.json: the VM is "broken" and its dir is removable
+            status = "broken"
+        if status in ("starting", "running", "stopping"):
+            continue
+        if status == "broken" and backend.strays(files):
+            notes.append(f"{name}: state is unreadable but its machine is running; "
+                         f"stop it with `mvmctl down {name}`")
+            continue
+        items.append(CleanupItem(kind="vm", path=str(files.root), bytes=disk_usage(files.root),
+                                 reason=f"VM {name} is {status}"))
+        if not dry_run:
+            if orphan_start:  # `up` died between starting its machine and recording it
+                for machine in backend.strays(files):
+                    backend.stop(files, machine, 3.0)
+            registry.remove(name)
+    return in_use

@@ -1,0 +1,58 @@
+"""An interactive shell on a guest pty over the agent channel: the library half of
+``mvmctl console`` (the terminal's raw mode and window-size signals are the CLI's half)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import select
+
+from ..paths import VMFiles
+from ..runtime.agent import AgentSession
+
+
+class ConsoleSession:
+    """Pumps bytes between two descriptors and a guest shell until the shell exits."""
+
+    def __init__(self, files: VMFiles, vm: str, *, user: str | None, cwd: str | None,
+                 env: dict[str, str]) -> None:
+        self._session = AgentSession(files, vm)
+        self.user, self.cwd, self.env = user, cwd, env
+        self._started = False
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Pass a terminal resize on (safe to call from a SIGWINCH handler)."""
+        if self._started:
+            self._session.send_input("resize", rows=rows, cols=cols)
+
+    def run(self, stdin_fd: int, stdout_fd: int, *, cols: int = 80, rows: int = 24,
+            term: str = "xterm") -> int:
+        """Run the shell with ``stdin_fd`` as its input and ``stdout_fd`` as its output;
+        return its exit code. End of input on ``stdin_fd`` is passed on as EOF."""
+        session = self._session
+        session.open()
+        try:
+            session.start("console", user=self.user, rows=rows, cols=cols, term=term, cwd=self.cwd,
+                          env=self.env)
+            self._started = True
+            sock = session.fileno()
+            stdin_open = True
+            pending = session.pending()
+            while True:
+                for msg in pending:
+                    if "event" not in msg:
+                        return int(msg.get("exit", 1))
+                    os.write(stdout_fd, base64.b64decode(msg.get("data") or ""))
+                watch = [sock] + ([stdin_fd] if stdin_open else [])
+                ready, _, _ = select.select(watch, [], [])
+                if stdin_fd in ready:
+                    data = os.read(stdin_fd, 4096)
+                    if data:
+                        session.send_stdin(data)
+                    else:
+                        stdin_open = False
+                        session.send_input("eof")
+                pending = session.pending(block=sock in ready)
+        finally:
+            self._started = False
+            session.close()

@@ -1,0 +1,106 @@
+"""What this host can do, and the exact command that fixes each missing piece.
+
+``mvmctl doctor`` reports the backends (and why one is unusable: e.g. /dev/kvm present
+but the boot probe hung, so TCG is used), the external tools with their versions, and the
+state dir with its free space.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+from .._proc import DEFAULT_RUNNER, INSTALL_HINTS, Runner, find_tool
+from ..errors import MvmError
+from ..paths import Layout
+from .models import BackendCheck, DiskCheck, DoctorReport, ToolCheck
+
+TOOLS: list[tuple[str, list[str], str]] = [
+    # (executable, version argv, what mvm uses it for)
+    ("qemu-system-x86_64", ["--version"], "the QEMU backend (KVM or TCG)"),
+    ("mmdebstrap", ["--version"], "building mvm.toml images"),
+    ("mkfs.ext4", ["-V"], "root filesystems and volumes"),
+    ("resize2fs", [], "growing volumes"),
+    ("busybox", ["--help"], "the initrd"),
+    ("depmod", ["--version"], "indexing kernel modules"),
+    ("lz4", ["--version"], "unpacking the Debian kernel"),
+    ("apt-get", ["--version"], "fetching the Debian kernel"),
+    ("nix", ["--version"], "the Nix front end (--flake) and `mvmctl dev`"),
+    ("firecracker", ["--version"], "the Firecracker backend (not implemented yet)"),
+]
+MIN_FREE_BYTES = 2 * 1024**3
+
+
+def tool_version(path: str, args: list[str], runner: Runner) -> str:
+    if not args:
+        return "present"
+    try:
+        text = runner.run([path, *args], desc=f"{path} {' '.join(args)}", ok_codes=range(256)).output.strip()
+    except MvmError:
+        return "present (version unknown)"
+    first = text.splitlines()[0] if text else "present"
+    match = re.search(r"\d+\.\d+(\.\d+)?", first)
+    return match.group(0) if match else first[:60]
+
+
+def check_tools(runner: Runner = DEFAULT_RUNNER) -> list[ToolCheck]:
+    rows = []
+    for name, args, purpose in TOOLS:
+        path = find_tool(name)
+        hint = INSTALL_HINTS.get(name)
+        if name == "firecracker":
+            hint = "not packaged for Debian; mvm's Firecracker backend is not implemented yet"
+        rows.append(ToolCheck(tool=name, purpose=purpose, found=path is not None, path=path,
+                              version=tool_version(path, args, runner) if path else None,
+                              fix=None if path else hint))
+    return rows
+
+
+def check_backends(layout: Layout) -> list[BackendCheck]:
+    from ..backends import accel
+    from ..images import kernel as kernel_mod
+
+    if not find_tool("qemu-system-x86_64"):
+        fix = INSTALL_HINTS["qemu-system-x86_64"]
+        return [BackendCheck(backend=b, usable=False, reason="QEMU is not installed", fix=fix)
+                for b in ("qemu-tcg", "qemu-kvm")]
+    rows = [BackendCheck(backend="qemu-tcg", usable=True, reason="software emulation always works")]
+    kernels = kernel_mod.cached_kernels(layout.kernels)
+    if not os.path.exists("/dev/kvm"):
+        rows.append(BackendCheck(backend="qemu-kvm", usable=False,
+                                 reason="/dev/kvm does not exist (no hardware virtualisation here)",
+                                 fix="enable VT-x/AMD-V, or load kvm_intel/kvm_amd; TCG works meanwhile"))
+    elif not kernels:
+        rows.append(BackendCheck(backend="qemu-kvm", usable=None,
+                                 reason="/dev/kvm exists; not probed yet (no kernel cached)",
+                                 fix="run `mvmctl build` once; the first `up` probes KVM"))
+    else:
+        k = kernels[-1]
+        ok, reason = accel.kvm_verdict(k.vmlinux, k.initrd, layout.probes)
+        rows.append(BackendCheck(backend="qemu-kvm", usable=ok, reason=reason,
+                                 fix=None if ok else "nothing to fix for mvm: TCG is used automatically"))
+    rows.append(BackendCheck(backend="firecracker", usable=False,
+                             reason="not implemented (the binary is not packaged here and cannot boot "
+                             "under nested PVM)"))
+    return rows
+
+
+def check_disk(layout: Layout) -> DiskCheck:
+    probe = layout.state
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    ok = free >= MIN_FREE_BYTES
+    return DiskCheck(state_dir=str(layout.state), cache_dir=str(layout.cache), free_bytes=free, ok=ok,
+                     fix=None if ok else "free disk space, e.g. `mvmctl cleanup`")
+
+
+def doctor(layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER) -> DoctorReport:
+    """Which backends work here and why not, the tools mvm uses, and the free space."""
+    layout = layout or Layout.default()
+    tools = check_tools(runner)
+    disk = check_disk(layout)
+    required = {"qemu-system-x86_64", "mmdebstrap", "mkfs.ext4", "busybox", "depmod", "lz4", "apt-get"}
+    ok = all(t.found for t in tools if t.tool in required) and disk.ok
+    return DoctorReport(ok=ok, backends=check_backends(layout), tools=tools, disk=disk)

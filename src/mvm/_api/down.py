@@ -1,0 +1,86 @@
+"""``down``: stop a VM, gracefully first, and forget it.
+
+The ladder: the guest agent stops the services, syncs and powers off (nothing is lost);
+if the agent does not answer or the machine outlives ``timeout``, the backend stops it
+(QMP ``quit``, SIGTERM, SIGKILL: unsynced guest data is lost on these rungs). Only a
+machine that is gone lets the VM dir go: if the machine survives everything, ``down``
+raises :class:`~mvm.errors.StopFailed` and the VM stays listed (status ``stopping``), so a
+later ``down`` (with more rights) can finish the job. Volume locks belong to the machine's
+process and are released exactly when it ends.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .. import backends
+from .._proc import DEFAULT_RUNNER, Runner
+from ..backends.base import Backend, MachineRef
+from ..errors import MvmError, StopFailed, VMError, VMNotFound
+from ..paths import Layout, VMFiles
+from ..runtime import agent
+from ..runtime.registry import Registry, VMRecord
+from .machines import backend_for, machine_alive
+from .models import DownResult
+
+SHUTDOWN_TIMEOUT = 20.0
+
+
+def _machines(record: VMRecord | None, files: VMFiles, backend: Backend) -> list[MachineRef]:
+    """The recorded machine, and any other the backend finds running in the VM dir."""
+    found = [record.machine.ref] if record is not None and record.machine is not None else []
+    found += [m for m in backend.strays(files) if m.pid not in {f.pid for f in found}]
+    return found
+
+
+def _wait_gone(backend: Backend, machine: MachineRef, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while backend.alive(machine):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _stop(name: str, files: VMFiles, backend: Backend, machine: MachineRef, timeout: float) -> str:
+    try:
+        agent.request(files, name, "shutdown", timeout=3.0)
+    except MvmError:
+        return backend.stop(files, machine, 5.0)  # no agent: straight to the hypervisor's rungs
+    if _wait_gone(backend, machine, timeout):
+        return "stopped by the guest"
+    return backend.stop(files, machine, 5.0)
+
+
+def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None = None,
+         runner: Runner = DEFAULT_RUNNER) -> DownResult:
+    """Stop a VM and remove its runtime dir. Raises VMNotFound for an unknown name (the CLI
+    reports that and exits 0, so ``mvmctl down`` can be repeated safely), StopFailed when
+    the machine cannot be stopped (the VM is then kept)."""
+    registry = Registry(layout or Layout.default())
+    files = registry.files(name)
+    if not files.root.exists():
+        raise VMNotFound(name, f"no VM named {name!r}", hint="list VMs with `mvmctl ls`")
+    try:
+        record: VMRecord | None = registry.load(name)
+    except MvmError:
+        record = None  # unreadable state: its machine is still found by the VM dir
+    backend = backend_for(record, runner) if record is not None else backends.get("qemu", runner)
+    if (record is not None and record.phase == "starting" and not machine_alive(record, backend)
+            and record.owner_alive):
+        assert record.owner is not None
+        raise VMError(name, f"VM {name!r} is being started by process {record.owner.pid}",
+                      hint="wait for that `mvmctl up` to finish (or interrupt it), then run down")
+    how = "not running"
+    for machine in _machines(record, files, backend):
+        if not backend.alive(machine):
+            continue
+        try:
+            registry.update(name, lambda r: setattr(r, "phase", "stopping"))
+        except MvmError:
+            pass  # unreadable state: stop the machine anyway
+        how = _stop(name, files, backend, machine, timeout)
+    if backend.strays(files):  # a machine we could not see before (started meanwhile?)
+        raise StopFailed(name, f"a machine still runs in {files.root}", hint=f"run `mvmctl down {name}` again")
+    registry.remove(name)
+    return DownResult(name=name, how=how)

@@ -1,0 +1,42 @@
+"""``get`` and ``ls``: VMs from the registry, with their status derived now."""
+
+from __future__ import annotations
+
+from .._proc import DEFAULT_RUNNER, Runner
+from ..errors import MvmError
+from ..paths import Layout
+from ..runtime import agent
+from ..runtime.registry import Registry
+from ..runtime.states import VMStatus
+from .machines import backend_for, broken_info, status_of, vm_info
+from .models import GuestStatus, Health, VMInfo
+from .vm import VM
+
+
+def get(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER) -> VM:
+    """The handle on VM ``name``; raises VMNotFound (or StateError) if there is none."""
+    vm = VM(name, layout or Layout.default(), runner)
+    vm.record()
+    return vm
+
+
+def ls(*, layout: Layout | None = None, health: bool = True, runner: Runner = DEFAULT_RUNNER) -> list[VMInfo]:
+    """Every VM in the registry, with its status (and, if ``health``, its health summary)."""
+    registry = Registry(layout or Layout.default())
+    rows: list[VMInfo] = []
+    for name in registry.names():
+        files = registry.files(name)
+        try:
+            record = registry.load(name)
+            status = status_of(record, files, backend_for(record, runner))
+        except MvmError as exc:
+            rows.append(broken_info(name, files, exc.message))
+            continue
+        summary: Health = "unknown"
+        if health and status is VMStatus.RUNNING and record.checks:
+            try:
+                summary = GuestStatus.from_agent(agent.request(files, name, "status", timeout=2.0)).health
+            except MvmError:
+                pass
+        rows.append(vm_info(record, files, status, summary))
+    return rows

@@ -1,0 +1,60 @@
+"""From a VM record to its backend, its status and its public :class:`~.models.VMInfo`."""
+
+from __future__ import annotations
+
+import time
+
+from .. import backends
+from .._proc import DEFAULT_RUNNER, Runner
+from ..backends.base import Backend
+from ..paths import VMFiles
+from ..runtime import logs, states
+from ..runtime.registry import VMRecord
+from ..runtime.states import VMStatus
+from .models import Health, MountInfo, PortInfo, VMInfo
+
+
+def backend_for(record: VMRecord, runner: Runner = DEFAULT_RUNNER) -> Backend:
+    """The backend that runs the recorded VM (by ``record.backend``), with ``runner``."""
+    return backends.get(record.backend, runner)
+
+
+def machine_alive(record: VMRecord, backend: Backend) -> bool:
+    return record.machine is not None and backend.alive(record.machine.ref)
+
+
+def status_of(record: VMRecord, files: VMFiles, backend: Backend) -> VMStatus:
+    alive = machine_alive(record, backend)
+    return states.derive(record.phase, alive, record.owner_alive, not alive and logs.clean_poweroff(files))
+
+
+def vm_info(record: VMRecord, files: VMFiles, status: VMStatus, health: Health = "unknown") -> VMInfo:
+    running = status is VMStatus.RUNNING
+    return VMInfo(
+        name=record.name,
+        status=status,
+        health="none" if not record.checks else health,
+        backend=record.backend,
+        accel=record.accel,
+        cpus=record.cpus,
+        memory=record.memory,
+        ports=[PortInfo(**p.model_dump()) for p in record.ports],
+        volumes=[MountInfo(host=v.host, guest=v.guest, mode=v.mode, size_mb=v.size_mb, volume=v.volume)
+                 for v in record.volumes],
+        services=record.services,
+        checks=record.checks,
+        env_keys=record.env_keys,
+        image=record.image_key,
+        frontend=record.frontend,
+        source=record.source,
+        pid=record.machine.pid if record.machine and status.active else None,
+        created_at=record.created_at,
+        started_at=record.started_at,
+        uptime=round(time.time() - record.started_at, 1) if running and record.started_at else None,
+        exit_reason=None if status.active else logs.exit_reason(files),
+        dir=str(files.root),
+    )
+
+
+def broken_info(name: str, files: VMFiles, error: str) -> VMInfo:
+    return VMInfo(name=name, status=VMStatus.BROKEN, health="unknown", error=error, dir=str(files.root))

@@ -1,0 +1,254 @@
+"""What the API returns: typed models. The CLI renders them, and ``--json`` is their dump.
+
+The JSON keys are the field names below, documented in docs/json.md (a unit test keeps the
+two in step). A key is added, never renamed or given a new meaning, within one
+``schema_version`` of the JSON output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, computed_field
+
+from ..runtime.states import VMStatus
+from ..spec import GuestSpec
+
+#: One word for all of a VM's health checks: the worst state wins.
+Health = Literal["healthy", "unhealthy", "starting", "none", "unknown"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class PortInfo(_Model):
+    host_ip: str
+    host_port: int
+    guest_port: int
+    proto: Literal["tcp", "udp"]
+
+    def __str__(self) -> str:
+        return f"{self.host_ip}:{self.host_port}->{self.guest_port}/{self.proto}"
+
+
+class MountInfo(_Model):
+    """One ``-v`` of a VM."""
+
+    host: str
+    guest: str
+    mode: Literal["ro", "secret", "rw"]
+    size_mb: int | None = None
+    volume: str | None = None  #: the persistent volume's name (writable volumes)
+
+
+class VMInfo(_Model):
+    """One VM, as ``ls`` and ``up --json`` show it."""
+
+    name: str
+    status: VMStatus
+    health: Health = "unknown"
+    backend: str | None = None
+    accel: str | None = None
+    cpus: int | None = None
+    memory: int | None = None
+    ports: list[PortInfo] = []
+    volumes: list[MountInfo] = []
+    services: list[str] = []
+    checks: list[str] = []
+    env_keys: list[str] = []
+    image: str | None = None  #: the image key
+    frontend: str | None = None
+    source: str | None = None
+    pid: int | None = None
+    created_at: float | None = None
+    started_at: float | None = None
+    uptime: float | None = None
+    exit_reason: str | None = None  #: why it is no longer running (exited, crashed)
+    error: str | None = None  #: why its state is unreadable (broken)
+    dir: str
+
+
+class ServiceStatus(_Model):
+    name: str
+    state: str
+    pid: int | None = None
+    restarts: int = 0
+    last_exit: int | None = None
+    uptime: float | None = None
+    user: str | None = None
+    restart: str | None = None
+
+
+class CheckStatus(_Model):
+    name: str
+    state: Literal["starting", "healthy", "unhealthy"]
+    last_exit: int | None = None
+    last_output: str | None = None
+    checked_at: float | None = None
+    failures: int = 0
+    interval: float | None = None
+
+
+class GuestStatus(_Model):
+    """What the guest agent reports: its services and health checks."""
+
+    uptime: float | None = None
+    services: list[ServiceStatus] = []
+    checks: list[CheckStatus] = []
+    shutting_down: bool = False
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def health(self) -> Health:
+        if not self.checks:
+            return "none"
+        states = {c.state for c in self.checks}
+        for state in ("unhealthy", "starting"):
+            if state in states:
+                return state
+        return "healthy"
+
+    @classmethod
+    def from_agent(cls, reply: dict[str, Any]) -> GuestStatus:
+        services = reply.get("services") or {}
+        checks = reply.get("health") or {}
+        return cls(
+            uptime=reply.get("uptime"),
+            services=[ServiceStatus(name=n, **_known(ServiceStatus, s)) for n, s in services.items()],
+            checks=[CheckStatus(name=n, **_known(CheckStatus, c)) for n, c in checks.items()],
+            shutting_down=bool(reply.get("shutting_down")),
+        )
+
+
+def _known(model: type[BaseModel], data: Any) -> dict[str, Any]:
+    """The fields of ``data`` that ``model`` knows: an older or newer guest may send more."""
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if k in model.model_fields and k != "name"}
+
+
+class VMDetails(VMInfo):
+    """``status``: the VM, and (while it runs) what its guest agent reports."""
+
+    guest: GuestStatus | None = None
+
+
+class ImageInfo(_Model):
+    key: str
+    name: str
+    path: str
+    frontend: str
+    source: dict[str, Any]
+    arch: str
+    kernel: str  #: file names in ``path``
+    initrd: str | None
+    rootfs: str
+    kernel_version: str
+    sizes: dict[str, int]
+    created_at: float
+    build_secs: float
+    guest: GuestSpec
+
+
+class BuildResult(ImageInfo):
+    """The image, and how it was obtained."""
+
+    built: bool  #: False: found in the cache
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """A finished guest command (the names docker-py and testcontainers use)."""
+
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+
+class DownResult(_Model):
+    name: str
+    how: str  #: gone, stopped by the guest, quit, terminated, killed, not running
+
+
+class VolumeInfo(_Model):
+    name: str
+    kind: Literal["managed", "image"] | None = None
+    host: str
+    image: str
+    exists: bool
+    size_mb: int | None = None
+    used_mb: float | None = None
+    allocated_mb: float | None = None
+    vm: str | None = None  #: the VM that holds it now
+    held_by: str | None = None  #: what holds it now (a VM, an `up` in progress, an export)
+    needs_recovery: bool = False
+    fs_uuid: str | None = None
+    last_guest: str | None = None
+    last_vm: str | None = None
+    created_at: float | None = None
+    seeded_from: str | None = None
+    error: str | None = None  #: why its record is unreadable
+
+
+class VolumeExport(_Model):
+    volume: str
+    dest: str
+    new: list[str] = []
+    updated: list[str] = []
+    unchanged: list[str] = []
+    overwritten: list[str] = []
+    kept: list[str] = []
+    conflicts: list[str] = []
+    host_only: list[str] = []
+
+
+class CleanupItem(_Model):
+    kind: Literal["vm", "build", "lock", "image"]
+    path: str
+    bytes: int
+    reason: str
+
+
+class CleanupReport(_Model):
+    dry_run: bool
+    items: list[CleanupItem] = []
+    notes: list[str] = []
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def freed_bytes(self) -> int:
+        return sum(i.bytes for i in self.items)
+
+
+class ToolCheck(_Model):
+    tool: str
+    purpose: str
+    found: bool
+    path: str | None = None
+    version: str | None = None
+    fix: str | None = None
+
+
+class BackendCheck(_Model):
+    backend: str
+    usable: bool | None  #: None: not known yet (not probed)
+    reason: str
+    fix: str | None = None
+
+
+class DiskCheck(_Model):
+    state_dir: str
+    cache_dir: str
+    free_bytes: int
+    ok: bool
+    fix: str | None = None
+
+
+class DoctorReport(_Model):
+    ok: bool
+    backends: list[BackendCheck]
+    tools: list[ToolCheck]
+    disk: DiskCheck

@@ -1,0 +1,296 @@
+"""``up``: validate, build, plan once, then execute the plan as a transaction.
+
+Order, and why:
+1. :class:`UpRequest` checks every value the caller typed (ports, env, names, sizes); the
+   backend's ``check_ports`` and the volume plan check the host side. Nothing is created,
+   nothing is built: a typo fails in a second.
+2. The image is built (or found in the cache).
+3. :func:`plan_up` asks the backend's ``preflight`` for the accelerator (the KVM probe
+   boots the *built* kernel, so it comes after the build) and fixes the VM record.
+4. :class:`Launch` runs the plan's steps under one ``ExitStack``. Every step registers its
+   undo; the stack is disarmed only once the guest agent answers, so a failure or Ctrl-C
+   anywhere leaves no VM dir, no machine, no lock and no registry entry behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+from .. import backends
+from .._proc import DEFAULT_RUNNER, Runner, tail_file
+from ..backends.base import AccelPreference, Backend, LaunchSpec, MachineRef, MachineRequest, PortForward, Share
+from ..errors import AgentError, BootError, MvmError, StopFailed, UsageError, VMExists
+from ..images.store import Image
+from ..names import check_vm_name
+from ..paths import Layout, VMFiles
+from ..runtime import agent
+from ..runtime.bootconfig import write_config_disk
+from ..runtime.registry import PortRecord, ProcessRecord, Registry, VMRecord
+from ..volumes import attach as volume_attach
+from .build import build_image
+from .machines import backend_for, status_of
+from .options import parse_env, parse_port
+from .progress import Progress, Quiet
+from .vm import VM
+
+log = logging.getLogger(__name__)
+
+BOOT_TIMEOUT = 90.0
+HYPERVISORS: dict[str, tuple[str, AccelPreference]] = {
+    "auto": ("qemu", "auto"),
+    "qemu-kvm": ("qemu", "kvm"),
+    "qemu-tcg": ("qemu", "tcg"),
+}
+
+
+@dataclass(frozen=True)
+class UpRequest:
+    """What the caller asked for, every value checked. Nothing is created yet."""
+
+    name: str | None = None
+    cpus: int | None = None
+    memory: int | None = None
+    forwards: list[PortForward] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    volumes: list[str] = field(default_factory=list)
+    backend: str = "qemu"
+    accel: AccelPreference = "auto"
+    shares: list[Share] = field(default_factory=list)
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        name: str | None = None,
+        cpus: int | None = None,
+        memory: int | None = None,
+        ports: Sequence[str | PortForward] = (),
+        env: Mapping[str, str] | Sequence[str] | None = None,
+        volumes: Sequence[str] = (),
+        hypervisor: str = "auto",
+        shares: Sequence[Share] = (),
+    ) -> UpRequest:
+        if cpus is not None and not 1 <= cpus <= 64:
+            raise UsageError(f"--cpus {cpus}: must be between 1 and 64")
+        if memory is not None and not 64 <= memory <= 65536:
+            raise UsageError(f"--memory {memory}: must be between 64 and 65536 MiB")
+        if name is not None:
+            try:
+                check_vm_name(name)
+            except ValueError as exc:
+                raise UsageError(f"--name: {exc}") from None
+        if hypervisor not in HYPERVISORS:
+            raise UsageError(f"unknown hypervisor {hypervisor!r}", hint=f"use one of: {', '.join(HYPERVISORS)}")
+        backend, accel = HYPERVISORS[hypervisor]
+        return cls(
+            name=name,
+            cpus=cpus,
+            memory=memory,
+            forwards=[parse_port(p) if isinstance(p, str) else p for p in ports],
+            env=dict(env) if isinstance(env, Mapping) else parse_env(list(env or [])),
+            volumes=list(volumes),
+            backend=backend,
+            accel=accel,
+            shares=list(shares),
+        )
+
+
+@dataclass
+class UpPlan:
+    """What ``up`` will do, decided once, after the build and before anything is created."""
+
+    request: UpRequest
+    image: Image
+    backend: Backend
+    volumes: list[volume_attach.Planned]
+    record: VMRecord
+    boot_timeout: float = BOOT_TIMEOUT
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+
+def plan_up(request: UpRequest, image: Image, backend: Backend, planned: list[volume_attach.Planned],
+            layout: Layout, boot_timeout: float = BOOT_TIMEOUT) -> UpPlan:
+    """Ask the backend's preflight for the accelerator and fix the VM's record."""
+    guest = image.manifest.guest
+    name = request.name or image.name
+    verdict = backend.preflight(MachineRequest(
+        name=name, kernel=image.kernel, initrd=image.initrd, probe_cache=layout.probes, accel=request.accel,
+        arch=image.manifest.arch, shares=bool(request.shares), disks=len(planned),
+    ))
+    source = image.manifest.source
+    record = VMRecord(
+        name=name,
+        backend=backend.name,
+        accel=verdict.accel,
+        image_key=image.key,
+        image_path=str(image.path),
+        frontend=image.manifest.frontend,
+        source=str(source.get("path") or source.get("flake") or ""),
+        cpus=request.cpus or guest.cpus,
+        memory=request.memory or guest.memory,
+        ports=[PortRecord.of(f) for f in request.forwards],
+        env_keys=sorted(request.env),
+        services=sorted(guest.services),
+        checks=sorted(guest.health_checks),
+        volumes=volume_attach.records(planned, layout),
+    )
+    return UpPlan(request, image, backend, planned, record, boot_timeout)
+
+
+class Launch:
+    """Executes an :class:`UpPlan`. Each step is a method, so tests can fail any one of them."""
+
+    def __init__(self, plan: UpPlan, layout: Layout, runner: Runner, progress: Progress) -> None:
+        self.plan = plan
+        self.layout = layout
+        self.runner = runner
+        self.progress = progress
+        self.registry = Registry(layout)
+
+    def run(self) -> None:
+        with ExitStack() as undo:
+            files = self.reserve(undo)
+            attached = self.attach_volumes(files, undo)
+            self.write_boot_config(files, attached)
+            machine = self.start_machine(files, attached, undo)
+            self.wait_for_agent(files, machine)
+            self.mark_running()
+            undo.pop_all()
+        attached.booted()
+
+    def reserve(self, undo: ExitStack) -> VMFiles:
+        try:
+            files = self.registry.reserve(self.plan.record)
+        except VMExists as exc:
+            raise self._exists_error(exc) from None
+        undo.callback(self._forget, files)
+        return files
+
+    def attach_volumes(self, files: VMFiles, undo: ExitStack) -> volume_attach.Attached:
+        return volume_attach.attach(self.plan.volumes, vm=self.plan.name, files=files, layout=self.layout, undo=undo,
+                              runner=self.runner, stage=self.progress.stage)
+
+    def write_boot_config(self, files: VMFiles, attached: volume_attach.Attached) -> None:
+        write_config_disk(files.config_disk, {"vm": self.plan.name, "env": self.plan.request.env,
+                                              "volumes": attached.boot})
+
+    def start_machine(self, files: VMFiles, attached: volume_attach.Attached, undo: ExitStack) -> MachineRef:
+        plan, record = self.plan, self.plan.record
+        spec = LaunchSpec(
+            name=plan.name, files=files, kernel=plan.image.kernel, initrd=plan.image.initrd,
+            rootfs=plan.image.rootfs, cpus=record.cpus, memory=record.memory, accel=record.accel,  # type: ignore[arg-type]
+            arch=plan.image.manifest.arch, ports=plan.request.forwards, config_disk=files.config_disk,
+            disks=attached.disks, hold_fds=attached.hold_fds, shares=plan.request.shares,
+        )
+        self.progress.stage(f"booting ({record.accel})")
+        machine = plan.backend.start(spec)
+        undo.callback(self._stop_after_failure, files, machine)
+        attached.held_by(machine.pid, machine.start_time)
+
+        def started(r: VMRecord) -> None:
+            r.machine = ProcessRecord(pid=machine.pid, start_time=machine.start_time)
+            r.started_at = time.time()
+
+        self.registry.update(plan.name, started)
+        return machine
+
+    def wait_for_agent(self, files: VMFiles, machine: MachineRef) -> None:
+        self.progress.stage("waiting for the guest agent")
+        backend = self.plan.backend
+        try:
+            agent.wait_ready(files, self.plan.name, self.plan.boot_timeout, lambda: backend.alive(machine))
+        except AgentError as exc:
+            raise BootError(self.plan.name, f"the VM did not come up: {exc.message}",
+                            hint="the console output below shows how far it got",
+                            output=tail_file(files.console_log, 25)) from exc
+
+    def mark_running(self) -> None:
+        self.registry.update(self.plan.name, lambda r: setattr(r, "phase", "running"))
+
+    # -- undo --------------------------------------------------------------------------------
+
+    def _stop_after_failure(self, files: VMFiles, machine: MachineRef) -> None:
+        try:
+            self.plan.backend.stop(files, machine, 5.0)
+        except StopFailed as exc:  # the VM stays listed (see _forget) so `down` can retry
+            log.warning("%s", exc.message)
+
+    def _forget(self, files: VMFiles) -> None:
+        """Remove the VM dir, unless a machine still runs in it (then `down` must see it)."""
+        if not self.plan.backend.strays(files):
+            self.registry.remove(self.plan.name)
+
+    def _exists_error(self, exc: VMExists) -> VMExists:
+        name = self.plan.name
+        try:
+            record = self.registry.load(name)
+            status = str(status_of(record, self.registry.files(name), backend_for(record, self.runner)))
+        except MvmError:
+            status = "broken"
+        if status in ("running", "starting", "stopping"):
+            hint = f"stop it first (`mvmctl down {name}`) or pick another --name"
+        else:
+            hint = f"it is {status}: inspect it with `mvmctl logs {name}`, then remove it with `mvmctl down {name}`"
+        return VMExists(name, f"a VM named {name!r} already exists ({status})", hint=hint)
+
+
+def up(
+    path: str | os.PathLike[str] = ".",
+    *,
+    flake: str | None = None,
+    nix_args: Sequence[str] = (),
+    name: str | None = None,
+    cpus: int | None = None,
+    memory: int | None = None,
+    ports: Sequence[str | PortForward] = (),
+    env: Mapping[str, str] | Sequence[str] | None = None,
+    volumes: Sequence[str] = (),
+    hypervisor: str = "auto",
+    wait: bool = False,
+    wait_timeout: float = 120.0,
+    boot_timeout: float = BOOT_TIMEOUT,
+    layout: Layout | None = None,
+    backend: Backend | None = None,
+    runner: Runner = DEFAULT_RUNNER,
+    progress: Progress | None = None,
+    image: Image | None = None,
+    shares: Sequence[Share] = (),
+) -> VM:
+    """Build if needed, boot, and return once the guest agent answers (or is healthy).
+
+    ``volumes`` are ``-v`` values (see :mod:`mvm.volumes.attach`); they are all checked
+    before anything is built or created. ``image`` boots an already-built image instead;
+    ``shares`` are host directories the guest can mount live (``mvmctl dev`` shares the
+    project directory this way). ``backend`` replaces the one ``hypervisor`` names.
+    """
+    layout = layout or Layout.default()
+    prog = progress or Quiet()
+    request = UpRequest.parse(name=name, cpus=cpus, memory=memory, ports=ports, env=env, volumes=volumes,
+                              hypervisor=hypervisor, shares=shares)
+    backend = backend or backends.get(request.backend, runner)
+    backend.check_ports(request.forwards)  # before the build: a taken port fails fast
+    planned = volume_attach.plan(request.volumes, layout)
+    if image is None:
+        image, _ = build_image(path, flake=flake, nix_args=nix_args, layout=layout, runner=runner, progress=prog)
+    prog.stage("choosing accelerator")
+    plan = plan_up(request, image, backend, planned, layout, boot_timeout)  # after the build: the KVM probe
+    Launch(plan, layout, runner, prog).run()
+    vm = VM(plan.name, layout, runner)
+    if wait and plan.record.checks:
+        prog.stage("waiting for health checks")
+        try:
+            vm.wait_healthy(wait_timeout)  # a timeout keeps the VM for inspection (the error says so)
+        except KeyboardInterrupt:
+            vm.down()  # Ctrl-C aborts the whole `up`
+            raise
+    return vm
+
+

@@ -1,0 +1,222 @@
+"""The handle on one VM. Cheap to create; every call re-reads the registry."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._proc import DEFAULT_RUNNER, Runner, tail_file
+from ..backends.base import HOTPLUG_FORWARD, PortForward
+from ..errors import AgentError, ExecTimeout, HealthTimeout, UsageError, VMNotRunning
+from ..paths import Layout, VMFiles
+from ..runtime import agent, logs
+from ..runtime.registry import PortRecord, Registry, VMRecord
+from ..runtime.states import VMStatus
+from .machines import backend_for, status_of, vm_info
+from .models import DownResult, ExecResult, GuestStatus, Health, PortInfo, VMDetails, VMInfo
+from .options import parse_env, parse_port
+
+
+@dataclass
+class VM:
+    """A VM in the registry, by name. ``runner`` runs the processes its backend starts."""
+
+    name: str
+    layout: Layout = field(default_factory=Layout.default)
+    runner: Runner = field(default=DEFAULT_RUNNER, repr=False)
+
+    @property
+    def files(self) -> VMFiles:
+        return Registry(self.layout).files(self.name)
+
+    def record(self) -> VMRecord:
+        return Registry(self.layout).load(self.name)
+
+    @property
+    def status(self) -> VMStatus:
+        record = self.record()
+        return status_of(record, self.files, backend_for(record, self.runner))
+
+    def info(self) -> VMInfo:
+        record = self.record()
+        status = status_of(record, self.files, backend_for(record, self.runner))
+        health: Health = "unknown"
+        if status is VMStatus.RUNNING and record.checks:
+            try:
+                health = self.guest_status(timeout=2.0).health
+            except AgentError:
+                pass
+        return vm_info(record, self.files, status, health)
+
+    def details(self) -> VMDetails:
+        """:meth:`info` plus what the guest agent reports while the VM runs."""
+        info = self.info()
+        guest = self.guest_status() if info.status is VMStatus.RUNNING else None
+        if guest is not None and info.checks:
+            info = info.model_copy(update={"health": guest.health})
+        return VMDetails(**info.model_dump(), guest=guest)
+
+    def _require_running(self) -> VMRecord:
+        record = self.record()
+        status = status_of(record, self.files, backend_for(record, self.runner))
+        if status not in (VMStatus.RUNNING, VMStatus.STARTING):
+            raise VMNotRunning(self.name, f"VM {self.name!r} is {status}",
+                               hint=f"see why with `mvmctl logs {self.name}`")
+        return record
+
+    def guest_status(self, timeout: float = 5.0) -> GuestStatus:
+        """Services and health checks, as the guest agent reports them now."""
+        self._require_running()
+        return GuestStatus.from_agent(agent.request(self.files, self.name, "status", timeout=timeout))
+
+    def ping(self, timeout: float = 5.0) -> float:
+        """Seconds one agent round trip took (connection included)."""
+        self._require_running()
+        started = time.monotonic()
+        agent.request(self.files, self.name, "ping", timeout=timeout)
+        return time.monotonic() - started
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        user: str | None = None,
+        env: dict[str, str] | Sequence[str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | Iterable[bytes] | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` in the guest (no shell) and return its exit code and output.
+
+        ``env`` is a mapping or ``KEY=VALUE`` strings. Output is collected unless
+        ``on_output(stream, data)`` is given, which then gets it as it arrives. Raises
+        :class:`ExecTimeout` once ``timeout`` expires (the guest process is killed).
+        """
+        if not argv:
+            raise UsageError("exec needs a command", hint="e.g. mvmctl exec NAME -- uname -a")
+        environment = dict(env) if isinstance(env, dict) else parse_env(list(env or []))
+        self._require_running()
+        out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        request: dict[str, Any] = {"argv": list(argv), "user": user, "env": environment, "cwd": cwd}
+        if timeout:
+            request["timeout"] = timeout
+        with agent.AgentSession(self.files, self.name) as session:
+            session.start("exec", **request)
+            if stdin is not None:
+                # Input goes from its own thread, so output streams while input is still
+                # being sent (and a large input cannot deadlock against unread output).
+                feeder = threading.Thread(target=_feed_stdin, args=(session, stdin), daemon=True)
+                feeder.start()
+            final: dict[str, Any] = {}
+            for msg in session.events():
+                if "event" in msg:
+                    data = base64.b64decode(msg.get("data") or "")
+                    if on_output:
+                        on_output(msg["event"], data)
+                    else:
+                        out.setdefault(msg["event"], []).append(data)
+                else:
+                    final = msg
+        if final.get("timed_out"):
+            raise ExecTimeout(self.name, f"command {list(argv)!r} {final.get('error')}",
+                              hint="raise --timeout if it needs longer")
+        if not final.get("ok") and final.get("exit") == 127:
+            raise AgentError(self.name, str(final.get("error")))
+        return ExecResult(int(final.get("exit", 1)), b"".join(out["stdout"]), b"".join(out["stderr"]))
+
+    def forward(self, port: str | PortForward) -> PortInfo:
+        """Add a host→guest port forward to the running VM and record it."""
+        fwd = parse_port(port) if isinstance(port, str) else port
+        self._require_running()
+        with Registry(self.layout).transaction(self.name) as (files, record):  # one forward at a time
+            for existing in record.ports:
+                if existing.host_port == fwd.host_port and existing.proto == fwd.proto:
+                    raise UsageError(
+                        f"host port {fwd.host_port}/{fwd.proto} is already forwarded to guest port "
+                        f"{existing.guest_port} on {self.name}",
+                        hint="pick another host port",
+                    )
+            backend = backend_for(record, self.runner)
+            if HOTPLUG_FORWARD not in backend.capabilities():
+                raise UsageError(f"the {backend.name} backend cannot add forwards to a running VM",
+                                 hint=f"stop it and `mvmctl up` again with -p {fwd.host_port}:{fwd.guest_port}")
+            assert record.machine is not None  # running
+            backend.forward(files, record.machine.ref, fwd)
+            record.ports.append(PortRecord.of(fwd))
+        return PortInfo(host_ip=fwd.host_ip, host_port=fwd.host_port, guest_port=fwd.guest_port, proto=fwd.proto)
+
+    def wait_healthy(self, timeout: float, on_change: Callable[[GuestStatus], None] | None = None) -> GuestStatus:
+        """Block until every health check is healthy; raise HealthTimeout naming the failures."""
+        deadline = time.monotonic() + timeout
+        last: GuestStatus | None = None
+        while True:
+            status = self.guest_status()
+            if on_change and (last is None or status.checks != last.checks):
+                on_change(status)
+            last = status
+            if all(c.state == "healthy" for c in status.checks):
+                return status
+            if time.monotonic() > deadline:
+                detail = "; ".join(
+                    f"{c.name} is {c.state} (last exit {c.last_exit}"
+                    + (f", output: {c.last_output!r}" if c.last_output else "")
+                    + ")"
+                    for c in status.checks if c.state != "healthy"
+                )
+                raise HealthTimeout(
+                    self.name,
+                    f"not healthy after {timeout:g}s: {detail}",
+                    hint=f"the VM is left running for inspection: `mvmctl logs {self.name}`, "
+                    f"`mvmctl status {self.name}`; stop it with `mvmctl down {self.name}`",
+                    output=tail_file(self.files.console_log, 15),
+                )
+            time.sleep(0.25)
+
+    def logs(
+        self,
+        *,
+        follow: bool = False,
+        lines: int | None = None,
+        console: bool = True,
+        services: bool = True,
+    ) -> Iterator[logs.LogLine]:
+        """The boot console and the guest's service logs and health transitions; with
+        ``follow``, new lines as they come until the VM stops."""
+        self.record()  # VMNotFound for an unknown name
+
+        def running() -> bool:
+            try:
+                return self.status.active
+            except Exception:  # the VM went away while we followed it
+                return False
+
+        return logs.stream(self.files, console=console, services=services, lines=lines, follow=follow,
+                           keep_going=running)
+
+    def console(self, *, user: str | None = None, cwd: str | None = None,
+                env: dict[str, str] | None = None) -> Any:
+        """An interactive shell on a guest pty: see :class:`~mvm._api.console.ConsoleSession`."""
+        from .console import ConsoleSession
+
+        self._require_running()
+        return ConsoleSession(self.files, self.name, user=user, cwd=cwd, env=env or {})
+
+    def down(self, timeout: float | None = None) -> DownResult:
+        from .down import SHUTDOWN_TIMEOUT, down
+
+        return down(self.name, timeout=SHUTDOWN_TIMEOUT if timeout is None else timeout, layout=self.layout,
+                    runner=self.runner)
+
+
+def _feed_stdin(session: agent.AgentSession, stdin: bytes | Iterable[bytes]) -> None:
+    try:
+        for chunk in [stdin] if isinstance(stdin, bytes) else stdin:
+            session.send_stdin(chunk)
+        session.send_input("eof")
+    except (AgentError, OSError):
+        pass  # the command ended (or the VM went away) before it read all its input

@@ -1,0 +1,208 @@
+"""An in-memory backend: no VM, no processes. mvm's answer to httpx's ``MockTransport``.
+
+:class:`FakeBackend` "starts" a machine by serving the guest agent's protocol on the VM's
+control sockets from a thread, so everything above the seam (the orchestration, the
+registry, the real agent client, ``down``'s ladder) runs unchanged in unit tests, in
+milliseconds. Knobs make each backend step fail on demand.
+
+It proves the orchestration's logic, never that a VM works: the end-to-end tests boot QEMU.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import _unixsock
+from ..errors import BootError, PortInUse, StopFailed
+from ..guest import protocol
+from ..paths import VMFiles
+from .base import HOTPLUG_FORWARD, VOLUMES, LaunchSpec, MachineRef, MachineRequest, PortForward, Preflight
+
+#: Fake pids start above the kernel's pid_max (4194304), so no real process ever matches.
+_PIDS = itertools.count(5_000_000)
+
+
+@dataclass
+class FakeMachine:
+    spec: LaunchSpec
+    ref: MachineRef
+    guest: FakeGuest
+    forwards: list[PortForward] = field(default_factory=list)
+    running: bool = True
+
+
+class FakeGuest:
+    """Answers ``ping``, ``status``, ``exec`` (echoes its argv) and ``shutdown`` on every
+    control port, as the guest agent would."""
+
+    def __init__(self, files: VMFiles, spec: LaunchSpec, *, answers: bool, on_shutdown: Any) -> None:
+        self.files = files
+        self.spec = spec
+        self.answers = answers
+        self.on_shutdown = on_shutdown
+        self.requests: list[dict[str, Any]] = []
+        self._listeners: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for i in range(protocol.CONTROL_PORTS):
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with _unixsock.short_path(self.files.control(i)) as path:
+                listener.bind(path)
+            listener.listen()
+            listener.settimeout(0.05)
+            self._listeners.append(listener)
+            thread = threading.Thread(target=self._serve, args=(listener,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        for listener in self._listeners:
+            listener.close()
+        for i in range(protocol.CONTROL_PORTS):
+            self.files.control(i).unlink(missing_ok=True)
+
+    def _serve(self, listener: socket.socket) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(0.05)
+                buf = protocol.LineBuffer()
+                while not self._stop.is_set():
+                    try:
+                        data = conn.recv(65536)
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        break
+                    if not data:
+                        break
+                    for line in buf.feed(data):
+                        self._answer(conn, protocol.decode(line))
+
+    def _answer(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        self.requests.append(msg)
+        if not self.answers:
+            return
+        rid, op = msg.get("id"), msg.get("op")
+
+        def send(reply: dict[str, Any]) -> None:
+            conn.sendall(protocol.encode({"id": rid, **reply}))
+
+        if op == "ping":
+            send({"ok": True, "protocol": protocol.PROTOCOL_VERSION})
+        elif op == "status":
+            send({"ok": True, "uptime": 1.0, "services": {"svc": {"state": "running", "pid": 100, "restarts": 0}},
+                  "health": {"check": {"state": "healthy", "last_exit": 0, "failures": 0}}})
+        elif op == "exec":
+            data = base64.b64encode(" ".join(msg.get("argv") or []).encode() + b"\n").decode()
+            send({"event": "stdout", "data": data})
+            send({"ok": True, "exit": 0})
+        elif op == "shutdown":
+            send({"ok": True})
+            self.on_shutdown()
+        elif op in protocol.STREAM_INPUT:
+            pass
+        else:
+            send({"ok": False, "error": f"unknown op {op!r}"})
+
+
+class FakeBackend:
+    """Machines that exist only in this object. Knobs:
+
+    - ``taken_ports``: host ports ``check_ports`` refuses;
+    - ``fail_preflight`` / ``fail_start``: raise this error from that step;
+    - ``agent_answers=False``: the guest never answers (``up`` times out);
+    - ``unkillable=True``: the machine survives shutdown and ``stop`` (``StopFailed``).
+    """
+
+    name = "fake"
+
+    def __init__(self, *, taken_ports: Sequence[int] = (), fail_preflight: Exception | None = None,
+                 fail_start: Exception | None = None, agent_answers: bool = True, unkillable: bool = False) -> None:
+        self.taken_ports = set(taken_ports)
+        self.fail_preflight = fail_preflight
+        self.fail_start = fail_start
+        self.agent_answers = agent_answers
+        self.unkillable = unkillable
+        self.machines: dict[int, FakeMachine] = {}
+
+    def capabilities(self) -> frozenset[str]:
+        return frozenset({HOTPLUG_FORWARD, VOLUMES})
+
+    def check_ports(self, ports: Sequence[PortForward]) -> None:
+        for fwd in ports:
+            if fwd.host_port in self.taken_ports:
+                raise PortInUse(f"host port {fwd.host_port} is taken (fake)")
+
+    def preflight(self, request: MachineRequest) -> Preflight:
+        if self.fail_preflight is not None:
+            raise self.fail_preflight
+        return Preflight("tcg", "the fake backend emulates nothing")
+
+    def start(self, spec: LaunchSpec) -> MachineRef:
+        if self.fail_start is not None:
+            raise self.fail_start
+        if not spec.kernel.is_file():
+            raise BootError(spec.name, f"no kernel at {spec.kernel}")
+        ref = MachineRef(next(_PIDS), int(time.monotonic()))
+        spec.files.console_log.touch()
+        spec.files.events_log.touch()
+        guest = FakeGuest(spec.files, spec, answers=self.agent_answers,
+                          on_shutdown=lambda: self._power_off(ref.pid))
+        guest.start()
+        self.machines[ref.pid] = FakeMachine(spec, ref, guest)
+        return ref
+
+    def _power_off(self, pid: int) -> None:
+        machine = self.machines[pid]
+        if self.unkillable:
+            return
+        with open(machine.spec.files.events_log, "a") as f:
+            f.write('{"kind":"init","msg":"powering off"}\n')
+        machine.running = False
+        threading.Thread(target=machine.guest.stop, daemon=True).start()
+
+    def alive(self, machine: MachineRef) -> bool:
+        found = self.machines.get(machine.pid)
+        return found is not None and found.running and found.ref == machine
+
+    def strays(self, files: VMFiles) -> list[MachineRef]:
+        return [m.ref for m in self.machines.values() if m.running and m.spec.files.root == files.root]
+
+    def stop(self, files: VMFiles, machine: MachineRef, timeout: float) -> str:
+        found = self.machines.get(machine.pid)
+        if found is None or not found.running:
+            return "gone"
+        if self.unkillable:
+            raise StopFailed(files.root.name, f"fake machine {machine.pid} will not die")
+        found.running = False
+        found.guest.stop()
+        return "quit"
+
+    def forward(self, files: VMFiles, machine: MachineRef, forward: PortForward) -> None:
+        self.check_ports([forward])
+        self.machines[machine.pid].forwards.append(forward)
+
+    def crash(self, machine: MachineRef) -> None:
+        """The machine dies without a word (as QEMU killed by the OOM killer would)."""
+        found = self.machines[machine.pid]
+        found.running = False
+        found.guest.stop()
+

@@ -1,0 +1,34 @@
+"""docs/json.md names every key of every model a ``--json`` prints."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from mvm._api import models
+
+DOC = (Path(__file__).parents[2] / "docs" / "json.md").read_text()
+MODELS = [models.VMInfo, models.VMDetails, models.GuestStatus, models.ServiceStatus, models.CheckStatus,
+          models.PortInfo, models.MountInfo, models.BuildResult, models.VolumeInfo, models.VolumeExport,
+          models.CleanupReport, models.CleanupItem, models.DoctorReport, models.BackendCheck, models.ToolCheck,
+          models.DiskCheck]
+
+
+def keys(model: type[BaseModel]) -> set[str]:
+    names = {f.alias or n for n, f in model.model_fields.items()}
+    return names | set(model.model_computed_fields)
+
+
+def test_every_key_is_documented() -> None:
+    documented = set(re.findall(r"`([a-z_]+)`", DOC)) | set(re.findall(r"\b([a-z_]+)\b", DOC))
+    missing = {m.__name__: sorted(keys(m) - documented) for m in MODELS}
+    assert not {k: v for k, v in missing.items() if v}, f"document these keys in docs/json.md: {missing}"
+
+
+def test_a_dump_has_exactly_the_model_keys() -> None:
+    info = models.VMInfo(name="a", status="running", dir="/x")  # type: ignore[arg-type]
+    assert set(info.model_dump(mode="json")) == keys(models.VMInfo)
+    report = models.CleanupReport(dry_run=True, items=[models.CleanupItem(kind="vm", path="/x", bytes=3, reason="r")])
+    assert report.model_dump(mode="json")["freed_bytes"] == 3

@@ -1,0 +1,228 @@
+"""The orchestration (``mvm._api``), driven through the fake backend: no VM, no QEMU.
+
+The real registry, agent client (over real unix sockets, answered by the fake guest),
+volume code (real mkfs) and undo stack run; only the machine is fake. What a boot really
+does is proven by the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import mvm
+from mvm import backends
+from mvm._api.up import Launch
+from mvm._proc import DEFAULT_RUNNER, Runner
+from mvm.backends.fake import FakeBackend
+from mvm.errors import BootError, PortInUse, StateError, StopFailed, UsageError, VMExists, VMNotFound
+from mvm.images.store import Image, Manifest
+from mvm.paths import Layout
+from mvm.runtime.registry import Registry
+from mvm.spec import GuestSpec, HealthCheck, Service
+from mvm.volumes.store import VolumeStore, volume_id
+
+STEPS = ["reserve", "attach_volumes", "write_boot_config", "start_machine", "wait_for_agent", "mark_running"]
+
+
+@pytest.fixture()
+def layout(tmp_path: Path) -> Layout:
+    return Layout(state=tmp_path / "state", cache=tmp_path / "cache")
+
+
+@pytest.fixture()
+def fake() -> Iterator[FakeBackend]:
+    backend = FakeBackend()
+    backends.register("fake", lambda runner: backend)
+    yield backend
+    for machine in backend.machines.values():
+        if machine.running:
+            machine.guest.stop()
+    backends.unregister("fake")
+
+
+@pytest.fixture()
+def image(tmp_path: Path) -> Image:
+    path = tmp_path / "image"
+    path.mkdir()
+    for name in ("vmlinux", "initrd", "rootfs.ext4"):
+        (path / name).write_bytes(b"x")
+    guest = GuestSpec(name="web", services={"svc": Service(command="true")},
+                      health_checks={"check": HealthCheck(health_cmd="true")})
+    return Image(path, Manifest(key="k" * 32, name="web", frontend="toml", source={"path": "/x/mvm.toml"},
+                                guest=guest))
+
+
+def _up(layout: Layout, fake: FakeBackend, image: Image, **kwargs: object) -> mvm.VM:
+    return mvm.up(image=image, layout=layout, backend=fake, boot_timeout=5, **kwargs)  # type: ignore[arg-type]
+
+
+def _nothing_left(layout: Layout, fake: FakeBackend) -> None:
+    assert not (layout.vms.exists() and list(layout.vms.iterdir())), "a VM dir was left behind"
+    assert not [m for m in fake.machines.values() if m.running], "a machine was left running"
+    assert mvm.ls(layout=layout) == []
+
+
+def test_up_forward_exec_down(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    vm = _up(layout, fake, image, ports=["18080:8080"], env=["MODE=test"], cpus=2)
+    info = vm.info()
+    assert info.status is mvm.VMStatus.RUNNING and info.health == "healthy"
+    assert (info.name, info.backend, info.accel, info.cpus, info.memory) == ("web", "fake", "tcg", 2, 512)
+    assert [str(p) for p in info.ports] == ["127.0.0.1:18080->8080/tcp"] and info.env_keys == ["MODE"]
+    config = json.loads(vm.files.config_disk.read_bytes().rstrip(b"\0"))
+    assert config["env"] == {"MODE": "test"} and config["vm"] == "web"
+
+    added = vm.forward("19090:9090")
+    (machine,) = fake.machines.values()
+    assert machine.forwards == [mvm.backends.base.PortForward(19090, 9090)]  # type: ignore[attr-defined]
+    assert [p.host_port for p in vm.info().ports] == [18080, 19090] and added.guest_port == 9090
+    with pytest.raises(UsageError, match="already forwarded"):
+        vm.forward("19090:9091")
+
+    result = vm.exec(["echo", "hi"])
+    assert (result.exit_code, result.stdout) == (0, b"echo hi\n")
+    assert vm.guest_status().health == "healthy"
+
+    assert vm.down().how == "stopped by the guest"
+    _nothing_left(layout, fake)
+    with pytest.raises(VMNotFound):
+        mvm.down("web", layout=layout)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_failure_at_any_step_of_up_leaves_nothing(step: str, layout: Layout, fake: FakeBackend, image: Image,
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = getattr(Launch, step)
+
+    def fail_after(self: Launch, *args: object) -> object:
+        original(self, *args)
+        raise RuntimeError(f"injected after {step}")
+
+    monkeypatch.setattr(Launch, step, fail_after)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(RuntimeError, match="injected"):
+        _up(layout, fake, image, volumes=[f"{tmp_path}/data:/mnt/data:16"])
+    _nothing_left(layout, fake)
+    store = VolumeStore(layout)
+    vid = volume_id(tmp_path / "data")
+    assert store.holder(vid) is None
+    store.lock(vid, "test").release()  # the volume's lock is free again
+
+
+def test_ctrl_c_while_booting_leaves_nothing(layout: Layout, fake: FakeBackend, image: Image,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupt(self: Launch, *args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Launch, "wait_for_agent", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _up(layout, fake, image)
+    _nothing_left(layout, fake)
+
+
+def test_a_guest_that_never_answers_is_a_boot_error(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    fake.agent_answers = False
+    with pytest.raises(BootError, match="did not come up"):
+        mvm.up(image=image, layout=layout, backend=fake, boot_timeout=0.5)
+    _nothing_left(layout, fake)
+
+
+def test_checks_before_the_build_and_the_preflight_create_nothing(layout: Layout, fake: FakeBackend,
+                                                                  image: Image) -> None:
+    fake.taken_ports = {18080}
+    with pytest.raises(PortInUse):
+        _up(layout, fake, image, ports=["18080:8080"])
+    fake.fail_preflight = UsageError("KVM is not usable here")
+    with pytest.raises(UsageError, match="KVM"):
+        _up(layout, fake, image)
+    with pytest.raises(UsageError, match="--cpus 0"):
+        _up(layout, fake, image, cpus=0)
+    with pytest.raises(UsageError, match="unknown hypervisor"):
+        _up(layout, fake, image, hypervisor="xen")
+    _nothing_left(layout, fake)
+
+
+def test_two_ups_of_one_name(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    vm = _up(layout, fake, image)
+    with pytest.raises(VMExists, match=r"already exists \(running\)") as exc:
+        _up(layout, fake, image)
+    assert "mvmctl down web" in (exc.value.hint or "")
+    assert len([m for m in fake.machines.values() if m.running]) == 1
+    vm.down()
+
+
+def test_down_of_a_machine_that_will_not_die_keeps_the_vm(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    vm = _up(layout, fake, image)
+    fake.unkillable = True
+    with pytest.raises(StopFailed):
+        mvm.down("web", layout=layout, timeout=0.2)
+    (row,) = mvm.ls(layout=layout)
+    assert row.name == "web" and row.status is mvm.VMStatus.STOPPING  # still listed: down can be retried
+    fake.unkillable = False
+    assert mvm.down("web", layout=layout).how == "stopped by the guest"
+    _nothing_left(layout, fake)
+    del vm
+
+
+def test_status_follows_the_machine(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    vm = _up(layout, fake, image)
+    (machine,) = fake.machines.values()
+    fake.crash(machine.ref)
+    info = vm.info()
+    assert info.status is mvm.VMStatus.CRASHED and info.pid is None and info.exit_reason
+    assert mvm.down("web", layout=layout).how == "not running"
+
+    vm = _up(layout, fake, image)
+    vm.exec(["true"])
+    (machine,) = [m for m in fake.machines.values() if m.running]
+    fake._power_off(machine.ref.pid)  # the guest powers itself off
+    assert vm.status is mvm.VMStatus.EXITED and vm.info().exit_reason == "powered off"
+    vm.down()
+
+
+def test_backend_for_uses_the_recorded_backend_and_passes_the_runner_on(layout: Layout, image: Image) -> None:
+    given: list[Runner] = []
+    backend = FakeBackend()
+
+    def factory(runner: Runner) -> FakeBackend:
+        given.append(runner)
+        return backend
+
+    backends.register("fake", factory)
+    marker: Runner = DEFAULT_RUNNER.__class__()
+    try:
+        vm = mvm.up(image=image, layout=layout, backend=backend, runner=marker, boot_timeout=5)
+        vm.forward("19191:80")
+        vm.down()
+    finally:
+        backends.unregister("fake")
+    assert given and all(r is marker for r in given)
+
+
+def test_unreadable_and_old_state_is_reported_not_crashed_on(layout: Layout, fake: FakeBackend) -> None:
+    registry = Registry(layout)
+    for name, text in (("junk", "{not json"), ("old", json.dumps({"schema_version": 1, "name": "old"}))):
+        (layout.vms / name).mkdir(parents=True)
+        (layout.vms / name / "vm.json").write_text(text)
+    rows = {row.name: row for row in mvm.ls(layout=layout)}
+    assert rows["junk"].status is mvm.VMStatus.BROKEN and "unreadable" in (rows["junk"].error or "")
+    assert "schema_version 1" in (rows["old"].error or "")
+    with pytest.raises(StateError) as exc:
+        registry.load("old")
+    assert "mvmctl down old" in (exc.value.hint or "")
+    assert mvm.down("junk", layout=layout).how == "not running"
+    assert mvm.cleanup(layout).items[0].reason == "VM old is broken"
+    assert mvm.ls(layout=layout) == []
+
+
+def test_vm_json_is_private_and_written_atomically(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    vm = _up(layout, fake, image)
+    mode = os.stat(vm.files.state).st_mode & 0o777
+    assert mode == 0o600 and os.stat(vm.files.root).st_mode & 0o777 == 0o700
+    assert not [p for p in vm.files.root.iterdir() if p.name.startswith(".vm.json")]
+    assert json.loads(vm.files.state.read_text())["schema_version"] == 2
+    vm.down()
