@@ -14,6 +14,7 @@ APT_PACKAGES=(
   nix-bin                      # the Nix front end (mkGuest flakes), offline
   patchelf git                 # the Nix tests' nixpkgs stand-in wraps host programs; flakes are git trees
   qemu-system-common           # virtiofsd: mvmctl dev shares the project with its dev VM
+  skopeo umoci                 # the KubeVirt export's tests read its OCI layout with standard tools
   curl ca-certificates python3-venv
 )
 

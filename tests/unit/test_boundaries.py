@@ -6,7 +6,7 @@ below it, never one above):
     cli            mvm.cli.*, mvm.__main__          Typer/Rich; imports only `mvm` and mvm.cli
     public         mvm (the package's __init__)      the API users import
     orchestration  mvm._api.*                        sequences spec -> image -> backend -> registry
-    runtime        mvm.runtime.*, mvm.volumes.*, mvm.images.*
+    runtime        mvm.runtime.*, mvm.volumes.*, mvm.images.*, mvm.export.*
     backends       mvm.backends.*                    own the machine; never import runtime
     leaf           mvm._proc, _atomic, _unixsock, errors, paths, names, spec, guest.protocol
 
@@ -41,7 +41,8 @@ def layer(module: str) -> str:
         return "public"
     top = module.split(".")[1]
     return {"cli": "cli", "__main__": "cli", "_api": "orchestration", "runtime": "runtime", "volumes": "runtime",
-            "images": "runtime", "backends": "backends", "guest": "guest"}.get(top, f"UNPLACED {module}")
+            "images": "runtime", "export": "runtime", "backends": "backends",
+            "guest": "guest"}.get(top, f"UNPLACED {module}")
 
 
 def _exists(module: str) -> bool:
@@ -144,3 +145,18 @@ def test_images_initrd_is_standalone() -> None:
 def test_no_module_is_over_400_lines() -> None:
     long = {module_name(p): n for p in sources() if (n := len(p.read_text().splitlines())) > 450}
     assert not long, f"split these modules: {long}"
+
+
+def test_export_imports_only_leaves() -> None:
+    """mvm.export reads image dirs and writes files: it uses errors, _proc and _atomic and
+    never the orchestration layer, the runtime or the backends, so _api can call it."""
+    third_party = {"yaml", "jsonschema", "referencing"}
+    for path in (SRC / "export").glob("*.py"):
+        for name in imports(path):
+            if name.startswith("mvm"):
+                assert name.startswith("mvm.export") or name in {"mvm.errors", "mvm._proc", "mvm._atomic"}, \
+                    f"{path.name} imports {name}"
+            else:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or top in third_party or name == "__future__", \
+                    f"{path.name} imports {name}"

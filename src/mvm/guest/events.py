@@ -3,6 +3,11 @@
 Events go, one JSON object per line, to the ``org.mvm.events`` virtio-serial port, which
 the host backs with a plain file (``events.log`` in the VM's runtime dir). So logs need no
 daemon on the host and survive the VM. A single writer thread keeps lines whole.
+
+A standalone guest (KubeVirt: no mvm host, no event port) writes the same events to the
+serial console instead, one readable line each, in the format of ``mvmctl logs``
+(``12:00:01.250 hello | GET / 200``, ``12:00:02.000 [health hello] healthy (exit 0)``):
+the console is what ``kubectl logs`` and ``virtctl console`` show.
 """
 
 from __future__ import annotations
@@ -21,23 +26,75 @@ if TYPE_CHECKING:
 
 from .protocol import write_all
 
+CONSOLE_OUTPUT_LIMIT = 300
+
+
+def _one_line(text: str) -> str:
+    """Printable on a terminal, on one line: no control characters or escape sequences."""
+    text = text.replace("\r\n", "\n").replace("\n", " / ")
+    return "".join(ch if ch.isprintable() or ch == "\t" else "?" for ch in text)
+
+
+def format_console(event: dict[str, Any]) -> str | None:
+    """One console line for an event (mirrors ``mvm.runtime.logs.format_event``), or None
+    for kinds the console does not show. Times are the guest's clock, UTC."""
+    t = event.get("t")
+    ts = "--:--:--.---"
+    if isinstance(t, (int, float)):
+        ts = time.strftime("%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}"
+    kind = event.get("kind")
+    if kind == "log":
+        stream = event.get("stream", "stdout")
+        svc = event.get("svc", "?")
+        tag = svc if stream in ("stdout", "stderr") else f"{svc} {stream}"
+        return _one_line(f"{ts} {tag} | {event.get('line', '')}")
+    if kind == "service":
+        detail = [f"{key} {event[key]}" for key in ("pid", "exit", "delay", "reason") if event.get(key) is not None]
+        suffix = f" ({', '.join(detail)})" if detail else ""
+        return _one_line(f"{ts} [service {event.get('svc')}] {event.get('state')}{suffix}")
+    if kind == "health":
+        output = str(event.get("output") or "")[-CONSOLE_OUTPUT_LIMIT:]
+        out = f": {output}" if output else ""
+        return _one_line(f"{ts} [health {event.get('check')}] {event.get('state')} (exit {event.get('exit')}){out}")
+    if kind == "init":
+        return _one_line(f"{ts} [init] {event.get('msg')}")
+    return None
+
+
+def open_console(path: str = "/dev/console") -> int:
+    """A write descriptor for the console; stderr (PID 1's is the console) if it won't open."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_NOCTTY)
+    except OSError:
+        return 2
+
 
 class EventLog:
-    def __init__(self, path: str | None) -> None:
+    """``path``: the event port (JSON lines). ``console``: a descriptor that gets each
+    event as a readable line (standalone mode); it replaces the JSON fallback on stderr
+    that a guest without an event port otherwise writes."""
+
+    def __init__(self, path: str | None, console: int | None = None) -> None:
         self._fd: int | None = None
+        self._console = console
         if path:
             try:
                 self._fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
             except OSError as exc:
                 print(f"mvm-init: cannot open event port {path}: {exc}", file=sys.stderr)
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        # (data, for the console?) or None, which marks a flush
+        self._queue: queue.SimpleQueue[tuple[bytes, bool] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._drain, name="events", daemon=True)
         self._thread.start()
 
     def emit(self, kind: str, **fields: Any) -> None:
         # t: wall clock (for people); up: seconds since boot (for boot timelines)
         event = {"t": round(time.time(), 3), "up": round(time.monotonic(), 3), "kind": kind, **fields}
-        self._queue.put(json.dumps(event, separators=(",", ":")).encode() + b"\n")
+        self._queue.put((json.dumps(event, separators=(",", ":")).encode() + b"\n", False))
+        if self._console is not None:
+            line = format_console(event)
+            if line is not None:
+                self._queue.put(((line + "\n").encode(errors="replace"), True))
 
     def log(self, svc: str, stream: str, line: str) -> None:
         self.emit("log", svc=svc, stream=stream, line=line)
@@ -56,11 +113,19 @@ class EventLog:
                 if flushed is not None:
                     flushed.set()
                 continue
-            if self._fd is None:
-                sys.stderr.buffer.write(item)
-                sys.stderr.flush()
+            data, for_console = item
+            if for_console:
+                fd: int | None = self._console
+            elif self._fd is None:
+                if self._console is None:
+                    sys.stderr.buffer.write(data)
+                    sys.stderr.flush()
+                continue
+            else:
+                fd = self._fd
+            if fd is None:
                 continue
             try:
-                write_all(self._fd, item)
+                write_all(fd, data)
             except OSError:
                 pass

@@ -5,6 +5,13 @@ Boot order is chosen for time to first service: API filesystems, the guest model
 serial ``mvm-config``), network, volumes, then services. Health checks, the control channel
 and the power button come up while the services start.
 
+Standalone mode (``mvm.standalone=1`` on the kernel command line, or no config disk): the
+guest runs without an mvm host, e.g. under KubeVirt. Per-boot settings come from the
+kernel command line (``cmdline.py``), the network from DHCP (``dhcp.py``, in the
+background, retried until it succeeds), and service logs and health transitions go to the
+serial console as readable lines. Services, health checks and the power button work as
+under ``mvmctl up``; with no agent channel there is no exec or console.
+
 Shutdown (agent request, SIGTERM/SIGINT, or the ACPI power button): services get TERM, then
 KILL after a grace period, everything is synced and unmounted, and the VM powers off.
 """
@@ -21,8 +28,8 @@ import time
 
 TYPE_CHECKING = False  # not `from typing`: importing typing costs ~35 ms at boot under TCG
 
-from . import protocol, system
-from .events import EventLog
+from . import cmdline, protocol, system
+from .events import EventLog, open_console
 from .reaper import Reaper
 from .signals import SignalDispatcher
 from .supervisor import DEFAULT_PATH, Identity, Supervisor
@@ -42,14 +49,24 @@ def say(msg: str) -> None:
     print(f"mvm-init: {msg}", flush=True)
 
 
-def read_runtime_config() -> dict[str, Any]:
+def read_runtime_config() -> dict[str, Any] | None:
+    """The config disk's document; None if there is no config disk (standalone)."""
     disks = system.wait_for_disks([protocol.CONFIG_DISK_SERIAL], timeout=2.0)
     dev = disks.get(protocol.CONFIG_DISK_SERIAL)
     if dev is None:
-        return {}
+        return None
     with open(dev, "rb") as f:
         raw = f.read(protocol.CONFIG_DISK_BYTES).split(b"\0", 1)[0]
     return json.loads(raw) if raw.strip() else {}
+
+
+def standalone_runtime(settings: dict[str, Any]) -> dict[str, Any]:
+    """The runtime config of a guest without an mvm host: what the kernel command line
+    says (``mvm.hostname``, ``mvm.env.*``); no volumes."""
+    runtime: dict[str, Any] = {"env": dict(settings.get("env") or {})}
+    if settings.get("vm"):
+        runtime["vm"] = settings["vm"]
+    return runtime
 
 
 def mount_volumes(volumes: list[dict[str, Any]], owner: Identity | None) -> list[str]:
@@ -100,18 +117,27 @@ class Init:
         self.health: HealthMonitor | None = None  # started after the services
         self.events: EventLog | None = None
         self.guest: dict[str, Any] = {}
+        self.standalone = False
 
     def boot(self) -> None:
         system.mount_early()
         with open(GUEST_JSON) as f:
             self.guest = json.load(f)
-        try:
-            runtime = read_runtime_config()
-        except (OSError, ValueError) as exc:
-            say(f"runtime config unreadable, booting without it: {exc}")
-            runtime = {}
+        settings = cmdline.settings(cmdline.read())
+        runtime: dict[str, Any] | None = None
+        if not settings["standalone"]:  # told so: do not wait for a config disk
+            try:
+                runtime = read_runtime_config()
+            except (OSError, ValueError) as exc:
+                say(f"runtime config unreadable, booting without it: {exc}")
+                runtime = {}
+        self.standalone = runtime is None
+        if runtime is None:
+            runtime = standalone_runtime(settings)
+            say("standalone: no mvm host; network by DHCP, logs on the console")
         ports = system.virtio_ports()
-        self.events = events = EventLog(ports.get(protocol.EVENT_PORT))
+        console = open_console() if self.standalone else None
+        self.events = events = EventLog(ports.get(protocol.EVENT_PORT), console=console)
         # the spec's hostname, else the VM's name (`up --name`), else the spec's name
         hostname = self.guest.get("hostname") or runtime.get("vm") or self.guest.get("name")
         if hostname:
@@ -138,12 +164,15 @@ class Init:
         events.emit("init", msg="services started", **self.marks)
         # Everything below overlaps with the services' own start-up. The network can come
         # up after a service binds 0.0.0.0: forwarded connections only arrive once it is up.
-        from . import net
+        if self.standalone:
+            threading.Thread(target=self._dhcp_network, name="dhcp", daemon=True).start()
+        else:
+            from . import net
 
-        try:
-            net.configure_network("10.0.2.15", "255.255.255.0", "10.0.2.2", "10.0.2.3")
-        except OSError as exc:
-            events.emit("init", msg=f"network set-up failed: {exc}")
+            try:
+                net.configure_network("10.0.2.15", "255.255.255.0", "10.0.2.2", "10.0.2.3")
+            except OSError as exc:
+                events.emit("init", msg=f"network set-up failed: {exc}")
         from .control import ControlServer
         from .health import HealthMonitor
 
@@ -173,6 +202,55 @@ class Init:
         uptime = _uptime()
         events.emit("init", msg="ready", uptime=uptime)
         say(f"ready after {uptime:.2f}s uptime ({len(services)} services)")
+
+    def _dhcp_network(self) -> None:
+        """Standalone: bring up the first interface and keep a DHCP lease on it, for ever.
+        A service bound to 0.0.0.0 gets traffic as soon as the address is set."""
+        from . import dhcp, net
+
+        events = self.events
+        assert events is not None
+        stopping = threading.Event()
+        try:
+            net.link_up("lo")
+            ifaces = net.interfaces()
+            if not ifaces:
+                events.emit("init", msg="network: no interface")
+                return
+            ifname = ifaces[0]
+            net.link_up(ifname)
+            client = dhcp.Client(dhcp.UdpTransport(ifname), net.mac_address(ifname))
+        except OSError as exc:
+            events.emit("init", msg=f"network set-up failed: {exc}")
+            return
+
+        def apply(lease: dhcp.Lease) -> None:
+            net.configure_lease(ifname, lease.address, lease.netmask, lease.router, lease.dns, lease.search,
+                                lease.mtu)
+
+        delay = 1.0
+        while True:
+            try:
+                lease = client.acquire()
+                apply(lease)
+                break
+            except OSError as exc:
+                events.emit("init", msg=f"network: DHCP on {ifname} failed: {exc}; retrying in {delay:g}s")
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        events.emit("init", msg=f"network: {ifname} {lease.describe()}")
+        say(f"network: {ifname} {lease.describe()}")
+
+        def report(msg: str) -> None:
+            events.emit("init", msg=f"network: {msg}")
+
+        def apply_quietly(new: dhcp.Lease) -> None:
+            try:
+                apply(new)
+            except OSError as exc:
+                report(f"applying the new lease failed: {exc}")
+
+        dhcp.keep_lease(client, lease, apply=apply_quietly, report=report, sleep=stopping.wait)
 
     def status(self) -> dict[str, Any]:
         return {
