@@ -22,6 +22,7 @@ The CLI renders them and maps them to exit codes in exactly one place (``mvm.cli
         ├── AgentError       the control channel failed or the guest refused a request
         │   └── AgentTimeout
         ├── HealthTimeout    `up --wait` gave up (check output attached)
+        ├── ServiceFailed    a service failed for good while `up --wait` waited (its log attached)
         ├── ExecTimeout      `exec --timeout` expired and the guest process was killed
         └── StopFailed       the VM's process survived every way of stopping it
 """
@@ -127,6 +128,10 @@ class HealthTimeout(VMError):
     reference = "health-timeout"
 
 
+class ServiceFailed(VMError):
+    reference = "service-failed"
+
+
 class ExecTimeout(VMError):
     reference = "exec-timeout"
 
@@ -145,6 +150,7 @@ __all__ = [
     "HealthTimeout",
     "MvmError",
     "PortInUse",
+    "ServiceFailed",
     "SpecError",
     "StateError",
     "StopFailed",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,16 @@ from mvm import backends
 from mvm._api.up import Launch
 from mvm._proc import DEFAULT_RUNNER, Runner
 from mvm.backends.fake import FakeBackend
-from mvm.errors import BootError, PortInUse, StateError, StopFailed, UsageError, VMExists, VMNotFound
+from mvm.errors import (
+    BootError,
+    PortInUse,
+    ServiceFailed,
+    StateError,
+    StopFailed,
+    UsageError,
+    VMExists,
+    VMNotFound,
+)
 from mvm.images.store import Image, Manifest
 from mvm.paths import Layout
 from mvm.runtime.registry import Registry
@@ -144,6 +154,20 @@ def test_checks_before_the_build_and_the_preflight_create_nothing(layout: Layout
     with pytest.raises(UsageError, match="unknown hypervisor"):
         _up(layout, fake, image, hypervisor="xen")
     _nothing_left(layout, fake)
+
+
+def test_wait_fails_fast_when_a_service_failed_for_good(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    fake.status["services"] = {"svc": {"state": "failed", "restarts": 0, "last_exit": 1,
+                                       "reason": "preStart exited with 1"}}
+    fake.status["health"] = {"check": {"state": "starting", "failures": 0}}
+    started = time.monotonic()
+    with pytest.raises(ServiceFailed, match="service svc failed: preStart exited with 1") as exc:
+        _up(layout, fake, image, wait=True, wait_timeout=60)
+    assert time.monotonic() - started < 10 and "left running" in (exc.value.hint or "")
+    fake.status["services"] = {"svc": {"state": "backoff", "restarts": 7, "last_exit": 2}}
+    with pytest.raises(ServiceFailed, match="keeps failing: crash-looping"):
+        mvm.get("web", layout=layout).wait_healthy(60)
+    mvm.down("web", layout=layout)
 
 
 def test_two_ups_of_one_name(layout: Layout, fake: FakeBackend, image: Image) -> None:

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, computed_field
 from ..runtime.states import VMStatus
 from ..spec import GuestSpec
 
+#: A service restarted this often, and backing off again, is crash-looping.
+CRASH_LOOP_RESTARTS = 5
 #: One word for all of a VM's health checks: the worst state wins.
 Health = Literal["healthy", "unhealthy", "starting", "none", "unknown"]
 
@@ -79,6 +81,12 @@ class ServiceStatus(_Model):
     uptime: float | None = None
     user: str | None = None
     restart: str | None = None
+    reason: str | None = None  #: why it failed
+
+    @property
+    def failing(self) -> bool:
+        """Failed for good, or crash-looping (restarted again and again, backing off)."""
+        return self.state == "failed" or (self.state == "backoff" and self.restarts >= CRASH_LOOP_RESTARTS)
 
 
 class CheckStatus(_Model):

@@ -11,7 +11,7 @@ from typing import Any
 
 from .._proc import DEFAULT_RUNNER, Runner, tail_file
 from ..backends.base import HOTPLUG_FORWARD, PortForward
-from ..errors import AgentError, ExecTimeout, HealthTimeout, UsageError, VMNotRunning
+from ..errors import AgentError, ExecTimeout, HealthTimeout, ServiceFailed, UsageError, VMNotRunning
 from ..paths import Layout, VMFiles
 from ..runtime import agent, logs
 from ..runtime.registry import PortRecord, Registry, VMRecord
@@ -93,6 +93,8 @@ class VM:
     ) -> ExecResult:
         """Run ``argv`` in the guest (no shell) and return its exit code and output.
 
+        Exit codes follow the shell: 127 when the command cannot be started, 128+N when a
+        signal N killed it. Without ``stdin`` the command reads end of input at once.
         ``env`` is a mapping or ``KEY=VALUE`` strings. Output is collected unless
         ``on_output(stream, data)`` is given, which then gets it as it arrives. Raises
         :class:`ExecTimeout` once ``timeout`` expires (the guest process is killed).
@@ -107,7 +109,9 @@ class VM:
             request["timeout"] = timeout
         with agent.AgentSession(self.files, self.name) as session:
             session.start("exec", **request)
-            if stdin is not None:
+            if stdin is None:
+                session.send_input("eof")  # as `docker exec` without -i: the command reads end of input
+            else:
                 # Input goes from its own thread, so output streams while input is still
                 # being sent (and a large input cannot deadlock against unread output).
                 feeder = threading.Thread(target=_feed_stdin, args=(session, stdin), daemon=True)
@@ -125,9 +129,16 @@ class VM:
         if final.get("timed_out"):
             raise ExecTimeout(self.name, f"command {list(argv)!r} {final.get('error')}",
                               hint="raise --timeout if it needs longer")
-        if not final.get("ok") and final.get("exit") == 127:
-            raise AgentError(self.name, str(final.get("error")))
-        return ExecResult(int(final.get("exit", 1)), b"".join(out["stdout"]), b"".join(out["stderr"]))
+        code = int(final.get("exit", 1))
+        if not final.get("ok") and code == 127:  # it could not start (not found, not executable)
+            message = f"mvm exec: {final.get('error')}\n".encode()
+            if on_output:
+                on_output("stderr", message)
+            else:
+                out["stderr"].append(message)
+        if code < 0:  # killed by signal N: 128+N, as a shell reports it
+            code = 128 - code
+        return ExecResult(code, b"".join(out["stdout"]), b"".join(out["stderr"]))
 
     def forward(self, port: str | PortForward) -> PortInfo:
         """Add a host→guest port forward to the running VM and record it."""
@@ -151,7 +162,8 @@ class VM:
         return PortInfo(host_ip=fwd.host_ip, host_port=fwd.host_port, guest_port=fwd.guest_port, proto=fwd.proto)
 
     def wait_healthy(self, timeout: float, on_change: Callable[[GuestStatus], None] | None = None) -> GuestStatus:
-        """Block until every health check is healthy; raise HealthTimeout naming the failures."""
+        """Block until every health check is healthy. Raise ServiceFailed as soon as a service
+        fails for good (or crash-loops), HealthTimeout naming the checks when time runs out."""
         deadline = time.monotonic() + timeout
         last: GuestStatus | None = None
         while True:
@@ -161,6 +173,16 @@ class VM:
             last = status
             if all(c.state == "healthy" for c in status.checks):
                 return status
+            failing = [svc for svc in status.services if svc.failing]
+            if failing:  # no health will come: say why now, not after the whole timeout
+                svc = failing[0]
+                why = svc.reason if svc.state == "failed" else f"crash-looping ({svc.restarts} restarts)"
+                raise ServiceFailed(
+                    self.name, f"service {svc.name} {'failed' if svc.state == 'failed' else 'keeps failing'}: {why}",
+                    hint=f"the VM is left running for inspection: `mvmctl logs {self.name}`; "
+                    f"stop it with `mvmctl down {self.name}`",
+                    output=logs.service_tail(self.files, svc.name),
+                )
             if time.monotonic() > deadline:
                 detail = "; ".join(
                     f"{c.name} is {c.state} (last exit {c.last_exit}"

@@ -42,10 +42,12 @@ class FakeGuest:
     """Answers ``ping``, ``status``, ``exec`` (echoes its argv) and ``shutdown`` on every
     control port, as the guest agent would."""
 
-    def __init__(self, files: VMFiles, spec: LaunchSpec, *, answers: bool, on_shutdown: Any) -> None:
+    def __init__(self, files: VMFiles, spec: LaunchSpec, *, answers: bool, on_shutdown: Any,
+                 status: dict[str, Any]) -> None:
         self.files = files
         self.spec = spec
         self.answers = answers
+        self.status = status
         self.on_shutdown = on_shutdown
         self.requests: list[dict[str, Any]] = []
         self._listeners: list[socket.socket] = []
@@ -108,8 +110,7 @@ class FakeGuest:
         if op == "ping":
             send({"ok": True, "protocol": protocol.PROTOCOL_VERSION})
         elif op == "status":
-            send({"ok": True, "uptime": 1.0, "services": {"svc": {"state": "running", "pid": 100, "restarts": 0}},
-                  "health": {"check": {"state": "healthy", "last_exit": 0, "failures": 0}}})
+            send({"ok": True, **self.status})
         elif op == "exec":
             data = base64.b64encode(" ".join(msg.get("argv") or []).encode() + b"\n").decode()
             send({"event": "stdout", "data": data})
@@ -129,7 +130,8 @@ class FakeBackend:
     - ``taken_ports``: host ports ``check_ports`` refuses;
     - ``fail_preflight`` / ``fail_start``: raise this error from that step;
     - ``agent_answers=False``: the guest never answers (``up`` times out);
-    - ``unkillable=True``: the machine survives shutdown and ``stop`` (``StopFailed``).
+    - ``unkillable=True``: the machine survives shutdown and ``stop`` (``StopFailed``);
+    - ``status``: what the guest agent reports (services and health checks).
     """
 
     name = "fake"
@@ -142,6 +144,11 @@ class FakeBackend:
         self.agent_answers = agent_answers
         self.unkillable = unkillable
         self.machines: dict[int, FakeMachine] = {}
+        self.status: dict[str, Any] = {
+            "uptime": 1.0,
+            "services": {"svc": {"state": "running", "pid": 100, "restarts": 0}},
+            "health": {"check": {"state": "healthy", "last_exit": 0, "failures": 0}},
+        }
 
     def capabilities(self) -> frozenset[str]:
         return frozenset({HOTPLUG_FORWARD, VOLUMES})
@@ -165,7 +172,7 @@ class FakeBackend:
         spec.files.console_log.touch()
         spec.files.events_log.touch()
         guest = FakeGuest(spec.files, spec, answers=self.agent_answers,
-                          on_shutdown=lambda: self._power_off(ref.pid))
+                          on_shutdown=lambda: self._power_off(ref.pid), status=self.status)
         guest.start()
         self.machines[ref.pid] = FakeMachine(spec, ref, guest)
         return ref

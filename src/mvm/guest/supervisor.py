@@ -123,6 +123,7 @@ class Service:
         self.pid: int | None = None
         self.restarts = 0
         self.last_exit: int | None = None
+        self.reason: str | None = None  # why it failed, when it did
         self.started_at: float | None = None
         self.started = threading.Event()
         self.child: Exit | None = None
@@ -140,10 +141,13 @@ class Service:
             "uptime": uptime,
             "user": self.spec.get("user", "mvm"),
             "restart": self.spec.get("restart", "always"),
+            "reason": self.reason,
         }
 
     def _set_state(self, state: str, **extra: Any) -> None:
         self.state = state
+        if state == "failed":
+            self.reason = extra.get("reason") or f"exited with {extra.get('exit')}"
         self.sup.events.emit("service", svc=self.name, state=state, **extra)
 
     def _env(self, identity: Identity) -> dict[str, str]:

@@ -72,6 +72,14 @@ def read_events(files: VMFiles) -> list[dict[str, Any]]:
         return []
 
 
+def service_tail(files: VMFiles, service: str, lines: int = 15) -> str:
+    """The last output lines of one service (preStart included): the cause of its failure."""
+    out = [line.text for ev in read_events(files)
+           if ev.get("svc") == service and ev.get("kind") in ("log", "service")
+           and (line := format_event(ev)) is not None]
+    return "\n".join(out[-lines:])
+
+
 class _Tail:
     """Incremental reader of a growing file, yielding complete lines."""
 

@@ -37,7 +37,11 @@ def exec_(
     """Run a command inside a running VM and pass its exit code through.
 
     The argv is sent as a list (no shell on the host or in the guest); use `sh -c '...'`
-    for shell syntax. stdout and stderr are streamed as they are produced.
+    for shell syntax. stdout and stderr are streamed as they are produced. Without -i the
+    command's stdin is empty (it reads end of input at once).
+
+    Exit code: the command's own, as a shell reports it: 127 if it cannot be started (not
+    found), 128+N if signal N killed it, 124 if --timeout killed it.
 
     
     Examples:
