@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     )
     from ._api.up import up
     from ._api.vm import VM
-    from ._api.volumes import volume_export, volume_ls, volume_rm
+    from ._api.volumes import volume_export, volume_info, volume_ls, volume_rm
     from .runtime.logs import LogLine
     from .runtime.states import VMStatus
     from .spec import GuestSpec, HealthCheck, Service, load_toml
@@ -58,7 +58,8 @@ _LAZY = {
     "build": "._api.build", "up": "._api.up", "down": "._api.down", "get": "._api.listing",
     "ls": "._api.listing", "cleanup": "._api.cleanup", "doctor": "._api.doctor", "VM": "._api.vm",
     "ConsoleSession": "._api.console",
-    "volume_export": "._api.volumes", "volume_ls": "._api.volumes", "volume_rm": "._api.volumes",
+    "volume_export": "._api.volumes", "volume_info": "._api.volumes", "volume_ls": "._api.volumes",
+    "volume_rm": "._api.volumes",
     "VMStatus": ".runtime.states", "LogLine": ".runtime.logs",
     "GuestSpec": ".spec", "HealthCheck": ".spec", "Service": ".spec", "load_toml": ".spec",
 }
@@ -82,7 +83,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [  # the errors are appended below
     "build", "up", "down", "get", "ls", "cleanup", "doctor", "dev", "VM", "ConsoleSession",
-    "volume_export", "volume_ls", "volume_rm",
+    "volume_export", "volume_info", "volume_ls", "volume_rm",
     "BuildResult", "CheckStatus", "CleanupReport", "DoctorReport", "DownResult", "ExecResult",
     "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "VMDetails", "VMInfo", "VolumeExport",
     "VolumeInfo", "VMStatus", "LogLine",

@@ -5,8 +5,9 @@ What it removes, and only that:
   was interrupted hard), after killing any QEMU still running in such a dir;
 - leftovers of interrupted builds (``.build-*`` staging dirs whose build is not running)
   and image-store lock files nobody holds;
-- images no VM uses, except the newest ``keep``;
-- with ``everything``: also ``nix-collect-garbage`` when Nix is installed.
+- images no VM uses, except the newest ``keep`` of each guest (by name), with their locks;
+- with ``everything``: also ``nix-collect-garbage`` when Nix is installed. That collects
+  the user's whole Nix store, not only what mvm built: the CLI says so.
 
 It never touches a running VM, and never a volume: volumes live elsewhere and are only
 removed by ``mvmctl volume rm NAME``.
@@ -23,7 +24,7 @@ from .. import backends
 from .._proc import DEFAULT_RUNNER, Runner
 from ..errors import MvmError, StateError
 from ..images.debian import unmount_below
-from ..images.store import ImageStore, read_manifest
+from ..images.store import Image, ImageStore, read_manifest
 from ..paths import Layout
 from ..runtime.registry import Registry
 from .machines import backend_for, status_of
@@ -102,24 +103,33 @@ def cleanup(
             except StateError as exc:
                 items.append(CleanupItem(kind="image", path=str(entry), bytes=disk_usage(entry),
                                          reason=f"broken or outdated image: {exc.message}"))
-    images = store.all()
-    unused = [img for img in images if img.key not in in_use]
-    for img in unused[: max(0, len(unused) - keep)]:
-        items.append(CleanupItem(kind="image", path=str(img.path), bytes=disk_usage(img.path),
-                                 reason=f"image {img.name} ({img.key[:12]}) is unused and not among the newest {keep}"))
+    by_guest: dict[str, list[Image]] = {}
+    for img in store.all():  # oldest first
+        if img.key not in in_use:
+            by_guest.setdefault(img.name, []).append(img)
+    for name, unused in sorted(by_guest.items()):
+        for img in unused[: max(0, len(unused) - keep)]:
+            items.append(CleanupItem(kind="image", path=str(img.path), bytes=disk_usage(img.path),
+                                     reason=f"image {img.key[:12]} of {name} is unused and not among "
+                                     f"its newest {keep}"))
 
     if not dry_run:
         for item in items:
             if item.kind != "vm":
                 _remove(Path(item.path), runner)
+            if item.kind == "image":  # and its build lock, unless a build holds it right now
+                lock = Path(item.path).parent / f".{Path(item.path).name}.lock"
+                if _unheld(lock):
+                    lock.unlink(missing_ok=True)
 
     if everything:
         if shutil.which("nix-collect-garbage"):
             if dry_run:
-                notes.append("would run nix-collect-garbage")
+                notes.append("would run nix-collect-garbage (the whole Nix store of this user, not only mvm's)")
             else:
                 out = runner.run(["nix-collect-garbage"], desc="collecting Nix garbage").output
-                notes.append(out.strip().splitlines()[-1] if out.strip() else "nix-collect-garbage done")
+                last = out.strip().splitlines()[-1] if out.strip() else "done"
+                notes.append(f"nix-collect-garbage (the whole Nix store of this user): {last}")
         else:
             notes.append("Nix is not installed: nothing to collect")
     return CleanupReport(dry_run=dry_run, items=items, notes=notes)

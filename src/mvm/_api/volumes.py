@@ -21,7 +21,7 @@ from ..volumes.export import export_image
 from ..volumes.store import Holder, VolumeMeta, VolumeStore
 from .models import VolumeExport, VolumeInfo
 
-__all__ = ["volume_export", "volume_ls", "volume_rm"]
+__all__ = ["volume_export", "volume_info", "volume_ls", "volume_rm"]
 
 
 def _store(layout: Layout | None) -> VolumeStore:
@@ -73,6 +73,12 @@ def volume_ls(*, layout: Layout | None = None) -> list[VolumeInfo]:
         if meta is not None:
             rows.append(_view(store, meta))
     return rows
+
+
+def volume_info(name: str, *, layout: Layout | None = None) -> VolumeInfo:
+    """One volume, by name or HOST path; VolumeError if there is none."""
+    store = _store(layout)
+    return _view(store, store.find(name))
 
 
 def volume_rm(name: str, *, layout: Layout | None = None) -> VolumeInfo:

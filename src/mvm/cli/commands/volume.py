@@ -146,18 +146,16 @@ def rm(
 
     from .. import output
 
-    rows = {row.name: row for row in mvm.volume_ls()}
+    targets = [mvm.volume_info(name) for name in volumes]  # an unknown name fails before any question
     if not yes:
         if not sys.stdin.isatty():
             raise mvm.UsageError("volume rm deletes data: pass --yes to confirm",
                                  hint="copy the data out first with `mvmctl volume export`")
-        for name in volumes:
-            row = rows.get(name)
-            what = f"{name} ({row.host}, {_mb(row.used_mb)} used)" if row else name
-            if not typer.confirm(f"delete volume {what} and its data?"):
+        for row in targets:
+            if not typer.confirm(f"delete volume {row.name} ({row.host}, {_mb(row.used_mb)} used) and its data?"):
                 raise typer.Exit(1)
-    for name in volumes:
-        view = mvm.volume_rm(name)
+    for row in targets:
+        view = mvm.volume_rm(row.name)
         kept = f"; the image file {view.image} was kept" if view.kind == "image" else ""
         output.info(f"removed volume {view.name} ({view.host}){kept}")
 
