@@ -12,6 +12,8 @@ from mvm.errors import UsageError
         ("0.0.0.0:8080:80", PortForward(8080, 80, "0.0.0.0")),
         ("5353:53/udp", PortForward(5353, 53, proto="udp")),
         ("1:65535/tcp", PortForward(1, 65535)),
+        ("8080", PortForward(0, 8080)),  # a free host port is picked
+        ("53/udp", PortForward(0, 53, proto="udp")),
     ],
 )
 def test_parse_port(text: str, expected: PortForward) -> None:
@@ -21,7 +23,8 @@ def test_parse_port(text: str, expected: PortForward) -> None:
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("8080", "expected HOST:GUEST"),
+        ("", "guest port '' is not a number"),
+        ("x", "guest port 'x' is not a number"),
         ("a:80", "host port 'a' is not a number"),
         ("80:b", "guest port 'b' is not a number"),
         ("70000:80", "out of range"),

@@ -19,6 +19,7 @@ import mvm
 from mvm import backends
 from mvm._api.up import Launch
 from mvm._proc import DEFAULT_RUNNER, Runner
+from mvm.backends.base import PortForward
 from mvm.backends.fake import FakeBackend
 from mvm.errors import (
     BootError,
@@ -88,10 +89,17 @@ def test_up_forward_exec_down(layout: Layout, fake: FakeBackend, image: Image) -
 
     added = vm.forward("19090:9090")
     (machine,) = fake.machines.values()
-    assert machine.forwards == [mvm.backends.base.PortForward(19090, 9090)]  # type: ignore[attr-defined]
+    assert machine.forwards == [PortForward(18080, 8080), PortForward(19090, 9090)]
     assert [p.host_port for p in vm.info().ports] == [18080, 19090] and added.guest_port == 9090
     with pytest.raises(UsageError, match="already forwarded"):
         vm.forward("19090:9091")
+
+    picked = vm.forward("7070")  # a free host port is picked
+    assert picked.host_port >= 40_000 and picked.guest_port == 7070
+    assert vm.unforward(f"{picked.host_port}:7070").host_port == picked.host_port
+    assert 7070 not in [p.guest_port for p in vm.info().ports]
+    with pytest.raises(UsageError, match="no forward from host port"):
+        vm.unforward("1:2")
 
     result = vm.exec(["echo", "hi"])
     assert (result.exit_code, result.stdout) == (0, b"echo hi\n")
@@ -154,6 +162,15 @@ def test_checks_before_the_build_and_the_preflight_create_nothing(layout: Layout
     with pytest.raises(UsageError, match="unknown hypervisor"):
         _up(layout, fake, image, hypervisor="xen")
     _nothing_left(layout, fake)
+
+
+def test_up_with_guest_ports_alone_records_the_picked_host_ports(layout: Layout, fake: FakeBackend,
+                                                                 image: Image) -> None:
+    vm = _up(layout, fake, image, ports=["8080", "9000:9000", "5353/udp"])
+    ports = vm.info().ports
+    assert [(p.guest_port, p.proto) for p in ports] == [(8080, "tcp"), (9000, "tcp"), (5353, "udp")]
+    assert ports[0].host_port >= 40_000 and ports[1].host_port == 9000 and ports[2].host_port >= 40_000
+    vm.down()
 
 
 def test_wait_fails_fast_when_a_service_failed_for_good(layout: Layout, fake: FakeBackend, image: Image) -> None:

@@ -12,7 +12,8 @@ from ..backends.base import PortForward
 from ..errors import UsageError
 from ..names import ENV_NAME_RE
 
-PORT_FORMS = "HOST:GUEST, IP:HOST:GUEST, optionally with /tcp or /udp (e.g. -p 8080:8080)"
+PORT_FORMS = ("HOST:GUEST, IP:HOST:GUEST, or GUEST alone (a free host port is picked), optionally with "
+              "/tcp or /udp (e.g. -p 8080:8080)")
 
 
 def _port(text: str, what: str, spec: str) -> int:
@@ -32,6 +33,8 @@ def parse_port(spec: str) -> PortForward:
     if proto not in ("tcp", "udp"):
         raise UsageError(f"-p {spec!r}: protocol {proto!r} must be tcp or udp", hint=f"use {PORT_FORMS}")
     parts = body.rsplit(":", 2)
+    if len(parts) == 1:  # GUEST alone: a free host port is picked (by the hypervisor, so no race)
+        return PortForward(host_port=0, guest_port=_port(parts[0], "guest", spec), proto=proto)  # type: ignore[arg-type]
     if len(parts) == 2:
         host_ip, host, guest = "127.0.0.1", parts[0], parts[1]
     elif len(parts) == 3:

@@ -195,9 +195,14 @@ class Launch:
         undo.callback(self._stop_after_failure, files, machine)
         attached.held_by(machine.pid, machine.start_time)
 
+        ports = self.plan.request.forwards
+        if any(f.host_port == 0 for f in ports):  # -p GUEST: learn which host ports were picked
+            ports = picked_ports(ports, plan.backend.forwards(files, machine))
+
         def started(r: VMRecord) -> None:
             r.machine = ProcessRecord(pid=machine.pid, start_time=machine.start_time)
             r.started_at = time.time()
+            r.ports = [PortRecord.of(f) for f in ports]
 
         self.registry.update(plan.name, started)
         return machine
@@ -240,6 +245,20 @@ class Launch:
         else:
             hint = f"it is {status}: inspect it with `mvmctl logs {name}`, then remove it with `mvmctl down {name}`"
         return VMExists(name, f"a VM named {name!r} already exists ({status})", hint=hint)
+
+
+def picked_ports(requested: Sequence[PortForward], actual: Sequence[PortForward]) -> list[PortForward]:
+    """``requested`` with each host port 0 replaced by the one the backend picked for it."""
+    free = [f for f in actual if f not in requested]
+    out = []
+    for fwd in requested:
+        if fwd.host_port == 0:
+            match = next((a for a in free if (a.guest_port, a.proto) == (fwd.guest_port, fwd.proto)), None)
+            if match is not None:
+                free.remove(match)
+                fwd = match
+        out.append(fwd)
+    return out
 
 
 def up(

@@ -6,11 +6,12 @@ import base64
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._proc import DEFAULT_RUNNER, Runner, tail_file
-from ..backends.base import HOTPLUG_FORWARD, PortForward
+from ..backends.base import HOTPLUG_FORWARD, Backend, MachineRef, PortForward
 from ..errors import AgentError, ExecTimeout, HealthTimeout, ServiceFailed, UsageError, VMNotRunning
 from ..paths import Layout, VMFiles
 from ..runtime import agent, logs
@@ -141,25 +142,47 @@ class VM:
         return ExecResult(code, b"".join(out["stdout"]), b"".join(out["stderr"]))
 
     def forward(self, port: str | PortForward) -> PortInfo:
-        """Add a host→guest port forward to the running VM and record it."""
+        """Add a host→guest port forward to the running VM and record it. A host port of 0
+        (``"8080"`` alone) picks a free one; the result says which."""
         fwd = parse_port(port) if isinstance(port, str) else port
-        self._require_running()
-        with Registry(self.layout).transaction(self.name) as (files, record):  # one forward at a time
+        with self._hotplug() as (files, record, backend, machine):
             for existing in record.ports:
-                if existing.host_port == fwd.host_port and existing.proto == fwd.proto:
+                if fwd.host_port and existing.host_port == fwd.host_port and existing.proto == fwd.proto:
                     raise UsageError(
                         f"host port {fwd.host_port}/{fwd.proto} is already forwarded to guest port "
                         f"{existing.guest_port} on {self.name}",
                         hint="pick another host port",
                     )
+            added = backend.forward(files, machine, fwd)
+            record.ports.append(PortRecord.of(added))
+        return PortInfo(host_ip=added.host_ip, host_port=added.host_port, guest_port=added.guest_port,
+                        proto=added.proto)
+
+    def unforward(self, port: str | PortForward) -> PortInfo:
+        """Remove a forward (``HOST:GUEST``, or just ``HOST``'s rule as recorded) and forget it."""
+        fwd = parse_port(port) if isinstance(port, str) else port
+        with self._hotplug() as (files, record, backend, machine):
+            found = next((p for p in record.ports if p.host_port == fwd.host_port and p.proto == fwd.proto
+                          and p.host_ip == fwd.host_ip), None)
+            if found is None:
+                raise UsageError(f"{self.name} has no forward from host port {fwd.host_ip}:{fwd.host_port}/{fwd.proto}",
+                                 hint="see its forwards with `mvmctl ls`")
+            backend.unforward(files, machine, PortForward(found.host_port, found.guest_port, found.host_ip,
+                                                          found.proto))
+            record.ports.remove(found)
+        return PortInfo(**found.model_dump())
+
+    @contextmanager
+    def _hotplug(self) -> Iterator[tuple[VMFiles, VMRecord, Backend, MachineRef]]:
+        """The running VM's record under its lock (one change at a time), with its backend."""
+        self._require_running()
+        with Registry(self.layout).transaction(self.name) as (files, record):
             backend = backend_for(record, self.runner)
             if HOTPLUG_FORWARD not in backend.capabilities():
-                raise UsageError(f"the {backend.name} backend cannot add forwards to a running VM",
-                                 hint=f"stop it and `mvmctl up` again with -p {fwd.host_port}:{fwd.guest_port}")
+                raise UsageError(f"the {backend.name} backend cannot change the forwards of a running VM",
+                                 hint="stop it and `mvmctl up` again with the -p you want")
             assert record.machine is not None  # running
-            backend.forward(files, record.machine.ref, fwd)
-            record.ports.append(PortRecord.of(fwd))
-        return PortInfo(host_ip=fwd.host_ip, host_port=fwd.host_port, guest_port=fwd.guest_port, proto=fwd.proto)
+            yield files, record, backend, record.machine.ref
 
     def wait_healthy(self, timeout: float, on_change: Callable[[GuestStatus], None] | None = None) -> GuestStatus:
         """Block until every health check is healthy. Raise ServiceFailed as soon as a service

@@ -39,6 +39,9 @@ SAVE_RESTORE = "save-restore"  #: reserved: save a running machine and restore i
 
 @dataclass(frozen=True)
 class PortForward:
+    """A host port forwarded to a guest port. ``host_port`` 0 asks the backend to pick a free
+    one; :meth:`Backend.forwards` then tells which it picked."""
+
     host_port: int
     guest_port: int
     host_ip: str = "127.0.0.1"
@@ -151,8 +154,17 @@ class Backend(Protocol):
         raises :class:`~mvm.errors.StopFailed` if the machine still runs afterwards."""
         ...
 
-    def forward(self, files: VMFiles, machine: MachineRef, forward: PortForward) -> None:
-        """Add a host→guest forward to a running machine (needs :data:`HOTPLUG_FORWARD`)."""
+    def forward(self, files: VMFiles, machine: MachineRef, forward: PortForward) -> PortForward:
+        """Add a host→guest forward to a running machine (needs :data:`HOTPLUG_FORWARD`);
+        return it with the host port in effect (picked if it was 0)."""
+        ...
+
+    def unforward(self, files: VMFiles, machine: MachineRef, forward: PortForward) -> None:
+        """Remove a forward from a running machine (needs :data:`HOTPLUG_FORWARD`)."""
+        ...
+
+    def forwards(self, files: VMFiles, machine: MachineRef) -> list[PortForward]:
+        """The forwards in effect now, with the host ports the backend picked."""
         ...
 
     def strays(self, files: VMFiles) -> list[MachineRef]:

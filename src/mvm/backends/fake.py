@@ -11,6 +11,7 @@ It proves the orchestration's logic, never that a VM works: the end-to-end tests
 from __future__ import annotations
 
 import base64
+import dataclasses
 import itertools
 import socket
 import threading
@@ -27,6 +28,8 @@ from .base import HOTPLUG_FORWARD, VOLUMES, LaunchSpec, MachineRef, MachineReque
 
 #: Fake pids start above the kernel's pid_max (4194304), so no real process ever matches.
 _PIDS = itertools.count(5_000_000)
+#: Host ports the fake "picks" for ``-p GUEST`` (never bound: nothing listens).
+_PORTS = itertools.count(40_000)
 
 
 @dataclass
@@ -174,7 +177,8 @@ class FakeBackend:
         guest = FakeGuest(spec.files, spec, answers=self.agent_answers,
                           on_shutdown=lambda: self._power_off(ref.pid), status=self.status)
         guest.start()
-        self.machines[ref.pid] = FakeMachine(spec, ref, guest)
+        ports = [dataclasses.replace(f, host_port=next(_PORTS)) if f.host_port == 0 else f for f in spec.ports]
+        self.machines[ref.pid] = FakeMachine(spec, ref, guest, forwards=ports)
         return ref
 
     def _power_off(self, pid: int) -> None:
@@ -203,9 +207,18 @@ class FakeBackend:
         found.guest.stop()
         return "quit"
 
-    def forward(self, files: VMFiles, machine: MachineRef, forward: PortForward) -> None:
+    def forward(self, files: VMFiles, machine: MachineRef, forward: PortForward) -> PortForward:
         self.check_ports([forward])
+        if forward.host_port == 0:
+            forward = dataclasses.replace(forward, host_port=next(_PORTS))
         self.machines[machine.pid].forwards.append(forward)
+        return forward
+
+    def unforward(self, files: VMFiles, machine: MachineRef, forward: PortForward) -> None:
+        self.machines[machine.pid].forwards.remove(forward)
+
+    def forwards(self, files: VMFiles, machine: MachineRef) -> list[PortForward]:
+        return list(self.machines[machine.pid].forwards)
 
     def crash(self, machine: MachineRef) -> None:
         """The machine dies without a word (as QEMU killed by the OOM killer would)."""

@@ -41,6 +41,8 @@ def check_ports_free(ports: Sequence[PortForward]) -> None:
     """Fail before starting anything if a host port is taken (QEMU's own error is vague)."""
     seen: set[tuple[str, int, str]] = set()
     for fwd in ports:
+        if fwd.host_port == 0:  # QEMU picks a free one when it binds
+            continue
         key = (fwd.host_ip, fwd.host_port, fwd.proto)
         if key in seen:
             raise PortInUse(f"host port {fwd.host_port}/{fwd.proto} is given twice",
@@ -218,10 +220,35 @@ class QemuBackend:
                              hint=f"stop it as a user allowed to (e.g. `sudo kill {pid}`), then "
                              f"`mvmctl down {files.root.name}` again") from None
 
-    def forward(self, files: VMFiles, machine: MachineRef, forward: PortForward) -> None:
+    def forward(self, files: VMFiles, machine: MachineRef, forward: PortForward) -> PortForward:
         check_ports_free([forward])
+        before = set(self.forwards(files, machine)) if forward.host_port == 0 else set()
         with QMP(files.qmp, files.root.name) as qmp:
             reply = qmp.hmp(f"hostfwd_add n0 {hostfwd_rule(forward)}").strip()
         if reply and HOSTFWD_ERROR.search(reply):
             raise PortInUse(f"QEMU refused the forward {forward}: {reply}",
                             hint="pick another host port")
+        if forward.host_port:
+            return forward
+        added = [f for f in self.forwards(files, machine) if f not in before and f.guest_port == forward.guest_port
+                 and f.proto == forward.proto]
+        return added[0] if added else forward
+
+    def unforward(self, files: VMFiles, machine: MachineRef, forward: PortForward) -> None:
+        with QMP(files.qmp, files.root.name) as qmp:
+            reply = qmp.hmp(f"hostfwd_remove n0 {forward.proto}:{forward.host_ip}:{forward.host_port}").strip()
+        if "removed" not in reply:
+            raise PortInUse(f"QEMU could not remove the forward {forward}: {reply or 'no answer'}")
+
+    def forwards(self, files: VMFiles, machine: MachineRef) -> list[PortForward]:
+        with QMP(files.qmp, files.root.name) as qmp:
+            return parse_usernet(qmp.hmp("info usernet"))
+
+
+#: A host forward in ``info usernet``: ``TCP[HOST_FORWARD]  12  127.0.0.1 45637  10.0.2.15  8080 ...``
+USERNET_FORWARD = re.compile(r"^\s*(TCP|UDP)\[HOST_FORWARD\]\s+-?\d+\s+(\S+)\s+(\d+)\s+\S+\s+(\d+)", re.M)
+
+
+def parse_usernet(text: str) -> list[PortForward]:
+    return [PortForward(host_port=int(hport), guest_port=int(gport), host_ip=ip, proto=proto.lower())
+            for proto, ip, hport, gport in USERNET_FORWARD.findall(text)]

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from ..options import Json, Ports, VMName
 
 
-def forward(name: VMName, port: Ports = None, json: Json = False) -> None:
-    """Add port forwards to a running VM (recorded, and shown by `mvmctl ls`).
+def forward(
+    name: VMName,
+    port: Ports = None,
+    rm: Annotated[bool, typer.Option("--rm", help="Remove these forwards instead of adding them.")] = False,
+    json: Json = False,
+) -> None:
+    """Add port forwards to a running VM, or remove them with --rm (recorded, and shown by
+    `mvmctl ls`). `-p GUEST` alone picks a free host port and prints it.
 
-    
-    Example:
+    \b
+    Examples:
       mvmctl forward hello -p 9090:9090
+      mvmctl forward hello -p 8080          # prints the host port it picked
+      mvmctl forward hello --rm -p 9090:9090
     """
     import mvm
 
@@ -21,12 +31,12 @@ def forward(name: VMName, port: Ports = None, json: Json = False) -> None:
     if not port:
         raise mvm.UsageError("give at least one -p HOST:GUEST", hint="e.g. mvmctl forward NAME -p 9090:9090")
     vm = mvm.get(name)
-    added = [vm.forward(p) for p in port]
+    changed = [vm.unforward(p) if rm else vm.forward(p) for p in port]
     if json:
-        output.print_json(added)
+        output.print_json(changed)
         return
-    for f in added:
-        output.out.print(f"{f.host_ip}:{f.host_port} -> guest {f.guest_port}/{f.proto}")
+    for f in changed:
+        output.out.print(("removed " if rm else "") + f"{f.host_ip}:{f.host_port} -> guest {f.guest_port}/{f.proto}")
 
 
 def register(app: typer.Typer) -> None:
