@@ -173,6 +173,26 @@ def test_up_with_guest_ports_alone_records_the_picked_host_ports(layout: Layout,
     vm.down()
 
 
+def test_restart_keeps_ports_env_and_volumes(layout: Layout, fake: FakeBackend, image: Image,
+                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm.images.store import ImageStore
+
+    monkeypatch.setattr(ImageStore, "get", lambda self, key: image if key == image.key else None)
+    (tmp_path / "data").mkdir()
+    vm = _up(layout, fake, image, ports=["8080", "9000:9000"], env=["MODE=x"],
+             volumes=[f"{tmp_path}/data:/mnt/data:16:secret"])
+    before = vm.info()
+    again = vm.restart()
+    after = again.info()
+    assert after.status is mvm.VMStatus.RUNNING and after.pid != before.pid
+    assert [str(p) for p in after.ports] == [str(p) for p in before.ports]
+    assert after.env_keys == ["MODE"] and after.volumes == before.volumes
+    config = json.loads(again.files.config_disk.read_bytes().rstrip(b"\0"))
+    assert config["env"] == {"MODE": "x"} and config["volumes"][0]["secret"]
+    assert len([m for m in fake.machines.values() if m.running]) == 1
+    again.down()
+
+
 def test_wait_fails_fast_when_a_service_failed_for_good(layout: Layout, fake: FakeBackend, image: Image) -> None:
     fake.status["services"] = {"svc": {"state": "failed", "restarts": 0, "last_exit": 1,
                                        "reason": "preStart exited with 1"}}

@@ -251,6 +251,13 @@ class VM:
         self._require_running()
         return ConsoleSession(self.files, self.name, user=user, cwd=cwd, env=env or {})
 
+    def restart(self, *, wait: bool = False, wait_timeout: float = 120.0, progress: Any = None) -> VM:
+        """Stop the VM and start it again with the same image, ports, volumes and ``-e``."""
+        from .restart import restart
+
+        return restart(self.name, wait=wait, wait_timeout=wait_timeout, layout=self.layout, runner=self.runner,
+                       progress=progress)
+
     def down(self, timeout: float | None = None) -> DownResult:
         from .down import SHUTDOWN_TIMEOUT, down
 

@@ -24,7 +24,22 @@ from types import ModuleType
 import typer
 
 from . import output
-from .commands import build, cleanup, console, dev, doctor, down, exec_, forward, logs, ls, status, up, volume
+from .commands import (
+    build,
+    cleanup,
+    console,
+    dev,
+    doctor,
+    down,
+    exec_,
+    forward,
+    logs,
+    ls,
+    restart,
+    status,
+    up,
+    volume,
+)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -66,7 +81,7 @@ def _root(
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
 
 
-for module in (build, up, ls, status, logs, exec_, console, forward, down, volume, dev, cleanup, doctor):
+for module in (build, up, ls, status, logs, exec_, console, forward, restart, down, volume, dev, cleanup, doctor):
     module.register(app)
 
 

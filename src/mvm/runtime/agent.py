@@ -194,10 +194,12 @@ def request(files: VMFiles, vm: str, op: str, timeout: float = DEFAULT_TIMEOUT, 
 
 
 def wait_ready(files: VMFiles, vm: str, timeout: float, alive: Callable[[], bool]) -> float:
-    """Ping until the agent answers; return the seconds it took.
+    """Ping until the agent answers, then set the guest's clock; return the seconds it took.
 
     One ping waits in the socket until the guest opens its port, so the answer arrives as
-    soon as the agent is up; ``alive()`` is polled meanwhile so a dead VM fails fast.
+    soon as the agent is up; ``alive()`` is polled meanwhile so a dead VM fails fast. The
+    clock is set by a second ping, whose host time is a millisecond old when the guest reads
+    it (the first one's can be seconds old).
     """
     started = time.monotonic()
     deadline = started + timeout
@@ -213,9 +215,12 @@ def wait_ready(files: VMFiles, vm: str, timeout: float, alive: Callable[[], bool
                         raise AgentTimeout(vm, f"the guest agent did not answer within {timeout:g}s")
                     try:
                         session.receive(rid, 0.1)
-                        return time.monotonic() - started
                     except AgentTimeout:
                         continue
+                    # The first ping waited in the socket until the guest opened its port, so
+                    # its time is stale: set the guest's clock now, one fresh round trip away.
+                    session.request("ping", time=time.time())
+                    return time.monotonic() - started
         except AgentTimeout:
             raise
         except AgentError:

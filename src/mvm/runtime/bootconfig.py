@@ -29,3 +29,13 @@ def write_config_disk(path: Path, doc: dict[str, Any]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data.ljust(protocol.CONFIG_DISK_BYTES, b"\0"))
+
+
+def read_config_disk(path: Path) -> dict[str, Any]:
+    """What :func:`write_config_disk` wrote (``{}`` if the disk is missing or unreadable)."""
+    try:
+        raw = path.read_bytes()[: protocol.CONFIG_DISK_BYTES].split(b"\0", 1)[0]
+        doc = json.loads(raw) if raw.strip() else {}
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}

@@ -47,6 +47,14 @@ class VolumeRecord(BaseModel):
     size_mb: int | None = None
     image: str | None = None
     volume: str | None = None  # the persistent volume's id (writable volumes)
+    secret: bool = False
+
+    def as_arg(self) -> str:
+        """The ``-v`` value that attaches this volume again."""
+        text = f"{self.host}:{self.guest}"
+        if self.mode == "rw":
+            text += f":{self.size_mb}"
+        return text + (":secret" if self.secret else "")
 
 
 class ProcessRecord(BaseModel):

@@ -57,7 +57,7 @@ class Planned:
             image = str(self.arg.host)
         mode: Mode = "secret" if self.arg.secret and not self.arg.writable else self.arg.mode
         return VolumeRecord(host=str(self.arg.host), guest=self.arg.guest, mode=mode,
-                            size_mb=self.arg.size_mb, image=image, volume=self.vid)
+                            size_mb=self.arg.size_mb, image=image, volume=self.vid, secret=self.arg.secret)
 
 
 def _check_readonly_source(arg: VolumeArg) -> None:

@@ -1,0 +1,39 @@
+"""``restart``: down, then up again with what the VM was started with.
+
+The same image, name, size, ports (a port picked for ``-p GUEST`` is asked for again by
+number), volumes and ``-e`` values (read back from the VM's boot config). The image must
+still be in the store: ``cleanup`` keeps images that VMs use.
+"""
+
+from __future__ import annotations
+
+from .._proc import DEFAULT_RUNNER, Runner
+from ..backends.base import PortForward
+from ..errors import StateError
+from ..images.store import ImageStore
+from ..paths import Layout
+from ..runtime.bootconfig import read_config_disk
+from ..runtime.registry import Registry
+from .down import down
+from .machines import backend_for
+from .progress import Progress
+from .up import up
+from .vm import VM
+
+
+def restart(name: str, *, wait: bool = False, wait_timeout: float = 120.0, layout: Layout | None = None,
+            runner: Runner = DEFAULT_RUNNER, progress: Progress | None = None) -> VM:
+    layout = layout or Layout.default()
+    registry = Registry(layout)
+    record = registry.load(name)
+    image = ImageStore(layout.images).get(record.image_key)
+    if image is None:
+        raise StateError(f"the image of {name!r} ({record.image_key[:12]}) is no longer in the store",
+                         hint=f"start it from its spec again: `mvmctl down {name}`, then `mvmctl up {record.source}`")
+    env = read_config_disk(registry.files(name).config_disk).get("env") or {}
+    ports = [PortForward(p.host_port, p.guest_port, p.host_ip, p.proto) for p in record.ports]
+    volumes = [v.as_arg() for v in record.volumes]
+    down(name, layout=layout, runner=runner)
+    return up(image=image, name=name, cpus=record.cpus, memory=record.memory, ports=ports, env=env,
+              volumes=volumes, wait=wait, wait_timeout=wait_timeout, layout=layout, runner=runner,
+              progress=progress, backend=backend_for(record, runner))

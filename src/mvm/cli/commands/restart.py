@@ -1,0 +1,38 @@
+"""mvmctl restart."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..options import Json, VMName
+
+
+def restart(
+    name: VMName,
+    wait: Annotated[bool, typer.Option("--wait", help="Return only once every health check is healthy.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", help="Seconds --wait waits for "
+                                           "health.")] = 120.0,
+    json: Json = False,
+) -> None:
+    """Stop a VM and start it again: the same image, ports, volumes and -e values.
+
+    The guest boots afresh (its root filesystem is new, volumes keep their data). A host
+    port that was picked for `-p GUEST` is asked for again by number.
+    """
+    import mvm
+
+    from .. import output
+
+    with output.progress(f"restarting {name}") as prog:
+        vm = mvm.get(name).restart(wait=wait, wait_timeout=timeout, progress=prog)
+    info = vm.info()
+    if json:
+        output.print_json(info)
+        return
+    output.info(f"{info.name} restarted ({info.status})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(restart)
