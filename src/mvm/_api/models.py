@@ -158,6 +158,7 @@ class ImageInfo(_Model):
     created_at: float
     build_secs: float
     guest: GuestSpec
+    vms: list[str] = []  #: VMs (any status) whose record points at this image (``images`` only)
 
 
 class BuildResult(ImageInfo):

@@ -33,6 +33,7 @@ from .commands import (
     down,
     exec_,
     forward,
+    images,
     logs,
     ls,
     restart,
@@ -81,7 +82,8 @@ def _root(
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
 
 
-for module in (build, up, ls, status, logs, exec_, console, forward, restart, down, volume, dev, cleanup, doctor):
+for module in (build, up, ls, status, logs, exec_, console, forward, restart, down, images, volume, dev, cleanup,
+               doctor):
     module.register(app)
 
 

@@ -1,0 +1,71 @@
+"""``images`` and ``rmi``: the content-addressed image store, listed and pruned by hand.
+
+An image is removed under its build lock (so a build of the same key waits), and never
+while a VM that runs (or is starting) uses it. ``cleanup`` prunes unused images by age.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from ..errors import MvmError, UsageError
+from ..images.store import Image, ImageStore
+from ..paths import Layout
+from ..runtime.registry import Registry
+from .build import image_info
+from .machines import backend_for, status_of
+from .models import ImageInfo
+
+
+def _users(layout: Layout) -> dict[str, list[tuple[str, bool]]]:
+    """Image key → [(VM name, whether that VM is active)]."""
+    registry = Registry(layout)
+    users: dict[str, list[tuple[str, bool]]] = {}
+    for name in registry.names():
+        try:
+            record = registry.load(name)
+            active = status_of(record, registry.files(name), backend_for(record)).active
+        except MvmError:
+            continue
+        users.setdefault(record.image_key, []).append((name, active))
+    return users
+
+
+def images(*, layout: Layout | None = None) -> list[ImageInfo]:
+    """Every image in the store, oldest first, with the VMs that use it."""
+    layout = layout or Layout.default()
+    users = _users(layout)
+    return [image_info(img).model_copy(update={"vms": [n for n, _ in users.get(img.key, [])]})
+            for img in ImageStore(layout.images).all()]
+
+
+def _match(ref: str, store: ImageStore) -> list[Image]:
+    everything = store.all()
+    by_key = [img for img in everything if len(ref) >= 4 and img.key.startswith(ref)]
+    return by_key or [img for img in everything if img.name == ref]
+
+
+def rmi(ref: str, *, layout: Layout | None = None) -> list[ImageInfo]:
+    """Remove the image(s) ``ref`` names: a key (or a prefix of 4+ characters), or a guest
+    name (all of its images). Refused while a running VM uses one."""
+    from filelock import FileLock
+
+    layout = layout or Layout.default()
+    store = ImageStore(layout.images)
+    found = _match(ref, store)
+    if not found:
+        raise UsageError(f"no image {ref!r} (by key or guest name)", hint="list them with `mvmctl images`")
+    users = _users(layout)
+    for img in found:
+        active = [n for n, up in users.get(img.key, []) if up]
+        if active:
+            raise UsageError(f"image {img.key[:12]} ({img.name}) is used by running VM(s): {', '.join(active)}",
+                             hint=f"stop them first: mvmctl down {' '.join(active)}")
+    removed = []
+    for img in found:
+        lock = layout.images / f".{img.key}.lock"
+        with FileLock(str(lock)):
+            shutil.rmtree(img.path)
+        lock.unlink(missing_ok=True)
+        removed.append(image_info(img))
+    return removed

@@ -1,0 +1,63 @@
+"""mvmctl images, mvmctl rmi."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ..options import Json
+
+if TYPE_CHECKING:
+    from mvm import ImageInfo
+
+
+def images(json: Json = False) -> None:
+    """List the images in the store: guest name, key, front end, size, age, and the VMs
+    that use each one. Remove one with `mvmctl rmi`; `mvmctl cleanup` prunes unused ones."""
+    from rich.filesize import decimal
+
+    import mvm
+
+    from .. import output
+    from ..output import Column
+
+    rows = mvm.images()
+    if json:
+        output.print_json(rows)
+        return
+    columns: list[Column[ImageInfo]] = [
+        Column("NAME", lambda i: i.name, style="bold"),
+        Column("KEY", lambda i: i.key[:12]),
+        Column("FRONTEND", lambda i: i.frontend),
+        Column("ARCH", lambda i: i.arch),
+        Column("SIZE", lambda i: decimal(sum(i.sizes.values())), justify="right"),
+        Column("CREATED", lambda i: output.human_secs(time.time() - i.created_at) + " ago", justify="right"),
+        Column("VMS", lambda i: ",".join(i.vms), no_wrap=False),
+    ]
+    output.table(columns, rows)
+
+
+def rmi(
+    refs: Annotated[list[str], typer.Argument(metavar="IMAGE", help="An image key (or 4+ of its first "
+                                              "characters), or a guest name: all of its images.",
+                                              show_default=False)],
+    json: Json = False,
+) -> None:
+    """Remove images from the store. Refused while a running VM uses one."""
+    import mvm
+
+    from .. import output
+
+    removed = [img for ref in refs for img in mvm.rmi(ref)]
+    if json:
+        output.print_json(removed)
+        return
+    for img in removed:
+        output.info(f"removed image {img.key[:12]} ({img.name})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(images)
+    app.command()(rmi)
