@@ -11,7 +11,8 @@ from mvm._api import models
 
 DOC = (Path(__file__).parents[2] / "docs" / "json.md").read_text()
 MODELS = [models.VMInfo, models.VMDetails, models.GuestStatus, models.ServiceStatus, models.CheckStatus,
-          models.PortInfo, models.MountInfo, models.BuildResult, models.ImageInfo, models.VolumeInfo, models.VolumeExport,
+          models.PortInfo, models.MountInfo, models.BuildResult, models.ImageInfo, models.VolumeInfo,
+          models.VolumeExport,
           models.CleanupReport, models.CleanupItem, models.DoctorReport, models.BackendCheck, models.ToolCheck,
           models.DiskCheck]
 

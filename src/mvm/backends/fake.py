@@ -56,12 +56,14 @@ class FakeGuest:
         self._listeners: list[socket.socket] = []
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._inodes: dict[int, int] = {}
 
     def start(self) -> None:
         for i in range(protocol.CONTROL_PORTS):
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             with _unixsock.short_path(self.files.control(i)) as path:
                 listener.bind(path)
+            self._inodes[i] = self.files.control(i).stat().st_ino
             listener.listen()
             listener.settimeout(0.05)
             self._listeners.append(listener)
@@ -75,8 +77,13 @@ class FakeGuest:
             thread.join()
         for listener in self._listeners:
             listener.close()
-        for i in range(protocol.CONTROL_PORTS):
-            self.files.control(i).unlink(missing_ok=True)
+        for i, inode in self._inodes.items():  # only our own: a new VM of the same name may be up
+            path = self.files.control(i)
+            try:
+                if path.stat().st_ino == inode:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
 
     def _serve(self, listener: socket.socket) -> None:
         while not self._stop.is_set():
