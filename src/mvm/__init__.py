@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ._api.doctor import doctor
     from ._api.down import down
     from ._api.images import images, rmi
-    from ._api.listing import get, ls
+    from ._api.listing import get, logs, ls
     from ._api.models import (
         BuildResult,
         CheckStatus,
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
         VolumeExport,
         VolumeInfo,
     )
+    from ._api.options import parse_since
     from ._api.up import up
     from ._api.vm import VM
     from ._api.volumes import volume_export, volume_info, volume_ls, volume_rm
@@ -57,8 +58,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "build": "._api.build", "up": "._api.up", "down": "._api.down", "get": "._api.listing",
-    "ls": "._api.listing", "cleanup": "._api.cleanup", "doctor": "._api.doctor", "VM": "._api.vm",
-    "ConsoleSession": "._api.console", "images": "._api.images", "rmi": "._api.images",
+    "ls": "._api.listing", "logs": "._api.listing", "cleanup": "._api.cleanup", "doctor": "._api.doctor",
+    "VM": "._api.vm",
+    "parse_since": "._api.options", "ConsoleSession": "._api.console", "images": "._api.images", "rmi": "._api.images",
     "volume_export": "._api.volumes", "volume_info": "._api.volumes", "volume_ls": "._api.volumes",
     "volume_rm": "._api.volumes",
     "VMStatus": ".runtime.states", "LogLine": ".runtime.logs",
@@ -83,7 +85,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [  # the errors are appended below
-    "build", "up", "down", "get", "ls", "cleanup", "doctor", "dev", "VM", "ConsoleSession", "images", "rmi",
+    "build", "up", "down", "get", "ls", "logs", "cleanup", "doctor", "dev", "VM", "ConsoleSession", "images",
+    "rmi", "parse_since",
     "volume_export", "volume_info", "volume_ls", "volume_rm",
     "BuildResult", "CheckStatus", "CleanupReport", "DoctorReport", "DownResult", "ExecResult",
     "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "VMDetails", "VMInfo", "VolumeExport",

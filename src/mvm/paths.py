@@ -51,6 +51,12 @@ class Layout:
         return self.state / "volumes"
 
     @property
+    def retained_logs(self) -> Path:
+        """Logs of VMs that were brought down, one dir per VM name (kept until ``cleanup``
+        or a new ``up`` of the name)."""
+        return self.state / "logs"
+
+    @property
     def images(self) -> Path:
         return self.cache / "images"
 

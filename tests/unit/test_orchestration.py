@@ -287,3 +287,47 @@ def test_vm_json_is_private_and_written_atomically(layout: Layout, fake: FakeBac
     assert not [p for p in vm.files.root.iterdir() if p.name.startswith(".vm.json")]
     assert json.loads(vm.files.state.read_text())["schema_version"] == 2
     vm.down()
+
+
+def test_logs_outlive_down_until_cleanup_or_the_next_up(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    vm = _up(layout, fake, image)
+    now = time.time()
+    with open(vm.files.events_log, "a") as f:
+        f.write(json.dumps({"kind": "log", "svc": "svc", "stream": "stdout", "line": "old", "t": now - 600}) + "\n")
+        f.write(json.dumps({"kind": "log", "svc": "svc", "stream": "stdout", "line": "new", "t": now}) + "\n")
+        f.write(json.dumps({"kind": "log", "svc": "other", "stream": "stdout", "line": "x", "t": now}) + "\n")
+    assert [ln.text.split("| ")[1] for ln in vm.logs(service="svc")] == ["old", "new"]
+    with pytest.raises(UsageError, match="no service 'nope'"):
+        vm.logs(service="nope")
+    vm.down()
+    texts = [ln.text for ln in mvm.logs("web", layout=layout, since=now - 60)]
+    assert len(texts) == 2 and texts[0].endswith("svc | new") and texts[1].endswith("other | x")
+    assert (layout.retained_logs / "web" / "events.log").is_file()
+    _up(layout, fake, image).down()  # a new up of the name replaces them; its down keeps its own
+    assert not [ln for ln in mvm.logs("web", layout=layout) if "old" in ln.text]
+    report = mvm.cleanup(layout)
+    assert [i.kind for i in report.items] == ["logs"]
+    with pytest.raises(VMNotFound, match="no logs"):
+        mvm.logs("web", layout=layout)
+
+
+def test_retained_logs_are_capped_oldest_first(tmp_path: Path) -> None:
+    from mvm.runtime import logs
+
+    root = tmp_path / "logs"
+    for i, name in enumerate(("a", "b", "c")):
+        (root / name).mkdir(parents=True)
+        (root / name / "events.log").write_bytes(b"x" * 1000)
+        os.utime(root / name, (1000 + i, 1000 + i))
+    logs.prune(root, cap=2500)
+    assert sorted(p.name for p in root.iterdir()) == ["b", "c"]
+
+
+def test_parse_since() -> None:
+    from mvm._api.options import parse_since
+
+    assert parse_since("90s", now=1000.0) == 910.0 and parse_since("2h", now=10_000.0) == 2800.0
+    assert parse_since("1700000000") == 1700000000.0
+    assert parse_since("2026-11-30T14:05:00+00:00") == 1796047500.0
+    with pytest.raises(UsageError, match="not a duration or a time"):
+        parse_since("yesterday")

@@ -3,6 +3,7 @@
 What it removes, and only that:
 - runtime dirs of VMs that are not running (exited, crashed, broken state, or a start that
   was interrupted hard), after killing any QEMU still running in such a dir;
+- the logs ``down`` kept of VMs that are down;
 - leftovers of interrupted builds (``.build-*`` staging dirs whose build is not running)
   and image-store lock files nobody holds;
 - images no VM uses, except the newest ``keep`` of each guest (by name), with their locks;
@@ -84,6 +85,10 @@ def cleanup(
     items: list[CleanupItem] = []
     notes: list[str] = []
     in_use = _dead_vms(layout, dry_run, runner, items, notes)
+    if layout.retained_logs.is_dir():
+        for kept in sorted(layout.retained_logs.iterdir()):
+            items.append(CleanupItem(kind="logs", path=str(kept), bytes=disk_usage(kept),
+                                     reason=f"logs of VM {kept.name}, which is down"))
 
     store = ImageStore(layout.images)
     for staging in store.stale_staging():

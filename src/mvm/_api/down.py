@@ -6,7 +6,8 @@ if the agent does not answer or the machine outlives ``timeout``, the backend st
 machine that is gone lets the VM dir go: if the machine survives everything, ``down``
 raises :class:`~mvm.errors.StopFailed` and the VM stays listed (status ``stopping``), so a
 later ``down`` (with more rights) can finish the job. Volume locks belong to the machine's
-process and are released exactly when it ends.
+process and are released exactly when it ends. The VM's logs are kept (``Layout.retained_logs``)
+until ``cleanup`` or the next ``up`` of the same name.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import Backend, MachineRef
 from ..errors import MvmError, StopFailed, VMError, VMNotFound
 from ..paths import Layout, VMFiles
-from ..runtime import agent
+from ..runtime import agent, logs
 from ..runtime.registry import Registry, VMRecord
 from .machines import backend_for, machine_alive
 from .models import DownResult
@@ -57,7 +58,8 @@ def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None 
     """Stop a VM and remove its runtime dir. Raises VMNotFound for an unknown name (the CLI
     reports that and exits 0, so ``mvmctl down`` can be repeated safely), StopFailed when
     the machine cannot be stopped (the VM is then kept)."""
-    registry = Registry(layout or Layout.default())
+    layout = layout or Layout.default()
+    registry = Registry(layout)
     files = registry.files(name)
     if not files.root.exists():
         raise VMNotFound(name, f"no VM named {name!r}", hint="list VMs with `mvmctl ls`")
@@ -82,5 +84,6 @@ def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None 
         how = _stop(name, files, backend, machine, timeout)
     if backend.strays(files):  # a machine we could not see before (started meanwhile?)
         raise StopFailed(name, f"a machine still runs in {files.root}", hint=f"run `mvmctl down {name}` again")
+    logs.retain(files, layout.retained_logs / name)  # `mvmctl logs NAME` still works
     registry.remove(name)
     return DownResult(name=name, how=how)

@@ -1,11 +1,14 @@
-"""``get`` and ``ls``: VMs from the registry, with their status derived now."""
+"""``get``, ``ls`` and ``logs``: VMs from the registry, with their status derived now."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from .._proc import DEFAULT_RUNNER, Runner
-from ..errors import MvmError
-from ..paths import Layout
+from ..errors import MvmError, VMNotFound
+from ..paths import Layout, VMFiles
 from ..runtime import agent
+from ..runtime import logs as logs_mod
 from ..runtime.registry import Registry
 from ..runtime.states import VMStatus
 from .machines import backend_for, broken_info, status_of, vm_info
@@ -40,3 +43,29 @@ def ls(*, layout: Layout | None = None, health: bool = True, runner: Runner = DE
                 pass
         rows.append(vm_info(record, files, status, summary))
     return rows
+
+
+def logs(
+    name: str,
+    *,
+    follow: bool = False,
+    lines: int | None = None,
+    console: bool = True,
+    services: bool = True,
+    service: str | None = None,
+    since: float | None = None,
+    layout: Layout | None = None,
+) -> Iterator[logs_mod.LogLine]:
+    """A VM's logs (see :meth:`VM.logs`); for a VM that was brought down, the logs ``down``
+    kept (until ``cleanup`` or a new ``up`` of the name)."""
+    layout = layout or Layout.default()
+    registry = Registry(layout)
+    if registry.files(name).root.is_dir():
+        return VM(name, layout).logs(follow=follow, lines=lines, console=console, services=services,
+                                     service=service, since=since)
+    kept = VMFiles(layout.retained_logs / name)
+    if not kept.root.is_dir():
+        raise VMNotFound(name, f"no VM named {name!r}, and no logs of one",
+                         hint="list VMs with `mvmctl ls`; `mvmctl cleanup` removes the logs of VMs that are down")
+    return logs_mod.stream(kept, console=console, services=services, lines=lines,
+                           keep=logs_mod.LogFilter(service, since))

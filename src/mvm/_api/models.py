@@ -215,7 +215,7 @@ class VolumeExport(_Model):
 
 
 class CleanupItem(_Model):
-    kind: Literal["vm", "build", "lock", "image"]
+    kind: Literal["vm", "logs", "build", "lock", "image"]
     path: str
     bytes: int
     reason: str

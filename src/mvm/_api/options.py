@@ -67,3 +67,25 @@ def parse_env(items: list[str]) -> dict[str, str]:
             raise UsageError(f"-e {key}: the value contains a NUL byte")
         env[key] = value
     return env
+
+
+SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """``--since``: a duration back from now (``30s``, ``10m``, ``2h``, ``1d``), an ISO time
+    (local time unless it carries an offset) or Unix seconds. Returns Unix time."""
+    import time
+    from datetime import datetime
+
+    value = text.strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", value)
+    if match:
+        return (time.time() if now is None else now) - float(match.group(1)) * SINCE_UNITS[match.group(2)]
+    if re.fullmatch(r"\d+(?:\.\d+)?", value):
+        return float(value)
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise UsageError(f"--since {text!r}: not a duration or a time",
+                         hint="e.g. --since 10m, --since 2h, --since 2026-11-30T14:05:00") from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
@@ -165,6 +166,7 @@ class Launch:
             self.mark_running()
             undo.pop_all()
         attached.booted()
+        shutil.rmtree(self.layout.retained_logs / self.plan.name, ignore_errors=True)  # replaced by this VM's
 
     def reserve(self, undo: ExitStack) -> VMFiles:
         try:

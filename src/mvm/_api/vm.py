@@ -229,10 +229,16 @@ class VM:
         lines: int | None = None,
         console: bool = True,
         services: bool = True,
+        service: str | None = None,
+        since: float | None = None,
     ) -> Iterator[logs.LogLine]:
         """The boot console and the guest's service logs and health transitions; with
-        ``follow``, new lines as they come until the VM stops."""
-        self.record()  # VMNotFound for an unknown name
+        ``follow``, new lines as they come until the VM stops. ``service`` keeps one
+        service's lines, ``since`` (Unix time) the newer ones; either leaves out the console."""
+        record = self.record()
+        if service is not None and service not in record.services:
+            raise UsageError(f"{self.name} has no service {service!r}",
+                             hint=f"its services: {', '.join(record.services) or 'none'}")
 
         def running() -> bool:
             try:
@@ -241,7 +247,7 @@ class VM:
                 return False
 
         return logs.stream(self.files, console=console, services=services, lines=lines, follow=follow,
-                           keep_going=running)
+                           keep=logs.LogFilter(service, since), keep_going=running)
 
     def console(self, *, user: str | None = None, cwd: str | None = None,
                 env: dict[str, str] | None = None) -> Any:

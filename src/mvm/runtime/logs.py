@@ -101,10 +101,29 @@ class _Tail:
         return complete
 
 
-def _render(kind: str, raw: bytes) -> list[LogLine]:
+@dataclass(frozen=True)
+class LogFilter:
+    """Which lines to show: one service only (its output and state changes), and/or only
+    events at or after ``since`` (Unix time). The console has no times and no service, so
+    either filter leaves it out."""
+
+    service: str | None = None
+    since: float | None = None
+
+    def wants_console(self) -> bool:
+        return self.service is None and self.since is None
+
+    def wants(self, ev: dict[str, Any]) -> bool:
+        if self.service is not None and ev.get("svc") != self.service:
+            return False
+        t = ev.get("t")
+        return self.since is None or (isinstance(t, (int, float)) and t >= self.since)
+
+
+def _render(kind: str, raw: bytes, keep: LogFilter) -> list[LogLine]:
     if kind == "console":
         return [LogLine("console", raw.decode(errors="replace"))]
-    return [line for ev in parse_events(raw) if (line := format_event(ev)) is not None]
+    return [line for ev in parse_events(raw) if keep.wants(ev) and (line := format_event(ev)) is not None]
 
 
 def stream(
@@ -114,6 +133,7 @@ def stream(
     services: bool = True,
     lines: int | None = None,
     follow: bool = False,
+    keep: LogFilter = LogFilter(),
     keep_going: Callable[[], bool] = lambda: True,
     poll: float = 0.2,
 ) -> Iterator[LogLine]:
@@ -121,23 +141,60 @@ def stream(
     lines as they are written until ``keep_going()`` is false. Following continues exactly
     where the first read stopped, so no line is lost or shown twice."""
     tails: list[tuple[str, _Tail]] = []
-    if console:
+    if console and keep.wants_console():
         tails.append(("console", _Tail(files.console_log)))
     if services:
         tails.append(("events", _Tail(files.events_log)))
     for kind, tail in tails:
-        part = [line for raw in tail.read() for line in _render(kind, raw)]
+        part = [line for raw in tail.read() for line in _render(kind, raw, keep)]
         yield from part if lines is None else part[max(0, len(part) - lines):]
     while follow:
         got = False
         for kind, tail in tails:
             for raw in tail.read():
                 got = True
-                yield from _render(kind, raw)
+                yield from _render(kind, raw, keep)
         if not got:
             if not keep_going():
                 return
             time.sleep(poll)
+
+
+# --- logs of VMs that are down ---------------------------------------------------------
+
+#: The logs ``down`` keeps, per VM name; beyond this total the oldest go first.
+RETAINED_CAP_BYTES = 256 * 1024 * 1024
+RETAINED = ("console.log", "events.log", "qemu.log")
+
+
+def retain(files: VMFiles, dest: Path, cap: int = RETAINED_CAP_BYTES) -> None:
+    """Move a downed VM's logs to ``dest`` (replacing older ones of the same name), then
+    drop the oldest retained logs until all of them fit in ``cap``."""
+    import shutil
+
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True, mode=0o700)
+    for name in RETAINED:
+        try:
+            os.rename(files.root / name, dest / name)
+        except FileNotFoundError:
+            pass
+    prune(dest.parent, cap)
+
+
+def prune(root: Path, cap: int) -> None:
+    import shutil
+
+    def size(d: Path) -> int:
+        return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+
+    dirs = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime)
+    total = sum(size(d) for d in dirs)
+    for d in dirs:
+        if total <= cap:
+            break
+        total -= size(d)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def clean_poweroff(files: VMFiles) -> bool:

@@ -13,22 +13,34 @@ def logs(
     name: VMName,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the VM stops "
                                          "(or Ctrl-C).")] = False,
-    lines: Annotated[int | None, typer.Option("-n", "--lines", metavar="N",
-                                              min=0, help="Show only the last N lines of each "
-                                              "part.", show_default=False)] = None,
+    lines: Annotated[int | None, typer.Option("-n", "--lines", metavar="N", min=0,
+                                              help="Show only the last N lines of each part.",
+                                              show_default=False)] = None,
+    service: Annotated[str | None, typer.Option("--service", "-s", metavar="SERVICE",
+                                                help="Only this service's output and state changes.",
+                                                show_default=False)] = None,
+    since: Annotated[str | None, typer.Option("--since", metavar="WHEN",
+                                              help="Only lines from then on: a duration back from now "
+                                              "(30s, 10m, 2h, 1d) or a time (2026-11-30T14:05:00, or Unix "
+                                              "seconds).", show_default=False)] = None,
     console: Annotated[bool, typer.Option("--console/--no-console", help="Include the kernel/boot console.")] = True,
     services: Annotated[bool, typer.Option("--services/--no-services", help="Include service output, "
                                            "service state changes and health transitions.")] = True,
 ) -> None:
     """Show a VM's boot console and its services' logs (stdout/stderr, restarts, health).
 
-    Logs are files in the VM's runtime dir, so they can be read after the VM crashed.
+    Logs are files on the host, so they can be read after the VM crashed, and after `down`:
+    down keeps a VM's logs (under $MVM_HOME/state/logs/NAME) until `mvmctl cleanup` or the
+    next `up` of the same name; the retained logs of all VMs are capped at 256 MB in total,
+    the oldest dropped first. --service and --since leave out the console (it has neither
+    a service nor times).
     """
     import mvm
 
     from .. import output
 
-    for line in mvm.get(name).logs(follow=follow, lines=lines, console=console, services=services):
+    for line in mvm.logs(name, follow=follow, lines=lines, console=console, services=services,
+                         service=service, since=mvm.parse_since(since) if since else None):
         output.out.print(line.text, markup=False, highlight=False)
 
 
