@@ -201,6 +201,8 @@ def test_wait_fails_fast_when_a_service_failed_for_good(layout: Layout, fake: Fa
     with pytest.raises(ServiceFailed, match="service svc failed: preStart exited with 1") as exc:
         _up(layout, fake, image, wait=True, wait_timeout=60)
     assert time.monotonic() - started < 10 and "left running" in (exc.value.hint or "")
+    (row,) = mvm.ls(layout=layout)
+    assert row.failing == ["svc"] and row.health == "starting"
     fake.status["services"] = {"svc": {"state": "backoff", "restarts": 7, "last_exit": 2}}
     with pytest.raises(ServiceFailed, match="keeps failing: crash-looping"):
         mvm.get("web", layout=layout).wait_healthy(60)

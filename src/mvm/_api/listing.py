@@ -12,7 +12,7 @@ from ..runtime import logs as logs_mod
 from ..runtime.registry import Registry
 from ..runtime.states import VMStatus
 from .machines import backend_for, broken_info, status_of, vm_info
-from .models import GuestStatus, Health, VMInfo
+from .models import GuestStatus, VMInfo
 from .vm import VM
 
 
@@ -24,7 +24,8 @@ def get(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_RUN
 
 
 def ls(*, layout: Layout | None = None, health: bool = True, runner: Runner = DEFAULT_RUNNER) -> list[VMInfo]:
-    """Every VM in the registry, with its status (and, if ``health``, its health summary)."""
+    """Every VM in the registry, with its status (and, if ``health``, what its agent says:
+    health and failing services)."""
     registry = Registry(layout or Layout.default())
     rows: list[VMInfo] = []
     for name in registry.names():
@@ -35,13 +36,13 @@ def ls(*, layout: Layout | None = None, health: bool = True, runner: Runner = DE
         except MvmError as exc:
             rows.append(broken_info(name, files, exc.message))
             continue
-        summary: Health = "unknown"
-        if health and status is VMStatus.RUNNING and record.checks:
+        guest = None
+        if health and status is VMStatus.RUNNING and (record.checks or record.services):
             try:
-                summary = GuestStatus.from_agent(agent.request(files, name, "status", timeout=2.0)).health
+                guest = GuestStatus.from_agent(agent.request(files, name, "status", timeout=2.0))
             except MvmError:
                 pass
-        rows.append(vm_info(record, files, status, summary))
+        rows.append(vm_info(record, files, status, guest))
     return rows
 
 

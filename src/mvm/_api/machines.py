@@ -11,7 +11,7 @@ from ..paths import VMFiles
 from ..runtime import logs, states
 from ..runtime.registry import VMRecord
 from ..runtime.states import VMStatus
-from .models import Health, MountInfo, PortInfo, VMInfo
+from .models import GuestStatus, MountInfo, PortInfo, VMInfo
 
 
 def backend_for(record: VMRecord, runner: Runner = DEFAULT_RUNNER) -> Backend:
@@ -28,12 +28,14 @@ def status_of(record: VMRecord, files: VMFiles, backend: Backend) -> VMStatus:
     return states.derive(record.phase, alive, record.owner_alive, not alive and logs.clean_poweroff(files))
 
 
-def vm_info(record: VMRecord, files: VMFiles, status: VMStatus, health: Health = "unknown") -> VMInfo:
+def vm_info(record: VMRecord, files: VMFiles, status: VMStatus, guest: GuestStatus | None = None) -> VMInfo:
+    """The public view of a record; ``guest`` (what the agent reports) adds health and
+    failing services."""
     running = status is VMStatus.RUNNING
     return VMInfo(
         name=record.name,
         status=status,
-        health="none" if not record.checks else health,
+        health="none" if not record.checks else (guest.health if guest else "unknown"),
         backend=record.backend,
         accel=record.accel,
         cpus=record.cpus,
@@ -43,6 +45,7 @@ def vm_info(record: VMRecord, files: VMFiles, status: VMStatus, health: Health =
                  for v in record.volumes],
         services=record.services,
         checks=record.checks,
+        failing=[svc.name for svc in guest.services if svc.failing] if guest else [],
         env_keys=record.env_keys,
         image=record.image_key,
         frontend=record.frontend,

@@ -59,6 +59,8 @@ class VMInfo(_Model):
     volumes: list[MountInfo] = []
     services: list[str] = []
     checks: list[str] = []
+    #: services that failed for good or crash-loop (known while the VM runs)
+    failing: list[str] = []
     env_keys: list[str] = []
     image: str | None = None  #: the image key
     frontend: str | None = None

@@ -18,7 +18,7 @@ from ..runtime import agent, logs
 from ..runtime.registry import PortRecord, Registry, VMRecord
 from ..runtime.states import VMStatus
 from .machines import backend_for, status_of, vm_info
-from .models import DownResult, ExecResult, GuestStatus, Health, PortInfo, VMDetails, VMInfo
+from .models import DownResult, ExecResult, GuestStatus, PortInfo, VMDetails, VMInfo
 from .options import parse_env, parse_port
 
 
@@ -45,21 +45,20 @@ class VM:
     def info(self) -> VMInfo:
         record = self.record()
         status = status_of(record, self.files, backend_for(record, self.runner))
-        health: Health = "unknown"
-        if status is VMStatus.RUNNING and record.checks:
+        guest = None
+        if status is VMStatus.RUNNING and (record.checks or record.services):
             try:
-                health = self.guest_status(timeout=2.0).health
+                guest = self.guest_status(timeout=2.0)
             except AgentError:
                 pass
-        return vm_info(record, self.files, status, health)
+        return vm_info(record, self.files, status, guest)
 
     def details(self) -> VMDetails:
         """:meth:`info` plus what the guest agent reports while the VM runs."""
-        info = self.info()
-        guest = self.guest_status() if info.status is VMStatus.RUNNING else None
-        if guest is not None and info.checks:
-            info = info.model_copy(update={"health": guest.health})
-        return VMDetails(**info.model_dump(), guest=guest)
+        record = self.record()
+        status = status_of(record, self.files, backend_for(record, self.runner))
+        guest = self.guest_status() if status is VMStatus.RUNNING else None
+        return VMDetails(**vm_info(record, self.files, status, guest).model_dump(), guest=guest)
 
     def _require_running(self) -> VMRecord:
         record = self.record()

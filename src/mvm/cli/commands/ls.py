@@ -16,12 +16,18 @@ def _ports(vm: VMInfo) -> str:
     return ",".join(f"{p.host_port}->{p.guest_port}" + ("/udp" if p.proto == "udp" else "") for p in vm.ports)
 
 
+def _health(vm: VMInfo) -> str:
+    """The checks' verdict, and any service that failed or crash-loops (``unhealthy, web failing``)."""
+    return ", ".join([vm.health, *(f"{s} failing" for s in vm.failing)])
+
+
 def ls(json: Json = False) -> None:
     """List VMs: status, health, backend, size, forwarded ports and uptime.
 
     STATUS is derived from the live machine (its process id and start time), never trusted
     from a file: a VM whose QEMU died shows as crashed (or exited after a
-    clean power-off), with the reason in --json's exit_reason. The states are described in
+    clean power-off), with the reason in --json's exit_reason. HEALTH is the health checks'
+    verdict, followed by any service that failed for good or keeps crashing. The states are described in
     docs/architecture.md; the --json keys in docs/json.md.
     """
     import mvm
@@ -36,7 +42,7 @@ def ls(json: Json = False) -> None:
     columns: list[Column[VMInfo]] = [
         Column("NAME", lambda vm: vm.name, style="bold"),
         Column("STATUS", lambda vm: vm.status),
-        Column("HEALTH", lambda vm: vm.health),
+        Column("HEALTH", _health),
         Column("BACKEND", lambda vm: f"{vm.backend}-{vm.accel}" if vm.backend else None),
         Column("CPUS", lambda vm: vm.cpus, justify="right"),
         Column("MEMORY", lambda vm: f"{vm.memory}M" if vm.memory else None, justify="right"),
