@@ -56,3 +56,13 @@ def test_help_and_version_work(typer_env: dict[str, str]) -> None:
     assert r.returncode == 0 and r.stdout.startswith("mvmctl ")
     r = mvmctl("up", "--help", env=typer_env)
     assert r.returncode == 0 and "-p" in r.stdout and "HOST:GUEST" in r.stdout
+
+
+def test_shell_completion(typer_env: dict[str, str], tmp_path: Path) -> None:
+    r = mvmctl("--show-completion", "bash", env=typer_env)
+    assert r.returncode == 0 and "_mvmctl_completion" in r.stdout
+    (tmp_path / "state" / "vms" / "web-1").mkdir(parents=True)
+    env = {**typer_env, "_MVMCTL_COMPLETE": "complete_bash", "COMP_WORDS": "mvmctl logs w", "COMP_CWORD": "2"}
+    assert mvmctl(env=env).stdout.split() == ["web-1"]  # VM names complete
+    env = {**env, "COMP_WORDS": "mvmctl rest", "COMP_CWORD": "1"}
+    assert mvmctl(env=env).stdout.split() == ["restart"]

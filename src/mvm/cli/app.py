@@ -57,7 +57,7 @@ app = typer.Typer(
     "mvmctl ls;  mvmctl logs hello -f;  mvmctl down hello.\n\n"
     "State lives under $MVM_HOME (default: the XDG state and cache dirs).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
