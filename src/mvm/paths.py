@@ -61,6 +61,11 @@ class Layout:
         return self.cache / "images"
 
     @property
+    def layers(self) -> Path:
+        """Package layers of mvm.toml images (see mvm.images.layer)."""
+        return self.cache / "layers"
+
+    @property
     def kernels(self) -> Path:
         return self.cache / "kernels"
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from mvm import _ext4 as ext4
 from mvm._api.volumes import volume_export, volume_ls, volume_rm
 from mvm._proc import DEFAULT_RUNNER
 from mvm.errors import UsageError, VolumeError
 from mvm.paths import Layout, VMFiles
 from mvm.volumes import attach as volumes
-from mvm.volumes import ext4
 from mvm.volumes.args import parse_volume, parse_volumes
 from mvm.volumes.attach import plan
 from mvm.volumes.store import VolumeStore, volume_id

@@ -28,6 +28,7 @@ def build_image(
     *,
     flake: str | None = None,
     nix_args: Sequence[str] = (),
+    pull: bool = False,
     layout: Layout,
     runner: Runner = DEFAULT_RUNNER,
     progress: Progress | None = None,
@@ -36,6 +37,8 @@ def build_image(
     prog = progress or Quiet()
     if flake is None and nix_args:
         raise UsageError("--override-input and --nix-arg are for --flake builds")
+    if flake is not None and pull:
+        raise UsageError("--pull is for mvm.toml builds", hint="nix decides what a flake build fetches")
     if flake is not None:
         from ..images import nix
 
@@ -50,7 +53,7 @@ def build_image(
     guest = spec_mod.load_toml(source)
     prog.stage("resolving")
     return debian.build(guest, source=spec_mod.spec_file(source).resolve(), layout=layout, runner=runner,
-                        on_stage=prog.stage, on_line=prog.line)
+                        pull=pull, on_stage=prog.stage, on_line=prog.line)
 
 
 def build(
@@ -58,14 +61,17 @@ def build(
     *,
     flake: str | None = None,
     nix_args: Sequence[str] = (),
+    pull: bool = False,
     layout: Layout | None = None,
     runner: Runner = DEFAULT_RUNNER,
     progress: Progress | None = None,
 ) -> BuildResult:
     """Build (or find in the cache) the image for the ``mvm.toml`` at ``path``, or, with
     ``flake="REF[#ATTR]"``, for a flake output made by ``mkGuest`` (``nix_args`` are passed
-    to nix, e.g. ``["--override-input", "nixpkgs", "path:/src/nixpkgs"]``)."""
+    to nix, e.g. ``["--override-input", "nixpkgs", "path:/src/nixpkgs"]``). ``pull``
+    refreshes the Debian package layer from the mirrors (otherwise the cached one is reused,
+    which also works offline)."""
     started = time.monotonic()
-    image, built = build_image(path, flake=flake, nix_args=nix_args, layout=layout or Layout.default(),
+    image, built = build_image(path, flake=flake, nix_args=nix_args, pull=pull, layout=layout or Layout.default(),
                                runner=runner, progress=progress)
     return BuildResult(**image_info(image).model_dump(), built=built, seconds=round(time.monotonic() - started, 3))

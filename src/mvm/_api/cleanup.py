@@ -24,7 +24,7 @@ from pathlib import Path
 from .. import backends
 from .._proc import DEFAULT_RUNNER, Runner
 from ..errors import MvmError, StateError
-from ..images.debian import unmount_below
+from ..images.layer import unmount_below
 from ..images.store import Image, ImageStore, read_manifest
 from ..paths import Layout
 from ..runtime.registry import Registry

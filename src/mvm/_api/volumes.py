@@ -12,11 +12,11 @@ import os
 import time
 from pathlib import Path
 
+from .. import _ext4 as ext4
 from .. import _proc
 from .._proc import DEFAULT_RUNNER, Runner
 from ..errors import MvmError, VolumeError
 from ..paths import Layout
-from ..volumes import ext4
 from ..volumes.export import export_image
 from ..volumes.store import Holder, VolumeMeta, VolumeStore
 from .models import VolumeExport, VolumeInfo

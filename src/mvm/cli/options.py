@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+
 def complete_vm_names(incomplete: str) -> list[str]:
     """Shell completion of VM names: the registry's dir names (no API import: fast)."""
     import mvm

@@ -64,8 +64,8 @@ def account_lines(guest: dict[str, Any]) -> dict[str, list[str]]:
     return {"passwd": passwd, "group": group, "shadow": shadow}
 
 
-def stage(dest: Path, guest: dict[str, Any], *, python: str) -> None:
-    """Write the agent, entry point and guest.json under ``dest`` (a rootfs overlay)."""
+def stage_agent(dest: Path, *, python: str) -> None:
+    """Write the agent and the PID 1 entry point under ``dest`` (a rootfs overlay)."""
     agent = dest / AGENT_DIR / "mvm"
     (agent / "guest").mkdir(parents=True, exist_ok=True)
     (agent / "__init__.py").write_text("")
@@ -75,10 +75,8 @@ def stage(dest: Path, guest: dict[str, Any], *, python: str) -> None:
     init.parent.mkdir(parents=True, exist_ok=True)
     init.write_text(init_script(python))
     init.chmod(0o755)
-    etc = dest / "etc" / "mvm"
-    etc.mkdir(parents=True, exist_ok=True)
-    (etc / "guest.json").write_text(json.dumps(guest, indent=2, sort_keys=True) + "\n")
-    accounts = dest / "etc" / "mvm" / "accounts"
-    accounts.mkdir(exist_ok=True)
-    for file, lines in account_lines(guest).items():
-        (accounts / file).write_text("\n".join(lines) + "\n")
+
+
+def guest_json(guest: dict[str, Any]) -> str:
+    """The text of ``/etc/mvm/guest.json``."""
+    return json.dumps(guest, indent=2, sort_keys=True) + "\n"

@@ -17,6 +17,7 @@ import re
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,12 +118,14 @@ def cached_kernels(cache: Path) -> list[Kernel]:
     return found
 
 
-def ensure_kernel(cache: Path, runner: Runner) -> Kernel:
+def ensure_kernel(cache: Path, runner: Runner, on_stage: Callable[[str], None] | None = None) -> Kernel:
     """The newest cached kernel, or fetch and prepare one (once per version)."""
     have = cached_kernels(cache)
     if have:
         ensure_initrd(have[-1])
         return have[-1]
+    if on_stage:
+        on_stage("fetching the guest kernel")
     package = resolve_package(runner)
     version = package.removeprefix("linux-image-")
     cache.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .. import _ext4 as ext4
 from .. import _proc
 from .._proc import Runner
 from ..backends.base import Disk
@@ -27,7 +28,6 @@ from ..names import DEFAULT_UID
 from ..paths import Layout, VMFiles
 from ..runtime.registry import VolumeRecord
 from . import export as volexport
-from . import ext4
 from .args import MIN_SIZE_MB, Mode, VolumeArg, parse_volumes
 from .store import IMAGE_NAME, Holder, VolumeLock, VolumeMeta, VolumeStore, volume_id
 

@@ -31,10 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import _ext4 as ext4
 from .._atomic import write_json_atomic
 from .._proc import Runner
 from ..errors import VolumeError
-from . import ext4
 
 BASELINE_SCHEMA = 1
 SKIP_TOP = {"lost+found"}

@@ -22,8 +22,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._proc import Runner
-from ..errors import CommandFailed, VolumeError
+from ._proc import Runner
+from .errors import CommandFailed, VolumeError
 
 MIB = 1024 * 1024
 EXT4_MAGIC = 0xEF53
@@ -205,9 +205,10 @@ def owner_script(tree: Path, *, uid: int, gid: int, dir_mode: int, file_mode: in
 
 
 def run_debugfs(path: Path, commands: list[str], runner: Runner, *, desc: str, write: bool,
-                tolerate: tuple[str, ...] = ()) -> str:
-    """Run debugfs commands on an image; debugfs exits 0 on errors, so its output is checked.
-    Lines containing one of ``tolerate`` are not errors."""
+                tolerate: tuple[str, ...] = (), check: bool = True) -> str:
+    """Run debugfs commands on an image; debugfs exits 0 on errors, so its output is checked
+    (unless ``check`` is false: then the output is the answer). Lines containing one of
+    ``tolerate`` are not errors."""
     script = path.parent / f".{path.name}.debugfs"
     script.write_text("\n".join(commands) + "\n")
     try:
@@ -215,12 +216,26 @@ def run_debugfs(path: Path, commands: list[str], runner: Runner, *, desc: str, w
         done = runner.run(argv, desc=desc, error=CommandFailed)
     finally:
         script.unlink(missing_ok=True)
+    if not check:
+        return done.output
     problems = [ln for ln in done.output.splitlines()
                 if ln.strip() and not ln.startswith("debugfs ") and not ln.startswith("debugfs: ")
                 and not any(t in ln for t in tolerate)]
     if problems:
         raise CommandFailed(f"{desc} failed", argv=done.argv, output="\n".join(problems[-20:]))
     return done.output
+
+
+def debugfs_answers(path: Path, commands: list[str], runner: Runner, *, desc: str) -> list[tuple[str, str]]:
+    """Run read-only debugfs commands; return each command with its own output."""
+    output = run_debugfs(path, commands, runner, desc=desc, write=False, check=False)
+    answers: list[tuple[str, list[str]]] = []
+    for line in output.splitlines():
+        if line.startswith("debugfs: "):
+            answers.append((line.removeprefix("debugfs: ").strip(), []))
+        elif answers:
+            answers[-1][1].append(line)
+    return [(cmd, "\n".join(lines)) for cmd, lines in answers]
 
 
 def set_tree_owner(image: Path, tree: Path, runner: Runner, *, uid: int, gid: int,
