@@ -73,8 +73,9 @@ def test_unknown_debian_package(cli: CLI, tmp_path: Path, hello_image: dict[str,
     assert r.returncode == 1
     line = _error_line(r.stderr)
     assert "Unable to locate package mvm-no-such-package" in line
-    staging = Path(hello_image["path"]).parent
-    assert not list(staging.glob(".build-*")), "a half-built image was left in the store"
+    cache = Path(hello_image["path"]).parent.parent
+    assert not list(cache.glob("images/.build-*")), "a half-built image was left in the store"
+    assert not list(cache.glob("layers/.build-*")), "a half-built package layer was left"
 
 
 def test_name_clash_with_running_vm(cli: CLI, hello_image: dict[str, Any], no_leaks: None) -> None:

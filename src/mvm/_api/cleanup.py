@@ -7,6 +7,7 @@ What it removes, and only that:
 - leftovers of interrupted builds (``.build-*`` staging dirs whose build is not running)
   and image-store lock files nobody holds;
 - images no VM uses, except the newest ``keep`` of each guest (by name), with their locks;
+- package layers (mvm.images.layer) that no remaining image was built from;
 - with ``everything``: also ``nix-collect-garbage`` when Nix is installed. That collects
   the user's whole Nix store, not only what mvm built: the CLI says so.
 
@@ -63,6 +64,20 @@ def _unheld(lock: Path) -> bool:
         os.close(fd)
 
 
+def _leftovers(root: Path, what: str) -> list[CleanupItem]:
+    """Interrupted builds (``.build-*`` whose build lock nobody holds) and the stale locks of
+    entries that are gone, in an image or layer store."""
+    items = [CleanupItem(kind="build", path=str(staging), bytes=disk_usage(staging),
+                         reason=f"interrupted {what} build") for staging in ImageStore(root).stale_staging()]
+    if root.is_dir():
+        for lock in root.glob(".*.lock"):
+            key = lock.name[1:-len(".lock")]
+            if not (root / key).exists() and _unheld(lock):
+                items.append(CleanupItem(kind="lock", path=str(lock), bytes=0,
+                                         reason=f"stale lock of a {what} that is gone"))
+    return items
+
+
 def _remove(path: Path, runner: Runner) -> None:
     if path.is_dir() and not path.is_symlink():
         unmount_below(path, runner)  # an interrupted mmdebstrap may have left its chroot mounts
@@ -90,16 +105,9 @@ def cleanup(
             items.append(CleanupItem(kind="logs", path=str(kept), bytes=disk_usage(kept),
                                      reason=f"logs of VM {kept.name}, which is down"))
 
+    items += _leftovers(layout.images, "image") + _leftovers(layout.layers, "package layer")
     store = ImageStore(layout.images)
-    for staging in store.stale_staging():
-        items.append(CleanupItem(kind="build", path=str(staging), bytes=disk_usage(staging),
-                                 reason="interrupted build"))
     if layout.images.is_dir():
-        for lock in layout.images.glob(".*.lock"):
-            key = lock.name[1:-len(".lock")]
-            if not (layout.images / key).exists() and _unheld(lock):
-                items.append(CleanupItem(kind="lock", path=str(lock), bytes=0,
-                                         reason="stale lock of an image that is gone"))
         for entry in layout.images.iterdir():
             if entry.name.startswith(".") or not entry.is_dir():
                 continue
@@ -109,20 +117,31 @@ def cleanup(
                 items.append(CleanupItem(kind="image", path=str(entry), bytes=disk_usage(entry),
                                          reason=f"broken or outdated image: {exc.message}"))
     by_guest: dict[str, list[Image]] = {}
+    kept_layers: set[str] = set()
     for img in store.all():  # oldest first
         if img.key not in in_use:
             by_guest.setdefault(img.name, []).append(img)
+        else:
+            kept_layers.add(str(img.manifest.source.get("layer")))
     for name, unused in sorted(by_guest.items()):
-        for img in unused[: max(0, len(unused) - keep)]:
+        for i, img in enumerate(unused):
+            if i >= len(unused) - keep:
+                kept_layers.add(str(img.manifest.source.get("layer")))
+                continue
             items.append(CleanupItem(kind="image", path=str(img.path), bytes=disk_usage(img.path),
                                      reason=f"image {img.key[:12]} of {name} is unused and not among "
                                      f"its newest {keep}"))
+    if layout.layers.is_dir():
+        for entry in sorted(layout.layers.iterdir()):
+            if not entry.name.startswith(".") and entry.is_dir() and entry.name not in kept_layers:
+                items.append(CleanupItem(kind="layer", path=str(entry), bytes=disk_usage(entry),
+                                         reason="package layer of no image that is kept"))
 
     if not dry_run:
         for item in items:
             if item.kind != "vm":
                 _remove(Path(item.path), runner)
-            if item.kind == "image":  # and its build lock, unless a build holds it right now
+            if item.kind in ("image", "layer"):  # and its build lock, unless a build holds it now
                 lock = Path(item.path).parent / f".{Path(item.path).name}.lock"
                 if _unheld(lock):
                     lock.unlink(missing_ok=True)

@@ -217,7 +217,7 @@ class VolumeExport(_Model):
 
 
 class CleanupItem(_Model):
-    kind: Literal["vm", "logs", "build", "lock", "image"]
+    kind: Literal["vm", "logs", "build", "lock", "image", "layer"]
     path: str
     bytes: int
     reason: str
