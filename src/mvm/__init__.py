@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ._api.build import build
     from ._api.cleanup import cleanup
     from ._api.console import ConsoleSession
+    from ._api.copy import cp
     from ._api.doctor import doctor
     from ._api.down import down
     from ._api.images import images, rmi
@@ -60,7 +61,8 @@ _LAZY = {
     "build": "._api.build", "up": "._api.up", "down": "._api.down", "get": "._api.listing",
     "ls": "._api.listing", "logs": "._api.listing", "cleanup": "._api.cleanup", "doctor": "._api.doctor",
     "VM": "._api.vm",
-    "parse_since": "._api.options", "ConsoleSession": "._api.console", "images": "._api.images", "rmi": "._api.images",
+    "parse_since": "._api.options", "cp": "._api.copy", "ConsoleSession": "._api.console",
+    "images": "._api.images", "rmi": "._api.images",
     "volume_export": "._api.volumes", "volume_info": "._api.volumes", "volume_ls": "._api.volumes",
     "volume_rm": "._api.volumes",
     "VMStatus": ".runtime.states", "LogLine": ".runtime.logs",
@@ -86,7 +88,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [  # the errors are appended below
     "build", "up", "down", "get", "ls", "logs", "cleanup", "doctor", "dev", "VM", "ConsoleSession", "images",
-    "rmi", "parse_since",
+    "rmi", "parse_since", "cp",
     "volume_export", "volume_info", "volume_ls", "volume_rm",
     "BuildResult", "CheckStatus", "CleanupReport", "DoctorReport", "DownResult", "ExecResult",
     "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "VMDetails", "VMInfo", "VolumeExport",

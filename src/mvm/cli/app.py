@@ -28,6 +28,7 @@ from .commands import (
     build,
     cleanup,
     console,
+    cp,
     dev,
     doctor,
     down,
@@ -82,8 +83,8 @@ def _root(
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
 
 
-for module in (build, up, ls, status, logs, exec_, console, forward, restart, down, images, volume, dev, cleanup,
-               doctor):
+for module in (build, up, ls, status, logs, exec_, console, cp, forward, restart, down, images, volume, dev,
+               cleanup, doctor):
     module.register(app)
 
 

@@ -219,6 +219,11 @@ class StreamOp:
 
 
 
+#: How the agent's own Python runs mvm.guest.copy: its package dir on sys.path, isolated (-I).
+COPY_ENTRY = ("import sys; sys.path.insert(0, sys.argv.pop(1)); from mvm.guest.copy import main; "
+              "sys.exit(main(sys.argv[1:]))")
+
+
 class ControlServer:
     def __init__(
         self,
@@ -325,10 +330,20 @@ class ControlServer:
         elif op == "shutdown":
             conn.send({"ok": True}, rid)
             threading.Thread(target=self.shutdown, name="shutdown", daemon=True).start()
-        elif op in ("exec", "console"):
+        elif op in ("exec", "console", "copy"):
             if op == "console":
                 shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
                 req = {**req, "argv": [shell, "-l"], "tty": True}
+            elif op == "copy":  # a tar stream in or out (mvm.guest.copy), as root, by the agent's Python
+                import sys
+
+                args = req.get("args")
+                if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+                    conn.send({"ok": False, "error": "copy needs args: a list of strings"}, rid)
+                    return
+                agent_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                req = {"id": rid, "argv": [sys.executable, "-I", "-c", COPY_ENTRY, agent_root, *args],
+                       "user": "root"}
             stream = StreamOp(conn, req, self)
             conn.active = stream
             stream.start()

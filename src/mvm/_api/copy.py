@@ -1,0 +1,147 @@
+"""``cp``: files and directories between the host and a running VM, ``docker cp``'s rules.
+
+One side is ``NAME:/path`` (a VM in the registry), the other a host path. The data travel
+as a tar stream over the agent channel (the guest half is :mod:`mvm.guest.copy`, which
+also holds the rules for where things land). Copied in, files belong to root unless
+``archive`` keeps the host's owners; copied out, they belong to the user running mvm.
+
+What a guest sends is untrusted: the host unpacks it with tarfile's ``data`` filter, so
+no entry lands outside the destination, no link points out of it, and no device node,
+setuid bit or foreign owner reaches the host.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import tarfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from ..errors import MvmError, UsageError, VMError
+from ..guest import copy as protocol
+from ..paths import Layout
+from ..runtime import agent
+from ..runtime.registry import Registry
+from .vm import VM
+
+VM_PATH = re.compile(r"([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?):(/.*)")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    path: str
+    vm: str | None = None  #: None: the host
+
+
+def parse_endpoint(text: str, layout: Layout) -> Endpoint:
+    """``NAME:/path`` when NAME is a VM (a host path may contain ``:`` too), else a host path."""
+    match = VM_PATH.fullmatch(text)
+    if match and Registry(layout).files(match.group(1)).root.is_dir():
+        return Endpoint(match.group(2), match.group(1))
+    if re.fullmatch(r"[a-z0-9-]+:[^/].*", text) and Registry(layout).files(text.split(":")[0]).root.is_dir():
+        raise UsageError(f"{text!r}: the path in the VM must be absolute", hint=f"e.g. {text.split(':')[0]}:/tmp/x")
+    return Endpoint(text)
+
+
+def cp(src: str, dest: str, *, archive: bool = False, layout: Layout | None = None) -> None:
+    """Copy ``src`` to ``dest``; exactly one of them is ``NAME:/path``."""
+    layout = layout or Layout.default()
+    a, b = parse_endpoint(src, layout), parse_endpoint(dest, layout)
+    if (a.vm is None) == (b.vm is None):
+        raise UsageError("cp copies between the host and a VM: give NAME:/path on one side",
+                         hint="e.g. mvmctl cp ./site hello:/srv/site, or mvmctl cp hello:/var/log/app.log .")
+    if b.vm is not None:
+        _to_guest(Path(a.path), src.endswith("/."), VM(b.vm, layout), b.path, archive)
+    else:
+        assert a.vm is not None
+        _to_host(VM(a.vm, layout), a.path, Path(dest))
+
+
+def _run(vm: VM, args: list[str], feed: IO[bytes] | None, sink: IO[bytes] | None) -> None:
+    """Run the guest's copy with ``feed`` as its input and ``sink`` taking its output."""
+    vm._require_running()
+    errors: list[bytes] = []
+    with agent.AgentSession(vm.files, vm.name) as session:
+        session.start("copy", args=args)
+        if feed is None:
+            session.send_input("eof")
+        else:
+            while chunk := feed.read(65536):
+                session.send_stdin(chunk)
+            session.send_input("eof")
+        final: dict[str, object] = {}
+        for msg in session.events():
+            if "event" not in msg:
+                final = msg
+            elif msg["event"] == "stdout" and sink is not None:
+                sink.write(base64.b64decode(str(msg.get("data") or "")))
+            elif msg["event"] == "stderr":
+                errors.append(base64.b64decode(str(msg.get("data") or "")))
+    if final.get("exit") != 0:
+        text = b"".join(errors).decode(errors="replace").strip() or str(final.get("error") or "failed")
+        raise VMError(vm.name, text.removeprefix("mvm cp: "))
+
+
+def _to_guest(src: Path, contents_only: bool, vm: VM, dest: str, archive: bool) -> None:
+    if not src.exists() and not src.is_symlink():
+        raise UsageError(f"{src} does not exist")
+    read_fd, write_fd = os.pipe()
+    failure: list[BaseException] = []
+
+    def pack() -> None:
+        try:
+            with os.fdopen(write_fd, "wb") as out, tarfile.open(fileobj=out, mode="w|",
+                                                                 format=tarfile.PAX_FORMAT) as tar:
+                tar.add(src, arcname=protocol.TOP)
+        except BaseException as exc:  # reported after the guest side ends
+            failure.append(exc)
+
+    packer = threading.Thread(target=pack, daemon=True)
+    packer.start()
+    kind = "dir" if src.is_dir() and not src.is_symlink() else "file"
+    with os.fdopen(read_fd, "rb") as feed:
+        _run(vm, ["in", dest, kind, src.resolve().name if contents_only else src.name,
+                  "1" if contents_only else "0", "1" if archive else "0"], feed, None)
+    packer.join()
+    if failure:
+        raise UsageError(f"could not read {src}: {failure[0]}")
+
+
+def _to_host(vm: VM, src: str, dest: Path) -> None:
+    read_fd, write_fd = os.pipe()
+    failure: list[BaseException] = []
+
+    def unpack() -> None:
+        try:
+            with os.fdopen(read_fd, "rb") as feed, tarfile.open(fileobj=feed, mode="r|") as tar:
+                first = True
+                where, new_top = Path("."), None
+                for member in tar:
+                    if first:
+                        src_is_dir = member.isdir()
+                        where_s, new_top = protocol.destination(str(dest), src_is_dir,
+                                                                os.path.basename(src.rstrip("/.")) or "root",
+                                                                src.endswith("/."))
+                        where, first = Path(where_s), False
+                    renamed = protocol.rename(member, new_top, archive=False)
+                    if renamed is not None:
+                        tar.extract(renamed, where, filter="data")
+        except BaseException as exc:
+            failure.append(exc)
+
+    unpacker = threading.Thread(target=unpack, daemon=True)
+    unpacker.start()
+    try:
+        with os.fdopen(write_fd, "wb") as sink:
+            _run(vm, ["out", src], None, sink)
+    finally:
+        unpacker.join()
+    if failure:
+        exc = failure[0]
+        if isinstance(exc, MvmError):
+            raise exc
+        raise UsageError(f"could not copy {vm.name}:{src} to {dest}: {exc}") from exc

@@ -1,0 +1,40 @@
+"""mvmctl cp."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def cp(
+    src: Annotated[str, typer.Argument(metavar="SRC", help="A host path, or NAME:/path in a running VM.",
+                                       show_default=False)],
+    dest: Annotated[str, typer.Argument(metavar="DEST", help="A host path, or NAME:/path in a running VM.",
+                                        show_default=False)],
+    archive: Annotated[bool, typer.Option("--archive", "-a", help="Keep the host files' owners (uid/gid) "
+                                          "when copying into the VM; by default they belong to root.")] = False,
+) -> None:
+    """Copy files and directories between the host and a running VM, as `docker cp` does.
+
+    A file onto an existing directory lands inside it; onto a missing path, it takes that
+    name. A directory onto an existing directory lands inside it (SRC/. copies only its
+    contents); onto a missing path, it is created with that name. Modes are kept. Copied
+    into the VM, files belong to root (or keep their owners with -a); copied out, they
+    belong to you, and nothing the guest sends can land outside DEST (no absolute paths,
+    no '..', no links out, no device files, no setuid bits).
+
+    \b
+    Examples:
+      mvmctl cp ./site hello:/srv/site
+      mvmctl cp ./config.json hello:/etc/app/
+      mvmctl cp hello:/var/log/app.log .
+      mvmctl cp hello:/srv/site/. ./backup
+    """
+    import mvm
+
+    mvm.cp(src, dest, archive=archive)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(cp)

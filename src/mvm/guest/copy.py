@@ -1,0 +1,113 @@
+"""``mvmctl cp`` inside the guest: a tar stream in or out, with ``docker cp``'s rules.
+
+Run by the agent as a child (``python -m mvm.guest.copy in|out ...``) with its stdin or
+stdout on the control channel, so copying reuses exec's streaming. Stdlib only.
+
+The top entry of every stream is named :data:`TOP`; the receiving side decides what it
+becomes, as ``docker cp`` does:
+
+- a file onto an existing directory lands inside it; onto a missing path, it gets that
+  name; onto an existing file, it replaces it;
+- a directory onto an existing directory lands inside it (``SRC/.`` copies its contents);
+  onto a missing path, it is created with that name; onto a file, it is refused.
+
+Copied in, files belong to root unless ``--archive`` keeps the host's owners; modes are
+kept. Copied out, owners are the host user's (the host does that, not this side).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tarfile
+
+TYPE_CHECKING = False  # not `from typing`: the guest imports as little as it can
+
+if TYPE_CHECKING:
+    from typing import Any
+
+TOP = "__mvm_cp__"
+
+
+class CopyError(Exception):
+    pass
+
+
+def destination(dest: str, src_is_dir: bool, src_name: str, contents_only: bool) -> tuple[str, str | None]:
+    """(directory to unpack into, new name of the top entry or None to unpack its contents)."""
+    trailing = dest.endswith("/")
+    dest = dest.rstrip("/") or "/"
+    if os.path.isdir(dest):
+        return dest, None if (src_is_dir and contents_only) else src_name
+    if os.path.lexists(dest):
+        if src_is_dir:
+            raise CopyError(f"cannot copy a directory onto the file {dest}")
+        if trailing:
+            raise CopyError(f"{dest} is not a directory")
+        return os.path.dirname(dest) or "/", os.path.basename(dest)
+    if trailing and not src_is_dir:
+        raise CopyError(f"{dest}/ does not exist (a trailing / names a directory)")
+    parent = os.path.dirname(dest) or "/"
+    if not os.path.isdir(parent):
+        raise CopyError(f"{parent} does not exist")
+    return parent, os.path.basename(dest)
+
+
+def rename(member: tarfile.TarInfo, new_top: str | None, archive: bool) -> tarfile.TarInfo | None:
+    """``member`` under its final name (None: the top entry itself, when only its contents go)."""
+    if member.name == TOP:
+        if new_top is None:
+            return None
+        member.name = new_top
+    elif member.name.startswith(TOP + "/"):
+        rest = member.name[len(TOP) + 1:]
+        member.name = rest if new_top is None else f"{new_top}/{rest}"
+    else:
+        raise CopyError(f"unexpected entry {member.name!r} in the stream")
+    if not archive:
+        member.uid = member.gid = 0
+        member.uname = member.gname = "root"
+    return member
+
+
+def copy_in(dest: str, src_is_dir: bool, src_name: str, contents_only: bool, archive: bool) -> None:
+    where, new_top = destination(dest, src_is_dir, src_name, contents_only)
+    # The host sent this stream: it is trusted (the guest data filter would drop owners).
+    extra: dict[str, Any] = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+    with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
+        for original in tar:
+            member = rename(original, new_top, archive)
+            if member is None:
+                continue
+            target = os.path.join(where, member.name)
+            if member.isfile() and os.path.lexists(target) and not os.path.isdir(target):
+                os.unlink(target)  # replace, even a file we may not write
+            tar.extract(member, where, set_attrs=True, numeric_owner=True, **extra)
+
+
+def copy_out(src: str) -> None:
+    path = src.rstrip("/") if src not in ("/",) else src
+    contents_only = src.endswith("/.")
+    if contents_only:
+        path = src[:-2] or "/"
+    if not os.path.lexists(path):
+        raise CopyError(f"{path} does not exist")
+    with tarfile.open(fileobj=sys.stdout.buffer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(path, arcname=TOP)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        if argv[0] == "out":
+            copy_out(argv[1])
+        else:
+            _, dest, kind, name, contents, archive = argv
+            copy_in(dest, kind == "dir", name, contents == "1", archive == "1")
+    except (CopyError, OSError, tarfile.TarError) as exc:
+        print(f"mvm cp: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
