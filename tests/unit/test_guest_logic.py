@@ -1,6 +1,7 @@
 """Pure logic of the guest agent (runs on the host; the guest code is stdlib-only)."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,36 @@ def test_hand_over_only_touches_new_paths(tmp_path) -> None:  # type: ignore[no-
     uid, gid = os.getuid(), os.getgid()
     changed = hand_over([str(tmp_path)], before, uid, gid)
     assert changed == 3
+
+
+def test_cp_destination_rules(tmp_path: Path) -> None:
+    from mvm.guest.copy import CopyError, destination
+
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    d, f, missing = str(tmp_path / "dir"), str(tmp_path / "file"), str(tmp_path / "new")
+    assert destination(d, False, "a.txt", False) == (d, "a.txt")  # a file into a directory
+    assert destination(missing, False, "a.txt", False) == (str(tmp_path), "new")  # renamed
+    assert destination(f, False, "a.txt", False) == (str(tmp_path), "file")  # replaces the file
+    assert destination(d, True, "site", False) == (d, "site")  # a directory into a directory
+    assert destination(d, True, "site", True) == (d, None)  # SRC/. : its contents
+    assert destination(missing, True, "site", False) == (str(tmp_path), "new")  # created with that name
+    for args, message in (((f, True, "site", False), "onto the file"),
+                          ((missing + "/", False, "a", False), "trailing /"),
+                          ((str(tmp_path / "no" / "x"), False, "a", False), "does not exist")):
+        with pytest.raises(CopyError, match=message):
+            destination(*args)  # type: ignore[arg-type]
+
+
+def test_cp_rename_refuses_entries_outside_the_stream() -> None:
+    import tarfile
+
+    from mvm.guest.copy import TOP, CopyError, rename
+
+    member = tarfile.TarInfo(f"{TOP}/a/b")
+    member.uid = 1000
+    renamed = rename(member, "site", archive=False)
+    assert renamed is not None and renamed.name == "site/a/b" and renamed.uid == 0
+    assert rename(tarfile.TarInfo(TOP), None, archive=True) is None
+    with pytest.raises(CopyError, match="unexpected entry"):
+        rename(tarfile.TarInfo("../etc/passwd"), "x", archive=False)
