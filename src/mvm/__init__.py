@@ -42,12 +42,15 @@ if TYPE_CHECKING:
         ImageInfo,
         PortInfo,
         ServiceStatus,
+        ServiceUsage,
         VMDetails,
         VMInfo,
+        VMUsage,
         VolumeExport,
         VolumeInfo,
     )
     from ._api.options import parse_since
+    from ._api.stats import stats
     from ._api.up import up
     from ._api.vm import VM
     from ._api.volumes import volume_export, volume_info, volume_ls, volume_rm
@@ -62,15 +65,15 @@ _LAZY = {
     "ls": "._api.listing", "logs": "._api.listing", "cleanup": "._api.cleanup", "doctor": "._api.doctor",
     "VM": "._api.vm",
     "parse_since": "._api.options", "cp": "._api.copy", "ConsoleSession": "._api.console",
-    "images": "._api.images", "rmi": "._api.images",
+    "images": "._api.images", "rmi": "._api.images", "stats": "._api.stats",
     "volume_export": "._api.volumes", "volume_info": "._api.volumes", "volume_ls": "._api.volumes",
     "volume_rm": "._api.volumes",
     "VMStatus": ".runtime.states", "LogLine": ".runtime.logs",
     "GuestSpec": ".spec", "HealthCheck": ".spec", "Service": ".spec", "load_toml": ".spec",
 }
 _MODELS = ("BuildResult", "CheckStatus", "CleanupReport", "DoctorReport", "DownResult", "ExecResult",
-           "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "VMDetails", "VMInfo", "VolumeExport",
-           "VolumeInfo")
+           "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "ServiceUsage", "VMDetails", "VMInfo",
+           "VMUsage", "VolumeExport", "VolumeInfo")
 _LAZY.update(dict.fromkeys(_MODELS, "._api.models"))
 
 
@@ -88,11 +91,11 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [  # the errors are appended below
     "build", "up", "down", "get", "ls", "logs", "cleanup", "doctor", "dev", "VM", "ConsoleSession", "images",
-    "rmi", "parse_since", "cp",
+    "rmi", "parse_since", "cp", "stats",
     "volume_export", "volume_info", "volume_ls", "volume_rm",
     "BuildResult", "CheckStatus", "CleanupReport", "DoctorReport", "DownResult", "ExecResult",
-    "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "VMDetails", "VMInfo", "VolumeExport",
-    "VolumeInfo", "VMStatus", "LogLine",
+    "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "ServiceUsage", "VMDetails", "VMInfo", "VMUsage",
+    "VolumeExport", "VolumeInfo", "VMStatus", "LogLine",
     "GuestSpec", "HealthCheck", "Service", "load_toml",
     "paths",
 ]

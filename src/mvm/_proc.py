@@ -340,6 +340,17 @@ def terminate(pid: int, started: int | None, timeout: float = 5.0) -> str:
 
 
 
+def usage(pid: int) -> tuple[float, int]:
+    """(CPU seconds used so far, resident bytes) of ``pid``; zeros once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def tail_file(path: Path, lines: int = 30) -> str:
     """The last ``lines`` lines of a child's log file (QEMU's log, a console), for errors."""
     try:

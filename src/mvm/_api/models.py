@@ -184,6 +184,24 @@ class DownResult(_Model):
     how: str  #: gone, stopped by the guest, quit, terminated, killed, not running
 
 
+class ServiceUsage(_Model):
+    name: str
+    pid: int | None = None
+    cpu_percent: float  #: of one host core, over the sampling interval
+    memory_bytes: int  #: resident, the service and every process it started
+
+
+class VMUsage(_Model):
+    """``stats``: what one running VM costs the host, and what its services use inside it."""
+
+    name: str
+    cpu_percent: float  #: of one host core: the whole machine (vCPUs, devices, emulation)
+    memory_bytes: int  #: resident on the host
+    guest_memory_total: int | None = None
+    guest_memory_used: int | None = None
+    services: list[ServiceUsage] = []
+
+
 class VolumeInfo(_Model):
     name: str
     kind: Literal["managed", "image"] | None = None

@@ -76,6 +76,14 @@ class MachineRef:
 
 
 @dataclass(frozen=True)
+class MachineUsage:
+    """What a machine costs the host now: CPU time used so far and resident memory."""
+
+    cpu_seconds: float
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
 class MachineRequest:
     """What :meth:`Backend.preflight` judges: the machine an ``up`` is about to ask for."""
 
@@ -165,6 +173,10 @@ class Backend(Protocol):
 
     def forwards(self, files: VMFiles, machine: MachineRef) -> list[PortForward]:
         """The forwards in effect now, with the host ports the backend picked."""
+        ...
+
+    def usage(self, machine: MachineRef) -> MachineUsage:
+        """CPU seconds and resident memory of the machine's host process(es)."""
         ...
 
     def strays(self, files: VMFiles) -> list[MachineRef]:

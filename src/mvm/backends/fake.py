@@ -24,7 +24,16 @@ from .. import _unixsock
 from ..errors import BootError, PortInUse, StopFailed
 from ..guest import protocol
 from ..paths import VMFiles
-from .base import HOTPLUG_FORWARD, VOLUMES, LaunchSpec, MachineRef, MachineRequest, PortForward, Preflight
+from .base import (
+    HOTPLUG_FORWARD,
+    VOLUMES,
+    LaunchSpec,
+    MachineRef,
+    MachineRequest,
+    MachineUsage,
+    PortForward,
+    Preflight,
+)
 
 #: Fake pids start above the kernel's pid_max (4194304), so no real process ever matches.
 _PIDS = itertools.count(5_000_000)
@@ -200,6 +209,9 @@ class FakeBackend:
     def alive(self, machine: MachineRef) -> bool:
         found = self.machines.get(machine.pid)
         return found is not None and found.running and found.ref == machine
+
+    def usage(self, machine: MachineRef) -> MachineUsage:
+        return MachineUsage(cpu_seconds=0.0, memory_bytes=64 * 1024 * 1024)
 
     def strays(self, files: VMFiles) -> list[MachineRef]:
         return [m.ref for m in self.machines.values() if m.running and m.spec.files.root == files.root]

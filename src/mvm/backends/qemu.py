@@ -21,7 +21,17 @@ from ..errors import BootError, PortInUse, StopFailed, UsageError, VMError, Volu
 from ..guest import protocol
 from ..paths import VMFiles
 from . import accel
-from .base import HOTPLUG_FORWARD, SHARES, VOLUMES, LaunchSpec, MachineRef, MachineRequest, PortForward, Preflight
+from .base import (
+    HOTPLUG_FORWARD,
+    SHARES,
+    VOLUMES,
+    LaunchSpec,
+    MachineRef,
+    MachineRequest,
+    MachineUsage,
+    PortForward,
+    Preflight,
+)
 from .qemu_argv import build_argv, hostfwd_rule, profile, share_socket
 from .qmp import QMP
 
@@ -196,6 +206,9 @@ class QemuBackend:
 
     def alive(self, machine: MachineRef) -> bool:
         return _proc.alive(machine.pid, machine.start_time)
+
+    def usage(self, machine: MachineRef) -> MachineUsage:
+        return MachineUsage(*_proc.usage(machine.pid))
 
     def strays(self, files: VMFiles) -> list[MachineRef]:
         """QEMU runs with its VM dir as cwd, which finds it even without a record."""

@@ -38,6 +38,7 @@ from .commands import (
     logs,
     ls,
     restart,
+    stats,
     status,
     up,
     volume,
@@ -83,8 +84,8 @@ def _root(
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
 
 
-for module in (build, up, ls, status, logs, exec_, console, cp, forward, restart, down, images, volume, dev,
-               cleanup, doctor):
+for module in (build, up, ls, status, stats, logs, exec_, console, cp, forward, restart, down, images, volume,
+               dev, cleanup, doctor):
     module.register(app)
 
 

@@ -219,6 +219,38 @@ class StreamOp:
 
 
 
+def usage(services: dict[str, Any]) -> dict[str, Any]:
+    """CPU seconds and resident memory of each service (its whole session: the service and
+    everything it started) and of the guest, for ``mvmctl stats``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    page = os.sysconf("SC_PAGE_SIZE")
+    by_session: dict[int, list[float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        session, cpu, rss = int(fields[3]), (int(fields[11]) + int(fields[12])) / tick, int(fields[21]) * page
+        total = by_session.setdefault(session, [0.0, 0.0])
+        total[0] += cpu
+        total[1] += rss
+    meminfo: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":", 1)
+            meminfo[key] = int(value.split()[0]) * 1024
+    out: dict[str, Any] = {}
+    for name, svc in services.items():
+        pid = svc.get("pid")
+        cpu, rss = by_session.get(pid, [0.0, 0.0]) if pid else [0.0, 0.0]
+        out[name] = {"pid": pid, "cpu_seconds": round(cpu, 3), "memory_bytes": int(rss)}
+    return {"services": out, "memory_total": meminfo.get("MemTotal"),
+            "memory_available": meminfo.get("MemAvailable"), "clock": time.monotonic()}
+
+
 #: How the agent's own Python runs mvm.guest.copy: its package dir on sys.path, isolated (-I).
 COPY_ENTRY = ("import sys; sys.path.insert(0, sys.argv.pop(1)); from mvm.guest.copy import main; "
               "sys.exit(main(sys.argv[1:]))")
@@ -327,6 +359,8 @@ class ControlServer:
                     for tid, frame in sys._current_frames().items()
                 }
             conn.send({"ok": True, **self.status(), **extra}, rid)
+        elif op == "stats":
+            conn.send({"ok": True, **usage(self.status().get("services") or {})}, rid)
         elif op == "shutdown":
             conn.send({"ok": True}, rid)
             threading.Thread(target=self.shutdown, name="shutdown", daemon=True).start()

@@ -1,0 +1,77 @@
+"""``stats``: CPU and memory of running VMs (host side) and of their services (guest side).
+
+CPU is a rate, so it is measured over an interval: usage is sampled, the interval passes,
+usage is sampled again. The host figures come from the backend (the QEMU process), the
+guest's from its agent (each service's session: the service and what it started).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .._proc import DEFAULT_RUNNER, Runner
+from ..backends.base import MachineUsage
+from ..errors import MvmError, VMNotRunning
+from ..paths import Layout
+from ..runtime import agent
+from ..runtime.registry import Registry
+from .machines import backend_for, status_of
+from .models import ServiceUsage, VMUsage
+from .vm import VM
+
+
+def _sample(vm: VM, runner: Runner) -> tuple[float, MachineUsage, dict[str, Any]]:
+    record = vm.record()
+    assert record.machine is not None
+    machine = backend_for(record, runner).usage(record.machine.ref)
+    try:
+        guest = agent.request(vm.files, vm.name, "stats", timeout=5.0)
+    except MvmError:
+        guest = {}
+    return time.monotonic(), machine, guest
+
+
+def stats(names: list[str] | None = None, *, interval: float = 1.0, layout: Layout | None = None,
+          runner: Runner = DEFAULT_RUNNER) -> list[VMUsage]:
+    """Usage of the named VMs (all running ones if none are named), over ``interval`` seconds."""
+    layout = layout or Layout.default()
+    registry = Registry(layout)
+    vms = []
+    for name in names or registry.names():
+        try:
+            record = registry.load(name)
+            running = status_of(record, registry.files(name), backend_for(record, runner)).active
+        except MvmError:
+            if names:
+                raise
+            continue
+        if running:
+            vms.append(VM(name, layout, runner))
+        elif names:
+            raise VMNotRunning(name, f"VM {name!r} is not running")
+    first = {vm.name: _sample(vm, runner) for vm in vms}
+    time.sleep(interval)
+    out = []
+    for vm in vms:
+        t0, m0, g0 = first[vm.name]
+        t1, m1, g1 = _sample(vm, runner)
+        wall = max(t1 - t0, 1e-3)
+        before = g0.get("services") or {}
+        services = []
+        for svc, now in sorted((g1.get("services") or {}).items()):
+            was = before.get(svc) or {}
+            same = was.get("pid") == now.get("pid")
+            cpu = (now.get("cpu_seconds", 0) - (was.get("cpu_seconds", 0) if same else 0)) / wall
+            services.append(ServiceUsage(name=svc, pid=now.get("pid"), cpu_percent=round(max(cpu, 0) * 100, 1),
+                                         memory_bytes=int(now.get("memory_bytes") or 0)))
+        total, available = g1.get("memory_total"), g1.get("memory_available")
+        out.append(VMUsage(
+            name=vm.name,
+            cpu_percent=round((m1.cpu_seconds - m0.cpu_seconds) / wall * 100, 1),
+            memory_bytes=m1.memory_bytes,
+            guest_memory_total=total,
+            guest_memory_used=total - available if total is not None and available is not None else None,
+            services=services,
+        ))
+    return out
