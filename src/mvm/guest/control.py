@@ -245,8 +245,8 @@ def usage(services: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, svc in services.items():
         pid = svc.get("pid")
-        cpu, rss = by_session.get(pid, [0.0, 0.0]) if pid else [0.0, 0.0]
-        out[name] = {"pid": pid, "cpu_seconds": round(cpu, 3), "memory_bytes": int(rss)}
+        used = by_session.get(pid, [0.0, 0.0]) if pid else [0.0, 0.0]
+        out[name] = {"pid": pid, "cpu_seconds": round(used[0], 3), "memory_bytes": int(used[1])}
     return {"services": out, "memory_total": meminfo.get("MemTotal"),
             "memory_available": meminfo.get("MemAvailable"), "clock": time.monotonic()}
 
