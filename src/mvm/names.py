@@ -9,6 +9,10 @@ SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+#: The smallest guest memory that boots (MiB): below it the kernel and the guest's Python
+#: run out of memory at boot (measured: docs/performance.md).
+MIN_MEMORY_MIB = 128
+
 #: uid (and gid of group ``mvm``) of the default service user; further service users follow it.
 DEFAULT_UID = 1000
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
-from .names import SERVICE_RE, USER_RE, check_env, check_vm_name
+from .names import MIN_MEMORY_MIB, SERVICE_RE, USER_RE, check_env, check_vm_name
 
 GUEST_JSON_SCHEMA = 1
 DEFAULT_USER = "mvm"
@@ -63,7 +63,7 @@ class GuestSpec(_Model):
     packages: list[str] = Field(default_factory=list)
     hostname: str | None = None
     cpus: int = Field(1, ge=1, le=64)
-    memory: int = Field(512, ge=64, le=65536, description="MiB")
+    memory: int = Field(512, ge=MIN_MEMORY_MIB, le=65536, description="MiB")
     services: dict[str, Service] = Field(default_factory=dict)
     health_checks: dict[str, HealthCheck] = Field(default_factory=dict, alias="healthChecks")
     #: mvm.toml only: guest path -> file or directory (relative to mvm.toml) copied into the

@@ -27,7 +27,7 @@ from .._proc import DEFAULT_RUNNER, Runner, tail_file
 from ..backends.base import AccelPreference, Backend, LaunchSpec, MachineRef, MachineRequest, PortForward, Share
 from ..errors import AgentError, BootError, MvmError, StopFailed, UsageError, VMExists
 from ..images.store import Image
-from ..names import check_vm_name
+from ..names import MIN_MEMORY_MIB, check_vm_name
 from ..paths import Layout, VMFiles
 from ..runtime import agent
 from ..runtime.bootconfig import write_config_disk
@@ -78,8 +78,9 @@ class UpRequest:
     ) -> UpRequest:
         if cpus is not None and not 1 <= cpus <= 64:
             raise UsageError(f"--cpus {cpus}: must be between 1 and 64")
-        if memory is not None and not 64 <= memory <= 65536:
-            raise UsageError(f"--memory {memory}: must be between 64 and 65536 MiB")
+        if memory is not None and not MIN_MEMORY_MIB <= memory <= 65536:
+            raise UsageError(f"--memory {memory}: must be between {MIN_MEMORY_MIB} and 65536 MiB",
+                             hint=f"a guest needs at least {MIN_MEMORY_MIB} MiB to boot its kernel and agent")
         if name is not None:
             try:
                 check_vm_name(name)
