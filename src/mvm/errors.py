@@ -19,6 +19,7 @@ The CLI renders them and maps them to exit codes in exactly one place (``mvm.cli
         ├── VMExists
         ├── VMNotRunning
         ├── BootError        the guest never answered (console tail attached)
+        │   └── RestoreFailed    a saved machine could not be restored (up then boots cold)
         ├── AgentError       the control channel failed or the guest refused a request
         │   └── AgentTimeout
         ├── HealthTimeout    `up --wait` gave up (check output attached)
@@ -116,6 +117,10 @@ class BootError(VMError):
     reference = "boot-failed"
 
 
+class RestoreFailed(BootError):
+    reference = "restore-failed"
+
+
 class AgentError(VMError):
     reference = "agent-error"
 
@@ -150,6 +155,7 @@ __all__ = [
     "HealthTimeout",
     "MvmError",
     "PortInUse",
+    "RestoreFailed",
     "ServiceFailed",
     "SpecError",
     "StateError",

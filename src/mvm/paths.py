@@ -2,7 +2,7 @@
 
 ``MVM_HOME`` overrides both roots (``$MVM_HOME/state`` and ``$MVM_HOME/cache``), which is
 how tests and parallel users keep apart. ``MVM_CACHE`` overrides the cache root alone (so
-several state dirs can share built images and the kernel). Otherwise the XDG state and
+several state dirs can share built images and the kernel), ``MVM_STATE`` the state root. Otherwise the XDG state and
 cache dirs are used.
 """
 
@@ -32,11 +32,14 @@ class Layout:
     def default(cls) -> Layout:
         home = os.environ.get("MVM_HOME")
         cache = os.environ.get("MVM_CACHE")
+        state_dir = os.environ.get("MVM_STATE")
         if home:
             root = Path(home).expanduser().absolute()
             state, default_cache = root / "state", root / "cache"
         else:
             state, default_cache = _xdg_dir("state"), _xdg_dir("cache")
+        if state_dir:
+            state = Path(state_dir).expanduser().absolute()
         return cls(state=state, cache=Path(cache).expanduser().absolute() if cache else default_cache)
 
     @property
@@ -64,6 +67,11 @@ class Layout:
     def layers(self) -> Path:
         """Package layers of mvm.toml images (see mvm.images.layer)."""
         return self.cache / "layers"
+
+    @property
+    def templates(self) -> Path:
+        """Saved machines that ``up`` restores (see mvm.runtime.templates)."""
+        return self.cache / "templates"
 
     @property
     def kernels(self) -> Path:
@@ -121,3 +129,18 @@ class VMFiles:
     @property
     def volumes(self) -> Path:
         return self.root / "ro-volumes"
+
+    @property
+    def root_disk(self) -> Path:
+        """This VM's own copy-on-write layer over its image's (or template's) root disk."""
+        return self.root / "root.qcow2"
+
+    @property
+    def saved_state(self) -> Path:
+        """The machine saved by ``suspend``."""
+        return self.root / "suspended.state"
+
+    @property
+    def launch(self) -> Path:
+        """How the machine was started (``resume`` starts it the same way)."""
+        return self.root / "launch.json"

@@ -88,7 +88,7 @@ def test_kernel_args_carry_per_boot_settings_quoted(image: Path) -> None:
     from mvm.guest import cmdline  # the guest reads back exactly what was meant
 
     assert cmdline.settings(cmdline.split(line)) == {
-        "standalone": True, "vm": "web-1", "env": {"GREETING": "hello world", "PORT": "8080"}}
+        "standalone": True, "template": False, "vm": "web-1", "env": {"GREETING": "hello world", "PORT": "8080"}}
 
 
 def test_same_name_or_a_spec_hostname_sets_no_hostname(tmp_path: Path) -> None:

@@ -21,10 +21,12 @@ def test_cmdline_split_follows_the_kernel_quoting() -> None:
 def test_cmdline_settings() -> None:
     args = cmdline.split('quiet mvm.standalone=1 mvm.hostname=web-1 mvm.env.PORT=8080 mvm.env.EMPTY= '
                          'mvm.env.bad-name=x mvm.unknown=1 env.PORT=1')
-    assert cmdline.settings(args) == {"standalone": True, "vm": "web-1", "env": {"PORT": "8080", "EMPTY": ""}}
+    assert cmdline.settings(args) == {"standalone": True, "template": False, "vm": "web-1",
+                                      "env": {"PORT": "8080", "EMPTY": ""}}
     assert cmdline.settings(["mvm.standalone=0"])["standalone"] is False
     assert cmdline.settings(["mvm.standalone"])["standalone"] is True
-    assert cmdline.settings([]) == {"standalone": False, "vm": None, "env": {}}
+    assert cmdline.settings([]) == {"standalone": False, "template": False, "vm": None, "env": {}}
+    assert cmdline.settings(["mvm.template=1"])["template"] is True
 
 
 def test_standalone_runtime_has_what_the_config_disk_would() -> None:

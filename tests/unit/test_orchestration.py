@@ -17,6 +17,7 @@ import pytest
 
 import mvm
 from mvm import backends
+from mvm._api.templates import make_template
 from mvm._api.up import Launch
 from mvm._proc import DEFAULT_RUNNER, Runner
 from mvm.backends.base import PortForward
@@ -34,6 +35,7 @@ from mvm.errors import (
 from mvm.images.store import Image, Manifest
 from mvm.paths import Layout
 from mvm.runtime.registry import Registry
+from mvm.runtime.templates import Template
 from mvm.spec import GuestSpec, HealthCheck, Service
 from mvm.volumes.store import VolumeStore, volume_id
 
@@ -333,3 +335,82 @@ def test_parse_since() -> None:
     assert parse_since("2026-11-30T14:05:00+00:00") == 1796047500.0
     with pytest.raises(UsageError, match="not a duration or a time"):
         parse_since("yesterday")
+
+
+# --- fast start: templates, restores, and the fall back to a cold boot -------------------
+
+
+@pytest.fixture()
+def template(layout: Layout, fake: FakeBackend, image: Image) -> Template:
+    return make_template(image, cpus=1, memory=512, layout=layout, backend=fake)
+
+
+def test_a_template_is_made_from_one_boot_and_kept_whole(template: Template, fake: FakeBackend,
+                                                         layout: Layout) -> None:
+    assert template.meta.kinds == ["agent", "ready"]
+    for kind in ("agent", "ready"):
+        assert template.state(kind).is_file() and template.ram(kind).is_file() and template.root(kind).is_file()
+    assert not [m for m in fake.machines.values() if m.running], "the template's machine was left running"
+    assert not [p for p in layout.templates.iterdir() if p.name.startswith(".build-")]
+
+
+def test_up_restores_a_ready_template_and_makes_each_clone_unique(template: Template, layout: Layout,
+                                                                   fake: FakeBackend, image: Image) -> None:
+    a = _up(layout, fake, image, name="a")
+    b = _up(layout, fake, image, name="b")
+    info = a.info()
+    assert info.start == "restored" and "(ready)" in (info.start_reason or "")
+    clones = [m for m in fake.machines.values() if m.running]
+    assert [m.spec.incoming.state for m in clones] == [template.state("ready")] * 2  # type: ignore[union-attr]
+    assert all(m.spec.memory_file and not m.spec.memory_file.shared for m in clones)  # copy-on-write RAM
+    seeds = [m.guest.identity["seed"] for m in clones]  # type: ignore[index]
+    assert len(set(seeds)) == 2 and [m.guest.identity["op"] for m in clones] == ["refresh"] * 2  # type: ignore[index]
+    assert [m.guest.identity["hostname"] for m in clones] == ["a", "b"]  # type: ignore[index]
+    assert (a.files.root / "root.qcow2").is_file() and not a.files.config_disk.exists()
+    a.down()
+    b.down()
+
+
+def test_env_or_volumes_restore_the_agent_template_and_configure_it(template: Template, layout: Layout,
+                                                                    fake: FakeBackend, image: Image,
+                                                                    tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    vm = _up(layout, fake, image, env=["MODE=x"], volumes=[f"{tmp_path}/data:/mnt/data:16"])
+    (machine,) = [m for m in fake.machines.values() if m.running]
+    assert "(agent)" in (vm.info().start_reason or "") and machine.guest.identity is not None
+    assert machine.guest.identity["op"] == "configure"
+    config = machine.guest.identity["config"]
+    assert config["env"] == {"MODE": "x"} and config["volumes"][0]["target"] == "/mnt/data"
+    assert [slot for slot, _ in machine.hotplugged] == [0]
+    vm.down()
+
+
+def test_cold_and_damaged_templates_boot_cold_and_say_why(template: Template, layout: Layout,
+                                                          fake: FakeBackend, image: Image) -> None:
+    vm = _up(layout, fake, image, cold=True)
+    assert (vm.info().start, vm.info().start_reason) == ("cold", "--cold")
+    vm.down()
+    with open(template.ram("ready"), "r+b") as ram:  # bytes flipped in the middle of the saved RAM
+        ram.seek(256 * 1024 * 1024)
+        ram.write(b"\xff\xff")
+    vm = _up(layout, fake, image)
+    info = vm.info()
+    assert info.start == "cold" and "damaged" in (info.start_reason or "") and "changed" in (info.start_reason or "")
+    assert not template.path.exists()  # removed, to be made again
+    vm.down()
+
+
+def test_a_failed_restore_falls_back_to_a_cold_boot_and_leaves_nothing(template: Template, layout: Layout,
+                                                                       fake: FakeBackend, image: Image) -> None:
+    template.state("ready").write_text("not a saved machine")  # readable, but QEMU would refuse it
+    meta = template.meta.model_copy(deep=True)  # re-recorded: the store's change check passes, QEMU's fails
+    meta.files["ready.state"] = [template.state("ready").stat().st_size, template.state("ready").stat().st_mtime_ns,
+                                 template.state("ready").stat().st_ctime_ns]
+    (template.path / "template.json").write_text(meta.model_dump_json())
+    vm = _up(layout, fake, image)
+    info = vm.info()
+    assert info.start == "cold" and "restoring failed" in (info.start_reason or "")
+    assert len([m for m in fake.machines.values() if m.running]) == 1
+    assert not template.path.exists()
+    vm.down()
+    _nothing_left(layout, fake)

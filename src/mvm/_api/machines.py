@@ -54,6 +54,8 @@ def vm_info(record: VMRecord, files: VMFiles, status: VMStatus, guest: GuestStat
         created_at=record.created_at,
         started_at=record.started_at,
         uptime=round(time.time() - record.started_at, 1) if running and record.started_at else None,
+        start=record.start,
+        start_reason=record.start_reason or None,
         exit_reason=None if status.active else logs.exit_reason(files),
         dir=str(files.root),
     )

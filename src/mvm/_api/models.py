@@ -69,6 +69,8 @@ class VMInfo(_Model):
     created_at: float | None = None
     started_at: float | None = None
     uptime: float | None = None
+    start: Literal["cold", "restored"] | None = None  #: booted, or restored from a template
+    start_reason: str | None = None  #: which template, or why it booted cold
     exit_reason: str | None = None  #: why it is no longer running (exited, crashed)
     error: str | None = None  #: why its state is unreadable (broken)
     dir: str

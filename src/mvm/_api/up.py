@@ -14,6 +14,7 @@ Order, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -24,7 +25,17 @@ from dataclasses import dataclass, field
 
 from .. import backends
 from .._proc import DEFAULT_RUNNER, Runner, tail_file
-from ..backends.base import AccelPreference, Backend, LaunchSpec, MachineRef, MachineRequest, PortForward, Share
+from ..backends.base import (
+    AccelPreference,
+    Backend,
+    Incoming,
+    LaunchSpec,
+    MachineRef,
+    MachineRequest,
+    MemoryFile,
+    PortForward,
+    Share,
+)
 from ..errors import AgentError, BootError, MvmError, StopFailed, UsageError, VMExists
 from ..images.store import Image
 from ..names import MIN_MEMORY_MIB, check_vm_name
@@ -32,16 +43,21 @@ from ..paths import Layout, VMFiles
 from ..runtime import agent
 from ..runtime.bootconfig import write_config_disk
 from ..runtime.registry import PortRecord, ProcessRecord, Registry, VMRecord
+from ..runtime.templates import TEMPLATE_ARG, TemplateStore
 from ..volumes import attach as volume_attach
+from . import templates
 from .build import build_image
 from .machines import backend_for, status_of
 from .options import parse_env, parse_port
 from .progress import Progress, Quiet
+from .templates import Restore
 from .vm import VM
 
 log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT = 90.0
+#: A restored guest answers in well under a second; one that does not is broken.
+RESTORE_BOOT_TIMEOUT = 20.0
 HYPERVISORS: dict[str, tuple[str, AccelPreference]] = {
     "auto": ("qemu", "auto"),
     "qemu-kvm": ("qemu", "kvm"),
@@ -62,6 +78,7 @@ class UpRequest:
     backend: str = "qemu"
     accel: AccelPreference = "auto"
     shares: list[Share] = field(default_factory=list)
+    cold: bool = False  #: boot, even where a template could be restored
 
     @classmethod
     def parse(
@@ -75,6 +92,7 @@ class UpRequest:
         volumes: Sequence[str] = (),
         hypervisor: str = "auto",
         shares: Sequence[Share] = (),
+        cold: bool = False,
     ) -> UpRequest:
         if cpus is not None and not 1 <= cpus <= 64:
             raise UsageError(f"--cpus {cpus}: must be between 1 and 64")
@@ -99,6 +117,7 @@ class UpRequest:
             backend=backend,
             accel=accel,
             shares=list(shares),
+            cold=cold,
         )
 
 
@@ -112,6 +131,7 @@ class UpPlan:
     volumes: list[volume_attach.Planned]
     record: VMRecord
     boot_timeout: float = BOOT_TIMEOUT
+    restore: Restore | None = None
 
     @property
     def name(self) -> str:
@@ -128,6 +148,10 @@ def plan_up(request: UpRequest, image: Image, backend: Backend, planned: list[vo
         arch=image.manifest.arch, shares=bool(request.shares), disks=len(planned),
     ))
     source = image.manifest.source
+    cpus, memory = request.cpus or guest.cpus, request.memory or guest.memory
+    restore, reason = templates.choose(image, cpus=cpus, memory=memory, env=bool(request.env),
+                                       volumes=len(planned), shares=bool(request.shares), cold=request.cold,
+                                       backend=backend, layout=layout)
     record = VMRecord(
         name=name,
         backend=backend.name,
@@ -136,15 +160,18 @@ def plan_up(request: UpRequest, image: Image, backend: Backend, planned: list[vo
         image_path=str(image.path),
         frontend=image.manifest.frontend,
         source=str(source.get("path") or source.get("flake") or ""),
-        cpus=request.cpus or guest.cpus,
-        memory=request.memory or guest.memory,
+        cpus=cpus,
+        memory=memory,
         ports=[PortRecord.of(f) for f in request.forwards],
         env_keys=sorted(request.env),
         services=sorted(guest.services),
         checks=sorted(guest.health_checks),
         volumes=volume_attach.records(planned, layout),
+        start="restored" if restore else "cold",
+        start_reason=reason,
     )
-    return UpPlan(request, image, backend, planned, record, boot_timeout)
+    timeout = min(boot_timeout, RESTORE_BOOT_TIMEOUT) if restore else boot_timeout
+    return UpPlan(request, image, backend, planned, record, timeout, restore)
 
 
 class Launch:
@@ -162,8 +189,10 @@ class Launch:
             files = self.reserve(undo)
             attached = self.attach_volumes(files, undo)
             self.write_boot_config(files, attached)
+            self.create_root(files)
             machine = self.start_machine(files, attached, undo)
             self.wait_for_agent(files, machine)
+            self.personalize(files, machine, attached)
             self.mark_running()
             undo.pop_all()
         attached.booted()
@@ -182,18 +211,42 @@ class Launch:
                               runner=self.runner, stage=self.progress.stage)
 
     def write_boot_config(self, files: VMFiles, attached: volume_attach.Attached) -> None:
-        write_config_disk(files.config_disk, {"vm": self.plan.name, "env": self.plan.request.env,
-                                              "volumes": attached.boot})
+        if self.plan.restore is None:  # a restored clone gets its config through `configure`
+            write_config_disk(files.config_disk, self.boot_config(attached))
+
+    def boot_config(self, attached: volume_attach.Attached) -> dict[str, object]:
+        return {"vm": self.plan.name, "env": self.plan.request.env, "volumes": attached.boot}
+
+    def create_root(self, files: VMFiles) -> None:
+        """The VM's own copy-on-write layer over the image's root disk (or the template's);
+        the cached image is never written. A clone also starts its logs with the template's."""
+        restore = self.plan.restore
+        backing, fmt = ((restore.template.root(restore.kind), "qcow2") if restore
+                        else (self.plan.image.rootfs, "raw"))
+        self.runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", backing, files.root_disk],
+                        desc="creating the VM's root disk")
+        if restore is not None:
+            for name in ("console.log", "events.log"):
+                shutil.copyfile(restore.template.log(restore.kind, name), files.root / name)
 
     def start_machine(self, files: VMFiles, attached: volume_attach.Attached, undo: ExitStack) -> MachineRef:
-        plan, record = self.plan, self.plan.record
+        plan, record, restore = self.plan, self.plan.record, self.plan.restore
         spec = LaunchSpec(
             name=plan.name, files=files, kernel=plan.image.kernel, initrd=plan.image.initrd,
-            rootfs=plan.image.rootfs, cpus=record.cpus, memory=record.memory, accel=record.accel,  # type: ignore[arg-type]
-            arch=plan.image.manifest.arch, ports=plan.request.forwards, config_disk=files.config_disk,
-            disks=attached.disks, hold_fds=attached.hold_fds, shares=plan.request.shares,
+            rootfs=files.root_disk, root_format="qcow2", root_snapshot=False, cpus=record.cpus,
+            memory=record.memory, accel=record.accel,  # type: ignore[arg-type]
+            arch=plan.image.manifest.arch, ports=plan.request.forwards, hold_fds=attached.hold_fds,
+            shares=plan.request.shares,
         )
-        self.progress.stage(f"booting ({record.accel})")
+        if restore is None:
+            spec.config_disk, spec.disks = files.config_disk, attached.disks
+            self.progress.stage(f"booting ({record.accel})")
+        else:  # the template's device set: its hot-plug slots, its RAM (copy-on-write), its state
+            spec.memory_file = MemoryFile(restore.template.ram(restore.kind), shared=False)
+            spec.incoming = Incoming(restore.template.state(restore.kind), ignore_shared=True)
+            spec.hotplug_slots = restore.template.meta.hotplug_slots
+            spec.kernel_args = (TEMPLATE_ARG,)
+            self.progress.stage(f"restoring ({record.accel}, {restore.kind} template)")
         machine = plan.backend.start(spec)
         undo.callback(self._stop_after_failure, files, machine)
         attached.held_by(machine.pid, machine.start_time)
@@ -219,6 +272,21 @@ class Launch:
             raise BootError(self.plan.name, f"the VM did not come up: {exc.message}",
                             hint="the console output below shows how far it got",
                             output=tail_file(files.console_log, 25)) from exc
+
+    def personalize(self, files: VMFiles, machine: MachineRef, attached: volume_attach.Attached) -> None:
+        """A clone becomes its own machine: fresh RNG, machine-id and hostname (and, from an
+        ``agent`` template, its volumes and its config, after which its services start)."""
+        restore = self.plan.restore
+        if restore is None:
+            return
+        guest = self.plan.image.manifest.guest
+        who = templates.identity(self.plan.name, guest.hostname or self.plan.name)
+        if restore.kind == "ready":
+            agent.request(files, self.plan.name, "refresh", timeout=10.0, **who)
+            return
+        for slot, disk in enumerate(attached.disks):
+            self.plan.backend.attach_disk(files, machine, disk, slot)
+        agent.request(files, self.plan.name, "configure", timeout=10.0, config=self.boot_config(attached), **who)
 
     def mark_running(self) -> None:
         self.registry.update(self.plan.name, lambda r: setattr(r, "phase", "running"))
@@ -285,6 +353,7 @@ def up(
     progress: Progress | None = None,
     image: Image | None = None,
     shares: Sequence[Share] = (),
+    cold: bool = False,
 ) -> VM:
     """Build if needed, boot, and return once the guest agent answers (or is healthy).
 
@@ -296,7 +365,7 @@ def up(
     layout = layout or Layout.default()
     prog = progress or Quiet()
     request = UpRequest.parse(name=name, cpus=cpus, memory=memory, ports=ports, env=env, volumes=volumes,
-                              hypervisor=hypervisor, shares=shares)
+                              hypervisor=hypervisor, shares=shares, cold=cold)
     backend = backend or backends.get(request.backend, runner)
     backend.check_ports(request.forwards)  # before the build: a taken port fails fast
     planned = volume_attach.plan(request.volumes, layout)
@@ -304,7 +373,22 @@ def up(
         image, _ = build_image(path, flake=flake, nix_args=nix_args, layout=layout, runner=runner, progress=prog)
     prog.stage("choosing accelerator")
     plan = plan_up(request, image, backend, planned, layout, boot_timeout)  # after the build: the KVM probe
-    Launch(plan, layout, runner, prog).run()
+    try:
+        Launch(plan, layout, runner, prog).run()
+    except BootError as exc:
+        if plan.restore is None:
+            raise
+        # Nothing of the attempt is left (its undo ran): say why, forget the template, boot.
+        reason = f"restoring failed ({exc.message}); booted cold"
+        prog.stage(reason)
+        log.warning("%s: %s", plan.name, reason)
+        TemplateStore(layout).remove(plan.restore.template.meta.key)
+        plan = dataclasses.replace(plan, restore=None, boot_timeout=boot_timeout,
+                                   record=plan.record.model_copy(update={"start": "cold", "start_reason": reason}))
+        Launch(plan, layout, runner, prog).run()
+    if plan.restore is None and templates.mode() == "auto" and "no template yet" in plan.record.start_reason:
+        templates.make_in_background(image, cpus=plan.record.cpus, memory=plan.record.memory, layout=layout,
+                                     backend=backend.name, runner=runner)
     vm = VM(plan.name, layout, runner)
     if wait and plan.record.checks:
         prog.stage("waiting for health checks")

@@ -10,9 +10,10 @@ Backends are stateless objects: everything they need to manage a running machine
 another ``mvmctl`` process, is in the VM dir (:class:`~mvm.paths.VMFiles`) and the
 :class:`MachineRef` recorded at start.
 
-Room by design, not by stubs: a backend that can save and restore machines will add
-``save``/``restore`` methods and announce :data:`SAVE_RESTORE` in :meth:`Backend.capabilities`;
-a machine profile per guest architecture is chosen from :attr:`LaunchSpec.arch`.
+A backend that can save machines and restore them (fast start, suspend) announces
+:data:`SAVE_RESTORE`: :meth:`Backend.save` writes a paused machine to a file, and
+:meth:`Backend.start` with :attr:`LaunchSpec.incoming` restores one instead of booting. A
+machine profile per guest architecture is chosen from :attr:`LaunchSpec.arch`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ Arch = Literal["x86_64", "aarch64"]
 HOTPLUG_FORWARD = "hotplug-forward"  #: forwards can be added to a running machine
 VOLUMES = "volumes"  #: extra block devices (``-v``)
 SHARES = "shares"  #: live host directories (virtiofs), for ``mvmctl dev``
-SAVE_RESTORE = "save-restore"  #: reserved: save a running machine and restore it later
+SAVE_RESTORE = "save-restore"  #: save a machine to a file and restore it later (fast start, suspend)
+HOTPLUG_DISK = "hotplug-disk"  #: attach a disk to a running machine (volumes of a restored clone)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,31 @@ class Share:
 
     tag: str
     path: Path
+
+
+@dataclass(frozen=True)
+class MemoryFile:
+    """Guest RAM in a file instead of anonymous memory. ``shared``: the machine writes to
+    the file (a template being made); else the file is mapped copy-on-write, so clones share
+    its unchanged pages in the page cache and never each other's writes."""
+
+    path: Path
+    shared: bool
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """Restore a machine from ``state`` (written by :meth:`Backend.save`) instead of booting.
+    ``ignore_shared``: the save left the RAM out (it is in the :class:`MemoryFile`)."""
+
+    state: Path
+    ignore_shared: bool
+
+
+@dataclass(frozen=True)
+class Saved:
+    bytes: int
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -125,6 +152,16 @@ class LaunchSpec:
     #: volume locks (``flock``), which are thereby released exactly when the VM process ends.
     hold_fds: tuple[int, ...] = ()
     shares: list[Share] = field(default_factory=list)
+    #: The root disk: a raw image under a throwaway overlay (``snapshot``), or a qcow2 file of
+    #: this VM's own (a clone's copy-on-write layer over its template's disk).
+    root_format: Literal["raw", "qcow2"] = "raw"
+    root_snapshot: bool = True
+    memory_file: MemoryFile | None = None
+    #: Empty slots for disks attached later (:meth:`Backend.attach_disk`); part of the device
+    #: set, so a template and its clones must agree on it.
+    hotplug_slots: int = 0
+    incoming: Incoming | None = None
+    kernel_args: tuple[str, ...] = ()
 
 
 class Backend(Protocol):
@@ -132,6 +169,11 @@ class Backend(Protocol):
 
     def capabilities(self) -> frozenset[str]:
         """What this backend can do beyond start and stop (the constants above)."""
+        ...
+
+    def machine_version(self, arch: Arch) -> str:
+        """What a saved machine depends on besides the guest: the hypervisor binary. A saved
+        machine restores only where this is the same."""
         ...
 
     def check_ports(self, ports: Sequence[PortForward]) -> None:
@@ -160,6 +202,19 @@ class Backend(Protocol):
         """Stop a machine whose guest did not power it off: soft first (the hypervisor's
         own quit), then hard. Returns how (``gone``, ``quit``, ``terminated``, ``killed``);
         raises :class:`~mvm.errors.StopFailed` if the machine still runs afterwards."""
+        ...
+
+    def save(self, files: VMFiles, machine: MachineRef, state: Path) -> Saved:
+        """Pause the machine and write it to ``state`` (needs :data:`SAVE_RESTORE`). The RAM
+        is left out when it lives in a shared :class:`MemoryFile`. The machine stays paused."""
+        ...
+
+    def resume(self, files: VMFiles, machine: MachineRef) -> None:
+        """Run a paused machine again."""
+        ...
+
+    def attach_disk(self, files: VMFiles, machine: MachineRef, disk: Disk, slot: int) -> None:
+        """Attach ``disk`` to a running machine in hot-plug slot ``slot`` (needs :data:`HOTPLUG_DISK`)."""
         ...
 
     def forward(self, files: VMFiles, machine: MachineRef, forward: PortForward) -> PortForward:

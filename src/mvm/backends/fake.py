@@ -13,26 +13,33 @@ from __future__ import annotations
 import base64
 import dataclasses
 import itertools
+import json
 import socket
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .. import _unixsock
-from ..errors import BootError, PortInUse, StopFailed
+from ..errors import BootError, PortInUse, RestoreFailed, StopFailed
 from ..guest import protocol
 from ..paths import VMFiles
 from .base import (
+    HOTPLUG_DISK,
     HOTPLUG_FORWARD,
+    SAVE_RESTORE,
     VOLUMES,
+    Arch,
+    Disk,
     LaunchSpec,
     MachineRef,
     MachineRequest,
     MachineUsage,
     PortForward,
     Preflight,
+    Saved,
 )
 
 #: Fake pids start above the kernel's pid_max (4194304), so no real process ever matches.
@@ -48,6 +55,8 @@ class FakeMachine:
     guest: FakeGuest
     forwards: list[PortForward] = field(default_factory=list)
     running: bool = True
+    paused: bool = False
+    hotplugged: list[tuple[int, Disk]] = field(default_factory=list)
 
 
 class FakeGuest:
@@ -62,6 +71,7 @@ class FakeGuest:
         self.status = status
         self.on_shutdown = on_shutdown
         self.requests: list[dict[str, Any]] = []
+        self.identity: dict[str, Any] | None = None  # the last configure/refresh
         self._listeners: list[socket.socket] = []
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -137,6 +147,9 @@ class FakeGuest:
         elif op == "shutdown":
             send({"ok": True})
             self.on_shutdown()
+        elif op in ("configure", "refresh"):
+            self.identity = msg
+            send({"ok": True})
         elif op in protocol.STREAM_INPUT:
             pass
         else:
@@ -170,7 +183,10 @@ class FakeBackend:
         }
 
     def capabilities(self) -> frozenset[str]:
-        return frozenset({HOTPLUG_FORWARD, VOLUMES})
+        return frozenset({HOTPLUG_FORWARD, VOLUMES, SAVE_RESTORE, HOTPLUG_DISK})
+
+    def machine_version(self, arch: Arch) -> str:
+        return f"fake-{arch}"
 
     def check_ports(self, ports: Sequence[PortForward]) -> None:
         for fwd in ports:
@@ -187,9 +203,18 @@ class FakeBackend:
             raise self.fail_start
         if not spec.kernel.is_file():
             raise BootError(spec.name, f"no kernel at {spec.kernel}")
+        if spec.incoming is not None:  # a restore: the saved file must be one fake save wrote
+            try:
+                saved = json.loads(spec.incoming.state.read_text())
+                assert saved["fake"] is True
+            except (OSError, ValueError, KeyError, AssertionError):
+                raise RestoreFailed(spec.name, f"cannot restore {spec.incoming.state}") from None
         ref = MachineRef(next(_PIDS), int(time.monotonic()))
         spec.files.console_log.touch()
         spec.files.events_log.touch()
+        if spec.memory_file is not None and spec.memory_file.shared and not spec.memory_file.path.exists():
+            with open(spec.memory_file.path, "wb") as ram:  # guest RAM in a file, as QEMU makes it
+                ram.truncate(spec.memory * 1024 * 1024)
         guest = FakeGuest(spec.files, spec, answers=self.agent_answers,
                           on_shutdown=lambda: self._power_off(ref.pid), status=self.status)
         guest.start()
@@ -209,6 +234,18 @@ class FakeBackend:
     def alive(self, machine: MachineRef) -> bool:
         found = self.machines.get(machine.pid)
         return found is not None and found.running and found.ref == machine
+
+    def save(self, files: VMFiles, machine: MachineRef, state: Path) -> Saved:
+        found = self.machines[machine.pid]
+        found.paused = True
+        state.write_text(json.dumps({"fake": True, "name": found.spec.name}))
+        return Saved(bytes=state.stat().st_size, seconds=0.0)
+
+    def resume(self, files: VMFiles, machine: MachineRef) -> None:
+        self.machines[machine.pid].paused = False
+
+    def attach_disk(self, files: VMFiles, machine: MachineRef, disk: Disk, slot: int) -> None:
+        self.machines[machine.pid].hotplugged.append((slot, disk))
 
     def usage(self, machine: MachineRef) -> MachineUsage:
         return MachineUsage(cpu_seconds=0.0, memory_bytes=64 * 1024 * 1024)

@@ -14,28 +14,36 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from .. import _proc
 from .._proc import DEFAULT_RUNNER, Runner, require_tool, tail_file
-from ..errors import BootError, PortInUse, StopFailed, UsageError, VMError, VolumeError
+from ..errors import BootError, PortInUse, RestoreFailed, StopFailed, UsageError, VMError, VolumeError
 from ..guest import protocol
 from ..paths import VMFiles
 from . import accel
 from .base import (
+    HOTPLUG_DISK,
     HOTPLUG_FORWARD,
+    SAVE_RESTORE,
     SHARES,
     VOLUMES,
+    Arch,
+    Disk,
     LaunchSpec,
     MachineRef,
     MachineRequest,
     MachineUsage,
     PortForward,
     Preflight,
+    Saved,
 )
-from .qemu_argv import build_argv, hostfwd_rule, profile, share_socket
+from .qemu_argv import build_argv, hostfwd_rule, hotplug_port, profile, share_socket
 from .qmp import QMP
 
 START_TIMEOUT = 10.0
+RESTORE_TIMEOUT = 30.0
 HOSTFWD_ERROR = re.compile(r"could not|unrecognized|invalid|error|failed", re.I)
 
 
@@ -88,7 +96,12 @@ class QemuBackend:
         self.runner = runner
 
     def capabilities(self) -> frozenset[str]:
-        return frozenset({HOTPLUG_FORWARD, VOLUMES, SHARES})
+        return frozenset({HOTPLUG_FORWARD, VOLUMES, SHARES, SAVE_RESTORE, HOTPLUG_DISK})
+
+    def machine_version(self, arch: Arch) -> str:
+        qemu = require_tool(profile(arch).binary)
+        st = os.stat(qemu)
+        return f"{qemu}:{st.st_size}:{st.st_mtime_ns}"
 
     def check_ports(self, ports: Sequence[PortForward]) -> None:
         check_ports_free(ports)
@@ -106,19 +119,78 @@ class QemuBackend:
         argv = build_argv(spec, qemu)
         files = spec.files
         helpers = self._start_shares(spec)
+        state_fd = os.open(spec.incoming.state, os.O_RDONLY) if spec.incoming else None
         try:
             fd = os.open(files.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fds = spec.hold_fds + ((state_fd,) if state_fd is not None else ())
             with os.fdopen(fd, "ab") as log_file:
-                proc = self.runner.spawn(argv, stdout=log_file, cwd=files.root, pass_fds=spec.hold_fds)
+                proc = self.runner.spawn(argv, stdout=log_file, cwd=files.root, pass_fds=fds)
             try:
                 self._wait_started(proc, files, spec)
+                if spec.incoming is not None:
+                    assert state_fd is not None
+                    self._restore(proc, files, spec, state_fd)
             except BaseException:
                 kill_all([proc])
                 raise
         except BaseException:
             kill_all(helpers)
             raise
+        finally:
+            if state_fd is not None:
+                os.close(state_fd)
         return MachineRef(proc.pid, _proc.start_time(proc.pid))
+
+    def _restore(self, proc: subprocess.Popen[bytes], files: VMFiles, spec: LaunchSpec, state_fd: int) -> None:
+        """Feed the saved machine to QEMU (waiting in ``-incoming defer``), then run it."""
+        assert spec.incoming is not None
+        deadline = time.monotonic() + RESTORE_TIMEOUT
+        with QMP(files.qmp, spec.name, timeout=RESTORE_TIMEOUT) as qmp:
+            qmp.command("migrate-set-capabilities", capabilities=[
+                {"capability": "x-ignore-shared", "state": spec.incoming.ignore_shared}])
+            qmp.command("migrate-incoming", uri=f"fd:{state_fd}")
+            while True:
+                status = qmp.command("query-migrate").get("status")
+                if status == "completed":
+                    break
+                if status == "failed" or proc.poll() is not None or time.monotonic() > deadline:
+                    raise RestoreFailed(spec.name, "QEMU could not restore the saved machine "
+                                        f"({status or 'no status'})", output=tail_file(files.qemu_log))
+                time.sleep(0.002)
+            qmp.command("cont")  # it was paused when it was saved
+
+    def save(self, files: VMFiles, machine: MachineRef, state: Path) -> Saved:
+        started = time.monotonic()
+        fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with QMP(files.qmp, files.root.name, timeout=60.0) as qmp:
+                shared = any(b.get("share") for b in _memory_backends(qmp))
+                qmp.command("stop")
+                qmp.command("migrate-set-capabilities", capabilities=[
+                    {"capability": "x-ignore-shared", "state": shared}])
+                qmp.send_fd(fd, "mvm-save")
+                qmp.command("migrate", uri="fd:mvm-save")
+                while (status := qmp.command("query-migrate").get("status")) not in ("completed", "failed",
+                                                                                   "cancelled"):
+                    time.sleep(0.005)
+        finally:
+            os.close(fd)
+        if status != "completed":
+            raise VMError(files.root.name, f"saving the machine failed ({status})", output=tail_file(files.qemu_log))
+        return Saved(bytes=state.stat().st_size, seconds=time.monotonic() - started)
+
+    def resume(self, files: VMFiles, machine: MachineRef) -> None:
+        with QMP(files.qmp, files.root.name) as qmp:
+            qmp.command("cont")
+
+    def attach_disk(self, files: VMFiles, machine: MachineRef, disk: Disk, slot: int) -> None:
+        node = f"hp{slot}"
+        with QMP(files.qmp, files.root.name, timeout=10.0) as qmp:
+            qmp.command("blockdev-add", **{"node-name": node, "driver": "raw", "read-only": disk.readonly,
+                                           "file": {"driver": "file", "filename": str(disk.path),
+                                                    "read-only": disk.readonly}})
+            qmp.command("device_add", driver="virtio-blk-pci", id=f"disk-{node}", drive=node,
+                        bus=hotplug_port(slot), serial=disk.serial)
 
     def _start_shares(self, spec: LaunchSpec) -> list[subprocess.Popen[bytes]]:
         """One virtiofsd per share. Each serves one QEMU connection and exits when QEMU does."""
@@ -260,6 +332,12 @@ class QemuBackend:
 
 #: A host forward in ``info usernet``: ``TCP[HOST_FORWARD]  12  127.0.0.1 45637  10.0.2.15  8080 ...``
 USERNET_FORWARD = re.compile(r"^\s*(TCP|UDP)\[HOST_FORWARD\]\s+-?\d+\s+(\S+)\s+(\d+)\s+\S+\s+(\d+)", re.M)
+
+
+def _memory_backends(qmp: QMP) -> list[dict[str, Any]]:
+    """The guest's memory backends (``share`` tells whether the RAM lives in a shared file)."""
+    result = qmp.command("query-memdev")
+    return result if isinstance(result, list) else []
 
 
 def parse_usernet(text: str) -> list[PortForward]:

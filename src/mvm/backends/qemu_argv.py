@@ -77,6 +77,7 @@ def kernel_cmdline(spec: LaunchSpec) -> str:
         "cryptomgr.notests",
         f"init={spec.init}",
         *prof.cmdline,
+        *spec.kernel_args,
     ]
     khz = tsc_khz() if spec.arch == "x86_64" else None
     if khz:
@@ -132,25 +133,44 @@ def build_argv(spec: LaunchSpec, qemu: str | None = None) -> list[str]:
             "-chardev", f"socket,id=c{i},path=c{i}.sock,server=on,wait=off",
             "-device", f"virtserialport,bus=vs0.0,chardev=c{i},name={protocol.CONTROL_PORT_PREFIX}{i}",
         ]
+    if spec.memory_file is not None and spec.shares:
+        raise ValueError("shares need the guest RAM in a memfd; a memory file cannot have them")
+    if spec.memory_file is not None:
+        mode = "on" if spec.memory_file.shared else "off"
+        _memory_backend(argv, f"memory-backend-file,id=mem,size={spec.memory}M,"
+                        f"mem-path={qemu_escape(spec.memory_file.path)},share={mode}")
     if spec.shares:
         # vhost-user (virtiofsd) needs the guest's memory in a shareable memfd
-        machine = argv.index("-M") + 1
-        argv[machine] += ",memory-backend=mem"
-        argv += ["-object", f"memory-backend-memfd,id=mem,size={spec.memory}M,share=on"]
+        _memory_backend(argv, f"memory-backend-memfd,id=mem,size={spec.memory}M,share=on")
         for i, share in enumerate(spec.shares):
             argv += ["-chardev", f"socket,id=fs{i},path={share_socket(i)}",
                      "-device", f"vhost-user-fs-pci,chardev=fs{i},tag={share.tag}"]
+    for i in range(spec.hotplug_slots):
+        argv += ["-device", f"pcie-root-port,id={hotplug_port(i)},bus=pcie.0,chassis={i + 1},slot={i + 1}"]
+    if spec.incoming is not None:
+        argv += ["-incoming", "defer"]
     return argv
 
 
+def hotplug_port(slot: int) -> str:
+    return f"rp{slot}"
+
+
+def _memory_backend(argv: list[str], backend: str) -> None:
+    machine = argv.index("-M") + 1
+    argv[machine] += ",memory-backend=mem"
+    argv += ["-object", backend]
+
+
 def _drives(spec: LaunchSpec) -> list[str]:
-    drives = [(spec.rootfs, "root", False, True)]
+    drives = [(spec.rootfs, "root", False, spec.root_snapshot)]
     if spec.config_disk:
         drives.append((spec.config_disk, protocol.CONFIG_DISK_SERIAL, True, False))
     drives += [(d.path, d.serial, d.readonly, False) for d in spec.disks]
     argv: list[str] = []
     for i, (path, serial, readonly, snapshot) in enumerate(drives):
-        opts = f"file={qemu_escape(path)},format=raw,if=none,id=d{i},cache=writeback,discard=unmap"
+        fmt = spec.root_format if i == 0 else "raw"
+        opts = f"file={qemu_escape(path)},format={fmt},if=none,id=d{i},cache=writeback,discard=unmap"
         if snapshot:
             opts += ",snapshot=on"
         if readonly:

@@ -47,6 +47,14 @@ class QMP:
         except (TimeoutError, QMPError, OSError) as exc:
             raise VMError(self.vm, f"QMP {name} failed: {exc}") from exc
 
+    def send_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU an open descriptor under ``name`` (``getfd``), e.g. for ``migrate fd:NAME``."""
+        try:
+            self._mon.send_fd_scm(fd)
+        except OSError as exc:
+            raise VMError(self.vm, f"cannot pass a file to QEMU: {exc}") from exc
+        self.command("getfd", fdname=name)
+
     def hmp(self, command_line: str) -> str:
         return str(self.command("human-monitor-command", **{"command-line": command_line}))
 

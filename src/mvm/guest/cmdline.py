@@ -9,6 +9,9 @@ them in ``kernelArgs`` instead:
 - ``mvm.hostname=NAME``: the VM's name (what ``up --name`` gives), used as the hostname
   when the spec sets none.
 - ``mvm.env.KEY=VALUE``: an environment override for every service (``up -e KEY=VALUE``).
+- ``mvm.template=1``: this boot becomes a template (fast start): no config disk; the
+  per-boot config arrives later through the agent's ``configure``, after the host saved
+  the machine waiting for it.
 
 Parsing follows the kernel's own (``next_arg`` in lib/cmdline.c): arguments are separated
 by spaces outside double quotes, and quotes around a value (``key="a b"``) are removed.
@@ -59,13 +62,15 @@ def _valid_env_name(name: str) -> bool:
 def settings(args: list[str]) -> dict[str, Any]:
     """``{"standalone": bool, "vm": str | None, "env": {KEY: VALUE}}`` from the arguments;
     unknown ``mvm.*`` arguments and malformed env names are ignored."""
-    result: dict[str, Any] = {"standalone": False, "vm": None, "env": {}}
+    result: dict[str, Any] = {"standalone": False, "template": False, "vm": None, "env": {}}
     for arg in args:
         if not arg.startswith(PREFIX):
             continue
         key, sep, value = arg.partition("=")
         if key == "mvm.standalone":
             result["standalone"] = not sep or value not in ("0", "no", "false", "off")
+        elif key == "mvm.template":
+            result["template"] = not sep or value not in ("0", "no", "false", "off")
         elif key == "mvm.hostname" and value:
             result["vm"] = value
         elif key.startswith(ENV_PREFIX) and sep and _valid_env_name(key[len(ENV_PREFIX):]):

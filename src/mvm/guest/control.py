@@ -264,6 +264,7 @@ class ControlServer:
         reaper: Reaper,
         status: Callable[[], dict[str, Any]],
         shutdown: Callable[[], None],
+        configure: Callable[[dict[str, Any]], str | None],
         env_overrides: dict[str, str],
         path: str,
         signals: SignalDispatcher,
@@ -273,6 +274,7 @@ class ControlServer:
         self.reaper = reaper
         self.status = status
         self.shutdown = shutdown
+        self.configure = configure
         self.env_overrides = env_overrides
         self.path = path
         self._wakeups: list[threading.Event] = []
@@ -359,6 +361,20 @@ class ControlServer:
                     for tid, frame in sys._current_frames().items()
                 }
             conn.send({"ok": True, **self.status(), **extra}, rid)
+        elif op in ("configure", "refresh"):
+            # A restored clone becomes its own machine: fresh RNG, machine-id, hostname.
+            from . import clone, system
+
+            try:
+                clone.reseed(str(req.get("seed") or ""))
+                clone.new_machine_id()
+                if isinstance(req.get("hostname"), str) and req["hostname"]:
+                    system.set_hostname(req["hostname"])
+            except (OSError, ValueError) as exc:
+                conn.send({"ok": False, "error": f"cannot make this clone unique: {exc}"}, rid)
+                return
+            error = self.configure(req.get("config") or {}) if op == "configure" else None
+            conn.send({"ok": error is None, **({"error": error} if error else {})}, rid)
         elif op == "stats":
             conn.send({"ok": True, **usage(self.status().get("services") or {})}, rid)
         elif op == "shutdown":

@@ -118,14 +118,29 @@ class Init:
         self.events: EventLog | None = None
         self.guest: dict[str, Any] = {}
         self.standalone = False
+        #: -e overrides: shared with the supervisor, health checks and exec (filled once known)
+        self.env: dict[str, str] = {}
+        self._configured = threading.Event()
+        self._runtime: dict[str, Any] = {}
 
     def boot(self) -> None:
         system.mount_early()
         with open(GUEST_JSON) as f:
             self.guest = json.load(f)
         settings = cmdline.settings(cmdline.read())
+        ports = system.virtio_ports()
         runtime: dict[str, Any] | None = None
-        if not settings["standalone"]:  # told so: do not wait for a config disk
+        if settings["template"]:
+            # A template boot: be ready for the agent, and wait for the per-boot config. The
+            # host saves the machine while it waits; every clone restored from it continues here.
+            self.events = EventLog(ports.get(protocol.EVENT_PORT))
+            self._static_network()
+            self._start_control(ports)
+            self.events.emit("init", msg="template: waiting for the per-boot config")
+            self._configured.wait()
+            runtime = self._runtime
+            self.events.emit("init", msg="configured")
+        elif not settings["standalone"]:  # told so: do not wait for a config disk
             try:
                 runtime = read_runtime_config()
             except (OSError, ValueError) as exc:
@@ -135,9 +150,10 @@ class Init:
         if runtime is None:
             runtime = standalone_runtime(settings)
             say("standalone: no mvm host; network by DHCP, logs on the console")
-        ports = system.virtio_ports()
-        console = open_console() if self.standalone else None
-        self.events = events = EventLog(ports.get(protocol.EVENT_PORT), console=console)
+        if self.events is None:
+            console = open_console() if self.standalone else None
+            self.events = EventLog(ports.get(protocol.EVENT_PORT), console=console)
+        events = self.events
         # the spec's hostname, else the VM's name (`up --name`), else the spec's name
         hostname = self.guest.get("hostname") or runtime.get("vm") or self.guest.get("name")
         if hostname:
@@ -149,14 +165,14 @@ class Init:
         volumes = runtime.get("volumes") or []
         writable = mount_volumes(volumes, owner)
         self.volumes = [v["target"] for v in volumes]
-        env_overrides = runtime.get("env") or {}
+        self.env.update(runtime.get("env") or {})
         path = self.guest.get("path") or DEFAULT_PATH
         services = self.guest.get("services") or {}
         self.supervisor = Supervisor(
             services,
             reaper=self.reaper,
             events=events,
-            env_overrides=env_overrides,
+            env_overrides=self.env,
             handover_roots=["/tmp", *writable],
             path=path,
         )
@@ -166,14 +182,8 @@ class Init:
         # up after a service binds 0.0.0.0: forwarded connections only arrive once it is up.
         if self.standalone:
             threading.Thread(target=self._dhcp_network, name="dhcp", daemon=True).start()
-        else:
-            from . import net
-
-            try:
-                net.configure_network("10.0.2.15", "255.255.255.0", "10.0.2.2", "10.0.2.3")
-            except OSError as exc:
-                events.emit("init", msg=f"network set-up failed: {exc}")
-        from .control import ControlServer
+        elif not settings["template"]:
+            self._static_network()
         from .health import HealthMonitor
 
         self.health = HealthMonitor(
@@ -181,11 +191,30 @@ class Init:
             services=services,
             reaper=self.reaper,
             events=events,
-            env_overrides=env_overrides,
+            env_overrides=self.env,
             path=path,
             started={name: svc.started for name, svc in self.supervisor.services.items()},
         )
         self.health.start()
+        if not settings["template"]:
+            self._start_control(ports)
+        threading.Thread(target=self._watch_power_button, name="power", daemon=True).start()
+        uptime = _uptime()
+        events.emit("init", msg="ready", uptime=uptime)
+        say(f"ready after {uptime:.2f}s uptime ({len(services)} services)")
+
+    def _static_network(self) -> None:
+        from . import net
+
+        try:
+            net.configure_network("10.0.2.15", "255.255.255.0", "10.0.2.2", "10.0.2.3")
+        except OSError as exc:
+            assert self.events is not None
+            self.events.emit("init", msg=f"network set-up failed: {exc}")
+
+    def _start_control(self, ports: dict[str, str]) -> None:
+        from .control import ControlServer
+
         control_ports = [
             dev for name, dev in sorted(ports.items()) if name.startswith(protocol.CONTROL_PORT_PREFIX)
         ]
@@ -194,14 +223,20 @@ class Init:
             reaper=self.reaper,
             status=self.status,
             shutdown=self.shutdown,
-            env_overrides=env_overrides,
-            path=path,
+            configure=self.configure,
+            env_overrides=self.env,
+            path=self.guest.get("path") or DEFAULT_PATH,
             signals=self.signals,
         ).start()
-        threading.Thread(target=self._watch_power_button, name="power", daemon=True).start()
-        uptime = _uptime()
-        events.emit("init", msg="ready", uptime=uptime)
-        say(f"ready after {uptime:.2f}s uptime ({len(services)} services)")
+
+    def configure(self, doc: dict[str, Any]) -> str | None:
+        """The per-boot config of a clone restored from a template (the agent's ``configure``);
+        returns an error, or None. Accepted once, and only while the boot waits for it."""
+        if self._configured.is_set():
+            return "already configured"
+        self._runtime = doc
+        self._configured.set()
+        return None
 
     def _dhcp_network(self) -> None:
         """Standalone: bring up the first interface and keep a DHCP lease on it, for ever.

@@ -32,7 +32,7 @@ CONFIG_DISK_BYTES = 64 * 1024
 PROTOCOL_VERSION = 1
 
 #: The only requests the agent answers. Anything else is refused.
-OPS = frozenset({"ping", "status", "stats", "shutdown", "exec", "console", "copy"})
+OPS = frozenset({"ping", "status", "stats", "shutdown", "exec", "console", "copy", "configure", "refresh"})
 #: Messages a client may send while a streaming op runs.
 STREAM_INPUT = frozenset({"stdin", "eof", "resize"})
 

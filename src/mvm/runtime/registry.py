@@ -91,6 +91,9 @@ class VMRecord(BaseModel):
     checks: list[str] = []
     created_at: float = 0.0
     started_at: float | None = None
+    #: how the machine started: booted ("cold"), or restored from a template
+    start: Literal["cold", "restored"] = "cold"
+    start_reason: str = ""
 
     @property
     def owner_alive(self) -> bool:

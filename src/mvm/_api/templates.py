@@ -1,0 +1,252 @@
+"""Fast start: making templates, and choosing one for an ``up`` (the store is
+:mod:`mvm.runtime.templates`, which explains what a template holds).
+
+Making one is a boot with ``mvm.template=1`` and the RAM in a shared file: the guest agent
+comes up and waits for its config; the machine is saved (``agent``); then it gets the
+image's default config, its services start, its checks turn healthy, and it is saved again
+(``ready``). After the first cold ``up`` of an image and shape, a detached ``mvmctl`` makes
+one in the background (``MVM_TEMPLATES=restore`` only restores, ``off`` neither);
+``mvmctl template create`` makes one now.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import backends
+from .._proc import DEFAULT_RUNNER, Runner
+from ..backends.base import SAVE_RESTORE, Backend, LaunchSpec, MachineRef, MachineRequest, MemoryFile
+from ..errors import MvmError
+from ..images.store import Image, ImageStore
+from ..paths import Layout, VMFiles
+from ..runtime import agent
+from ..runtime.templates import (
+    HOTPLUG_SLOTS,
+    TEMPLATE_ARG,
+    Damaged,
+    Kind,
+    Shape,
+    Template,
+    TemplateMeta,
+    TemplateStore,
+    template_key,
+)
+from .progress import Progress, Quiet
+
+log = logging.getLogger(__name__)
+
+VERSION = "template-1"  # the device set and the guest's template protocol
+HEALTH_TIMEOUT = 120.0
+
+
+def mode() -> str:
+    """``auto`` (restore, and make templates after cold boots), ``restore`` or ``off``."""
+    value = os.environ.get("MVM_TEMPLATES", "auto")
+    return value if value in ("auto", "restore", "off") else "auto"
+
+
+def key_for(image: Image, cpus: int, memory: int, backend: Backend) -> str:
+    shape = Shape(cpus=cpus, memory=memory, arch=image.manifest.arch)
+    return template_key(image.key, shape, backend.machine_version(image.manifest.arch), VERSION)
+
+
+@dataclass(frozen=True)
+class Restore:
+    template: Template
+    kind: Kind
+
+
+def choose(image: Image, *, cpus: int, memory: int, env: bool, volumes: int, shares: bool, cold: bool,
+           backend: Backend, layout: Layout) -> tuple[Restore | None, str]:
+    """A template to restore this ``up`` from, or None and the reason for a cold boot."""
+    if cold:
+        return None, "--cold"
+    if mode() == "off":
+        return None, "templates are off (MVM_TEMPLATES=off)"
+    if SAVE_RESTORE not in backend.capabilities():
+        return None, f"the {backend.name} backend cannot restore machines"
+    if shares:
+        return None, "a shared directory (virtiofs) cannot be restored"
+    if volumes > HOTPLUG_SLOTS:
+        return None, f"{volumes} volumes: a restored VM takes at most {HOTPLUG_SLOTS}"
+    store = TemplateStore(layout)
+    key = key_for(image, cpus, memory, backend)
+    try:
+        template = store.get(key)
+    except Damaged as exc:
+        store.remove(key)
+        return None, f"the template was damaged ({exc}) and is removed; a new one will be made"
+    if template is None:
+        busy = store.lock_path(key).exists() and not _unheld(store.lock_path(key))
+        return None, "the template for this image and shape is still being made" if busy else \
+            "no template yet for this image and shape"
+    kind: Kind = "agent" if (env or volumes) else "ready"
+    if kind not in template.meta.kinds:
+        return None, f"the template has no {kind!r} state"
+    return Restore(template, kind), f"restored from template {key[:12]} ({kind})"
+
+
+def _unheld(lock: Path) -> bool:
+    from filelock import FileLock, Timeout
+
+    try:
+        with FileLock(str(lock), timeout=0):
+            return True
+    except Timeout:
+        return False
+
+
+def identity(seed_for: str, hostname: str | None) -> dict[str, object]:
+    """What makes a clone its own machine: fresh RNG bytes from the host, its hostname."""
+    return {"seed": base64.b64encode(os.urandom(64)).decode(), "hostname": hostname or seed_for}
+
+
+# -- making one ---------------------------------------------------------------------------
+
+
+def make_template(image: Image, *, cpus: int, memory: int, layout: Layout, runner: Runner = DEFAULT_RUNNER,
+                  backend: Backend | None = None, progress: Progress | None = None) -> Template:
+    """Boot ``image`` once as a template and save it (see the module docstring)."""
+    from filelock import FileLock
+
+    backend = backend or backends.get("qemu", runner)
+    prog = progress or Quiet()
+    store = TemplateStore(layout)
+    key = key_for(image, cpus, memory, backend)
+    store.root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(store.lock_path(key))):
+        try:
+            existing = store.get(key)
+        except Damaged:
+            existing = None
+        if existing is not None:
+            return existing
+        started = time.monotonic()
+        staging = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=store.root))
+        files = VMFiles(staging / "vm")
+        files.root.mkdir(mode=0o700)
+        machine: MachineRef | None = None
+        try:
+            prog.stage("booting the template")
+            machine, kinds = _boot_and_save(image, cpus, memory, key, staging, files, backend, runner, prog,
+                                            layout)
+            meta = TemplateMeta(key=key, image_key=image.key, shape=Shape(cpus=cpus, memory=memory,
+                                arch=image.manifest.arch), kinds=kinds, hotplug_slots=HOTPLUG_SLOTS,
+                                created_at=time.time(), create_secs=0.0, files={})
+            backend.stop(files, machine, 5.0)
+            machine = None
+            shutil.rmtree(files.root)
+            meta.create_secs = round(time.monotonic() - started, 2)
+            return store.publish(staging, meta)
+        finally:
+            if machine is not None:
+                try:
+                    backend.stop(files, machine, 2.0)
+                except MvmError as exc:
+                    log.warning("%s", exc.message)
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+def _boot_and_save(image: Image, cpus: int, memory: int, key: str, staging: Path, files: VMFiles,
+                   backend: Backend, runner: Runner, prog: Progress,
+                   layout: Layout) -> tuple[MachineRef, list[Kind]]:
+    name = f"template-{key[:8]}"
+    verdict = backend.preflight(MachineRequest(name=name, kernel=image.kernel, initrd=image.initrd,
+                                               probe_cache=layout.probes, arch=image.manifest.arch))
+    root = staging / "root.qcow2"
+    runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.rootfs, root],
+               desc="creating the template's root disk")
+    ram = staging / "ram"
+    spec = LaunchSpec(name=name, files=files, kernel=image.kernel, initrd=image.initrd, rootfs=root,
+                      cpus=cpus, memory=memory, accel=verdict.accel, arch=image.manifest.arch,
+                      root_format="qcow2", root_snapshot=False, memory_file=MemoryFile(ram, shared=True),
+                      hotplug_slots=HOTPLUG_SLOTS, kernel_args=(TEMPLATE_ARG,))
+    machine = backend.start(spec)
+    agent.wait_ready(files, name, 90.0, lambda: backend.alive(machine))
+    prog.stage("saving the template (agent ready)")
+    backend.save(files, machine, staging / "agent.state")
+    _copy(ram, staging / "agent.ram", runner)
+    shutil.copyfile(root, staging / "agent.qcow2")
+    for log_name in ("console.log", "events.log"):
+        shutil.copyfile(files.root / log_name, staging / f"agent.{log_name}")
+    backend.resume(files, machine)
+    agent.request(files, name, "configure", timeout=10.0, config={"vm": image.name, "env": {}, "volumes": []},
+                  **identity(name, None))
+    prog.stage("waiting for the template's services")
+    if not _healthy(files, name, image):
+        return machine, ["agent"]
+    prog.stage("saving the template (services ready)")
+    backend.save(files, machine, staging / "ready.state")
+    os.rename(ram, staging / "ready.ram")
+    os.rename(root, staging / "ready.qcow2")
+    for log_name in ("console.log", "events.log"):
+        shutil.copyfile(files.root / log_name, staging / f"ready.{log_name}")
+    return machine, ["agent", "ready"]
+
+
+def _copy(src: Path, dest: Path, runner: Runner) -> None:
+    runner.run(["cp", "--sparse=always", src, dest], desc=f"copying {src.name}")
+
+
+def _healthy(files: VMFiles, name: str, image: Image) -> bool:
+    """Every service running and every check healthy (no checks: services running a moment)."""
+    deadline = time.monotonic() + HEALTH_TIMEOUT
+    checks = bool(image.manifest.guest.health_checks)
+    while time.monotonic() < deadline:
+        try:
+            status = agent.request(files, name, "status", timeout=5.0)
+        except MvmError:
+            return False
+        services = (status.get("services") or {}).values()
+        health = (status.get("health") or {}).values()
+        if all(s.get("state") == "running" for s in services) and \
+                (all(c.get("state") == "healthy" for c in health) if checks else True):
+            if not checks:
+                time.sleep(1.0)  # no checks: give the services a moment to finish starting
+            return True
+        if any(s.get("state") == "failed" for s in services):
+            return False
+        time.sleep(0.2)
+    return False
+
+
+def make_in_background(image: Image, *, cpus: int, memory: int, layout: Layout, backend: str,
+                       runner: Runner = DEFAULT_RUNNER) -> None:
+    """Start a detached, niced ``python -m mvm._api.templates`` that makes the template (its
+    output goes to the template store's ``.background.log``); returns at once."""
+    store = TemplateStore(layout)
+    store.root.mkdir(parents=True, exist_ok=True)
+    with open(store.root / ".background.log", "ab") as out:
+        # `setsid --fork` returns at once, leaving the maker in a session of its own (no zombie
+        # of ours, no tie to this terminal); `nice` keeps it behind the VMs the user runs.
+        spawned = runner.spawn(["setsid", "--fork", "nice", "-n", "10", sys.executable, "-m", "mvm._api.templates",
+                                backend, str(image.path), str(cpus), str(memory)], stdout=out,
+                               env={"MVM_STATE": str(layout.state), "MVM_CACHE": str(layout.cache)})
+    spawned.wait()
+
+
+def _main(argv: list[str]) -> int:
+    backend_name, image_path, cpus, memory = argv[0], Path(argv[1]), int(argv[2]), int(argv[3])
+    layout = Layout.default()
+    image = ImageStore(image_path.parent).get(image_path.name)
+    if image is None:
+        return 1
+    try:
+        make_template(image, cpus=cpus, memory=memory, layout=layout, backend=backends.get(backend_name))
+    except MvmError as exc:
+        print(f"template for {image.name}: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
