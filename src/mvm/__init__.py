@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         PortInfo,
         ServiceStatus,
         ServiceUsage,
+        TemplateInfo,
         VMDetails,
         VMInfo,
         VMUsage,
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
     )
     from ._api.options import parse_since
     from ._api.stats import stats
+    from ._api.templates import template_create, template_rm
+    from ._api.templates import templates_list as templates
     from ._api.up import up
     from ._api.vm import VM
     from ._api.volumes import volume_export, volume_info, volume_ls, volume_rm
@@ -66,20 +69,25 @@ _LAZY = {
     "VM": "._api.vm",
     "parse_since": "._api.options", "cp": "._api.copy", "ConsoleSession": "._api.console",
     "images": "._api.images", "rmi": "._api.images", "stats": "._api.stats",
+    "template_create": "._api.templates", "template_rm": "._api.templates",
     "volume_export": "._api.volumes", "volume_info": "._api.volumes", "volume_ls": "._api.volumes",
     "volume_rm": "._api.volumes",
     "VMStatus": ".runtime.states", "LogLine": ".runtime.logs",
     "GuestSpec": ".spec", "HealthCheck": ".spec", "Service": ".spec", "load_toml": ".spec",
 }
 _MODELS = ("BuildResult", "CheckStatus", "CleanupReport", "DoctorReport", "DownResult", "ExecResult",
-           "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "ServiceUsage", "VMDetails", "VMInfo",
-           "VMUsage", "VolumeExport", "VolumeInfo")
+           "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "ServiceUsage", "TemplateInfo", "VMDetails",
+           "VMInfo", "VMUsage", "VolumeExport", "VolumeInfo")
 _LAZY.update(dict.fromkeys(_MODELS, "._api.models"))
 
 
 def __getattr__(name: str) -> Any:
+    if name == "templates":
+        value: Any = import_module("._api.templates", __name__).templates_list
+        globals()[name] = value
+        return value
     if name == "dev":  # a namespace: mvm.dev.boot_vm(...), mvm.dev.run_on_host(...)
-        value: Any = import_module("._api.dev", __name__)
+        value = import_module("._api.dev", __name__)
     else:
         module = _LAZY.get(name)
         if module is None:
@@ -91,10 +99,11 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [  # the errors are appended below
     "build", "up", "down", "get", "ls", "logs", "cleanup", "doctor", "dev", "VM", "ConsoleSession", "images",
-    "rmi", "parse_since", "cp", "stats",
+    "rmi", "parse_since", "cp", "stats", "template_create", "template_rm", "templates",
     "volume_export", "volume_info", "volume_ls", "volume_rm",
     "BuildResult", "CheckStatus", "CleanupReport", "DoctorReport", "DownResult", "ExecResult",
-    "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "ServiceUsage", "VMDetails", "VMInfo", "VMUsage",
+    "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "ServiceUsage", "TemplateInfo", "VMDetails", "VMInfo",
+    "VMUsage",
     "VolumeExport", "VolumeInfo", "VMStatus", "LogLine",
     "GuestSpec", "HealthCheck", "Service", "load_toml",
     "paths",

@@ -14,7 +14,7 @@ MODELS = [models.VMInfo, models.VMDetails, models.GuestStatus, models.ServiceSta
           models.PortInfo, models.MountInfo, models.BuildResult, models.ImageInfo, models.VolumeInfo,
           models.VolumeExport,
           models.CleanupReport, models.CleanupItem, models.DoctorReport, models.BackendCheck, models.ToolCheck,
-          models.DiskCheck, models.VMUsage, models.ServiceUsage]
+          models.DiskCheck, models.VMUsage, models.ServiceUsage, models.TemplateInfo]
 
 
 def keys(model: type[BaseModel]) -> set[str]:

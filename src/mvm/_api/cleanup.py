@@ -8,6 +8,7 @@ What it removes, and only that:
   and image-store lock files nobody holds;
 - images no VM uses, except the newest ``keep`` of each guest (by name), with their locks;
 - package layers (mvm.images.layer) that no remaining image was built from;
+- templates (fast start) that are damaged or whose image is gone;
 - with ``everything``: also ``nix-collect-garbage`` when Nix is installed. That collects
   the user's whole Nix store, not only what mvm built: the CLI says so.
 
@@ -29,6 +30,7 @@ from ..images.layer import unmount_below
 from ..images.store import Image, ImageStore, read_manifest
 from ..paths import Layout
 from ..runtime.registry import Registry
+from ..runtime.templates import TemplateStore
 from .machines import backend_for, status_of
 from .models import CleanupItem, CleanupReport
 
@@ -105,7 +107,8 @@ def cleanup(
             items.append(CleanupItem(kind="logs", path=str(kept), bytes=disk_usage(kept),
                                      reason=f"logs of VM {kept.name}, which is down"))
 
-    items += _leftovers(layout.images, "image") + _leftovers(layout.layers, "package layer")
+    items += (_leftovers(layout.images, "image") + _leftovers(layout.layers, "package layer")
+              + _leftovers(layout.templates, "template"))
     store = ImageStore(layout.images)
     if layout.images.is_dir():
         for entry in layout.images.iterdir():
@@ -131,6 +134,12 @@ def cleanup(
             items.append(CleanupItem(kind="image", path=str(img.path), bytes=disk_usage(img.path),
                                      reason=f"image {img.key[:12]} of {name} is unused and not among "
                                      f"its newest {keep}"))
+    removed_images = {Path(i.path).name for i in items if i.kind == "image"}
+    for key, template, damaged in TemplateStore(layout).all():
+        path = layout.templates / key
+        if template is None or template.meta.image_key in removed_images or store.get(template.meta.image_key) is None:
+            why = f"damaged template ({damaged})" if template is None else "template of an image that is gone"
+            items.append(CleanupItem(kind="template", path=str(path), bytes=disk_usage(path), reason=why))
     if layout.layers.is_dir():
         for entry in sorted(layout.layers.iterdir()):
             if not entry.name.startswith(".") and entry.is_dir() and entry.name not in kept_layers:
@@ -141,7 +150,7 @@ def cleanup(
         for item in items:
             if item.kind != "vm":
                 _remove(Path(item.path), runner)
-            if item.kind in ("image", "layer"):  # and its build lock, unless a build holds it now
+            if item.kind in ("image", "layer", "template"):  # and its lock, unless a build holds it now
                 lock = Path(item.path).parent / f".{Path(item.path).name}.lock"
                 if _unheld(lock):
                     lock.unlink(missing_ok=True)

@@ -204,6 +204,23 @@ class VMUsage(_Model):
     services: list[ServiceUsage] = []
 
 
+class TemplateInfo(_Model):
+    """A saved machine ``up`` restores (fast start)."""
+
+    key: str
+    path: str
+    image: str | None = None  #: the image key
+    name: str | None = None  #: the image's guest name (None: the image is gone)
+    kinds: list[str] = []  #: ``agent`` (waits for its config) and/or ``ready`` (services running)
+    cpus: int | None = None
+    memory: int | None = None
+    arch: str | None = None
+    created_at: float | None = None
+    create_secs: float | None = None
+    bytes_on_disk: int
+    damaged: str | None = None  #: why it cannot be used
+
+
 class VolumeInfo(_Model):
     name: str
     kind: Literal["managed", "image"] | None = None
@@ -237,7 +254,7 @@ class VolumeExport(_Model):
 
 
 class CleanupItem(_Model):
-    kind: Literal["vm", "logs", "build", "lock", "image", "layer"]
+    kind: Literal["vm", "logs", "build", "lock", "image", "layer", "template"]
     path: str
     bytes: int
     reason: str

@@ -18,13 +18,14 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import backends
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import SAVE_RESTORE, Backend, LaunchSpec, MachineRef, MachineRequest, MemoryFile
-from ..errors import MvmError
+from ..errors import MvmError, UsageError
 from ..images.store import Image, ImageStore
 from ..paths import Layout, VMFiles
 from ..runtime import agent
@@ -39,6 +40,7 @@ from ..runtime.templates import (
     TemplateStore,
     template_key,
 )
+from .models import TemplateInfo
 from .progress import Progress, Quiet
 
 log = logging.getLogger(__name__)
@@ -200,21 +202,20 @@ def _copy(src: Path, dest: Path, runner: Runner) -> None:
 def _healthy(files: VMFiles, name: str, image: Image) -> bool:
     """Every service running and every check healthy (no checks: services running a moment)."""
     deadline = time.monotonic() + HEALTH_TIMEOUT
-    checks = bool(image.manifest.guest.health_checks)
+    want_services, want_checks = set(image.manifest.guest.services), set(image.manifest.guest.health_checks)
     while time.monotonic() < deadline:
         try:
             status = agent.request(files, name, "status", timeout=5.0)
         except MvmError:
             return False
-        services = (status.get("services") or {}).values()
-        health = (status.get("health") or {}).values()
-        if all(s.get("state") == "running" for s in services) and \
-                (all(c.get("state") == "healthy" for c in health) if checks else True):
-            if not checks:
+        services, checks = status.get("services") or {}, status.get("health") or {}
+        if any(s.get("state") == "failed" for s in services.values()):
+            return False
+        if (set(services) == want_services and all(s.get("state") == "running" for s in services.values())
+                and set(checks) == want_checks and all(c.get("state") == "healthy" for c in checks.values())):
+            if not want_checks:
                 time.sleep(1.0)  # no checks: give the services a moment to finish starting
             return True
-        if any(s.get("state") == "failed" for s in services):
-            return False
         time.sleep(0.2)
     return False
 
@@ -250,3 +251,51 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
+
+
+# -- the public API: create, list, remove ---------------------------------------------------
+
+
+def template_create(path: str | os.PathLike[str] = ".", *, flake: str | None = None, nix_args: Sequence[str] = (),
+                    cpus: int | None = None, memory: int | None = None, layout: Layout | None = None,
+                    runner: Runner = DEFAULT_RUNNER, progress: Progress | None = None) -> TemplateInfo:
+    """Build the image if needed and make its template for this shape now (an ``up`` of the
+    same image and shape then restores it)."""
+    from .build import build_image
+
+    layout = layout or Layout.default()
+    image, _ = build_image(path, flake=flake, nix_args=nix_args, layout=layout, runner=runner, progress=progress)
+    guest = image.manifest.guest
+    template = make_template(image, cpus=cpus or guest.cpus, memory=memory or guest.memory, layout=layout,
+                             runner=runner, progress=progress)
+    return _info(template.meta.key, template, None, layout)
+
+
+def _info(key: str, template: Template | None, damaged: str | None, layout: Layout) -> TemplateInfo:
+    if template is None:
+        path = TemplateStore(layout).dir(key)
+        size = sum(f.stat().st_blocks * 512 for f in path.iterdir() if f.is_file()) if path.is_dir() else 0
+        return TemplateInfo(key=key, path=str(path), bytes_on_disk=size, damaged=damaged)
+    meta = template.meta
+    image = ImageStore(layout.images).get(meta.image_key)
+    return TemplateInfo(key=key, path=str(template.path), image=meta.image_key, name=image.name if image else None,
+                        kinds=list(meta.kinds), cpus=meta.shape.cpus, memory=meta.shape.memory,
+                        arch=meta.shape.arch, created_at=meta.created_at, create_secs=meta.create_secs,
+                        bytes_on_disk=template.bytes_on_disk)
+
+
+def templates_list(*, layout: Layout | None = None) -> list[TemplateInfo]:
+    """Every template, with its image, shape and disk use (damaged ones say why)."""
+    layout = layout or Layout.default()
+    return [_info(key, t, why, layout) for key, t, why in TemplateStore(layout).all()]
+
+
+def template_rm(key: str, *, layout: Layout | None = None) -> TemplateInfo:
+    """Remove a template (by key, or its first 4+ characters)."""
+    layout = layout or Layout.default()
+    matches = [info for info in templates_list(layout=layout) if len(key) >= 4 and info.key.startswith(key)]
+    if len(matches) != 1:
+        raise UsageError(f"{'no' if not matches else 'more than one'} template {key!r}",
+                         hint="list them with `mvmctl template ls`")
+    TemplateStore(layout).remove(matches[0].key)
+    return matches[0]

@@ -25,6 +25,8 @@ def up(
                         help="auto (KVM only if a probe proves it boots, else TCG), qemu-kvm or qemu-tcg."
     )] = "auto",
     wait: Annotated[bool, typer.Option("--wait", help="Return only once every health check is healthy.")] = False,
+    cold: Annotated[bool, typer.Option("--cold", help="Boot, even where a saved template could be restored "
+                                       "(see `mvmctl template --help`).")] = False,
     timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS",
                                            help="Seconds --wait waits for health.")] = 120.0,
     json: Json = False,
@@ -32,9 +34,11 @@ def up(
     override_input: OverrideInput = None,
     nix_arg: NixArg = None,
 ) -> None:
-    """Build if needed, boot the VM in the background, and return once its agent answers.
+    """Build if needed, start the VM in the background, and return once its agent answers.
 
-    The root filesystem is a throwaway snapshot per boot; the cached image is never changed.
+    Where a template of the image and shape exists, the VM is restored from it in well under
+    a second instead of booting (see `mvmctl template --help`; --cold boots). The root
+    filesystem is the VM's own copy-on-write layer; the cached image is never changed.
     On any failure (bad port, boot timeout, Ctrl-C) nothing is left behind, except one: when
     --wait gives up on health, the VM is kept running for inspection (the error says so).
 
@@ -52,15 +56,18 @@ def up(
     with output.progress("starting") as prog:
         vm = mvm.up(path, flake=flake, nix_args=nix_args(override_input, nix_arg), name=name,
                     cpus=cpus, memory=memory, ports=port or [], env=env or [], volumes=volume or [],
-                    hypervisor=hypervisor, wait=wait, wait_timeout=timeout, progress=prog)
+                    hypervisor=hypervisor, wait=wait, wait_timeout=timeout, progress=prog, cold=cold)
     info = vm.info()
     if json:
         output.print_json(info)
         return
+    how = "restored" if info.start == "restored" else "booted"
     output.info(
-        f"[green]{info.name}[/] is running ({info.accel}, {info.cpus} vCPU, {info.memory} MiB)"
+        f"[green]{info.name}[/] is running ({how}; {info.accel}, {info.cpus} vCPU, {info.memory} MiB)"
         + (" and healthy" if wait and info.checks else "")
     )
+    if info.start == "cold" and info.start_reason and info.start_reason != "--cold":
+        output.info(f"[dim]booted cold: {info.start_reason}[/]")
     for p in info.ports:
         scheme = "http://" if p.proto == "tcp" else ""
         output.out.print(f"{scheme}{p.host_ip}:{p.host_port} -> guest {p.guest_port}/{p.proto}")

@@ -1,0 +1,103 @@
+"""mvmctl template: the saved machines `up` restores (fast start)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ..options import Flake, Json, NixArg, OverrideInput, SpecPath, nix_args
+
+if TYPE_CHECKING:
+    from mvm import TemplateInfo
+
+app = typer.Typer(
+    name="template",
+    help="Templates: machines booted once and saved, which `up` restores instead of booting "
+    "(fast start).\n\n"
+    "After the first cold `up` of an image with a given shape (vCPUs, memory), mvm makes its "
+    "template in the background; later `up`s restore it in well under a second. A template holds "
+    "two saved states of one boot: `ready` (every service running and healthy, used by an `up` "
+    "without -e and -v) and `agent` (services not started yet, used when -e or -v brings its own "
+    "config; volumes are hot-plugged). Each clone gets fresh kernel RNG bytes, its own machine-id "
+    "and hostname, the host's clock and its own copy-on-write root disk and RAM.\n\n"
+    "Note: services in a `ready` template started before the save, so what they drew from randomness "
+    "at start-up (a hash seed, a key made at start) is the same in every clone. `up --cold` boots "
+    "instead; MVM_TEMPLATES=restore never makes templates behind your back, =off never uses them.",
+    no_args_is_help=True,
+)
+
+
+@app.command("create")
+def create(
+    path: SpecPath = ".",
+    cpus: Annotated[int | None, typer.Option("--cpus", metavar="N", help="vCPUs (default: the spec's).",
+                                             show_default=False)] = None,
+    memory: Annotated[int | None, typer.Option("--memory", "-m", metavar="MIB", help="Memory (default: the "
+                                               "spec's).", show_default=False)] = None,
+    json: Json = False,
+    flake: Flake = None,
+    override_input: OverrideInput = None,
+    nix_arg: NixArg = None,
+) -> None:
+    """Build if needed, then boot the image once and save its template now."""
+    import mvm
+
+    from .. import output
+
+    with output.progress("making the template") as prog:
+        info = mvm.template_create(path, flake=flake, nix_args=nix_args(override_input, nix_arg), cpus=cpus,
+                                   memory=memory, progress=prog)
+    if json:
+        output.print_json(info)
+        return
+    output.info(f"template {info.key[:12]} of {info.name}: {', '.join(info.kinds)}, "
+                f"{_mb(info.bytes_on_disk)} on disk, made in {info.create_secs:.1f}s")
+
+
+@app.command("ls")
+def ls(json: Json = False) -> None:
+    """List templates: image, shape, states, disk use, age (damaged ones say why)."""
+    import mvm
+
+    from .. import output
+    from ..output import Column
+
+    rows = mvm.templates()
+    if json:
+        output.print_json(rows)
+        return
+    columns: list[Column[TemplateInfo]] = [
+        Column("KEY", lambda t: t.key[:12], style="bold"),
+        Column("IMAGE", lambda t: f"{t.name or '(gone)'} {(t.image or '')[:12]}"),
+        Column("SHAPE", lambda t: f"{t.cpus} vCPU {t.memory}M {t.arch}" if t.cpus else None),
+        Column("STATES", lambda t: ",".join(t.kinds) or t.damaged),
+        Column("ON-DISK", lambda t: _mb(t.bytes_on_disk), justify="right"),
+        Column("CREATED", lambda t: output.human_secs(time.time() - t.created_at) + " ago" if t.created_at else None,
+               justify="right"),
+    ]
+    output.table(columns, rows)
+
+
+@app.command("rm")
+def rm(keys: Annotated[list[str], typer.Argument(metavar="KEY", help="Template keys (4+ first characters).",
+                                                 show_default=False)]) -> None:
+    """Remove templates (the next `up` of their image boots cold and makes a new one)."""
+    import mvm
+
+    from .. import output
+
+    for key in keys:
+        info = mvm.template_rm(key)
+        output.info(f"removed template {info.key[:12]} ({_mb(info.bytes_on_disk)})")
+
+
+def _mb(n: int) -> str:
+    from rich.filesize import decimal
+
+    return decimal(n)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app)
