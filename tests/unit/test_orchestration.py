@@ -414,3 +414,23 @@ def test_a_failed_restore_falls_back_to_a_cold_boot_and_leaves_nothing(template:
     assert not template.path.exists()
     vm.down()
     _nothing_left(layout, fake)
+
+
+def test_suspend_and_resume(layout: Layout, fake: FakeBackend, image: Image, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    vm = _up(layout, fake, image, volumes=[f"{tmp_path}/data:/mnt/data:16"])
+    first = vm.info().pid
+    assert vm.suspend().status is mvm.VMStatus.SUSPENDED
+    assert vm.files.saved_state.is_file() and not [m for m in fake.machines.values() if m.running]
+    (row,) = mvm.ls(layout=layout)
+    assert row.status is mvm.VMStatus.SUSPENDED and row.pid is None
+    assert mvm.cleanup(layout).items == []  # a suspended VM is kept
+    with pytest.raises(mvm.VMNotRunning):
+        vm.exec(["true"])
+    info = vm.resume()
+    assert info.status is mvm.VMStatus.RUNNING and info.pid != first and not vm.files.saved_state.exists()
+    (machine,) = [m for m in fake.machines.values() if m.running]
+    assert machine.spec.incoming is not None and machine.spec.hold_fds  # restored, holding the volume lock
+    vm.suspend()
+    assert mvm.down("web", layout=layout).how == "not running"  # down of a suspended VM removes it
+    _nothing_left(layout, fake)

@@ -185,7 +185,7 @@ def _dead_vms(layout: Layout, dry_run: bool, runner: Runner, items: list[Cleanup
             orphan_start = record.phase == "starting"
         except MvmError:  # corrupt vm.json: the VM is "broken" and its dir is removable
             status = "broken"
-        if status in ("starting", "running", "stopping"):
+        if status in ("starting", "running", "stopping", "suspended"):
             continue
         if status == "broken" and backend.strays(files):
             notes.append(f"{name}: state is unreadable but its machine is running; "

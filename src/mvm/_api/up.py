@@ -24,6 +24,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from .. import backends
+from .._atomic import write_json_atomic
 from .._proc import DEFAULT_RUNNER, Runner, tail_file
 from ..backends.base import (
     AccelPreference,
@@ -35,6 +36,7 @@ from ..backends.base import (
     MemoryFile,
     PortForward,
     Share,
+    spec_to_json,
 )
 from ..errors import AgentError, BootError, MvmError, StopFailed, UsageError, VMExists
 from ..images.store import Image
@@ -193,6 +195,7 @@ class Launch:
             machine = self.start_machine(files, attached, undo)
             self.wait_for_agent(files, machine)
             self.personalize(files, machine, attached)
+            self.record_launch(files)
             self.mark_running()
             undo.pop_all()
         attached.booted()
@@ -247,6 +250,7 @@ class Launch:
             spec.hotplug_slots = restore.template.meta.hotplug_slots
             spec.kernel_args = (TEMPLATE_ARG,)
             self.progress.stage(f"restoring ({record.accel}, {restore.kind} template)")
+        self.spec = spec
         machine = plan.backend.start(spec)
         undo.callback(self._stop_after_failure, files, machine)
         attached.held_by(machine.pid, machine.start_time)
@@ -286,7 +290,12 @@ class Launch:
             return
         for slot, disk in enumerate(attached.disks):
             self.plan.backend.attach_disk(files, machine, disk, slot)
+            self.spec.disks.append(dataclasses.replace(disk, slot=slot))
         agent.request(files, self.plan.name, "configure", timeout=10.0, config=self.boot_config(attached), **who)
+
+    def record_launch(self, files: VMFiles) -> None:
+        """How the machine runs now, so ``resume`` can start it the same way."""
+        write_json_atomic(files.launch, {"schema_version": 1, "spec": spec_to_json(self.spec)}, mode=0o600)
 
     def mark_running(self) -> None:
         self.registry.update(self.plan.name, lambda r: setattr(r, "phase", "running"))
@@ -313,6 +322,8 @@ class Launch:
             status = "broken"
         if status in ("running", "starting", "stopping"):
             hint = f"stop it first (`mvmctl down {name}`) or pick another --name"
+        elif status == "suspended":
+            hint = f"resume it (`mvmctl resume {name}`), remove it (`mvmctl down {name}`) or pick another --name"
         else:
             hint = f"it is {status}: inspect it with `mvmctl logs {name}`, then remove it with `mvmctl down {name}`"
         return VMExists(name, f"a VM named {name!r} already exists ({status})", hint=hint)

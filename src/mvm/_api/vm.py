@@ -263,6 +263,18 @@ class VM:
         return restart(self.name, wait=wait, wait_timeout=wait_timeout, layout=self.layout, runner=self.runner,
                        progress=progress)
 
+    def suspend(self) -> VMInfo:
+        """Save the running VM to disk and stop its machine (``resume`` brings it back)."""
+        from .suspend import suspend
+
+        return suspend(self.name, layout=self.layout, runner=self.runner)
+
+    def resume(self) -> VMInfo:
+        """Bring a suspended VM back, with its processes, /tmp and volumes as they were."""
+        from .suspend import resume
+
+        return resume(self.name, layout=self.layout, runner=self.runner)
+
     def down(self, timeout: float | None = None) -> DownResult:
         from .down import SHUTDOWN_TIMEOUT, down
 

@@ -18,10 +18,12 @@ machine profile per guest architecture is chosen from :attr:`LaunchSpec.arch`.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from ..paths import VMFiles
 
@@ -58,6 +60,9 @@ class Disk:
     path: Path
     serial: str
     readonly: bool
+    #: The hot-plug slot it was attached to in a running machine (None: attached at start).
+    #: A machine saved with it there must be started with it there to be restored.
+    slot: int | None = None
 
 
 @dataclass(frozen=True)
@@ -238,3 +243,32 @@ class Backend(Protocol):
         """Machines running in this VM dir whatever the record says (found even when
         ``vm.json`` is unreadable, or when ``up`` died before recording the machine)."""
         ...
+
+
+def spec_to_json(spec: LaunchSpec) -> dict[str, Any]:
+    """What is needed to start the same machine again (``resume``), as JSON. The held
+    descriptors are not: they are taken again."""
+    doc = dataclasses.asdict(spec)
+    for key in ("files", "hold_fds", "incoming"):
+        doc.pop(key)
+    result: dict[str, Any] = json.loads(json.dumps(doc, default=str))
+    return result
+
+
+def spec_from_json(doc: dict[str, Any], files: VMFiles) -> LaunchSpec:
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value is not None else None
+
+    memory = doc.get("memory_file")
+    return LaunchSpec(
+        name=doc["name"], files=files, kernel=Path(doc["kernel"]), initrd=path(doc.get("initrd")),
+        rootfs=Path(doc["rootfs"]), cpus=doc["cpus"], memory=doc["memory"], accel=doc["accel"], arch=doc["arch"],
+        ports=[PortForward(**p) for p in doc.get("ports") or []],
+        disks=[Disk(path=Path(d["path"]), serial=d["serial"], readonly=d["readonly"], slot=d.get("slot"))
+               for d in doc.get("disks") or []],
+        config_disk=path(doc.get("config_disk")), init=doc.get("init", "/usr/lib/mvm/init"),
+        shares=[Share(tag=s["tag"], path=Path(s["path"])) for s in doc.get("shares") or []],
+        root_format=doc.get("root_format", "raw"), root_snapshot=doc.get("root_snapshot", True),
+        memory_file=MemoryFile(Path(memory["path"]), memory["shared"]) if memory else None,
+        hotplug_slots=doc.get("hotplug_slots", 0), kernel_args=tuple(doc.get("kernel_args") or ()),
+    )

@@ -39,7 +39,7 @@ from .base import (
     Preflight,
     Saved,
 )
-from .qemu_argv import build_argv, hostfwd_rule, hotplug_port, profile, share_socket
+from .qemu_argv import build_argv, hostfwd_rule, hotplug_node, hotplug_port, profile, share_socket
 from .qmp import QMP
 
 START_TIMEOUT = 10.0
@@ -184,7 +184,7 @@ class QemuBackend:
             qmp.command("cont")
 
     def attach_disk(self, files: VMFiles, machine: MachineRef, disk: Disk, slot: int) -> None:
-        node = f"hp{slot}"
+        node = hotplug_node(slot)
         with QMP(files.qmp, files.root.name, timeout=10.0) as qmp:
             qmp.command("blockdev-add", **{"node-name": node, "driver": "raw", "read-only": disk.readonly,
                                            "file": {"driver": "file", "filename": str(disk.path),

@@ -147,6 +147,12 @@ def build_argv(spec: LaunchSpec, qemu: str | None = None) -> list[str]:
                      "-device", f"vhost-user-fs-pci,chardev=fs{i},tag={share.tag}"]
     for i in range(spec.hotplug_slots):
         argv += ["-device", f"pcie-root-port,id={hotplug_port(i)},bus=pcie.0,chassis={i + 1},slot={i + 1}"]
+    for d in spec.disks:  # in the slots they were hot-plugged into, with the same ids
+        if d.slot is not None:
+            ro = ",readonly=on" if d.readonly else ""
+            argv += ["-drive", f"file={qemu_escape(d.path)},format=raw,if=none,id={hotplug_node(d.slot)}{ro}",
+                     "-device", f"virtio-blk-pci,drive={hotplug_node(d.slot)},id=disk-{hotplug_node(d.slot)},"
+                     f"bus={hotplug_port(d.slot)},serial={d.serial}"]
     if spec.incoming is not None:
         argv += ["-incoming", "defer"]
     return argv
@@ -154,6 +160,10 @@ def build_argv(spec: LaunchSpec, qemu: str | None = None) -> list[str]:
 
 def hotplug_port(slot: int) -> str:
     return f"rp{slot}"
+
+
+def hotplug_node(slot: int) -> str:
+    return f"hp{slot}"
 
 
 def _memory_backend(argv: list[str], backend: str) -> None:
@@ -166,7 +176,7 @@ def _drives(spec: LaunchSpec) -> list[str]:
     drives = [(spec.rootfs, "root", False, spec.root_snapshot)]
     if spec.config_disk:
         drives.append((spec.config_disk, protocol.CONFIG_DISK_SERIAL, True, False))
-    drives += [(d.path, d.serial, d.readonly, False) for d in spec.disks]
+    drives += [(d.path, d.serial, d.readonly, False) for d in spec.disks if d.slot is None]
     argv: list[str] = []
     for i, (path, serial, readonly, snapshot) in enumerate(drives):
         fmt = spec.root_format if i == 0 else "raw"

@@ -40,6 +40,7 @@ from .commands import (
     restart,
     stats,
     status,
+    suspend,
     template,
     up,
     volume,
@@ -85,8 +86,8 @@ def _root(
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
 
 
-for module in (build, up, ls, status, stats, logs, exec_, console, cp, forward, restart, down, images, template,
-               volume, dev, cleanup, doctor):
+for module in (build, up, ls, status, stats, logs, exec_, console, cp, forward, restart, suspend, down, images,
+               template, volume, dev, cleanup, doctor):
     module.register(app)
 
 

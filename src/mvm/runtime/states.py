@@ -16,10 +16,9 @@ crashed    the machine ended without a clean power-off (killed, panic, QEMU     
            error), or an ``up`` died before the agent answered
 broken     ``vm.json`` is unreadable; ``down`` still finds and stops its         unknown
            machine by its VM dir
+suspended  ``suspend`` saved the machine to disk and stopped it; ``resume``       none (saved)
+           brings it back as it was
 =========  ===================================================================  =======================
-
-Room for more: a suspended VM (saved to disk, no machine) will be a phase and a status of
-its own, added here.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ class VMStatus(StrEnum):
     EXITED = "exited"
     CRASHED = "crashed"
     BROKEN = "broken"
+    SUSPENDED = "suspended"
 
     @property
     def active(self) -> bool:
@@ -42,9 +42,14 @@ class VMStatus(StrEnum):
         the same name is refused until it is down."""
         return self in (VMStatus.STARTING, VMStatus.RUNNING, VMStatus.STOPPING)
 
+    @property
+    def kept(self) -> bool:
+        """``cleanup`` leaves it alone: a machine runs, or is saved to be resumed."""
+        return self.active or self is VMStatus.SUSPENDED
+
 
 #: What ``vm.json`` records: the intent of the last command, not the truth.
-Phase = Literal["starting", "running", "stopping"]
+Phase = Literal["starting", "running", "stopping", "suspended"]
 
 
 def derive(phase: Phase, machine_alive: bool, owner_alive: bool, clean_poweroff: bool) -> VMStatus:
@@ -59,4 +64,6 @@ def derive(phase: Phase, machine_alive: bool, owner_alive: bool, clean_poweroff:
         return VMStatus.RUNNING if phase == "running" else VMStatus.STARTING
     if phase == "starting" and owner_alive:
         return VMStatus.STARTING
+    if phase == "suspended":
+        return VMStatus.SUSPENDED
     return VMStatus.EXITED if clean_poweroff else VMStatus.CRASHED

@@ -1,0 +1,79 @@
+"""``suspend`` and ``resume``: a running VM saved to disk and its machine stopped, then
+brought back with its processes, ``/tmp`` and volumes as they were.
+
+The machine is saved whole (its RAM too) into the VM dir, and started again the way it
+ran (``launch.json``), restoring the saved state instead of booting. While suspended it
+holds no volume: its writable volumes are locked again at ``resume``, which is refused if
+another VM took one meanwhile. ``down`` of a suspended VM removes the saved state with the
+rest of the VM dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from .._proc import DEFAULT_RUNNER, Runner
+from ..backends.base import Incoming, spec_from_json
+from ..errors import StateError, VMError, VMNotRunning
+from ..paths import Layout
+from ..runtime import agent
+from ..runtime.registry import ProcessRecord, Registry
+from ..runtime.states import VMStatus
+from ..volumes.store import Holder, VolumeStore
+from .machines import backend_for, status_of
+from .models import VMInfo
+from .vm import VM
+
+
+def suspend(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER) -> VMInfo:
+    layout = layout or Layout.default()
+    registry = Registry(layout)
+    with registry.transaction(name) as (files, record):
+        backend = backend_for(record, runner)
+        status = status_of(record, files, backend)
+        if status is not VMStatus.RUNNING or record.machine is None:
+            raise VMNotRunning(name, f"VM {name!r} is {status}: only a running VM can be suspended")
+        if not files.launch.is_file():
+            raise StateError(f"{name} was started by an mvm that does not record how (no {files.launch.name})",
+                             hint=f"restart it once (`mvmctl restart {name}`); then it can be suspended")
+        machine = record.machine.ref
+        backend.save(files, machine, files.saved_state)
+        backend.stop(files, machine, 5.0)
+        record.phase, record.machine, record.started_at = "suspended", None, None
+    return VM(name, layout, runner).info()
+
+
+def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER) -> VMInfo:
+    layout = layout or Layout.default()
+    registry = Registry(layout)
+    store = VolumeStore(layout)
+    with registry.transaction(name) as (files, record):
+        if record.phase != "suspended" or not files.saved_state.is_file():
+            raise VMError(name, f"VM {name!r} is not suspended", hint="see `mvmctl ls`")
+        spec = spec_from_json(json.loads(files.launch.read_text())["spec"], files)
+        spec.incoming = Incoming(files.saved_state, ignore_shared=False)
+        locks = [store.lock(v.volume, f"{v.host} ({v.volume})", attaching=True)
+                 for v in record.volumes if v.volume is not None]
+        try:
+            spec.hold_fds = tuple(lock.fd for lock in locks)
+            backend = backend_for(record, runner)
+            machine = backend.start(spec)
+            for v in record.volumes:
+                if v.volume is not None:
+                    store.set_holder(v.volume, Holder(what=f"VM {name!r} (pid {machine.pid})", vm=name,
+                                                      pid=machine.pid, pid_start=machine.start_time,
+                                                      since=time.time()))
+        finally:
+            for lock in locks:
+                lock.release()
+        try:
+            agent.wait_ready(files, name, 30.0, lambda: backend.alive(machine))  # and sets the clock
+        except VMError:
+            backend.stop(files, machine, 2.0)
+            raise
+        os.unlink(files.saved_state)
+        record.phase, record.machine = "running", ProcessRecord(pid=machine.pid, start_time=machine.start_time)
+        record.started_at = time.time()
+    return VM(name, layout, runner).info()

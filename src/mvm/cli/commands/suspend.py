@@ -1,0 +1,43 @@
+"""mvmctl suspend, mvmctl resume."""
+
+from __future__ import annotations
+
+import typer
+
+from ..options import Json, VMName
+
+
+def suspend(name: VMName, json: Json = False) -> None:
+    """Save a running VM to disk and stop its machine: it uses no CPU and no memory until
+    `mvmctl resume` brings it back, with its processes, /tmp and volumes as they were.
+
+    While suspended it holds no volume (another VM could take one, and resume would then be
+    refused). `mvmctl down` of a suspended VM removes it with its saved state.
+    """
+    import mvm
+
+    from .. import output
+
+    info = mvm.get(name).suspend()
+    if json:
+        output.print_json(info)
+        return
+    output.info(f"{name} is suspended")
+
+
+def resume(name: VMName, json: Json = False) -> None:
+    """Bring a suspended VM back as it was (its clock is set to now)."""
+    import mvm
+
+    from .. import output
+
+    info = mvm.get(name).resume()
+    if json:
+        output.print_json(info)
+        return
+    output.info(f"{name} is running again")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(suspend)
+    app.command()(resume)
