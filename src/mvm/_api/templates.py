@@ -31,7 +31,7 @@ from ..paths import Layout, VMFiles
 from ..runtime import agent
 from ..runtime.templates import (
     HOTPLUG_SLOTS,
-    TEMPLATE_ARG,
+    TEMPLATE_KERNEL_ARGS,
     Damaged,
     Kind,
     Shape,
@@ -171,7 +171,7 @@ def _boot_and_save(image: Image, cpus: int, memory: int, key: str, staging: Path
     spec = LaunchSpec(name=name, files=files, kernel=image.kernel, initrd=image.initrd, rootfs=root,
                       cpus=cpus, memory=memory, accel=verdict.accel, arch=image.manifest.arch,
                       root_format="qcow2", root_snapshot=False, memory_file=MemoryFile(ram, shared=True),
-                      hotplug_slots=HOTPLUG_SLOTS, kernel_args=(TEMPLATE_ARG,))
+                      hotplug_slots=HOTPLUG_SLOTS, kernel_args=TEMPLATE_KERNEL_ARGS)
     machine = backend.start(spec)
     agent.wait_ready(files, name, 90.0, lambda: backend.alive(machine))
     prog.stage("saving the template (agent ready)")

@@ -45,7 +45,7 @@ from ..paths import Layout, VMFiles
 from ..runtime import agent
 from ..runtime.bootconfig import write_config_disk
 from ..runtime.registry import PortRecord, ProcessRecord, Registry, VMRecord
-from ..runtime.templates import TEMPLATE_ARG, TemplateStore
+from ..runtime.templates import TEMPLATE_KERNEL_ARGS, TemplateStore
 from ..volumes import attach as volume_attach
 from . import templates
 from .build import build_image
@@ -248,7 +248,7 @@ class Launch:
             spec.memory_file = MemoryFile(restore.template.ram(restore.kind), shared=False)
             spec.incoming = Incoming(restore.template.state(restore.kind), ignore_shared=True)
             spec.hotplug_slots = restore.template.meta.hotplug_slots
-            spec.kernel_args = (TEMPLATE_ARG,)
+            spec.kernel_args = TEMPLATE_KERNEL_ARGS
             self.progress.stage(f"restoring ({record.accel}, {restore.kind} template)")
         self.spec = spec
         machine = plan.backend.start(spec)

@@ -43,6 +43,9 @@ Kind = Literal["agent", "ready"]
 HOTPLUG_SLOTS = 4
 #: The kernel argument that makes a boot a template (the guest waits for ``configure``).
 TEMPLATE_ARG = "mvm.template=1"
+#: Native PCIe hot-plug: microvm has no ACPI _OSC to hand it to the kernel, so without this
+#: the hot-plug slots are never registered and a disk attached after a restore is not seen.
+TEMPLATE_KERNEL_ARGS = (TEMPLATE_ARG, "pcie_ports=native")
 
 
 class Shape(BaseModel):
