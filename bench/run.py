@@ -74,7 +74,7 @@ def floor_rootfs(workdir: Path) -> Path:
 
 
 def boot_floor(kernel: Path, initrd: Path, rootfs: Path) -> float:
-    from mvm.backends.qemu import tsc_khz
+    from mvm.backends.qemu_argv import tsc_khz
 
     argv = [
         "qemu-system-x86_64", "-M", "microvm,pcie=on,rtc=on", "-accel", "tcg,tb-size=64",
@@ -118,11 +118,11 @@ def guest_phases(env: dict[str, str]) -> dict[str, float]:
     return marks
 
 
-def up_to_first_200(env: dict[str, str], phases: list[dict[str, float]]) -> float:
+def up_to_first_200(env: dict[str, str], phases: list[dict[str, float]] | None, *extra: str) -> float:
     port = free_port()
     exe = Path(sys.executable).with_name("mvmctl")
     started = time.monotonic()
-    proc = subprocess.Popen([str(exe), "up", str(HELLO), "--name", "bench", "-p", f"{port}:8080"], env=env,
+    proc = subprocess.Popen([str(exe), "up", str(HELLO), "--name", "bench", "-p", f"{port}:8080", *extra], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         while True:
@@ -131,7 +131,8 @@ def up_to_first_200(env: dict[str, str], phases: list[dict[str, float]]) -> floa
                     if r.status == 200:
                         elapsed = time.monotonic() - started
                         proc.wait()
-                        phases.append(guest_phases(env))
+                        if phases is not None:
+                            phases.append(guest_phases(env))
                         return elapsed
             except OSError:
                 pass
@@ -172,15 +173,24 @@ def main() -> None:
         image = mvm.build(HELLO)
         assert image.initrd is not None
         kernel, initrd = Path(image.path) / image.kernel, Path(image.path) / image.initrd
+        started = time.monotonic()
+        template = mvm.template_create(HELLO)
+        results["template_create"] = summary([time.monotonic() - started])
+        results["template_mb"] = summary([template.bytes_on_disk / 1e6])
+        restore_env = {**env, "MVM_TEMPLATES": "restore"}
         with tempfile.TemporaryDirectory() as tmp:
             rootfs = floor_rootfs(Path(tmp))
             boot_floor(kernel, initrd, rootfs)  # warm the page cache
-            floor, up, phases = [], [], []
+            floor, up, restored, restored_env, phases = [], [], [], [], []
             for _ in range(args.runs):  # interleaved, so drift hits both alike
                 floor.append(boot_floor(kernel, initrd, rootfs))
-                up.append(up_to_first_200(env, phases))
+                up.append(up_to_first_200(env, phases, "--cold"))
+                restored.append(up_to_first_200(restore_env, None))
+                restored_env.append(up_to_first_200(restore_env, None, "-e", "K=V"))
         results["floor"] = summary(floor)
         results["up_to_200"] = summary(up)
+        results["restored_up_to_200"] = summary(restored)
+        results["restored_env_up_to_200"] = summary(restored_env)
         for phase in PHASES:
             values = [p[phase] for p in phases if phase in p]
             if values:
@@ -195,19 +205,30 @@ def main() -> None:
             results["ping"] = summary(pings)
             results["exec_true"] = summary(timed(lambda: mvmctl("exec", "bench", "--", "true", env=env),
                                                  args.runs))
+            results["ls"] = summary(timed(lambda: mvmctl("ls", env=env), args.runs))
+            results["status"] = summary(timed(lambda: mvmctl("status", "bench", env=env), args.runs))
         finally:
             vm.down()
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
     f, u = results["floor"]["median"], results["up_to_200"]["median"]
+    r, re_ = results["restored_up_to_200"]["median"], results["restored_env_up_to_200"]["median"]
     rows = [
         ("floor (bare QEMU, same kernel+initrd → init)", results["floor"], None),
-        ("mvmctl up → first HTTP 200", results["up_to_200"], f"{u / f:.2f}× floor (target ≤ 1.5×)"),
+        ("mvmctl up --cold → first HTTP 200", results["up_to_200"], f"{u / f:.2f}× floor (target ≤ 1.5×)"),
+        ("mvmctl up (restored) → first HTTP 200", results["restored_up_to_200"],
+         f"{r / f:.2f}× floor (target ≤ 0.5×)"),
+        ("mvmctl up -e K=V (restored) → first HTTP 200", results["restored_env_up_to_200"],
+         f"{re_ / f:.2f}× floor (target ≤ 1.3×)"),
+        ("mvmctl template create (once)", results["template_create"], f"{results['template_mb']['median']:.0f} MB "
+         "on disk"),
         ("mvmctl --version (CLI start-up)", results["cli"], None),
         ("warm mvmctl build", results["build_warm"], "target ≤ 0.5 s"),
         ("agent ping", results["ping"], "target ≤ 20 ms"),
         ("mvmctl exec -- true", results["exec_true"], "target ≤ 300 ms"),
+        ("mvmctl ls (one VM)", results["ls"], "target ≤ 250 ms"),
+        ("mvmctl status NAME", results["status"], "target ≤ 250 ms"),
     ]
     print(f"{'figure':48} {'median':>9} {'min':>9} {'max':>9}  note")
     for label, r, note in rows:

@@ -125,8 +125,10 @@ def mvm_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def cli(mvm_home: Path) -> CLI:
     cache = os.environ.get("MVM_TEST_CACHE", str(Path.home() / ".cache" / "mvm-tests"))
+    # Templates (fast start) are off unless a test turns them on: the other tests boot cold, and
+    # no background template maker competes with them for the two cores.
     env = {**os.environ, "MVM_HOME": str(mvm_home), "MVM_CACHE": cache, "NO_COLOR": "1",
-           "COLUMNS": "200"}
+           "COLUMNS": "200", "MVM_TEMPLATES": "off"}
     env.pop("MVM_DEBUG", None)
     return CLI(env, mvm_home)
 

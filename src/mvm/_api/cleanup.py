@@ -66,6 +66,10 @@ def _unheld(lock: Path) -> bool:
         os.close(fd)
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
 def _leftovers(root: Path, what: str) -> list[CleanupItem]:
     """Interrupted builds (``.build-*`` whose build lock nobody holds) and the stale locks of
     entries that are gone, in an image or layer store."""
@@ -140,6 +144,9 @@ def cleanup(
         if template is None or template.meta.image_key in removed_images or store.get(template.meta.image_key) is None:
             why = f"damaged template ({damaged})" if template is None else "template of an image that is gone"
             items.append(CleanupItem(kind="template", path=str(path), bytes=disk_usage(path), reason=why))
+        else:
+            notes.append(f"kept: template {key[:12]} of {template.meta.image_key[:12]} "
+                         f"({_size(disk_usage(path))}; `mvmctl template rm {key[:12]}` removes it)")
     if layout.layers.is_dir():
         for entry in sorted(layout.layers.iterdir()):
             if not entry.name.startswith(".") and entry.is_dir() and entry.name not in kept_layers:
@@ -185,7 +192,11 @@ def _dead_vms(layout: Layout, dry_run: bool, runner: Runner, items: list[Cleanup
             orphan_start = record.phase == "starting"
         except MvmError:  # corrupt vm.json: the VM is "broken" and its dir is removable
             status = "broken"
-        if status in ("starting", "running", "stopping", "suspended"):
+        if status == "suspended":
+            notes.append(f"kept: suspended VM {name} ({_size(disk_usage(files.root))} saved; "
+                         f"`mvmctl down {name}` removes it)")
+            continue
+        if status in ("starting", "running", "stopping"):
             continue
         if status == "broken" and backend.strays(files):
             notes.append(f"{name}: state is unreadable but its machine is running; "

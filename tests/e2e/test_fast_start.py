@@ -1,0 +1,153 @@
+"""Fast start (real VMs): a template restored instead of a boot, clones that are their own
+machines, every `up` feature after a restore, damaged templates, suspend and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import CLI, EXAMPLES, free_port, http_get, qemu_pids_under, wait_for
+
+HELLO = str(EXAMPLES / "hello")
+RESTORE = {"MVM_TEMPLATES": "restore"}
+
+
+@pytest.fixture(scope="module")
+def template(cli: CLI, hello_image: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    info: dict[str, Any] = json.loads(cli("template", "create", HELLO, "--json").stdout)
+    yield info
+
+
+def _up(cli: CLI, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    (row,) = json.loads(cli("up", HELLO, *args, "--json", env=env or RESTORE).stdout)
+    return row
+
+
+def test_a_restored_hello_serves_and_says_so(cli: CLI, template: dict[str, Any], no_leaks: None) -> None:
+    assert template["kinds"] == ["agent", "ready"] and template["bytes_on_disk"] > 0
+    port = free_port()
+    row = _up(cli, "--name", "fs1", "-p", f"{port}:8080")
+    try:
+        assert row["start"] == "restored" and "(ready)" in row["start_reason"]
+        assert http_get(port) == "<h1>Hello from mvm!</h1>\n"
+        listed = next(r for r in cli.json("ls") if r["name"] == "fs1")
+        assert listed["start"] == "restored" and listed["health"] == "healthy"
+        guest_time = float(cli("exec", "fs1", "--", "date", "+%s.%N").stdout)
+        assert abs(guest_time - time.time()) < 1.0  # the clone's clock is the host's, not the template's
+    finally:
+        cli("down", "fs1")
+
+
+def test_two_clones_of_one_template_are_different_machines(cli: CLI, template: dict[str, Any],
+                                                           no_leaks: None) -> None:
+    ports = {"fa": free_port(), "fb": free_port()}
+    for name, port in ports.items():
+        assert _up(cli, "--name", name, "-p", f"{port}:8080")["start"] == "restored"
+    try:
+        seen = {}
+        for name, port in ports.items():
+            assert http_get(port) == "<h1>Hello from mvm!</h1>\n"
+            out = cli("exec", name, "--", "sh", "-c", "hostname; cat /etc/machine-id; "
+                      "head -c 16 /dev/urandom | od -An -tx1").stdout.split("\n", 2)
+            seen[name] = out
+        assert [seen[n][0] for n in ports] == ["fa", "fb"]
+        assert seen["fa"][1] != seen["fb"][1], "clones share a machine-id"
+        assert seen["fa"][2] != seen["fb"][2], "clones read the same bytes from /dev/urandom"
+    finally:
+        cli("down", "fa", "fb")
+
+
+def test_env_and_a_volume_after_a_restore(cli: CLI, template: dict[str, Any], tmp_path: Path,
+                                          no_leaks: None) -> None:
+    data = tmp_path / "data"
+    port = free_port()
+    row = _up(cli, "--name", "fv", "-p", f"{port}:8080", "-e", "GREETING=from-env", "-v", f"{data}:/mnt/data:32")
+    try:
+        assert row["start"] == "restored" and "(agent)" in row["start_reason"]
+        assert http_get(port) == "<h1>Hello from mvm!</h1>\n"
+        assert cli("exec", "fv", "--", "printenv", "GREETING").stdout == "from-env\n"
+        cli("exec", "fv", "--", "sh", "-c", "echo kept > /mnt/data/note && sync")
+    finally:
+        cli("down", "fv")
+    row = _up(cli, "--name", "fv", "-v", f"{data}:/mnt/data:32")
+    try:
+        assert row["start"] == "restored"
+        assert cli("exec", "fv", "--", "cat", "/mnt/data/note").stdout == "kept\n"
+    finally:
+        cli("down", "fv")
+
+
+def test_a_spec_change_makes_a_new_template(cli: CLI, template: dict[str, Any], tmp_path: Path) -> None:
+    spec = (EXAMPLES / "hello" / "mvm.toml").read_text().replace("Hello from mvm!", "Hello again!")
+    (tmp_path / "mvm.toml").write_text(spec)
+    other = json.loads(cli("template", "create", str(tmp_path), "--json").stdout)
+    assert other["key"] != template["key"] and other["image"] != template["image"]
+    keys = {t["key"] for t in cli.json("template", "ls")}
+    assert {template["key"], other["key"]} <= keys
+    cli("template", "rm", other["key"][:12])
+    cli("rmi", other["image"][:12])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_template_boots_cold_warns_and_is_made_again(cli: CLI, hello_image: dict[str, Any],
+                                                               damage: str, no_leaks: None) -> None:
+    info = json.loads(cli("template", "create", HELLO, "--json").stdout)
+    path = Path(info["path"])
+    if damage == "truncate":
+        os.truncate(path / "ready.state", (path / "ready.state").stat().st_size // 2)
+    else:  # bytes flipped in the middle of the saved RAM
+        with open(path / "ready.ram", "r+b") as ram:
+            ram.seek((path / "ready.ram").stat().st_size // 2)
+            ram.write(b"\xde\xad\xbe\xef")
+    port = free_port()
+    r = cli("up", HELLO, "--name", "fd", "-p", f"{port}:8080", env={"MVM_TEMPLATES": "auto"})
+    try:
+        assert "booted cold: the template was damaged" in r.stderr
+        row = next(x for x in cli.json("ls") if x["name"] == "fd")
+        assert row["start"] == "cold" and "damaged" in row["start_reason"]
+        assert http_get(port) == "<h1>Hello from mvm!</h1>\n"
+        # auto: a new template is made in the background after the cold boot
+        remade = wait_for(lambda: [t for t in cli.json("template", "ls") if t["key"] == info["key"]
+                                   and not t["damaged"]], 180, "the template to be made again")
+        assert remade[0]["kinds"] == ["agent", "ready"]
+    finally:
+        cli("down", "fd")
+    assert not [p for p in (path.parent).iterdir() if p.name.startswith(".build-")]
+    assert not qemu_pids_under(Path(cli.env["MVM_CACHE"]))  # the background maker left no QEMU
+
+
+def test_suspend_and_resume_keep_processes_and_tmp(cli: CLI, hello_image: dict[str, Any], no_leaks: None) -> None:
+    port = free_port()
+    cli("up", HELLO, "--name", "fz", "-p", f"{port}:8080")
+    try:
+        cli("exec", "fz", "--", "sh", "-c", "echo kept > /tmp/f; (i=0; while true; do i=$((i+1)); "
+            "echo $i > /tmp/counter; sleep 0.2; done) >/dev/null 2>&1 &")
+        before = int(wait_for(lambda: cli("exec", "fz", "--", "cat", "/tmp/counter", check=False).stdout.strip(),
+                              10, "the counter to start"))
+        cli("suspend", "fz")
+        row = next(x for x in cli.json("ls") if x["name"] == "fz")
+        assert row["status"] == "suspended" and not qemu_pids_under(cli.home)
+        assert "kept: suspended VM fz" in cli("cleanup", "--dry-run").stderr
+        cli("resume", "fz")
+        assert cli("exec", "fz", "--", "cat", "/tmp/f").stdout == "kept\n"
+        after = int(cli("exec", "fz", "--", "cat", "/tmp/counter").stdout)
+        assert after >= before  # the same process, counting on from where it was
+        time.sleep(1.0)
+        assert int(cli("exec", "fz", "--", "cat", "/tmp/counter").stdout) > after
+        assert http_get(port) == "<h1>Hello from mvm!</h1>\n"
+        cli("suspend", "fz")
+    finally:
+        cli("down", "fz")
+    assert not (cli.vms / "fz").exists()
+
+
+def test_cleanup_shows_templates_with_their_size(cli: CLI, template: dict[str, Any]) -> None:
+    notes = cli("cleanup", "--dry-run").stderr
+    assert re.search(rf"kept: template {template['key'][:12]} .*MB", notes)
