@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ._api.copy import cp
     from ._api.doctor import doctor
     from ._api.down import down
+    from ._api.export import export_kubevirt
     from ._api.images import images, rmi
     from ._api.listing import get, logs, ls
     from ._api.models import (
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
         DoctorReport,
         DownResult,
         ExecResult,
+        ExportInfo,
         GuestStatus,
         ImageInfo,
         PortInfo,
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
         VolumeExport,
         VolumeInfo,
     )
-    from ._api.options import parse_since
+    from ._api.options import parse_env, parse_since
     from ._api.stats import stats
     from ._api.templates import template_create, template_rm
     from ._api.templates import templates_list as templates
@@ -67,17 +69,17 @@ _LAZY = {
     "build": "._api.build", "up": "._api.up", "down": "._api.down", "get": "._api.listing",
     "ls": "._api.listing", "logs": "._api.listing", "cleanup": "._api.cleanup", "doctor": "._api.doctor",
     "VM": "._api.vm",
-    "parse_since": "._api.options", "cp": "._api.copy", "ConsoleSession": "._api.console",
+    "parse_since": "._api.options", "parse_env": "._api.options", "cp": "._api.copy", "ConsoleSession": "._api.console",
     "images": "._api.images", "rmi": "._api.images", "stats": "._api.stats",
-    "template_create": "._api.templates", "template_rm": "._api.templates",
+    "template_create": "._api.templates", "template_rm": "._api.templates", "export_kubevirt": "._api.export",
     "volume_export": "._api.volumes", "volume_info": "._api.volumes", "volume_ls": "._api.volumes",
     "volume_rm": "._api.volumes",
     "VMStatus": ".runtime.states", "LogLine": ".runtime.logs",
     "GuestSpec": ".spec", "HealthCheck": ".spec", "Service": ".spec", "load_toml": ".spec",
 }
 _MODELS = ("BuildResult", "CheckStatus", "CleanupReport", "DoctorReport", "DownResult", "ExecResult",
-           "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "ServiceUsage", "TemplateInfo", "VMDetails",
-           "VMInfo", "VMUsage", "VolumeExport", "VolumeInfo")
+           "ExportInfo", "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "ServiceUsage", "TemplateInfo",
+           "VMDetails", "VMInfo", "VMUsage", "VolumeExport", "VolumeInfo")
 _LAZY.update(dict.fromkeys(_MODELS, "._api.models"))
 
 
@@ -99,11 +101,12 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [  # the errors are appended below
     "build", "up", "down", "get", "ls", "logs", "cleanup", "doctor", "dev", "VM", "ConsoleSession", "images",
-    "rmi", "parse_since", "cp", "stats", "template_create", "template_rm", "templates",
+    "rmi", "parse_since", "parse_env", "cp", "stats", "template_create", "template_rm", "templates",
+    "export_kubevirt",
     "volume_export", "volume_info", "volume_ls", "volume_rm",
     "BuildResult", "CheckStatus", "CleanupReport", "DoctorReport", "DownResult", "ExecResult",
-    "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "ServiceUsage", "TemplateInfo", "VMDetails", "VMInfo",
-    "VMUsage",
+    "ExportInfo", "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "ServiceUsage", "TemplateInfo",
+    "VMDetails", "VMInfo", "VMUsage",
     "VolumeExport", "VolumeInfo", "VMStatus", "LogLine",
     "GuestSpec", "HealthCheck", "Service", "load_toml",
     "paths",

@@ -22,6 +22,7 @@ Every process started here is killed at the end, and the test checks that none i
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -37,9 +38,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mvm.export import kubevirt
-
-from .conftest import free_port, http_get, wait_for
+from .conftest import CLI, free_port, http_get, wait_for
 
 QEMU_UID = QEMU_GID = 107
 BOOT_TIMEOUT = 240.0  # TCG on a busy two-core machine
@@ -87,15 +86,15 @@ def launcher_dir() -> Iterator[Path]:
 
 
 def test_exported_image_boots_like_a_kubevirt_launcher(
-    hello_image: dict[str, Any], tmp_path: Path, launcher_dir: Path
+    cli: CLI, hello_image: dict[str, Any], tmp_path: Path, launcher_dir: Path
 ) -> None:
-    # 1. export, as `mvmctl export hello --kubevirt -o DIR --image REF` would
-    result = kubevirt.export(
-        kubevirt.spec_from_image(Path(hello_image["path"]), image="registry.example.com/mvm/hello:e2e"),
-        tmp_path / "export",
-    )
-    assert result.layout is not None
-    vm, svc = yaml.safe_load_all(result.vm_yaml.read_text())
+    # 1. export with the CLI, from the built image's name
+    r = cli("export", "hello", "--kubevirt", "-o", str(tmp_path / "export"), "--image",
+            "registry.example.com/mvm/hello:e2e", "--json")
+    result = json.loads(r.stdout)
+    assert result["layout"] and result["commands"][0].startswith("skopeo copy oci:")
+    assert result["commands"][1] == f"kubectl apply -f {tmp_path / 'export' / 'vm.yaml'}"
+    vm, svc = yaml.safe_load_all(Path(result["vm_yaml"]).read_text())
     vmi = vm["spec"]["template"]["spec"]
     boot = vmi["domain"]["firmware"]["kernelBoot"]
     kernel_args = boot["kernelArgs"]
@@ -105,7 +104,7 @@ def test_exported_image_boots_like_a_kubevirt_launcher(
 
     # 2. take the files out of the OCI image the way a container runtime lays them out
     rootfs = launcher_dir / "rootfs"
-    subprocess.run(["umoci", "raw", "unpack", "--image", f"{result.layout}:e2e", str(rootfs)], check=True,
+    subprocess.run(["umoci", "raw", "unpack", "--image", f"{result['layout']}:e2e", str(rootfs)], check=True,
                    capture_output=True)
     kernel = rootfs / boot["container"]["kernelPath"].lstrip("/")
     initrd = rootfs / boot["container"]["initrdPath"].lstrip("/")

@@ -47,7 +47,7 @@ def _image_dir(root: Path, *, health: dict[str, Any] | None = None, hostname: st
     }
     if hostname:
         guest["hostname"] = hostname
-    manifest = {"schema_version": 1, "key": "k" * 64, "name": "hello", "frontend": "toml", "source": {},
+    manifest = {"schema_version": 2, "key": "k" * 64, "name": "hello", "frontend": "toml", "source": {},
                 "kernel": "vmlinux", "initrd": "initrd", "rootfs": "rootfs.ext4", "guest": guest}
     (image / "manifest.json").write_text(json.dumps(manifest))
     return image
@@ -476,7 +476,7 @@ def test_only_x86_64_images_export(tmp_path: Path) -> None:
 
 
 def test_a_broken_image_dir_is_a_state_error(tmp_path: Path) -> None:
-    with pytest.raises(StateError, match="not a readable mvm image"):
+    with pytest.raises(StateError, match="manifest.json is unreadable"):
         kubevirt.spec_from_image(tmp_path)
     image = _image_dir(tmp_path)
     (image / "initrd").unlink()

@@ -221,6 +221,22 @@ class TemplateInfo(_Model):
     damaged: str | None = None  #: why it cannot be used
 
 
+class ExportInfo(_Model):
+    """``export --kubevirt``: what was written, and what to run next."""
+
+    out_dir: str
+    vm_yaml: str
+    layout: str | None = None  #: the OCI image layout dir
+    archive: str | None = None  #: the oci-archive tar (``--archive``)
+    image: str  #: the image reference vm.yaml points at
+    manifest_digest: str
+    ports: list[int] = []
+    probe_from: str | None = None  #: the health check the readiness probe comes from
+    notes: list[str] = []
+    dropped: list[str] = []  #: health checks KubeVirt cannot run, with why
+    commands: list[str] = []  #: `skopeo copy ...` and `kubectl apply ...`
+
+
 class VolumeInfo(_Model):
     name: str
     kind: Literal["managed", "image"] | None = None

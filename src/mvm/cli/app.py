@@ -33,6 +33,7 @@ from .commands import (
     doctor,
     down,
     exec_,
+    export,
     forward,
     images,
     logs,
@@ -87,7 +88,7 @@ def _root(
 
 
 for module in (build, up, ls, status, stats, logs, exec_, console, cp, forward, restart, suspend, down, images,
-               template, volume, dev, cleanup, doctor):
+               template, volume, export, dev, cleanup, doctor):
     module.register(app)
 
 

@@ -24,7 +24,6 @@ and returns the ``skopeo copy`` and ``kubectl apply`` lines to run next.
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import tempfile
@@ -114,31 +113,25 @@ def spec_from_image(
     ``name`` defaults to the image's name, as ``up --name`` does; when it differs and the
     spec sets no hostname, it becomes the guest's hostname, also as under ``up``.
     """
-    try:
-        manifest = json.loads((image_dir / "manifest.json").read_text())
-        guest = manifest["guest"]
-        image_name = str(manifest["name"])
-        kernel = image_dir / manifest.get("kernel", "vmlinux")
-        initrd_name = manifest.get("initrd", "initrd")
-        rootfs = image_dir / manifest.get("rootfs", "rootfs.ext4")
-        checks = tuple(
-            HealthCheckInput(
-                name=check_name_,
-                cmd=str(check["healthCmd"]),
-                interval_secs=float(check.get("healthIntervalSecs", 30)),
-                timeout_secs=float(check.get("healthTimeoutSecs", 10)),
-            )
-            for check_name_, check in sorted((guest.get("healthChecks") or {}).items())
-        )
-        cpus, memory = int(guest.get("cpus", 1)), int(guest.get("memory", 512))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise StateError(f"{image_dir} is not a readable mvm image: {exc}",
-                         hint="pass the image directory that `mvmctl build --json` prints as path") from exc
-    arch = manifest.get("arch", "x86_64")
-    if arch != "x86_64":
-        raise UsageError(f"{image_name} is an {arch} image; the KubeVirt export writes x86_64 (amd64) images only")
+    from ..images.store import read_manifest
+
+    manifest = read_manifest(image_dir)  # StateError, with a hint, if it is not an image
+    guest = manifest.guest
+    image_name = manifest.name
+    kernel = image_dir / manifest.kernel
+    initrd_name = manifest.initrd
+    rootfs = image_dir / manifest.rootfs
+    checks = tuple(
+        HealthCheckInput(name=check_name_, cmd=check.health_cmd, interval_secs=check.health_interval_secs,
+                         timeout_secs=check.health_timeout_secs)
+        for check_name_, check in sorted(guest.health_checks.items())
+    )
+    cpus, memory = guest.cpus, guest.memory
+    if manifest.arch != "x86_64":
+        raise UsageError(f"{image_name} is an {manifest.arch} image; the KubeVirt export writes x86_64 (amd64) "
+                         "images only")
     vm_name = name or image_name
-    hostname = vm_name if vm_name != image_name and not guest.get("hostname") else None
+    hostname = vm_name if vm_name != image_name and not guest.hostname else None
     return KubevirtSpec(
         name=vm_name,
         kernel=kernel,

@@ -159,7 +159,8 @@ class ImageStore:
                 manifest.sizes = {
                     f.name: f.stat().st_size for f in staging.iterdir() if f.is_file()
                 }
-                write_json_atomic(staging / MANIFEST, manifest.model_dump(mode="json"))
+                # by alias: the guest in the seed's own spelling (healthChecks, preStart), as in guest.json
+                write_json_atomic(staging / MANIFEST, manifest.model_dump(mode="json", by_alias=True))
                 os.rename(staging, self._dir(key))
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,64 @@
+"""``export --kubevirt``: a built image (or a spec to build) as a KubeVirt VirtualMachine
+(the work is :mod:`mvm.export.kubevirt`'s; this resolves what to export and builds it)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .._proc import DEFAULT_RUNNER, Runner
+from ..errors import UsageError
+from ..export import kubevirt
+from ..images.store import Image, ImageStore
+from ..paths import Layout
+from .build import build_image
+from .models import ExportInfo
+from .progress import Progress, Quiet
+
+
+def _resolve(target: str, flake: str | None, nix_args: Sequence[str], layout: Layout, runner: Runner,
+             progress: Progress) -> Image:
+    """A spec path or flake is built (or found in the cache); otherwise ``target`` names an
+    image in the store: a key (4+ first characters) or a guest name (its newest image)."""
+    if flake is not None or Path(target).exists():
+        image, _ = build_image(target if flake is None else ".", flake=flake, nix_args=nix_args, layout=layout,
+                               runner=runner, progress=progress)
+        return image
+    everything = ImageStore(layout.images).all()
+    found = [i for i in everything if len(target) >= 4 and i.key.startswith(target)] or \
+            [i for i in everything if i.name == target]
+    if not found:
+        raise UsageError(f"{target!r} is neither a spec directory nor an image in the store",
+                         hint="give the directory holding mvm.toml, --flake REF, or a name from `mvmctl images`")
+    return found[-1]
+
+
+def export_kubevirt(
+    target: str = ".",
+    *,
+    out: str | os.PathLike[str],
+    flake: str | None = None,
+    nix_args: Sequence[str] = (),
+    image_ref: str | None = None,
+    name: str | None = None,
+    ports: Sequence[int] = (),
+    env: Mapping[str, str] | None = None,
+    archive: bool = False,
+    force: bool = False,
+    layout: Layout | None = None,
+    runner: Runner = DEFAULT_RUNNER,
+    progress: Progress | None = None,
+) -> ExportInfo:
+    prog = progress or Quiet()
+    image = _resolve(target, flake, nix_args, layout or Layout.default(), runner, prog)
+    spec = kubevirt.spec_from_image(image.path, name=name, image=image_ref, ports=ports, env=env)
+    prog.stage("writing the OCI image and vm.yaml")
+    result = kubevirt.export(spec, Path(out).expanduser().absolute(), archive=archive, force=force, runner=runner)
+    return ExportInfo(
+        out_dir=str(result.out_dir), vm_yaml=str(result.vm_yaml),
+        layout=str(result.layout) if result.layout else None, archive=str(result.archive) if result.archive else None,
+        image=result.image, manifest_digest=result.manifest_digest, ports=list(result.ports),
+        probe_from=result.probe_from, notes=list(result.notes),
+        dropped=[f"{d.name}: {d.reason}" for d in result.dropped], commands=result.commands,
+    )
