@@ -40,7 +40,7 @@ def test_service_without_command(cli: CLI, tmp_path: Path, no_leaks: None) -> No
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["-p", "8080"], "-p '8080': expected HOST:GUEST"),
+        (["-p", "web"], "-p 'web': guest port 'web' is not a number"),
         (["-p", "80:http"], "guest port 'http' is not a number"),
         (["-e", "NOEQUALS"], "-e 'NOEQUALS': expected KEY=VALUE"),
         (["-e", "9X=1"], "'9X' is not a valid variable name"),

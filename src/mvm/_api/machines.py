@@ -56,6 +56,7 @@ def vm_info(record: VMRecord, files: VMFiles, status: VMStatus, guest: GuestStat
         uptime=round(time.time() - record.started_at, 1) if running and record.started_at else None,
         start=record.start,
         start_reason=record.start_reason or None,
+        start_warning=record.start_warning,
         exit_reason=None if status.kept else logs.exit_reason(files),
         dir=str(files.root),
     )

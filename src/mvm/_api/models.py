@@ -71,6 +71,7 @@ class VMInfo(_Model):
     uptime: float | None = None
     start: Literal["cold", "restored"] | None = None  #: booted, or restored from a template
     start_reason: str | None = None  #: which template, or why it booted cold
+    start_warning: bool = False  #: it booted cold although a template should have been restored
     exit_reason: str | None = None  #: why it is no longer running (exited, crashed)
     error: str | None = None  #: why its state is unreadable (broken)
     dir: str

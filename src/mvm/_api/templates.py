@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 VERSION = "template-1"  # the device set and the guest's template protocol
 HEALTH_TIMEOUT = 120.0
+NO_TEMPLATE = "no template yet for this image and shape"
 
 
 def mode() -> str:
@@ -66,34 +67,55 @@ class Restore:
     kind: Kind
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A template to restore from (or None), why, and whether the reason deserves a warning
+    (a template that should have been used could not be)."""
+
+    restore: Restore | None
+    reason: str
+    warn: bool = False
+
+
 def choose(image: Image, *, cpus: int, memory: int, env: bool, volumes: int, shares: bool, cold: bool,
-           backend: Backend, layout: Layout) -> tuple[Restore | None, str]:
-    """A template to restore this ``up`` from, or None and the reason for a cold boot."""
+           backend: Backend, layout: Layout) -> Choice:
+    """A template to restore this ``up`` from, or the reason for a cold boot."""
     if cold:
-        return None, "--cold"
+        return Choice(None, "--cold")
     if mode() == "off":
-        return None, "templates are off (MVM_TEMPLATES=off)"
+        return Choice(None, "templates are off (MVM_TEMPLATES=off)")
     if SAVE_RESTORE not in backend.capabilities():
-        return None, f"the {backend.name} backend cannot restore machines"
+        return Choice(None, f"the {backend.name} backend cannot restore machines")
     if shares:
-        return None, "a shared directory (virtiofs) cannot be restored"
+        return Choice(None, "a shared directory (virtiofs) cannot be restored")
     if volumes > HOTPLUG_SLOTS:
-        return None, f"{volumes} volumes: a restored VM takes at most {HOTPLUG_SLOTS}"
+        return Choice(None, f"{volumes} volumes: a restored VM takes at most {HOTPLUG_SLOTS}", warn=True)
     store = TemplateStore(layout)
     key = key_for(image, cpus, memory, backend)
     try:
         template = store.get(key)
     except Damaged as exc:
         store.remove(key)
-        return None, f"the template was damaged ({exc}) and is removed; a new one will be made"
+        return Choice(None, f"the template was damaged ({exc}) and is removed; a new one will be made", warn=True)
     if template is None:
         busy = store.lock_path(key).exists() and not _unheld(store.lock_path(key))
-        return None, "the template for this image and shape is still being made" if busy else \
-            "no template yet for this image and shape"
+        return Choice(None, "the template for this image and shape is still being made" if busy else
+                      NO_TEMPLATE)
     kind: Kind = "agent" if (env or volumes) else "ready"
     if kind not in template.meta.kinds:
-        return None, f"the template has no {kind!r} state"
-    return Restore(template, kind), f"restored from template {key[:12]} ({kind})"
+        return Choice(None, f"the template has no {kind!r} state (its services never became healthy)", warn=True)
+    return Choice(Restore(template, kind), f"restored from template {key[:12]} ({kind})")
+
+
+def missing(image: Image, *, cpus: int, memory: int, backend: Backend, layout: Layout) -> bool:
+    """Should a template be made in the background now? (``auto`` mode, a backend that can
+    restore, and no template, not even one being made.)"""
+    if mode() != "auto" or SAVE_RESTORE not in backend.capabilities():
+        return False
+    store = TemplateStore(layout)
+    key = key_for(image, cpus, memory, backend)
+    lock = store.lock_path(key)
+    return not store.dir(key).exists() and (not lock.exists() or _unheld(lock))
 
 
 def _unheld(lock: Path) -> bool:

@@ -151,9 +151,9 @@ def plan_up(request: UpRequest, image: Image, backend: Backend, planned: list[vo
     ))
     source = image.manifest.source
     cpus, memory = request.cpus or guest.cpus, request.memory or guest.memory
-    restore, reason = templates.choose(image, cpus=cpus, memory=memory, env=bool(request.env),
-                                       volumes=len(planned), shares=bool(request.shares), cold=request.cold,
-                                       backend=backend, layout=layout)
+    choice = templates.choose(image, cpus=cpus, memory=memory, env=bool(request.env), volumes=len(planned),
+                              shares=bool(request.shares), cold=request.cold, backend=backend, layout=layout)
+    restore = choice.restore
     record = VMRecord(
         name=name,
         backend=backend.name,
@@ -170,7 +170,8 @@ def plan_up(request: UpRequest, image: Image, backend: Backend, planned: list[vo
         checks=sorted(guest.health_checks),
         volumes=volume_attach.records(planned, layout),
         start="restored" if restore else "cold",
-        start_reason=reason,
+        start_reason=choice.reason,
+        start_warning=choice.warn,
     )
     timeout = min(boot_timeout, RESTORE_BOOT_TIMEOUT) if restore else boot_timeout
     return UpPlan(request, image, backend, planned, record, timeout, restore)
@@ -395,9 +396,11 @@ def up(
         log.warning("%s: %s", plan.name, reason)
         TemplateStore(layout).remove(plan.restore.template.meta.key)
         plan = dataclasses.replace(plan, restore=None, boot_timeout=boot_timeout,
-                                   record=plan.record.model_copy(update={"start": "cold", "start_reason": reason}))
+                                   record=plan.record.model_copy(update={"start": "cold", "start_reason": reason,
+                                                                         "start_warning": True}))
         Launch(plan, layout, runner, prog).run()
-    if plan.restore is None and templates.mode() == "auto" and "no template yet" in plan.record.start_reason:
+    if plan.restore is None and not request.cold and not request.shares and \
+            templates.missing(image, cpus=plan.record.cpus, memory=plan.record.memory, backend=backend, layout=layout):
         templates.make_in_background(image, cpus=plan.record.cpus, memory=plan.record.memory, layout=layout,
                                      backend=backend.name, runner=runner)
     vm = VM(plan.name, layout, runner)

@@ -94,6 +94,7 @@ class VMRecord(BaseModel):
     #: how the machine started: booted ("cold"), or restored from a template
     start: Literal["cold", "restored"] = "cold"
     start_reason: str = ""
+    start_warning: bool = False  #: a template that should have been restored could not be
 
     @property
     def owner_alive(self) -> bool:

@@ -66,8 +66,8 @@ def up(
         f"[green]{info.name}[/] is running ({how}; {info.accel}, {info.cpus} vCPU, {info.memory} MiB)"
         + (" and healthy" if wait and info.checks else "")
     )
-    if info.start == "cold" and info.start_reason and info.start_reason != "--cold":
-        output.info(f"[dim]booted cold: {info.start_reason}[/]")
+    if info.start_warning:
+        output.info(f"[yellow]warning[/]: booted cold: {info.start_reason}")
     for p in info.ports:
         scheme = "http://" if p.proto == "tcp" else ""
         output.out.print(f"{scheme}{p.host_ip}:{p.host_port} -> guest {p.guest_port}/{p.proto}")
