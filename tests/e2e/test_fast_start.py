@@ -26,7 +26,7 @@ def template(cli: CLI, hello_image: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def _up(cli: CLI, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    (row,) = json.loads(cli("up", HELLO, *args, "--json", env=env or RESTORE).stdout)
+    row: dict[str, Any] = json.loads(cli("up", HELLO, *args, "--json", env=env or RESTORE).stdout)
     return row
 
 
