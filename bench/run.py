@@ -77,10 +77,10 @@ def boot_floor(kernel: Path, initrd: Path, rootfs: Path) -> float:
     from mvm.backends.qemu_argv import tsc_khz
 
     argv = [
-        "qemu-system-x86_64", "-M", "microvm,pcie=on,rtc=on", "-accel", "tcg,tb-size=64",
-        "-cpu", "qemu64,+rdrand", "-m", "512M", "-smp", "1", "-nodefaults", "-no-user-config",
+        "qemu-system-x86_64", "-M", "microvm,pcie=on,rtc=on", "-accel", "tcg,tb-size=32",
+        "-cpu", "qemu64,+rdrand,+arat", "-m", "512M", "-smp", "1", "-nodefaults", "-no-user-config",
         "-nographic", "-no-reboot", "-serial", "stdio", "-kernel", str(kernel), "-initrd", str(initrd),
-        "-append", "console=ttyS0 root=/dev/vda rw panic=-1 quiet cryptomgr.notests init=/sbin/init "
+        "-append", "console=ttyS0 root=/dev/vda rw panic=-1 quiet cryptomgr.notests init=/sbin/init tsc=reliable "
         f"tsc_early_khz={tsc_khz()}",
         "-drive", f"file={rootfs},format=raw,if=none,id=d0,snapshot=on",
         "-device", "virtio-blk-pci,drive=d0",

@@ -25,7 +25,7 @@ def test_tcg_argv_uses_microvm_rdrand_and_pvh_kernel() -> None:
     argv = build_argv(_spec())
     assert _opt(argv, "-M") == ["microvm,pcie=on,rtc=on"]
     assert _opt(argv, "-accel")[0].startswith("tcg")
-    assert _opt(argv, "-cpu") == ["qemu64,+rdrand"]
+    assert _opt(argv, "-cpu") == ["qemu64,+rdrand,+arat"]
     assert _opt(argv, "-smp") == ["2"] and _opt(argv, "-m") == ["256M"]
     assert _opt(argv, "-kernel") == ["/img/vmlinux"] and _opt(argv, "-initrd") == ["/img/initrd"]
     assert "-no-reboot" in argv and "-nodefaults" in argv

@@ -99,9 +99,10 @@ class QemuBackend:
         return frozenset({HOTPLUG_FORWARD, VOLUMES, SHARES, SAVE_RESTORE, HOTPLUG_DISK})
 
     def machine_version(self, arch: Arch) -> str:
-        qemu = require_tool(profile(arch).binary)
+        prof = profile(arch)
+        qemu = require_tool(prof.binary)
         st = os.stat(qemu)
-        return f"{qemu}:{st.st_size}:{st.st_mtime_ns}"
+        return f"{qemu}:{st.st_size}:{st.st_mtime_ns}:{prof.machine}:{prof.cpu}:{prof.cmdline}"
 
     def check_ports(self, ports: Sequence[PortForward]) -> None:
         check_ports_free(ports)

@@ -6,6 +6,9 @@ Choices, each measured (DESIGN.md, research/spike.md):
   limit of eight virtio-mmio devices (root, config, net, serial and many volumes).
 - the kernel is an uncompressed ELF booted via PVH; ``tsc_early_khz`` stops 1-in-3 hangs
   in TSC calibration on microvm; ``+rdrand`` stops Python blocking on entropy.
+- ``tb-size=32``: the TCG translation buffer is each VM's largest private memory; 32 MiB
+  halves it with no measurable cost to boot time, and is what lets clones of a template
+  share most of their memory (summed PSS of 10 clones ~0.32 of 10 cold boots, measured).
 - the root drive is ``snapshot=on``: each boot writes to a throwaway overlay and the cached
   image is never modified. Only the root drive: volumes keep their writes.
 - QEMU runs with the VM dir as cwd and relative socket/log names (short socket paths).
@@ -43,7 +46,12 @@ PROFILES: dict[Arch, Profile] = {
         binary="qemu-system-x86_64",
         machine="microvm,pcie=on,rtc=on",
         console="ttyS0",
-        cpu={"kvm": "host", "tcg": "qemu64,+rdrand"},
+        # +arat: the APIC timer keeps running in idle, so the guest idles without a busy
+        # broadcast tick (idle CPU 4.7 % -> ~1 % under TCG, measured)
+        cpu={"kvm": "host", "tcg": "qemu64,+rdrand,+arat"},
+        # tsc=reliable: under host load the guest otherwise marks the TSC unstable and falls back
+        # to a periodic tick for good (and so would every clone of a template saved then)
+        cmdline=("tsc=reliable",),
     ),
 }
 QEMU = PROFILES["x86_64"].binary
@@ -101,7 +109,7 @@ def share_socket(index: int) -> str:
 def build_argv(spec: LaunchSpec, qemu: str | None = None) -> list[str]:
     """The full QEMU command line. Paths are relative to the VM dir (QEMU's cwd)."""
     prof = profile(spec.arch)
-    accel = "kvm" if spec.accel == "kvm" else "tcg,tb-size=64"
+    accel = "kvm" if spec.accel == "kvm" else "tcg,tb-size=32"
     argv = [
         qemu or prof.binary,
         "-name", f"mvm-{spec.name},process=mvm-{spec.name}",

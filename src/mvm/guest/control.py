@@ -299,7 +299,7 @@ class ControlServer:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         while True:
-            events = poller.poll(1000)
+            events = poller.poll(10_000)  # data or a hang-up wakes it; the timeout is a safety net
             if not events:
                 continue
             mask = events[0][1]
@@ -314,7 +314,9 @@ class ControlServer:
                 buf.reset()
                 if conn.active is not None:
                     conn.active.kill()
-                wakeup.wait(0.25)
+                # SIGIO wakes us when the host opens the port; the timeout is only a safety net
+                # (polling every 0.25 s on four ports was most of an idle guest's CPU).
+                wakeup.wait(5.0)
                 wakeup.clear()
                 continue
             try:
