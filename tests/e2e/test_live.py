@@ -9,6 +9,7 @@ import select
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .conftest import CLI, EXAMPLES, FIXTURES, ROOT, check, free_port, http_get, service, wait_for
