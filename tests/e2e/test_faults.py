@@ -182,7 +182,7 @@ def test_corrupt_vm_json_and_manifest(cli: CLI, testbed_image: dict[str, Any], r
     assert st.returncode == 1 and str(state) in st.stderr and "is unreadable" in st.stderr
     assert "mvmctl down corrupt" in st.stderr and "Traceback" not in st.stderr
     report = cli.json("cleanup", "--dry-run")
-    assert any("corrupt: state is unreadable but its QEMU is running" in n for n in report["notes"])
+    assert any("corrupt: state is unreadable but its machine is running" in n for n in report["notes"])
     cli("down", "corrupt")  # finds QEMU through its pid file and cwd, and stops it
     faults = 1
 

@@ -229,6 +229,7 @@ class Launch:
                         else (self.plan.image.rootfs, "raw"))
         self.runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", backing, files.root_disk],
                         desc="creating the VM's root disk")
+        os.chmod(files.root_disk, 0o600)  # like every file in the VM dir
         if restore is not None:
             for name in ("console.log", "events.log"):
                 shutil.copyfile(restore.template.log(restore.kind, name), files.root / name)

@@ -222,4 +222,4 @@ def exit_reason(files: VMFiles) -> str:
         return line.split("] ", 1)[-1].strip()
     if "boot failed" in console:
         return "guest init failed to boot"
-    return "the machine ended unexpectedly (QEMU killed or failed?)"
+    return "QEMU exited unexpectedly (killed?)"
