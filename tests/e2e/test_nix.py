@@ -57,12 +57,9 @@ def nix_env(cli: CLI, tmp_path_factory: pytest.TempPathFactory) -> NixEnv:
     missing = nixfixture.missing_prerequisites()
     if missing:
         pytest.skip(f"the Nix tests need {', '.join(missing)} (scripts/setup.sh installs them)")
-    from mvm._proc import DEFAULT_RUNNER
-    from mvm.images.kernel import ensure_kernel
-
     scratch = tmp_path_factory.mktemp("nix")
-    kernel = ensure_kernel(Path(cli.env["MVM_CACHE"]) / "kernels", DEFAULT_RUNNER)
-    nixpkgs = nixfixture.write_nixpkgs(scratch / "nixpkgs", kernel.root, kernel.version)
+    kernel = nixfixture.ensure_standin_kernel(Path(cli.env["MVM_CACHE"]))
+    nixpkgs = nixfixture.write_nixpkgs(scratch / "nixpkgs", kernel)
     url = nixfixture.mvm_flake_url(scratch)
     env_cli = CLI({**cli.env, "NIX_CONFIG": nixfixture.NIX_CONFIG}, cli.home)
     return NixEnv(env_cli, scratch, nixpkgs, url, nixfixture.override_args(url, nixpkgs))
