@@ -96,11 +96,10 @@ def run_tool(tool: str, data: bytes) -> bytes:
 def decompress(data: bytes, external: External | None = None) -> bytes:
     """The ELF a bzImage payload holds. Every format but gzip has the uncompressed size
     appended (the kernel's ``size_append``), which also checks the result."""
-    for magic, name, tool in FORMATS:
-        if data.startswith(magic):
-            break
-    else:
+    found = next(((name, tool) for magic, name, tool in FORMATS if data.startswith(magic)), None)
+    if found is None:
         raise KernelFormatError(f"unknown kernel payload compression (magic {data[:4].hex()})")
+    name, tool = found
     body, expected = (data, None) if name == "gzip" else (data[:-4], struct.unpack("<I", data[-4:])[0])
     try:
         if name == "gzip":
