@@ -347,6 +347,34 @@ def test_the_seeds_aarch64_flake_on_this_host(nix_env: NixEnv) -> None:
     assert f"this machine ({SYSTEM}) cannot build for aarch64-linux" in _error_line(r.stderr)
 
 
+KERNEL_WITHOUT_TARGET = """{
+  inputs.mvm.url = "github:auser/mvm?dir=nix";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
+  outputs = { mvm, nixpkgs, ... }: {
+    packages = builtins.listToAttrs (map (system: {
+      name = system;
+      value.default = mvm.lib.${system}.mkGuest {
+        name = "k";
+        kernel = removeAttrs (import nixpkgs { inherit system; }).linuxPackages.kernel [ "target" ];
+      };
+    }) [ "x86_64-linux" "aarch64-linux" ]);
+  };
+}
+"""
+
+
+def test_a_kernel_without_target_boots_its_platforms_image(nix_env: NixEnv) -> None:
+    """An older nixpkgs kernel without `target`: mkGuest takes the platform's
+    (stdenv.hostPlatform.linux-kernel.target), so aarch64 gets `Image`, not a bzImage that
+    does not exist."""
+    flake = nix_env.flake("no-target", KERNEL_WITHOUT_TARGET)
+    for system, image in (("x86_64-linux", "bzImage"), ("aarch64-linux", "Image")):
+        r = nix_env.nix("eval", "--raw", f"{flake}#packages.{system}.default.bootKernel.buildCommand",
+                        *nix_env.overrides)
+        assert r.returncode == 0, r.stderr
+        assert f"/{image} --out-dir $out" in r.stdout, r.stdout
+
+
 def test_not_an_mvm_image(nix_env: NixEnv) -> None:
     flake = nix_env.flake("not-an-image", (
         "{ inputs.nixpkgs.url = \"github:NixOS/nixpkgs/nixos-25.11\";\n"
