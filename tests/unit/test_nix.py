@@ -422,6 +422,11 @@ def test_mkguest_falls_back_to_the_bzimage_without_a_pvh_note(tmp_path: Path) ->
     assert report["kernel"] == "bzImage" and report["boot"] == "bzimage"
     assert "no PVH ELF note" in str(report["kernel_note"])
     assert (out / "bzImage").is_symlink() and (out / "bzImage").resolve() == tmp_path / "kernel" / "bzImage"
+    damaged = bytearray(_bzimage(PVH_ELF, "xz"))
+    damaged[1040:1060] = b"\0" * 20
+    (tmp_path / "damaged").mkdir()
+    report, out = _choose(tmp_path / "damaged", "bzImage", bytes(damaged))
+    assert report["boot"] == "bzimage" and "no vmlinux could be extracted" in str(report["kernel_note"])
 
 
 def test_other_kernels_are_booted_as_built(tmp_path: Path) -> None:
@@ -434,6 +439,9 @@ def test_other_kernels_are_booted_as_built(tmp_path: Path) -> None:
     report, out = _choose(tmp_path / "elf", "vmlinux", PVH_ELF)
     assert report == {"kernel": "vmlinux", "boot": "pvh", "kernel_note": None}
     assert (out / "vmlinux").is_symlink()
+    (tmp_path / "plain").mkdir()
+    report, out = _choose(tmp_path / "plain", "vmlinux", PLAIN_ELF)
+    assert report["boot"] == "elf" and "QEMU cannot boot it" in str(report["kernel_note"])
 
 
 def test_vmlinux_py_runs_as_a_bare_script(tmp_path: Path) -> None:

@@ -23,7 +23,8 @@ Usage (what mkGuest runs)::
 
 writes ``DIR/vmlinux`` (the extracted ELF) when it has the PVH note, else a symlink
 ``DIR/<name of KERNEL>`` to KERNEL itself; and ``DIR/kernel.json``:
-``{"kernel": NAME, "boot": "pvh" | "bzimage" | "image", "kernel_note": TEXT | null}``.
+``{"kernel": NAME, "boot": "pvh" | "bzimage" | "elf" | "image", "kernel_note": TEXT | null}``
+(``image``: not an x86 kernel, e.g. aarch64's ``Image``, booted as it is).
 """
 
 from __future__ import annotations
@@ -173,35 +174,35 @@ def choose(path: str, out_dir: str, external: External | None = None) -> dict[st
     with open(path, "rb") as f:
         kernel = f.read()
     name = os.path.basename(path)
-    keep = {"kernel": name, "boot": "image", "kernel_note": None}
+    report: dict[str, str | None] = {"kernel": name, "boot": "image", "kernel_note": None}
     os.makedirs(out_dir, exist_ok=True)
-    if kernel.startswith(ELF_MAGIC) or is_bzimage(kernel):
-        keep["boot"] = "bzimage" if is_bzimage(kernel) else "pvh"
+    if is_bzimage(kernel):
         try:
-            elf = extract(kernel, external)
-            entry = pvh_entry(elf)
+            elf = decompress(payload(kernel), external)
+            has_pvh = pvh_entry(elf) is not None
+            why = "its vmlinux has no PVH ELF note (CONFIG_PVH is off)"
         except KernelFormatError as exc:
-            elf, entry = b"", None
-            keep["kernel_note"] = f"{name}: no vmlinux could be extracted ({exc}); booting the bzImage"
-        if entry is not None:
-            if elf is kernel:  # already an ELF with the note: use it as it is
-                os.symlink(path, os.path.join(out_dir, name))
-            else:
-                with open(os.path.join(out_dir, "vmlinux"), "wb") as f:
-                    f.write(elf)
-                keep["kernel"] = "vmlinux"
-            keep["boot"] = "pvh"
-            _write_report(out_dir, keep)
-            return keep
-        if keep["kernel_note"] is None:
-            keep["kernel_note"] = (
-                f"{name}: its vmlinux has no PVH ELF note (CONFIG_PVH is off), so QEMU boots the bzImage, "
-                "which decompresses itself in the guest (slower)"
-                if keep["boot"] == "bzimage" else
-                f"{name}: an ELF kernel without a PVH ELF note (CONFIG_PVH is off): QEMU cannot boot it")
+            elf, has_pvh, why = b"", False, f"no vmlinux could be extracted ({exc})"
+        if has_pvh:
+            with open(os.path.join(out_dir, "vmlinux"), "wb") as f:
+                f.write(elf)
+            report.update(kernel="vmlinux", boot="pvh")
+            _write_report(out_dir, report)
+            return report
+        report.update(boot="bzimage", kernel_note=f"{name}: {why}, so QEMU boots the bzImage, which "
+                      "decompresses itself in the guest (slower)")
+    elif kernel.startswith(ELF_MAGIC):
+        try:
+            has_pvh = pvh_entry(kernel) is not None
+        except (KernelFormatError, struct.error):
+            has_pvh = False
+        report["boot"] = "pvh" if has_pvh else "elf"
+        if not has_pvh:
+            report["kernel_note"] = f"{name}: an ELF kernel without a PVH ELF note (CONFIG_PVH is off): QEMU " \
+                "cannot boot it"
     os.symlink(path, os.path.join(out_dir, name))
-    _write_report(out_dir, keep)
-    return keep
+    _write_report(out_dir, report)
+    return report
 
 
 def _write_report(out_dir: str, report: dict[str, str | None]) -> None:
