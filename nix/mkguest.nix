@@ -68,6 +68,7 @@ let
       hostname
       cpus
       memory
+      logLimitMb
       services
       healthChecks
       ;

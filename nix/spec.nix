@@ -233,6 +233,7 @@ let
     "hostname"
     "cpus"
     "memory"
+    "logLimitMb"
     "files"
     "kernel"
   ];
@@ -276,7 +277,8 @@ in
   packages = packages "packages" (args.packages or [ ]);
   hostname = optStr "hostname" (args.hostname or null);
   cpus = int "cpus" (args.cpus or 1) 1 64;
-  memory = int "memory" (args.memory or 512) 64 65536;
+  memory = int "memory" (args.memory or 512) 128 65536;
+  logLimitMb = int "logLimitMb" (args.logLimitMb or 64) 1 1048576;
   services = named "services" "^${serviceName}$" (service serviceNames) services;
   healthChecks = named "healthChecks" "^${serviceName}$" healthCheck (args.healthChecks or { });
   files = files "files" (args.files or { });

@@ -90,8 +90,12 @@ def _interrupt_up(cli: CLI, args: list[str], wait_for_line: str | None, sig: int
 def test_signals_during_up(cli: CLI, testbed_image: dict[str, Any], recorder: Recorder, tmp_path: Path,
                            sig: int) -> None:
     started = time.monotonic()
-    # a spec nobody built yet, so `up` is interrupted inside mmdebstrap
+    # a spec nobody built yet, and no cached package layer for it, so `up` is interrupted
+    # inside mmdebstrap
     (tmp_path / "mvm.toml").write_text(f'name = "fresh"\npackages = ["jq"]\nhostname = "h{time.time_ns()}"\n')
+    for layer in Path(cli.env["MVM_CACHE"], "layers").glob("*/layer.json"):
+        if "jq" in json.loads(layer.read_text()).get("packages", []):
+            shutil.rmtree(layer.parent)
     points = [
         ([str(tmp_path)], "installing packages", 4.0, "during the image build (mmdebstrap)"),
         ([TESTBED, "--name", "sig1"], "booting", 0.0, "right after QEMU starts"),
