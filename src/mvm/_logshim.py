@@ -88,6 +88,7 @@ class Sink:
 
 
 def serve(directory: str, cap: int) -> int:
+    directory = os.path.abspath(directory)
     selector = selectors.DefaultSelector()
     for stream, (sock_name, file_name, share) in STREAMS.items():
         try:
@@ -104,6 +105,7 @@ def serve(directory: str, cap: int) -> int:
         listener.setblocking(False)
         sink = Sink(directory, stream, file_name, int(cap * share / 2))
         selector.register(listener, selectors.EVENT_READ, (True, listener, sink))
+    os.chdir("/")  # only QEMU has the VM dir as its cwd: that is how mvm finds a VM's QEMU
     connected = closed = 0
     deadline = time.monotonic() + CONNECT_TIMEOUT
     while closed < len(STREAMS):

@@ -208,12 +208,15 @@ class QemuBackend:
             shim = self.runner.spawn([sys.executable, "-m", "mvm._logshim", str(files.root), str(spec.log_limit)],
                                      stdout=log_file, cwd=files.root)
         deadline = time.monotonic() + START_TIMEOUT
-        while not all((files.root / name).exists() for name in ("con.sock", "ev.sock")):
-            if shim.poll() is not None or time.monotonic() > deadline:
-                kill_all([shim])
-                raise BootError(spec.name, "the VM's log shim did not start",
-                                output=tail_file(files.root / "logshim.log"))
-            time.sleep(0.005)
+        try:
+            while not all((files.root / name).exists() for name in ("con.sock", "ev.sock")):
+                if shim.poll() is not None or time.monotonic() > deadline:
+                    raise BootError(spec.name, "the VM's log shim did not start",
+                                    output=tail_file(files.root / "logshim.log"))
+                time.sleep(0.005)
+        except BaseException:  # ctrl-C included: a shim left waiting would hold the VM dir
+            kill_all([shim])
+            raise
         return shim
 
     def _start_shares(self, spec: LaunchSpec) -> list[subprocess.Popen[bytes]]:
