@@ -53,6 +53,9 @@ class VMInfo(_Model):
     health: Health = "unknown"
     backend: str | None = None
     accel: str | None = None
+    arch: str | None = None  #: the guest's CPU architecture
+    #: set when the guest's architecture is not the host's: how it runs, what that costs
+    emulated: str | None = None
     cpus: int | None = None
     memory: int | None = None
     ports: list[PortInfo] = []

@@ -109,7 +109,8 @@ class QemuBackend:
 
     def preflight(self, request: MachineRequest) -> Preflight:
         require_tool(profile(request.arch).binary)
-        return accel.choose(request.accel, request.kernel, request.initrd, request.probe_cache, self.runner)
+        return accel.choose(request.accel, request.kernel, request.initrd, request.probe_cache, self.runner,
+                            arch=request.arch)
 
     # -- start ----------------------------------------------------------------------------
 
