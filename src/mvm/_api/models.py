@@ -307,6 +307,17 @@ class BackendCheck(_Model):
     fix: str | None = None
 
 
+class ArchCheck(_Model):
+    """Guests of one architecture on this host: can they boot, and can mvm.toml images of them be built."""
+
+    arch: str
+    native: bool  #: the host's own architecture (KVM possible) or emulated (TCG)
+    boots: bool
+    builds: bool
+    reason: str
+    fix: str | None = None
+
+
 class DiskCheck(_Model):
     state_dir: str
     cache_dir: str
@@ -318,5 +329,6 @@ class DiskCheck(_Model):
 class DoctorReport(_Model):
     ok: bool
     backends: list[BackendCheck]
+    arches: list[ArchCheck]
     tools: list[ToolCheck]
     disk: DiskCheck
