@@ -69,6 +69,7 @@ def test_aarch64_tcg_argv_is_virt_with_virtio_pci_and_a_pl011_console() -> None:
 def test_aarch64_under_kvm_uses_the_host_cpu_and_keeps_kpti() -> None:
     argv = build_argv(_spec(accel="kvm"))
     assert _opt(argv, "-accel") == ["kvm"] and _opt(argv, "-cpu") == ["host"]
+    assert _opt(argv, "-M") == ["virt,gic-version=host"]  # GICv3 hosts without GICv2 emulation
     assert "kpti=0" not in kernel_cmdline(_spec(accel="kvm"))
 
 
@@ -123,7 +124,8 @@ def test_the_kvm_probe_boots_the_profile_of_its_architecture() -> None:
     x86 = accel.probe_argv(Path("k"), None, "qemu-system-x86_64", "x86_64")
     arm = accel.probe_argv(Path("k"), Path("i"), "qemu-system-aarch64", "aarch64")
     assert _opt(x86, "-M") == ["microvm,pcie=on,rtc=on"] and "console=ttyS0" in _opt(x86, "-append")[0]
-    assert _opt(arm, "-M") == ["virt"] and _opt(arm, "-cpu") == ["host"] and _opt(arm, "-accel") == ["kvm"]
+    assert _opt(arm, "-M") == ["virt,gic-version=host"] and _opt(arm, "-cpu") == ["host"]
+    assert _opt(arm, "-accel") == ["kvm"]
     assert "console=ttyAMA0" in _opt(arm, "-append")[0] and _opt(arm, "-initrd") == ["i"]
 
 

@@ -49,7 +49,7 @@ EMULATION_COST = "no KVM across architectures, so CPU-bound work runs several ti
 def probe_argv(kernel: Path, initrd: Path | None, qemu: str, arch: Arch = "x86_64") -> list[str]:
     prof = profile(arch)
     argv = [
-        qemu, "-M", prof.machine, "-accel", "kvm", "-cpu", prof.cpu["kvm"], "-m", "128M",
+        qemu, "-M", prof.machine_for("kvm"), "-accel", "kvm", "-cpu", prof.cpu["kvm"], "-m", "128M",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
         "-kernel", str(kernel), "-append", f"console={prof.console} panic=-1 root=/dev/mvm-probe",
     ]

@@ -102,7 +102,8 @@ class QemuBackend:
         prof = profile(arch)
         qemu = require_tool(prof.binary)
         st = os.stat(qemu)
-        return f"{qemu}:{st.st_size}:{st.st_mtime_ns}:{prof.machine}:{prof.cpu}:{prof.cmdline}"
+        return f"{qemu}:{st.st_size}:{st.st_mtime_ns}:{prof.machine}:{prof.cpu}:{prof.cmdline}" + (
+            f":{prof.tcg_cmdline}:{prof.kvm_machine}" if prof.tcg_cmdline or prof.kvm_machine else "")
 
     def check_ports(self, ports: Sequence[PortForward]) -> None:
         check_ports_free(ports)

@@ -15,6 +15,7 @@ Choices, each measured (DESIGN.md, research/spike.md):
   and switching page tables on every syscall costs 0.45-0.8 s of an emulated boot. TCG
   does not speculate, so there is nothing for KPTI to isolate; under KVM the kernel decides.
   There is no power button (the cloud kernel has no gpio-keys); ``down`` never needs one.
+  Under KVM (an aarch64 host) the GIC is the host's: not every GICv3 can pose as a GICv2.
 - ``tb-size=32``: the TCG translation buffer is each VM's largest private memory; 32 MiB
   halves it with no measurable cost to boot time, and is what lets clones of a template
   share most of their memory (summed PSS of 10 clones ~0.32 of 10 cold boots, measured).
@@ -49,6 +50,11 @@ class Profile:
     cmdline: tuple[str, ...] = ()
     #: ... and those it needs only under TCG.
     tcg_cmdline: tuple[str, ...] = ()
+    #: The machine under KVM, where it must differ (None: ``machine``).
+    kvm_machine: str | None = None
+
+    def machine_for(self, accel: Accel) -> str:
+        return self.kvm_machine if accel == "kvm" and self.kvm_machine else self.machine
 
 
 PROFILES: dict[Arch, Profile] = {
@@ -71,6 +77,9 @@ PROFILES: dict[Arch, Profile] = {
         console="ttyAMA0",
         cpu={"kvm": "host", "tcg": "cortex-a72"},
         tcg_cmdline=("kpti=0",),
+        # virt's default GICv2 is emulated by KVM only on hosts whose GICv3 has the v2
+        # compatibility mode (many servers, Graviton and Ampere among them, have none)
+        kvm_machine="virt,gic-version=host",
     ),
 }
 
@@ -132,7 +141,7 @@ def build_argv(spec: LaunchSpec, qemu: str | None = None) -> list[str]:
     argv = [
         qemu or prof.binary,
         "-name", f"mvm-{spec.name},process=mvm-{spec.name}",
-        "-M", prof.machine,
+        "-M", prof.machine_for(spec.accel),
         "-accel", accel,
         "-cpu", prof.cpu[spec.accel],
         "-smp", str(spec.cpus),
