@@ -47,7 +47,7 @@ def arm_floor_rootfs(workdir: Path, busybox: Path) -> Path:
 
 def boot_arm_floor(kernel: Path, initrd: Path, rootfs: Path) -> float:
     argv = [
-        "qemu-system-aarch64", "-M", "virt", "-accel", "tcg,tb-size=32", "-cpu", "cortex-a72", "-m", "512M",
+        "qemu-system-aarch64", "-M", "virt", "-accel", "tcg,tb-size=64", "-cpu", "cortex-a72", "-m", "512M",
         "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
         "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", "console=ttyAMA0 root=/dev/vda rw panic=-1 quiet cryptomgr.notests init=/sbin/init kpti=0",

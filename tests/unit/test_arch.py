@@ -55,7 +55,7 @@ def test_aarch64_tcg_argv_is_virt_with_virtio_pci_and_a_pl011_console() -> None:
     argv = build_argv(_spec())
     assert argv[0] == "qemu-system-aarch64"
     assert _opt(argv, "-M") == ["virt"] and _opt(argv, "-cpu") == ["cortex-a72"]
-    assert _opt(argv, "-accel")[0].startswith("tcg")
+    assert _opt(argv, "-accel") == ["tcg,tb-size=64"]  # 32 MiB costs an arm64 boot 1.2 s
     assert _opt(argv, "-kernel") == ["/img/Image"] and _opt(argv, "-initrd") == ["/img/initrd"]
     devices = _opt(argv, "-device")
     assert all(d.startswith(("virtio-blk-pci", "virtio-net-pci", "virtio-serial-pci", "virtserialport"))

@@ -103,7 +103,7 @@ class QemuBackend:
         qemu = require_tool(prof.binary)
         st = os.stat(qemu)
         return f"{qemu}:{st.st_size}:{st.st_mtime_ns}:{prof.machine}:{prof.cpu}:{prof.cmdline}" + (
-            f":{prof.tcg_cmdline}:{prof.kvm_machine}" if prof.tcg_cmdline or prof.kvm_machine else "")
+            f":{prof.tcg_cmdline}:{prof.kvm_machine}:{prof.tb_size}" if prof.arch != "x86_64" else "")
 
     def check_ports(self, ports: Sequence[PortForward]) -> None:
         check_ports_free(ports)
