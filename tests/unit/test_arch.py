@@ -367,3 +367,26 @@ def test_up_records_the_architecture_and_the_emulation(tmp_path: Path) -> None:
         vm.down()
         backends.unregister("fake")
     assert mvm.ls(layout=layout) == []
+
+
+# -- an aarch64 host (Graviton, Ampere, a Raspberry Pi 5): nothing here can run, so the choices ----
+
+
+def test_on_an_aarch64_host_the_roles_swap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    monkeypatch.setattr(arches, "BINFMT", tmp_path)
+    x86 = accel.choose("auto", tmp_path / "vmlinux", None, tmp_path, arch="x86_64")
+    assert x86.accel == "tcg" and (x86.emulated or "").startswith("x86_64 guest on an aarch64 host")
+    native = accel.choose("tcg", tmp_path / "Image", None, tmp_path, arch="aarch64")
+    assert native.emulated is None
+    monkeypatch.setattr("os.path.exists", lambda path: False)
+    assert accel.choose("auto", tmp_path / "Image", None, tmp_path, arch="aarch64") == \
+        accel.Preflight("tcg", "TCG: /dev/kvm does not exist")  # the native path: the KVM checks, as on x86
+    assert arches.resolve(None) == "aarch64" and not arches.foreign("aarch64") and arches.foreign("x86_64")
+    assert "qemu-x86_64 is not registered" in (arches.emulation_problem("x86_64") or "")
+    assert "dpkg --add-architecture amd64" in arches.setup_fix("x86_64")
+    err = nixerrors.condense(WRONG_SYSTEM.replace("'aarch64-linux'", "'x86_64-linux'", 1).replace(
+        "I am a 'x86_64-linux'", "I am a 'aarch64-linux'"), flake=".", attr="packages.x86_64-linux.default",
+        system="aarch64-linux")
+    assert err.message == "this machine (aarch64-linux) cannot build for x86_64-linux"
+    assert "extra-platforms = x86_64-linux" in (err.hint or "") and "qemu-x86_64" in (err.hint or "")
