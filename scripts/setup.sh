@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils   # the hypervisor (KVM or TCG) and qemu-img
+  qemu-system-arm              # aarch64 guests (qemu-system-aarch64 -M virt)
+  qemu-user-static binfmt-support arch-test   # building a guest of the other architecture (arm64 packages run under qemu-user)
   mmdebstrap                   # builds Debian root filesystems for mvm.toml guests
   e2fsprogs                    # mkfs.ext4 -d, resize2fs, e2fsck, debugfs
   busybox-static               # the initrd's userland
@@ -21,6 +23,17 @@ APT_PACKAGES=(
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
+# Guests of the other architecture take their kernel and busybox from apt: let it fetch them.
+case "$(uname -m)" in
+  x86_64) FOREIGN_DEB=arm64; FOREIGN_QEMU=qemu-aarch64 ;;
+  aarch64|arm64) FOREIGN_DEB=amd64; FOREIGN_QEMU=qemu-x86_64 ;;
+  *) FOREIGN_DEB=""; FOREIGN_QEMU="" ;;
+esac
+if [ -n "$FOREIGN_DEB" ] && ! dpkg --print-foreign-architectures | grep -qx "$FOREIGN_DEB"; then
+  echo "setup: dpkg --add-architecture $FOREIGN_DEB"
+  $SUDO dpkg --add-architecture "$FOREIGN_DEB"
+fi
+
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -30,6 +43,12 @@ $SUDO apt-get update -q >/dev/null
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The kernel runs the other architecture's programs through qemu-user once this handler is
+# registered. Nothing registers it without systemd, and a reboot drops it: done on every run.
+if [ -n "$FOREIGN_QEMU" ] && ! head -n1 "/proc/sys/fs/binfmt_misc/$FOREIGN_QEMU" 2>/dev/null | grep -qx enabled; then
+  echo "setup: update-binfmts --enable $FOREIGN_QEMU"
+  $SUDO update-binfmts --enable "$FOREIGN_QEMU" || echo "setup: could not register $FOREIGN_QEMU (guests of the other architecture will not build; see mvmctl doctor)"
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 #: How to install each external tool mvm may need, keyed by executable name.
 INSTALL_HINTS: dict[str, str] = {
     "qemu-system-x86_64": "apt-get install qemu-system-x86",
+    "qemu-system-aarch64": "apt-get install qemu-system-arm",
+    "arch-test": "apt-get install arch-test qemu-user-static binfmt-support",
     "qemu-img": "apt-get install qemu-utils",
     "mmdebstrap": "apt-get install mmdebstrap",
     "mkfs.ext4": "apt-get install e2fsprogs",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import platform
 import re
+from typing import Literal
 
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -12,6 +14,10 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: The smallest guest memory that boots (MiB): below it the kernel and the guest's Python
 #: run out of memory at boot (measured: docs/performance.md).
 MIN_MEMORY_MIB = 128
+
+#: Guest CPU architectures, in the kernel's (and Nix's) spelling.
+Arch = Literal["x86_64", "aarch64"]
+ARCHES: tuple[Arch, ...] = ("x86_64", "aarch64")
 
 #: uid (and gid of group ``mvm``) of the default service user; further service users follow it.
 DEFAULT_UID = 1000
@@ -33,3 +39,9 @@ def check_env(env: dict[str, str]) -> dict[str, str]:
         if "\0" in value:
             raise ValueError(f"the value of {key} contains a NUL byte")
     return env
+
+
+def host_arch() -> str:
+    """This machine's CPU architecture in the kernel's spelling (``x86_64``, ``aarch64``)."""
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
-from .names import MIN_MEMORY_MIB, SERVICE_RE, USER_RE, check_env, check_vm_name
+from .names import MIN_MEMORY_MIB, SERVICE_RE, USER_RE, Arch, check_env, check_vm_name
 
 GUEST_JSON_SCHEMA = 1
 DEFAULT_USER = "mvm"
@@ -71,6 +71,9 @@ class GuestSpec(_Model):
     #: mvm.toml only: guest path -> file or directory (relative to mvm.toml) copied into the
     #: image. The Nix front end gets the same effect from store paths (``${./server.py}``).
     files: dict[str, str] = Field(default_factory=dict)
+    #: mvm.toml only: the guest's CPU architecture; None builds for the host's. A flake's
+    #: comes from its ``system`` (the image records the one it was built for).
+    arch: Arch | None = None
 
     _check_name = field_validator("name")(check_vm_name)
 
@@ -109,14 +112,15 @@ class GuestSpec(_Model):
 
     def guest_json(self, *, frontend: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The document the guest init reads from /etc/mvm/guest.json."""
-        doc = self.model_dump(by_alias=True, mode="json", exclude={"files"})
+        doc = self.model_dump(by_alias=True, mode="json", exclude={"files", "arch"})
         doc["schema_version"] = GUEST_JSON_SCHEMA
         doc["frontend"] = frontend
         doc.update(extra or {})
         return doc
 
     def digest(self) -> str:
-        blob = json.dumps(self.model_dump(by_alias=True, mode="json"), sort_keys=True)
+        """Of what the guest is; not of ``arch``, which image keys hold resolved (None: the host's)."""
+        blob = json.dumps(self.model_dump(by_alias=True, mode="json", exclude={"arch"}), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from .._proc import DEFAULT_RUNNER, Runner
 from ..errors import UsageError
 from ..images.store import Image
+from ..names import ARCHES
 from ..paths import Layout
 from .models import BuildResult, ImageInfo
 from .progress import Progress, Quiet
@@ -29,12 +30,16 @@ def build_image(
     flake: str | None = None,
     nix_args: Sequence[str] = (),
     pull: bool = False,
+    arch: str | None = None,
     layout: Layout,
     runner: Runner = DEFAULT_RUNNER,
     progress: Progress | None = None,
 ) -> tuple[Image, bool]:
-    """The image for ``path``'s mvm.toml (or ``flake``), and whether it was built now."""
+    """The image for ``path``'s mvm.toml (or ``flake``), and whether it was built now.
+    ``arch`` overrides the spec's architecture (for a flake: picks ``packages.<arch>-linux.default``)."""
     prog = progress or Quiet()
+    if arch is not None and arch not in ARCHES:
+        raise UsageError(f"--arch {arch}: mvm builds {' and '.join(ARCHES)} guests")
     if flake is None and nix_args:
         raise UsageError("--override-input and --nix-arg are for --flake builds")
     if flake is not None and pull:
@@ -44,6 +49,11 @@ def build_image(
 
         if str(path) != ".":
             raise UsageError(f"give either a path ({path}) or --flake, not both")
+        if arch is not None:
+            if "#" in flake:
+                raise UsageError("--arch picks the flake's packages.<system>.default; with #ATTR it has nothing "
+                                 "to pick", hint="drop one of them")
+            flake = f"{flake}#packages.{arch}-linux.default"
         return nix.build(flake, nix_args=nix_args, layout=layout, runner=runner,
                          on_stage=prog.stage, on_line=prog.line)
     from .. import spec as spec_mod
@@ -51,6 +61,8 @@ def build_image(
 
     source = Path(path)
     guest = spec_mod.load_toml(source)
+    if arch is not None:
+        guest = guest.model_copy(update={"arch": arch})
     prog.stage("resolving")
     return debian.build(guest, source=spec_mod.spec_file(source).resolve(), layout=layout, runner=runner,
                         pull=pull, on_stage=prog.stage, on_line=prog.line)
@@ -62,6 +74,7 @@ def build(
     flake: str | None = None,
     nix_args: Sequence[str] = (),
     pull: bool = False,
+    arch: str | None = None,
     layout: Layout | None = None,
     runner: Runner = DEFAULT_RUNNER,
     progress: Progress | None = None,
@@ -70,8 +83,9 @@ def build(
     ``flake="REF[#ATTR]"``, for a flake output made by ``mkGuest`` (``nix_args`` are passed
     to nix, e.g. ``["--override-input", "nixpkgs", "path:/src/nixpkgs"]``). ``pull``
     refreshes the Debian package layer from the mirrors (otherwise the cached one is reused,
-    which also works offline)."""
+    which also works offline). ``arch`` (``"x86_64"`` or ``"aarch64"``) builds for that
+    architecture instead of the spec's (default: the host's)."""
     started = time.monotonic()
-    image, built = build_image(path, flake=flake, nix_args=nix_args, pull=pull, layout=layout or Layout.default(),
-                               runner=runner, progress=progress)
+    image, built = build_image(path, flake=flake, nix_args=nix_args, pull=pull, arch=arch,
+                               layout=layout or Layout.default(), runner=runner, progress=progress)
     return BuildResult(**image_info(image).model_dump(), built=built, seconds=round(time.monotonic() - started, 3))

@@ -1,7 +1,8 @@
 """What this host can do, and the exact command that fixes each missing piece.
 
 ``mvmctl doctor`` reports the backends (and why one is unusable: e.g. /dev/kvm present
-but the boot probe hung, so TCG is used), the external tools with their versions, and the
+but the boot probe hung, so TCG is used), the guest architectures (native, or emulated: can
+they boot, can their images be built), the external tools with their versions, and the
 state dir with its free space.
 """
 
@@ -13,13 +14,17 @@ import shutil
 
 from .._proc import DEFAULT_RUNNER, INSTALL_HINTS, Runner, find_tool
 from ..errors import MvmError
+from ..names import ARCHES, Arch, host_arch
 from ..paths import Layout
-from .models import BackendCheck, DiskCheck, DoctorReport, ToolCheck
+from .models import ArchCheck, BackendCheck, DiskCheck, DoctorReport, ToolCheck
 
+QEMU = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}
 TOOLS: list[tuple[str, list[str], str]] = [
     # (executable, version argv, what mvm uses it for)
-    ("qemu-system-x86_64", ["--version"], "the QEMU backend (KVM or TCG)"),
+    ("qemu-system-x86_64", ["--version"], "x86_64 guests (KVM on an x86_64 host, else TCG)"),
+    ("qemu-system-aarch64", ["--version"], "aarch64 guests (KVM on an aarch64 host, else TCG)"),
     ("mmdebstrap", ["--version"], "building mvm.toml images"),
+    ("arch-test", [], "building mvm.toml images of the other architecture (with qemu-user)"),
     ("mkfs.ext4", ["-V"], "root filesystems and volumes"),
     ("resize2fs", [], "growing volumes"),
     ("busybox", ["--help"], "the initrd"),
@@ -61,12 +66,13 @@ def check_backends(layout: Layout) -> list[BackendCheck]:
     from ..backends import accel
     from ..images import kernel as kernel_mod
 
-    if not find_tool("qemu-system-x86_64"):
-        fix = INSTALL_HINTS["qemu-system-x86_64"]
+    qemu = QEMU.get(host_arch(), "qemu-system-x86_64")
+    if not find_tool(qemu):
+        fix = INSTALL_HINTS[qemu]
         return [BackendCheck(backend=b, usable=False, reason="QEMU is not installed", fix=fix)
                 for b in ("qemu-tcg", "qemu-kvm")]
     rows = [BackendCheck(backend="qemu-tcg", usable=True, reason="software emulation always works")]
-    kernels = kernel_mod.cached_kernels(layout.kernels)
+    kernels = kernel_mod.cached_kernels(layout.kernels) if host_arch() in ARCHES else []
     if not os.path.exists("/dev/kvm"):
         rows.append(BackendCheck(backend="qemu-kvm", usable=False,
                                  reason="/dev/kvm does not exist (no hardware virtualisation here)",
@@ -77,13 +83,44 @@ def check_backends(layout: Layout) -> list[BackendCheck]:
                                  fix="run `mvmctl build` once; the first `up` probes KVM"))
     else:
         k = kernels[-1]
-        ok, reason = accel.kvm_verdict(k.vmlinux, k.initrd, layout.probes)
+        ok, reason = accel.kvm_verdict(k.vmlinux, k.initrd, layout.probes, arch=k.arch)
         rows.append(BackendCheck(backend="qemu-kvm", usable=ok, reason=reason,
                                  fix=None if ok else "nothing to fix for mvm: TCG is used automatically"))
     rows.append(BackendCheck(backend="firecracker", usable=False,
                              reason="not implemented (the binary is not packaged here and cannot boot "
                              "under nested PVM)"))
     return rows
+
+
+def foreign_architectures(runner: Runner) -> set[str]:
+    """Debian architectures dpkg/apt fetch besides the host's (``dpkg --add-architecture``)."""
+    try:
+        return set(runner.run(["dpkg", "--print-foreign-architectures"], desc="asking dpkg").output.split())
+    except MvmError:
+        return set()
+
+
+def check_arch(arch: Arch, runner: Runner) -> ArchCheck:
+    from ..images import arches
+
+    native = arch == host_arch()
+    qemu = QEMU[arch]
+    if not find_tool(qemu):
+        return ArchCheck(arch=arch, native=native, boots=False, builds=False, reason=f"{qemu} is not installed",
+                         fix=INSTALL_HINTS[qemu])
+    if native:
+        builds = find_tool("mmdebstrap") is not None
+        return ArchCheck(arch=arch, native=True, boots=True, builds=builds,
+                         reason="the host's architecture: KVM where the probe proves it (see backends), else TCG",
+                         fix=None if builds else INSTALL_HINTS["mmdebstrap"])
+    problem = arches.emulation_problem(arch)
+    if problem is None and arches.debian(arch) not in foreign_architectures(runner):
+        problem = f"apt does not fetch {arches.debian(arch)} packages (the kernel and busybox come from apt)"
+    how = "emulated (TCG, no KVM across architectures: CPU-bound work runs several times slower)"
+    return ArchCheck(arch=arch, native=False, boots=True, builds=problem is None,
+                     reason=how + (f"; images cannot be built: {problem}" if problem else
+                                   "; images build under qemu-user (about 4x slower than native)"),
+                     fix=arches.setup_fix(arch) if problem else None)
 
 
 def check_disk(layout: Layout) -> DiskCheck:
@@ -101,6 +138,8 @@ def doctor(layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER) -> Doc
     layout = layout or Layout.default()
     tools = check_tools(runner)
     disk = check_disk(layout)
-    required = {"qemu-system-x86_64", "mmdebstrap", "mkfs.ext4", "busybox", "depmod", "lz4", "apt-get"}
+    required = {QEMU.get(host_arch(), "qemu-system-x86_64"), "mmdebstrap", "mkfs.ext4", "busybox", "depmod", "lz4",
+                "apt-get"}
     ok = all(t.found for t in tools if t.tool in required) and disk.ok
-    return DoctorReport(ok=ok, backends=check_backends(layout), tools=tools, disk=disk)
+    return DoctorReport(ok=ok, backends=check_backends(layout), arches=[check_arch(a, runner) for a in ARCHES],
+                        tools=tools, disk=disk)

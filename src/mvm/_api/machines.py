@@ -38,6 +38,8 @@ def vm_info(record: VMRecord, files: VMFiles, status: VMStatus, guest: GuestStat
         health="none" if not record.checks else (guest.health if guest else "unknown"),
         backend=record.backend,
         accel=record.accel,
+        arch=record.arch,
+        emulated=record.emulated or None,
         cpus=record.cpus,
         memory=record.memory,
         ports=[PortInfo(**p.model_dump()) for p in record.ports],

@@ -53,6 +53,9 @@ class VMInfo(_Model):
     health: Health = "unknown"
     backend: str | None = None
     accel: str | None = None
+    arch: str | None = None  #: the guest's CPU architecture
+    #: set when the guest's architecture is not the host's: how it runs, what that costs
+    emulated: str | None = None
     cpus: int | None = None
     memory: int | None = None
     ports: list[PortInfo] = []
@@ -304,6 +307,17 @@ class BackendCheck(_Model):
     fix: str | None = None
 
 
+class ArchCheck(_Model):
+    """Guests of one architecture on this host: can they boot, and can mvm.toml images of them be built."""
+
+    arch: str
+    native: bool  #: the host's own architecture (KVM possible) or emulated (TCG)
+    boots: bool
+    builds: bool
+    reason: str
+    fix: str | None = None
+
+
 class DiskCheck(_Model):
     state_dir: str
     cache_dir: str
@@ -315,5 +329,6 @@ class DiskCheck(_Model):
 class DoctorReport(_Model):
     ok: bool
     backends: list[BackendCheck]
+    arches: list[ArchCheck]
     tools: list[ToolCheck]
     disk: DiskCheck

@@ -279,14 +279,16 @@ if __name__ == "__main__":
 
 
 def template_create(path: str | os.PathLike[str] = ".", *, flake: str | None = None, nix_args: Sequence[str] = (),
-                    cpus: int | None = None, memory: int | None = None, layout: Layout | None = None,
-                    runner: Runner = DEFAULT_RUNNER, progress: Progress | None = None) -> TemplateInfo:
+                    cpus: int | None = None, memory: int | None = None, arch: str | None = None,
+                    layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER,
+                    progress: Progress | None = None) -> TemplateInfo:
     """Build the image if needed and make its template for this shape now (an ``up`` of the
     same image and shape then restores it)."""
     from .build import build_image
 
     layout = layout or Layout.default()
-    image, _ = build_image(path, flake=flake, nix_args=nix_args, layout=layout, runner=runner, progress=progress)
+    image, _ = build_image(path, flake=flake, nix_args=nix_args, arch=arch, layout=layout, runner=runner,
+                           progress=progress)
     guest = image.manifest.guest
     template = make_template(image, cpus=cpus or guest.cpus, memory=memory or guest.memory, layout=layout,
                              runner=runner, progress=progress)

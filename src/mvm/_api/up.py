@@ -177,6 +177,8 @@ def plan_up(request: UpRequest, image: Image, backend: Backend, planned: list[vo
         start="restored" if restore else "cold",
         start_reason=choice.reason,
         start_warning=choice.warn,
+        arch=image.manifest.arch,
+        emulated=verdict.emulated or "",
     )
     timeout = min(boot_timeout, RESTORE_BOOT_TIMEOUT) if restore else boot_timeout
     return UpPlan(request, image, backend, planned, record, timeout, restore)
@@ -251,7 +253,7 @@ class Launch:
         )
         if restore is None:
             spec.config_disk, spec.disks = files.config_disk, attached.disks
-            self.progress.stage(f"booting ({record.accel})")
+            self.progress.stage(f"booting ({record.accel}{', emulated ' + record.arch if record.emulated else ''})")
         else:  # the template's device set: its hot-plug slots, its RAM (copy-on-write), its state
             spec.memory_file = MemoryFile(restore.template.ram(restore.kind), shared=False)
             spec.incoming = Incoming(restore.template.state(restore.kind), ignore_shared=True)
@@ -374,13 +376,15 @@ def up(
     shares: Sequence[Share] = (),
     cold: bool = False,
     log_limit_mb: int | None = None,
+    arch: str | None = None,
 ) -> VM:
     """Build if needed, boot, and return once the guest agent answers (or is healthy).
 
     ``volumes`` are ``-v`` values (see :mod:`mvm.volumes.attach`); they are all checked
     before anything is built or created. ``image`` boots an already-built image instead;
     ``shares`` are host directories the guest can mount live (``mvmctl dev`` shares the
-    project directory this way). ``backend`` replaces the one ``hypervisor`` names.
+    project directory this way). ``backend`` replaces the one ``hypervisor`` names. ``arch``
+    builds for that architecture instead of the spec's (a foreign one is emulated).
     """
     layout = layout or Layout.default()
     prog = progress or Quiet()
@@ -390,7 +394,8 @@ def up(
     backend.check_ports(request.forwards)  # before the build: a taken port fails fast
     planned = volume_attach.plan(request.volumes, layout)
     if image is None:
-        image, _ = build_image(path, flake=flake, nix_args=nix_args, layout=layout, runner=runner, progress=prog)
+        image, _ = build_image(path, flake=flake, nix_args=nix_args, arch=arch, layout=layout, runner=runner,
+                               progress=prog)
     prog.stage("choosing accelerator")
     plan = plan_up(request, image, backend, planned, layout, boot_timeout)  # after the build: the KVM probe
     try:

@@ -4,6 +4,11 @@ On nested hosts /dev/kvm can exist and still hang every stock kernel (nested PVM
 QEMU abort on an MSR it cannot set. So KVM is used only after a probe boots the real
 kernel and initrd under KVM to the kernel's "Run /init" line within a few seconds. The
 verdict is cached per (kernel, QEMU binary, host kernel), so it costs one probe per change.
+
+KVM runs only guests of the host's own architecture. A guest of another one (aarch64 on an
+x86_64 host, or the reverse) is emulated by TCG without a probe, and the verdict says so in
+one line, with what it costs. (On macOS the native accelerator would be HVF, ``-accel hvf``,
+chosen the same way; mvm does not run there yet: docs/platforms.md.)
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from pathlib import Path
 from .._atomic import write_json_atomic
 from .._proc import DEFAULT_RUNNER, Runner, require_tool
 from ..errors import UsageError
+from ..names import Arch, host_arch
 from .base import AccelPreference, Preflight
-from .qemu_argv import QEMU
+from .qemu_argv import profile
 
 PROBE_TIMEOUT = 6.0
 MARKER = b"Run /init as init process"
+
 
 def _probe_key(kernel: Path, initrd: Path | None, qemu: str) -> str:
     parts = []
@@ -35,15 +42,25 @@ def _probe_key(kernel: Path, initrd: Path | None, qemu: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def run_probe(kernel: Path, initrd: Path | None, qemu: str, runner: Runner,
-              timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
+#: What emulating a guest of another architecture costs (figures: docs/platforms.md).
+EMULATION_COST = "no KVM across architectures, so CPU-bound work runs several times slower than a native guest"
+
+
+def probe_argv(kernel: Path, initrd: Path | None, qemu: str, arch: Arch = "x86_64") -> list[str]:
+    prof = profile(arch)
     argv = [
-        qemu, "-M", "microvm,pcie=on", "-accel", "kvm", "-cpu", "host", "-m", "128M",
+        qemu, "-M", prof.machine_for("kvm"), "-accel", "kvm", "-cpu", prof.cpu["kvm"], "-m", "128M",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
-        "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 root=/dev/mvm-probe",
+        "-kernel", str(kernel), "-append", f"console={prof.console} panic=-1 root=/dev/mvm-probe",
     ]
     if initrd:
         argv += ["-initrd", str(initrd)]
+    return argv
+
+
+def run_probe(kernel: Path, initrd: Path | None, qemu: str, runner: Runner,
+              timeout: float = PROBE_TIMEOUT, arch: Arch = "x86_64") -> tuple[bool, str]:
+    argv = probe_argv(kernel, initrd, qemu, arch)
     proc = runner.spawn(argv, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     seen = b""
@@ -69,12 +86,14 @@ def run_probe(kernel: Path, initrd: Path | None, qemu: str, runner: Runner,
 
 
 def kvm_verdict(kernel: Path, initrd: Path | None, probes: Path,
-                runner: Runner = DEFAULT_RUNNER) -> tuple[bool, str]:
+                runner: Runner = DEFAULT_RUNNER, arch: Arch = "x86_64") -> tuple[bool, str]:
+    if arch != host_arch():
+        return False, f"KVM runs only {host_arch()} guests here"
     if not os.path.exists("/dev/kvm"):
         return False, "/dev/kvm does not exist"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is not accessible to this user (join the kvm group)"
-    qemu = require_tool(QEMU)
+    qemu = require_tool(profile(arch).binary)
     missing = [str(p) for p in (kernel, initrd) if p is not None and not p.is_file()]
     if missing:  # not a verdict about KVM: never cache it
         return False, f"not probed ({', '.join(missing)} missing); TCG until the next build"
@@ -84,17 +103,32 @@ def kvm_verdict(kernel: Path, initrd: Path | None, probes: Path,
         return bool(data["ok"]), str(data["reason"])
     except (OSError, ValueError, KeyError):
         pass
-    ok, reason = run_probe(kernel, initrd, qemu, runner)
+    ok, reason = run_probe(kernel, initrd, qemu, runner, arch=arch)
     probes.mkdir(parents=True, exist_ok=True)
     write_json_atomic(cache, {"schema_version": 1, "ok": ok, "reason": reason, "at": time.time()})
     return ok, reason
 
 
+def emulation(arch: Arch) -> str | None:
+    """The one line saying a guest is emulated, and what it costs (None: it is native)."""
+    host = host_arch()
+    if arch == host:
+        return None
+    return f"{arch} guest on an {host} host: emulated by QEMU (TCG), {EMULATION_COST}"
+
+
 def choose(requested: AccelPreference, kernel: Path, initrd: Path | None, probes: Path,
-           runner: Runner = DEFAULT_RUNNER) -> Preflight:
+           runner: Runner = DEFAULT_RUNNER, arch: Arch = "x86_64") -> Preflight:
+    emulated = emulation(arch)
+    if emulated is not None:
+        if requested == "kvm":
+            raise UsageError(f"KVM cannot run an {arch} guest on this {host_arch()} host",
+                             hint="use --hypervisor auto or qemu-tcg (emulated, slower), or build the guest for "
+                             f"{host_arch()} (arch = \"{host_arch()}\" in mvm.toml)")
+        return Preflight("tcg", f"TCG: {arch} is not this host's architecture", emulated=emulated)
     if requested == "tcg":
         return Preflight("tcg", "TCG requested (--hypervisor qemu-tcg)")
-    ok, reason = kvm_verdict(kernel, initrd, probes, runner)
+    ok, reason = kvm_verdict(kernel, initrd, probes, runner, arch)
     if requested == "kvm":
         if not ok:
             raise UsageError(f"KVM is not usable here: {reason}",

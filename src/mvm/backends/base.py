@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from ..names import Arch as Arch
 from ..paths import VMFiles
 
 Accel = Literal["kvm", "tcg"]
 #: What the user asked for: prove KVM works and use it, or insist on one.
 AccelPreference = Literal["auto", "kvm", "tcg"]
 Proto = Literal["tcp", "udp"]
-Arch = Literal["x86_64", "aarch64"]
 
 #: Capabilities a backend may announce (:meth:`Backend.capabilities`).
 HOTPLUG_FORWARD = "hotplug-forward"  #: forwards can be added to a running machine
@@ -132,10 +132,12 @@ class MachineRequest:
 
 @dataclass(frozen=True)
 class Preflight:
-    """The backend's verdict: which accelerator the machine gets, and why."""
+    """The backend's verdict: which accelerator the machine gets, and why. ``emulated`` is
+    set when the guest's architecture is not the host's: one line saying so and what it costs."""
 
     accel: Accel
     reason: str
+    emulated: str | None = None
 
 
 @dataclass

@@ -25,6 +25,7 @@ from typing import Any
 from .. import _unixsock
 from ..errors import BootError, PortInUse, RestoreFailed, StopFailed
 from ..guest import protocol
+from ..names import host_arch
 from ..paths import VMFiles
 from .base import (
     HOTPLUG_DISK,
@@ -196,7 +197,8 @@ class FakeBackend:
     def preflight(self, request: MachineRequest) -> Preflight:
         if self.fail_preflight is not None:
             raise self.fail_preflight
-        return Preflight("tcg", "the fake backend emulates nothing")
+        emulated = None if request.arch == host_arch() else f"{request.arch} guest emulated (fake)"
+        return Preflight("tcg", "the fake backend emulates nothing", emulated=emulated)
 
     def start(self, spec: LaunchSpec) -> MachineRef:
         if self.fail_start is not None:

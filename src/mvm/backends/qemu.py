@@ -103,14 +103,16 @@ class QemuBackend:
         prof = profile(arch)
         qemu = require_tool(prof.binary)
         st = os.stat(qemu)
-        return f"{qemu}:{st.st_size}:{st.st_mtime_ns}:{prof.machine}:{prof.cpu}:{prof.cmdline}"
+        return f"{qemu}:{st.st_size}:{st.st_mtime_ns}:{prof.machine}:{prof.cpu}:{prof.cmdline}" + (
+            f":{prof.tcg_cmdline}:{prof.kvm_machine}:{prof.tb_size}" if prof.arch != "x86_64" else "")
 
     def check_ports(self, ports: Sequence[PortForward]) -> None:
         check_ports_free(ports)
 
     def preflight(self, request: MachineRequest) -> Preflight:
         require_tool(profile(request.arch).binary)
-        return accel.choose(request.accel, request.kernel, request.initrd, request.probe_cache, self.runner)
+        return accel.choose(request.accel, request.kernel, request.initrd, request.probe_cache, self.runner,
+                            arch=request.arch)
 
     # -- start ----------------------------------------------------------------------------
 

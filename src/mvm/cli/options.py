@@ -57,13 +57,24 @@ SpecPath = Annotated[
     str,
     typer.Argument(metavar="PATH", help="Directory holding mvm.toml (or the file itself).", show_default="."),
 ]
+Arch = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        metavar="x86_64|aarch64",
+        help="Build the guest for this CPU architecture instead of the spec's `arch` (default: this "
+        "host's). Another architecture than the host's is emulated (slower). With --flake: builds "
+        "packages.<arch>-linux.default.",
+        show_default=False,
+    ),
+]
 Flake = Annotated[
     str | None,
     typer.Option(
         "--flake",
         metavar="REF[#ATTR]",
         help="Build from a Nix flake instead of mvm.toml: REF[#ATTR] (default ATTR: "
-        "packages.<this system>.default), e.g. `.` or `github:me/app#guest`.",
+        "packages.<this system>.default, else the one system the flake builds), e.g. `.` or `github:me/app#guest`.",
         show_default=False,
     ),
 ]

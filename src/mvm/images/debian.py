@@ -6,6 +6,11 @@ image with the same packages; the image is a copy of it, finished by :mod:`.asse
 with the guest's own parts. Editing a service command or a shipped file re-runs only the
 second step. Downloaded packages are kept too, so a new package list downloads only what
 is new.
+
+The guest's architecture is the spec's ``arch`` (default: the host's). Package layers, the
+downloaded packages and kernels are all kept per architecture, so images of both live side
+by side; a build for another architecture installs its packages under qemu-user
+(:mod:`.arches`).
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .._proc import Runner
+from ..names import Arch
 from ..paths import Layout
 from ..spec import GuestSpec, files_digest
-from . import kernel
+from . import arches, kernel
 from .aptsources import host_sources
 from .assemble import assemble, copy_image
 from .layer import Layer, ensure_layer
@@ -28,12 +34,14 @@ from .store import Image, ImageStore, Manifest, link_or_copy
 log = logging.getLogger(__name__)
 
 BUILDER_VERSION = "debian-2"
-ARCH = "amd64"  # the Debian name of the only architecture built so far
+#: The kernel file's name in the image: what the kernel package calls it once unpacked.
+KERNEL_FILE: dict[Arch, str] = {"x86_64": "vmlinux", "aarch64": "Image"}
 
 
-def image_key(spec: GuestSpec, base: Path, kernel_version: str, layer: Layer) -> str:
+def image_key(spec: GuestSpec, base: Path, kernel_version: str, layer: Layer, arch: Arch = "x86_64") -> str:
     parts = {
         "builder": BUILDER_VERSION,
+        "arch": arch,
         "spec": spec.digest(),
         "files": files_digest(spec, base),
         "layer": layer.id,  # the package versions (and, through the layer key, the agent)
@@ -57,11 +65,12 @@ def build(
     """Return (image, built): the cached image for ``spec``, building it if needed.
     ``pull`` rebuilds the package layer from the mirrors (newer packages)."""
     stage = on_stage or (lambda _: None)
+    arch = arches.resolve(spec.arch)
     sources = host_sources()
-    k = kernel.ensure_kernel(layout.kernels, runner, on_stage=stage)
-    layer = ensure_layer(spec.packages, arch=ARCH, sources=sources, layout=layout, runner=runner, pull=pull,
-                         on_stage=stage, on_line=on_line)
-    key = image_key(spec, source.parent, k.version, layer)
+    k = kernel.ensure_kernel(layout.kernels, runner, on_stage=stage, arch=arch)
+    layer = ensure_layer(spec.packages, arch=arches.debian(arch), sources=sources, layout=layout, runner=runner,
+                         pull=pull, on_stage=stage, on_line=on_line)
+    key = image_key(spec, source.parent, k.version, layer, arch)
     store = ImageStore(layout.images)
     hit = store.get(key)
     if hit is not None:
@@ -72,7 +81,7 @@ def build(
         rootfs = staging / "rootfs.ext4"
         copy_image(layer.image, rootfs, runner)
         assemble(rootfs, spec, spec.guest_json(frontend="toml"), base=source.parent, runner=runner)
-        link_or_copy(k.vmlinux, staging / "vmlinux")
+        link_or_copy(k.vmlinux, staging / KERNEL_FILE[arch])
         link_or_copy(k.initrd, staging / "initrd")
         return Manifest(
             key=key,
@@ -80,7 +89,9 @@ def build(
             frontend="toml",
             source={"path": str(source), "spec_digest": spec.digest(), "suite": sources.suite,
                     "mirror": sources.primary, "layer": layer.key, "packages": layer.id},
+            kernel=KERNEL_FILE[arch],
             kernel_version=k.version,
+            arch=arch,
             guest=spec,
         )
 

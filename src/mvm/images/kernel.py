@@ -1,8 +1,12 @@
 """The guest kernel for the Debian front end: Debian's cloud kernel, fetched with apt once.
 
-The package's bzImage is unpacked to an uncompressed ELF ``vmlinux``: QEMU boots that
+The x86_64 package's bzImage is unpacked to an uncompressed ELF ``vmlinux``: QEMU boots that
 directly through its PVH entry point, which skips in-guest decompression (about 0.3 s under
-TCG). Modules are kept for the initrd, with a ``modules.dep`` made by depmod.
+TCG). The arm64 package's ``vmlinuz`` is already an uncompressed ``Image``, booted as it is.
+Modules are kept for the initrd, with a ``modules.dep`` made by depmod.
+
+Kernels are cached per architecture (``kernels/<arch>/<version>``): the newest cached one is
+picked by name, and ``…-cloud-arm64`` sorts after ``…-cloud-amd64``.
 """
 
 from __future__ import annotations
@@ -18,22 +22,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._proc import Runner, require_tool
+from .._proc import Runner
 from ..errors import BuildError
-from . import initrd, vmlinux
+from ..names import Arch
+from . import arches, initrd, vmlinux
 
 log = logging.getLogger(__name__)
 
-KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
+
+def meta_package(arch: Arch) -> str:
+    return f"linux-image-cloud-{arches.debian(arch)}"
 
 
 @dataclass(frozen=True)
 class Kernel:
     version: str  # e.g. 6.1.0-56-cloud-amd64
     root: Path  # cache dir holding vmlinux, modules/<version>/, config
+    arch: Arch = "x86_64"
 
     @property
     def vmlinux(self) -> Path:
+        """The file QEMU boots: an ELF vmlinux (x86_64) or the arm64 Image as it is."""
         return self.root / "vmlinux"
 
     @property
@@ -51,9 +60,10 @@ def initrd_digest() -> str:
     return hashlib.sha256(Path(initrd.__file__).read_bytes()).hexdigest()
 
 
-def ensure_initrd(kernel: Kernel) -> None:
+def ensure_initrd(kernel: Kernel, runner: Runner) -> None:
     if not kernel.initrd.is_file():  # build_initrd writes atomically itself
-        initrd.build_initrd(str(kernel.modules), require_tool("busybox"), str(kernel.initrd))
+        busybox = arches.busybox(kernel.root, kernel.arch, runner)  # the guest's, never a foreign one
+        initrd.build_initrd(str(kernel.modules), busybox, str(kernel.initrd))
 
 
 def extract_vmlinux(bzimage: bytes, runner: Runner) -> bytes:
@@ -78,46 +88,66 @@ def _decompress_with(runner: Runner, tool: str, payload: bytes) -> bytes:
         return dest.read_bytes()
 
 
-def resolve_package(runner: Runner) -> str:
+def resolve_package(runner: Runner, arch: Arch = "x86_64") -> str:
+    meta = meta_package(arch)
+    deb = arches.debian(arch)
     out = runner.run(
-        ["apt-cache", "depends", KERNEL_META_PACKAGE],
-        desc=f"resolving {KERNEL_META_PACKAGE}",
+        ["apt-cache", "depends", f"{meta}:{deb}"],
+        desc=f"resolving {meta}",
         error=BuildError,
-        hint="run `apt-get update` so apt knows the kernel package",
+        hint="run `apt-get update` so apt knows the kernel package"
+        + (f" (and `dpkg --add-architecture {deb}` first: scripts/setup.sh does both)" if arches.foreign(arch) else ""),
     ).output
-    match = re.search(r"Depends:\s+(linux-image-\S+)", out)
+    match = re.search(r"Depends:\s+(linux-image-[^\s:]+)", out)  # apt may add ":arm64"
     if not match:
-        raise BuildError(f"apt did not name a kernel for {KERNEL_META_PACKAGE}", output=out)
+        raise BuildError(f"apt did not name a kernel for {meta}", output=out)
     return match.group(1)
 
 
-def cached_kernels(cache: Path) -> list[Kernel]:
+def cached_kernels(cache: Path, arch: Arch | None = None) -> list[Kernel]:
+    """The kernels of ``arch`` (default: the host's) cached under ``cache``, oldest first."""
+    arch = arches.resolve(arch)
+    root = cache / arch
     found = []
-    if cache.is_dir():
-        for entry in sorted(cache.iterdir()):
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
             if (entry / "vmlinux").is_file() and (entry / "lib" / "modules" / entry.name).is_dir():
-                found.append(Kernel(entry.name, entry))
+                found.append(Kernel(entry.name, entry, arch))
     return found
 
 
-def ensure_kernel(cache: Path, runner: Runner, on_stage: Callable[[str], None] | None = None) -> Kernel:
-    """The newest cached kernel, or fetch and prepare one (once per version)."""
-    have = cached_kernels(cache)
+def _adopt_unsorted(cache: Path) -> None:
+    """Kernels cached before the cache was split per architecture were all amd64 ones."""
+    for entry in cache.glob("*-amd64"):
+        if (entry / "vmlinux").is_file():
+            (cache / "x86_64").mkdir(exist_ok=True)
+            os.replace(entry, cache / "x86_64" / entry.name)
+
+
+def ensure_kernel(cache: Path, runner: Runner, on_stage: Callable[[str], None] | None = None,
+                  arch: Arch | None = None) -> Kernel:
+    """The newest cached kernel of ``arch`` (default: the host's), or fetch and prepare one
+    (once per version)."""
+    arch = arches.resolve(arch)
+    if arch == "x86_64" and cache.is_dir():
+        _adopt_unsorted(cache)
+    have = cached_kernels(cache, arch)
     if have:
-        ensure_initrd(have[-1])
+        ensure_initrd(have[-1], runner)
         return have[-1]
     if on_stage:
-        on_stage("fetching the guest kernel")
-    package = resolve_package(runner)
+        on_stage(f"fetching the guest kernel ({arches.debian(arch)})")
+    package = resolve_package(runner, arch)
     version = package.removeprefix("linux-image-")
-    cache.mkdir(parents=True, exist_ok=True)
+    root = cache / arch
+    root.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
 
-    with FileLock(str(cache / ".fetch.lock")):  # two first builds download it once
-        kernel = Kernel(version, cache / version)
+    with FileLock(str(root / ".fetch.lock")):  # two first builds download it once
+        kernel = Kernel(version, root / version, arch)
         if not kernel.vmlinux.is_file():
-            _fetch(package, version, cache, runner)
-        ensure_initrd(kernel)
+            _fetch(f"{package}:{arches.debian(arch)}", version, root, runner)
+        ensure_initrd(kernel, runner)
     log.info("kernel %s ready in %s", version, kernel.root)
     return kernel
 
@@ -147,7 +177,8 @@ def _fetch(package: str, version: str, cache: Path, runner: Runner) -> None:
             error=BuildError,
         )
         bzimage = (unpacked / "boot" / f"vmlinuz-{version}").read_bytes()
-        (staged / "vmlinux").write_bytes(extract_vmlinux(bzimage, runner))
+        booted = bzimage if arches.is_arm64_image(bzimage) else extract_vmlinux(bzimage, runner)
+        (staged / "vmlinux").write_bytes(booted)
         shutil.copy(unpacked / "boot" / f"config-{version}", staged / "config")
         os.replace(staged, target)
     finally:

@@ -30,7 +30,7 @@ from .._atomic import write_json_atomic
 from .._proc import Runner, require_tool
 from ..errors import BuildError, SpecError
 from ..paths import Layout
-from . import guestfiles
+from . import arches, guestfiles
 from .aptsources import AptSources, proxy_options
 
 LAYER_VERSION = "layer-1"
@@ -135,7 +135,8 @@ def ensure_layer(
         found = _read(root / key)
         if found is not None and not pull:
             return found
-        on_stage(f"installing packages ({', '.join(wanted)}) with mmdebstrap")
+        on_stage(f"installing packages ({', '.join(wanted)}) with mmdebstrap"
+                 + arches.install_note(arches.from_debian(arch)))
         staging = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=root))
         try:
             layer_id = _build(staging, wanted, arch=arch, sources=sources, layout=layout, runner=runner,
@@ -160,6 +161,7 @@ def _build(staging: Path, packages: list[str], *, arch: str, sources: AptSources
            runner: Runner, on_line: Callable[[str], None] | None) -> str:
     require_tool("mmdebstrap")
     require_tool("mkfs.ext4")
+    arches.check_can_install(arches.from_debian(arch))
     debs = layout.debs / arch
     debs.mkdir(parents=True, exist_ok=True)
     work = staging / ".work"

@@ -31,7 +31,7 @@ from .._proc import Runner, require_tool
 from ..errors import BuildError, CommandFailed, SpecError, UsageError
 from ..paths import Layout
 from ..spec import GuestSpec
-from . import nixerrors
+from . import arches, nixerrors
 from .store import Image, ImageStore, Manifest, link_or_copy
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,26 @@ def parse_ref(ref: str, system: str | None = None) -> FlakeRef:
         raise UsageError("--flake needs a flake reference", hint="e.g. --flake . or --flake .#myguest")
     url, _, attr = ref.partition("#")
     return FlakeRef(ref, url or ".", attr or f"packages.{system or host_system()}.default")
+
+
+#: The systems mvm boots: a flake with no default for this host's is built for its own.
+SYSTEMS = ("x86_64-linux", "aarch64-linux")
+
+
+def other_system(ref: str, flake: FlakeRef, *, nix: str, nix_args: Sequence[str], runner: Runner) -> FlakeRef | None:
+    """For ``ref`` without ``#ATTR`` whose flake has no default for this host: its default
+    for the one other system it builds (the seed guide's flake is ``aarch64-linux``)."""
+    if "#" in ref:
+        return None
+    apply = "ps: builtins.filter (s: ps.${s} ? default) (builtins.attrNames ps)"
+    try:
+        out = runner.run(nix_argv(nix, "eval", "--json", f"{flake.url}#packages", "--apply", apply, extra=nix_args),
+                         desc=f"listing the systems {flake.url} builds", error=BuildError).output
+        found = json.loads(out.strip().splitlines()[-1])
+    except (CommandFailed, ValueError, IndexError):
+        return None
+    others = [parse_ref(ref, system) for system in SYSTEMS if system in found]
+    return next((o for o in others if o.attr != flake.attr), None)
 
 
 def image_key(out_path: str) -> str:
@@ -186,7 +206,15 @@ def build(
     nix = require_tool("nix")
     stage = on_stage or (lambda _: None)
     stage(f"evaluating {flake.installable}")
-    out_path = evaluate(flake, nix=nix, nix_args=nix_args, runner=runner)
+    try:
+        out_path = evaluate(flake, nix=nix, nix_args=nix_args, runner=runner)
+    except SpecError:
+        other = other_system(ref, flake, nix=nix, nix_args=nix_args, runner=runner)
+        if other is None:
+            raise
+        flake = other
+        stage(f"the flake builds for {flake.attr.split('.')[1]}: evaluating {flake.installable}")
+        out_path = evaluate(flake, nix=nix, nix_args=nix_args, runner=runner)
     key = image_key(out_path)
     store = ImageStore(layout.images)
     hit = store.get(key)
@@ -224,6 +252,7 @@ def build(
             kernel_version=str(doc.get("kernel_version") or ""),
             initrd=doc.get("initrd"),
             rootfs=doc["rootfs"],
+            arch=arches.image_arch(out / doc["kernel"], flake.attr),
             transports=list(doc.get("transports") or ["virtio-serial"]),
             guest=guest,
         )

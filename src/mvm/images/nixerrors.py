@@ -22,6 +22,9 @@ POSITION = re.compile(r"^\s*at (?P<file>/nix/store/[a-z0-9]{32}-[^/\s:]+(?P<rel>
                       r"(?P<line>\d+):(?P<col>\d+):\s*$")
 EXCERPT = re.compile(r"^\s*(\d+)?\|")
 SUGGESTION = re.compile(r"^\s*Did you mean (?:one of )?(?P<names>.+?)\??$")
+#: A builder of another architecture that the kernel cannot run (no binfmt handler for it).
+EXEC_FORMAT = re.compile(r"executing '([^']+)': Exec format error")
+SYSTEM_IN_ATTR = re.compile(r"\b(x86_64|aarch64)-linux\b")
 
 
 @dataclass
@@ -81,6 +84,21 @@ def _user_path(path: str) -> str:
         return path
     rest = path[m.end():]
     return "." + rest if rest else "the flake's directory"
+
+
+def foreign_system_hint(wanted: str, host: str, extra_platforms_set: bool = False) -> str:
+    """Both ways out of "this machine cannot build for ``wanted``": build for the host, or
+    let nix emulate ``wanted`` (qemu-user through binfmt_misc), with the exact lines."""
+    fix = f"either build for this machine: in flake.nix set `system = \"{host}\";`"
+    arch = wanted.removesuffix("-linux")
+    if arch not in ("x86_64", "aarch64") or not host.endswith("-linux"):
+        return fix + f", or give nix a {wanted} builder (remote builders)"
+    binfmt = (f"apt-get install qemu-user-static binfmt-support && update-binfmts --enable qemu-{arch}"
+              " (scripts/setup.sh does this; again after a reboot)")
+    if extra_platforms_set:
+        return f"{fix}\nor register qemu-user's {arch} handler, which nix's emulation needs: {binfmt}"
+    return (f"{fix}\nor let nix emulate {wanted}: add to /etc/nix/nix.conf (or NIX_CONFIG; restart nix-daemon "
+            f"if one runs)\n    extra-platforms = {wanted}\nand register qemu-user's {arch} handler: {binfmt}")
 
 
 def condense(output: str, *, flake: str, attr: str, system: str,
@@ -156,10 +174,15 @@ def condense(output: str, *, flake: str, attr: str, system: str,
 
     m = re.search(r"a '([^']+)' with features \{[^}]*\} is required to build '[^']+', but I am a '([^']+)'", head)
     if m:
-        return SpecError(
-            f"this machine ({m[2]}) cannot build for {m[1]}",
-            hint=f"in flake.nix set `system = \"{m[2]}\";`, or give nix a {m[1]} builder "
-            "(remote builders or binfmt emulation)",
+        return SpecError(f"this machine ({m[2]}) cannot build for {m[1]}", hint=foreign_system_hint(m[1], m[2]))
+
+    m = EXEC_FORMAT.search(strip_ansi(output))
+    if m:
+        named = SYSTEM_IN_ATTR.search(attr)
+        other = named[0] if named and named[0] != system else "another architecture"
+        return BuildError(
+            f"nix could not run a build program for {other} here ({m[1].rsplit('/', 1)[-1]}: Exec format error)",
+            argv=argv, returncode=returncode, hint=foreign_system_hint(other, system, extra_platforms_set=True),
         )
 
     if re.search(r"the group '[^']+' specified in 'build-users-group' does not exist", head):

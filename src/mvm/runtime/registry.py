@@ -95,6 +95,9 @@ class VMRecord(BaseModel):
     start: Literal["cold", "restored"] = "cold"
     start_reason: str = ""
     start_warning: bool = False  #: a template that should have been restored could not be
+    arch: str = "x86_64"  #: the guest's architecture
+    #: the guest's architecture is not the host's: how it is run, and what that costs (one line)
+    emulated: str = ""
 
     @property
     def owner_alive(self) -> bool:

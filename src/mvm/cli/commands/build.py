@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import Flake, Json, NixArg, OverrideInput, SpecPath, nix_args
+from ..options import Arch, Flake, Json, NixArg, OverrideInput, SpecPath, nix_args
 
 
 def build(
@@ -15,6 +15,7 @@ def build(
                                        "(newer packages). Without it the cached layer is reused, which also "
                                        "works offline.")] = False,
     json: Json = False,
+    arch: Arch = None,
     flake: Flake = None,
     override_input: OverrideInput = None,
     nix_arg: NixArg = None,
@@ -32,6 +33,7 @@ def build(
     Examples:
       mvmctl build examples/hello
       mvmctl build . --json
+      mvmctl build examples/hello --arch aarch64
       mvmctl build --flake .
       mvmctl build --flake .#api --override-input nixpkgs path:../nixpkgs
     """
@@ -41,12 +43,12 @@ def build(
 
     extra = nix_args(override_input, nix_arg)
     with output.progress(f"building {flake or path}") as prog:
-        result = mvm.build(path, flake=flake, nix_args=extra, pull=pull, progress=prog)
+        result = mvm.build(path, flake=flake, nix_args=extra, pull=pull, arch=arch, progress=prog)
     if json:
         output.print_json(result)
         return
     verb = "built" if result.built else "up to date (cached)"
-    output.info(f"{result.name}: {verb}, image {result.key[:12]} in {result.seconds:.2f}s")
+    output.info(f"{result.name}: {verb}, image {result.key[:12]} ({result.arch}) in {result.seconds:.2f}s")
     output.out.print(result.path)
 
 

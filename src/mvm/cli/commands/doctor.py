@@ -8,8 +8,9 @@ from ..options import Json
 
 
 def doctor(json: Json = False) -> None:
-    """Check this host: which backends work (and why not), which tools are installed (with
-    versions), and the state dir with its free space. Each problem comes with the command
+    """Check this host: which backends work (and why not), which guest architectures boot and
+    build here (native, or emulated), which tools are installed (with versions), and the state
+    dir with its free space. Each problem comes with the command
     that fixes it. Exits 1 if something mvm needs is missing."""
     from rich.filesize import decimal
     from rich.table import Table
@@ -26,6 +27,10 @@ def doctor(json: Json = False) -> None:
     backends = Table(title="backends", title_justify="left", box=None, show_header=False, pad_edge=False)
     for b in report.backends:
         backends.add_row(marks[b.usable], b.backend, b.reason + (f"\nfix: {b.fix}" if b.fix and not b.usable else ""))
+    archs = Table(title="guest architectures", title_justify="left", box=None, show_header=False, pad_edge=False)
+    for a in report.arches:
+        what = ("boots, builds" if a.builds else "boots, cannot build") if a.boots else "cannot boot"
+        archs.add_row(marks[a.boots and a.builds], a.arch, what, a.reason + (f"\nfix: {a.fix}" if a.fix else ""))
     tools = Table(title="tools", title_justify="left", box=None, show_header=False, pad_edge=False)
     for t in report.tools:
         tools.add_row("[green]ok[/]" if t.found else "[red]missing[/]", t.tool, t.version or "",
@@ -35,7 +40,7 @@ def doctor(json: Json = False) -> None:
     state.add_row("state dir", d.state_dir)
     state.add_row("cache dir", d.cache_dir)
     state.add_row("free", decimal(d.free_bytes) + (f"  (fix: {d.fix})" if d.fix else ""))
-    for section in (backends, tools, state):
+    for section in (backends, archs, tools, state):
         output.out.print(section)
     raise typer.Exit(0 if report.ok else 1)
 

@@ -22,7 +22,7 @@ def _health(vm: VMInfo) -> str:
 
 
 def ls(json: Json = False) -> None:
-    """List VMs: status, health, backend, size, forwarded ports and uptime.
+    """List VMs: status, health, backend, architecture, size, forwarded ports and uptime.
 
     STATUS is derived from the live machine (its process id and start time), never trusted
     from a file: a VM whose QEMU died shows as crashed (or exited after a
@@ -44,6 +44,7 @@ def ls(json: Json = False) -> None:
         Column("STATUS", lambda vm: vm.status),
         Column("HEALTH", _health),
         Column("BACKEND", lambda vm: f"{vm.backend}-{vm.accel}" if vm.backend else None),
+        Column("ARCH", lambda vm: vm.arch),
         Column("CPUS", lambda vm: vm.cpus, justify="right"),
         Column("MEMORY", lambda vm: f"{vm.memory}M" if vm.memory else None, justify="right"),
         Column("PORTS", _ports, no_wrap=False),

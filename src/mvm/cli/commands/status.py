@@ -19,8 +19,10 @@ def status(name: VMName, json: Json = False) -> None:
     if json:
         output.print_json(details)
         return
-    output.out.print(f"[bold]{name}[/]  {details.status}  {details.backend}-{details.accel}  "
+    output.out.print(f"[bold]{name}[/]  {details.status}  {details.backend}-{details.accel}  {details.arch}  "
                      f"{details.cpus} vCPU  {details.memory} MiB  up {output.human_secs(details.uptime)}")
+    if details.emulated:
+        output.out.print(f"  {details.emulated}")
     guest = details.guest
     if guest is None:
         output.out.print(f"  {details.exit_reason or ''}")

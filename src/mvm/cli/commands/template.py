@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..options import Flake, Json, NixArg, OverrideInput, SpecPath, nix_args
+from ..options import Arch, Flake, Json, NixArg, OverrideInput, SpecPath, nix_args
 
 if TYPE_CHECKING:
     from mvm import TemplateInfo
@@ -37,6 +37,7 @@ def create(
     memory: Annotated[int | None, typer.Option("--memory", "-m", metavar="MIB", help="Memory (default: the "
                                                "spec's).", show_default=False)] = None,
     json: Json = False,
+    arch: Arch = None,
     flake: Flake = None,
     override_input: OverrideInput = None,
     nix_arg: NixArg = None,
@@ -48,7 +49,7 @@ def create(
 
     with output.progress("making the template") as prog:
         info = mvm.template_create(path, flake=flake, nix_args=nix_args(override_input, nix_arg), cpus=cpus,
-                                   memory=memory, progress=prog)
+                                   memory=memory, arch=arch, progress=prog)
     if json:
         output.print_json(info)
         return

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import Env, Flake, Json, NixArg, OverrideInput, Ports, SpecPath, Volumes, nix_args
+from ..options import Arch, Env, Flake, Json, NixArg, OverrideInput, Ports, SpecPath, Volumes, nix_args
 
 
 def up(
@@ -34,6 +34,7 @@ def up(
     timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS",
                                            help="Seconds --wait waits for health.")] = 120.0,
     json: Json = False,
+    arch: Arch = None,
     flake: Flake = None,
     override_input: OverrideInput = None,
     nix_arg: NixArg = None,
@@ -52,6 +53,7 @@ def up(
       mvmctl up . --name api2 -p 127.0.0.1:9000:8080 -e LOG_LEVEL=debug --wait
       mvmctl up . -v ./config:/mnt/config -v ./data:/mnt/data:1024
       mvmctl up --flake . --cpus 2 --memory 1024 -p 8080:8080
+      mvmctl up examples/hello --arch aarch64 -p 8080:8080   (emulated on an x86_64 host)
     """
     import mvm
 
@@ -61,16 +63,18 @@ def up(
         vm = mvm.up(path, flake=flake, nix_args=nix_args(override_input, nix_arg), name=name,
                     cpus=cpus, memory=memory, ports=port or [], env=env or [], volumes=volume or [],
                     hypervisor=hypervisor, wait=wait, wait_timeout=timeout, progress=prog, cold=cold,
-                    log_limit_mb=log_limit)
+                    log_limit_mb=log_limit, arch=arch)
     info = vm.info()
     if json:
         output.print_json(info)
         return
     how = "restored" if info.start == "restored" else "booted"
     output.info(
-        f"[green]{info.name}[/] is running ({how}; {info.accel}, {info.cpus} vCPU, {info.memory} MiB)"
+        f"[green]{info.name}[/] is running ({how}; {info.accel}, {info.arch}, {info.cpus} vCPU, {info.memory} MiB)"
         + (" and healthy" if wait and info.checks else "")
     )
+    if info.emulated:
+        output.info(f"note: {info.emulated}")
     if info.start_warning:
         output.info(f"[yellow]warning[/]: booted cold: {info.start_reason}")
     for p in info.ports:
