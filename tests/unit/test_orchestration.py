@@ -24,6 +24,7 @@ from mvm.backends.base import PortForward
 from mvm.backends.fake import FakeBackend
 from mvm.errors import (
     BootError,
+    HealthTimeout,
     PortInUse,
     ServiceFailed,
     StateError,
@@ -211,6 +212,20 @@ def test_wait_fails_fast_when_a_service_failed_for_good(layout: Layout, fake: Fa
     mvm.down("web", layout=layout)
 
 
+def test_wait_is_not_fooled_by_a_guest_that_reports_nothing_yet(layout: Layout, fake: FakeBackend,
+                                                                 image: Image) -> None:
+    """A clone restored from an ``agent`` template reports no services and no checks until
+    its config is applied: that is not healthy."""
+    vm = _up(layout, fake, image)
+    healthy = dict(fake.status)
+    fake.status.update(services={}, health={})
+    with pytest.raises(HealthTimeout, match="has not reported check, svc yet"):
+        vm.wait_healthy(0.3)
+    fake.status.update(healthy)
+    assert vm.wait_healthy(5).health == "healthy"
+    vm.down()
+
+
 def test_two_ups_of_one_name(layout: Layout, fake: FakeBackend, image: Image) -> None:
     vm = _up(layout, fake, image)
     with pytest.raises(VMExists, match=r"already exists \(running\)") as exc:
@@ -311,6 +326,13 @@ def test_logs_outlive_down_until_cleanup_or_the_next_up(layout: Layout, fake: Fa
     assert not [ln for ln in mvm.logs("web", layout=layout) if "old" in ln.text]
     report = mvm.cleanup(layout)
     assert [i.kind for i in report.items] == ["logs"]
+    with pytest.raises(VMNotFound, match="no logs"):
+        mvm.logs("web", layout=layout)
+
+
+def test_down_without_keeping_logs_leaves_nothing(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    _up(layout, fake, image).down(keep_logs=False)
+    assert not (layout.retained_logs / "web").exists() and not (layout.vms / "web").exists()
     with pytest.raises(VMNotFound, match="no logs"):
         mvm.logs("web", layout=layout)
 
