@@ -225,8 +225,9 @@ class Pool:
                 self.notes.append(f"could not remove VM {name} left by a killed test run: {exc.message}")
                 continue
             removed.append(name)
+            worker = f", xdist worker {record['worker']}" if record.get("worker") else ""
             self.notes.append(f"removed VM {name}, left running by a test run that was killed "
-                              f"(pid {record.get('pid')}, {' '.join(record.get('argv') or [])[:80]})")
+                              f"(pid {record.get('pid')}{worker})")
         if left:  # a later run tries again
             record_path.write_text(json.dumps({**record, "vms": left}))
         else:

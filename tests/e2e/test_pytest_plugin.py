@@ -101,7 +101,8 @@ def test_a_passing_and_a_failing_test_leave_nothing(inner: Inner) -> None:
     inner.write(USER_TESTS)
     result = inner.run("--durations=0", "-vv")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*mvm VM hello-*-2 (last 40 log lines)*"])  # the failed test's report
+    result.stdout.fnmatch_lines(["*mvm VM hello-*-2 (last 40 log lines)*"])  # the failed test's report:
+    assert "[service hello] running" in result.stdout.str()  # its VM's log (from its template's boot on)
     inner.assert_nothing_left()
     # Fast start: after the template (made once per cache), a VM costs well under a second.
     durations = [re.fullmatch(r"([\d.]+)s (setup|call|teardown) +test_user.py::test_fails", line)
@@ -158,7 +159,18 @@ def test_vm(mvm_vm, n):
     inner.assert_nothing_left()
 
 
-def test_keep_keeps_the_failed_tests_vm_only(inner: Inner) -> None:
+def test_keep_keeps_the_failed_tests_vm_only(inner: Inner, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The VMs live where the user's conftest says, not where `mvmctl` looks by default: the
+    # printed commands then say MVM_STATE=...
+    inner.pytester.makeconftest(f"""
+from pathlib import Path
+import mvm, pytest
+
+@pytest.fixture(scope="session")
+def mvm_layout():
+    return mvm.paths.Layout(state=Path({str(inner.layout.state)!r}), cache=Path({str(inner.layout.cache)!r}))
+""")
+    monkeypatch.setenv("MVM_HOME", str(inner.pytester.path / "elsewhere"))
     inner.write(USER_TESTS)
     result = inner.run("--mvm-keep")
     result.assert_outcomes(passed=1, failed=1)
@@ -176,6 +188,7 @@ def test_keep_keeps_the_failed_tests_vm_only(inner: Inner) -> None:
     assert not (inner.home / "state" / "pytest").exists()  # disowned: no later run removes it
     mvm.down(kept, layout=inner.layout, keep_logs=False)
     inner.assert_nothing_left()
+    assert not (inner.pytester.path / "elsewhere").exists()
 
 
 def test_a_killed_workers_vms_are_removed_by_the_next_run(inner: Inner) -> None:

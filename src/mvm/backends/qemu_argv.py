@@ -122,7 +122,9 @@ def build_argv(spec: LaunchSpec, qemu: str | None = None) -> list[str]:
         "-sandbox", SANDBOX,
         "-kernel", str(spec.kernel),
         "-append", kernel_cmdline(spec),
-        "-chardev", "file,id=con,path=console.log",
+        # append: a clone restored from a template (and a resumed VM) keeps the log lines it
+        # starts with instead of QEMU truncating them
+        "-chardev", "file,id=con,path=console.log,append=on",
         "-serial", "chardev:con",
         "-qmp", "unix:qmp.sock,server=on,wait=off",
     ]
@@ -133,7 +135,7 @@ def build_argv(spec: LaunchSpec, qemu: str | None = None) -> list[str]:
     argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
     argv += [
         "-device", "virtio-serial-pci,id=vs0,max_ports=16",
-        "-chardev", "file,id=ev,path=events.log",
+        "-chardev", "file,id=ev,path=events.log,append=on",
         "-device", f"virtserialport,bus=vs0.0,chardev=ev,name={protocol.EVENT_PORT}",
     ]
     for i in range(protocol.CONTROL_PORTS):
