@@ -298,6 +298,14 @@ def wait_gone(pid: int, started: int | None, timeout: float) -> bool:
     return True
 
 
+def detach(proc: subprocess.Popen[bytes]) -> None:
+    """The child outlives its ``Popen`` (a VM's QEMU outlives the ``up`` that started it):
+    tell the object so, or collecting it while the child runs raises a ResourceWarning
+    ("subprocess N is still running"), an error under ``-W error`` and in test suites that
+    call the API in-process. The child is reaped by pid instead (:func:`_reap`)."""
+    proc._child_created = False  # type: ignore[attr-defined]  # what Popen.__del__ checks
+
+
 def _reap(pid: int) -> None:
     """Collect the exit status if the process is our own child (it is after `up`)."""
     try:

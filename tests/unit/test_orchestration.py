@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -456,3 +457,25 @@ def test_suspend_and_resume(layout: Layout, fake: FakeBackend, image: Image, tmp
     vm.suspend()
     assert mvm.down("web", layout=layout).how == "not running"  # down of a suspended VM removes it
     _nothing_left(layout, fake)
+
+
+def test_a_detached_child_outlives_its_popen_without_a_warning(tmp_path: Path) -> None:
+    """QEMU outlives the ``up`` that spawned it: dropping the Popen must not warn (pytest
+    turns the ResourceWarning into an error), and the child is reaped by pid."""
+    import gc
+    import warnings
+
+    from mvm import _proc
+
+    proc = DEFAULT_RUNNER.spawn(["sleep", "30"], stdout=subprocess.DEVNULL, cwd=tmp_path)
+    pid, started = proc.pid, _proc.start_time(proc.pid)
+    _proc.detach(proc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        del proc
+        gc.collect()
+    assert _proc.alive(pid, started)
+    os.kill(pid, 9)
+    assert _proc.wait_gone(pid, started, 5.0)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left
