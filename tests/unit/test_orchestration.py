@@ -389,14 +389,19 @@ def test_up_restores_a_ready_template_and_makes_each_clone_unique(template: Temp
     seeds = [m.guest.identity["seed"] for m in clones]  # type: ignore[index]
     assert len(set(seeds)) == 2 and [m.guest.identity["op"] for m in clones] == ["refresh"] * 2  # type: ignore[index]
     assert [m.guest.identity["hostname"] for m in clones] == ["a", "b"]  # type: ignore[index]
-    assert (a.files.root / "root.qcow2").is_file() and not a.files.config_disk.exists()
+    assert (a.files.root / "root.qcow2").is_file()
+    assert all(m.spec.config_disk is None for m in clones)  # the config comes through `refresh`
     a.down()
     b.down()
 
 
 def test_env_or_volumes_restore_the_agent_template_and_configure_it(template: Template, layout: Layout,
                                                                     fake: FakeBackend, image: Image,
-                                                                    tmp_path: Path) -> None:
+                                                                    tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm.images.store import ImageStore
+
+    monkeypatch.setattr(ImageStore, "get", lambda self, key: image if key == image.key else None)
     (tmp_path / "data").mkdir()
     vm = _up(layout, fake, image, env=["MODE=x"], volumes=[f"{tmp_path}/data:/mnt/data:16"])
     (machine,) = [m for m in fake.machines.values() if m.running]
@@ -405,7 +410,10 @@ def test_env_or_volumes_restore_the_agent_template_and_configure_it(template: Te
     config = machine.guest.identity["config"]
     assert config["env"] == {"MODE": "x"} and config["volumes"][0]["target"] == "/mnt/data"
     assert [slot for slot, _ in machine.hotplugged] == [0]
-    vm.down()
+    again = vm.restart()  # the restarted VM keeps its -e values (read back from the VM's config disk)
+    (machine,) = [m for m in fake.machines.values() if m.running]
+    assert machine.guest.identity is not None and machine.guest.identity["config"]["env"] == {"MODE": "x"}
+    again.down()
 
 
 def test_cold_and_damaged_templates_boot_cold_and_say_why(template: Template, layout: Layout,
