@@ -212,3 +212,12 @@ def test_next(mvm_vm):
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([f"removed VM {name}, left running by a test run that was killed (pid *"])
     inner.assert_nothing_left()
+
+
+def test_the_docs_example_passes(inner: Inner) -> None:
+    """docs/testing.md's example (examples/notes: a request through a forwarded port, a file
+    checked with exec, a restart survived), run as its reader would, under the repository's
+    pytest settings (warnings are errors)."""
+    result = inner.run(str(EXAMPLES / "notes"), "--durations=0", "-vv", timeout=600)
+    result.assert_outcomes(passed=4)
+    inner.assert_nothing_left()
