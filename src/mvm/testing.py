@@ -314,7 +314,8 @@ class Pool:
             return None
         self.release(name)
         state = self.layout.state if self.layout.state != mvm.paths.Layout.default().state else None
-        urls = [f"http://{p.host_ip}:{p.host_port} -> guest {p.guest_port}/{p.proto}" for p in info.ports]
+        urls = [f"{'http://' if p.proto == 'tcp' else ''}{p.host_ip}:{p.host_port} -> guest {p.guest_port}/{p.proto}"
+                for p in info.ports]
         return Kept(name=name, why=why, urls=urls, state=state)
 
 
