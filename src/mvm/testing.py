@@ -10,12 +10,12 @@ first one's and reuses it), and every VM after that is restored from it in a fra
 second instead of booted. ``MVM_TEMPLATES=off`` boots every VM cold; ``restore`` restores
 templates that exist but makes none.
 
-Ownership, so that nothing outlives a killed run: a pool holds an ``flock`` on
-``$STATE/pytest/<token>.lock`` for its lifetime and lists the VMs it starts in
-``<token>.json`` (a name is written there *before* its ``up``). A new pool first sweeps:
-a lock nobody holds belongs to a process that died (SIGKILL, out of memory, a killed
-xdist worker) without tearing down, and that process's VMs are brought down. The kernel
-drops an ``flock`` when its holder dies, so a reused pid cannot fool the sweep.
+Ownership, so that nothing outlives a killed run: while a pool has VMs, it holds an
+``flock`` on ``$STATE/pytest/<token>.lock`` and lists them in ``<token>.json`` (a name is
+written there *before* its ``up``); with its last VM gone, both files go. A new pool first
+sweeps: a lock file nobody holds belongs to a process that died (SIGKILL, out of memory, a
+killed xdist worker) without tearing down, and that process's VMs are brought down. The
+kernel drops an ``flock`` when its holder dies, so a reused pid cannot fool the sweep.
 """
 
 from __future__ import annotations
@@ -157,13 +157,14 @@ class Pool:
         self._images: dict[tuple[str, str | None, tuple[str, ...]], mvm.BuildResult] = {}
         self._cold: dict[tuple[str, int | None, int | None], bool] = {}
         self._owners = self.layout.state / OWNERS_DIR
+        self._fd: int | None = None  #: the held lock, while the pool has VMs
         self.sweep()
-        self._fd = self._own()
 
     # -- ownership ------------------------------------------------------------------------
 
     def _own(self) -> int:
-        """Create and lock this pool's lock file (again if a sweep removed it meanwhile)."""
+        """Create and lock this pool's lock file (again if a sweep removed it meanwhile).
+        A pool holds it only while it has VMs, so a run between tests leaves nothing."""
         lock = self._owners / f"{self.token}.lock"
         while True:
             self._owners.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -203,9 +204,18 @@ class Pool:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # its process is alive
+                try:
+                    if os.stat(lock).st_ino != os.fstat(fd).st_ino:
+                        continue  # its pool let go of it and took a new one meanwhile
+                except FileNotFoundError:
+                    continue  # its pool let go of it (no VMs left)
                 removed += self._sweep_one(lock)
             finally:
                 os.close(fd)
+        try:
+            self._owners.rmdir()
+        except OSError:
+            pass  # live pools' records are there
         return removed
 
     def _sweep_one(self, lock: Path) -> list[str]:
@@ -244,11 +254,19 @@ class Pool:
             except mvm.MvmError as exc:
                 errors.append(exc)
         if errors:  # the record stays: the next pool's sweep tries again
-            os.close(self._fd)
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
             raise errors[0]
+
+    def _disown(self) -> None:
+        """No VMs left: remove the record and the lock (in that order, still holding it)."""
+        if self._fd is None:
+            return
         (self._owners / f"{self.token}.json").unlink(missing_ok=True)
         (self._owners / f"{self.token}.lock").unlink(missing_ok=True)
         os.close(self._fd)
+        self._fd = None
         try:
             self._owners.rmdir()
         except OSError:
@@ -288,13 +306,19 @@ class Pool:
     def claim(self, name: str) -> None:
         """Record ``name`` as this pool's before its ``up`` starts."""
         self._vms.append(name)
-        self._write()
+        if self._fd is None:
+            self._fd = self._own()  # writes the record
+        else:
+            self._write()
 
     def release(self, name: str) -> None:
         """Forget ``name`` (it is down, or kept on purpose)."""
         if name in self._vms:
             self._vms.remove(name)
-            self._write()
+            if self._vms:
+                self._write()
+            else:
+                self._disown()
 
     def stop(self, name: str) -> None:
         """Bring a VM down, logs and all (nothing of it stays), and forget it."""

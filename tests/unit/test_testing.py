@@ -101,17 +101,21 @@ def _dead_owner(layout: Layout, token: str, vms: list[str]) -> None:
 def test_a_new_pool_removes_the_vms_of_a_killed_one(layout: Layout, fake: FakeBackend, image: Image) -> None:
     _vm(layout, fake, image, "orphan")
     _dead_owner(layout, "dead01", ["orphan", "never-started"])
-    alive = Pool(layout, worker="gw0")  # a live pool (its lock held) is left alone
+    alive = Pool(layout, worker="gw0")
     assert [row.name for row in mvm.ls(layout=layout)] == []
     assert alive.notes == ["removed VM orphan, left running by a test run that was killed (pid 4242, "
                            "xdist worker gw1)"]
     assert not (layout.state / "pytest" / "dead01.json").exists()
     assert not [m for m in fake.machines.values() if m.running]
     assert not (layout.retained_logs / "orphan").exists()  # nothing of it stays
+    assert not (layout.state / "pytest").exists()  # a pool without VMs leaves no files
+    alive.claim("starting")  # a live pool (its lock held) is left alone
     other = Pool(layout)
-    assert other.notes == [] and (layout.state / "pytest" / f"{alive.token}.lock").exists()
-    alive.close()
-    assert (layout.state / "pytest").is_dir()  # the other pool's record is still there
+    other.claim("mine")
+    assert other.notes == [] and (layout.state / "pytest" / f"{alive.token}.json").exists()
+    alive.close()  # "starting" never started: nothing to stop
+    assert sorted(p.name for p in (layout.state / "pytest").iterdir()) == [f"{other.token}.json",
+                                                                            f"{other.token}.lock"]
     other.close()
     assert not (layout.state / "pytest").exists()
 
@@ -127,6 +131,9 @@ def test_a_pool_records_its_vms_before_they_start(layout: Layout) -> None:
     with pytest.raises(BlockingIOError):  # held while the pool lives
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.close(fd)
+    pool.release(name)  # its last VM gone, the pool lets go of its files
+    assert not (layout.state / "pytest").exists()
+    pool.claim(name)
     pool.close()  # the named VM never started: nothing to stop, and nothing stays
     assert not (layout.state / "pytest").exists()
 
