@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -35,7 +35,7 @@ import pytest
 import mvm
 
 if TYPE_CHECKING:
-    from .testing import Pool, VMFactory
+    from .testing import FixtureVM, Pool, VMFactory
 
 _POOL = pytest.StashKey["Pool"]()
 #: the key of this plugin's lines in ``report.user_properties`` (they reach the xdist controller)
@@ -139,10 +139,10 @@ class _Summary:
                 terminalreporter.line(line)
 
 
-def _tail(vm: Any) -> str:
+def _tail(vm: FixtureVM) -> str:
     try:
-        return str(vm.log_tail(LOG_LINES))
-    except mvm.MvmError as exc:
+        return vm.log_tail(LOG_LINES) or "(nothing logged)"
+    except mvm.MvmError as exc:  # it never started, or is gone
         return f"(no logs: {exc.message})"
 
 
@@ -150,7 +150,7 @@ def _worker() -> str | None:
     return os.environ.get("PYTEST_XDIST_WORKER")
 
 
-def _terminate_gracefully() -> Any:
+def _terminate_gracefully() -> Callable[[], object]:
     """While VMs may run, SIGTERM interrupts like Ctrl-C, so teardown brings them down
     (only where SIGTERM would otherwise kill the process outright). Returns the undo."""
     if threading.current_thread() is not threading.main_thread() or \
