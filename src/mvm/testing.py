@@ -321,9 +321,18 @@ class Pool:
                 self._disown()
 
     def stop(self, name: str) -> None:
-        """Bring a VM down, logs and all (nothing of it stays), and forget it."""
+        """Bring a VM down, logs and all (nothing of it stays), and forget it. Without a
+        writable volume nothing of the guest outlives it, so it is quit at once (0.05 s)
+        instead of powered off by the guest (0.6 s, which syncs volumes)."""
+        vm = FixtureVM(name, self.layout)
         try:
-            mvm.down(name, layout=self.layout, keep_logs=False)
+            try:
+                graceful = any(v.mode == "rw" for v in vm.info().volumes)
+            except mvm.VMNotFound:
+                raise
+            except mvm.MvmError:  # an unreadable record: the careful way
+                graceful = True
+            vm.down(timeout=None if graceful else 0.0, keep_logs=False)
         except mvm.VMNotFound:
             pass
         self.release(name)
