@@ -30,6 +30,11 @@ let
     bad-restart = fails { name = "x"; services.a = { command = "true"; restart = "sometimes"; }; };
     packages-not-a-list = fails { name = "x"; packages = pkgs.curl; };
     missing-name = fails { packages = [ ]; };
+    files-relative-target = fails { name = "x"; files."app/server.py" = ./flake.nix; };
+    files-dotdot-target = fails { name = "x"; files."/app/../etc/passwd" = ./flake.nix; };
+    files-root-target = fails { name = "x"; files."/" = ./flake.nix; };
+    files-plain-string = fails { name = "x"; files."/app/server.py" = "server.py"; };
+    files-not-a-set = fails { name = "x"; files = [ ./flake.nix ]; };
   };
   failures = builtins.filter (n: !refused.${n}) (builtins.attrNames refused);
 in

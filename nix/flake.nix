@@ -1,8 +1,9 @@
 {
   description = "mvm: mkGuest turns a guest description into a bootable microVM image";
 
-  # Users refer to this flake as `github:<owner>/<repo>?dir=nix`; it reads the guest agent
-  # and the initrd builder from ../src, so the image carries the agent of the same commit.
+  # Users refer to this flake as `github:<owner>/<repo>?dir=nix`; it reads the guest agent,
+  # the initrd builder and the vmlinux extractor from ../src, so the image carries the agent
+  # of the same commit.
   inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
 
   outputs =
@@ -23,12 +24,16 @@
         name = "mvm-initrd.py";
         path = ../src/mvm/images/initrd.py;
       };
+      vmlinuxScript = builtins.path {
+        name = "mvm-vmlinux.py";
+        path = ../src/mvm/images/vmlinux.py;
+      };
 
       mkGuestFor =
         system:
         import ./mkguest.nix {
           pkgs = nixpkgs.legacyPackages.${system};
-          inherit agentSrc initrdScript;
+          inherit agentSrc initrdScript vmlinuxScript;
         };
     in
     {

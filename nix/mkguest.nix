@@ -1,24 +1,29 @@
 # mkGuest: a guest description -> an mvm image directory
 #
-#   $out/<kernel>        the kernel image, named as nixpkgs builds it (kernel.target:
-#                        bzImage on x86_64, Image on aarch64)
+#   $out/vmlinux         the kernel: on x86_64 the ELF extracted from the kernel's bzImage
+#                        at build time (src/mvm/images/vmlinux.py), which QEMU boots at its
+#                        PVH entry point; if it has no PVH note, the bzImage itself (and the
+#                        manifest's `kernel_note` says why); elsewhere the image as nixpkgs
+#                        builds it (`kernel.target`: Image on aarch64)
 #   $out/initrd          busybox + the virtio/ext4 modules, made by src/mvm/images/initrd.py
 #   $out/rootfs.ext4     the closure of `packages` (and of every store path the services
-#                        name), the guest agent, a Python for it, /etc/mvm/guest.json
+#                        name), the guest agent, a Python for it, /etc/mvm/guest.json, `files`
 #   $out/manifest.json   what `mvmctl build --flake` imports into its image store
 #
 # The rootfs has the same layout as the Debian builder's (src/mvm/images/guestfiles.py):
 # /usr/lib/mvm/init is PID 1, the agent is /usr/lib/mvm/mvm/guest, services run as `mvm`
-# (uid 1000) unless they name a user. Package programs are linked into /usr/bin, busybox
-# provides /bin (so `sh -c` works), and guest.json's `path` is the guest's PATH.
+# (uid 1000) unless they name a user. Package programs are linked into /usr/bin, busybox's
+# applets into /bin and /sbin (nixpkgs' busybox splits them: `sh` in bin/, `ip` in sbin/),
+# and guest.json's `path` is the guest's PATH.
 #
 # Only nixpkgs attributes with stable, documented signatures are used: runCommand,
 # writeText, closureInfo, python3, e2fsprogs, kmod, zstd, pkgsStatic.busybox,
-# linuxPackages.kernel and buildPackages.
+# linuxPackages.kernel, stdenv.hostPlatform and buildPackages.
 {
   pkgs,
   agentSrc,
   initrdScript,
+  vmlinuxScript,
 }:
 args:
 let
@@ -30,6 +35,7 @@ let
     filter
     foldl'
     genList
+    isPath
     length
     elemAt
     toJSON
@@ -46,7 +52,9 @@ let
   zstd = getBin pkgs.buildPackages.zstd;
 
   kernel = if spec.kernel != null then spec.kernel else pkgs.linuxPackages.kernel;
-  kernelFile = kernel.target or "bzImage";
+  # nixpkgs' kernels install their image as $out/${target}; a kernel without `target` is
+  # taken to follow its platform's (bzImage on x86_64, Image on aarch64).
+  kernelFile = kernel.target or pkgs.stdenv.hostPlatform.linux-kernel.target;
   kernelVersion = kernel.modDirVersion or kernel.version;
   # Newer nixpkgs puts the modules in a `modules` output; older ones keep them in `out`.
   modulesRoot = kernel.modules or kernel;
@@ -60,11 +68,12 @@ let
       hostname
       cpus
       memory
+      logLimitMb
       services
       healthChecks
       ;
     packages = map (p: p.name or (baseNameOf (toString p))) spec.packages;
-    path = "/usr/bin:/bin";
+    path = "/usr/bin:/bin:/sbin";
   };
   guestText = toJSON guestDoc;
   guestJson = pkgs.writeText "mvm-${spec.name}-guest.json" guestText;
@@ -103,6 +112,14 @@ let
     PYTHONDONTWRITEBYTECODE=1 ${python}/bin/python3 -m compileall -f -q --invalidation-mode unchecked-hash $out/lib/mvm/mvm >/dev/null
   '';
 
+  # `files`: guest path -> a file or directory of the flake (a path like ./server.py) or any
+  # store path. Sorted, so a directory is copied before files put inside it. A package or
+  # store path may refer to other store paths (a script's interpreter), so its closure comes
+  # along; a path from the flake refers to nothing.
+  fileTargets = attrNames spec.files;
+  filesList = concatStringsSep "" (map (t: "${t}\t${spec.files.${t}}\n") fileTargets);
+  fileClosures = filter (v: !(isPath v)) (attrValues spec.files);
+
   closure = pkgs.closureInfo {
     rootPaths = [
       agent
@@ -110,17 +127,24 @@ let
       python
       busybox
     ]
-    ++ spec.packages;
+    ++ spec.packages
+    ++ fileClosures;
   };
 
   rootfs =
     pkgs.runCommand "mvm-${spec.name}-rootfs"
       {
-        inherit passwd group shadow;
+        inherit
+          passwd
+          group
+          shadow
+          filesList
+          ;
         passAsFile = [
           "passwd"
           "group"
           "shadow"
+          "filesList"
         ];
         packages = spec.packages;
         homes = map (u: u.name) users;
@@ -128,7 +152,7 @@ let
       }
       ''
         root=$PWD/root
-        mkdir -p $root/bin $root/etc/mvm $root/usr/bin $root/usr/lib $root/nix/store \
+        mkdir -p $root/bin $root/sbin $root/etc/mvm $root/usr/bin $root/usr/lib $root/nix/store \
           $root/proc $root/sys $root/dev $root/run $root/tmp $root/var/tmp $root/root $root/mnt
         chmod 1777 $root/tmp $root/var/tmp
         chmod 0700 $root/root
@@ -138,9 +162,13 @@ let
           cp -a "$path" $root/nix/store/
         done < ${closure}/store-paths
 
-        # /bin: busybox's applets (sh for `sh -c`, and tools for `mvmctl exec`)
-        for f in ${busybox}/bin/*; do
-          ln -s "$f" "$root/bin/''${f##*/}"
+        # /bin and /sbin: busybox's applets (sh for `sh -c`, and tools for `mvmctl exec`);
+        # nixpkgs' busybox (CONFIG_INSTALL_NO_USR) has `ip`, `poweroff`, `sysctl` … in sbin/
+        for d in bin sbin; do
+          [ -d ${busybox}/$d ] || continue
+          for f in ${busybox}/$d/*; do
+            [ -e "$root/$d/''${f##*/}" ] || ln -s "$f" "$root/$d/''${f##*/}"
+          done
         done
         # /usr/bin: the packages' programs, first package wins
         for p in $packages; do
@@ -166,6 +194,24 @@ let
           mkdir -p $root/home/$u
           chmod 0750 $root/home/$u
         done
+
+        # `files`, as mvm.toml's: copies (a directory whole), after everything else so they
+        # may replace it. Store files are read-only (0444/0555): the copies keep the exec bit
+        # and get u+w, so they are 0644/0755, readable by the service users.
+        while IFS=$'\t' read -r target source; do
+          [ -n "$target" ] || continue
+          dest=$root$target
+          mkdir -p "$(dirname "$dest")"
+          if [ -d "$source" ] && [ ! -L "$source" ]; then
+            mkdir -p "$dest"
+            cp -RP "$source/." "$dest/"
+          else
+            rm -rf "$dest"
+            cp -P "$source" "$dest"
+          fi
+          [ -L "$dest" ] || chmod -R u+w "$dest"
+          echo "files: $target"
+        done < "$filesListPath"
 
         # Everything belongs to root except the service users' homes. The builder may be an
         # unprivileged build user, so ownership is set in the image itself, with debugfs.
@@ -214,11 +260,21 @@ let
       --busybox ${busybox}/bin/busybox --out $out/initrd
   '';
 
+  # The kernel QEMU boots, chosen at build time by src/mvm/images/vmlinux.py (stdlib Python):
+  # the ELF vmlinux inside the bzImage when it has the PVH note (QEMU's microvm then starts it
+  # directly, skipping the in-guest decompression); otherwise the kernel image as built, with
+  # the reason in kernel.json. nixpkgs compresses x86_64 kernels with zstd (KERNEL_ZSTD).
+  bootKernel = pkgs.runCommand "mvm-kernel-${kernelVersion}" { } ''
+    export PATH=${zstd}/bin:$PATH
+    ${buildPython}/bin/python3 ${vmlinuxScript} ${kernel}/${kernelFile} --out-dir $out
+  '';
+
+  # Completed at build time with the kernel's name and boot mode (bootKernel/kernel.json).
   manifest = pkgs.writeText "mvm-${spec.name}-manifest.json" (toJSON {
     schema_version = 1;
     name = spec.name;
     frontend = "nix";
-    kernel = kernelFile;
+    kernel_image = kernelFile;
     kernel_version = kernelVersion;
     initrd = "initrd";
     rootfs = "rootfs.ext4";
@@ -237,6 +293,7 @@ let
             rootfs
             initrd
             kernel
+            bootKernel
             agent
             guestJson
             closure
@@ -246,10 +303,21 @@ let
       }
       ''
         mkdir $out
-        ln -s ${kernel}/${kernelFile} $out/${kernelFile}
+        for f in ${bootKernel}/*; do
+          [ "''${f##*/}" = kernel.json ] || ln -s "$f" $out/
+        done
         ln -s ${initrd}/initrd $out/initrd
         ln -s ${rootfs}/rootfs.ext4 $out/rootfs.ext4
-        cp ${manifest} $out/manifest.json
+        ${buildPython}/bin/python3 -c '
+        import json, sys
+        doc = json.load(open(sys.argv[1]))
+        kernel = json.load(open(sys.argv[2]))
+        doc.update(kernel=kernel["kernel"], kernel_boot=kernel["boot"])
+        if kernel.get("kernel_note"):
+            doc["kernel_note"] = kernel["kernel_note"]
+        with open(sys.argv[3], "w") as f:
+            json.dump(doc, f, indent=2, sort_keys=True)
+        ' ${manifest} ${bootKernel}/kernel.json $out/manifest.json
       '';
 in
 # Validate everything before anything is built: a misspelled attribute fails evaluation.

@@ -18,6 +18,7 @@ let
     isFloat
     isInt
     isList
+    isPath
     isString
     length
     mapAttrs
@@ -232,8 +233,30 @@ let
     "hostname"
     "cpus"
     "memory"
+    "logLimitMb"
+    "files"
     "kernel"
   ];
+
+  # files."/guest/path" = ./file-or-dir (or any store path), as mvm.toml's
+  # files = { "/guest/path" = "file-or-dir" } (src/mvm/spec.py checks the same targets).
+  files =
+    where: v:
+    mapAttrs (
+      target: source:
+      let
+        at = "${where}.\"${target}\"";
+        parts = builtins.split "/" target;
+      in
+      if match "/.*" target == null || elem ".." parts || match "/*" target != null then
+        fail at "'${target}' must be an absolute guest path (not / and without '..')"
+      else if match ".*[\t\n].*" target != null then
+        fail at "a guest path must not contain tabs or newlines"
+      else if isPath source || isPackage source then
+        source
+      else
+        fail at "expected a path like ./server.py (or a package), got ${describe source}"
+    ) (if isAttrs v then v else fail where "expected an attribute set { \"/app/server.py\" = ./server.py; }, got ${describe v}");
 
   named =
     where: nameRe: f: set:
@@ -254,9 +277,11 @@ in
   packages = packages "packages" (args.packages or [ ]);
   hostname = optStr "hostname" (args.hostname or null);
   cpus = int "cpus" (args.cpus or 1) 1 64;
-  memory = int "memory" (args.memory or 512) 64 65536;
+  memory = int "memory" (args.memory or 512) 128 65536;
+  logLimitMb = int "logLimitMb" (args.logLimitMb or 64) 1 1048576;
   services = named "services" "^${serviceName}$" (service serviceNames) services;
   healthChecks = named "healthChecks" "^${serviceName}$" healthCheck (args.healthChecks or { });
+  files = files "files" (args.files or { });
   kernel =
     let
       k = args.kernel or null;

@@ -64,6 +64,8 @@ class GuestSpec(_Model):
     hostname: str | None = None
     cpus: int = Field(1, ge=1, le=64)
     memory: int = Field(512, ge=MIN_MEMORY_MIB, le=65536, description="MiB")
+    #: The most a VM's console and event logs take on the host (MiB), whatever the guest writes.
+    log_limit_mb: int = Field(64, alias="logLimitMb", ge=1, le=1024 * 1024)
     services: dict[str, Service] = Field(default_factory=dict)
     health_checks: dict[str, HealthCheck] = Field(default_factory=dict, alias="healthChecks")
     #: mvm.toml only: guest path -> file or directory (relative to mvm.toml) copied into the

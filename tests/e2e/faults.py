@@ -66,7 +66,7 @@ def find_leaks(home: Path, cache: Path, expected_vms: set[str] = frozenset()) ->
             loops += 1
     taps = sum(1 for n in os.listdir("/sys/class/net") if n.startswith(("tap", "mvm")))
     builds = len(list((cache / "images").glob(".build-*")))
-    strays = 0  # any process but a VM's QEMU that inherited this session's MVM_HOME
+    strays = 0  # any process but a running VM's QEMU and log shim that inherited MVM_HOME
     marker = f"MVM_HOME={home}".encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -75,10 +75,14 @@ def find_leaks(home: Path, cache: Path, expected_vms: set[str] = frozenset()) ->
             if marker not in (entry / "environ").read_bytes().split(b"\0"):
                 continue
             comm = (entry / "comm").read_text().strip()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if not comm.startswith("mvm-"):
-            strays += 1
+        if comm.startswith("mvm-"):
+            continue  # a QEMU, counted above
+        if b"mvm._logshim" in argv and Path(os.fsdecode(argv[argv.index(b"mvm._logshim") + 1])).name in expected_vms:
+            continue  # the log shim of a VM still running
+        strays += 1
     return {
         "qemu_processes": qemu,
         "runtime_dirs": len(unexpected),

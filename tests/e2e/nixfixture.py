@@ -8,8 +8,13 @@ have, without a network:
   cache.nixos.org), no global flake registry, the sandbox off (the fixture's builders read
   host files) and no build users (Debian's nix-bin alone creates no ``nixbld`` group).
 - **nixpkgs.** ``tests/fixtures/nixpkgs`` is copied to a session directory together with a
-  generated ``host.json`` naming the host programs it wraps and mvm's cached Debian kernel
-  (evaluation stays pure: only this file differs per host).
+  generated ``host.json`` naming the host programs it wraps and the unpacked Debian kernel
+  package its ``linuxPackages.kernel`` is made from (evaluation stays pure: only this file
+  differs per host). That kernel is Debian's *generic* flavour (``linux-image-amd64``), not
+  the cloud one mvm's Debian builder boots: like nixpkgs' kernel it builds ext4, jbd2,
+  mbcache, crc16 and crc32c as modules (the cloud kernel builds ext4 in), so a Nix image boots
+  through the initrd's module-loading path. It is fetched with apt once per version into
+  ``$MVM_CACHE/nixpkgs-standin/``.
 - **mvm.** The flake under test is this checkout's ``nix/``, reached as
   ``git+file://<repo>?dir=nix`` -- the same kind of input as the seed's
   ``github:<owner>/<repo>?dir=nix`` (a git tree, so only tracked files are visible). A
@@ -25,14 +30,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 NIXPKGS_FIXTURE = FIXTURES / "nixpkgs"
+#: The scripts nix/flake.nix runs inside its derivations (besides src/mvm/guest).
+FLAKE_SCRIPTS = ("src/mvm/images/initrd.py", "src/mvm/images/vmlinux.py")
 
 NIX_CONFIG = "\n".join([
     "experimental-features = nix-command flakes",
@@ -57,7 +67,7 @@ HOST_TOOLS = {
 
 
 def missing_prerequisites() -> list[str]:
-    need = ["nix", "patchelf", "git", "busybox", *HOST_TOOLS]
+    need = ["nix", "patchelf", "git", "busybox", "xz", "dpkg-deb", "apt-get", *HOST_TOOLS]
     path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
     return [tool for tool in need if shutil.which(tool, path=path) is None]
 
@@ -90,15 +100,75 @@ def busybox_version(path: str) -> str:
     return parts[1].lstrip("v") if len(parts) > 1 and parts[0] == "BusyBox" else "static"
 
 
-def write_nixpkgs(dest: Path, kernel_dir: Path, kernel_version: str) -> Path:
-    """A copy of the nixpkgs stand-in with this host's host.json."""
+@dataclass(frozen=True)
+class StandinKernel:
+    """An unpacked Debian kernel package: ``boot/`` (the bzImage, its config and System.map)
+    and ``lib/modules/<mod_dir_version>/`` with a ``modules.dep`` (made by depmod here, as
+    Debian's postinst would)."""
+
+    dir: Path
+    version: str  # the upstream version (nixpkgs' `version`), e.g. 6.1.192
+    mod_dir_version: str  # `uname -r` (nixpkgs' `modDirVersion`), e.g. 6.1.0-57-amd64
+
+
+def _run(*argv: str | Path, cwd: Path | None = None) -> str:
+    return subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def ensure_standin_kernel(cache: Path) -> StandinKernel:
+    """Debian's generic kernel (``linux-image-<arch>``), unpacked once per version."""
+    from filelock import FileLock
+
+    root = cache / "nixpkgs-standin"
+    root.mkdir(parents=True, exist_ok=True)
+    arch = _run("dpkg", "--print-architecture").strip()
+    meta = f"linux-image-{arch}"
+    try:
+        found = re.search(r"Depends:\s+(linux-image-\S+)", _run("apt-cache", "depends", meta))
+    except (OSError, subprocess.CalledProcessError):
+        found = None
+    cached = sorted(p for p in root.iterdir() if (p / "kernel.json").is_file())
+    if found is None:
+        assert cached, f"apt cannot resolve {meta} (run apt-get update) and no stand-in kernel is cached"
+        package = cached[-1].name
+    else:
+        package = found[1]
+    target = root / package
+    with FileLock(str(root / ".fetch.lock")):
+        if not (target / "kernel.json").is_file():
+            _fetch_kernel(package, target)
+    info = json.loads((target / "kernel.json").read_text())
+    return StandinKernel(target, info["version"], info["modDirVersion"])
+
+
+def _fetch_kernel(package: str, target: Path) -> None:
+    work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
+    try:
+        _run("apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", package, cwd=work)
+        deb = next(work.glob("*.deb"))
+        version = _run("dpkg-deb", "-f", deb, "Version").strip()  # e.g. 6.1.192-3
+        staged = work / "unpacked"
+        _run("dpkg-deb", "-x", deb, staged)
+        mod_dir_version = package.removeprefix("linux-image-")
+        _run("depmod", "-b", staged, mod_dir_version)
+        info = {"package": package, "debianVersion": version, "version": version.split("-")[0],
+                "modDirVersion": mod_dir_version}
+        (staged / "kernel.json").write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(staged, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def write_nixpkgs(dest: Path, kernel: StandinKernel, *, pyc: str = "checked-hash") -> Path:
+    """A copy of the nixpkgs stand-in with this host's host.json. ``pyc`` is the invalidation
+    mode of its Python's bytecode (nixpkgs': checked-hash; the bench also builds unchecked)."""
     shutil.copytree(NIXPKGS_FIXTURE, dest, ignore=shutil.ignore_patterns("host.json", "__pycache__"))
     busybox = _which("busybox")
     host = {
-        "python": host_python(),
+        "python": {**host_python(), "pycInvalidation": pyc},
         "busybox": {"bin": busybox, "version": busybox_version(busybox)},
         "tools": {name: _which(cands[0]) for name, cands in HOST_TOOLS.items()},
-        "kernel": {"dir": str(kernel_dir), "version": kernel_version},
+        "kernel": {"dir": str(kernel.dir), "version": kernel.version, "modDirVersion": kernel.mod_dir_version},
     }
     (dest / "host.json").write_text(json.dumps(host, indent=2, sort_keys=True) + "\n")
     return dest
@@ -116,7 +186,7 @@ def mvm_flake_url(scratch: Path) -> str:
         top = ""
     if top and Path(top).resolve() == ROOT.resolve():
         untracked = _git("ls-files", "--others", "--exclude-standard", "nix", "src/mvm/guest",
-                         "src/mvm/images/initrd.py", cwd=ROOT).split()
+                         *FLAKE_SCRIPTS, cwd=ROOT).split()
         assert not untracked, (
             f"flakes see only files git tracks; `git add` these first: {untracked}"
         )
@@ -125,8 +195,9 @@ def mvm_flake_url(scratch: Path) -> str:
     shutil.copytree(ROOT / "nix", snap / "nix")
     shutil.copytree(ROOT / "src" / "mvm" / "guest", snap / "src" / "mvm" / "guest",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    (snap / "src" / "mvm" / "build").mkdir(parents=True)
-    shutil.copy2(ROOT / "src" / "mvm" / "build" / "initrd.py", snap / "src" / "mvm" / "build")
+    for script in FLAKE_SCRIPTS:
+        (snap / script).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / script, snap / script)
     _git("init", "-q", cwd=snap)
     _git("add", "-A", cwd=snap)
     _git("-c", "user.name=mvm-tests", "-c", "user.email=tests@mvm", "commit", "-qm", "snapshot", cwd=snap)

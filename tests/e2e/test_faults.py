@@ -90,21 +90,26 @@ def _interrupt_up(cli: CLI, args: list[str], wait_for_line: str | None, sig: int
 def test_signals_during_up(cli: CLI, testbed_image: dict[str, Any], recorder: Recorder, tmp_path: Path,
                            sig: int) -> None:
     started = time.monotonic()
-    # a spec nobody built yet, so `up` is interrupted inside mmdebstrap
+    # a spec nobody built yet, and no cached package layer for it, so `up` is interrupted
+    # inside mmdebstrap
     (tmp_path / "mvm.toml").write_text(f'name = "fresh"\npackages = ["jq"]\nhostname = "h{time.time_ns()}"\n')
+    for layer in Path(cli.env["MVM_CACHE"], "layers").glob("*/layer.json"):
+        if "jq" in json.loads(layer.read_text()).get("packages", []):
+            shutil.rmtree(layer.parent)
     points = [
-        ([str(tmp_path)], "building the root filesystem", 4.0, "during the image build"),
+        ([str(tmp_path)], "installing packages", 4.0, "during the image build (mmdebstrap)"),
         ([TESTBED, "--name", "sig1"], "booting", 0.0, "right after QEMU starts"),
         ([TESTBED, "--name", "sig2"], "waiting for the guest agent", 0.7, "while waiting for the agent"),
     ]
     faults = 0
     for args, line, delay, _ in points:
-        # off a terminal, `up` prints one plain line per stage; the build prints mmdebstrap's stages
-        code = _interrupt_up(cli, args, "rootfs" if "building" in line else line, sig, delay)
+        # off a terminal, `up` prints one plain line per stage
+        code = _interrupt_up(cli, args, line, sig, delay)
         faults += 1
         assert code == 130, f"exit code {code} after {signal.Signals(sig).name}"
         _assert_clean(_leaks(cli))
     assert not list(Path(cli.env["MVM_CACHE"], "images").glob(".build-*"))
+    assert not list(Path(cli.env["MVM_CACHE"], "layers").glob(".build-*"))
     leaks = _leaks(cli)
     name = signal.Signals(sig).name
     recorder.add(f"{name} to `mvmctl up`", "during build, right after QEMU starts, while waiting for the agent: "
@@ -182,7 +187,7 @@ def test_corrupt_vm_json_and_manifest(cli: CLI, testbed_image: dict[str, Any], r
     assert st.returncode == 1 and str(state) in st.stderr and "is unreadable" in st.stderr
     assert "mvmctl down corrupt" in st.stderr and "Traceback" not in st.stderr
     report = cli.json("cleanup", "--dry-run")
-    assert any("corrupt: state is unreadable but its QEMU is running" in n for n in report["notes"])
+    assert any("corrupt: state is unreadable but its machine is running" in n for n in report["notes"])
     cli("down", "corrupt")  # finds QEMU through its pid file and cwd, and stops it
     faults = 1
 

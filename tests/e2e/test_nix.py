@@ -6,13 +6,21 @@ and ``github:NixOS/nixpkgs/nixos-25.11``. Neither is reachable here, so every te
 ``nixpkgs`` (and ``mvm/nixpkgs``) at the nixpkgs stand-in; see ``nixfixture.py``. mkGuest
 itself is the code users run against the real nixpkgs, unchanged.
 
-Boots: the hello flake once, the two-service flake once. Everything else evaluates only.
+The stand-in takes the real nixpkgs' shapes (a bzImage kernel with ``.ko.xz`` modules in a
+``modules`` output, ext4 a module; busybox split between bin/ and sbin/; checked-hash
+``.pyc``), so the hello boot also proves the paths a real nixpkgs takes: the PVH vmlinux
+mkGuest extracts, ext4 loaded by the initrd, sbin applets on the guest's PATH.
+
+Boots: the hello flake once, the guide's two-service flake once. Everything else evaluates
+or builds only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from mvm.images import guestfiles
+from mvm.images import guestfiles, vmlinux
 from mvm.images.nix import host_system
 from mvm.spec import GuestSpec
 
@@ -57,12 +65,9 @@ def nix_env(cli: CLI, tmp_path_factory: pytest.TempPathFactory) -> NixEnv:
     missing = nixfixture.missing_prerequisites()
     if missing:
         pytest.skip(f"the Nix tests need {', '.join(missing)} (scripts/setup.sh installs them)")
-    from mvm._proc import DEFAULT_RUNNER
-    from mvm.images.kernel import ensure_kernel
-
     scratch = tmp_path_factory.mktemp("nix")
-    kernel = ensure_kernel(Path(cli.env["MVM_CACHE"]) / "kernels", DEFAULT_RUNNER)
-    nixpkgs = nixfixture.write_nixpkgs(scratch / "nixpkgs", kernel.root, kernel.version)
+    kernel = nixfixture.ensure_standin_kernel(Path(cli.env["MVM_CACHE"]))
+    nixpkgs = nixfixture.write_nixpkgs(scratch / "nixpkgs", kernel)
     url = nixfixture.mvm_flake_url(scratch)
     env_cli = CLI({**cli.env, "NIX_CONFIG": nixfixture.NIX_CONFIG}, cli.home)
     return NixEnv(env_cli, scratch, nixpkgs, url, nixfixture.override_args(url, nixpkgs))
@@ -102,6 +107,12 @@ def test_seed_hello_flake_builds_boots_and_serves(nix_env: NixEnv, hello_flake: 
     assert manifest["frontend"] == "nix"
     assert manifest["source"]["out_path"].startswith("/nix/store/")
     assert set(manifest["sizes"]) == {manifest["kernel"], "initrd", "rootfs.ext4"}
+    # the stand-in's kernel is a bzImage, as nixpkgs' is: mkGuest extracted its ELF, which
+    # QEMU boots at the PVH entry point
+    assert manifest["kernel"] == "vmlinux" and manifest["source"]["kernel_boot"] == "pvh"
+    assert manifest["source"]["kernel_image"] == "bzImage" and "kernel_note" not in manifest["source"]
+    kernel = (Path(manifest["path"]) / "vmlinux").read_bytes()
+    assert kernel[:4] == b"\x7fELF" and vmlinux.pvh_entry(kernel) is not None
     guest = manifest["guest"]
     # the manifest carries the validated guest model, the same one mvm.toml gives
     spec = GuestSpec.model_validate(guest)
@@ -126,16 +137,34 @@ def test_seed_hello_flake_builds_boots_and_serves(nix_env: NixEnv, hello_flake: 
         python = guest["services"]["hello"]["command"].split()[0]
         init = cli("exec", "hello", "--", "cat", "/usr/lib/mvm/init").stdout
         assert init == guestfiles.init_script(python)
-        assert json.loads(cli("exec", "hello", "--", "cat", "/etc/mvm/guest.json").stdout) == guest
+        # guest.json is the document GuestSpec.guest_json() makes for the same spec
+        in_image = json.loads(cli("exec", "hello", "--", "cat", "/etc/mvm/guest.json").stdout)
+        assert in_image == spec.guest_json(frontend="nix", extra={"path": "/usr/bin:/bin:/sbin",
+                                                                  "packages": in_image["packages"]})
+        assert [p.split("-")[0] for p in in_image["packages"]] == ["python3", "curl"]
         # precompiled bytecode must be valid although store files have mtime 1 (a stale
         # .pyc is recompiled on every boot: seconds under TCG)
         imports = cli("exec", "hello", "--", python, "-v", "-IS", "-c",
                       "import sys; sys.path.insert(0, '/usr/lib/mvm'); import mvm.guest.init, http.server")
         assert "matches" in imports.stderr and "stale" not in imports.stderr
+        # ... and the stdlib's is checked-hash, as nixpkgs compiles it (pyc flags 3)
+        flags = cli("exec", "hello", "--", python, "-c", "import importlib.util as u, http.server as m; "
+                    "print(int.from_bytes(open(u.cache_from_source(m.__file__), 'rb').read()[4:8], 'little'))")
+        assert flags.stdout.strip() == "3"
         ident = cli("exec", "hello", "-u", "mvm", "--", "sh", "-c", "id -u; echo $PATH; ls /usr/bin").stdout
         uid, path, *programs = ident.split()
-        assert (uid, path) == ("1000", "/usr/bin:/bin")
+        assert (uid, path) == ("1000", "/usr/bin:/bin:/sbin")
         assert {"python3", "curl"} <= set(programs)
+
+        # ext4 is a module (as in nixpkgs): the initrd loaded it, from .ko.xz, with its
+        # dependencies, before it could mount the root
+        modules = {line.split()[0] for line in cli("exec", "hello", "--", "cat", "/proc/modules").stdout.splitlines()}
+        assert {"ext4", "jbd2", "mbcache", "crc16", "crc32c_generic", "virtio_blk", "virtio_net"} <= modules
+        # busybox's sbin/ applets resolve through the guest's PATH, run directly by exec
+        assert "inet 10.0.2.15/24" in cli("exec", "hello", "--", "ip", "addr").stdout
+        assert cli("exec", "hello", "--", "sysctl", "-n", "kernel.ostype").stdout.strip() == "Linux"
+        found = cli("exec", "hello", "--", "which", "poweroff", "reboot", "modprobe", "route").stdout.split()
+        assert found == ["/sbin/poweroff", "/sbin/reboot", "/sbin/modprobe", "/sbin/route"]
         # nothing from the host: every file the service needs is in the image's /nix/store
         store = cli("exec", "hello", "--", "ls", "/nix/store").stdout.split()
         assert any(p.endswith("-curl-host") for p in store) and len(store) <= 8, store
@@ -161,24 +190,106 @@ def test_unchanged_flake_is_a_cache_hit(nix_env: NixEnv, hello_flake: Path, hell
     assert min(timings) < 3.0, timings
 
 
-def test_two_services_build_and_talk(nix_env: NixEnv, no_leaks: None) -> None:
-    text = (nixfixture.FIXTURES / "stack" / "flake.nix").read_text()
-    flake = nix_env.flake("stack", text.replace('system = "x86_64-linux";', f'system = "{SYSTEM}";'))
+def test_the_guides_stack_with_files_answers_through_redis(nix_env: NixEnv, no_leaks: None) -> None:
+    """The seed guide's multi-service example as written (Redis, and an API at /app/server.py
+    that uses REDIS_URL), with the one line that ships /app/server.py: `files`."""
+    flake = nix_env.scratch / "stack"
+    shutil.copytree(nixfixture.FIXTURES / "stack", flake)
+    text = (flake / "flake.nix").read_text()
+    (flake / "flake.nix").write_text(text.replace('system = "x86_64-linux";', f'system = "{SYSTEM}";'))
     port = free_port()
     cli = nix_env.cli
-    cli("up", "--flake", str(flake), *nix_env.overrides, "-p", f"{port}:8080", "--wait", "--timeout", "90")
+    cli("up", "--flake", str(flake), *nix_env.overrides, "-p", f"{port}:8080", "--wait", "--timeout", "120")
     try:
         assert http_get(port, "/health") == "ok"
         assert http_get(port, "/count") == "hits=1"
         assert http_get(port, "/count") == "hits=2"
+        # the count lives in Redis: ask it directly
+        python = json.loads(cli("exec", "my-stack", "--", "cat", "/etc/mvm/guest.json").stdout)[
+            "services"]["api"]["command"].split()[0]
+        asked = cli("exec", "my-stack", "--", python, "-c",
+                    "import socket; s = socket.create_connection(('localhost', 6379)); "
+                    "s.sendall(b'*2\\r\\n$3\\r\\nGET\\r\\n$4\\r\\nhits\\r\\n'); print(s.recv(99))")
+        assert asked.stdout.strip() == repr(b"$1\r\n2\r\n")
+        # the file is a root-owned copy, readable by the service user
+        assert cli("exec", "my-stack", "--", "stat", "-c", "%a %U", "/app/server.py").stdout.split() == ["644", "root"]
+        shipped = cli("exec", "my-stack", "-u", "mvm", "--", "cat", "/app/server.py").stdout
+        assert shipped == (nixfixture.FIXTURES / "stack" / "server.py").read_text()
         status = cli.json("status", "my-stack")
         services = {s["name"]: s for s in status["guest"]["services"]}
-        assert services["redis"]["state"] == "running" and services["redis"]["user"] == "redis"
-        assert services["api"]["state"] == "running" and services["api"]["user"] == "mvm"
-        users = cli("exec", "my-stack", "--", "sh", "-c", "id -u redis; id -Gn redis").stdout.split()
-        assert users[0] == "1001" and "mvm" in users[1:]
+        assert services["redis"]["state"] == "running" and services["api"]["state"] == "running"
+        assert all(s["user"] == "mvm" for s in services.values())
     finally:
         cli("down", "my-stack")
+
+
+FILES_FLAKE = """{
+  inputs.mvm.url = "github:auser/mvm?dir=nix";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
+  outputs = { mvm, nixpkgs, ... }:
+    let
+      system = "@SYSTEM@";
+      pkgs = import nixpkgs { inherit system; };
+    in {
+      packages.${system}.default = mvm.lib.${system}.mkGuest {
+        name = "files";
+        services.db = { command = "sleep 1000"; user = "redis"; };
+        services.web = { command = "/app/static/bin/run.sh"; dependsOn = [ "db" ]; };
+        files = {
+          "/app/server.py" = ./server.py;
+          "/app/static" = ./static;
+          "/etc/motd" = pkgs.writeText "motd" "hello from files";
+          "/app/bin/tool" = pkgs.writeScript "tool" "#!${pkgs.busybox}/bin/sh\necho tool";
+        };
+      };
+    };
+}
+"""
+
+
+def _debugfs(image: Path, request: str) -> str:
+    return subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_files_and_users_in_the_rootfs(nix_env: NixEnv) -> None:
+    """`files` as mvm.toml's: files and whole directories (modes kept, symlinks kept), and
+    packages (whose references come along), root-owned; service users in /etc/passwd."""
+    flake = nix_env.flake("files", FILES_FLAKE.replace("@SYSTEM@", SYSTEM))
+    (flake / "server.py").write_text("print('server')\n")
+    (flake / "static" / "bin").mkdir(parents=True)
+    (flake / "static" / "index.html").write_text("<h1>static</h1>\n")
+    (flake / "static" / "bin" / "run.sh").write_text("#!/bin/sh\nsleep 1000\n")
+    (flake / "static" / "bin" / "run.sh").chmod(0o755)
+    (flake / "static" / "home.html").symlink_to("index.html")
+    built = json.loads(nix_env.build(flake, "--json").stdout)
+    rootfs = Path(built["path"]) / "rootfs.ext4"
+
+    def stat(path: str) -> tuple[str, str]:
+        out = _debugfs(rootfs, f"stat {path}")
+        mode = re.search(r"Mode:\s+(\d+)", out)
+        owner = re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", out)
+        assert mode and owner, out
+        return mode[1], f"{owner[1]}:{owner[2]}"
+
+    assert _debugfs(rootfs, "cat /app/server.py") == "print('server')\n"
+    assert stat("/app/server.py") == ("0644", "0:0")
+    assert stat("/app/static") == ("0755", "0:0")
+    assert stat("/app/static/bin/run.sh") == ("0755", "0:0")
+    assert _debugfs(rootfs, "cat /app/static/index.html") == "<h1>static</h1>\n"
+    assert "Fast link dest: \"index.html\"" in _debugfs(rootfs, "stat /app/static/home.html")
+    assert _debugfs(rootfs, "cat /etc/motd") == "hello from files"
+    assert stat("/app/bin/tool") == ("0755", "0:0")
+    # the script's interpreter is a store path: it is in the image
+    tool = _debugfs(rootfs, "cat /app/bin/tool")
+    interpreter = tool.splitlines()[0].removeprefix("#!")
+    assert interpreter.startswith("/nix/store/") and "File not found" not in _debugfs(rootfs, f"stat {interpreter}")
+    # files are not part of the guest model (as with mvm.toml)
+    assert "files" not in json.loads(_debugfs(rootfs, "cat /etc/mvm/guest.json"))
+    assert built["guest"]["files"] == {}
+    passwd = _debugfs(rootfs, "cat /etc/passwd")
+    assert "redis:x:1001:1001:mvm service user:/home/redis:/bin/sh" in passwd
+    assert "mvm:x:1000:redis" in _debugfs(rootfs, "cat /etc/group")
 
 
 @pytest.mark.parametrize(
@@ -197,6 +308,11 @@ def test_two_services_build_and_talk(nix_env: NixEnv, no_leaks: None) -> None:
          "(did you mean 'healthIntervalSecs'?)", "mkGuest"),
         ("missing-command", 'command = "${pkgs.python3}/bin/python3 -m http.server 8080 --directory /tmp/www";',
          "", "mkGuest: services.hello.command: required attribute is missing", "mkGuest"),
+        ("files-target", 'name = "hello";', 'name = "hello"; files."app/server.py" = ./flake.nix;',
+         "mkGuest: files.\"app/server.py\": 'app/server.py' must be an absolute guest path", "mkGuest"),
+        ("files-source", 'name = "hello";', 'name = "hello"; files."/app/server.py" = "server.py";',
+         "mkGuest: files.\"/app/server.py\": expected a path like ./server.py (or a package), got a string",
+         "mkGuest"),
     ],
 )
 def test_nix_errors_read_well(nix_env: NixEnv, hello_flake: Path, case: str, old: str, new: str,
@@ -229,6 +345,34 @@ def test_the_seeds_aarch64_flake_on_this_host(nix_env: NixEnv) -> None:
     r = nix_env.build(f"{flake}#packages.aarch64-linux.default", check=False)
     assert r.returncode == 1
     assert f"this machine ({SYSTEM}) cannot build for aarch64-linux" in _error_line(r.stderr)
+
+
+KERNEL_WITHOUT_TARGET = """{
+  inputs.mvm.url = "github:auser/mvm?dir=nix";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
+  outputs = { mvm, nixpkgs, ... }: {
+    packages = builtins.listToAttrs (map (system: {
+      name = system;
+      value.default = mvm.lib.${system}.mkGuest {
+        name = "k";
+        kernel = removeAttrs (import nixpkgs { inherit system; }).linuxPackages.kernel [ "target" ];
+      };
+    }) [ "x86_64-linux" "aarch64-linux" ]);
+  };
+}
+"""
+
+
+def test_a_kernel_without_target_boots_its_platforms_image(nix_env: NixEnv) -> None:
+    """An older nixpkgs kernel without `target`: mkGuest takes the platform's
+    (stdenv.hostPlatform.linux-kernel.target), so aarch64 gets `Image`, not a bzImage that
+    does not exist."""
+    flake = nix_env.flake("no-target", KERNEL_WITHOUT_TARGET)
+    for system, image in (("x86_64-linux", "bzImage"), ("aarch64-linux", "Image")):
+        r = nix_env.nix("eval", "--raw", f"{flake}#packages.{system}.default.bootKernel.buildCommand",
+                        *nix_env.overrides)
+        assert r.returncode == 0, r.stderr
+        assert f"/{image} --out-dir $out" in r.stdout, r.stdout
 
 
 def test_not_an_mvm_image(nix_env: NixEnv) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -265,8 +266,7 @@ def test_mkguest_accepts_the_same_attributes_as_the_python_model() -> None:
     def aliases(model: Any) -> set[str]:
         return {f.alias or n for n, f in model.model_fields.items()}
 
-    # `files` is mvm.toml's way to put files in the image; a flake uses store paths instead.
-    assert set(_nix_list("topKeys")) == (aliases(GuestSpec) - {"files"}) | {"kernel"}
+    assert set(_nix_list("topKeys")) == aliases(GuestSpec) | {"kernel"}
     assert set(_nix_list("serviceKeys")) == aliases(Service)
     assert set(_nix_list("checkKeys")) == aliases(HealthCheck)
     assert set(_nix_list("restartPolicies")) == {"always", "on-failure", "no"}
@@ -277,7 +277,8 @@ def test_the_flake_sees_every_file_it_needs() -> None:
     from a path: copy and fail for users of github:...?dir=nix."""
     try:
         untracked = subprocess.run(
-            ["git", "ls-files", "--others", "--exclude-standard", "nix", "src/mvm/guest", "src/mvm/images/initrd.py"],
+            ["git", "ls-files", "--others", "--exclude-standard", "nix", "src/mvm/guest", "src/mvm/images/initrd.py",
+             "src/mvm/images/vmlinux.py"],
             cwd=ROOT, capture_output=True, text=True, check=True,
         ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
@@ -325,3 +326,159 @@ def test_shares_add_virtiofs_devices_and_shared_memory(tmp_path: Path) -> None:
 def test_build_users_error_has_a_hint() -> None:
     err = _condense("error: the group 'nixbld' specified in 'build-users-group' does not exist\n")
     assert "build-users-group =" in (err.hint or "")
+
+
+# --- the kernel QEMU boots: images/vmlinux.py ------------------------------------------------
+
+def _elf(*notes: tuple[bytes, int, bytes]) -> bytes:
+    """A minimal ELF64 (x86_64) whose one PT_NOTE segment holds ``notes`` (name, type, desc)."""
+    import struct
+
+    blob = b""
+    for name, kind, desc in notes:
+        name += b"\0"
+        blob += struct.pack("<III", len(name), len(desc), kind)
+        blob += name + b"\0" * (-len(name) % 4) + desc + b"\0" * (-len(desc) % 4)
+    header = bytearray(64)
+    header[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<HHIQQQIHHHHHH", header, 16, 2, 62, 1, 0x1000000, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 4, 4, 64 + 56, 0, 0, len(blob), len(blob), 4)
+    return bytes(header) + phdr + blob + b"kernel text" * 100
+
+
+PVH_ELF = _elf((b"GNU", 3, b"\x01" * 20), (b"Xen", 18, (0x1000850).to_bytes(4, "little")))
+PLAIN_ELF = _elf((b"GNU", 3, b"\x01" * 20), (b"Xen", 5, b"xen-3.0\0"))
+
+
+def _bzimage(elf: bytes, fmt: str) -> bytes:
+    """An x86 bzImage around ``elf``, compressed as the kernel's build does (size appended)."""
+    import bz2
+    import gzip
+    import lzma
+    import struct
+
+    if fmt == "gzip":
+        payload = gzip.compress(elf)
+    else:
+        body = {"xz": lambda: lzma.compress(elf, check=lzma.CHECK_CRC32), "bzip2": lambda: bz2.compress(elf),
+                "zstd": lambda: subprocess.run(["zstd", "-q", "-c"], input=elf, capture_output=True,
+                                               check=True).stdout}[fmt]()
+        payload = body + struct.pack("<I", len(elf))
+    setup = bytearray(1024)  # boot sector + one setup sector
+    setup[0x1F1] = 1
+    setup[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", setup, 0x206, 0x020F)
+    struct.pack_into("<II", setup, 0x248, 16, len(payload))
+    return bytes(setup) + b"\0" * 16 + payload + b"\0" * 100
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "xz", "bzip2", "zstd"])
+def test_vmlinux_is_extracted_from_each_payload_format(fmt: str) -> None:
+    from mvm.images import vmlinux
+
+    if fmt == "zstd" and not shutil.which("zstd"):
+        pytest.skip("zstd is not installed")
+    elf = vmlinux.extract(_bzimage(PVH_ELF, fmt))
+    assert elf == PVH_ELF
+    assert vmlinux.pvh_entry(elf) == 0x1000850
+    assert vmlinux.pvh_entry(PLAIN_ELF) is None
+
+
+def test_vmlinux_rejects_what_it_cannot_boot() -> None:
+    from mvm.images import vmlinux
+
+    with pytest.raises(vmlinux.KernelFormatError, match="not an x86 bzImage"):
+        vmlinux.extract(b"MZ" + b"\0" * 4096)
+    damaged = bytearray(_bzimage(PVH_ELF, "xz"))
+    damaged[1040:1060] = b"\0" * 20
+    with pytest.raises(vmlinux.KernelFormatError, match="compression|does not decompress"):
+        vmlinux.extract(bytes(damaged))
+    short = _bzimage(PVH_ELF, "xz")[:1100]
+    with pytest.raises(vmlinux.KernelFormatError, match="truncated"):
+        vmlinux.extract(short)
+
+
+def _choose(tmp_path: Path, name: str, data: bytes) -> tuple[dict[str, Any], Path]:
+    from mvm.images import vmlinux
+
+    src = tmp_path / "kernel" / name
+    src.parent.mkdir()
+    src.write_bytes(data)
+    out = tmp_path / "out"
+    report = vmlinux.choose(str(src), str(out))
+    assert json.loads((out / "kernel.json").read_text()) == report
+    return report, out
+
+
+def test_mkguest_boots_the_pvh_vmlinux_inside_a_bzimage(tmp_path: Path) -> None:
+    report, out = _choose(tmp_path, "bzImage", _bzimage(PVH_ELF, "xz"))
+    assert report == {"kernel": "vmlinux", "boot": "pvh", "kernel_note": None}
+    assert (out / "vmlinux").read_bytes() == PVH_ELF and not (out / "vmlinux").is_symlink()
+    assert sorted(p.name for p in out.iterdir()) == ["kernel.json", "vmlinux"]
+
+
+def test_mkguest_falls_back_to_the_bzimage_without_a_pvh_note(tmp_path: Path) -> None:
+    report, out = _choose(tmp_path, "bzImage", _bzimage(PLAIN_ELF, "gzip"))
+    assert report["kernel"] == "bzImage" and report["boot"] == "bzimage"
+    assert "no PVH ELF note" in str(report["kernel_note"])
+    assert (out / "bzImage").is_symlink() and (out / "bzImage").resolve() == tmp_path / "kernel" / "bzImage"
+    damaged = bytearray(_bzimage(PVH_ELF, "xz"))
+    damaged[1040:1060] = b"\0" * 20
+    (tmp_path / "damaged").mkdir()
+    report, out = _choose(tmp_path / "damaged", "bzImage", bytes(damaged))
+    assert report["boot"] == "bzimage" and "no vmlinux could be extracted" in str(report["kernel_note"])
+
+
+def test_other_kernels_are_booted_as_built(tmp_path: Path) -> None:
+    """An aarch64 `Image` is not touched; an ELF with the note is used as it is."""
+    image = b"\0" * 0x38 + b"ARM\x64" + b"\0" * 4096
+    report, out = _choose(tmp_path, "Image", image)
+    assert report == {"kernel": "Image", "boot": "image", "kernel_note": None}
+    assert (out / "Image").is_symlink()
+    (tmp_path / "elf").mkdir()
+    report, out = _choose(tmp_path / "elf", "vmlinux", PVH_ELF)
+    assert report == {"kernel": "vmlinux", "boot": "pvh", "kernel_note": None}
+    assert (out / "vmlinux").is_symlink()
+    (tmp_path / "plain").mkdir()
+    report, out = _choose(tmp_path / "plain", "vmlinux", PLAIN_ELF)
+    assert report["boot"] == "elf" and "QEMU cannot boot it" in str(report["kernel_note"])
+
+
+def test_vmlinux_py_runs_as_a_bare_script(tmp_path: Path) -> None:
+    """mkGuest runs it with nixpkgs' python3, outside mvm: stdlib imports only."""
+    import ast
+    import sys
+
+    path = ROOT / "src" / "mvm" / "images" / "vmlinux.py"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and (node.module or "").split(".")[0] in sys.stdlib_module_names | {"__future__"}
+        elif isinstance(node, ast.Import):
+            assert all(a.name.split(".")[0] in sys.stdlib_module_names for a in node.names)
+    (tmp_path / "bzImage").write_bytes(_bzimage(PVH_ELF, "xz"))
+    r = subprocess.run([sys.executable, "-I", str(path), str(tmp_path / "bzImage"), "--out-dir", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "kernel: vmlinux (boot: pvh)"
+
+
+def test_debian_kernel_extraction_delegates(tmp_path: Path) -> None:
+    from mvm._proc import DEFAULT_RUNNER
+    from mvm.images.kernel import extract_vmlinux
+
+    assert extract_vmlinux(_bzimage(PVH_ELF, "xz"), DEFAULT_RUNNER) == PVH_ELF
+    if shutil.which("zstd"):
+        assert extract_vmlinux(_bzimage(PVH_ELF, "zstd"), DEFAULT_RUNNER) == PVH_ELF
+    with pytest.raises(BuildError, match="cannot unpack the kernel: not an x86 bzImage"):
+        extract_vmlinux(b"\0" * 4096, DEFAULT_RUNNER)
+
+
+def test_the_kernel_note_reaches_the_image_record(tmp_path: Path, with_nix: None) -> None:
+    out = _nix_output(tmp_path, kernel_boot="bzimage", kernel_image="bzImage",
+                      kernel_note="bzImage: its vmlinux has no PVH ELF note")
+    layout = Layout(state=tmp_path / "state", cache=tmp_path / "cache")
+    stages: list[str] = []
+    image, _ = nix.build(".", layout=layout, runner=FakeNix(out), on_stage=stages.append)
+    assert image.manifest.source["kernel_note"] == "bzImage: its vmlinux has no PVH ELF note"
+    assert image.manifest.source["kernel_boot"] == "bzimage"
+    assert "note: bzImage: its vmlinux has no PVH ELF note" in stages

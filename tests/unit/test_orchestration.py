@@ -487,3 +487,12 @@ def test_a_detached_child_outlives_its_popen_without_a_warning(tmp_path: Path) -
     assert _proc.wait_gone(pid, started, 5.0)
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left
+    helper = DEFAULT_RUNNER.spawn(["true"], stdout=subprocess.DEVNULL, cwd=tmp_path)  # a helper that ends
+    _proc.detach(helper)
+    helper_pid = helper.pid
+    del helper
+    deadline = time.monotonic() + 5
+    while helper_pid in _proc._DETACHED and time.monotonic() < deadline:
+        _proc.reap_detached()
+        time.sleep(0.02)
+    assert helper_pid not in _proc._DETACHED and not Path(f"/proc/{helper_pid}").exists()

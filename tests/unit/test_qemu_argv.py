@@ -57,8 +57,9 @@ def test_sockets_are_relative_and_sandboxed() -> None:
     argv = build_argv(_spec())
     assert _opt(argv, "-qmp") == ["unix:qmp.sock,server=on,wait=off"]
     chardevs = _opt(argv, "-chardev")
-    assert "file,id=ev,path=events.log,append=on" in chardevs  # a restored clone keeps its template's lines
-    assert "file,id=con,path=console.log,append=on" in chardevs
+    # the console and events go to the VM's log shim, never straight to a file
+    assert "socket,id=ev,path=ev.sock" in chardevs and "socket,id=con,path=con.sock" in chardevs
+    assert not [c for c in chardevs if c.startswith("file,")]
     assert any(c.startswith("socket,id=c0,path=c0.sock,server=on") for c in chardevs)
     assert _opt(argv, "-sandbox")[0].startswith("on")
 

@@ -81,6 +81,7 @@ class UpRequest:
     accel: AccelPreference = "auto"
     shares: list[Share] = field(default_factory=list)
     cold: bool = False  #: boot, even where a template could be restored
+    log_limit_mb: int | None = None  #: None: the spec's (logLimitMb, default 64)
 
     @classmethod
     def parse(
@@ -95,6 +96,7 @@ class UpRequest:
         hypervisor: str = "auto",
         shares: Sequence[Share] = (),
         cold: bool = False,
+        log_limit_mb: int | None = None,
     ) -> UpRequest:
         if cpus is not None and not 1 <= cpus <= 64:
             raise UsageError(f"--cpus {cpus}: must be between 1 and 64")
@@ -106,6 +108,8 @@ class UpRequest:
                 check_vm_name(name)
             except ValueError as exc:
                 raise UsageError(f"--name: {exc}") from None
+        if log_limit_mb is not None and log_limit_mb < 1:
+            raise UsageError(f"--log-limit {log_limit_mb}: must be at least 1 MB")
         if hypervisor not in HYPERVISORS:
             raise UsageError(f"unknown hypervisor {hypervisor!r}", hint=f"use one of: {', '.join(HYPERVISORS)}")
         backend, accel = HYPERVISORS[hypervisor]
@@ -120,6 +124,7 @@ class UpRequest:
             accel=accel,
             shares=list(shares),
             cold=cold,
+            log_limit_mb=log_limit_mb,
         )
 
 
@@ -231,6 +236,7 @@ class Launch:
                         else (self.plan.image.rootfs, "raw"))
         self.runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", backing, files.root_disk],
                         desc="creating the VM's root disk")
+        os.chmod(files.root_disk, 0o600)  # like every file in the VM dir
         if restore is not None:
             for name in ("console.log", "events.log"):
                 shutil.copyfile(restore.template.log(restore.kind, name), files.root / name)
@@ -243,6 +249,7 @@ class Launch:
             memory=record.memory, accel=record.accel,  # type: ignore[arg-type]
             arch=plan.image.manifest.arch, ports=plan.request.forwards, hold_fds=attached.hold_fds,
             shares=plan.request.shares,
+            log_limit=(plan.request.log_limit_mb or plan.image.manifest.guest.log_limit_mb) * 1024 * 1024,
         )
         if restore is None:
             spec.config_disk, spec.disks = files.config_disk, attached.disks
@@ -368,6 +375,7 @@ def up(
     image: Image | None = None,
     shares: Sequence[Share] = (),
     cold: bool = False,
+    log_limit_mb: int | None = None,
 ) -> VM:
     """Build if needed, boot, and return once the guest agent answers (or is healthy).
 
@@ -379,7 +387,7 @@ def up(
     layout = layout or Layout.default()
     prog = progress or Quiet()
     request = UpRequest.parse(name=name, cpus=cpus, memory=memory, ports=ports, env=env, volumes=volumes,
-                              hypervisor=hypervisor, shares=shares, cold=cold)
+                              hypervisor=hypervisor, shares=shares, cold=cold, log_limit_mb=log_limit_mb)
     backend = backend or backends.get(request.backend, runner)
     backend.check_ports(request.forwards)  # before the build: a taken port fails fast
     planned = volume_attach.plan(request.volumes, layout)

@@ -80,6 +80,15 @@ class VM:
         agent.request(self.files, self.name, "ping", timeout=timeout)
         return time.monotonic() - started
 
+    def clock_offset(self) -> float:
+        """Seconds the guest's clock is ahead of the host's (negative: behind), from one agent
+        round trip (the guest's time against the midpoint of the host's send and receive)."""
+        self._require_running()
+        sent = time.time()
+        reply = agent.request(self.files, self.name, "ping", timeout=5.0)
+        received = time.time()
+        return float(reply["pong"]) - (sent + received) / 2
+
     def exec(
         self,
         argv: Sequence[str],

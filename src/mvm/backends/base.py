@@ -167,6 +167,9 @@ class LaunchSpec:
     hotplug_slots: int = 0
     incoming: Incoming | None = None
     kernel_args: tuple[str, ...] = ()
+    #: The most the VM's console and event logs may take on the host, in bytes, whatever
+    #: the guest writes (older output is dropped first).
+    log_limit: int = 64 * 1024 * 1024
 
 
 class Backend(Protocol):
@@ -271,4 +274,5 @@ def spec_from_json(doc: dict[str, Any], files: VMFiles) -> LaunchSpec:
         root_format=doc.get("root_format", "raw"), root_snapshot=doc.get("root_snapshot", True),
         memory_file=MemoryFile(Path(memory["path"]), memory["shared"]) if memory else None,
         hotplug_slots=doc.get("hotplug_slots", 0), kernel_args=tuple(doc.get("kernel_args") or ()),
+        log_limit=doc.get("log_limit", 64 * 1024 * 1024),
     )

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,7 +120,12 @@ class QemuBackend:
         # and _raise_start_failure turns that into the same PortInUse.
         argv = build_argv(spec, qemu)
         files = spec.files
-        helpers = self._start_shares(spec)
+        helpers = [self._start_log_shim(spec)]
+        try:
+            helpers += self._start_shares(spec)
+        except BaseException:
+            kill_all(helpers)
+            raise
         state_fd = os.open(spec.incoming.state, os.O_RDONLY) if spec.incoming else None
         try:
             fd = os.open(files.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -194,6 +200,26 @@ class QemuBackend:
                                                     "read-only": disk.readonly}})
             qmp.command("device_add", driver="virtio-blk-pci", id=f"disk-{node}", drive=node,
                         bus=hotplug_port(slot), serial=disk.serial)
+
+    def _start_log_shim(self, spec: LaunchSpec) -> subprocess.Popen[bytes]:
+        """The VM's log shim (mvm._logshim): QEMU connects its console and event chardevs to
+        it, and it keeps them on disk within ``spec.log_limit``. It ends when QEMU does."""
+        files = spec.files
+        fd = os.open(files.root / "logshim.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as log_file:
+            shim = self.runner.spawn([sys.executable, "-m", "mvm._logshim", str(files.root), str(spec.log_limit)],
+                                     stdout=log_file, cwd=files.root)
+        deadline = time.monotonic() + START_TIMEOUT
+        try:
+            while not all((files.root / name).exists() for name in ("con.sock", "ev.sock")):
+                if shim.poll() is not None or time.monotonic() > deadline:
+                    raise BootError(spec.name, "the VM's log shim did not start",
+                                    output=tail_file(files.root / "logshim.log"))
+                time.sleep(0.005)
+        except BaseException:  # ctrl-C included: a shim left waiting would hold the VM dir
+            kill_all([shim])
+            raise
+        return shim
 
     def _start_shares(self, spec: LaunchSpec) -> list[subprocess.Popen[bytes]]:
         """One virtiofsd per share. Each serves one QEMU connection and exits when QEMU does."""

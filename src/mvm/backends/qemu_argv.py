@@ -122,9 +122,8 @@ def build_argv(spec: LaunchSpec, qemu: str | None = None) -> list[str]:
         "-sandbox", SANDBOX,
         "-kernel", str(spec.kernel),
         "-append", kernel_cmdline(spec),
-        # append: a clone restored from a template (and a resumed VM) keeps the log lines it
-        # starts with instead of QEMU truncating them
-        "-chardev", "file,id=con,path=console.log,append=on",
+        # the console and events go to the VM's log shim (mvm._logshim), which caps them
+        "-chardev", "socket,id=con,path=con.sock",
         "-serial", "chardev:con",
         "-qmp", "unix:qmp.sock,server=on,wait=off",
     ]
@@ -135,7 +134,7 @@ def build_argv(spec: LaunchSpec, qemu: str | None = None) -> list[str]:
     argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
     argv += [
         "-device", "virtio-serial-pci,id=vs0,max_ports=16",
-        "-chardev", "file,id=ev,path=events.log,append=on",
+        "-chardev", "socket,id=ev,path=ev.sock",
         "-device", f"virtserialport,bus=vs0.0,chardev=ev,name={protocol.EVENT_PORT}",
     ]
     for i in range(protocol.CONTROL_PORTS):

@@ -1,22 +1,27 @@
 """A small blocking QMP session over ``qemu.qmp``, with errors translated at this boundary.
 
-Used for what only the hypervisor can do: add host forwards, ``quit``, query state. QMP
-errors, socket errors and timeouts all become :class:`~mvm.errors.VMError` naming the VM.
-``human-monitor-command`` reports failures as text inside a successful reply (for example
-``hostfwd_add``), so :meth:`QMP.hmp` returns that text for the caller to judge.
+Used for what only the hypervisor can do: add host forwards, ``quit``, save and restore,
+query state. QMP errors, socket errors and timeouts all become :class:`~mvm.errors.VMError`
+naming the VM. Every step is bounded by the session's timeout, the greeting included: a
+QEMU that accepts the connection but never speaks (frozen, stopped, wedged) must not hang
+``down``. ``human-monitor-command`` reports failures as text inside a successful reply
+(for example ``hostfwd_add``), so :meth:`QMP.hmp` returns that text for the caller to judge.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import _unixsock as unixsock
 from ..errors import VMError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class QMP:
@@ -24,33 +29,41 @@ class QMP:
         self.path = path
         self.vm = vm
         self.timeout = timeout
-        self._mon: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: Any = None
+
+    def _run(self, step: Awaitable[T]) -> T:
+        assert self._loop is not None
+        return self._loop.run_until_complete(asyncio.wait_for(step, self.timeout))
 
     def __enter__(self) -> QMP:
-        from qemu.qmp.legacy import QEMUMonitorProtocol
+        from qemu.qmp import QMPClient
 
+        self._loop = asyncio.new_event_loop()
         try:
             sock = unixsock.connect(self.path, self.timeout)
-            self._mon = QEMUMonitorProtocol(sock)
-            self._mon.settimeout(self.timeout)
-            self._mon.connect()  # greeting + capabilities negotiation
-        except Exception as exc:  # ConnectError, OSError, timeouts: all mean "no monitor"
+            self._client = QMPClient(self.vm)
+            self._run(self._client.connect(sock))  # greeting + capabilities negotiation
+        except BaseException as exc:  # ConnectError, OSError, timeouts: all mean "no monitor"
             self.close()
-            raise VMError(self.vm, f"cannot talk to QEMU's monitor ({self.path.name}): {exc}") from exc
+            if isinstance(exc, Exception):
+                raise VMError(self.vm, f"cannot talk to QEMU's monitor ({self.path.name}): "
+                              f"{exc or type(exc).__name__}") from exc
+            raise
         return self
 
     def command(self, name: str, **args: Any) -> Any:
         from qemu.qmp import QMPError
 
         try:
-            return self._mon.cmd(name, **args)
+            return self._run(self._client.execute(name, args or None))
         except (TimeoutError, QMPError, OSError) as exc:
-            raise VMError(self.vm, f"QMP {name} failed: {exc}") from exc
+            raise VMError(self.vm, f"QMP {name} failed: {exc or type(exc).__name__}") from exc
 
     def send_fd(self, fd: int, name: str) -> None:
         """Hand QEMU an open descriptor under ``name`` (``getfd``), e.g. for ``migrate fd:NAME``."""
         try:
-            self._mon.send_fd_scm(fd)
+            self._client.send_fd_scm(fd)
         except OSError as exc:
             raise VMError(self.vm, f"cannot pass a file to QEMU: {exc}") from exc
         self.command("getfd", fdname=name)
@@ -59,12 +72,15 @@ class QMP:
         return str(self.command("human-monitor-command", **{"command-line": command_line}))
 
     def close(self) -> None:
-        if self._mon is not None:
+        if self._client is not None and self._loop is not None:
             try:
-                self._mon.close()
+                self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 2.0))
             except Exception:  # closing a broken session must not mask the real error
                 log.debug("closing QMP session failed", exc_info=True)
-            self._mon = None
+        self._client = None
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -12,7 +12,8 @@ background, retried until it succeeds), and service logs and health transitions 
 serial console as readable lines. Services, health checks and the power button work as
 under ``mvmctl up``; with no agent channel there is no exec or console.
 
-Shutdown (agent request, SIGTERM/SIGINT, or the ACPI power button): services get TERM, then
+Shutdown (agent request, SIGTERM/SIGINT, busybox poweroff/halt (SIGUSR2/SIGUSR1), or the
+ACPI power button): services get TERM, then
 KILL after a grace period, everything is synced and unmounted, and the VM powers off.
 """
 
@@ -371,6 +372,9 @@ def main(started: float | None = None) -> None:
 
     signals.subscribe(signal.SIGTERM, on_stop_signal)
     signals.subscribe(signal.SIGINT, on_stop_signal)  # Ctrl-Alt-Del
+    # busybox `poweroff` and `halt` ask PID 1 with SIGUSR2 and SIGUSR1 (sysvinit's convention)
+    signals.subscribe(signal.SIGUSR2, on_stop_signal)
+    signals.subscribe(signal.SIGUSR1, on_stop_signal)
     init.marks = {"python_ready": round(started or imported, 3), "init_imported": round(imported, 3)}
     try:
         init.boot()

@@ -8,14 +8,11 @@ TCG). Modules are kept for the initrd, with a ``modules.dep`` made by depmod.
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
 import logging
-import lzma
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +20,7 @@ from pathlib import Path
 
 from .._proc import Runner, require_tool
 from ..errors import BuildError
-from . import initrd
+from . import initrd, vmlinux
 
 log = logging.getLogger(__name__)
 
@@ -60,27 +57,12 @@ def ensure_initrd(kernel: Kernel) -> None:
 
 
 def extract_vmlinux(bzimage: bytes, runner: Runner) -> bytes:
-    """Unpack the kernel payload embedded in an x86 bzImage (setup header fields)."""
-    if bzimage[:4] == b"\x7fELF":
-        return bzimage
-    if bzimage[0x202:0x206] != b"HdrS":
-        raise BuildError("kernel image is neither an ELF vmlinux nor an x86 bzImage")
-    setup_sects = bzimage[0x1F1] or 4
-    payload_offset, payload_length = struct.unpack_from("<II", bzimage, 0x248)
-    start = (setup_sects + 1) * 512 + payload_offset
-    payload = bzimage[start : start + payload_length]
-    if payload[:2] == b"\x1f\x8b":
-        elf = gzip.decompress(payload)
-    elif payload[:6] == b"\xfd7zXZ\x00":
-        elf = lzma.decompress(payload)
-    elif payload[:4] in (b"\x02\x21\x4c\x18", b"\x28\xb5\x2f\xfd"):
-        tool = "lz4" if payload[:4] == b"\x02\x21\x4c\x18" else "zstd"
-        elf = _decompress_with(runner, tool, payload)
-    else:
-        raise BuildError(f"unknown kernel payload compression (magic {payload[:4].hex()})")
-    if elf[:4] != b"\x7fELF":
-        raise BuildError("decompressed kernel payload is not an ELF file")
-    return elf
+    """Unpack the kernel payload embedded in an x86 bzImage (see images/vmlinux.py, which
+    mkGuest also runs as a script)."""
+    try:
+        return vmlinux.extract(bzimage, external=lambda tool, data: _decompress_with(runner, tool, data))
+    except vmlinux.KernelFormatError as exc:
+        raise BuildError(f"cannot unpack the kernel: {exc}") from None
 
 
 def _decompress_with(runner: Runner, tool: str, payload: bytes) -> bytes:

@@ -151,6 +151,13 @@ def read_output(out: Path, flake: FlakeRef) -> dict[str, Any]:
     return doc
 
 
+def kernel_notes(doc: dict[str, Any]) -> dict[str, str]:
+    """How mkGuest chose the kernel to boot (``kernel_boot``: ``pvh`` for a vmlinux it
+    extracted, ``bzimage`` when that had no PVH note) and why it fell back (``kernel_note``),
+    kept in the image's source record."""
+    return {key: doc[key] for key in ("kernel_image", "kernel_boot", "kernel_note") if isinstance(doc.get(key), str)}
+
+
 def check_guest(guest: dict[str, Any], flake: FlakeRef) -> GuestSpec:
     """The guest document must be one the guest init understands: validate it as mvm.toml is."""
     model = {k: v for k, v in guest.items() if k not in NIX_GUEST_KEYS}
@@ -192,6 +199,11 @@ def build(
     doc = read_output(out, flake)
     guest = check_guest(doc["guest"], flake)
 
+    note = kernel_notes(doc).get("kernel_note")
+    if note:
+        log.warning("%s", note)
+        stage(f"note: {note}")
+
     def make(staging: Path) -> Manifest:
         stage("importing into the image store")
         files = [doc["kernel"], doc["rootfs"]] + ([doc["initrd"]] if doc.get("initrd") else [])
@@ -206,6 +218,7 @@ def build(
                 "attr": flake.attr,
                 "out_path": out_path,
                 "nix_args": list(nix_args),
+                **kernel_notes(doc),
             },
             kernel=doc["kernel"],
             kernel_version=str(doc.get("kernel_version") or ""),

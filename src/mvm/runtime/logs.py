@@ -65,11 +65,23 @@ def parse_events(data: bytes) -> Iterator[dict[str, Any]]:
             yield ev
 
 
+def read_whole(path: Path) -> bytes:
+    """A log and its rotated part (``NAME.1``, older, written by the log shim), in order."""
+    out = b""
+    for part in (rotated_path(path), path):
+        try:
+            out += part.read_bytes()
+        except OSError:
+            continue
+    return out
+
+
+def rotated_path(path: Path) -> Path:
+    return path.with_name(path.name + ".1")
+
+
 def read_events(files: VMFiles) -> list[dict[str, Any]]:
-    try:
-        return list(parse_events(files.events_log.read_bytes()))
-    except OSError:
-        return []
+    return list(parse_events(read_whole(files.events_log)))
 
 
 def service_tail(files: VMFiles, service: str, lines: int = 15) -> str:
@@ -81,24 +93,52 @@ def service_tail(files: VMFiles, service: str, lines: int = 15) -> str:
 
 
 class _Tail:
-    """Incremental reader of a growing file, yielding complete lines."""
+    """Incremental reader of a growing log, yielding complete lines, across the log shim's
+    rotations: it starts with the rotated part (``NAME.1``), keeps the file it reads open,
+    and when the path names a new file (a rotation), reads the old one to its end first."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.pos = 0
         self.partial = b""
+        self.file: Any = None
+        self.pending_rotated: Path | None = rotated_path(path)
+
+    def _open(self, path: Path) -> bool:
+        try:
+            self.file = open(path, "rb")  # noqa: SIM115 - kept open across reads, closed on switch
+        except OSError:
+            return False
+        return True
 
     def read(self) -> list[bytes]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.pos)
-                data = f.read()
-        except OSError:
+        data = b""
+        if self.pending_rotated is not None:  # first read: the older part, if there is one
+            if self._open(self.pending_rotated):
+                data += self.file.read()
+                self.file.close()
+            self.pending_rotated, self.file = None, None
+        if self.file is None and not self._open(self.path):
             return []
-        self.pos += len(data)
+        data += self.file.read()
+        try:
+            if os.stat(self.path).st_ino != os.fstat(self.file.fileno()).st_ino:  # rotated meanwhile
+                data += self.file.read()
+                self.file.close()
+                if self._open(self.path):
+                    data += self.file.read()
+                else:
+                    self.file = None
+        except OSError:
+            pass
         data = self.partial + data
         *complete, self.partial = data.split(b"\n")
-        return complete
+        lines: list[bytes] = complete
+        return lines
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 @dataclass(frozen=True)
@@ -145,26 +185,30 @@ def stream(
         tails.append(("console", _Tail(files.console_log)))
     if services:
         tails.append(("events", _Tail(files.events_log)))
-    for kind, tail in tails:
-        part = [line for raw in tail.read() for line in _render(kind, raw, keep)]
-        yield from part if lines is None else part[max(0, len(part) - lines):]
-    while follow:
-        got = False
+    try:
         for kind, tail in tails:
-            for raw in tail.read():
-                got = True
-                yield from _render(kind, raw, keep)
-        if not got:
-            if not keep_going():
-                return
-            time.sleep(poll)
+            part = [line for raw in tail.read() for line in _render(kind, raw, keep)]
+            yield from part if lines is None else part[max(0, len(part) - lines):]
+        while follow:
+            got = False
+            for kind, tail in tails:
+                for raw in tail.read():
+                    got = True
+                    yield from _render(kind, raw, keep)
+            if not got:
+                if not keep_going():
+                    return
+                time.sleep(poll)
+    finally:
+        for _, tail in tails:
+            tail.close()
 
 
 # --- logs of VMs that are down ---------------------------------------------------------
 
 #: The logs ``down`` keeps, per VM name; beyond this total the oldest go first.
 RETAINED_CAP_BYTES = 256 * 1024 * 1024
-RETAINED = ("console.log", "events.log", "qemu.log")
+RETAINED = ("console.log", "console.log.1", "events.log", "events.log.1", "qemu.log")
 
 
 def retain(files: VMFiles, dest: Path, cap: int = RETAINED_CAP_BYTES) -> None:
@@ -222,4 +266,4 @@ def exit_reason(files: VMFiles) -> str:
         return line.split("] ", 1)[-1].strip()
     if "boot failed" in console:
         return "guest init failed to boot"
-    return "the machine ended unexpectedly (QEMU killed or failed?)"
+    return "QEMU exited unexpectedly (killed?)"

@@ -25,6 +25,10 @@ def up(
                         help="auto (KVM only if a probe proves it boots, else TCG), qemu-kvm or qemu-tcg."
     )] = "auto",
     wait: Annotated[bool, typer.Option("--wait", help="Return only once every health check is healthy.")] = False,
+    log_limit: Annotated[int | None, typer.Option("--log-limit", metavar="MB", help="The most the VM's console "
+                                                  "and service logs take on this host; older output is dropped "
+                                                  "first (default: the spec's logLimitMb, else 64).",
+                                                  show_default=False)] = None,
     cold: Annotated[bool, typer.Option("--cold", help="Boot, even where a saved template could be restored "
                                        "(see `mvmctl template --help`).")] = False,
     timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS",
@@ -56,7 +60,8 @@ def up(
     with output.progress("starting") as prog:
         vm = mvm.up(path, flake=flake, nix_args=nix_args(override_input, nix_arg), name=name,
                     cpus=cpus, memory=memory, ports=port or [], env=env or [], volumes=volume or [],
-                    hypervisor=hypervisor, wait=wait, wait_timeout=timeout, progress=prog, cold=cold)
+                    hypervisor=hypervisor, wait=wait, wait_timeout=timeout, progress=prog, cold=cold,
+                    log_limit_mb=log_limit)
     info = vm.info()
     if json:
         output.print_json(info)

@@ -1,0 +1,147 @@
+"""The per-VM log shim: the host end of a VM's console and event streams, with a cap.
+
+QEMU writes to a file as fast as the guest writes to its serial or event port, and a guest
+controls those ports: a cap inside the guest is no defence. So QEMU does not write files;
+it connects its two chardevs to this small process (one per VM, started just before QEMU,
+like conmon for a container), which appends to ``console.log`` and ``events.log`` and
+rotates each at its share of the VM's cap: the file becomes ``NAME.1`` (replacing the older
+one, whose bytes are dropped) and a new file starts with a line saying how much was
+dropped. Disk use per VM is bounded whatever the guest writes.
+
+It exits when QEMU closes both connections (QEMU exited), or when QEMU never connects. Run
+as ``python -m mvm._logshim DIR CAP_BYTES``; stdlib only, no mvm imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import socket
+import sys
+import time
+
+#: stream -> (socket name, file name, share of the cap)
+STREAMS = {"console": ("con.sock", "console.log", 0.25), "events": ("ev.sock", "events.log", 0.75)}
+CONNECT_TIMEOUT = 60.0  # QEMU connects while it starts; one that never does has failed
+
+
+def rotated(name: str) -> str:
+    return name + ".1"
+
+
+class Sink:
+    """One stream's file, rotated when it reaches ``limit`` bytes (two files at most)."""
+
+    def __init__(self, directory: str, stream: str, file_name: str, limit: int) -> None:
+        self.path = os.path.join(directory, file_name)
+        self.stream = stream
+        self.limit = max(limit, 4096)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.size = os.fstat(self.fd).st_size
+        self.pending = b""
+
+    def write(self, data: bytes) -> None:
+        data = self.pending + data
+        cut = data.rfind(b"\n") + 1  # rotate only between lines
+        self.pending = data[cut:]
+        if len(self.pending) > 65536:  # a "line" without end: take it as it is
+            cut, self.pending = len(data), b""
+        whole = data[:cut]
+        while whole:
+            room = self.limit - self.size
+            if room <= 0:
+                self.rotate()
+                continue
+            chunk = whole[:room] if len(whole) > room else whole
+            if len(whole) > room:  # keep lines whole where one fits
+                end = chunk.rfind(b"\n") + 1
+                chunk = chunk[:end] if end else chunk
+            os.write(self.fd, chunk)
+            self.size += len(chunk)
+            whole = whole[len(chunk):]
+
+    def rotate(self) -> None:
+        old = rotated(self.path)
+        try:
+            dropped = os.stat(old).st_size
+        except FileNotFoundError:
+            dropped = 0
+        os.close(self.fd)
+        os.replace(self.path, old)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.size = 0
+        if dropped:
+            os.write(self.fd, self.marker(dropped))
+            self.size = os.fstat(self.fd).st_size
+
+    def marker(self, dropped: int) -> bytes:
+        text = f"{dropped} bytes of older {self.stream} output dropped (log cap)"
+        if self.stream == "events":
+            return json.dumps({"t": round(time.time(), 3), "kind": "init", "msg": text}).encode() + b"\n"
+        return f"[mvm: {text}]\n".encode()
+
+    def close(self) -> None:
+        if self.pending:
+            os.write(self.fd, self.pending)
+        os.close(self.fd)
+
+
+def serve(directory: str, cap: int) -> int:
+    directory = os.path.abspath(directory)
+    selector = selectors.DefaultSelector()
+    for stream, (sock_name, file_name, share) in STREAMS.items():
+        try:
+            os.unlink(os.path.join(directory, sock_name))
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)
+        try:
+            listener.bind(sock_name)  # relative: the VM dir is our cwd (socket paths stay short)
+        finally:
+            os.umask(old)
+        listener.listen(1)
+        listener.setblocking(False)
+        sink = Sink(directory, stream, file_name, int(cap * share / 2))
+        selector.register(listener, selectors.EVENT_READ, (True, listener, sink))
+    os.chdir("/")  # only QEMU has the VM dir as its cwd: that is how mvm finds a VM's QEMU
+    connected = closed = 0
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while closed < len(STREAMS):
+        ready = selector.select(timeout=1.0)
+        if not ready and connected < len(STREAMS) and time.monotonic() > deadline:
+            break  # QEMU never came
+        for key, _ in ready:
+            accepting, sock, sink = key.data
+            if accepting:
+                conn, _ = sock.accept()
+                conn.setblocking(False)
+                selector.unregister(sock)
+                sock.close()
+                selector.register(conn, selectors.EVENT_READ, (False, conn, sink))
+                connected += 1
+                continue
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if data:
+                sink.write(data)
+            else:
+                selector.unregister(sock)
+                sock.close()
+                sink.close()
+                closed += 1
+    for sock_name, _, _ in STREAMS.values():
+        try:
+            os.unlink(os.path.join(directory, sock_name))
+        except FileNotFoundError:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve(sys.argv[1], int(sys.argv[2])))
