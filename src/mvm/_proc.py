@@ -202,6 +202,7 @@ class SubprocessRunner:
 
         ``pass_fds`` are inherited by the child (every other descriptor is closed).
         """
+        reap_detached()  # as subprocess does for its own on each Popen
         args = [os.fspath(a) for a in argv]
         args[0] = require_tool(args[0]) if "/" not in args[0] else args[0]
         log.debug("spawn: %s", args)
@@ -285,6 +286,7 @@ def alive(pid: int | None, started: int | None) -> bool:
         return False
     if is_zombie(pid):
         _reap(pid)
+        reap_detached()  # the VM's helpers end with it
         return False
     return started is None or now == started
 
@@ -297,15 +299,39 @@ def wait_gone(pid: int, started: int | None, timeout: float) -> bool:
             return False
         time.sleep(0.02)
     _reap(pid)
+    reap_detached()
     return True
+
+
+#: children started here that outlive their Popen (see :func:`detach`), not yet reaped
+_DETACHED: set[int] = set()
+
+
+def detach(proc: subprocess.Popen[bytes]) -> None:
+    """The child outlives its ``Popen`` (a VM's QEMU, its log shim and virtiofsd outlive the
+    ``up`` that started them): tell the object so, or collecting it while the child runs
+    raises a ResourceWarning ("subprocess N is still running"), an error under ``-W error``
+    and in test suites that call the API in-process. The child is reaped by pid instead:
+    QEMU by the status checks (:func:`alive`), the others once they end (:func:`reap_detached`,
+    which those checks call too), so a long-lived process collects no zombies."""
+    proc._child_created = False  # type: ignore[attr-defined]  # what Popen.__del__ checks
+    _DETACHED.add(proc.pid)
+
+
+def reap_detached() -> None:
+    """Collect the exit status of every detached child that has ended."""
+    for pid in list(_DETACHED):
+        _reap(pid)
 
 
 def _reap(pid: int) -> None:
     """Collect the exit status if the process is our own child (it is after `up`)."""
     try:
-        os.waitpid(pid, os.WNOHANG)
+        done, _ = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
-        pass
+        done = pid  # not (or no longer) ours to collect
+    if done:  # once reaped, the pid may be reused: never wait on it again
+        _DETACHED.discard(pid)
 
 
 def signal_checked(pid: int, started: int | None, sig: int) -> bool:

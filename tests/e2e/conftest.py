@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from mvm.paths import Layout
+
 ROOT = Path(__file__).parents[2]
 EXAMPLES = ROOT / "examples"
 
@@ -131,6 +133,12 @@ def cli(mvm_home: Path) -> CLI:
            "COLUMNS": "200", "MVM_TEMPLATES": "off"}
     env.pop("MVM_DEBUG", None)
     return CLI(env, mvm_home)
+
+
+@pytest.fixture(scope="session")
+def mvm_layout(cli: CLI) -> Layout:
+    """Where the pytest plugin's VMs (``mvm_vm``) live: with `cli`'s, so tests can use both."""
+    return Layout(state=cli.home / "state", cache=Path(cli.env["MVM_CACHE"]))
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from mvm.testing import VMFactory
+
 from .conftest import CLI, EXAMPLES, free_port, http_get, qemu_pids_under, wait_for
 
 HELLO = str(EXAMPLES / "hello")
@@ -30,38 +32,31 @@ def _up(cli: CLI, *args: str, env: dict[str, str] | None = None) -> dict[str, An
     return row
 
 
-def test_a_restored_hello_serves_and_says_so(cli: CLI, template: dict[str, Any], no_leaks: None) -> None:
+def test_a_restored_hello_serves_and_says_so(no_leaks: None, cli: CLI, template: dict[str, Any],
+                                            mvm_vm: VMFactory) -> None:
     assert template["kinds"] == ["agent", "ready"] and template["bytes_on_disk"] > 0
-    port = free_port()
-    row = _up(cli, "--name", "fs1", "-p", f"{port}:8080")
-    try:
-        assert row["start"] == "restored" and "(ready)" in row["start_reason"]
-        assert http_get(port) == "<h1>Hello from mvm!</h1>\n"
-        listed = next(r for r in cli.json("ls") if r["name"] == "fs1")
-        assert listed["start"] == "restored" and listed["health"] == "healthy"
-        guest_time = float(cli("exec", "fs1", "--", "date", "+%s.%N").stdout)
-        assert abs(guest_time - time.time()) < 1.0  # the clone's clock is the host's, not the template's
-    finally:
-        cli("down", "fs1")
+    vm = mvm_vm(HELLO, ports=[8080])  # the pytest plugin: restored from the template, down after the test
+    info = vm.info()
+    assert info.start == "restored" and "(ready)" in (info.start_reason or "")
+    assert http_get(vm.host_port(8080)) == "<h1>Hello from mvm!</h1>\n"
+    listed = next(r for r in cli.json("ls") if r["name"] == vm.name)
+    assert listed["start"] == "restored" and listed["health"] == "healthy"
+    guest_time = float(vm.exec("date", "+%s.%N").stdout)
+    assert abs(guest_time - time.time()) < 1.0  # the clone's clock is the host's, not the template's
 
 
-def test_two_clones_of_one_template_are_different_machines(cli: CLI, template: dict[str, Any],
-                                                           no_leaks: None) -> None:
-    ports = {"fa": free_port(), "fb": free_port()}
-    for name, port in ports.items():
-        assert _up(cli, "--name", name, "-p", f"{port}:8080")["start"] == "restored"
-    try:
-        seen = {}
-        for name, port in ports.items():
-            assert http_get(port) == "<h1>Hello from mvm!</h1>\n"
-            out = cli("exec", name, "--", "sh", "-c", "hostname; cat /etc/machine-id; "
-                      "head -c 16 /dev/urandom | od -An -tx1").stdout.split("\n", 2)
-            seen[name] = out
-        assert [seen[n][0] for n in ports] == ["fa", "fb"]
-        assert seen["fa"][1] != seen["fb"][1], "clones share a machine-id"
-        assert seen["fa"][2] != seen["fb"][2], "clones read the same bytes from /dev/urandom"
-    finally:
-        cli("down", "fa", "fb")
+def test_two_clones_of_one_template_are_different_machines(no_leaks: None, template: dict[str, Any],
+                                                           mvm_vm: VMFactory) -> None:
+    clones = [mvm_vm(HELLO, ports=[8080], name=name) for name in ("fa", "fb")]
+    seen = []
+    for vm in clones:
+        assert vm.info().start == "restored"
+        assert http_get(vm.host_port(8080)) == "<h1>Hello from mvm!</h1>\n"
+        out = vm.exec("sh", "-c", "hostname; cat /etc/machine-id; head -c 16 /dev/urandom | od -An -tx1")
+        seen.append(out.stdout.decode().split("\n", 2))
+    assert [s[0] for s in seen] == [vm.name for vm in clones]
+    assert seen[0][1] != seen[1][1], "clones share a machine-id"
+    assert seen[0][2] != seen[1][2], "clones read the same bytes from /dev/urandom"
 
 
 def test_env_and_a_volume_after_a_restore(cli: CLI, template: dict[str, Any], tmp_path: Path,

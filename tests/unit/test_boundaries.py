@@ -3,6 +3,7 @@
 Imports point one way, down this list (a module may import its own layer and the layers
 below it, never one above):
 
+    pytest         mvm.pytest_plugin, mvm.testing   the pytest plugin; imports only `mvm` and itself
     cli            mvm.cli.*, mvm.__main__          Typer/Rich; imports only `mvm` and mvm.cli
     public         mvm (the package's __init__)      the API users import
     orchestration  mvm._api.*                        sequences spec -> image -> backend -> registry
@@ -23,7 +24,7 @@ from pathlib import Path
 
 SRC = Path(__file__).parents[2] / "src" / "mvm"
 
-LAYERS = ["leaf", "backends", "runtime", "orchestration", "public", "cli"]
+LAYERS = ["leaf", "backends", "runtime", "orchestration", "public", "cli", "pytest"]
 LEAVES = {"mvm._proc", "mvm._atomic", "mvm._ext4", "mvm._logshim", "mvm._unixsock", "mvm.errors", "mvm.paths",
           "mvm.names", "mvm.spec", "mvm.guest.protocol", "mvm.guest.copy"}
 
@@ -43,7 +44,7 @@ def layer(module: str) -> str:
     top = module.split(".")[1]
     return {"cli": "cli", "__main__": "cli", "_api": "orchestration", "runtime": "runtime", "volumes": "runtime",
             "images": "runtime", "export": "runtime", "backends": "backends",
-            "guest": "guest"}.get(top, f"UNPLACED {module}")
+            "guest": "guest", "pytest_plugin": "pytest", "testing": "pytest"}.get(top, f"UNPLACED {module}")
 
 
 def _exists(module: str) -> bool:
@@ -110,6 +111,20 @@ def test_the_cli_imports_only_the_public_api() -> None:
     for path in (SRC / "cli").rglob("*.py"):
         bad = [n for n in imports(path) if n.startswith("mvm") and n != "mvm" and not n.startswith("mvm.cli")]
         assert not bad, f"{path.relative_to(SRC)} imports {bad}: the CLI may use only `mvm` (the public API)"
+
+
+def test_the_pytest_plugin_imports_only_the_public_api() -> None:
+    """Like the CLI, the plugin is a user of `mvm`; and only it imports pytest."""
+    plugin = {"mvm.pytest_plugin", "mvm.testing"}
+    for path in sources():
+        me = module_name(path)
+        names = imports(path)
+        if me in plugin:
+            bad = [n for n in names if n.startswith("mvm") and n not in plugin | {"mvm"}]
+            assert not bad, f"{me} imports {bad}: the pytest plugin may use only `mvm` (the public API)"
+        else:
+            assert not [n for n in names if n.split(".")[0] in ("pytest", "_pytest")], f"{me} imports pytest"
+            assert not plugin & names, f"{me} imports the pytest plugin"
 
 
 def test_guest_code_is_stdlib_only() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from mvm.backends.base import PortForward
 from mvm.backends.fake import FakeBackend
 from mvm.errors import (
     BootError,
+    HealthTimeout,
     PortInUse,
     ServiceFailed,
     StateError,
@@ -211,6 +213,20 @@ def test_wait_fails_fast_when_a_service_failed_for_good(layout: Layout, fake: Fa
     mvm.down("web", layout=layout)
 
 
+def test_wait_is_not_fooled_by_a_guest_that_reports_nothing_yet(layout: Layout, fake: FakeBackend,
+                                                                 image: Image) -> None:
+    """A clone restored from an ``agent`` template reports no services and no checks until
+    its config is applied: that is not healthy."""
+    vm = _up(layout, fake, image)
+    healthy = dict(fake.status)
+    fake.status.update(services={}, health={})
+    with pytest.raises(HealthTimeout, match="has not reported check, svc yet"):
+        vm.wait_healthy(0.3)
+    fake.status.update(healthy)
+    assert vm.wait_healthy(5).health == "healthy"
+    vm.down()
+
+
 def test_two_ups_of_one_name(layout: Layout, fake: FakeBackend, image: Image) -> None:
     vm = _up(layout, fake, image)
     with pytest.raises(VMExists, match=r"already exists \(running\)") as exc:
@@ -315,6 +331,13 @@ def test_logs_outlive_down_until_cleanup_or_the_next_up(layout: Layout, fake: Fa
         mvm.logs("web", layout=layout)
 
 
+def test_down_without_keeping_logs_leaves_nothing(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    _up(layout, fake, image).down(keep_logs=False)
+    assert not (layout.retained_logs / "web").exists() and not (layout.vms / "web").exists()
+    with pytest.raises(VMNotFound, match="no logs"):
+        mvm.logs("web", layout=layout)
+
+
 def test_retained_logs_are_capped_oldest_first(tmp_path: Path) -> None:
     from mvm.runtime import logs
 
@@ -366,14 +389,19 @@ def test_up_restores_a_ready_template_and_makes_each_clone_unique(template: Temp
     seeds = [m.guest.identity["seed"] for m in clones]  # type: ignore[index]
     assert len(set(seeds)) == 2 and [m.guest.identity["op"] for m in clones] == ["refresh"] * 2  # type: ignore[index]
     assert [m.guest.identity["hostname"] for m in clones] == ["a", "b"]  # type: ignore[index]
-    assert (a.files.root / "root.qcow2").is_file() and not a.files.config_disk.exists()
+    assert (a.files.root / "root.qcow2").is_file()
+    assert all(m.spec.config_disk is None for m in clones)  # the config comes through `refresh`
     a.down()
     b.down()
 
 
 def test_env_or_volumes_restore_the_agent_template_and_configure_it(template: Template, layout: Layout,
                                                                     fake: FakeBackend, image: Image,
-                                                                    tmp_path: Path) -> None:
+                                                                    tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm.images.store import ImageStore
+
+    monkeypatch.setattr(ImageStore, "get", lambda self, key: image if key == image.key else None)
     (tmp_path / "data").mkdir()
     vm = _up(layout, fake, image, env=["MODE=x"], volumes=[f"{tmp_path}/data:/mnt/data:16"])
     (machine,) = [m for m in fake.machines.values() if m.running]
@@ -382,7 +410,10 @@ def test_env_or_volumes_restore_the_agent_template_and_configure_it(template: Te
     config = machine.guest.identity["config"]
     assert config["env"] == {"MODE": "x"} and config["volumes"][0]["target"] == "/mnt/data"
     assert [slot for slot, _ in machine.hotplugged] == [0]
-    vm.down()
+    again = vm.restart()  # the restarted VM keeps its -e values (read back from the VM's config disk)
+    (machine,) = [m for m in fake.machines.values() if m.running]
+    assert machine.guest.identity is not None and machine.guest.identity["config"]["env"] == {"MODE": "x"}
+    again.down()
 
 
 def test_cold_and_damaged_templates_boot_cold_and_say_why(template: Template, layout: Layout,
@@ -434,3 +465,34 @@ def test_suspend_and_resume(layout: Layout, fake: FakeBackend, image: Image, tmp
     vm.suspend()
     assert mvm.down("web", layout=layout).how == "not running"  # down of a suspended VM removes it
     _nothing_left(layout, fake)
+
+
+def test_a_detached_child_outlives_its_popen_without_a_warning(tmp_path: Path) -> None:
+    """QEMU outlives the ``up`` that spawned it: dropping the Popen must not warn (pytest
+    turns the ResourceWarning into an error), and the child is reaped by pid."""
+    import gc
+    import warnings
+
+    from mvm import _proc
+
+    proc = DEFAULT_RUNNER.spawn(["sleep", "30"], stdout=subprocess.DEVNULL, cwd=tmp_path)
+    pid, started = proc.pid, _proc.start_time(proc.pid)
+    _proc.detach(proc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        del proc
+        gc.collect()
+    assert _proc.alive(pid, started)
+    os.kill(pid, 9)
+    assert _proc.wait_gone(pid, started, 5.0)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left
+    helper = DEFAULT_RUNNER.spawn(["true"], stdout=subprocess.DEVNULL, cwd=tmp_path)  # a helper that ends
+    _proc.detach(helper)
+    helper_pid = helper.pid
+    del helper
+    deadline = time.monotonic() + 5
+    while helper_pid in _proc._DETACHED and time.monotonic() < deadline:
+        _proc.reap_detached()
+        time.sleep(0.02)
+    assert helper_pid not in _proc._DETACHED and not Path(f"/proc/{helper_pid}").exists()

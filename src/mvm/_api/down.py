@@ -54,10 +54,12 @@ def _stop(name: str, files: VMFiles, backend: Backend, machine: MachineRef, time
 
 
 def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None = None,
-         runner: Runner = DEFAULT_RUNNER) -> DownResult:
+         runner: Runner = DEFAULT_RUNNER, keep_logs: bool = True) -> DownResult:
     """Stop a VM and remove its runtime dir. Raises VMNotFound for an unknown name (the CLI
     reports that and exits 0, so ``mvmctl down`` can be repeated safely), StopFailed when
-    the machine cannot be stopped (the VM is then kept)."""
+    the machine cannot be stopped (the VM is then kept). ``keep_logs=False`` drops the VM's
+    logs with its dir instead of keeping them for ``mvmctl logs`` (the pytest plugin's
+    throwaway VMs)."""
     layout = layout or Layout.default()
     registry = Registry(layout)
     files = registry.files(name)
@@ -84,6 +86,7 @@ def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None 
         how = _stop(name, files, backend, machine, timeout)
     if backend.strays(files):  # a machine we could not see before (started meanwhile?)
         raise StopFailed(name, f"a machine still runs in {files.root}", hint=f"run `mvmctl down {name}` again")
-    logs.retain(files, layout.retained_logs / name)  # `mvmctl logs NAME` still works
+    if keep_logs:
+        logs.retain(files, layout.retained_logs / name)  # `mvmctl logs NAME` still works
     registry.remove(name)
     return DownResult(name=name, how=how)

@@ -222,8 +222,10 @@ class Launch:
                               runner=self.runner, stage=self.progress.stage)
 
     def write_boot_config(self, files: VMFiles, attached: volume_attach.Attached) -> None:
-        if self.plan.restore is None:  # a restored clone gets its config through `configure`
-            write_config_disk(files.config_disk, self.boot_config(attached))
+        """The config disk a cold boot reads. A restored clone gets its config through
+        ``configure`` instead and is not given the disk, but it is written all the same:
+        ``restart`` reads the ``-e`` values back from it."""
+        write_config_disk(files.config_disk, self.boot_config(attached))
 
     def boot_config(self, attached: volume_attach.Attached) -> dict[str, object]:
         return {"vm": self.plan.name, "env": self.plan.request.env, "volumes": attached.boot}

@@ -193,16 +193,22 @@ class VM:
             yield files, record, backend, record.machine.ref
 
     def wait_healthy(self, timeout: float, on_change: Callable[[GuestStatus], None] | None = None) -> GuestStatus:
-        """Block until every health check is healthy. Raise ServiceFailed as soon as a service
-        fails for good (or crash-loops), HealthTimeout naming the checks when time runs out."""
+        """Block until the guest reports every service and health check of the VM and every
+        check is healthy. (A clone restored from an ``agent`` template reports none until its
+        config is applied and its services start: an empty report is not "healthy".) Raise
+        ServiceFailed as soon as a service fails for good (or crash-loops), HealthTimeout
+        naming the checks when time runs out."""
         deadline = time.monotonic() + timeout
+        record = self.record()
         last: GuestStatus | None = None
         while True:
             status = self.guest_status()
             if on_change and (last is None or status.checks != last.checks):
                 on_change(status)
             last = status
-            if all(c.state == "healthy" for c in status.checks):
+            reported = {c.name for c in status.checks} | {s.name for s in status.services}
+            if set(record.checks) | set(record.services) <= reported and all(c.state == "healthy"
+                                                                           for c in status.checks):
                 return status
             failing = [svc for svc in status.services if svc.failing]
             if failing:  # no health will come: say why now, not after the whole timeout
@@ -220,7 +226,7 @@ class VM:
                     + (f", output: {c.last_output!r}" if c.last_output else "")
                     + ")"
                     for c in status.checks if c.state != "healthy"
-                )
+                ) or f"the guest has not reported {', '.join(sorted(set(record.checks) | set(record.services)))} yet"
                 raise HealthTimeout(
                     self.name,
                     f"not healthy after {timeout:g}s: {detail}",
@@ -284,11 +290,12 @@ class VM:
 
         return resume(self.name, layout=self.layout, runner=self.runner)
 
-    def down(self, timeout: float | None = None) -> DownResult:
+    def down(self, timeout: float | None = None, *, keep_logs: bool = True) -> DownResult:
+        """Stop the VM and forget it (see :func:`mvm.down`); its logs are kept unless ``keep_logs`` is false."""
         from .down import SHUTDOWN_TIMEOUT, down
 
         return down(self.name, timeout=SHUTDOWN_TIMEOUT if timeout is None else timeout, layout=self.layout,
-                    runner=self.runner)
+                    runner=self.runner, keep_logs=keep_logs)
 
 
 def _feed_stdin(session: agent.AgentSession, stdin: bytes | Iterable[bytes]) -> None:

@@ -148,6 +148,8 @@ class QemuBackend:
         finally:
             if state_fd is not None:
                 os.close(state_fd)
+        for child in (proc, *helpers):  # they run on after this call; reaped by pid
+            _proc.detach(child)
         return MachineRef(proc.pid, _proc.start_time(proc.pid))
 
     def _restore(self, proc: subprocess.Popen[bytes], files: VMFiles, spec: LaunchSpec, state_fd: int) -> None:
