@@ -2,14 +2,14 @@
 
 QEMU writes to a file as fast as the guest writes to its serial or event port, and a guest
 controls those ports: a cap inside the guest is no defence. So QEMU does not write files;
-it connects its two chardevs to this small process (one per VM, started just before QEMU,
-like conmon for a container), which appends to ``console.log`` and ``events.log`` and
-rotates each at its share of the VM's cap: the file becomes ``NAME.1`` (replacing the older
-one, whose bytes are dropped) and a new file starts with a line saying how much was
-dropped. Disk use per VM is bounded whatever the guest writes.
+its two chardevs are socket pairs whose other ends this small process holds (one per VM,
+started with QEMU, like conmon for a container). It appends to ``console.log`` and
+``events.log`` and rotates each at its share of the VM's cap: the file becomes ``NAME.1``
+(replacing the older one, whose bytes are dropped) and a new file starts with a line
+saying how much was dropped. Disk use per VM is bounded whatever the guest writes.
 
-It exits when QEMU closes both connections (QEMU exited), or when QEMU never connects. Run
-as ``python -m mvm._logshim DIR CAP_BYTES``; stdlib only, no mvm imports.
+It exits when both streams reach end-of-file: QEMU exited, or never started. Run as
+``python -m mvm._logshim DIR CAP_BYTES CONSOLE_FD EVENTS_FD``; stdlib only, no mvm imports.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import socket
 import sys
 import time
 
-#: stream -> (socket name, file name, share of the cap)
-STREAMS = {"console": ("con.sock", "console.log", 0.25), "events": ("ev.sock", "events.log", 0.75)}
-CONNECT_TIMEOUT = 60.0  # QEMU connects while it starts; one that never does has failed
+#: stream -> (file name, share of the cap)
+STREAMS = {"console": ("console.log", 0.25), "events": ("events.log", 0.75)}
 
 
 def rotated(name: str) -> str:
@@ -87,61 +86,34 @@ class Sink:
         os.close(self.fd)
 
 
-def serve(directory: str, cap: int) -> int:
+def serve(directory: str, cap: int, console_fd: int, events_fd: int) -> int:
     directory = os.path.abspath(directory)
     selector = selectors.DefaultSelector()
-    for stream, (sock_name, file_name, share) in STREAMS.items():
-        try:
-            os.unlink(os.path.join(directory, sock_name))
-        except FileNotFoundError:
-            pass
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o077)
-        try:
-            listener.bind(sock_name)  # relative: the VM dir is our cwd (socket paths stay short)
-        finally:
-            os.umask(old)
-        listener.listen(1)
-        listener.setblocking(False)
-        sink = Sink(directory, stream, file_name, int(cap * share / 2))
-        selector.register(listener, selectors.EVENT_READ, (True, listener, sink))
+    for stream, fd in (("console", console_fd), ("events", events_fd)):
+        file_name, share = STREAMS[stream]
+        conn = socket.socket(fileno=fd)
+        conn.setblocking(False)
+        selector.register(conn, selectors.EVENT_READ, (conn, Sink(directory, stream, file_name, int(cap * share / 2))))
     os.chdir("/")  # only QEMU has the VM dir as its cwd: that is how mvm finds a VM's QEMU
-    connected = closed = 0
-    deadline = time.monotonic() + CONNECT_TIMEOUT
-    while closed < len(STREAMS):
-        ready = selector.select(timeout=1.0)
-        if not ready and connected < len(STREAMS) and time.monotonic() > deadline:
-            break  # QEMU never came
-        for key, _ in ready:
-            accepting, sock, sink = key.data
-            if accepting:
-                conn, _ = sock.accept()
-                conn.setblocking(False)
-                selector.unregister(sock)
-                sock.close()
-                selector.register(conn, selectors.EVENT_READ, (False, conn, sink))
-                connected += 1
-                continue
+    open_streams = len(STREAMS)
+    while open_streams:
+        for key, _ in selector.select():
+            conn, sink = key.data
             try:
-                data = sock.recv(65536)
+                data = conn.recv(65536)
             except BlockingIOError:
                 continue
             except OSError:
                 data = b""
             if data:
                 sink.write(data)
-            else:
-                selector.unregister(sock)
-                sock.close()
+            else:  # QEMU ended (or never started)
+                selector.unregister(conn)
+                conn.close()
                 sink.close()
-                closed += 1
-    for sock_name, _, _ in STREAMS.values():
-        try:
-            os.unlink(os.path.join(directory, sock_name))
-        except FileNotFoundError:
-            pass
+                open_streams -= 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(serve(sys.argv[1], int(sys.argv[2])))
+    sys.exit(serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))

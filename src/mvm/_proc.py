@@ -75,6 +75,15 @@ def require_tool(name: str) -> str:
     return found
 
 
+@dataclass(frozen=True)
+class RunAs:
+    """The user a spawned child runs as (set before it runs, so it never holds root)."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
 class Runner(Protocol):
     def run(
         self,
@@ -97,6 +106,7 @@ class Runner(Protocol):
         cwd: Path | None = None,
         env: Mapping[str, str] | None = None,
         pass_fds: Sequence[int] = (),
+        user: RunAs | None = None,
     ) -> subprocess.Popen[bytes]: ...
 
 
@@ -197,8 +207,10 @@ class SubprocessRunner:
         cwd: Path | None = None,
         env: Mapping[str, str] | None = None,
         pass_fds: Sequence[int] = (),
+        user: RunAs | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start a long-lived child in its own session, detached from our terminal.
+        """Start a long-lived child in its own session, detached from our terminal, as
+        ``user`` if given (its cwd is entered before it changes user).
 
         ``pass_fds`` are inherited by the child (every other descriptor is closed).
         """
@@ -216,6 +228,9 @@ class SubprocessRunner:
             start_new_session=True,
             umask=0o077,  # sockets, logs and pid files it creates are private to the user
             pass_fds=tuple(pass_fds),
+            user=None if user is None else user.uid,
+            group=None if user is None else user.gid,
+            extra_groups=None if user is None else list(user.groups),
         )
 
 

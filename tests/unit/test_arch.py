@@ -25,6 +25,8 @@ from mvm.images.layer import Layer
 from mvm.paths import Layout, VMFiles
 from mvm.spec import GuestSpec, Service, parse_spec
 
+from .handoffs import NamingHandoff
+
 HOST = "x86_64"
 
 
@@ -52,7 +54,7 @@ def _opt(argv: list[str], flag: str) -> list[str]:
 
 
 def test_aarch64_tcg_argv_is_virt_with_virtio_pci_and_a_pl011_console() -> None:
-    argv = build_argv(_spec())
+    argv = build_argv(_spec(), NamingHandoff())
     assert argv[0] == "qemu-system-aarch64"
     assert _opt(argv, "-M") == ["virt"] and _opt(argv, "-cpu") == ["cortex-a72"]
     assert _opt(argv, "-accel") == ["tcg,tb-size=64"]  # 32 MiB costs an arm64 boot 1.2 s
@@ -67,7 +69,7 @@ def test_aarch64_tcg_argv_is_virt_with_virtio_pci_and_a_pl011_console() -> None:
 
 
 def test_aarch64_under_kvm_uses_the_host_cpu_and_keeps_kpti() -> None:
-    argv = build_argv(_spec(accel="kvm"))
+    argv = build_argv(_spec(accel="kvm"), NamingHandoff())
     assert _opt(argv, "-accel") == ["kvm"] and _opt(argv, "-cpu") == ["host"]
     assert _opt(argv, "-M") == ["virt,gic-version=host"]  # GICv3 hosts without GICv2 emulation
     assert "kpti=0" not in kernel_cmdline(_spec(accel="kvm"))
@@ -75,7 +77,7 @@ def test_aarch64_under_kvm_uses_the_host_cpu_and_keeps_kpti() -> None:
 
 def test_x86_64_profile_is_unchanged() -> None:
     spec = _spec(arch="x86_64", kernel=Path("/img/vmlinux"))
-    argv = build_argv(spec)
+    argv = build_argv(spec, NamingHandoff())
     assert argv[0] == "qemu-system-x86_64"
     assert _opt(argv, "-M") == ["microvm,pcie=on,rtc=on"] and _opt(argv, "-cpu") == ["qemu64,+rdrand,+arat"]
     line = kernel_cmdline(spec)
@@ -85,11 +87,13 @@ def test_x86_64_profile_is_unchanged() -> None:
 def test_both_profiles_share_the_agent_channel_forwards_and_template_devices() -> None:
     """What restore and the agent need is the same device set on both machines."""
     def tail(arch: str) -> list[str]:
-        argv = build_argv(_spec(arch=arch, memory_file=MemoryFile(Path("ram"), shared=True), hotplug_slots=2))
-        return argv[argv.index("-drive"):]
+        spec = _spec(arch=arch, memory_file=MemoryFile(Path("ram"), shared=True), hotplug_slots=2)
+        argv = build_argv(spec, NamingHandoff())
+        return argv[argv.index("-blockdev"):]
 
     assert tail("x86_64") == tail("aarch64")
-    argv = build_argv(_spec(memory_file=MemoryFile(Path("ram"), shared=True), hotplug_slots=2))
+    argv = build_argv(_spec(memory_file=MemoryFile(Path("ram"), shared=True), hotplug_slots=2),
+                      NamingHandoff())
     assert _opt(argv, "-M") == ["virt,memory-backend=mem"]
     assert "pcie-root-port,id=rp1,bus=pcie.0,chassis=2,slot=2" in _opt(argv, "-device")
     assert "hostfwd=tcp:127.0.0.1:8080-:80" in _opt(argv, "-netdev")[0]

@@ -312,15 +312,17 @@ def test_shares_add_virtiofs_devices_and_shared_memory(tmp_path: Path) -> None:
     from mvm.backends.qemu_argv import build_argv
     from mvm.paths import VMFiles
 
+    from .handoffs import NamingHandoff
+
     spec = LaunchSpec(name="d", files=VMFiles(tmp_path), kernel=tmp_path / "k", initrd=None,
                       rootfs=tmp_path / "r", cpus=1, memory=768, accel="tcg",
                       shares=[Share("mvm-project", tmp_path)])
-    argv = build_argv(spec, "qemu")
+    argv = build_argv(spec, NamingHandoff(), "qemu")
     assert argv[argv.index("-M") + 1].endswith(",memory-backend=mem")
     assert "memory-backend-memfd,id=mem,size=768M,share=on" in argv
     assert "vhost-user-fs-pci,chardev=fs0,tag=mvm-project" in argv
     plain = build_argv(LaunchSpec(name="d", files=VMFiles(tmp_path), kernel=tmp_path / "k", initrd=None,
-                                  rootfs=tmp_path / "r", cpus=1, memory=768, accel="tcg"), "qemu")
+                                  rootfs=tmp_path / "r", cpus=1, memory=768, accel="tcg"), NamingHandoff(), "qemu")
     assert not any("memory-backend" in a for a in plain)
 
 

@@ -109,7 +109,7 @@ def test_up_forward_exec_down(layout: Layout, fake: FakeBackend, image: Image) -
     assert (result.exit_code, result.stdout) == (0, b"echo hi\n")
     assert vm.guest_status().health == "healthy"
 
-    assert vm.down().how == "stopped by the guest"
+    assert vm.down().how == "shut down cleanly"
     _nothing_left(layout, fake)
     with pytest.raises(VMNotFound):
         mvm.down("web", layout=layout)
@@ -244,7 +244,7 @@ def test_down_of_a_machine_that_will_not_die_keeps_the_vm(layout: Layout, fake: 
     (row,) = mvm.ls(layout=layout)
     assert row.name == "web" and row.status is mvm.VMStatus.STOPPING  # still listed: down can be retried
     fake.unkillable = False
-    assert mvm.down("web", layout=layout).how == "stopped by the guest"
+    assert mvm.down("web", layout=layout).how == "shut down cleanly"
     _nothing_left(layout, fake)
     del vm
 

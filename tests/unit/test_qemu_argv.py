@@ -1,17 +1,28 @@
-from pathlib import Path
+from __future__ import annotations
 
-from mvm.backends.base import Disk, LaunchSpec, PortForward
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from mvm.backends.base import Disk, LaunchSpec, MemoryFile, PortForward
 from mvm.backends.qemu_argv import build_argv, kernel_cmdline
+from mvm.backends.qemu_handoff import Handoff
 from mvm.paths import VMFiles
+
+from .handoffs import NamingHandoff
 
 
 def _spec(**kw: object) -> LaunchSpec:
     base = dict(
         name="web", files=VMFiles(Path("/state/vms/web")), kernel=Path("/img/vmlinux"),
-        initrd=Path("/img/initrd"), rootfs=Path("/img/rootfs.ext4"), cpus=2, memory=256, accel="tcg",
+        initrd=Path("/img/initrd"), rootfs=Path("/state/vms/web/root.qcow2"),
+        root_backing=(Path("/img/rootfs.ext4"),), cpus=2, memory=256, accel="tcg",
         ports=[PortForward(8080, 80), PortForward(5353, 53, "0.0.0.0", "udp")],
         disks=[Disk(Path("/vol/data.ext4"), "vol0", False), Disk(Path("/vm/cfg.ext4"), "vol1", True)],
-        config_disk=Path("config.img"),
+        config_disk=Path("/state/vms/web/config.img"),
     )
     base.update(kw)
     return LaunchSpec(**base)  # type: ignore[arg-type]
@@ -21,8 +32,12 @@ def _opt(argv: list[str], flag: str) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
 
 
+def _nodes(argv: list[str]) -> dict[str, dict[str, Any]]:
+    return {doc["node-name"]: doc for doc in map(json.loads, _opt(argv, "-blockdev"))}
+
+
 def test_tcg_argv_uses_microvm_rdrand_and_pvh_kernel() -> None:
-    argv = build_argv(_spec())
+    argv = build_argv(_spec(), NamingHandoff())
     assert _opt(argv, "-M") == ["microvm,pcie=on,rtc=on"]
     assert _opt(argv, "-accel")[0].startswith("tcg")
     assert _opt(argv, "-cpu") == ["qemu64,+rdrand,+arat"]
@@ -32,36 +47,87 @@ def test_tcg_argv_uses_microvm_rdrand_and_pvh_kernel() -> None:
 
 
 def test_kvm_argv_uses_host_cpu() -> None:
-    argv = build_argv(_spec(accel="kvm"))
+    argv = build_argv(_spec(accel="kvm"), NamingHandoff())
     assert _opt(argv, "-accel") == ["kvm"] and _opt(argv, "-cpu") == ["host"]
 
 
-def test_only_the_root_drive_is_a_snapshot() -> None:
-    drives = _opt(build_argv(_spec()), "-drive")
-    assert "snapshot=on" in drives[0] and "/img/rootfs.ext4" in drives[0]
-    assert all("snapshot" not in d for d in drives[1:])
-    assert "readonly=on" in drives[1] and "config.img" in drives[1]  # the runtime config disk
-    assert "readonly=on" not in drives[2] and "readonly=on" in drives[3]
-    devices = _opt(build_argv(_spec()), "-device")
-    serials = [d.split("serial=")[1] for d in devices if "serial=" in d]
-    assert serials == ["root", "mvm-config", "vol0", "vol1"]
+def test_the_root_chain_is_explicit_and_only_the_vms_own_layer_is_written() -> None:
+    spec = _spec(root_backing=(Path("/tpl/ready.qcow2"), Path("/img/rootfs.ext4")))
+    nodes = _nodes(build_argv(spec, NamingHandoff()))
+    root, tpl, base = nodes["d0"], nodes["base1"], nodes["base0"]
+    assert root["driver"] == "qcow2" and root["backing"] == "base1" and not root["read-only"]
+    assert root["file"]["filename"] == "<rw:/state/vms/web/root.qcow2>"
+    assert tpl["driver"] == "qcow2" and tpl["backing"] == "base0" and tpl["read-only"]
+    assert tpl["file"]["filename"] == "<ro:/tpl/ready.qcow2>"
+    assert base["driver"] == "raw" and base["read-only"] and base["file"]["filename"] == "<ro:/img/rootfs.ext4>"
+    assert "backing" not in base  # a raw node has none
+
+
+def test_drives_in_order_with_their_serials_and_modes() -> None:
+    argv = build_argv(_spec(), NamingHandoff())
+    nodes = _nodes(argv)
+    assert nodes["d1"]["read-only"] and nodes["d1"]["file"]["filename"] == "<ro:/state/vms/web/config.img>"
+    assert not nodes["d2"]["read-only"] and nodes["d2"]["file"]["filename"] == "<rw:/vol/data.ext4>"
+    assert nodes["d3"]["read-only"] and nodes["d3"]["file"]["filename"] == "<ro:/vm/cfg.ext4>"
+    devices = [d for d in _opt(argv, "-device") if d.startswith("virtio-blk-pci")]
+    assert [d.split("drive=")[1].split(",")[0] for d in devices] == ["d0", "d1", "d2", "d3"]  # root is vda
+    assert [d.split("serial=")[1].split(",")[0] for d in devices] == ["root", "mvm-config", "vol0", "vol1"]
+    assert all("write-cache=on" in d for d in devices)
+    assert len(_opt(argv, "-add-fd")) == 5  # every image arrives as a descriptor
+
+
+def test_hot_plugged_disks_come_back_in_their_slots() -> None:
+    spec = _spec(disks=[Disk(Path("/vol/data.ext4"), "vol0", False, slot=1)], hotplug_slots=2)
+    argv = build_argv(spec, NamingHandoff())
+    assert _nodes(argv)["hp1"]["file"]["filename"] == "<rw:/vol/data.ext4>"
+    assert "virtio-blk-pci,drive=hp1,id=disk-hp1,bus=rp1,serial=vol0,write-cache=on" in _opt(argv, "-device")
 
 
 def test_port_forwards_bind_the_given_address() -> None:
-    netdev = _opt(build_argv(_spec()), "-netdev")[0]
+    netdev = _opt(build_argv(_spec(), NamingHandoff()), "-netdev")[0]
     assert "hostfwd=tcp:127.0.0.1:8080-:80" in netdev
     assert "hostfwd=udp:0.0.0.0:5353-:53" in netdev
 
 
-def test_sockets_are_relative_and_sandboxed() -> None:
-    argv = build_argv(_spec())
-    assert _opt(argv, "-qmp") == ["unix:qmp.sock,server=on,wait=off"]
+def test_qemu_opens_no_path_itself_and_is_sandboxed() -> None:
+    handoff = NamingHandoff()
+    argv = build_argv(_spec(memory_file=MemoryFile(Path("/tpl/ready.ram"), shared=False)), handoff)
     chardevs = _opt(argv, "-chardev")
-    # the console and events go to the VM's log shim, never straight to a file
-    assert "socket,id=ev,path=ev.sock" in chardevs and "socket,id=con,path=con.sock" in chardevs
-    assert not [c for c in chardevs if c.startswith("file,")]
-    assert any(c.startswith("socket,id=c0,path=c0.sock,server=on") for c in chardevs)
-    assert _opt(argv, "-sandbox")[0].startswith("on")
+    # sockets are mvm's, passed in: the monitor and control ports listening, the console and
+    # events one end of a pair whose other end is the log shim's
+    assert not [c for c in chardevs if "path=" in c or c.startswith("file,")]
+    assert sorted(handoff.sockets.values()) == sorted(
+        ["listen:qmp.sock", "pair:console", "pair:events", *(f"listen:c{i}.sock" for i in range(4))])
+    assert _opt(argv, "-mon") == ["chardev=mon,mode=control"]
+    assert "mem-path=/tpl/ready.ram,share=off" in _opt(argv, "-object")[0]
+    assert _opt(argv, "-sandbox")[0].startswith("on") and "elevateprivileges=deny" in _opt(argv, "-sandbox")[0]
+
+
+def test_the_real_handoff_opens_each_file_with_its_access_mode(tmp_path: Path) -> None:
+    for name in ("root.qcow2", "rootfs.ext4", "config.img", "vmlinux"):
+        (tmp_path / name).write_bytes(b"x")
+    spec = _spec(files=VMFiles(tmp_path), kernel=tmp_path / "vmlinux", initrd=None, rootfs=tmp_path / "root.qcow2",
+                 root_backing=(tmp_path / "rootfs.ext4",), config_disk=tmp_path / "config.img", disks=[])
+    with Handoff() as handoff:
+        argv = build_argv(spec, handoff)
+        fdsets = {f"/dev/fdset/{opt.split('set=')[1]}": int(opt.split(",")[0][3:]) for opt in _opt(argv, "-add-fd")}
+        nodes = _nodes(argv)
+        for node, want in (("d0", os.O_RDWR), ("base0", os.O_RDONLY), ("d1", os.O_RDONLY)):
+            fd = fdsets[nodes[node]["file"]["filename"]]
+            assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == want, node
+        kernel = _opt(argv, "-kernel")[0]
+        assert os.path.samefile(kernel, tmp_path / "vmlinux")
+        assert (tmp_path / "qmp.sock").is_socket() and (tmp_path / "qmp.sock").stat().st_mode & 0o777 == 0o600
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(str(tmp_path / "c0.sock"))  # listening already, before QEMU exists
+        assert set(handoff.peers) == {"console", "events"}
+        opened = list(handoff.fds)
+    for fd in opened:  # closed once handed over
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        raise AssertionError(f"fd {fd} still open")
 
 
 def test_cmdline_boots_mvm_init_quietly() -> None:

@@ -49,7 +49,7 @@ def _stop(name: str, files: VMFiles, backend: Backend, machine: MachineRef, time
     except MvmError:
         return backend.stop(files, machine, 5.0)  # no agent: straight to the hypervisor's rungs
     if _wait_gone(backend, machine, timeout):
-        return "stopped by the guest"
+        return "shut down cleanly"
     return backend.stop(files, machine, 5.0)
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from .. import backends
 from .._proc import DEFAULT_RUNNER, Runner
-from ..backends.base import Backend
+from ..backends.base import Backend, LaunchSpec, MachineRef
+from ..errors import BootError
 from ..paths import VMFiles
-from ..runtime import logs, states
+from ..runtime import logs, machine_users, states
 from ..runtime.registry import VMRecord
 from ..runtime.states import VMStatus
 from .models import GuestStatus, MountInfo, PortInfo, VMInfo
@@ -17,6 +19,24 @@ from .models import GuestStatus, MountInfo, PortInfo, VMInfo
 def backend_for(record: VMRecord, runner: Runner = DEFAULT_RUNNER) -> Backend:
     """The backend that runs the recorded VM (by ``record.backend``), with ``runner``."""
     return backends.get(record.backend, runner)
+
+
+def start_confined(backend: Backend, spec: LaunchSpec) -> MachineRef:
+    """Start ``spec``, as a user of its own when mvm is root (:mod:`~mvm.runtime.machine_users`):
+    the machine holds the lease on that user for as long as it runs."""
+    lease = machine_users.lease(spec.name)
+    if lease is None:
+        return backend.start(spec)
+    if spec.accel == "kvm" and machine_users.kvm_group() is None:
+        lease.release()
+        raise BootError(spec.name, "KVM works for root here, but QEMU runs as a user of its own and /dev/kvm is "
+                        "open to no group it could be in",
+                        hint="give /dev/kvm to a group (`chgrp kvm /dev/kvm && chmod 660 /dev/kvm`, as udev "
+                        "does on most distributions), or use --hypervisor qemu-tcg")
+    try:
+        return backend.start(dataclasses.replace(spec, run_as=lease.run_as, hold_fds=(*spec.hold_fds, lease.fd)))
+    finally:
+        lease.release()
 
 
 def machine_alive(record: VMRecord, backend: Backend) -> bool:

@@ -187,7 +187,7 @@ class ExecResult:
 
 class DownResult(_Model):
     name: str
-    how: str  #: gone, stopped by the guest, quit, terminated, killed, not running
+    how: str  #: gone, shut down cleanly (the guest, on request), quit, terminated, killed, not running
 
 
 class ServiceUsage(_Model):

@@ -15,14 +15,14 @@ import os
 import time
 
 from .._proc import DEFAULT_RUNNER, Runner
-from ..backends.base import Incoming, spec_from_json
+from ..backends.base import LAUNCH_SCHEMA, Incoming, spec_from_json
 from ..errors import StateError, VMError, VMNotRunning
 from ..paths import Layout
 from ..runtime import agent
 from ..runtime.registry import ProcessRecord, Registry
 from ..runtime.states import VMStatus
 from ..volumes.store import Holder, VolumeStore
-from .machines import backend_for, status_of
+from .machines import backend_for, start_confined, status_of
 from .models import VMInfo
 from .vm import VM
 
@@ -52,14 +52,18 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
     with registry.transaction(name) as (files, record):
         if record.phase != "suspended" or not files.saved_state.is_file():
             raise VMError(name, f"VM {name!r} is not suspended", hint="see `mvmctl ls`")
-        spec = spec_from_json(json.loads(files.launch.read_text())["spec"], files)
+        launch = json.loads(files.launch.read_text())
+        if launch.get("schema_version") != LAUNCH_SCHEMA:
+            raise VMError(name, f"VM {name!r} was suspended by another version of mvm and cannot be resumed",
+                          hint=f"`mvmctl down {name}` discards the saved machine (its volumes are kept)")
+        spec = spec_from_json(launch["spec"], files)
         spec.incoming = Incoming(files.saved_state, ignore_shared=False)
         locks = [store.lock(v.volume, f"{v.host} ({v.volume})", attaching=True)
                  for v in record.volumes if v.volume is not None]
         try:
             spec.hold_fds = tuple(lock.fd for lock in locks)
             backend = backend_for(record, runner)
-            machine = backend.start(spec)
+            machine = start_confined(backend, spec)
             for v in record.volumes:
                 if v.volume is not None:
                     store.set_holder(v.volume, Holder(what=f"VM {name!r} (pid {machine.pid})", vm=name,

@@ -28,7 +28,7 @@ from ..backends.base import SAVE_RESTORE, Backend, LaunchSpec, MachineRef, Machi
 from ..errors import MvmError, UsageError
 from ..images.store import Image, ImageStore
 from ..paths import Layout, VMFiles
-from ..runtime import agent
+from ..runtime import agent, machine_users
 from ..runtime.templates import (
     HOTPLUG_SLOTS,
     TEMPLATE_KERNEL_ARGS,
@@ -40,6 +40,7 @@ from ..runtime.templates import (
     TemplateStore,
     template_key,
 )
+from .machines import start_confined
 from .models import TemplateInfo
 from .progress import Progress, Quiet
 
@@ -190,15 +191,17 @@ def _boot_and_save(image: Image, cpus: int, memory: int, key: str, staging: Path
     runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.rootfs, root],
                desc="creating the template's root disk")
     ram = staging / "ram"
+    _ram_file_for_vms(ram)
     spec = LaunchSpec(name=name, files=files, kernel=image.kernel, initrd=image.initrd, rootfs=root,
-                      cpus=cpus, memory=memory, accel=verdict.accel, arch=image.manifest.arch,
-                      root_format="qcow2", root_snapshot=False, memory_file=MemoryFile(ram, shared=True),
+                      root_backing=(image.rootfs,), cpus=cpus, memory=memory, accel=verdict.accel,
+                      arch=image.manifest.arch, memory_file=MemoryFile(ram, shared=True),
                       hotplug_slots=HOTPLUG_SLOTS, kernel_args=TEMPLATE_KERNEL_ARGS)
-    machine = backend.start(spec)
+    machine = start_confined(backend, spec)
     agent.wait_ready(files, name, 90.0, lambda: backend.alive(machine))
     prog.stage("saving the template (agent ready)")
     backend.save(files, machine, staging / "agent.state")
     _copy(ram, staging / "agent.ram", runner)
+    _ram_file_for_vms(staging / "agent.ram")
     shutil.copyfile(root, staging / "agent.qcow2")
     for log_name in ("console.log", "events.log"):
         shutil.copyfile(files.root / log_name, staging / f"agent.{log_name}")
@@ -215,6 +218,19 @@ def _boot_and_save(image: Image, cpus: int, memory: int, key: str, staging: Path
     for log_name in ("console.log", "events.log"):
         shutil.copyfile(files.root / log_name, staging / f"ready.{log_name}")
     return machine, ["agent", "ready"]
+
+
+def _ram_file_for_vms(path: Path) -> None:
+    """A template's RAM file, which every VM's QEMU opens (read-write, though a clone maps it
+    copy-on-write): the group all their users share (runtime/machine_users), no one else."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+    try:
+        group = machine_users.shared_group()
+        if group is not None:
+            os.fchown(fd, 0, group)
+        os.fchmod(fd, 0o660 if group is not None else 0o600)
+    finally:
+        os.close(fd)
 
 
 def _copy(src: Path, dest: Path, runner: Runner) -> None:

@@ -22,11 +22,13 @@ import time
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .. import backends
 from .._atomic import write_json_atomic
 from .._proc import DEFAULT_RUNNER, Runner, tail_file
 from ..backends.base import (
+    LAUNCH_SCHEMA,
     AccelPreference,
     Backend,
     Incoming,
@@ -49,7 +51,7 @@ from ..runtime.templates import TEMPLATE_KERNEL_ARGS, TemplateStore
 from ..volumes import attach as volume_attach
 from . import templates
 from .build import build_image
-from .machines import backend_for, status_of
+from .machines import backend_for, start_confined, status_of
 from .options import parse_env, parse_port
 from .progress import Progress, Quiet
 from .templates import Restore
@@ -230,12 +232,19 @@ class Launch:
     def boot_config(self, attached: volume_attach.Attached) -> dict[str, object]:
         return {"vm": self.plan.name, "env": self.plan.request.env, "volumes": attached.boot}
 
+    def root_backing(self) -> tuple[Path, ...]:
+        """What the VM's own root disk is a layer over, top down (LaunchSpec.root_backing)."""
+        restore = self.plan.restore
+        if restore is None:
+            return (self.plan.image.rootfs,)
+        return (restore.template.root(restore.kind), self.plan.image.rootfs)
+
     def create_root(self, files: VMFiles) -> None:
         """The VM's own copy-on-write layer over the image's root disk (or the template's);
         the cached image is never written. A clone also starts its logs with the template's."""
         restore = self.plan.restore
-        backing, fmt = ((restore.template.root(restore.kind), "qcow2") if restore
-                        else (self.plan.image.rootfs, "raw"))
+        backing = self.root_backing()[0]
+        fmt = "qcow2" if restore else "raw"
         self.runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", backing, files.root_disk],
                         desc="creating the VM's root disk")
         os.chmod(files.root_disk, 0o600)  # like every file in the VM dir
@@ -247,7 +256,7 @@ class Launch:
         plan, record, restore = self.plan, self.plan.record, self.plan.restore
         spec = LaunchSpec(
             name=plan.name, files=files, kernel=plan.image.kernel, initrd=plan.image.initrd,
-            rootfs=files.root_disk, root_format="qcow2", root_snapshot=False, cpus=record.cpus,
+            rootfs=files.root_disk, root_backing=self.root_backing(), cpus=record.cpus,
             memory=record.memory, accel=record.accel,  # type: ignore[arg-type]
             arch=plan.image.manifest.arch, ports=plan.request.forwards, hold_fds=attached.hold_fds,
             shares=plan.request.shares,
@@ -263,7 +272,7 @@ class Launch:
             spec.kernel_args = TEMPLATE_KERNEL_ARGS
             self.progress.stage(f"restoring ({record.accel}, {restore.kind} template)")
         self.spec = spec
-        machine = plan.backend.start(spec)
+        machine = start_confined(plan.backend, spec)
         undo.callback(self._stop_after_failure, files, machine)
         attached.held_by(machine.pid, machine.start_time)
 
@@ -307,7 +316,7 @@ class Launch:
 
     def record_launch(self, files: VMFiles) -> None:
         """How the machine runs now, so ``resume`` can start it the same way."""
-        write_json_atomic(files.launch, {"schema_version": 1, "spec": spec_to_json(self.spec)}, mode=0o600)
+        write_json_atomic(files.launch, {"schema_version": LAUNCH_SCHEMA, "spec": spec_to_json(self.spec)}, mode=0o600)
 
     def mark_running(self) -> None:
         self.registry.update(self.plan.name, lambda r: setattr(r, "phase", "running"))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from .._proc import RunAs as RunAs
 from ..names import Arch as Arch
 from ..paths import VMFiles
 
@@ -159,10 +160,11 @@ class LaunchSpec:
     #: volume locks (``flock``), which are thereby released exactly when the VM process ends.
     hold_fds: tuple[int, ...] = ()
     shares: list[Share] = field(default_factory=list)
-    #: The root disk: a raw image under a throwaway overlay (``snapshot``), or a qcow2 file of
-    #: this VM's own (a clone's copy-on-write layer over its template's disk).
-    root_format: Literal["raw", "qcow2"] = "raw"
-    root_snapshot: bool = True
+    #: What ``rootfs`` (the VM's own qcow2, written) is a copy-on-write layer over, top
+    #: down, all read-only: a template's qcow2 disk, then the image's raw ``rootfs.ext4``
+    #: (the last one is raw, the others qcow2). Given explicitly, so the backend never
+    #: follows a path written in a qcow2 header.
+    root_backing: tuple[Path, ...] = ()
     memory_file: MemoryFile | None = None
     #: Empty slots for disks attached later (:meth:`Backend.attach_disk`); part of the device
     #: set, so a template and its clones must agree on it.
@@ -172,6 +174,8 @@ class LaunchSpec:
     #: The most the VM's console and event logs may take on the host, in bytes, whatever
     #: the guest writes (older output is dropped first).
     log_limit: int = 64 * 1024 * 1024
+    #: None: the machine runs as mvm's own user.
+    run_as: RunAs | None = None
 
 
 class Backend(Protocol):
@@ -250,11 +254,16 @@ class Backend(Protocol):
         ...
 
 
+#: The format of :func:`spec_to_json` (the VM dir's ``launch.json``). 2: the root disk's
+#: backing chain is explicit.
+LAUNCH_SCHEMA = 2
+
+
 def spec_to_json(spec: LaunchSpec) -> dict[str, Any]:
     """What is needed to start the same machine again (``resume``), as JSON. The held
-    descriptors are not: they are taken again."""
+    descriptors and the user are not: they are taken again."""
     doc = dataclasses.asdict(spec)
-    for key in ("files", "hold_fds", "incoming"):
+    for key in ("files", "hold_fds", "incoming", "run_as"):
         doc.pop(key)
     result: dict[str, Any] = json.loads(json.dumps(doc, default=str))
     return result
@@ -273,7 +282,7 @@ def spec_from_json(doc: dict[str, Any], files: VMFiles) -> LaunchSpec:
                for d in doc.get("disks") or []],
         config_disk=path(doc.get("config_disk")), init=doc.get("init", "/usr/lib/mvm/init"),
         shares=[Share(tag=s["tag"], path=Path(s["path"])) for s in doc.get("shares") or []],
-        root_format=doc.get("root_format", "raw"), root_snapshot=doc.get("root_snapshot", True),
+        root_backing=tuple(Path(p) for p in doc.get("root_backing") or ()),
         memory_file=MemoryFile(Path(memory["path"]), memory["shared"]) if memory else None,
         hotplug_slots=doc.get("hotplug_slots", 0), kernel_args=tuple(doc.get("kernel_args") or ()),
         log_limit=doc.get("log_limit", 64 * 1024 * 1024),

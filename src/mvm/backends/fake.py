@@ -214,8 +214,8 @@ class FakeBackend:
         ref = MachineRef(next(_PIDS), int(time.monotonic()))
         spec.files.console_log.touch()
         spec.files.events_log.touch()
-        if spec.memory_file is not None and spec.memory_file.shared and not spec.memory_file.path.exists():
-            with open(spec.memory_file.path, "wb") as ram:  # guest RAM in a file, as QEMU makes it
+        if spec.memory_file is not None and spec.memory_file.shared:
+            with open(spec.memory_file.path, "r+b") as ram:  # guest RAM in a file, as QEMU sizes it
                 ram.truncate(spec.memory * 1024 * 1024)
         guest = FakeGuest(spec.files, spec, answers=self.agent_answers,
                           on_shutdown=lambda: self._power_off(ref.pid), status=self.status)

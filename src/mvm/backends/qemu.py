@@ -15,13 +15,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from .. import _proc
 from .._proc import DEFAULT_RUNNER, Runner, require_tool, tail_file
 from ..errors import BootError, PortInUse, RestoreFailed, StopFailed, UsageError, VMError, VolumeError
-from ..guest import protocol
 from ..paths import VMFiles
 from . import accel
 from .base import (
@@ -40,7 +40,8 @@ from .base import (
     Preflight,
     Saved,
 )
-from .qemu_argv import build_argv, hostfwd_rule, hotplug_node, hotplug_port, profile, share_socket
+from .qemu_argv import build_argv, disk_node, hostfwd_rule, hotplug_node, hotplug_port, profile, share_socket
+from .qemu_handoff import Handoff
 from .qmp import QMP
 
 START_TIMEOUT = 10.0
@@ -118,37 +119,32 @@ class QemuBackend:
 
     def start(self, spec: LaunchSpec) -> MachineRef:
         qemu = require_tool(profile(spec.arch).binary)
+        files = spec.files
         # Ports were checked by `up` before the build; one taken since then makes QEMU fail,
         # and _raise_start_failure turns that into the same PortInUse.
-        argv = build_argv(spec, qemu)
-        files = spec.files
-        helpers = [self._start_log_shim(spec)]
-        try:
-            helpers += self._start_shares(spec)
-        except BaseException:
-            kill_all(helpers)
-            raise
-        state_fd = os.open(spec.incoming.state, os.O_RDONLY) if spec.incoming else None
-        try:
-            fd = os.open(files.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            fds = spec.hold_fds + ((state_fd,) if state_fd is not None else ())
-            with os.fdopen(fd, "ab") as log_file:
-                proc = self.runner.spawn(argv, stdout=log_file, cwd=files.root, pass_fds=fds)
-            try:
-                self._wait_started(proc, files, spec)
-                if spec.incoming is not None:
-                    assert state_fd is not None
-                    self._restore(proc, files, spec, state_fd)
-            except BaseException:
-                kill_all([proc])
-                raise
-        except BaseException:
-            kill_all(helpers)
-            raise
-        finally:
+        with ExitStack() as undo, Handoff() as handoff:
+            helpers = self._start_shares(spec)
+            undo.callback(kill_all, helpers)
+            argv = build_argv(spec, handoff, qemu)
+            shim = self._start_log_shim(spec, handoff)
+            undo.callback(kill_all, [shim])
+            state_fd = os.open(spec.incoming.state, os.O_RDONLY | os.O_CLOEXEC) if spec.incoming else None
             if state_fd is not None:
-                os.close(state_fd)
-        for child in (proc, *helpers):  # they run on after this call; reaped by pid
+                undo.callback(os.close, state_fd)
+            fds = [*spec.hold_fds, *handoff.fds, *([state_fd] if state_fd is not None else [])]
+            fd = os.open(files.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "ab") as log_file:
+                proc = self.runner.spawn(argv, stdout=log_file, cwd=files.root, pass_fds=fds, user=spec.run_as)
+            undo.callback(kill_all, [proc])
+            handoff.close()  # QEMU has them; the shim sees end-of-file when QEMU ends
+            self._wait_started(proc, files, spec)
+            if spec.incoming is not None:
+                assert state_fd is not None
+                self._restore(proc, files, spec, state_fd)
+            undo.pop_all()
+        if state_fd is not None:
+            os.close(state_fd)
+        for child in (proc, shim, *helpers):  # they run on after this call; reaped by pid
             _proc.detach(child)
         return MachineRef(proc.pid, _proc.start_time(proc.pid))
 
@@ -197,31 +193,25 @@ class QemuBackend:
     def attach_disk(self, files: VMFiles, machine: MachineRef, disk: Disk, slot: int) -> None:
         node = hotplug_node(slot)
         with QMP(files.qmp, files.root.name, timeout=10.0) as qmp:
-            qmp.command("blockdev-add", **{"node-name": node, "driver": "raw", "read-only": disk.readonly,
-                                           "file": {"driver": "file", "filename": str(disk.path),
-                                                    "read-only": disk.readonly}})
+            with Handoff() as handoff:
+                doc = disk_node(disk, node, handoff)
+                fdset = 100 + slot  # fdsets 1.. are the command line's
+                qmp.add_fd(handoff.fds[0], fdset)
+                doc["file"]["filename"] = f"/dev/fdset/{fdset}"
+                qmp.command("blockdev-add", **doc)
             qmp.command("device_add", driver="virtio-blk-pci", id=f"disk-{node}", drive=node,
                         bus=hotplug_port(slot), serial=disk.serial)
 
-    def _start_log_shim(self, spec: LaunchSpec) -> subprocess.Popen[bytes]:
-        """The VM's log shim (mvm._logshim): QEMU connects its console and event chardevs to
-        it, and it keeps them on disk within ``spec.log_limit``. It ends when QEMU does."""
+    def _start_log_shim(self, spec: LaunchSpec, handoff: Handoff) -> subprocess.Popen[bytes]:
+        """The VM's log shim (mvm._logshim): it holds the other ends of QEMU's console and
+        event streams and keeps them on disk within ``spec.log_limit``. It ends when QEMU
+        does (end-of-file on both), or at once if QEMU never starts."""
         files = spec.files
+        peers = [handoff.peers["console"], handoff.peers["events"]]
         fd = os.open(files.root / "logshim.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "ab") as log_file:
-            shim = self.runner.spawn([sys.executable, "-m", "mvm._logshim", str(files.root), str(spec.log_limit)],
-                                     stdout=log_file, cwd=files.root)
-        deadline = time.monotonic() + START_TIMEOUT
-        try:
-            while not all((files.root / name).exists() for name in ("con.sock", "ev.sock")):
-                if shim.poll() is not None or time.monotonic() > deadline:
-                    raise BootError(spec.name, "the VM's log shim did not start",
-                                    output=tail_file(files.root / "logshim.log"))
-                time.sleep(0.005)
-        except BaseException:  # ctrl-C included: a shim left waiting would hold the VM dir
-            kill_all([shim])
-            raise
-        return shim
+            return self.runner.spawn([sys.executable, "-m", "mvm._logshim", str(files.root), str(spec.log_limit),
+                                      *map(str, peers)], stdout=log_file, cwd=files.root, pass_fds=peers)
 
     def _start_shares(self, spec: LaunchSpec) -> list[subprocess.Popen[bytes]]:
         """One virtiofsd per share. Each serves one QEMU connection and exits when QEMU does."""
@@ -257,37 +247,27 @@ class QemuBackend:
         return helpers
 
     def _wait_started(self, proc: subprocess.Popen[bytes], files: VMFiles, spec: LaunchSpec) -> None:
-        """Return once QEMU listens on its sockets; raise with its log if it died."""
+        """Return once QEMU answers on its monitor; raise with its log if it died first.
+
+        QEMU greets on QMP from its monitor thread before it opens the drives, and answers a
+        command only from its main loop, once the machine is set up: waiting for the answer
+        turns a late start-up failure (a volume image locked by another QEMU) into QEMU's own
+        error here, instead of an agent timeout later. A QEMU that is alive but slower than
+        this (a loaded host) is left to the agent wait."""
         deadline = time.monotonic() + START_TIMEOUT
-        wanted = [files.qmp] + [files.control(i) for i in range(protocol.CONTROL_PORTS)]
-        while time.monotonic() < deadline:
+        while (left := deadline - time.monotonic()) > 0:
             code = proc.poll()
             if code is not None:
                 self._raise_start_failure(spec, files, code)
-            if all(p.exists() for p in wanted):
-                self._wait_initialised(proc, files, spec, deadline)
+            try:
+                with QMP(files.qmp, spec.name, timeout=min(left, 2.0)) as qmp:
+                    qmp.command("query-status")
                 return
-            time.sleep(0.005)
-        raise BootError(spec.name, f"QEMU did not open its sockets within {START_TIMEOUT:.0f}s",
-                        output=tail_file(files.qemu_log))
-
-    def _wait_initialised(self, proc: subprocess.Popen[bytes], files: VMFiles, spec: LaunchSpec,
-                          deadline: float) -> None:
-        """QEMU creates its sockets (and greets on QMP, from its monitor thread) before it opens
-        the drives; it answers a QMP command only from its main loop, once the machine is set
-        up. Waiting for that answer turns a late start-up failure (a volume image locked by
-        another QEMU) into QEMU's own error here, instead of an agent timeout later."""
-        try:
-            with QMP(files.qmp, spec.name, timeout=max(0.5, deadline - time.monotonic())) as qmp:
-                qmp.command("query-status")
-            return
-        except VMError:  # no answer (yet): did QEMU die? Otherwise the agent wait decides.
-            pass
-        try:
-            code = proc.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            return
-        self._raise_start_failure(spec, files, code)
+            except VMError:  # not answering yet, or it died: the poll above tells
+                time.sleep(0.01)
+        code = proc.poll()
+        if code is not None:
+            self._raise_start_failure(spec, files, code)
 
     def _raise_start_failure(self, spec: LaunchSpec, files: VMFiles, code: int) -> None:
         text = tail_file(files.qemu_log)

@@ -20,20 +20,25 @@ Choices, each measured (DESIGN.md, research/spike.md):
   halves it with no measurable cost to boot time, and is what lets clones of a template
   share most of their memory (summed PSS of 10 clones ~0.32 of 10 cold boots, measured).
   An arm64 guest needs 64: with 32 its boot to the first HTTP 200 took 1.2 s longer.
-- the root drive is ``snapshot=on``: each boot writes to a throwaway overlay and the cached
-  image is never modified. Only the root drive: volumes keep their writes.
-- QEMU runs with the VM dir as cwd and relative socket/log names (short socket paths).
+- the root disk is the VM's own qcow2 over the image's raw ``rootfs.ext4`` (and a
+  template's qcow2 between them for a clone): the cached image is never written. The chain
+  is spelled out in ``-blockdev`` nodes rather than read from qcow2 headers, because QEMU
+  opens no path itself: every file arrives as a descriptor (:mod:`.qemu_handoff`).
+- QEMU runs with the VM dir as cwd (how mvm finds a VM's QEMU), possibly as a user that
+  cannot read it.
 - ``-sandbox on``: seccomp filtering, so a guest escape into QEMU has little to use.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 from ..guest import protocol
-from .base import Accel, Arch, LaunchSpec, PortForward
+from .base import Accel, Arch, Disk, LaunchSpec, PortForward
+from .qemu_handoff import Handoff
 
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
@@ -127,11 +132,6 @@ def kernel_cmdline(spec: LaunchSpec) -> str:
     return " ".join(args)
 
 
-def qemu_escape(path: Path | str) -> str:
-    """QEMU option values are comma-separated; a literal comma is written twice."""
-    return str(path).replace(",", ",,")
-
-
 def hostfwd_rule(fwd: PortForward) -> str:
     return f"{fwd.proto}:{fwd.host_ip}:{fwd.host_port}-:{fwd.guest_port}"
 
@@ -140,10 +140,11 @@ def share_socket(index: int) -> str:
     return f"fs{index}.sock"
 
 
-def build_argv(spec: LaunchSpec, qemu: str | None = None) -> list[str]:
-    """The full QEMU command line. Paths are relative to the VM dir (QEMU's cwd)."""
+def build_argv(spec: LaunchSpec, handoff: Handoff, qemu: str | None = None) -> list[str]:
+    """The full QEMU command line; what it names is opened into ``handoff``."""
     prof = profile(spec.arch)
     accel = "kvm" if spec.accel == "kvm" else f"tcg,tb-size={prof.tb_size}"
+    files = spec.files
     argv = [
         qemu or prof.binary,
         "-name", f"mvm-{spec.name},process=mvm-{spec.name}",
@@ -154,26 +155,27 @@ def build_argv(spec: LaunchSpec, qemu: str | None = None) -> list[str]:
         "-m", f"{spec.memory}M",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-sandbox", SANDBOX,
-        "-kernel", str(spec.kernel),
+        "-kernel", handoff.file(spec.kernel),
         "-append", kernel_cmdline(spec),
         # the console and events go to the VM's log shim (mvm._logshim), which caps them
-        "-chardev", "socket,id=con,path=con.sock",
+        "-chardev", f"socket,id=con,fd={handoff.pair('console')}",
         "-serial", "chardev:con",
-        "-qmp", "unix:qmp.sock,server=on,wait=off",
+        "-chardev", f"socket,id=mon,fd={handoff.listener(files.qmp)},server=on,wait=off",
+        "-mon", "chardev=mon,mode=control",
     ]
     if spec.initrd:
-        argv += ["-initrd", str(spec.initrd)]
-    argv += _drives(spec)
+        argv += ["-initrd", handoff.file(spec.initrd)]
+    argv += _drives(spec, handoff)
     netdev = "user,id=n0" + "".join(f",hostfwd={hostfwd_rule(fwd)}" for fwd in spec.ports)
     argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
     argv += [
         "-device", "virtio-serial-pci,id=vs0,max_ports=16",
-        "-chardev", "socket,id=ev,path=ev.sock",
+        "-chardev", f"socket,id=ev,fd={handoff.pair('events')}",
         "-device", f"virtserialport,bus=vs0.0,chardev=ev,name={protocol.EVENT_PORT}",
     ]
     for i in range(protocol.CONTROL_PORTS):
         argv += [
-            "-chardev", f"socket,id=c{i},path=c{i}.sock,server=on,wait=off",
+            "-chardev", f"socket,id=c{i},fd={handoff.listener(files.control(i))},server=on,wait=off",
             "-device", f"virtserialport,bus=vs0.0,chardev=c{i},name={protocol.CONTROL_PORT_PREFIX}{i}",
         ]
     if spec.memory_file is not None and spec.shares:
@@ -181,24 +183,30 @@ def build_argv(spec: LaunchSpec, qemu: str | None = None) -> list[str]:
     if spec.memory_file is not None:
         mode = "on" if spec.memory_file.shared else "off"
         _memory_backend(argv, f"memory-backend-file,id=mem,size={spec.memory}M,"
-                        f"mem-path={qemu_escape(spec.memory_file.path)},share={mode}")
+                        f"mem-path={handoff.file(spec.memory_file.path)},share={mode}")
     if spec.shares:
         # vhost-user (virtiofsd) needs the guest's memory in a shareable memfd
         _memory_backend(argv, f"memory-backend-memfd,id=mem,size={spec.memory}M,share=on")
         for i, share in enumerate(spec.shares):
-            argv += ["-chardev", f"socket,id=fs{i},path={share_socket(i)}",
+            argv += ["-chardev", f"socket,id=fs{i},fd={handoff.connected(files.root / share_socket(i))}",
                      "-device", f"vhost-user-fs-pci,chardev=fs{i},tag={share.tag}"]
     for i in range(spec.hotplug_slots):
         argv += ["-device", f"pcie-root-port,id={hotplug_port(i)},bus=pcie.0,chassis={i + 1},slot={i + 1}"]
     for d in spec.disks:  # in the slots they were hot-plugged into, with the same ids
         if d.slot is not None:
-            ro = ",readonly=on" if d.readonly else ""
-            argv += ["-drive", f"file={qemu_escape(d.path)},format=raw,if=none,id={hotplug_node(d.slot)}{ro}",
+            argv += ["-blockdev", json.dumps(disk_node(d, hotplug_node(d.slot), handoff)),
                      "-device", f"virtio-blk-pci,drive={hotplug_node(d.slot)},id=disk-{hotplug_node(d.slot)},"
-                     f"bus={hotplug_port(d.slot)},serial={d.serial}"]
+                     f"bus={hotplug_port(d.slot)},serial={d.serial},write-cache=on"]
     if spec.incoming is not None:
         argv += ["-incoming", "defer"]
-    return argv
+    return [*argv, *handoff.argv]
+
+
+def disk_node(disk: Disk, node: str, handoff: Handoff) -> dict[str, Any]:
+    """A raw disk image as one ``-blockdev`` (or ``blockdev-add``) node."""
+    return {"driver": "raw", "node-name": node, "read-only": disk.readonly, "discard": "unmap",
+            "file": {"driver": "file", "filename": handoff.block(disk.path, writable=not disk.readonly),
+                     "read-only": disk.readonly, "discard": "unmap"}}
 
 
 def hotplug_port(slot: int) -> str:
@@ -215,18 +223,26 @@ def _memory_backend(argv: list[str], backend: str) -> None:
     argv += ["-object", backend]
 
 
-def _drives(spec: LaunchSpec) -> list[str]:
-    drives = [(spec.rootfs, "root", False, spec.root_snapshot)]
-    if spec.config_disk:
-        drives.append((spec.config_disk, protocol.CONFIG_DISK_SERIAL, True, False))
-    drives += [(d.path, d.serial, d.readonly, False) for d in spec.disks if d.slot is None]
+def _drives(spec: LaunchSpec, handoff: Handoff) -> list[str]:
+    """Root first (the guest's /dev/vda), then the config disk and the volumes."""
     argv: list[str] = []
-    for i, (path, serial, readonly, snapshot) in enumerate(drives):
-        fmt = spec.root_format if i == 0 else "raw"
-        opts = f"file={qemu_escape(path)},format={fmt},if=none,id=d{i},cache=writeback,discard=unmap"
-        if snapshot:
-            opts += ",snapshot=on"
-        if readonly:
-            opts += ",readonly=on"
-        argv += ["-drive", opts, "-device", f"virtio-blk-pci,drive=d{i},serial={serial}"]
+    below: str | None = None
+    chain = [*reversed(spec.root_backing), spec.rootfs]  # bottom up
+    for depth, path in enumerate(chain):
+        top = depth == len(chain) - 1
+        node = "d0" if top else f"base{depth}"
+        fmt = "raw" if depth == 0 and spec.root_backing else "qcow2"
+        doc: dict[str, Any] = {"driver": fmt, "node-name": node, "read-only": not top, "discard": "unmap",
+                               "file": {"driver": "file", "filename": handoff.block(path, writable=top),
+                                        "read-only": not top, "discard": "unmap"}}
+        if fmt == "qcow2":
+            doc["backing"] = below
+        argv += ["-blockdev", json.dumps(doc)]
+        below = node
+    argv += ["-device", "virtio-blk-pci,drive=d0,serial=root,write-cache=on"]
+    disks = [Disk(spec.config_disk, protocol.CONFIG_DISK_SERIAL, True)] if spec.config_disk else []
+    disks += [d for d in spec.disks if d.slot is None]
+    for i, disk in enumerate(disks, start=1):
+        argv += ["-blockdev", json.dumps(disk_node(disk, f"d{i}", handoff)),
+                 "-device", f"virtio-blk-pci,drive=d{i},serial={disk.serial},write-cache=on"]
     return argv

@@ -68,6 +68,14 @@ class QMP:
             raise VMError(self.vm, f"cannot pass a file to QEMU: {exc}") from exc
         self.command("getfd", fdname=name)
 
+    def add_fd(self, fd: int, fdset: int) -> None:
+        """Put an open descriptor in fdset ``fdset`` (``add-fd``): ``/dev/fdset/N`` names it."""
+        try:
+            self._client.send_fd_scm(fd)
+        except OSError as exc:
+            raise VMError(self.vm, f"cannot pass a file to QEMU: {exc}") from exc
+        self.command("add-fd", **{"fdset-id": fdset})
+
     def hmp(self, command_line: str) -> str:
         return str(self.command("human-monitor-command", **{"command-line": command_line}))
 
