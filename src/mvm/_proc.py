@@ -14,9 +14,10 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
@@ -232,6 +233,33 @@ class SubprocessRunner:
             group=None if user is None else user.gid,
             extra_groups=None if user is None else list(user.groups),
         )
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then act on them.
+
+    For starting a child and arming its undo as one step: an interrupt that lands inside
+    ``Popen`` (after the fork, before it returns) would otherwise leave a running child that
+    no undo knows about. Only the main thread handles signals; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(sig: int, frame: object) -> None:
+        pending.append(sig)
+
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, hold) for sig in wanted}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            signal.raise_signal(pending[0])  # its own handler runs now (Ctrl-C raises here)
 
 
 def interactive(argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> int:

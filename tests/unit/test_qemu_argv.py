@@ -3,10 +3,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from mvm._proc import signals_deferred
 from mvm.backends.base import Disk, LaunchSpec, MemoryFile, PortForward
 from mvm.backends.qemu_argv import build_argv, kernel_cmdline
 from mvm.backends.qemu_handoff import Handoff
@@ -134,3 +138,13 @@ def test_cmdline_boots_mvm_init_quietly() -> None:
     line = kernel_cmdline(_spec())
     assert "init=/usr/lib/mvm/init" in line and "root=/dev/vda" in line
     assert "quiet" in line and "cryptomgr.notests" in line and "panic=-1" in line
+
+
+def test_an_interrupt_while_a_child_starts_waits_for_its_undo() -> None:
+    steps: list[str] = []
+    with pytest.raises(KeyboardInterrupt), signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)  # lands "inside Popen"
+        steps.append("started")
+        steps.append("undo armed")
+    assert steps == ["started", "undo armed"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

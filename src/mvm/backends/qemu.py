@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _proc
-from .._proc import DEFAULT_RUNNER, Runner, require_tool, tail_file
+from .._proc import DEFAULT_RUNNER, Runner, require_tool, signals_deferred, tail_file
 from ..errors import BootError, PortInUse, RestoreFailed, StopFailed, UsageError, VMError, VolumeError
 from ..paths import VMFiles
 from . import accel
@@ -123,19 +123,21 @@ class QemuBackend:
         # Ports were checked by `up` before the build; one taken since then makes QEMU fail,
         # and _raise_start_failure turns that into the same PortInUse.
         with ExitStack() as undo, Handoff() as handoff:
-            helpers = self._start_shares(spec)
+            helpers: list[subprocess.Popen[bytes]] = []
             undo.callback(kill_all, helpers)
+            self._start_shares(spec, helpers)
             argv = build_argv(spec, handoff, qemu)
-            shim = self._start_log_shim(spec, handoff)
-            undo.callback(kill_all, [shim])
+            with signals_deferred():  # a started child always has its undo
+                shim = self._start_log_shim(spec, handoff)
+                undo.callback(kill_all, [shim])
             state_fd = os.open(spec.incoming.state, os.O_RDONLY | os.O_CLOEXEC) if spec.incoming else None
             if state_fd is not None:
                 undo.callback(os.close, state_fd)
             fds = [*spec.hold_fds, *handoff.fds, *([state_fd] if state_fd is not None else [])]
             fd = os.open(files.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            with os.fdopen(fd, "ab") as log_file:
+            with os.fdopen(fd, "ab") as log_file, signals_deferred():
                 proc = self.runner.spawn(argv, stdout=log_file, cwd=files.root, pass_fds=fds, user=spec.run_as)
-            undo.callback(kill_all, [proc])
+                undo.callback(kill_all, [proc])
             handoff.close()  # QEMU has them; the shim sees end-of-file when QEMU ends
             self._wait_started(proc, files, spec)
             if spec.incoming is not None:
@@ -213,38 +215,33 @@ class QemuBackend:
             return self.runner.spawn([sys.executable, "-m", "mvm._logshim", str(files.root), str(spec.log_limit),
                                       *map(str, peers)], stdout=log_file, cwd=files.root, pass_fds=peers)
 
-    def _start_shares(self, spec: LaunchSpec) -> list[subprocess.Popen[bytes]]:
-        """One virtiofsd per share. Each serves one QEMU connection and exits when QEMU does."""
-        helpers: list[subprocess.Popen[bytes]] = []
+    def _start_shares(self, spec: LaunchSpec, helpers: list[subprocess.Popen[bytes]]) -> None:
+        """One virtiofsd per share, added to ``helpers`` as it starts (the caller's undo
+        stops them). Each serves one QEMU connection and exits when QEMU does."""
         if not spec.shares:
-            return helpers
+            return
         for share in spec.shares:
             if "," in str(share.path):
                 raise UsageError(f"cannot share {share.path}: virtiofsd options cannot hold a comma",
                                  hint="move or link the directory to a path without commas")
         virtiofsd = find_virtiofsd()
-        try:
-            for i, share in enumerate(spec.shares):
-                sock = spec.files.root / share_socket(i)
-                log_path = spec.files.root / f"virtiofsd{i}.log"
-                with open(log_path, "ab") as log_file:
-                    helper = self.runner.spawn(
-                        [virtiofsd, f"--socket-path={share_socket(i)}", "-o", f"source={share.path}",
-                         "-o", "cache=auto"],
-                        stdout=log_file, cwd=spec.files.root,
-                    )
+        for i, share in enumerate(spec.shares):
+            sock = spec.files.root / share_socket(i)
+            log_path = spec.files.root / f"virtiofsd{i}.log"
+            with open(log_path, "ab") as log_file, signals_deferred():
+                helper = self.runner.spawn(
+                    [virtiofsd, f"--socket-path={share_socket(i)}", "-o", f"source={share.path}",
+                     "-o", "cache=auto"],
+                    stdout=log_file, cwd=spec.files.root,
+                )
                 helpers.append(helper)
-                deadline = time.monotonic() + START_TIMEOUT
-                while not sock.exists():
-                    if helper.poll() is not None or time.monotonic() > deadline:
-                        raise BootError(spec.name, f"virtiofsd could not share {share.path}",
-                                        hint="virtiofsd needs root (it sandboxes itself in namespaces)",
-                                        output=tail_file(log_path))
-                    time.sleep(0.01)
-        except BaseException:
-            kill_all(helpers)
-            raise
-        return helpers
+            deadline = time.monotonic() + START_TIMEOUT
+            while not sock.exists():
+                if helper.poll() is not None or time.monotonic() > deadline:
+                    raise BootError(spec.name, f"virtiofsd could not share {share.path}",
+                                    hint="virtiofsd needs root (it sandboxes itself in namespaces)",
+                                    output=tail_file(log_path))
+                time.sleep(0.01)
 
     def _wait_started(self, proc: subprocess.Popen[bytes], files: VMFiles, spec: LaunchSpec) -> None:
         """Return once QEMU answers on its monitor; raise with its log if it died first.
