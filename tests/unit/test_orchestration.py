@@ -496,3 +496,28 @@ def test_a_detached_child_outlives_its_popen_without_a_warning(tmp_path: Path) -
         _proc.reap_detached()
         time.sleep(0.02)
     assert helper_pid not in _proc._DETACHED and not Path(f"/proc/{helper_pid}").exists()
+
+
+def test_kvm_for_a_qemu_user_of_its_own_needs_a_group_for_dev_kvm(layout: Layout, fake: FakeBackend,
+                                                                  image: Image,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm._api import machines
+    from mvm.backends.base import MachineRequest, Preflight
+    from mvm.runtime import machine_users
+
+    monkeypatch.setattr(fake, "preflight", lambda request: Preflight("kvm", "the probe booted"))
+    monkeypatch.setattr(machine_users, "confining", lambda: True)
+    monkeypatch.setattr(machine_users, "kvm_group", lambda: None)
+    request = MachineRequest(name="web", kernel=image.kernel, initrd=image.initrd, probe_cache=layout.probes)
+    verdict = machines.preflight(fake, request)  # auto: falls back to TCG and says why
+    assert verdict.accel == "tcg" and "/dev/kvm is open to no group" in verdict.reason
+    explicit = MachineRequest(name="web", kernel=image.kernel, initrd=image.initrd, probe_cache=layout.probes,
+                              accel="kvm")
+    assert machines.preflight(fake, explicit).accel == "kvm"  # refused when it starts:
+    monkeypatch.setattr(machine_users, "LOCKS", layout.state / "users")
+    with pytest.raises(BootError, match="/dev/kvm") as info:
+        _up(layout, fake, image, hypervisor="qemu-kvm")
+    assert "chgrp" in (info.value.hint or "")
+    _nothing_left(layout, fake)
+    monkeypatch.setattr(machine_users, "kvm_group", lambda: 994)
+    assert machines.preflight(fake, request).accel == "kvm"

@@ -16,7 +16,8 @@ from .._proc import DEFAULT_RUNNER, INSTALL_HINTS, Runner, find_tool
 from ..errors import MvmError
 from ..names import ARCHES, Arch, host_arch
 from ..paths import Layout
-from .models import ArchCheck, BackendCheck, DiskCheck, DoctorReport, ToolCheck
+from ..runtime import machine_users
+from .models import ArchCheck, BackendCheck, DiskCheck, DoctorReport, IsolationCheck, ToolCheck
 
 QEMU = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}
 TOOLS: list[tuple[str, list[str], str]] = [
@@ -133,6 +134,24 @@ def check_disk(layout: Layout) -> DiskCheck:
                      fix=None if ok else "free disk space, e.g. `mvmctl cleanup`")
 
 
+def check_isolation() -> IsolationCheck:
+    if not machine_users.confining():
+        uid = os.geteuid()
+        return IsolationCheck(qemu_user="invoking-user",
+                              reason=f"QEMU runs as you (uid {uid}), in its seccomp sandbox; another VM's QEMU "
+                              "runs as you too")
+    first = machine_users.base() + 1
+    last = machine_users.base() + machine_users.SLOTS
+    kvm = machine_users.kvm_group()
+    reason = (f"each VM's QEMU runs as a user of its own (uids {first}-{last}, no capabilities, seccomp "
+              "sandbox) and is handed its files: it cannot open another VM's disks or sockets, nor signal it")
+    fix = None
+    if kvm is None and os.path.exists("/dev/kvm"):
+        reason += "; /dev/kvm is open to no group, so those users cannot use KVM (VMs run under TCG)"
+        fix = "chgrp kvm /dev/kvm && chmod 660 /dev/kvm (udev does this on most distributions)"
+    return IsolationCheck(qemu_user="per-vm", uid_range=[first, last], kvm_group=kvm, reason=reason, fix=fix)
+
+
 def doctor(layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER) -> DoctorReport:
     """Which backends work here and why not, the tools mvm uses, and the free space."""
     layout = layout or Layout.default()
@@ -142,4 +161,4 @@ def doctor(layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER) -> Doc
                 "apt-get"}
     ok = all(t.found for t in tools if t.tool in required) and disk.ok
     return DoctorReport(ok=ok, backends=check_backends(layout), arches=[check_arch(a, runner) for a in ARCHES],
-                        tools=tools, disk=disk)
+                        tools=tools, disk=disk, isolation=check_isolation())

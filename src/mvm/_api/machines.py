@@ -7,7 +7,7 @@ import time
 
 from .. import backends
 from .._proc import DEFAULT_RUNNER, Runner
-from ..backends.base import Backend, LaunchSpec, MachineRef
+from ..backends.base import Backend, LaunchSpec, MachineRef, MachineRequest, Preflight
 from ..errors import BootError
 from ..paths import VMFiles
 from ..runtime import logs, machine_users, states
@@ -19,6 +19,18 @@ from .models import GuestStatus, MountInfo, PortInfo, VMInfo
 def backend_for(record: VMRecord, runner: Runner = DEFAULT_RUNNER) -> Backend:
     """The backend that runs the recorded VM (by ``record.backend``), with ``runner``."""
     return backends.get(record.backend, runner)
+
+
+def preflight(backend: Backend, request: MachineRequest) -> Preflight:
+    """The backend's verdict, for a machine that runs as a user of its own when mvm is root:
+    KVM only if /dev/kvm is open to a group that user is in (an explicit KVM request is
+    refused at start, by :func:`start_confined`)."""
+    verdict = backend.preflight(request)
+    if (verdict.accel == "kvm" and request.accel == "auto" and machine_users.confining()
+            and machine_users.kvm_group() is None):
+        return dataclasses.replace(verdict, accel="tcg", reason=verdict.reason + "; but QEMU runs as a user of its "
+                                   "own and /dev/kvm is open to no group: TCG (see `mvmctl doctor`)")
+    return verdict
 
 
 def start_confined(backend: Backend, spec: LaunchSpec) -> MachineRef:

@@ -326,9 +326,20 @@ class DiskCheck(_Model):
     fix: str | None = None
 
 
+class IsolationCheck(_Model):
+    """Who QEMU runs as: a user of its own per VM (mvm runs as root), or mvm's user."""
+
+    qemu_user: Literal["per-vm", "invoking-user"]
+    uid_range: list[int] | None = None  #: first and last uid of the VMs' users (per-vm)
+    kvm_group: int | None = None  #: the group through which those users may use /dev/kvm
+    reason: str
+    fix: str | None = None
+
+
 class DoctorReport(_Model):
     ok: bool
     backends: list[BackendCheck]
     arches: list[ArchCheck]
     tools: list[ToolCheck]
     disk: DiskCheck
+    isolation: IsolationCheck

@@ -40,7 +40,7 @@ from ..runtime.templates import (
     TemplateStore,
     template_key,
 )
-from .machines import start_confined
+from .machines import preflight, start_confined
 from .models import TemplateInfo
 from .progress import Progress, Quiet
 
@@ -185,8 +185,8 @@ def _boot_and_save(image: Image, cpus: int, memory: int, key: str, staging: Path
                    backend: Backend, runner: Runner, prog: Progress,
                    layout: Layout) -> tuple[MachineRef, list[Kind]]:
     name = f"template-{key[:8]}"
-    verdict = backend.preflight(MachineRequest(name=name, kernel=image.kernel, initrd=image.initrd,
-                                               probe_cache=layout.probes, arch=image.manifest.arch))
+    verdict = preflight(backend, MachineRequest(name=name, kernel=image.kernel, initrd=image.initrd,
+                                                probe_cache=layout.probes, arch=image.manifest.arch))
     root = staging / "root.qcow2"
     runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.rootfs, root],
                desc="creating the template's root disk")

@@ -51,7 +51,7 @@ from ..runtime.templates import TEMPLATE_KERNEL_ARGS, TemplateStore
 from ..volumes import attach as volume_attach
 from . import templates
 from .build import build_image
-from .machines import backend_for, start_confined, status_of
+from .machines import backend_for, preflight, start_confined, status_of
 from .options import parse_env, parse_port
 from .progress import Progress, Quiet
 from .templates import Restore
@@ -152,7 +152,7 @@ def plan_up(request: UpRequest, image: Image, backend: Backend, planned: list[vo
     """Ask the backend's preflight for the accelerator and fix the VM's record."""
     guest = image.manifest.guest
     name = request.name or image.name
-    verdict = backend.preflight(MachineRequest(
+    verdict = preflight(backend, MachineRequest(
         name=name, kernel=image.kernel, initrd=image.initrd, probe_cache=layout.probes, accel=request.accel,
         arch=image.manifest.arch, shares=bool(request.shares), disks=len(planned),
     ))

@@ -9,8 +9,9 @@ from ..options import Json
 
 def doctor(json: Json = False) -> None:
     """Check this host: which backends work (and why not), which guest architectures boot and
-    build here (native, or emulated), which tools are installed (with versions), and the state
-    dir with its free space. Each problem comes with the command
+    build here (native, or emulated), who QEMU runs as (a user of its own per VM when mvm
+    runs as root), which tools are installed (with versions), and the state dir with its
+    free space. Each problem comes with the command
     that fixes it. Exits 1 if something mvm needs is missing."""
     from rich.filesize import decimal
     from rich.table import Table
@@ -35,12 +36,16 @@ def doctor(json: Json = False) -> None:
     for t in report.tools:
         tools.add_row("[green]ok[/]" if t.found else "[red]missing[/]", t.tool, t.version or "",
                       t.purpose + (f"\nfix: {t.fix}" if t.fix else ""))
+    iso = report.isolation
+    isolation = Table(title="isolation", title_justify="left", box=None, show_header=False, pad_edge=False)
+    isolation.add_row("[green]ok[/]" if iso.qemu_user == "per-vm" else "[yellow]--[/]",
+                      iso.reason + (f"\nfix: {iso.fix}" if iso.fix else ""))
     d = report.disk
     state = Table(title="state", title_justify="left", box=None, show_header=False, pad_edge=False)
     state.add_row("state dir", d.state_dir)
     state.add_row("cache dir", d.cache_dir)
     state.add_row("free", decimal(d.free_bytes) + (f"  (fix: {d.fix})" if d.fix else ""))
-    for section in (backends, archs, tools, state):
+    for section in (backends, archs, isolation, tools, state):
         output.out.print(section)
     raise typer.Exit(0 if report.ok else 1)
 
