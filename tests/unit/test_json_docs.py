@@ -13,7 +13,8 @@ DOC = (Path(__file__).parents[2] / "docs" / "json.md").read_text()
 MODELS = [models.VMInfo, models.VMDetails, models.GuestStatus, models.ServiceStatus, models.CheckStatus,
           models.PortInfo, models.MountInfo, models.BuildResult, models.ImageInfo, models.VolumeInfo,
           models.VolumeExport,
-          models.CleanupReport, models.CleanupItem, models.DoctorReport, models.BackendCheck, models.ArchCheck, models.IsolationCheck,
+          models.CleanupReport, models.CleanupItem, models.DoctorReport, models.BackendCheck, models.ArchCheck,
+          models.IsolationCheck,
           models.ToolCheck,
           models.DiskCheck, models.VMUsage, models.ServiceUsage, models.TemplateInfo]
 
