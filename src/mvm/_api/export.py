@@ -11,6 +11,7 @@ from .._proc import DEFAULT_RUNNER, Runner
 from ..errors import UsageError
 from ..export import kubevirt
 from ..images.store import Image, ImageStore
+from ..names import host_arch
 from ..paths import Layout
 from .build import build_image
 from .models import ExportInfo
@@ -20,14 +21,16 @@ from .progress import Progress, Quiet
 def _resolve(target: str, flake: str | None, nix_args: Sequence[str], layout: Layout, runner: Runner,
              progress: Progress) -> Image:
     """A spec path or flake is built (or found in the cache); otherwise ``target`` names an
-    image in the store: a key (4+ first characters) or a guest name (its newest image)."""
+    image in the store: a key (4+ first characters) or a guest name (its newest image for
+    this host's architecture, else its newest)."""
     if flake is not None or Path(target).exists():
         image, _ = build_image(target if flake is None else ".", flake=flake, nix_args=nix_args, layout=layout,
                                runner=runner, progress=progress)
         return image
     everything = ImageStore(layout.images).all()
-    found = [i for i in everything if len(target) >= 4 and i.key.startswith(target)] or \
-            [i for i in everything if i.name == target]
+    named = [i for i in everything if i.name == target]
+    found = ([i for i in everything if len(target) >= 4 and i.key.startswith(target)]
+             or [i for i in named if i.manifest.arch == host_arch()] or named)  # this machine's, if built
     if not found:
         raise UsageError(f"{target!r} is neither a spec directory nor an image in the store",
                          hint="give the directory holding mvm.toml, --flake REF, or a name from `mvmctl images`")

@@ -88,8 +88,11 @@ def table(columns: Sequence[Column[Row]], rows: Sequence[Row]) -> None:
         t.add_row(*(escape("-" if cell is None or cell == "" else str(cell)) for cell in cells))
     if out.is_terminal:
         out.print(t)
-    else:
-        out.print(t, width=Measurement.get(out, out.options.update_width(100_000), t).maximum, crop=False)
+        return
+    # Console.print caps width at the console's (80 off a terminal): print through one as
+    # wide as the table
+    natural = Measurement.get(out, out.options.update_width(100_000), t).maximum
+    Console(file=out.file, width=natural, highlight=False, color_system=None).print(t, crop=False)
 
 
 class StageProgress:

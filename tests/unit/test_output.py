@@ -1,0 +1,19 @@
+"""Tables off a terminal: whole rows at their natural width, for grep and awk."""
+
+from __future__ import annotations
+
+import pytest
+
+from mvm.cli import output
+from mvm.cli.output import Column
+
+
+def test_a_piped_table_is_never_wrapped_or_cut(capsys: pytest.CaptureFixture[str]) -> None:
+    host = "/tmp/" + "deep/" * 30 + "data"
+    rows = [("data-1a2b3c4d", "web", host)]
+    output.table([Column[tuple[str, str, str]]("NAME", lambda r: r[0]),
+                  Column[tuple[str, str, str]]("VM", lambda r: r[1]),
+                  Column[tuple[str, str, str]]("HOST", lambda r: r[2], no_wrap=False)], rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2  # the header and one row, however long
+    assert lines[1].split() == ["data-1a2b3c4d", "web", host]
