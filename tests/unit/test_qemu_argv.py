@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from mvm._proc import signals_deferred
-from mvm.backends.base import Disk, LaunchSpec, MemoryFile, PortForward
+from mvm.backends.base import Disk, Incoming, LaunchSpec, MemoryFile, PortForward
 from mvm.backends.qemu_argv import build_argv, kernel_cmdline
 from mvm.backends.qemu_handoff import Handoff
 from mvm.paths import VMFiles
@@ -91,6 +91,13 @@ def test_port_forwards_bind_the_given_address() -> None:
     netdev = _opt(build_argv(_spec(), NamingHandoff()), "-netdev")[0]
     assert "hostfwd=tcp:127.0.0.1:8080-:80" in netdev
     assert "hostfwd=udp:0.0.0.0:5353-:53" in netdev
+
+
+def test_a_restored_machine_opens_its_forwards_only_once_it_runs() -> None:
+    """A client connecting while the machine is paused would stall in slirp, not be refused."""
+    restored = _spec(incoming=Incoming(Path("/tpl/ready.state"), ignore_shared=True))
+    assert "hostfwd" not in _opt(build_argv(restored, NamingHandoff()), "-netdev")[0]
+    assert "-incoming" in build_argv(restored, NamingHandoff())
 
 
 def test_qemu_opens_no_path_itself_and_is_sandboxed() -> None:

@@ -167,6 +167,13 @@ class QemuBackend:
                                         f"({status or 'no status'})", output=tail_file(files.qemu_log))
                 time.sleep(0.002)
             qmp.command("cont")  # it was paused when it was saved
+            # Forwards open only now: a client that connected while the machine was paused
+            # would wait for slirp's retransmission (~0.5 s) instead of being refused at once.
+            for fwd in spec.ports:
+                reply = qmp.hmp(f"hostfwd_add n0 {hostfwd_rule(fwd)}").strip()
+                if reply and HOSTFWD_ERROR.search(reply):
+                    raise PortInUse(f"host port in {fwd} could not be bound (taken by another process?): {reply}",
+                                    hint="pick another host port with -p")
 
     def save(self, files: VMFiles, machine: MachineRef, state: Path) -> Saved:
         started = time.monotonic()

@@ -166,7 +166,9 @@ def build_argv(spec: LaunchSpec, handoff: Handoff, qemu: str | None = None) -> l
     if spec.initrd:
         argv += ["-initrd", handoff.file(spec.initrd)]
     argv += _drives(spec, handoff)
-    netdev = "user,id=n0" + "".join(f",hostfwd={hostfwd_rule(fwd)}" for fwd in spec.ports)
+    # a restored machine gets its forwards once it runs (QemuBackend._restore)
+    forwards = spec.ports if spec.incoming is None else []
+    netdev = "user,id=n0" + "".join(f",hostfwd={hostfwd_rule(fwd)}" for fwd in forwards)
     argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
     argv += [
         "-device", "virtio-serial-pci,id=vs0,max_ports=16",
