@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
+from ._untrusted import printable
 from .errors import CommandFailed, ToolMissing
 
 log = logging.getLogger(__name__)
@@ -360,7 +361,7 @@ def tail_file(path: Path, lines: int = 30) -> str:
             data = f.read()
     except OSError:
         return ""
-    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+    return printable("\n".join(data.decode(errors="replace").splitlines()[-lines:]), 16384, newlines=True)
 
 
 DEFAULT_RUNNER: Runner = SubprocessRunner()

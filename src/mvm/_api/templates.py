@@ -40,7 +40,7 @@ from ..runtime.templates import (
     TemplateStore,
     template_key,
 )
-from .models import TemplateInfo
+from .models import GuestStatus, TemplateInfo
 from .progress import Progress, Quiet
 
 log = logging.getLogger(__name__)
@@ -227,14 +227,15 @@ def _healthy(files: VMFiles, name: str, image: Image) -> bool:
     want_services, want_checks = set(image.manifest.guest.services), set(image.manifest.guest.health_checks)
     while time.monotonic() < deadline:
         try:
-            status = agent.request(files, name, "status", timeout=5.0)
+            status = GuestStatus.from_agent(agent.request(files, name, "status", timeout=5.0), name)
         except MvmError:
             return False
-        services, checks = status.get("services") or {}, status.get("health") or {}
-        if any(s.get("state") == "failed" for s in services.values()):
+        services = {s.name: s for s in status.services}
+        checks = {c.name: c for c in status.checks}
+        if any(s.state == "failed" for s in services.values()):
             return False
-        if (set(services) == want_services and all(s.get("state") == "running" for s in services.values())
-                and set(checks) == want_checks and all(c.get("state") == "healthy" for c in checks.values())):
+        if (set(services) == want_services and all(s.state == "running" for s in services.values())
+                and set(checks) == want_checks and all(c.state == "healthy" for c in checks.values())):
             if not want_checks:
                 time.sleep(1.0)  # no checks: give the services a moment to finish starting
             return True
