@@ -281,6 +281,7 @@ class VolumeExport(_Model):
     kept: list[str] = []
     conflicts: list[str] = []
     host_only: list[str] = []
+    skipped: list[str] = []  #: "path: reason": what the volume holds that is not exported
 
 
 class CleanupItem(_Model):
