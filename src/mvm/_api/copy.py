@@ -43,7 +43,7 @@ class BoundedTarInfo(tarfile.TarInfo):
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in EXTENDED_TYPES and self.size > EXTENDED_HEADER_LIMIT:
-            raise tarfile.HeaderError(f"extended header of {self.size} bytes (more than {EXTENDED_HEADER_LIMIT})")
+            raise tarfile.ReadError(f"extended header of {self.size} bytes (more than {EXTENDED_HEADER_LIMIT})")
         member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
         return member
 

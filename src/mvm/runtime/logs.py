@@ -195,8 +195,9 @@ class LogFilter:
 
 def _render(kind: str, raw: bytes, keep: LogFilter) -> list[LogLine]:
     if raw == DROPPED:
+        what = "a console" if kind == "console" else "an event"
         return [LogLine(kind if kind == "console" else "init",
-                        f"[mvm] a {kind} line longer than {LINE_LIMIT // 1024} KiB was left out")]
+                        f"[mvm] {what} line longer than {LINE_LIMIT // 1024} KiB was left out")]
     if kind == "console":
         return [LogLine("console", printable(raw.decode(errors="replace").rstrip("\r")))]
     return [line for ev in parse_events([raw]) if keep.wants(ev) and (line := format_event(ev)) is not None]
