@@ -23,7 +23,7 @@ def status(name: VMName, json: Json = False) -> None:
                      f"{details.cpus} vCPU  {details.memory} MiB  up {output.human_secs(details.uptime)}")
     guest = details.guest
     if guest is None:
-        output.out.print(f"  {details.exit_reason or ''}")
+        output.out.print(f"  {output.safe(details.exit_reason or '')}")
         return
     if guest.services:
         output.out.print("\n[bold]services[/]")
