@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from ._untrusted import printable
-from .errors import CommandFailed, ToolMissing
+from .errors import CommandFailed, DiskFull, ToolMissing
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ INSTALL_HINTS: dict[str, str] = {
 }
 
 OUTPUT_TAIL_LINES = 40
+#: What a child says when it runs out of disk space; the error then says so, with a hint.
+DISK_FULL = ("No space left on device", "Disk quota exceeded")
 #: Who runs the tools that parse guest-written filesystems when mvm runs as root.
 CONFINED_USER = "nobody"
 
@@ -253,12 +255,13 @@ class SubprocessRunner:
             if proc.stdout is not None:
                 proc.stdout.close()
         if proc.returncode not in ok_codes:
+            full = next((m for m in DISK_FULL if any(m in line for line in lines)), None)
             raise error(
-                f"{desc} failed (exit code {proc.returncode})",
+                f"{desc} failed (exit code {proc.returncode})" + (f": a disk is full ({full})" if full else ""),
                 argv=args,
                 returncode=proc.returncode,
                 output="\n".join(tail),
-                hint=hint,
+                hint=DiskFull.HINT if full else hint,
             )
         return Completed(args, proc.returncode, "\n".join(lines))
 
