@@ -56,14 +56,18 @@ def rename_raw(image: Path, old: bytes, new: bytes) -> None:
 
 
 #: Run in a guest as root: the same raw rename on its own (unmounted) volume's block device.
+#: Every copy is renamed: the journal holds copies of the directory block too.
 GUEST_RENAME = """
 import sys
 dev, old, new = sys.argv[1], sys.argv[2].encode(), sys.argv[3].encode()
 assert len(old) == len(new)
 with open(dev, "r+b") as f:
     data = f.read()
-    assert data.count(old) == 1, data.count(old)
-    f.seek(data.index(old))
-    f.write(new)
-print("renamed")
+    assert data.count(old) >= 1, "not found"
+    at = data.find(old)
+    while at >= 0:
+        f.seek(at)
+        f.write(new)
+        at = data.find(old, at + 1)
+print("renamed", data.count(old))
 """

@@ -25,7 +25,7 @@ from pathlib import Path
 from .. import backends
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import SAVE_RESTORE, Backend, LaunchSpec, MachineRef, MachineRequest, MemoryFile
-from ..errors import MvmError, UsageError
+from ..errors import MvmError, UsageError, check_free
 from ..images.store import Image, ImageStore
 from ..paths import Layout, VMFiles
 from ..runtime import agent
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 VERSION = "template-1"  # the device set and the guest's template protocol
 HEALTH_TIMEOUT = 120.0
+#: Disk space a template needs beyond twice its RAM (root disk writes, saved state, logs).
+TEMPLATE_SPARE_BYTES = 256 << 20
 NO_TEMPLATE = "no template yet for this image and shape"
 
 
@@ -153,6 +155,9 @@ def make_template(image: Image, *, cpus: int, memory: int, layout: Layout, runne
             existing = None
         if existing is not None:
             return existing
+        # the machine's RAM file, its copy, root disk and state: refuse before booting, not halfway
+        # (QEMU dies of SIGBUS when a file-backed RAM page finds no room on disk)
+        check_free(store.root, 2 * memory * 2**20 + TEMPLATE_SPARE_BYTES, f"saving a template of a {memory} MB machine")
         started = time.monotonic()
         staging = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=store.root))
         files = VMFiles(staging / "vm")
