@@ -153,10 +153,19 @@ with open(sys.argv[1], "r+b") as f:
 """
 
 
+#: The guest has no umount(8): libc's, as PID 1 does it.
+GUEST_UMOUNT = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.umount2(b"/mnt/data", 0) != 0:
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+"""
+
+
 def _unmount_and(cli: CLI, vm: str, *scripts: tuple[str, ...]) -> None:
     dev = next(line.split()[0] for line in cli("exec", vm, "--", "cat", "/proc/mounts").stdout.splitlines()
                if line.split()[1] == "/mnt/data")
-    cli("exec", vm, "--", "umount", "/mnt/data")
+    cli("exec", vm, "--", "python3", "-c", GUEST_UMOUNT)
     for script in scripts:
         cli("exec", vm, "--", "python3", "-c", script[0], dev, *script[1:])
 
@@ -277,7 +286,8 @@ def test_a_full_disk_during_build_up_and_volumes(cli: CLI, testbed_image: dict[s
     faults = 0
     leaks = dict.fromkeys(_leaks(cli), 0)
 
-    def add(found: dict[str, int]) -> None:
+    def add(found: dict[str, int], tmpfs: bool = True) -> None:
+        found["mounts"] -= tmpfs  # the test's own tmpfs, where MVM_HOME or MVM_CACHE is
         for key, value in found.items():
             leaks[key] += value
 
@@ -328,7 +338,7 @@ def test_a_full_disk_during_build_up_and_volumes(cli: CLI, testbed_image: dict[s
         assert r.returncode == 1 and "nothing was written" in r.stderr and "MB free" in r.stderr, r.stderr
         assert _files_under(small) == []
         faults += 1
-    add(_leaks(cli))
+    add(_leaks(cli), tmpfs=False)
     recorder.add("a full host disk", "build (cache on a 250 MB tmpfs), up (100 MB free), volume creation (a 120 MB "
                  "seed, 140 MB free), volume export (48 MB into 64 MB): exit 1 naming the disk, nothing "
                  "half-written", faults, leaks, started=started)
