@@ -119,3 +119,29 @@ def test_an_oom_kill_is_told_apart_from_any_other_sigkill() -> None:
     assert oom_kill_of(215, 1000, 1, since=10.0, records=records) is None  # not a SIGKILL
     assert oom_kill_of(80, 1000, -9, since=10.0, records=records) is None  # an older kill of a reused pid
     assert oom_kill_of(215, 1000, -9, since=10.0, records=[]) is None  # `kill -9` by someone: no reason
+
+
+def test_a_service_line_without_end_reaches_the_log_in_pieces() -> None:
+    import io
+
+    from mvm.guest.supervisor import LINE_LIMIT, pump_lines
+
+    class Events:
+        lines: list[str] = []
+
+        def log(self, svc: str, stream: str, line: str) -> None:
+            self.lines.append(line)
+
+    events = Events()
+    pump_lines(io.BufferedReader(io.BytesIO(b"y" * (3 * LINE_LIMIT + 5) + b"\nlast\n")), events, "s", "stdout")  # type: ignore[arg-type]
+    assert [len(line) for line in events.lines] == [LINE_LIMIT, LINE_LIMIT, LINE_LIMIT, 5, 4]
+
+
+def test_a_health_check_that_prints_without_end_keeps_only_its_tail() -> None:
+    import io
+
+    from mvm.guest.health import OUTPUT_LIMIT, _read_tail
+
+    out: list[bytes] = []
+    _read_tail(io.BufferedReader(io.BytesIO(b"a" * (5 << 20) + b"end")), out)
+    assert len(out[0]) == OUTPUT_LIMIT and out[0].endswith(b"end")

@@ -111,8 +111,13 @@ def hand_over(roots: list[str], before: set[str], uid: int, gid: int) -> int:
     return changed
 
 
+#: A longer output line of a service reaches the log in pieces of this size: PID 1 never
+#: holds a whole line a service writes without an end (it would hold it in memory).
+LINE_LIMIT = 64 * 1024
+
+
 def pump_lines(stream: IO[bytes], events: EventLog, svc: str, name: str) -> None:
-    for raw in iter(stream.readline, b""):
+    for raw in iter(lambda: stream.readline(LINE_LIMIT), b""):
         events.log(svc, name, raw.decode(errors="replace").rstrip("\r\n"))
     stream.close()
 
