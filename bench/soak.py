@@ -128,6 +128,12 @@ def main() -> int:
     parser.add_argument("--templates", action="store_true", help="let up make and restore templates")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # the cleanup below runs (down, volume rm)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)  # also when started in the background, where SIGINT is ignored
     if not args.templates:
         os.environ["MVM_TEMPLATES"] = "off"
     import mvm
