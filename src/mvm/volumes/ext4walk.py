@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 from .ext4read import ROOT_INO, Ext4Error, Ext4Image, Inode
 
+#: The most entries a walk yields (memory stays bounded; an export plans every entry first).
+MAX_ENTRIES = 4_000_000
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -52,10 +55,17 @@ def walk(fs: Ext4Image, skip_top: frozenset[str] = frozenset(), max_depth: int =
         raise Ext4Error("the root inode is not a directory")
     visited = {ROOT_INO}
     stack: list[tuple[str, Inode, int]] = [("", root, 0)]
+    count = 0
     while stack:
         prefix, directory, depth = stack.pop()
         children: list[tuple[str, Inode]] = []
-        for name, ino in sorted(fs.entries(directory)):
+        names: list[tuple[bytes, int]] = []
+        for item in fs.entries(directory):
+            names.append(item)
+            count += 1
+            if count > MAX_ENTRIES:
+                raise Ext4Error(f"the volume holds more than {MAX_ENTRIES} entries")
+        for name, ino in sorted(names):
             why = check_name(name)
             if why is not None:
                 yield Entry(prefix + shown(name), "other", None,
