@@ -127,7 +127,9 @@ class Recorder:
                else "no data scenario in this run**."),
             "",
             "Leaks counted after every scenario: QEMU processes, runtime dirs, sockets, held locks, "
-            "mounts, loop and tap devices, half-built images, stray mmdebstrap processes.",
+            "mounts, loop and tap devices, half-built images, stray mmdebstrap processes. A long life "
+            "(hundreds of up/down cycles) is in [soak.md](soak.md), the threat model in "
+            "[SECURITY.md](../SECURITY.md).",
             "",
             "| scenario | what was checked | faults | leaks | bytes lost | time |",
             "|---|---|---:|---:|---:|---:|",
