@@ -51,6 +51,8 @@ INSTALL_HINTS: dict[str, str] = {
     "nix": "see https://nixos.org/download (Debian/Ubuntu: apt-get install nix-bin), or use "
     "`mvmctl dev`, which gives you a shell with nix in a microVM",
     "virtiofsd": "apt-get install qemu-system-common (Debian 12) or virtiofsd",
+    "unshare": "apt-get install util-linux",
+    "setpriv": "apt-get install util-linux",
 }
 
 OUTPUT_TAIL_LINES = 40

@@ -22,6 +22,8 @@ TOOLS: list[tuple[str, list[str], str]] = [
     ("mmdebstrap", ["--version"], "building mvm.toml images"),
     ("mkfs.ext4", ["-V"], "root filesystems and volumes"),
     ("resize2fs", [], "growing volumes"),
+    ("setpriv", ["--version"], "running e2fsck and resize2fs on volumes as nobody (when mvm runs as root)"),
+    ("unshare", ["--version"], "confining e2fsck and resize2fs (own PID, network and IPC namespaces)"),
     ("busybox", ["--help"], "the initrd"),
     ("depmod", ["--version"], "indexing kernel modules"),
     ("lz4", ["--version"], "unpacking the Debian kernel"),
