@@ -9,9 +9,10 @@
   filesystem offline with ``resize2fs``; nothing here ever shrinks one.
 - :func:`set_tree_owner` rewrites owners and modes inside an image with ``debugfs``, because
   ``mkfs.ext4 -d`` copies the host's owners and a read-only mount cannot be chmod-ed later.
-- :func:`dump_tree` copies an image's files out with ``debugfs rdump``.
 
-Every child process goes through :mod:`mvm._proc`.
+Every child process goes through :mod:`mvm._proc`. e2fsck and resize2fs parse images a
+guest wrote, so they run :func:`~mvm._confine.confined` (as ``nobody`` when mvm runs as root).
+Volumes are read back (``volume export``) by :mod:`mvm.volumes.ext4read`, in Python.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._confine import confined
 from ._proc import Runner
 from .errors import CommandFailed, VolumeError
 
@@ -140,8 +142,9 @@ def replay_journal(path: Path, runner: Runner) -> None:
     sb = read_superblock(path)
     if sb is None or not sb.needs_recovery:
         return
-    runner.run(["e2fsck", "-E", "journal_only", "-p", path],
-               desc=f"replaying the journal of {path.name}", ok_codes=(0, 1))
+    with confined(path) as tool:
+        runner.run(tool.argv("e2fsck", "-E", "journal_only", "-p", tool.name), cwd=tool.cwd,
+                   desc=f"replaying the journal of {path.name}", ok_codes=(0, 1))
 
 
 def grow(path: Path, size_bytes: int, runner: Runner) -> None:
@@ -155,16 +158,19 @@ def grow(path: Path, size_bytes: int, runner: Runner) -> None:
         raise VolumeError(f"{path} is not an ext4 image")
     if size_bytes < sb.size_bytes:
         raise VolumeError(f"refusing to shrink {path}", hint="this is a bug in mvm; nothing was changed")
-    runner.run(
-        ["e2fsck", "-f", "-p", path],
-        desc=f"checking {path.name} before resizing it",
-        ok_codes=(0, 1),
-        error=CommandFailed,
-        hint=f"the filesystem needs a manual check: e2fsck -f {path} (nothing was resized)",
-    )
-    if path.stat().st_size < size_bytes:
-        os.truncate(path, size_bytes)
-    runner.run(["resize2fs", path, f"{size_bytes // 1024}K"], desc=f"growing {path.name}")
+    with confined(path) as tool:
+        runner.run(
+            tool.argv("e2fsck", "-f", "-p", tool.name),
+            cwd=tool.cwd,
+            desc=f"checking {path.name} before resizing it",
+            ok_codes=(0, 1),
+            error=CommandFailed,
+            hint=f"the filesystem needs a manual check: e2fsck -f {path} (nothing was resized)",
+        )
+        if path.stat().st_size < size_bytes:
+            os.truncate(path, size_bytes)
+        runner.run(tool.argv("resize2fs", tool.name, f"{size_bytes // 1024}K"), cwd=tool.cwd,
+                   desc=f"growing {path.name}")
 
 
 def debugfs_quote(path: str) -> str:
@@ -242,19 +248,6 @@ def set_tree_owner(image: Path, tree: Path, runner: Runner, *, uid: int, gid: in
                    dir_mode: int, file_mode: int) -> None:
     commands = owner_script(tree, uid=uid, gid=gid, dir_mode=dir_mode, file_mode=file_mode)
     run_debugfs(image, commands, runner, desc=f"setting owners and modes in {image.name}", write=True)
-
-
-def dump_tree(image: Path, dest: Path, runner: Runner) -> None:
-    """Copy every file of ``image`` into the existing, empty directory ``dest``, and make
-    the copy's directories writable by us (so the export can move files out of them).
-
-    rdump also tries to give each file its owner from the image; only root may, so for
-    other users those complaints are expected (the export sets owners itself)."""
-    unprivileged = ("while changing ownership",) if os.geteuid() != 0 else ()
-    run_debugfs(image, [f"rdump / {debugfs_quote(str(dest))}"], runner,
-                desc=f"copying the files out of {image.name}", write=False, tolerate=unprivileged)
-    for dirpath, _dirs, _files in os.walk(dest):
-        os.chmod(dirpath, os.stat(dirpath).st_mode | stat.S_IRWXU)
 
 
 def tree_bytes(tree: Path) -> tuple[int, int]:

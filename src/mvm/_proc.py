@@ -4,6 +4,11 @@ Every child process (mmdebstrap, mkfs.ext4, nix, qemu) goes through a :class:`Ru
 logic above it can be unit-tested with a fake, and so every failure carries the same
 things: a human description of the step, the full argv, the exit code and the output tail.
 Nothing here ever goes through a shell: argv lists only.
+
+Tools that parse what a guest wrote (e2fsck and resize2fs on a volume image) run
+:func:`confined`: when mvm runs as root they run as ``nobody``, with no capabilities and
+``no_new_privs``, in fresh PID, network and IPC namespaces (every process they leave behind
+dies with them), and reach only the one file lent to them.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
-from .errors import CommandFailed, ToolMissing
+from ._untrusted import printable
+from .errors import CommandFailed, DiskFull, ToolMissing
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +52,13 @@ INSTALL_HINTS: dict[str, str] = {
     "nix": "see https://nixos.org/download (Debian/Ubuntu: apt-get install nix-bin), or use "
     "`mvmctl dev`, which gives you a shell with nix in a microVM",
     "virtiofsd": "apt-get install qemu-system-common (Debian 12) or virtiofsd",
+    "unshare": "apt-get install util-linux",
+    "setpriv": "apt-get install util-linux",
 }
 
 OUTPUT_TAIL_LINES = 40
+#: What a child says when it runs out of disk space; the error then says so, with a hint.
+DISK_FULL = ("No space left on device", "Disk quota exceeded")
 
 
 @dataclass
@@ -191,12 +201,13 @@ class SubprocessRunner:
             if proc.stdout is not None:
                 proc.stdout.close()
         if proc.returncode not in ok_codes:
+            full = next((m for m in DISK_FULL if any(m in line for line in lines)), None)
             raise error(
-                f"{desc} failed (exit code {proc.returncode})",
+                f"{desc} failed (exit code {proc.returncode})" + (f": a disk is full ({full})" if full else ""),
                 argv=args,
                 returncode=proc.returncode,
                 output="\n".join(tail),
-                hint=hint,
+                hint=DiskFull.HINT if full else hint,
             )
         return Completed(args, proc.returncode, "\n".join(lines))
 
@@ -431,7 +442,7 @@ def tail_file(path: Path, lines: int = 30) -> str:
             data = f.read()
     except OSError:
         return ""
-    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+    return printable("\n".join(data.decode(errors="replace").splitlines()[-lines:]), 16384, newlines=True)
 
 
 DEFAULT_RUNNER: Runner = SubprocessRunner()

@@ -12,6 +12,7 @@ The CLI renders them and maps them to exit codes in exactly one place (``mvm.cli
     ├── CommandFailed        a child process (mmdebstrap, mkfs, nix) exited non-zero
     │   └── BuildError       ... while building an image
     ├── StateError           vm.json / manifest.json is unreadable
+    ├── DiskFull             the host's disk has no room for what a command must write
     ├── PortInUse            a host port cannot be bound
     ├── VolumeError          a -v volume is unusable or would lose data
     └── VMError              something about one named VM
@@ -29,6 +30,8 @@ The CLI renders them and maps them to exit codes in exactly one place (``mvm.cli
 """
 
 from __future__ import annotations
+
+import os
 
 
 class MvmError(Exception):
@@ -81,6 +84,27 @@ class BuildError(CommandFailed):
 
 class StateError(MvmError):
     reference = "corrupt-state"
+
+
+class DiskFull(MvmError):
+    reference = "disk-full"
+
+    #: What to do about it, for every place that finds a full disk.
+    HINT = ("free some space where mvm writes ($MVM_CACHE for builds, $MVM_HOME for VMs and volumes; "
+            "`mvmctl doctor` shows both, `mvmctl cleanup` frees old state), then retry")
+
+    def __init__(self, message: str, *, hint: str | None = None, output: str | None = None) -> None:
+        super().__init__(message, hint=hint or self.HINT, output=output)
+
+
+def check_free(path: str | os.PathLike[str], needed: int, what: str) -> None:
+    """Raise :class:`DiskFull` unless the file system holding ``path`` has ``needed`` bytes
+    free for ``what`` (a phrase: "a VM's logs and root disk")."""
+    st = os.statvfs(path)
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise DiskFull(f"the disk holding {path} has {free / 2**20:.0f} MB free; {what} needs "
+                       f"{needed / 2**20:.0f} MB; nothing was written")
 
 
 class PortInUse(MvmError):
@@ -151,6 +175,7 @@ __all__ = [
     "BootError",
     "BuildError",
     "CommandFailed",
+    "DiskFull",
     "ExecTimeout",
     "HealthTimeout",
     "MvmError",

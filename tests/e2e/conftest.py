@@ -173,3 +173,16 @@ def testbed_vm(cli: CLI, testbed_image: dict[str, Any]) -> Iterator[dict[str, An
         yield {"name": "shared", "port": port}
     finally:
         cli("down", "shared")
+
+
+@pytest.fixture(scope="session")
+def recorder() -> Iterator[Any]:
+    """The fault suite's report (test_faults.py, test_hostile.py): one row per scenario,
+    written to $MVM_RELIABILITY_REPORT at the end of the session."""
+    from .faults import Recorder
+
+    rec = Recorder()
+    yield rec
+    target = os.environ.get("MVM_RELIABILITY_REPORT")
+    if target:
+        rec.write(Path(target))

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,6 @@ from .conftest import CLI, FIXTURES, ROOT, check, free_port, http_get, service, 
 from .faults import Recorder, find_leaks
 
 TESTBED = str(FIXTURES / "testbed")
-
-
-@pytest.fixture(scope="session")
-def recorder() -> Iterator[Recorder]:
-    rec = Recorder()
-    yield rec
-    target = os.environ.get("MVM_RELIABILITY_REPORT")
-    if target:
-        rec.write(Path(target))
 
 
 def _leaks(cli: CLI, expected: set[str] = frozenset()) -> dict[str, int]:  # type: ignore[assignment]

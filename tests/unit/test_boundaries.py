@@ -9,7 +9,7 @@ below it, never one above):
     orchestration  mvm._api.*                        sequences spec -> image -> backend -> registry
     runtime        mvm.runtime.*, mvm.volumes.*, mvm.images.*, mvm.export.*
     backends       mvm.backends.*                    own the machine; never import runtime
-    leaf           mvm._proc, _atomic, _unixsock, _ext4, errors, paths, names, spec, guest.protocol,
+    leaf           mvm._proc, _atomic, _unixsock, _ext4, _untrusted, errors, paths, names, spec, guest.protocol,
                    guest.copy (the cp stream's rules, shared by both ends)
 
 The guest (mvm.guest.*) runs inside the VM on the guest's Python: stdlib only, and nothing
@@ -25,8 +25,8 @@ from pathlib import Path
 SRC = Path(__file__).parents[2] / "src" / "mvm"
 
 LAYERS = ["leaf", "backends", "runtime", "orchestration", "public", "cli", "pytest"]
-LEAVES = {"mvm._proc", "mvm._atomic", "mvm._ext4", "mvm._logshim", "mvm._unixsock", "mvm.errors", "mvm.paths",
-          "mvm.names", "mvm.spec", "mvm.guest.protocol", "mvm.guest.copy"}
+LEAVES = {"mvm._proc", "mvm._confine", "mvm._atomic", "mvm._ext4", "mvm._logshim", "mvm._unixsock", "mvm._untrusted",
+          "mvm.errors", "mvm.paths", "mvm.names", "mvm.spec", "mvm.guest.protocol", "mvm.guest.copy"}
 
 
 def module_name(path: Path) -> str:

@@ -101,3 +101,47 @@ def test_cp_rename_refuses_entries_outside_the_stream() -> None:
     assert rename(tarfile.TarInfo(TOP), None, archive=True) is None
     with pytest.raises(CopyError, match="unexpected entry"):
         rename(tarfile.TarInfo("../etc/passwd"), "x", archive=False)
+
+
+def test_an_oom_kill_is_told_apart_from_any_other_sigkill() -> None:
+    from mvm.guest.oom import oom_kill_of
+
+    records = [
+        (5.0, "Out of memory: Killed process 80 (old) total-vm:1kB"),  # before this run: not ours
+        (12.5, "oom-kill:constraint=CONSTRAINT_NONE,nodemask=(null),cpuset=/,mems_allowed=0,global_oom,"
+               "task_memcg=/,task=python3,pid=215,uid=1000"),
+        (12.5, "Out of memory: Killed process 215 (python3) total-vm:185992kB, anon-rss:173764kB, UID:1000"),
+    ]
+    why = oom_kill_of(215, 1000, -9, since=10.0, records=records)
+    assert why == "out of memory: the kernel's OOM killer killed python3 (pid 215)"
+    assert oom_kill_of(214, 1000, 137, since=10.0, records=records) == why  # its shell saw a child die
+    assert oom_kill_of(214, 1001, 137, since=10.0, records=records) is None  # another user's process
+    assert oom_kill_of(215, 1000, 1, since=10.0, records=records) is None  # not a SIGKILL
+    assert oom_kill_of(80, 1000, -9, since=10.0, records=records) is None  # an older kill of a reused pid
+    assert oom_kill_of(215, 1000, -9, since=10.0, records=[]) is None  # `kill -9` by someone: no reason
+
+
+def test_a_service_line_without_end_reaches_the_log_in_pieces() -> None:
+    import io
+
+    from mvm.guest.supervisor import LINE_LIMIT, pump_lines
+
+    class Events:
+        lines: list[str] = []
+
+        def log(self, svc: str, stream: str, line: str) -> None:
+            self.lines.append(line)
+
+    events = Events()
+    pump_lines(io.BufferedReader(io.BytesIO(b"y" * (3 * LINE_LIMIT + 5) + b"\nlast\n")), events, "s", "stdout")  # type: ignore[arg-type]
+    assert [len(line) for line in events.lines] == [LINE_LIMIT, LINE_LIMIT, LINE_LIMIT, 5, 4]
+
+
+def test_a_health_check_that_prints_without_end_keeps_only_its_tail() -> None:
+    import io
+
+    from mvm.guest.health import OUTPUT_LIMIT, _read_tail
+
+    out: list[bytes] = []
+    _read_tail(io.BufferedReader(io.BytesIO(b"a" * (5 << 20) + b"end")), out)
+    assert len(out[0]) == OUTPUT_LIMIT and out[0].endswith(b"end")

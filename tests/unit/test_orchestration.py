@@ -249,6 +249,25 @@ def test_down_of_a_machine_that_will_not_die_keeps_the_vm(layout: Layout, fake: 
     del vm
 
 
+def test_down_works_on_a_full_disk(layout: Layout, fake: FakeBackend, image: Image,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest filled the host's disk (a sparse volume, say): down still stops it and removes
+    it; only the logs it could not keep are lost, and it says so."""
+    import errno
+
+    from mvm.runtime import logs, registry
+
+    _up(layout, fake, image)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(registry, "write_json_atomic", full)
+    monkeypatch.setattr(logs, "retain", full)
+    assert mvm.down("web", layout=layout).how == "shut down cleanly; its logs were not kept (the disk is full)"
+    _nothing_left(layout, fake)
+
+
 def test_status_follows_the_machine(layout: Layout, fake: FakeBackend, image: Image) -> None:
     vm = _up(layout, fake, image)
     (machine,) = fake.machines.values()

@@ -348,7 +348,7 @@ def test_export_merges_three_ways_and_never_loses_a_host_edit(tmp_path: Path, la
     assert forced.overwritten == ["host-edits"] and (data / "host-edits").read_text() == "guest again"
     copy = volume_export(vid, to=tmp_path / "copy", layout=layout)
     assert sorted(copy.new) == sorted(["both-edit", "guest-edits", "host-edits", "new-in-guest", "untouched"])
-    assert not list(tmp_path.glob(".*mvm-export-*")), "the temporary dump dir was left behind"
+    assert not list(tmp_path.rglob(".mvm-export-*")), "the export's staging dir was left behind"
 
 
 def test_ls_shows_a_broken_volume_instead_of_failing(tmp_path: Path, layout: Layout) -> None:

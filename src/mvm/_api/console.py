@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import select
 
 from ..paths import VMFiles
-from ..runtime.agent import AgentSession
+from ..runtime.agent import AgentSession, Final
 
 
 class ConsoleSession:
@@ -40,9 +39,9 @@ class ConsoleSession:
             pending = session.pending()
             while True:
                 for msg in pending:
-                    if "event" not in msg:
-                        return int(msg.get("exit", 1))
-                    os.write(stdout_fd, base64.b64decode(msg.get("data") or ""))
+                    if isinstance(msg, Final):
+                        return msg.exit
+                    os.write(stdout_fd, msg.data)
                 watch = [sock] + ([stdin_fd] if stdin_open else [])
                 ready, _, _ = select.select(watch, [], [])
                 if stdin_fd in ready:

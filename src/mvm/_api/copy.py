@@ -7,12 +7,12 @@ also holds the rules for where things land). Copied in, files belong to root unl
 
 What a guest sends is untrusted: the host unpacks it with tarfile's ``data`` filter, so
 no entry lands outside the destination, no link points out of it, and no device node,
-setuid bit or foreign owner reaches the host.
+setuid bit or foreign owner reaches the host. tarfile reads a pax or GNU long-name header
+into memory whole, so those are capped (:class:`BoundedTarInfo`).
 """
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import tarfile
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from .._untrusted import printable
 from ..errors import MvmError, UsageError, VMError
 from ..guest import copy as protocol
 from ..paths import Layout
@@ -28,7 +29,27 @@ from ..runtime import agent
 from ..runtime.registry import Registry
 from .vm import VM
 
+#: How much of the guest side's error output is kept for the error message.
+STDERR_LIMIT = 64 * 1024
 VM_PATH = re.compile(r"([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?):(/.*)")
+
+
+#: The largest pax or GNU long-name header accepted from a guest (real ones are a few KB).
+EXTENDED_HEADER_LIMIT = 1 << 20
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A tar member whose extended header (read into memory whole by tarfile) has a size cap."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in EXTENDED_TYPES and self.size > EXTENDED_HEADER_LIMIT:
+            raise tarfile.ReadError(f"extended header of {self.size} bytes (more than {EXTENDED_HEADER_LIMIT})")
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
+        return member
+
+
+EXTENDED_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                  tarfile.GNUTYPE_LONGLINK)
 
 
 @dataclass(frozen=True)
@@ -73,17 +94,17 @@ def _run(vm: VM, args: list[str], feed: IO[bytes] | None, sink: IO[bytes] | None
             while chunk := feed.read(65536):
                 session.send_stdin(chunk)
             session.send_input("eof")
-        final: dict[str, object] = {}
+        final = agent.Final(ok=False, exit=1, error="no reply")
         for msg in session.events():
-            if "event" not in msg:
+            if isinstance(msg, agent.Final):
                 final = msg
-            elif msg["event"] == "stdout" and sink is not None:
-                sink.write(base64.b64decode(str(msg.get("data") or "")))
-            elif msg["event"] == "stderr":
-                errors.append(base64.b64decode(str(msg.get("data") or "")))
-    if final.get("exit") != 0:
-        text = b"".join(errors).decode(errors="replace").strip() or str(final.get("error") or "failed")
-        raise VMError(vm.name, text.removeprefix("mvm cp: "))
+            elif msg.stream == "stdout" and sink is not None:
+                sink.write(msg.data)
+            elif msg.stream == "stderr" and sum(map(len, errors)) < STDERR_LIMIT:
+                errors.append(msg.data)
+    if final.exit != 0:
+        text = printable(b"".join(errors)[:STDERR_LIMIT].decode(errors="replace").strip(), newlines=True)
+        raise VMError(vm.name, (text or final.error or "failed").removeprefix("mvm cp: "))
 
 
 def _to_guest(src: Path, contents_only: bool, vm: VM, dest: str, archive: bool) -> None:
@@ -117,7 +138,8 @@ def _to_host(vm: VM, src: str, dest: Path) -> None:
 
     def unpack() -> None:
         try:
-            with os.fdopen(read_fd, "rb") as feed, tarfile.open(fileobj=feed, mode="r|") as tar:
+            with os.fdopen(read_fd, "rb") as feed, tarfile.open(fileobj=feed, mode="r|",
+                                                                tarinfo=BoundedTarInfo) as tar:
                 first = True
                 where, new_top = Path("."), None
                 for member in tar:

@@ -28,6 +28,8 @@ TOOLS: list[tuple[str, list[str], str]] = [
     ("arch-test", [], "building mvm.toml images of the other architecture (with qemu-user)"),
     ("mkfs.ext4", ["-V"], "root filesystems and volumes"),
     ("resize2fs", [], "growing volumes"),
+    ("setpriv", ["--version"], "running e2fsck and resize2fs on volumes as nobody (when mvm runs as root)"),
+    ("unshare", ["--version"], "confining e2fsck and resize2fs (own PID, network and IPC namespaces)"),
     ("busybox", ["--help"], "the initrd"),
     ("depmod", ["--version"], "indexing kernel modules"),
     ("lz4", ["--version"], "unpacking the Debian kernel"),

@@ -12,6 +12,7 @@ until ``cleanup`` or the next ``up`` of the same name.
 
 from __future__ import annotations
 
+import errno
 import time
 
 from .. import backends
@@ -81,12 +82,17 @@ def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None 
             continue
         try:
             registry.update(name, lambda r: setattr(r, "phase", "stopping"))
-        except MvmError:
-            pass  # unreadable state: stop the machine anyway
+        except (MvmError, OSError):
+            pass  # unreadable state, or a full disk: stop the machine anyway
         how = _stop(name, files, backend, machine, timeout)
     if backend.strays(files):  # a machine we could not see before (started meanwhile?)
         raise StopFailed(name, f"a machine still runs in {files.root}", hint=f"run `mvmctl down {name}` again")
     if keep_logs:
-        logs.retain(files, layout.retained_logs / name)  # `mvmctl logs NAME` still works
+        try:
+            logs.retain(files, layout.retained_logs / name)  # `mvmctl logs NAME` still works
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            how += "; its logs were not kept (the disk is full)"  # a full disk must not keep a VM from going
     registry.remove(name)
     return DownResult(name=name, how=how)

@@ -39,7 +39,7 @@ def ls(*, layout: Layout | None = None, health: bool = True, runner: Runner = DE
         guest = None
         if health and status is VMStatus.RUNNING and (record.checks or record.services):
             try:
-                guest = GuestStatus.from_agent(agent.request(files, name, "status", timeout=2.0))
+                guest = GuestStatus.from_agent(agent.request(files, name, "status", timeout=2.0), name)
             except MvmError:
                 pass
         rows.append(vm_info(record, files, status, guest))

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
+from .._untrusted import printable
+from ..errors import AgentError
 from ..runtime.states import VMStatus
 from ..spec import GuestSpec
 
@@ -127,22 +129,33 @@ class GuestStatus(_Model):
         return "healthy"
 
     @classmethod
-    def from_agent(cls, reply: dict[str, Any]) -> GuestStatus:
+    def from_agent(cls, reply: dict[str, Any], vm: str) -> GuestStatus:
+        """The agent's ``status`` reply, checked: a reply of the wrong shape or types is an
+        :class:`~mvm.errors.AgentError`, never a crash (the guest is not trusted)."""
         services = reply.get("services") or {}
         checks = reply.get("health") or {}
-        return cls(
-            uptime=reply.get("uptime"),
-            services=[ServiceStatus(name=n, **_known(ServiceStatus, s)) for n, s in services.items()],
-            checks=[CheckStatus(name=n, **_known(CheckStatus, c)) for n, c in checks.items()],
-            shutting_down=bool(reply.get("shutting_down")),
-        )
+        try:
+            if not isinstance(services, dict) or not isinstance(checks, dict):
+                raise ValueError("services and health must be objects")
+            return cls(
+                uptime=reply.get("uptime"),
+                services=[ServiceStatus(name=printable(n, 200), **_known(ServiceStatus, s))
+                          for n, s in services.items()],
+                checks=[CheckStatus(name=printable(n, 200), **_known(CheckStatus, c)) for n, c in checks.items()],
+                shutting_down=bool(reply.get("shutting_down")),
+            )
+        except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+            raise AgentError(vm, "the guest agent sent a malformed status",
+                             output=printable(str(exc), 2000, newlines=True)) from None
 
 
 def _known(model: type[BaseModel], data: Any) -> dict[str, Any]:
-    """The fields of ``data`` that ``model`` knows: an older or newer guest may send more."""
+    """The fields of ``data`` that ``model`` knows (an older or newer guest may send more),
+    with text made printable (it is the guest's)."""
     if not isinstance(data, dict):
         return {}
-    return {k: v for k, v in data.items() if k in model.model_fields and k != "name"}
+    return {k: printable(v, newlines=True) if isinstance(v, str) else v
+            for k, v in data.items() if k in model.model_fields and k != "name"}
 
 
 class VMDetails(VMInfo):
@@ -271,6 +284,7 @@ class VolumeExport(_Model):
     kept: list[str] = []
     conflicts: list[str] = []
     host_only: list[str] = []
+    skipped: list[str] = []  #: "path: reason": what the volume holds that is not exported
 
 
 class CleanupItem(_Model):

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from .._proc import DEFAULT_RUNNER, Runner
+from .._untrusted import as_float, as_int
 from ..backends.base import MachineUsage
 from ..errors import MvmError, VMNotRunning
 from ..paths import Layout
@@ -26,10 +27,28 @@ def _sample(vm: VM, runner: Runner) -> tuple[float, MachineUsage, dict[str, Any]
     assert record.machine is not None
     machine = backend_for(record, runner).usage(record.machine.ref)
     try:
-        guest = agent.request(vm.files, vm.name, "stats", timeout=5.0)
+        guest = _guest_usage(agent.request(vm.files, vm.name, "stats", timeout=5.0))
     except MvmError:
         guest = {}
     return time.monotonic(), machine, guest
+
+
+def _guest_usage(reply: dict[str, Any]) -> dict[str, Any]:
+    """The agent's ``stats`` reply with only well-typed values kept (the guest is not trusted)."""
+    services: dict[str, dict[str, Any]] = {}
+    raw = reply.get("services")
+    for name, svc in (raw.items() if isinstance(raw, dict) else ()):
+        if isinstance(svc, dict):
+            services[str(name)] = {"pid": as_int(svc.get("pid"), 0) or None,
+                                   "cpu_seconds": as_float(svc.get("cpu_seconds")) or 0.0,
+                                   "memory_bytes": max(0, as_int(svc.get("memory_bytes"), 0))}
+    return {"services": services, "memory_total": _bytes(reply.get("memory_total")),
+            "memory_available": _bytes(reply.get("memory_available"))}
+
+
+def _bytes(value: object) -> int | None:
+    number = as_int(value, -1)
+    return number if number >= 0 else None
 
 
 def stats(names: list[str] | None = None, *, interval: float = 1.0, layout: Layout | None = None,

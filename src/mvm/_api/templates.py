@@ -25,7 +25,7 @@ from pathlib import Path
 from .. import backends
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import SAVE_RESTORE, Backend, LaunchSpec, MachineRef, MachineRequest, MemoryFile
-from ..errors import MvmError, UsageError
+from ..errors import MvmError, UsageError, check_free
 from ..images.store import Image, ImageStore
 from ..paths import Layout, VMFiles
 from ..runtime import agent, machine_users
@@ -41,13 +41,15 @@ from ..runtime.templates import (
     template_key,
 )
 from .machines import preflight, start_confined
-from .models import TemplateInfo
+from .models import GuestStatus, TemplateInfo
 from .progress import Progress, Quiet
 
 log = logging.getLogger(__name__)
 
 VERSION = "template-1"  # the device set and the guest's template protocol
 HEALTH_TIMEOUT = 120.0
+#: Disk space a template needs beyond twice its RAM (root disk writes, saved state, logs).
+TEMPLATE_SPARE_BYTES = 256 << 20
 NO_TEMPLATE = "no template yet for this image and shape"
 
 
@@ -154,6 +156,9 @@ def make_template(image: Image, *, cpus: int, memory: int, layout: Layout, runne
             existing = None
         if existing is not None:
             return existing
+        # the machine's RAM file, its copy, root disk and state: refuse before booting, not halfway
+        # (QEMU dies of SIGBUS when a file-backed RAM page finds no room on disk)
+        check_free(store.root, 2 * memory * 2**20 + TEMPLATE_SPARE_BYTES, f"saving a template of a {memory} MB machine")
         started = time.monotonic()
         staging = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=store.root))
         files = VMFiles(staging / "vm")
@@ -243,14 +248,15 @@ def _healthy(files: VMFiles, name: str, image: Image) -> bool:
     want_services, want_checks = set(image.manifest.guest.services), set(image.manifest.guest.health_checks)
     while time.monotonic() < deadline:
         try:
-            status = agent.request(files, name, "status", timeout=5.0)
+            status = GuestStatus.from_agent(agent.request(files, name, "status", timeout=5.0), name)
         except MvmError:
             return False
-        services, checks = status.get("services") or {}, status.get("health") or {}
-        if any(s.get("state") == "failed" for s in services.values()):
+        services = {s.name: s for s in status.services}
+        checks = {c.name: c for c in status.checks}
+        if any(s.state == "failed" for s in services.values()):
             return False
-        if (set(services) == want_services and all(s.get("state") == "running" for s in services.values())
-                and set(checks) == want_checks and all(c.get("state") == "healthy" for c in checks.values())):
+        if (set(services) == want_services and all(s.state == "running" for s in services.values())
+                and set(checks) == want_checks and all(c.state == "healthy" for c in checks.values())):
             if not want_checks:
                 time.sleep(1.0)  # no checks: give the services a moment to finish starting
             return True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -11,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._proc import DEFAULT_RUNNER, Runner, tail_file
+from .._untrusted import as_float
 from ..backends.base import HOTPLUG_FORWARD, Backend, MachineRef, PortForward
 from ..errors import AgentError, ExecTimeout, HealthTimeout, ServiceFailed, UsageError, VMNotRunning
 from ..paths import Layout, VMFiles
@@ -71,7 +71,7 @@ class VM:
     def guest_status(self, timeout: float = 5.0) -> GuestStatus:
         """Services and health checks, as the guest agent reports them now."""
         self._require_running()
-        return GuestStatus.from_agent(agent.request(self.files, self.name, "status", timeout=timeout))
+        return GuestStatus.from_agent(agent.request(self.files, self.name, "status", timeout=timeout), self.name)
 
     def ping(self, timeout: float = 5.0) -> float:
         """Seconds one agent round trip took (connection included)."""
@@ -87,7 +87,10 @@ class VM:
         sent = time.time()
         reply = agent.request(self.files, self.name, "ping", timeout=5.0)
         received = time.time()
-        return float(reply["pong"]) - (sent + received) / 2
+        pong = as_float(reply.get("pong"))
+        if pong is None:
+            raise AgentError(self.name, "the agent's ping reply has no time in it")
+        return pong - (sent + received) / 2
 
     def exec(
         self,
@@ -125,22 +128,21 @@ class VM:
                 # being sent (and a large input cannot deadlock against unread output).
                 feeder = threading.Thread(target=_feed_stdin, args=(session, stdin), daemon=True)
                 feeder.start()
-            final: dict[str, Any] = {}
+            final = agent.Final(ok=False, exit=1, error="no reply")
             for msg in session.events():
-                if "event" in msg:
-                    data = base64.b64decode(msg.get("data") or "")
+                if isinstance(msg, agent.Output):
                     if on_output:
-                        on_output(msg["event"], data)
+                        on_output(msg.stream, msg.data)
                     else:
-                        out.setdefault(msg["event"], []).append(data)
+                        out[msg.stream].append(msg.data)
                 else:
                     final = msg
-        if final.get("timed_out"):
-            raise ExecTimeout(self.name, f"command {list(argv)!r} {final.get('error')}",
+        if final.timed_out:
+            raise ExecTimeout(self.name, f"command {list(argv)!r} {final.error}",
                               hint="raise --timeout if it needs longer")
-        code = int(final.get("exit", 1))
-        if not final.get("ok") and code == 127:  # it could not start (not found, not executable)
-            message = f"mvm exec: {final.get('error')}\n".encode()
+        code = final.exit
+        if not final.ok and code == 127:  # it could not start (not found, not executable)
+            message = f"mvm exec: {final.error}\n".encode()
             if on_output:
                 on_output("stderr", message)
             else:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -95,6 +96,17 @@ for module in (build, up, ls, status, stats, logs, exec_, console, cp, forward, 
 _interrupted = False
 
 
+def raise_or_report_bug(debug: bool) -> None:
+    """An unexpected exception (being handled): re-raised with --debug, else its traceback
+    and a request to report it."""
+    if debug:
+        raise  # the exception the caller is handling
+    import traceback
+
+    traceback.print_exc()
+    output.err.print("[bold red]This is a bug in mvm.[/] Please report it with the traceback above.")
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """SIGINT and SIGTERM unwind like Ctrl-C, so every cleanup (ExitStack) runs."""
     global _interrupted
@@ -117,7 +129,7 @@ def usage_error_class() -> type[Exception]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mvm import ExecTimeout, MvmError
+    from mvm import DiskFull, ExecTimeout, MvmError
 
     from .options import join_override_pairs
 
@@ -146,13 +158,16 @@ def main(argv: list[str] | None = None) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         code = EXIT_BROKEN_PIPE
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or debug:
+            raise_or_report_bug(debug)
+            code = EXIT_BUG
+        else:  # what the command had started is undone already, as for any error
+            where = f" writing {exc.filename}" if exc.filename else ""
+            output.render_error(DiskFull(f"the disk is full ({exc.strerror}){where}"), debug)
+            code = EXIT_ERROR
     except Exception:
-        if debug:
-            raise
-        import traceback
-
-        traceback.print_exc()
-        output.err.print("[bold red]This is a bug in mvm.[/] Please report it with the traceback above.")
+        raise_or_report_bug(debug)
         code = EXIT_BUG
     if _interrupted:
         # Typer turns KeyboardInterrupt into a silent exit code 130; the flag tells an

@@ -7,6 +7,7 @@ degrade to one plain line per stage. ``--json`` output is rendered apart from ta
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +21,15 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from mvm import MvmError
+
+#: Control characters (but tab and newline): text from a guest must not drive the terminal.
+_CONTROL = re.compile("[\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f]")
+
+
+def safe(text: str) -> str:
+    """``text`` with Rich markup escaped and control characters shown as ``\\xNN``."""
+    return escape(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
+
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -52,12 +62,12 @@ def info(message: str) -> None:
 
 
 def render_error(exc: MvmError, debug: bool = False) -> None:
-    err.print(f"[bold red]error:[/] {escape(exc.message)}")
+    err.print(f"[bold red]error:[/] {safe(exc.message)}")
     if exc.output:
         lines = exc.output.rstrip().splitlines()[-25:]
-        err.print("[dim]" + escape("\n".join(f"  | {ln}" for ln in lines)) + "[/]")
+        err.print("[dim]" + safe("\n".join(f"  | {ln}" for ln in lines)) + "[/]")
     if exc.hint:
-        err.print(f"[yellow]hint:[/] {escape(exc.hint)}")
+        err.print(f"[yellow]hint:[/] {safe(exc.hint)}")
     if debug:
         err.print(f"[dim]error kind: {exc.reference}[/]")
         if getattr(exc, "argv", None):
@@ -85,7 +95,7 @@ def table(columns: Sequence[Column[Row]], rows: Sequence[Row]) -> None:
                      min_width=len(col.header), overflow="ellipsis" if col.no_wrap else "fold")
     for row in rows:
         cells = (col.value(row) for col in columns)
-        t.add_row(*(escape("-" if cell is None or cell == "" else str(cell)) for cell in cells))
+        t.add_row(*(safe("-" if cell is None or cell == "" else str(cell)) for cell in cells))
     if out.is_terminal:
         out.print(t)
         return

@@ -22,7 +22,7 @@ import time
 TYPE_CHECKING = False  # not `from typing`: importing typing costs ~35 ms at boot under TCG
 
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import IO, Any
 
 from .events import EventLog
 from .reaper import Reaper
@@ -30,6 +30,15 @@ from .supervisor import Identity, base_env
 
 OUTPUT_LIMIT = 2048
 FAST_PROBE = 1.0
+
+
+def _read_tail(stream: IO[bytes], out: list[bytes]) -> None:
+    """Read ``stream`` to its end, keeping only its last ``OUTPUT_LIMIT`` bytes (a check that
+    prints without end must not grow PID 1)."""
+    tail = b""
+    while chunk := stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536):
+        tail = (tail + chunk)[-OUTPUT_LIMIT:]
+    out.append(tail)
 
 
 def next_state(state: str, passed: bool, in_grace: bool) -> str:
@@ -96,7 +105,7 @@ class Check:
         )
         out: list[bytes] = []
         assert child.proc.stdout is not None
-        reader = threading.Thread(target=lambda: out.append(child.proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
+        reader = threading.Thread(target=_read_tail, args=(child.proc.stdout, out), daemon=True)
         reader.start()
         code = child.wait(self.timeout)
         if code is None:

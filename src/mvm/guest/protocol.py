@@ -9,6 +9,12 @@ Streaming operations (``exec``, ``console``) first send events (``{"event": "std
 host may send ``stdin``/``eof``/``resize`` messages on the same connection.
 
 A guest ``write()`` to a virtio-serial port is capped at 32 KiB, so :func:`write_all` loops.
+
+The host treats every byte from the guest as hostile input: :func:`decode` refuses
+messages nested deeper than ``MAX_DEPTH`` (deep nesting makes ``json.loads`` raise
+``RecursionError``, which is not a ``ValueError``), and :class:`LineBuffer` refuses lines
+longer than its limit and skips the rest of such a line instead of taking its tail for a
+message. Both raise ``ValueError`` only.
 """
 
 from __future__ import annotations
@@ -41,8 +47,41 @@ def encode(msg: dict[str, Any]) -> bytes:
     return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
 
 
-def decode(line: bytes) -> dict[str, Any]:
-    msg = json.loads(line)
+#: How deeply a message may nest objects and arrays (real ones nest 4 levels at most).
+MAX_DEPTH = 32
+_BRACKETS = b"[]{}"
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in _BRACKETS)
+
+
+def nesting(line: bytes) -> int:
+    """How deeply the JSON text ``line`` nests arrays and objects (brackets inside strings
+    do not count). Cheap when a line holds few brackets, linear otherwise."""
+    opens = line.count(b"[") + line.count(b"{")
+    if opens <= MAX_DEPTH:
+        return opens
+    import re
+
+    stripped = re.sub(rb'"(?:[^"\\]|\\.)*"', b"", line)
+    depth = deepest = 0
+    for ch in stripped.translate(None, _NOT_BRACKETS):
+        if ch in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        else:
+            depth -= 1
+    return deepest
+
+
+def decode(line: bytes, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
+    """One message: a JSON object. ``ValueError`` for anything else, including text nested
+    deeper than ``max_depth`` (never ``RecursionError``)."""
+    if nesting(line) > max_depth:
+        raise ValueError(f"message nested deeper than {max_depth} levels")
+    try:
+        msg = json.loads(line)
+    except RecursionError:
+        raise ValueError("message nested too deeply") from None
     if not isinstance(msg, dict):
         raise ValueError("message is not a JSON object")
     return msg
@@ -56,22 +95,45 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 class LineBuffer:
-    """Splits a byte stream into complete lines; keeps the partial tail."""
+    """Splits a byte stream into complete lines; keeps the partial tail, up to ``limit``.
+
+    A line longer than ``limit`` raises ``ValueError`` (the other lines of that ``feed`` are
+    lost with it), and the rest of it, up to its newline, is skipped: its tail is never
+    taken for a line of its own. The buffer never holds more than ``limit`` bytes.
+    """
 
     def __init__(self, limit: int = 16 * 1024 * 1024) -> None:
         self._buf = bytearray()
         self._limit = limit
+        self._skipping = False
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
+        if self._skipping:
+            end = data.find(b"\n")
+            if end < 0:
+                return []
+            self._skipping = False
+            data = data[end + 1 :]
         if b"\n" not in data:
-            if len(self._buf) > self._limit:
-                self._buf.clear()
-                raise ValueError("line too long")
+            if len(self._buf) + len(data) > self._limit:
+                self._overflow()
+            self._buf += data
             return []
-        *lines, rest = bytes(self._buf).split(b"\n")
-        self._buf = bytearray(rest)
+        head, _, rest = data.rpartition(b"\n")
+        lines = (bytes(self._buf) + head).split(b"\n")
+        self._buf = bytearray()
+        if len(rest) > self._limit:
+            self._overflow()
+        self._buf += rest
+        if any(len(line) > self._limit for line in lines):
+            raise ValueError(f"line longer than {self._limit} bytes")
         return [line for line in lines if line.strip()]
+
+    def _overflow(self) -> None:
+        self._buf.clear()
+        self._skipping = True
+        raise ValueError(f"line longer than {self._limit} bytes")
 
     def reset(self) -> None:
         self._buf.clear()
+        self._skipping = False

@@ -11,6 +11,8 @@ Rules (documented in docs/guest.md):
   the env from the spec, overridden by ``mvmctl up -e``.
 - ``restart``: ``always`` (default), ``on-failure`` (non-zero exit or signal) or ``no``.
   Delays grow 0.5 s, 1 s, 2 s ... up to 30 s, and reset once a run lasted 10 s.
+- A run the kernel's OOM killer ended (a SIGKILL the kernel log explains, :mod:`.oom`) says
+  so in ``reason`` (status and the service event), and restarts like any other failure.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from typing import IO, Any
 
 from .events import EventLog
+from .oom import oom_kill_of
 from .reaper import Exit, Reaper
 
 BACKOFF_BASE = 0.5
@@ -108,8 +111,13 @@ def hand_over(roots: list[str], before: set[str], uid: int, gid: int) -> int:
     return changed
 
 
+#: A longer output line of a service reaches the log in pieces of this size: PID 1 never
+#: holds a whole line a service writes without an end (it would hold it in memory).
+LINE_LIMIT = 64 * 1024
+
+
 def pump_lines(stream: IO[bytes], events: EventLog, svc: str, name: str) -> None:
-    for raw in iter(stream.readline, b""):
+    for raw in iter(lambda: stream.readline(LINE_LIMIT), b""):
         events.log(svc, name, raw.decode(errors="replace").rstrip("\r\n"))
     stream.close()
 
@@ -123,7 +131,7 @@ class Service:
         self.pid: int | None = None
         self.restarts = 0
         self.last_exit: int | None = None
-        self.reason: str | None = None  # why it failed, when it did
+        self.reason: str | None = None  # why it failed, or why its last run was killed (out of memory)
         self.started_at: float | None = None
         self.started = threading.Event()
         self.child: Exit | None = None
@@ -212,18 +220,19 @@ class Service:
             self.started.set()
             code = self.child.wait()
             assert code is not None
-            self.last_exit = code
-            self.pid = None
+            killed = None if self.sup.stopping.is_set() else oom_kill_of(self.child.pid, user.uid, code, began)
+            self.last_exit, self.pid, self.reason = code, None, killed
             if self.sup.stopping.is_set():
                 self._set_state("stopped", exit=code)
                 return
+            why = {"reason": killed} if killed else {}
             policy = self.spec.get("restart") or "always"
             if not should_restart(policy, code):
-                self._set_state("exited" if code == 0 else "failed", exit=code)
+                self._set_state("exited" if code == 0 else "failed", exit=code, **why)
                 return
             failures = 1 if time.monotonic() - began >= BACKOFF_RESET_AFTER else failures + 1
             delay = backoff_delay(failures)
-            self._set_state("backoff", exit=code, delay=delay)
+            self._set_state("backoff", exit=code, delay=delay, **why)
             if self.sup.stopping.wait(delay):
                 self._set_state("stopped", exit=code)
                 return

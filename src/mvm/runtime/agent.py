@@ -6,6 +6,13 @@ ports). A client takes the first free one under a per-port ``flock``, so concurr
 request carries a random id and replies with another id are dropped, so a reply left over
 from an interrupted client can never be mistaken for ours. Socket errors and timeouts are
 translated here into :class:`~mvm.errors.AgentError` naming the VM.
+
+Everything the guest sends is untrusted input, with bounds: a line longer than
+``LINE_LIMIT`` ends the session with an :class:`~mvm.errors.AgentError`, and so do more
+than ``FOREIGN_LIMIT`` messages in a row that are not for the request (malformed, too
+deeply nested, or another id); the output events of streaming requests are checked and
+decoded here (:class:`Output`, :class:`Final`), and error text is made printable. Nothing
+a guest sends makes a client raise anything but an ``AgentError``.
 """
 
 from __future__ import annotations
@@ -17,15 +24,42 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from .. import _unixsock as unixsock
+from .._untrusted import as_int, printable
 from ..errors import AgentError, AgentTimeout
 from ..guest import protocol
 from ..paths import VMFiles
 
 DEFAULT_TIMEOUT = 10.0
+#: The longest line the host accepts from a guest agent (its largest real messages, output
+#: events of 32 KiB in base64, are about 44 KB).
+LINE_LIMIT = 1 << 20
+#: How many messages in a row may be for someone else (or unreadable) while a client waits:
+#: an interrupted client leaves a handful; a guest flooding the channel is cut off.
+FOREIGN_LIMIT = 10_000
+STREAMS = ("stdout", "stderr")
+
+
+@dataclass(frozen=True)
+class Output:
+    """Output of a streaming request (``exec``, ``console``, ``copy``)."""
+
+    stream: str  #: "stdout" or "stderr"
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Final:
+    """The reply that ends a streaming request."""
+
+    ok: bool
+    exit: int
+    error: str  #: printable, bounded
+    timed_out: bool = False
 
 
 class AgentSession:
@@ -37,8 +71,9 @@ class AgentSession:
         self.timeout = timeout
         self._lock_fd: int | None = None
         self._sock: socket.socket | None = None
-        self._buf = protocol.LineBuffer()
+        self._buf = protocol.LineBuffer(LINE_LIMIT)
         self._pending: list[bytes] = []
+        self._foreign = 0
         self.rid = ""
 
     # -- connection ---------------------------------------------------------------------
@@ -107,8 +142,8 @@ class AgentSession:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             while self._pending:
-                msg = _decode_or_none(self._pending.pop(0))
-                if msg is not None and msg.get("id") == rid:
+                msg = self._ours(self._pending.pop(0), rid)
+                if msg is not None:
                     return msg
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -128,8 +163,9 @@ class AgentSession:
         rid = secrets.token_hex(6)
         self.send({"op": op, "id": rid, **args})
         reply = self.receive(rid, self.timeout)
-        if not reply.get("ok"):
-            raise AgentError(self.vm, f"the guest refused {op!r}: {reply.get('error', 'no reason given')}")
+        if reply.get("ok") is not True:
+            why = printable(reply.get("error") or "no reason given", 500)
+            raise AgentError(self.vm, f"the guest refused {op!r}: {why}")
         return reply
 
     def start(self, op: str, **args: Any) -> str:
@@ -138,19 +174,19 @@ class AgentSession:
         self.send({"op": op, "id": self.rid, **args})
         return self.rid
 
-    def events(self) -> Iterator[dict[str, Any]]:
-        """The started request's events, ending with (and including) its final reply."""
+    def events(self) -> Iterator[Output | Final]:
+        """The started request's output, ending with (and including) its final reply."""
         while True:
-            msg = self.receive(self.rid, None)
+            msg = self._checked(self.receive(self.rid, None))
             yield msg
-            if "event" not in msg:
+            if isinstance(msg, Final):
                 return
 
     def fileno(self) -> int:
         assert self._sock is not None
         return self._sock.fileno()
 
-    def pending(self, block: bool = False) -> list[dict[str, Any]]:
+    def pending(self, block: bool = False) -> list[Output | Final]:
         """Messages for the started request that have arrived (reads once if ``block``)."""
         assert self._sock is not None
         if block:
@@ -162,15 +198,40 @@ class AgentSession:
             if not data:
                 raise AgentError(self.vm, "the agent closed the connection")
             self._feed(data)
-        msgs = [_decode_or_none(raw) for raw in self._pending]
-        self._pending.clear()
-        return [m for m in msgs if m is not None and m.get("id") == self.rid]
+        raws, self._pending = self._pending, []
+        return [self._checked(msg) for raw in raws if (msg := self._ours(raw, self.rid)) is not None]
 
     def _feed(self, data: bytes) -> None:
         try:
             self._pending.extend(self._buf.feed(data))
         except ValueError as exc:
             raise AgentError(self.vm, f"the agent sent a malformed reply: {exc}") from None
+
+    def _ours(self, raw: bytes, rid: str) -> dict[str, Any] | None:
+        """The message in ``raw`` if it is for request ``rid``; None (counted) otherwise."""
+        msg = _decode_or_none(raw)
+        if msg is not None and msg.get("id") == rid:
+            self._foreign = 0
+            return msg
+        self._foreign += 1
+        if self._foreign > FOREIGN_LIMIT:
+            raise AgentError(self.vm, f"the agent sent {FOREIGN_LIMIT} messages in a row that were not "
+                             "replies to this request (a flooded or hostile control channel)")
+        return None
+
+    def _checked(self, msg: dict[str, Any]) -> Output | Final:
+        """A streaming request's message, checked: output events must name a stream and
+        carry base64 data."""
+        if "event" not in msg:
+            return Final(ok=msg.get("ok") is True, exit=as_int(msg.get("exit"), 1),
+                         error=printable(msg.get("error") or "", 2000), timed_out=msg.get("timed_out") is True)
+        stream, data = msg.get("event"), msg.get("data")
+        if stream not in STREAMS or not isinstance(data, str):
+            raise AgentError(self.vm, f"the agent sent a malformed output event ({printable(stream, 40)})")
+        try:
+            return Output(str(stream), base64.b64decode(data, validate=True))
+        except ValueError:
+            raise AgentError(self.vm, "the agent sent output that is not base64") from None
 
     def send_input(self, kind: str, **fields: Any) -> None:
         self.send({"op": kind, "id": self.rid, **fields})

@@ -26,9 +26,12 @@ def write_config_disk(path: Path, doc: dict[str, Any]) -> None:
             f"the runtime config is {len(data)} bytes; at most {protocol.CONFIG_DISK_BYTES - 1} fit",
             hint="pass large values through a read-only volume (-v DIR:/path) instead of -e",
         )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.ljust(protocol.CONFIG_DISK_BYTES, b"\0"))
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.ljust(protocol.CONFIG_DISK_BYTES, b"\0"))
+    except OSError as exc:  # a full disk: say which file
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def read_config_disk(path: Path) -> dict[str, Any]:

@@ -1,23 +1,41 @@
 """Reading a VM's logs: the boot console and the guest's event stream.
 
-Both are plain files in the VM dir, written by QEMU (the console, and the guest's
-``org.mvm.events`` port), so reading them needs neither the guest nor a daemon, and they
-remain readable after the VM died. Events are JSON lines; they are rendered here as
-``TIME SERVICE | line`` for output, and ``TIME [health NAME] state`` for transitions.
+Both are plain files in the VM dir, written by the VM's log shim (``mvm._logshim``: the
+console, and the guest's ``org.mvm.events`` port), so reading them needs neither the guest nor
+a daemon, and they remain readable after the VM died. The shim caps each file: past its cap
+it renames it to ``NAME.1`` (the older part) and starts a new one; readers here read both.
+Events are JSON lines; they are rendered here as ``TIME SERVICE | line`` for output,
+and ``TIME [health NAME] state`` for transitions.
+
+Both files hold what the guest wrote, so they are read as hostile input: in chunks of at most
+``READ_CHUNK`` bytes (memory stays bounded whatever their size), lines longer than
+``LINE_LIMIT`` are dropped (and the drop is shown), events nested too deeply or of the wrong
+types are skipped or shown field by field as text, and every rendered line is made
+printable (no terminal escape sequences reach the user's terminal).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from .._untrusted import as_float, printable
+from ..guest import protocol
 from ..paths import VMFiles
+
+#: The longest log line kept (an event line is JSON: a longer one is dropped, not cut).
+LINE_LIMIT = 256 * 1024
+#: The most read from a log file at once.
+READ_CHUNK = 1 << 20
+#: How much of the end of events.log is read for a failed service's last lines.
+TAIL_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -27,61 +45,88 @@ class LogLine:
     event: dict[str, Any] | None = None
 
 
-def _ts(t: float | None) -> str:
-    if t is None:
+def _ts(t: object) -> str:
+    seconds = as_float(t)
+    if seconds is None:
         return ""
-    return datetime.fromtimestamp(t).strftime("%H:%M:%S.%f")[:-3]
+    try:
+        return datetime.fromtimestamp(seconds).strftime("%H:%M:%S.%f")[:-3]
+    except (OverflowError, OSError, ValueError):
+        return ""
+
+
+def _text(value: object) -> str:
+    """A field of an event, as printable text (an absent field is empty)."""
+    return "" if value is None else printable(value if isinstance(value, str) else str(value))
 
 
 def format_event(ev: dict[str, Any]) -> LogLine | None:
+    """The line ``logs`` shows for an event; None for kinds it does not show. Every field is
+    the guest's: any type is accepted, and the text is made printable."""
     kind = ev.get("kind")
     ts = _ts(ev.get("t"))
     if kind == "log":
         stream = ev.get("stream", "stdout")
-        tag = ev.get("svc", "?") if stream in ("stdout", "stderr") else f"{ev.get('svc')} {stream}"
-        return LogLine("service", f"{ts} {tag} | {ev.get('line', '')}", ev)
+        svc = _text(ev.get("svc", "?"))
+        tag = svc if stream in ("stdout", "stderr") else f"{svc} {_text(stream)}"
+        return LogLine("service", f"{ts} {tag} | {_text(ev.get('line', ''))}", ev)
     if kind == "service":
         detail = []
         for key in ("pid", "exit", "delay", "reason"):
             if ev.get(key) is not None:
-                detail.append(f"{key} {ev[key]}")
+                detail.append(f"{key} {_text(ev[key])}")
         suffix = f" ({', '.join(detail)})" if detail else ""
-        return LogLine("service", f"{ts} [service {ev.get('svc')}] {ev.get('state')}{suffix}", ev)
+        return LogLine("service", f"{ts} [service {_text(ev.get('svc'))}] {_text(ev.get('state'))}{suffix}", ev)
     if kind == "health":
-        out = f": {ev.get('output')}" if ev.get("output") else ""
-        return LogLine("health", f"{ts} [health {ev.get('check')}] {ev.get('state')} (exit {ev.get('exit')}){out}", ev)
+        out = f": {_text(ev.get('output'))}" if ev.get("output") else ""
+        return LogLine("health", f"{ts} [health {_text(ev.get('check'))}] {_text(ev.get('state'))} "
+                       f"(exit {_text(ev.get('exit'))}){out}", ev)
     if kind == "init":
-        return LogLine("init", f"{ts} [init] {ev.get('msg')}", ev)
+        return LogLine("init", f"{ts} [init] {_text(ev.get('msg'))}", ev)
     return None
 
 
-def parse_events(data: bytes) -> Iterator[dict[str, Any]]:
-    for raw in data.splitlines():
+def parse_events(data: bytes | Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """The events in ``data`` (bytes, or lines): what is not a JSON object of bounded size
+    and nesting is skipped."""
+    for raw in data.splitlines() if isinstance(data, bytes) else data:
+        if len(raw) > LINE_LIMIT:
+            continue
         try:
-            ev = json.loads(raw)
+            yield protocol.decode(raw)
         except ValueError:
             continue
-        if isinstance(ev, dict):
-            yield ev
-
-
-def read_whole(path: Path) -> bytes:
-    """A log and its rotated part (``NAME.1``, older, written by the log shim), in order."""
-    out = b""
-    for part in (rotated_path(path), path):
-        try:
-            out += part.read_bytes()
-        except OSError:
-            continue
-    return out
 
 
 def rotated_path(path: Path) -> Path:
+    """The older part of a log the shim rotated."""
     return path.with_name(path.name + ".1")
 
 
-def read_events(files: VMFiles) -> list[dict[str, Any]]:
-    return list(parse_events(read_whole(files.events_log)))
+def _read_tail(path: Path, size: int) -> bytes:
+    """The last ``size`` bytes of a log and its rotated part (from the first whole line in them)."""
+    data, start = b"", 0
+    for part in (path, rotated_path(path)):
+        want = size - len(data)
+        if want <= 0:
+            break
+        try:
+            with open(part, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                start = max(0, f.tell() - want)
+                f.seek(start)
+                data = f.read(want) + data
+        except OSError:
+            start = 0
+            continue
+    if start or len(data) >= size:
+        data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
+    return data
+
+
+def read_events(files: VMFiles, tail: int = TAIL_BYTES) -> list[dict[str, Any]]:
+    """The events of the last ``tail`` bytes of events.log (and its rotated part)."""
+    return list(parse_events(_read_tail(files.events_log, tail)))
 
 
 def service_tail(files: VMFiles, service: str, lines: int = 15) -> str:
@@ -93,52 +138,93 @@ def service_tail(files: VMFiles, service: str, lines: int = 15) -> str:
 
 
 class _Tail:
-    """Incremental reader of a growing log, yielding complete lines, across the log shim's
-    rotations: it starts with the rotated part (``NAME.1``), keeps the file it reads open,
-    and when the path names a new file (a rotation), reads the old one to its end first."""
+    """Incremental reader of a growing log, yielding complete lines: at most ``READ_CHUNK``
+    bytes per read, and a line longer than ``LINE_LIMIT`` becomes ``DROPPED``. It follows the
+    log shim's rotations: it starts with the rotated part (``NAME.1``), keeps the file it reads
+    open, and when the path names a new file (a rotation), reads the old one to its end first."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.partial = b""
-        self.file: Any = None
-        self.pending_rotated: Path | None = rotated_path(path)
+        self.skipping = False  #: inside a line too long to keep
+        self.file: BinaryIO | None = None
+        self.pending: list[Path] = [rotated_path(path), path]  #: files not opened yet, in order
 
-    def _open(self, path: Path) -> bool:
-        try:
-            self.file = open(path, "rb")  # noqa: SIM115 - kept open across reads, closed on switch
-        except OSError:
-            return False
-        return True
+    def _chunk(self) -> bytes:
+        """The next bytes of the log, in order across its parts (empty: nothing new yet)."""
+        while True:
+            if self.file is None:
+                if not self.pending:
+                    return b""
+                part = self.pending.pop(0)
+                try:
+                    self.file = open(part, "rb")  # noqa: SIM115 - kept open across reads, closed by close()
+                except OSError:
+                    if not self.pending:  # the live log does not exist (yet): try it again later
+                        self.pending.append(part)
+                        return b""
+                    continue
+            data = self.file.read(READ_CHUNK)
+            if data:
+                return data
+            if self.pending:  # the rotated part is read: on to the live log
+                self.close()
+                continue
+            try:
+                rotated = os.stat(self.path).st_ino != os.fstat(self.file.fileno()).st_ino
+            except OSError:
+                rotated = False
+            if not rotated:
+                return b""
+            data = self.file.read(READ_CHUNK)  # what was written before the rename
+            if data:
+                return data
+            self.close()
+            self.pending.append(self.path)
 
     def read(self) -> list[bytes]:
-        data = b""
-        if self.pending_rotated is not None:  # first read: the older part, if there is one
-            if self._open(self.pending_rotated):
-                data += self.file.read()
-                self.file.close()
-            self.pending_rotated, self.file = None, None
-        if self.file is None and not self._open(self.path):
-            return []
-        data += self.file.read()
-        try:
-            if os.stat(self.path).st_ino != os.fstat(self.file.fileno()).st_ino:  # rotated meanwhile
-                data += self.file.read()
-                self.file.close()
-                if self._open(self.path):
-                    data += self.file.read()
-                else:
-                    self.file = None
-        except OSError:
-            pass
+        data = self._chunk()
+        out: list[bytes] = []
+        if not data:
+            return out
+        if self.skipping:
+            end = data.find(b"\n")
+            if end < 0:
+                return out
+            self.skipping = False
+            data = data[end + 1 :]
         data = self.partial + data
         *complete, self.partial = data.split(b"\n")
-        lines: list[bytes] = complete
-        return lines
+        out += [DROPPED if len(line) > LINE_LIMIT else line for line in complete]
+        if len(self.partial) > LINE_LIMIT:
+            out.append(DROPPED)
+            self.partial, self.skipping = b"", True
+        return out
+
+    def read_all(self) -> Iterator[bytes]:
+        """Every complete line written so far (bounded by the logs' sizes now, so a guest that
+        keeps writing does not keep this going)."""
+        budget = 0
+        for part in (rotated_path(self.path), self.path):
+            with contextlib.suppress(OSError):
+                budget += part.stat().st_size
+        while budget > 0:
+            before = self.file.tell() if self.file is not None else 0
+            lines = self.read()
+            after = self.file.tell() if self.file is not None else 0
+            if not lines and self.file is not None and after == before:
+                return
+            budget -= max(after - before, 1)
+            yield from lines
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+#: Stands for a line that was too long to keep.
+DROPPED = b"\0dropped"
 
 
 @dataclass(frozen=True)
@@ -161,9 +247,13 @@ class LogFilter:
 
 
 def _render(kind: str, raw: bytes, keep: LogFilter) -> list[LogLine]:
+    if raw == DROPPED:
+        what = "a console" if kind == "console" else "an event"
+        return [LogLine(kind if kind == "console" else "init",
+                        f"[mvm] {what} line longer than {LINE_LIMIT // 1024} KiB was left out")]
     if kind == "console":
-        return [LogLine("console", raw.decode(errors="replace"))]
-    return [line for ev in parse_events(raw) if keep.wants(ev) and (line := format_event(ev)) is not None]
+        return [LogLine("console", printable(raw.decode(errors="replace").rstrip("\r")))]
+    return [line for ev in parse_events([raw]) if keep.wants(ev) and (line := format_event(ev)) is not None]
 
 
 def stream(
@@ -179,7 +269,8 @@ def stream(
 ) -> Iterator[LogLine]:
     """What was logged so far (the last ``lines`` of each part), then, with ``follow``, new
     lines as they are written until ``keep_going()`` is false. Following continues exactly
-    where the first read stopped, so no line is lost or shown twice."""
+    where the first read stopped, so no line is lost or shown twice. Memory stays bounded
+    (by ``lines`` lines, or one read) whatever the size of the logs."""
     tails: list[tuple[str, _Tail]] = []
     if console and keep.wants_console():
         tails.append(("console", _Tail(files.console_log)))
@@ -187,8 +278,13 @@ def stream(
         tails.append(("events", _Tail(files.events_log)))
     try:
         for kind, tail in tails:
-            part = [line for raw in tail.read() for line in _render(kind, raw, keep)]
-            yield from part if lines is None else part[max(0, len(part) - lines):]
+            rendered = (line for raw in tail.read_all() for line in _render(kind, raw, keep))
+            if lines is None:
+                yield from rendered
+            elif lines > 0:
+                yield from deque(rendered, maxlen=lines)
+            else:
+                deque(rendered, maxlen=0)
         while follow:
             got = False
             for kind, tail in tails:
@@ -257,13 +353,10 @@ def exit_reason(files: VMFiles) -> str:
     """A short human reason for a VM that is no longer running."""
     if clean_poweroff(files):
         return "powered off"
-    try:
-        console = files.console_log.read_bytes()[-8192:].decode(errors="replace")
-    except OSError:
-        console = ""
+    console = _read_tail(files.console_log, 8192).decode(errors="replace")
     if "Kernel panic" in console:
         line = next((ln for ln in console.splitlines() if "Kernel panic" in ln), "kernel panic")
-        return line.split("] ", 1)[-1].strip()
+        return printable(line.split("] ", 1)[-1].strip(), 300)
     if "boot failed" in console:
         return "guest init failed to boot"
     return "QEMU exited unexpectedly (killed?)"

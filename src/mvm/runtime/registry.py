@@ -22,11 +22,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .. import _proc
 from .._atomic import write_json_atomic
 from ..backends.base import MachineRef, PortForward
-from ..errors import StateError, VMExists, VMNotFound
+from ..errors import StateError, VMExists, VMNotFound, check_free
 from ..paths import Layout, VMFiles
 from .states import Phase
 
 VM_SCHEMA = 2
+#: Free space ``up`` wants on the state dir's disk: a VM's logs (capped) and root disk writes go there.
+MIN_FREE_BYTES = 128 << 20
 
 
 class PortRecord(BaseModel):
@@ -131,8 +133,12 @@ class Registry:
         return VMFiles(self.layout.vm_dir(name))
 
     def reserve(self, record: VMRecord) -> VMFiles:
-        """Claim ``record.name`` (mkdir is the atomic test) and write its first vm.json."""
+        """Claim ``record.name`` (mkdir is the atomic test) and write its first vm.json.
+
+        Refused (:class:`~mvm.errors.DiskFull`, nothing created) when the state dir's disk
+        has less than ``MIN_FREE_BYTES`` free: a VM writes its logs and root disk there."""
         self.layout.vms.mkdir(parents=True, exist_ok=True, mode=0o700)
+        check_free(self.layout.vms, MIN_FREE_BYTES, "a VM (its logs and the writes to its root disk)")
         files = self.files(record.name)
         try:
             os.mkdir(files.root, 0o700)

@@ -23,7 +23,7 @@ from .. import _ext4 as ext4
 from .. import _proc
 from .._proc import Runner
 from ..backends.base import Disk
-from ..errors import CommandFailed, VolumeError
+from ..errors import CommandFailed, DiskFull, VolumeError, check_free
 from ..names import DEFAULT_UID
 from ..paths import Layout, VMFiles
 from ..runtime.registry import VolumeRecord
@@ -32,6 +32,8 @@ from .args import MIN_SIZE_MB, Mode, VolumeArg, parse_volumes
 from .store import IMAGE_NAME, Holder, VolumeLock, VolumeMeta, VolumeStore, volume_id
 
 MIB = ext4.MIB
+#: Host disk space a new volume needs beyond its seed's files (journal, metadata), and margin.
+NEW_VOLUME_BYTES = 32 * MIB
 SERVICE_GID = DEFAULT_UID  # group `mvm`: every service user is in it
 
 # --- planning: every check, no side effects --------------------------------------------
@@ -213,6 +215,9 @@ def create_managed(store: VolumeStore, vid: str, arg: VolumeArg, runner: Runner)
     assert arg.size_mb is not None
     store.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     seed = arg.host if arg.host.is_dir() else None
+    # mkfs writes the seed's files, the journal and the metadata: refuse before, not halfway
+    check_free(store.root, (ext4.tree_bytes(seed)[0] if seed else 0) + NEW_VOLUME_BYTES,
+               f"creating the {arg.size_mb} MB volume for {arg.host}")
     work = Path(tempfile.mkdtemp(prefix=f".{vid}.new-", dir=store.root))
     try:
         image = work / IMAGE_NAME
@@ -221,6 +226,8 @@ def create_managed(store: VolumeStore, vid: str, arg: VolumeArg, runner: Runner)
             ext4.format_new(image, runner, label=vid, journal=True, root_owner=(DEFAULT_UID, SERVICE_GID),
                             seed=seed, desc=f"creating the {arg.size_mb} MB volume for {arg.host}")
         except CommandFailed as exc:
+            if exc.hint == DiskFull.HINT:
+                raise DiskFull(exc.message + "; nothing was created", output=exc.output) from exc
             raise VolumeError(exc.message, output=exc.output,
                               hint="if HOST's files do not fit, give a larger size; nothing was created") from exc
         sb = ext4.read_superblock(image)
@@ -304,6 +311,9 @@ def attach(
         assert sb is not None
         if p.arg.size_mb * MIB > sb.size_bytes:
             stage(f"growing volume {p.vid} to {p.arg.size_mb} MB")
+            # resize2fs writes new group metadata (inode tables: ~2 % of the growth)
+            check_free(image.parent, (p.arg.size_mb * MIB - sb.size_bytes) // 32 + NEW_VOLUME_BYTES,
+                       f"growing volume {p.vid} to {p.arg.size_mb} MB")
             ext4.grow(image, p.arg.size_mb * MIB, runner)
         meta.size_mb = p.arg.size_mb
         meta.last_guest, meta.last_vm, meta.last_used_at = p.arg.guest, vm, time.time()

@@ -8,8 +8,9 @@ from ..options import Json, VMName
 
 
 def status(name: VMName, json: Json = False) -> None:
-    """Show one VM in detail: each service (state, pid, restarts, last exit, uptime) and
-    each health check (state, last exit code, last output)."""
+    """Show one VM in detail: each service (state, pid, restarts, last exit, uptime, and the
+    reason it failed or was last killed, e.g. out of memory) and each health check (state,
+    last exit code, last output)."""
     import mvm
 
     from .. import output
@@ -25,7 +26,7 @@ def status(name: VMName, json: Json = False) -> None:
         output.out.print(f"  {details.emulated}")
     guest = details.guest
     if guest is None:
-        output.out.print(f"  {details.exit_reason or ''}")
+        output.out.print(f"  {output.safe(details.exit_reason or '')}")
         return
     if guest.services:
         output.out.print("\n[bold]services[/]")
@@ -37,6 +38,7 @@ def status(name: VMName, json: Json = False) -> None:
             Column[mvm.ServiceStatus]("LAST EXIT", lambda s: s.last_exit, "right"),
             Column[mvm.ServiceStatus]("USER", lambda s: s.user),
             Column[mvm.ServiceStatus]("UPTIME", lambda s: output.human_secs(s.uptime), "right"),
+            Column[mvm.ServiceStatus]("REASON", lambda s: s.reason, no_wrap=False),
         ], guest.services)
     if guest.checks:
         output.out.print("\n[bold]health checks[/]")

@@ -55,6 +55,9 @@ EXPORT_HELP = (
     "nothing at all is written and the conflicts are listed: export elsewhere with --to, or overwrite them "
     "with --force. Nothing on the host is ever deleted. Exported files get the owner of the destination "
     "directory; setuid/setgid bits are dropped.\n\n"
+    "The guest wrote the volume, so mvm reads it as untrusted: nothing is ever written outside the destination, "
+    "and device nodes, FIFOs, symlinks that point outside the destination and names no file system makes are "
+    "skipped (and listed). The space the export needs is checked before anything is written.\n\n"
     "\b\nExamples:\n"
     "  mvmctl volume export ./data\n"
     "  mvmctl volume export data-1a2b3c4d --to /tmp/data-copy"
@@ -124,14 +127,20 @@ def export(
         output.print_json(result)
         return
     changed = len(result.new) + len(result.updated) + len(result.overwritten)
-    output.info(f"exported {result.volume} into {result.dest}: {changed} written "
+    output.info(f"exported {result.volume} into {output.safe(result.dest)}: {changed} written "
                 f"({len(result.new)} new, {len(result.updated)} updated, "
                 f"{len(result.overwritten)} overwritten), {len(result.unchanged)} already up to date")
     if result.kept:
         output.info(f"kept {len(result.kept)} host file(s) changed on the host only: "
-                    + ", ".join(result.kept[:5]) + (" …" if len(result.kept) > 5 else ""))
+                    + output.safe(", ".join(result.kept[:5])) + (" …" if len(result.kept) > 5 else ""))
     if result.host_only:
         output.info(f"kept {len(result.host_only)} host file(s) that are not in the volume")
+    if result.skipped:
+        output.info(f"[yellow]skipped {len(result.skipped)} path(s)[/] the volume holds but that are never exported:")
+        for line in result.skipped[:10]:
+            output.info(f"  {output.safe(line)}")
+        if len(result.skipped) > 10:
+            output.info(f"  … and {len(result.skipped) - 10} more (all of them: --json)")
 
 
 @app.command("rm", help=RM_HELP)

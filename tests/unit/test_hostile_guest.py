@@ -1,0 +1,303 @@
+"""Guest data is untrusted input (issue 11, item 3): every host parser of guest bytes has
+bounds, and nothing a guest sends makes the host raise anything but a known MvmError.
+
+The control channel is driven by a fake agent on a real unix socket that sends what a hostile
+guest would: deeply nested JSON, endless lines, floods of foreign messages, wrong types,
+terminal escapes. The event log is written by hand with the same."""
+
+from __future__ import annotations
+
+import io
+import json
+import resource
+import socket
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mvm._api.copy import BoundedTarInfo
+from mvm._api.models import GuestStatus
+from mvm._untrusted import printable
+from mvm.errors import AgentError
+from mvm.guest import protocol
+from mvm.paths import VMFiles
+from mvm.runtime import agent, logs
+
+DEEP = b"[" * 200_000 + b"]" * 200_000
+
+
+# --- the wire format ----------------------------------------------------------------------
+
+
+def test_decode_refuses_deep_nesting_without_recursion_error() -> None:
+    for line in (DEEP, b'{"a":' * 100_000 + b"1" + b"}" * 100_000, b"[" * 100_000):
+        with pytest.raises(ValueError, match="nested"):
+            protocol.decode(line)
+    ok = b'{"a":' + b"[" * 31 + b"]" * 31 + b"}"
+    assert isinstance(protocol.decode(ok)["a"], list)
+    with pytest.raises(ValueError, match="nested deeper than 32"):
+        protocol.decode(b'{"a":' + b"[" * 32 + b"]" * 32 + b"}")
+    # brackets inside strings do not count, escaped quotes included
+    text = json.dumps({"line": "[" * 5000 + '\\"{' * 3000}).encode()
+    assert protocol.decode(text)["line"].startswith("[[[")
+
+
+def test_line_buffer_bounds_a_line_and_skips_its_rest() -> None:
+    buf = protocol.LineBuffer(limit=1000)
+    assert buf.feed(b"a" * 600) == []
+    with pytest.raises(ValueError, match="longer than 1000"):
+        buf.feed(b"b" * 600)
+    assert buf.feed(b"c" * 5000) == []  # still the same line: skipped, not buffered
+    assert buf.feed(b"tail\n{\"ok\":1}\n") == [b'{"ok":1}']  # its tail is never taken for a line
+    with pytest.raises(ValueError):
+        buf.feed(b"x" * 2000 + b"\n")  # a complete line that is too long
+    assert buf.feed(b"y\n") == [b"y"]
+
+
+# --- the agent client, against a hostile fake agent ------------------------------------------
+
+
+@pytest.fixture()
+def files(tmp_path: Path) -> VMFiles:
+    files = VMFiles(tmp_path / "vm")
+    files.root.mkdir()
+    return files
+
+
+def _agent(files: VMFiles, behave: Callable[[socket.socket, dict[str, object]], None]) -> Iterator[None]:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(files.control(0)))
+    server.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                if data:
+                    try:
+                        behave(conn, json.loads(data.split(b"\n")[0]))
+                    except OSError:
+                        pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield
+    server.close()
+
+
+@pytest.fixture()
+def hostile(files: VMFiles) -> Iterator[Callable[[Callable[[socket.socket, dict[str, object]], None]], None]]:
+    stops: list[Iterator[None]] = []
+
+    def start(behave: Callable[[socket.socket, dict[str, object]], None]) -> None:
+        gen = _agent(files, behave)
+        next(gen)
+        stops.append(gen)
+
+    yield start
+    for gen in stops:
+        next(gen, None)
+
+
+def test_nesting_and_stale_replies_are_skipped(files: VMFiles, hostile: Callable[..., None]) -> None:
+    def behave(conn: socket.socket, req: dict[str, object]) -> None:
+        conn.sendall(DEEP + b"\n" + b'{"id":"other","ok":true}\n' + b"not json\n" + b"[1]\n"
+                     + protocol.encode({"id": req["id"], "ok": True, "pong": 1.5}))
+
+    hostile(behave)
+    assert agent.request(files, "vm", "ping", timeout=5)["pong"] == 1.5
+
+
+def test_an_endless_line_ends_the_session(files: VMFiles, hostile: Callable[..., None]) -> None:
+    def behave(conn: socket.socket, req: dict[str, object]) -> None:
+        chunk = b"x" * 65536
+        for _ in range(64):  # 4 MiB without a newline
+            conn.sendall(chunk)
+
+    hostile(behave)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(AgentError, match="line longer than 1048576"):
+        agent.request(files, "vm", "status", timeout=5)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB: no 4 MiB buffers kept
+
+
+def test_a_flood_of_foreign_messages_ends_the_session(files: VMFiles, hostile: Callable[..., None]) -> None:
+    def behave(conn: socket.socket, req: dict[str, object]) -> None:
+        line = b'{"id":"nope","event":"stdout","data":""}\n' * 1000
+        while True:
+            conn.sendall(line)
+
+    hostile(behave)
+    with agent.AgentSession(files, "vm") as session:
+        session.start("exec", argv=["true"])
+        started = time.monotonic()
+        with pytest.raises(AgentError, match="not replies to this request"):
+            list(session.events())  # no timeout on a stream: the flood itself ends it
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("event", [
+    {"event": "stdout", "data": "%%% not base64"},
+    {"event": "stdout", "data": {"x": 1}},
+    {"event": ["stdout"], "data": ""},
+    {"event": "stdin", "data": ""},
+])
+def test_malformed_output_events(files: VMFiles, hostile: Callable[..., None], event: dict[str, object]) -> None:
+    hostile(lambda conn, req: conn.sendall(protocol.encode({**event, "id": req["id"]})))
+    with agent.AgentSession(files, "vm") as session:
+        session.start("exec", argv=["true"])
+        with pytest.raises(AgentError, match="malformed output event|not base64"):
+            list(session.events())
+
+
+def test_a_final_reply_of_wrong_types_is_still_a_final_reply(files: VMFiles, hostile: Callable[..., None]) -> None:
+    reply = {"ok": "yes", "exit": "zero", "error": "\x1b]0;owned\x07" + "e" * 10_000, "timed_out": 1}
+    hostile(lambda conn, req: conn.sendall(protocol.encode({**reply, "id": req["id"]})))
+    with agent.AgentSession(files, "vm") as session:
+        session.start("exec", argv=["true"])
+        (final,) = list(session.events())
+    assert isinstance(final, agent.Final)
+    assert (final.ok, final.exit, final.timed_out) == (False, 1, False)
+    assert "\x1b" not in final.error and "\\x1b" in final.error and len(final.error) < 2100
+
+
+def test_a_refusal_is_printable(files: VMFiles, hostile: Callable[..., None]) -> None:
+    hostile(lambda conn, req: conn.sendall(protocol.encode({"id": req["id"], "ok": False,
+                                                            "error": "\x1b[2J\x1b]52;c;cHduZWQ=\x07"})))
+    with pytest.raises(AgentError) as info:
+        agent.request(files, "vm", "status", timeout=5)
+    assert "\x1b" not in info.value.message and "\\x1b[2J" in info.value.message
+
+
+@pytest.mark.parametrize("reply", [
+    {"services": ["web"]},
+    {"services": {"web": {"restarts": "many"}}},
+    {"health": {"web": {"state": "bogus"}}},
+    {"health": "x"},
+    {"uptime": {"a": 1}},
+])
+def test_status_of_the_wrong_shape_is_an_agent_error(reply: dict[str, object]) -> None:
+    with pytest.raises(AgentError, match="malformed status"):
+        GuestStatus.from_agent(reply, "vm")
+
+
+def test_status_text_is_made_printable() -> None:
+    status = GuestStatus.from_agent({"services": {"w\x1bb": {"state": "running", "reason": "\x1b[31mred"}},
+                                     "health": {"c": {"state": "healthy", "last_output": "ok\n\x07"}}}, "vm")
+    assert status.services[0].name == "w\\x1bb" and status.services[0].reason == "\\x1b[31mred"
+    assert status.checks[0].last_output == "ok\n\\x07"
+
+
+# --- the event log ------------------------------------------------------------------------------
+
+
+def _events(files: VMFiles, *lines: bytes) -> None:
+    files.events_log.write_bytes(b"\n".join(lines) + b"\n")
+
+
+def test_hostile_events_never_break_logs(files: VMFiles) -> None:
+    _events(
+        files,
+        DEEP,
+        b'{"kind":"log","t":"noon","svc":{"a":[1,2]},"line":["x"]}',
+        b'{"kind":"log","t":1e300,"svc":"web","line":"big time"}',
+        b'{"kind":"log","t":-1e20,"svc":"web","line":"negative"}',
+        b'{"kind":"service","t":true,"svc":null,"state":{"s":1},"pid":"x","reason":"\\u001b[31mred"}',
+        b'{"kind":"health","check":7,"state":[],"exit":{},"output":"\\u001b]0;title\\u0007"}',
+        b'{"kind":"init","msg":"\\u202eevil"}',
+        b'"just a string"',
+        b'{"kind":"log","svc":"web","line":"' + b"z" * (300 * 1024) + b'"}',
+        b'{"kind":"log","t":1.0,"svc":"web","line":"last"}',
+    )
+    files.console_log.write_bytes(b"boot \x1b[2J\x1b]52;c;cHduZWQ=\x07 done\r\n")
+    out = [line.text for line in logs.stream(files)]
+    text = "\n".join(out)
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+    assert "\\x1b[2J" in text and "\\u202eevil" in text
+    assert "big time" in text and "negative" in text and "last" in text
+    assert out.count("[mvm] an event line longer than 256 KiB was left out") == 2  # DEEP, and the long line
+    assert not any("zzzz" in line for line in out)
+    assert logs.service_tail(files, "web").endswith("last")
+
+
+def test_an_endless_event_line_is_dropped_and_said_so(files: VMFiles) -> None:
+    files.events_log.write_bytes(b'{"kind":"log","svc":"web","line":"' + b"z" * (3 << 20))
+    out = [line.text for line in logs.stream(files)]
+    assert out == ["[mvm] an event line longer than 256 KiB was left out"]
+    with open(files.events_log, "ab") as f:
+        f.write(b'"}\n{"kind":"log","t":1.0,"svc":"web","line":"after"}\n')
+    assert [line.text.split(" ", 1)[1] for line in logs.stream(files)][-1] == "web | after"
+
+
+def test_reading_a_huge_log_is_bounded(files: VMFiles) -> None:
+    line = b'{"kind":"log","t":1.0,"svc":"web","line":"' + b"y" * 1000 + b'"}\n'
+    with open(files.events_log, "wb") as f:
+        for _ in range(40):
+            f.write(line * 1000)  # 40 MB
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    tail = list(logs.stream(files, lines=3))
+    assert len(tail) == 3
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 30 * 1024  # KiB
+    assert time.monotonic() - started < 30
+    reader = logs._Tail(files.events_log)
+    try:
+        assert sum(len(x) for x in reader.read()) <= logs.READ_CHUNK
+    finally:
+        reader.close()
+
+
+def test_logs_follow_stops_reading_at_the_size_it_found(files: VMFiles) -> None:
+    """A guest that keeps writing cannot keep the first part of `logs -n N` going."""
+    files.events_log.write_bytes(b'{"kind":"init","t":1.0,"msg":"one"}\n')
+    stop = threading.Event()
+
+    def writer() -> None:
+        with open(files.events_log, "ab") as f:
+            while not stop.is_set():
+                f.write(b'{"kind":"init","t":1.0,"msg":"more"}\n' * 100)
+                f.flush()
+                time.sleep(0.001)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.05)
+        assert len(list(logs.stream(files, lines=1, console=False))) == 1
+    finally:
+        stop.set()
+        thread.join()
+
+
+# --- the cp tar stream ---------------------------------------------------------------------------
+
+
+def test_a_huge_pax_header_is_refused() -> None:
+    raw = io.BytesIO()
+    info = tarfile.TarInfo("pax")
+    info.type = tarfile.XHDTYPE
+    info.size = 512 << 20  # tarfile would read all of it into memory
+    raw.write(info.tobuf(format=tarfile.USTAR_FORMAT))
+    raw.write(b"\0" * 1024)
+    raw.seek(0)
+    with pytest.raises(tarfile.ReadError), tarfile.open(fileobj=raw, mode="r|", tarinfo=BoundedTarInfo) as tar:
+        list(tar)
+
+
+def test_printable() -> None:
+    assert printable("a\tb\nc\x00\x7f\x9b") == "a\tb\\x0ac\\x00\\x7f\\x9b"
+    assert printable("x" * 50, 10).startswith("x" * 10 + "…")
+    assert printable({"a": 1}) == "{'a': 1}"
