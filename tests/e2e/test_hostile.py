@@ -70,9 +70,11 @@ def test_a_hostile_agent_floods_the_control_and_event_channels(cli: CLI, testbed
     """Control and event channels carry JSON nested 200,000 deep, lines of 3 MiB, floods of
     messages for other requests, wrong types and terminal escapes: every mvmctl command ends
     in time with a result or a one-line error (never a traceback), in bounded memory, and
-    Ctrl-C stops `logs -f` at once."""
+    Ctrl-C stops `logs -f` at once. The VM's logs stay within its cap (``--log-limit 8``) on
+    the host, the oldest output dropped with a note."""
     started = time.monotonic()
-    cli("up", TESTBED, "--name", "flood", "--wait", "--timeout", "120")
+    cap = 8 << 20
+    cli("up", TESTBED, "--name", "flood", "--wait", "--timeout", "120", "--log-limit", "8")
     faults = 0
     try:
         cli("cp", str(FLOOD), "flood:/tmp/flood.py")
@@ -104,12 +106,17 @@ def test_a_hostile_agent_floods_the_control_and_event_channels(cli: CLI, testbed
             assert b"\x1b" not in out and b"\x07" not in out
             faults += 1
         assert worst_rss < 200, f"a command grew to {worst_rss:.0f} MB"
-        assert (cli.vms / "flood" / "events.log").stat().st_size > 5 << 20, "the flood never reached the host"
+        on_disk = {p.name: p.stat().st_size for p in (cli.vms / "flood").glob("*.log*")}
+        assert "events.log.1" in on_disk, f"the flood never reached the cap: {on_disk}"
+        assert sum(on_disk.values()) <= cap + (128 << 10), f"the logs outgrew their cap: {on_disk}"
         # the flood ends by itself (45 s); then the VM works as before
         wait_for(lambda: "wrote" in cli("exec", "flood", "--", "cat", "/tmp/flood.log", check=False).stdout,
                  60, "the flood to end")
         text = cli("logs", "flood").stdout
         assert "an event line longer than 256 KiB was left out" in text and "\x1b" not in text
+        assert "bytes of older events output dropped (log cap)" in text
+        on_disk = {p.name: p.stat().st_size for p in (cli.vms / "flood").glob("*.log*")}
+        assert sum(on_disk.values()) <= cap + (128 << 10), f"the logs outgrew their cap: {on_disk}"
         status = cli.json("status", "flood")
         assert check(status, "web")["state"] == "healthy"
         assert cli("exec", "flood", "--", "echo", "ok").stdout == "ok\n"
@@ -119,7 +126,7 @@ def test_a_hostile_agent_floods_the_control_and_event_channels(cli: CLI, testbed
     recorder.add("a hostile agent floods its channels", "a guest root writes deep JSON, 3 MiB lines, "
                  "foreign-id floods, wrong types and escapes into every port: status, exec, ls, logs, stats end "
                  f"in time (0 or a one-line error, peak {worst_rss:.0f} MB), Ctrl-C ends logs -f in < 5 s, no "
-                 "escape reaches the terminal", faults, leaks, started=started)
+                 "escape reaches the terminal, the logs on disk stay within the VM's 8 MiB cap", faults, leaks, started=started)
     _assert_clean(leaks)
 
 
