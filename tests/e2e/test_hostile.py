@@ -126,7 +126,8 @@ def test_a_hostile_agent_floods_the_control_and_event_channels(cli: CLI, testbed
     recorder.add("a hostile agent floods its channels", "a guest root writes deep JSON, 3 MiB lines, "
                  "foreign-id floods, wrong types and escapes into every port: status, exec, ls, logs, stats end "
                  f"in time (0 or a one-line error, peak {worst_rss:.0f} MB), Ctrl-C ends logs -f in < 5 s, no "
-                 "escape reaches the terminal, the logs on disk stay within the VM's 8 MiB cap", faults, leaks, started=started)
+                 "escape reaches the terminal, the logs on disk stay within the VM's 8 MiB cap", faults, leaks,
+                 started=started)
     _assert_clean(leaks)
 
 
