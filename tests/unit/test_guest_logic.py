@@ -145,3 +145,16 @@ def test_a_health_check_that_prints_without_end_keeps_only_its_tail() -> None:
     out: list[bytes] = []
     _read_tail(io.BufferedReader(io.BytesIO(b"a" * (5 << 20) + b"end")), out)
     assert len(out[0]) == OUTPUT_LIMIT and out[0].endswith(b"end")
+
+
+def test_a_service_uptime_ignores_the_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restored clone's wall clock jumps to the host's (the template may be hours old): a
+    service's uptime must not include that jump."""
+    import time
+
+    from mvm.guest.supervisor import Service
+
+    service = Service("web", {"command": ["true"]}, sup=None)  # type: ignore[arg-type]
+    service.state, service.started_at = "running", time.monotonic() - 3.0
+    monkeypatch.setattr(time, "time", lambda: 1e10)  # the clock set after a restore
+    assert 3.0 <= service.status()["uptime"] < 10.0

@@ -10,15 +10,17 @@ QEMU that accepts the connection but never speaks (frozen, stopped, wedged) must
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import _unixsock as unixsock
 from ..errors import VMError
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,10 +35,14 @@ class QMP:
         self._client: Any = None
 
     def _run(self, step: Awaitable[T]) -> T:
+        import asyncio  # here, not at the top: `status` and `ls` import this module but never speak QMP
+
         assert self._loop is not None
         return self._loop.run_until_complete(asyncio.wait_for(step, self.timeout))
 
     def __enter__(self) -> QMP:
+        import asyncio
+
         from qemu.qmp import QMPClient
 
         self._loop = asyncio.new_event_loop()
@@ -81,6 +87,8 @@ class QMP:
 
     def close(self) -> None:
         if self._client is not None and self._loop is not None:
+            import asyncio
+
             try:
                 self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 2.0))
             except Exception:  # closing a broken session must not mask the real error

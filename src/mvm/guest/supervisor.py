@@ -140,7 +140,7 @@ class Service:
     def status(self) -> dict[str, Any]:
         uptime = None
         if self.state == "running" and self.started_at is not None:
-            uptime = round(time.time() - self.started_at, 1)
+            uptime = round(time.monotonic() - self.started_at, 1)
         return {
             "state": self.state,
             "pid": self.pid,
@@ -214,7 +214,7 @@ class Service:
         while not self.sup.stopping.is_set():
             self.child = self._spawn(self.spec["command"], user, "service")
             self.pid = self.child.pid
-            self.started_at = time.time()
+            self.started_at = time.monotonic()  # not the wall clock: a restored clone's jumps to the host's
             began = time.monotonic()
             self._set_state("running", pid=self.pid, restarts=self.restarts)
             self.started.set()
