@@ -30,6 +30,7 @@ from ..images.store import Image, ImageStore
 from ..paths import Layout, VMFiles
 from ..runtime import agent, machine_users
 from ..runtime.templates import (
+    CONFIGURE_TIMEOUT,
     HOTPLUG_SLOTS,
     TEMPLATE_KERNEL_ARGS,
     Damaged,
@@ -211,8 +212,8 @@ def _boot_and_save(image: Image, cpus: int, memory: int, key: str, staging: Path
     for log_name in ("console.log", "events.log"):
         shutil.copyfile(files.root / log_name, staging / f"agent.{log_name}")
     backend.resume(files, machine)
-    agent.request(files, name, "configure", timeout=10.0, config={"vm": image.name, "env": {}, "volumes": []},
-                  **identity(name, None))
+    agent.request(files, name, "configure", timeout=CONFIGURE_TIMEOUT,
+                  config={"vm": image.name, "env": {}, "volumes": []}, **identity(name, None))
     prog.stage("waiting for the template's services")
     if not _healthy(files, name, image):
         return machine, ["agent"]

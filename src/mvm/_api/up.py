@@ -47,7 +47,7 @@ from ..paths import Layout, VMFiles
 from ..runtime import agent
 from ..runtime.bootconfig import write_config_disk
 from ..runtime.registry import PortRecord, ProcessRecord, Registry, VMRecord
-from ..runtime.templates import TEMPLATE_KERNEL_ARGS, TemplateStore
+from ..runtime.templates import CONFIGURE_TIMEOUT, TEMPLATE_KERNEL_ARGS, TemplateStore
 from ..volumes import attach as volume_attach
 from . import templates
 from .build import build_image
@@ -312,7 +312,9 @@ class Launch:
         for slot, disk in enumerate(attached.disks):
             self.plan.backend.attach_disk(files, machine, disk, slot)
             self.spec.disks.append(dataclasses.replace(disk, slot=slot))
-        agent.request(files, self.plan.name, "configure", timeout=10.0, config=self.boot_config(attached), **who)
+        # replies once the clone's volumes are mounted and its services started
+        agent.request(files, self.plan.name, "configure", timeout=CONFIGURE_TIMEOUT, config=self.boot_config(attached),
+                      **who)
 
     def record_launch(self, files: VMFiles) -> None:
         """How the machine runs now, so ``resume`` can start it the same way."""

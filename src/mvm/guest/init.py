@@ -44,6 +44,9 @@ GUEST_JSON = "/etc/mvm/guest.json"
 KEY_POWER = 116
 EV_KEY = 1
 STOP_TIMEOUT = 5.0
+#: How long ``configure`` waits for a clone to mount its volumes and start its services (the
+#: host waits a little longer: mvm.runtime.templates.CONFIGURE_TIMEOUT).
+CONFIGURE_TIMEOUT = 25.0
 
 
 def say(msg: str) -> None:
@@ -123,6 +126,9 @@ class Init:
         self.env: dict[str, str] = {}
         self._configured = threading.Event()
         self._runtime: dict[str, Any] = {}
+        #: set once a template clone's boot has applied its config (or failed to: _apply_error)
+        self._applied = threading.Event()
+        self._apply_error: str | None = None
 
     def boot(self) -> None:
         system.mount_early()
@@ -141,12 +147,26 @@ class Init:
             self._configured.wait()
             runtime = self._runtime
             self.events.emit("init", msg="configured")
+            try:
+                self._start_services(runtime, settings, ports)
+            except BaseException as exc:
+                self._apply_error = f"the clone could not apply its config: {exc}"
+                raise
+            finally:
+                self._applied.set()  # configure's reply: volumes mounted, services started
+            return
         elif not settings["standalone"]:  # told so: do not wait for a config disk
             try:
                 runtime = read_runtime_config()
             except (OSError, ValueError) as exc:
                 say(f"runtime config unreadable, booting without it: {exc}")
                 runtime = {}
+        self._start_services(runtime, settings, ports)
+
+    def _start_services(self, runtime: dict[str, Any] | None, settings: dict[str, Any],
+                        ports: dict[str, str]) -> None:
+        """Apply the per-boot config (hostname, volumes, env) and start the services, health
+        checks and (unless a template clone's already runs) the control channel."""
         self.standalone = runtime is None
         if runtime is None:
             runtime = standalone_runtime(settings)
@@ -232,12 +252,16 @@ class Init:
 
     def configure(self, doc: dict[str, Any]) -> str | None:
         """The per-boot config of a clone restored from a template (the agent's ``configure``);
-        returns an error, or None. Accepted once, and only while the boot waits for it."""
+        returns an error, or None. Accepted once, and only while the boot waits for it. It
+        returns once the boot has applied it (volumes mounted, services started), so that
+        what the host runs next (``exec``, a health wait) finds the clone as a boot leaves it."""
         if self._configured.is_set():
             return "already configured"
         self._runtime = doc
         self._configured.set()
-        return None
+        if not self._applied.wait(CONFIGURE_TIMEOUT):
+            return f"the clone did not apply its config within {CONFIGURE_TIMEOUT:.0f} s"
+        return self._apply_error
 
     def _dhcp_network(self) -> None:
         """Standalone: bring up the first interface and keep a DHCP lease on it, for ever.

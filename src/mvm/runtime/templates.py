@@ -46,6 +46,9 @@ TEMPLATE_ARG = "mvm.template=1"
 #: Native PCIe hot-plug: microvm has no ACPI _OSC to hand it to the kernel, so without this
 #: the hot-plug slots are never registered and a disk attached after a restore is not seen.
 TEMPLATE_KERNEL_ARGS = (TEMPLATE_ARG, "pcie_ports=native")
+#: How long the host waits for ``configure``: the guest replies once the clone's volumes are
+#: mounted and its services started, or after its own 25 s (mvm.guest.init.CONFIGURE_TIMEOUT).
+CONFIGURE_TIMEOUT = 30.0
 
 
 class Shape(BaseModel):
