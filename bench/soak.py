@@ -53,24 +53,27 @@ def du(path: Path, skip: tuple[str, ...] = ()) -> int:
 
 
 def processes(state: Path) -> dict[str, int]:
-    qemu = logs_f = zombies = 0
+    """QEMUs and log shims of this soak's VMs (QEMU runs as a user of its own with its cwd
+    elsewhere, so it is found by its name), `logs -f` children and zombies of this process."""
+    qemu = shims = logs_f = zombies = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            cwd = os.readlink(entry / "cwd")
         except OSError:
             continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if state == "Z" and int(ppid) == os.getpid():
+        proc_state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if proc_state == "Z" and int(ppid) == os.getpid():
             zombies += 1
-        if cwd.startswith(str(state)) and any(b"qemu-system" in part for part in cmdline[:1]):
+        if b"qemu-system" in cmdline[0] and any(part.startswith(b"mvm-soak") for part in cmdline):
             qemu += 1
+        if b"mvm._logshim" in cmdline and any(part.startswith(str(state).encode()) for part in cmdline):
+            shims += 1
         if b"logs" in cmdline and b"-f" in cmdline and int(ppid) == os.getpid():
             logs_f += 1
-    return {"qemu_processes": qemu, "logs_f_processes": logs_f, "zombies": zombies}
+    return {"qemu_processes": qemu, "log_shims": shims, "logs_f_processes": logs_f, "zombies": zombies}
 
 
 def snapshot(state: Path, cache: Path) -> dict[str, Any]:
@@ -145,7 +148,10 @@ def markdown(report: dict[str, Any], keys: list[str], args: argparse.Namespace) 
         "once); `system_open_files`: the machine's, other users included, so it is not judged; `state_bytes`: "
         "$MVM_HOME/state without the kept logs (the volume's image); `kept_logs_bytes`: the logs `down` keeps, "
         "one set per VM name, capped at 256 MB in total; `cache_bytes_without_images`: $MVM_CACHE without the "
-        "image and template stores.",
+        "image and template stores; `qemu_processes`, `log_shims`: this soak's VMs' QEMUs and log processes "
+        "still running; `zombies`: this process's children that ended and were not collected yet (the last "
+        "VM's QEMU and log shim end just after `down` returns and are collected by the next status check: "
+        "at most one VM's).",
         "",
     ]
     return "\n".join(lines)
