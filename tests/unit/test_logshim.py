@@ -81,3 +81,24 @@ def test_the_shim_ends_with_its_streams_and_leaves_the_vm_dir(tmp_path: Path) ->
     ev.close()  # QEMU ended (or never started): the shim goes
     assert shim.wait(10) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["console.log", "events.log"]
+
+
+def test_readers_join_the_rotated_part_and_the_live_log(tmp_path: Path) -> None:
+    """`logs -n`, `status`'s service tail and the bounded readers see one log across the two
+    files the shim keeps, the older part first; a line too long to keep is left out with a note."""
+    files = VMFiles(tmp_path)
+
+    def event(i: int, line: str = "") -> bytes:
+        return json.dumps({"t": i, "kind": "log", "svc": "x", "line": line or f"n{i}"}).encode() + b"\n"
+
+    logs.rotated_path(files.events_log).write_bytes(b"".join(event(i) for i in range(0, 50)))
+    files.events_log.write_bytes(event(50, "y" * (logs.LINE_LIMIT + 1)) + b"".join(event(i) for i in range(51, 60)))
+    shown = [ln.text for ln in logs.stream(files, console=False)]
+    numbers = [int(t.rsplit("n", 1)[1]) for t in shown if " | n" in t]
+    assert numbers == [*range(0, 50), *range(51, 60)]
+    assert any("longer than 256 KiB was left out" in t for t in shown)
+    assert [ln.text.rsplit(" ", 1)[1] for ln in logs.stream(files, console=False, lines=3)] == ["n57", "n58", "n59"]
+    assert logs.read_events(files)[0]["t"] == 0  # the whole of both parts fits the default tail
+    files.events_log.write_bytes(b"".join(event(i) for i in range(50, 60)))
+    tail = [e["t"] for e in logs.read_events(files, tail=len(event(59)) * 15 - 5)]  # a cut first line
+    assert tail == list(range(46, 60))  # from the rotated part on, whole lines only

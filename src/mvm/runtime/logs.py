@@ -149,6 +149,7 @@ class _Tail:
         self.skipping = False  #: inside a line too long to keep
         self.file: BinaryIO | None = None
         self.pending: list[Path] = [rotated_path(path), path]  #: files not opened yet, in order
+        self.consumed = 0  #: bytes read so far, all parts together
 
     def _chunk(self) -> bytes:
         """The next bytes of the log, in order across its parts (empty: nothing new yet)."""
@@ -184,6 +185,7 @@ class _Tail:
 
     def read(self) -> list[bytes]:
         data = self._chunk()
+        self.consumed += len(data)
         out: list[bytes] = []
         if not data:
             return out
@@ -208,13 +210,12 @@ class _Tail:
         for part in (rotated_path(self.path), self.path):
             with contextlib.suppress(OSError):
                 budget += part.stat().st_size
-        while budget > 0:
-            before = self.file.tell() if self.file is not None else 0
+        start = self.consumed
+        while self.consumed - start < budget:
+            before = self.consumed
             lines = self.read()
-            after = self.file.tell() if self.file is not None else 0
-            if not lines and self.file is not None and after == before:
+            if self.consumed == before:  # nothing more to read now
                 return
-            budget -= max(after - before, 1)
             yield from lines
 
     def close(self) -> None:
