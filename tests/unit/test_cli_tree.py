@@ -1,0 +1,42 @@
+"""The command tree ``main`` builds: only the named command's module, the same commands."""
+
+from __future__ import annotations
+
+import pytest
+import typer.main
+
+from mvm.cli import app
+
+
+def _names(tree: typer.Typer) -> set[str]:
+    group = typer.main.get_command(tree)
+    return set(group.commands)  # type: ignore[attr-defined]
+
+
+def test_every_command_maps_to_the_module_that_registers_it() -> None:
+    seen: set[str] = set()
+    for module in app.MODULES:
+        names = _names(app.new_app((module,)))
+        assert all(app.COMMANDS[name] is module for name in names), (module.__name__, names)
+        seen |= names
+    assert seen == set(app.COMMANDS) == _names(app.app)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["ls"], {"ls"}),
+    (["--debug", "volume", "ls"], {"volume"}),
+    (["exec", "web", "--", "ls", "-la"], {"exec"}),
+    (["resume", "web"], {"suspend", "resume"}),
+])
+def test_a_command_line_builds_only_its_command(args: list[str], expected: set[str]) -> None:
+    assert _names(app.app_for(args)) == expected
+
+
+@pytest.mark.parametrize("args", [[], ["--help"], ["bogus"], ["--version"]])
+def test_help_unknown_commands_and_the_root_get_the_whole_tree(args: list[str]) -> None:
+    assert app.app_for(args) is app.app
+
+
+def test_completion_gets_the_whole_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("_MVMCTL_COMPLETE", "complete_bash")
+    assert app.app_for(["ls"]) is app.app
