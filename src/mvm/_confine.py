@@ -11,6 +11,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -80,9 +81,5 @@ def confined(path: Path, user: str = CONFINED_USER) -> Iterator[Confined]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.chown(real, st.st_uid, st.st_gid)
-            os.chmod(real, stat_mode(st.st_mode))
+            os.chmod(real, stat.S_IMODE(st.st_mode))
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def stat_mode(mode: int) -> int:
-    return mode & 0o7777
