@@ -37,7 +37,7 @@ from mvm.errors import (
 from mvm.images.store import Image, Manifest
 from mvm.paths import Layout
 from mvm.runtime.registry import Registry
-from mvm.runtime.templates import Template
+from mvm.runtime.templates import Template, TemplateStore
 from mvm.spec import GuestSpec, HealthCheck, Service
 from mvm.volumes.store import VolumeStore, volume_id
 
@@ -540,3 +540,36 @@ def test_kvm_for_a_qemu_user_of_its_own_needs_a_group_for_dev_kvm(layout: Layout
     _nothing_left(layout, fake)
     monkeypatch.setattr(machine_users, "kvm_group", lambda: 994)
     assert machines.preflight(fake, request).accel == "kvm"
+
+
+def test_a_template_on_a_full_disk_is_refused_before_it_boots(layout: Layout, fake: FakeBackend, image: Image,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.statvfs
+
+    def statvfs(path: object) -> os.statvfs_result:
+        fields = list(real(path))  # type: ignore[arg-type]
+        fields[0] = fields[1] = 4096
+        fields[4] = (300 << 20) // 4096  # 300 MB free: a 512 MB machine's template needs twice that
+        return os.statvfs_result(fields)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    with pytest.raises(mvm.DiskFull, match="saving a template of a 512 MB machine"):
+        make_template(image, cpus=1, memory=512, layout=layout, backend=fake)
+    assert not fake.machines, "a machine was started"
+    assert not [p for p in layout.templates.iterdir() if not p.name.endswith(".lock")]
+
+
+def test_a_disk_that_fills_up_while_a_template_is_saved_leaves_nothing(layout: Layout, fake: FakeBackend,
+                                                                        image: Image,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def full(*args: object, **kwargs: object) -> object:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fake, "save", full)
+    with pytest.raises(OSError, match="No space left"):  # the CLI makes it a one-line DiskFull
+        make_template(image, cpus=1, memory=512, layout=layout, backend=fake)
+    assert not [m for m in fake.machines.values() if m.running], "the template's machine was left running"
+    assert not [p for p in layout.templates.iterdir() if not p.name.endswith(".lock")]
+    assert TemplateStore(layout).all() == []

@@ -12,6 +12,7 @@ one in the background (``MVM_TEMPLATES=restore`` only restores, ``off`` neither)
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import shutil
@@ -164,32 +165,29 @@ def make_template(image: Image, *, cpus: int, memory: int, layout: Layout, runne
         staging = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=store.root))
         files = VMFiles(staging / "vm")
         files.root.mkdir(mode=0o700)
-        machine: MachineRef | None = None
         try:
-            prog.stage("booting the template")
-            machine, kinds = _boot_and_save(image, cpus, memory, key, staging, files, backend, runner, prog,
-                                            layout)
-            meta = TemplateMeta(key=key, image_key=image.key, shape=Shape(cpus=cpus, memory=memory,
-                                arch=image.manifest.arch), kinds=kinds, hotplug_slots=HOTPLUG_SLOTS,
-                                created_at=time.time(), create_secs=0.0, files={})
-            backend.stop(files, machine, 5.0)
-            machine = None
+            with contextlib.ExitStack() as running:  # stops the machine if anything below fails
+                prog.stage("booting the template")
+                machine, kinds = _boot_and_save(image, cpus, memory, key, staging, files, backend, runner, prog,
+                                                layout, running)
+                meta = TemplateMeta(key=key, image_key=image.key, shape=Shape(cpus=cpus, memory=memory,
+                                    arch=image.manifest.arch), kinds=kinds, hotplug_slots=HOTPLUG_SLOTS,
+                                    created_at=time.time(), create_secs=0.0, files={})
+                backend.stop(files, machine, 5.0)
+                running.pop_all()
             shutil.rmtree(files.root)
             meta.create_secs = round(time.monotonic() - started, 2)
             return store.publish(staging, meta)
         finally:
-            if machine is not None:
-                try:
-                    backend.stop(files, machine, 2.0)
-                except MvmError as exc:
-                    log.warning("%s", exc.message)
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
 
 
 def _boot_and_save(image: Image, cpus: int, memory: int, key: str, staging: Path, files: VMFiles,
-                   backend: Backend, runner: Runner, prog: Progress,
-                   layout: Layout) -> tuple[MachineRef, list[Kind]]:
+                   backend: Backend, runner: Runner, prog: Progress, layout: Layout,
+                   running: contextlib.ExitStack) -> tuple[MachineRef, list[Kind]]:
+    """Boot the template machine, save it once its agent is ready and again once its services
+    are healthy (if they turn healthy). ``running`` stops the machine if this fails."""
     name = f"template-{key[:8]}"
     verdict = preflight(backend, MachineRequest(name=name, kernel=image.kernel, initrd=image.initrd,
                                                 probe_cache=layout.probes, arch=image.manifest.arch))
@@ -203,6 +201,7 @@ def _boot_and_save(image: Image, cpus: int, memory: int, key: str, staging: Path
                       arch=image.manifest.arch, memory_file=MemoryFile(ram, shared=True),
                       hotplug_slots=HOTPLUG_SLOTS, kernel_args=TEMPLATE_KERNEL_ARGS)
     machine = start_confined(backend, spec)
+    running.callback(_stop_quietly, backend, files, machine)
     agent.wait_ready(files, name, 90.0, lambda: backend.alive(machine))
     prog.stage("saving the template (agent ready)")
     backend.save(files, machine, staging / "agent.state")
@@ -224,6 +223,14 @@ def _boot_and_save(image: Image, cpus: int, memory: int, key: str, staging: Path
     for log_name in ("console.log", "events.log"):
         shutil.copyfile(files.root / log_name, staging / f"ready.{log_name}")
     return machine, ["agent", "ready"]
+
+
+def _stop_quietly(backend: Backend, files: VMFiles, machine: MachineRef) -> None:
+    """Stop a template machine whose making failed (the failure is what the caller reports)."""
+    try:
+        backend.stop(files, machine, 2.0)
+    except MvmError as exc:
+        log.warning("%s", exc.message)
 
 
 def _ram_file_for_vms(path: Path) -> None:
