@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,42 +33,13 @@ from mvm.errors import (
     VMExists,
     VMNotFound,
 )
-from mvm.images.store import Image, Manifest
+from mvm.images.store import Image
 from mvm.paths import Layout
 from mvm.runtime.registry import Registry
 from mvm.runtime.templates import Template, TemplateStore
-from mvm.spec import GuestSpec, HealthCheck, Service
 from mvm.volumes.store import VolumeStore, volume_id
 
 STEPS = ["reserve", "attach_volumes", "write_boot_config", "start_machine", "wait_for_agent", "mark_running"]
-
-
-@pytest.fixture()
-def layout(tmp_path: Path) -> Layout:
-    return Layout(state=tmp_path / "state", cache=tmp_path / "cache")
-
-
-@pytest.fixture()
-def fake() -> Iterator[FakeBackend]:
-    backend = FakeBackend()
-    backends.register("fake", lambda runner: backend)
-    yield backend
-    for machine in backend.machines.values():
-        if machine.running:
-            machine.guest.stop()
-    backends.unregister("fake")
-
-
-@pytest.fixture()
-def image(tmp_path: Path) -> Image:
-    path = tmp_path / "image"
-    path.mkdir()
-    for name in ("vmlinux", "initrd", "rootfs.ext4"):
-        (path / name).write_bytes(b"x")
-    guest = GuestSpec(name="web", services={"svc": Service(command="true")},
-                      health_checks={"check": HealthCheck(health_cmd="true")})
-    return Image(path, Manifest(key="k" * 32, name="web", frontend="toml", source={"path": "/x/mvm.toml"},
-                                guest=guest))
 
 
 def _up(layout: Layout, fake: FakeBackend, image: Image, **kwargs: object) -> mvm.VM:

@@ -6,48 +6,17 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import mvm
-from mvm import backends
 from mvm.backends.fake import FakeBackend
-from mvm.images.store import Image, Manifest
+from mvm.images.store import Image
 from mvm.paths import Layout
-from mvm.spec import GuestSpec, HealthCheck, Service
 from mvm.testing import FixtureVM, Pool, VMFactory, sanitize, source
 
 pytest_plugins = ["pytester"]
-
-
-@pytest.fixture()
-def layout(tmp_path: Path) -> Layout:
-    return Layout(state=tmp_path / "state", cache=tmp_path / "cache")
-
-
-@pytest.fixture()
-def fake() -> Iterator[FakeBackend]:
-    backend = FakeBackend()
-    backends.register("fake", lambda runner: backend)
-    yield backend
-    for machine in backend.machines.values():
-        if machine.running:
-            machine.guest.stop()
-    backends.unregister("fake")
-
-
-@pytest.fixture()
-def image(tmp_path: Path) -> Image:
-    path = tmp_path / "image"
-    path.mkdir()
-    for name in ("vmlinux", "initrd", "rootfs.ext4"):
-        (path / name).write_bytes(b"x")
-    guest = GuestSpec(name="web", services={"svc": Service(command="true")},
-                      health_checks={"check": HealthCheck(health_cmd="true")})
-    return Image(path, Manifest(key="k" * 32, name="web", frontend="toml", source={"path": "/x/mvm.toml"},
-                                guest=guest))
 
 
 def _vm(layout: Layout, fake: FakeBackend, image: Image, name: str, **kwargs: object) -> FixtureVM:

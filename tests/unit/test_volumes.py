@@ -103,11 +103,6 @@ def test_volume_id_is_stable_and_readable() -> None:
 # --- planning against the host ---------------------------------------------------------
 
 
-@pytest.fixture()
-def layout(tmp_path: Path) -> Layout:
-    return Layout(state=tmp_path / "state", cache=tmp_path / "cache")
-
-
 def _mkext4(path: Path, mb: int) -> None:
     subprocess.run(["mkfs.ext4", "-q", "-T", "default", str(path), f"{mb}M"], check=True)
 
