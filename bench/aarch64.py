@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,20 +52,7 @@ def boot_arm_floor(kernel: Path, initrd: Path, rootfs: Path) -> float:
         "-append", "console=ttyAMA0 root=/dev/vda rw panic=-1 quiet cryptomgr.notests init=/sbin/init kpti=0",
         "-drive", f"file={rootfs},format=raw,if=none,id=d0,snapshot=on", "-device", "virtio-blk-pci,drive=d0",
     ]
-    started = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    seen = b""
-    try:
-        while MARKER not in seen:
-            chunk = proc.stdout.read1(4096)  # type: ignore[attr-defined]
-            if not chunk:
-                raise RuntimeError(f"floor VM exited without the marker: {seen[-500:]!r}")
-            seen += chunk
-        return time.monotonic() - started
-    finally:
-        proc.kill()
-        proc.wait()
+    return base.time_to_marker(argv)
 
 
 def main() -> None:

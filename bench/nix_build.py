@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -139,30 +138,10 @@ def builds(cache: Path, runs: int) -> None:
 
 
 def up_to_first_200(env: dict[str, str], target: list[str]) -> tuple[float, dict[str, float]]:
-    """`mvmctl up TARGET --name bench -p P:8080` started -> first HTTP 200 through the
-    forward; then the guest's boot timeline, and `down`."""
-    port = benchrun.free_port()
-    started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "mvm", "up", *target, "--name", "bench", "-p", f"{port}:8080"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=0.5) as r:
-                    if r.status == 200:
-                        elapsed = time.monotonic() - started
-                        proc.wait()
-                        return elapsed, benchrun.guest_phases(env)
-            except OSError:
-                pass
-            if proc.poll() not in (None, 0):
-                raise RuntimeError(f"up failed: {proc.stderr.read().decode() if proc.stderr else ''}")
-            if time.monotonic() - started > 120:
-                raise RuntimeError("no HTTP 200 within 120 s")
-            time.sleep(0.02)
-    finally:
-        proc.wait()
-        subprocess.run([sys.executable, "-m", "mvm", "down", "bench"], env=env, capture_output=True)
+    """bench/run.py's up -> first 200 of ``target``, with the guest's boot timeline."""
+    phases: list[dict[str, float]] = []
+    secs = benchrun.up_to_first_200(env, phases, target=tuple(target))
+    return secs, phases[0]
 
 
 def boots(cache: Path, runs: int, json_out: Path | None) -> None:

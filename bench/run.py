@@ -85,6 +85,11 @@ def boot_floor(kernel: Path, initrd: Path, rootfs: Path) -> float:
         "-drive", f"file={rootfs},format=raw,if=none,id=d0,snapshot=on",
         "-device", "virtio-blk-pci,drive=d0",
     ]
+    return time_to_marker(argv)
+
+
+def time_to_marker(argv: list[str]) -> float:
+    """Seconds from starting the floor VM ``argv`` to its init's marker on the serial port."""
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
@@ -118,11 +123,14 @@ def guest_phases(env: dict[str, str]) -> dict[str, float]:
     return marks
 
 
-def up_to_first_200(env: dict[str, str], phases: list[dict[str, float]] | None, *extra: str) -> float:
+def up_to_first_200(env: dict[str, str], phases: list[dict[str, float]] | None, *extra: str,
+                    target: tuple[str, ...] = (str(HELLO),)) -> float:
+    """`mvmctl up TARGET --name bench -p P:8080 EXTRA` started -> first HTTP 200 through the
+    forward; the guest's boot timeline goes to ``phases``; then `down`."""
     port = free_port()
     exe = Path(sys.executable).with_name("mvmctl")
     started = time.monotonic()
-    proc = subprocess.Popen([str(exe), "up", str(HELLO), "--name", "bench", "-p", f"{port}:8080", *extra], env=env,
+    proc = subprocess.Popen([str(exe), "up", *target, "--name", "bench", "-p", f"{port}:8080", *extra], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         while True:
