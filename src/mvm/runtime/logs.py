@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .._logshim import rotated
 from .._untrusted import as_float, printable
 from ..guest import protocol
 from ..paths import VMFiles
@@ -100,7 +101,7 @@ def parse_events(data: bytes | Iterable[bytes]) -> Iterator[dict[str, Any]]:
 
 def rotated_path(path: Path) -> Path:
     """The older part of a log the shim rotated."""
-    return path.with_name(path.name + ".1")
+    return path.with_name(rotated(path.name))
 
 
 def _read_tail(path: Path, size: int) -> bytes:
@@ -305,7 +306,7 @@ def stream(
 
 #: The logs ``down`` keeps, per VM name; beyond this total the oldest go first.
 RETAINED_CAP_BYTES = 256 * 1024 * 1024
-RETAINED = ("console.log", "console.log.1", "events.log", "events.log.1", "qemu.log")
+RETAINED = ("console.log", rotated("console.log"), "events.log", rotated("events.log"), "qemu.log")
 
 
 def retain(files: VMFiles, dest: Path, cap: int = RETAINED_CAP_BYTES) -> None:
