@@ -1,5 +1,5 @@
 """`python -m mvm` is `mvmctl`."""
 
-from .cli.app import main
+from .cli.entry import main
 
 main()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import typer.main
 
@@ -17,9 +20,9 @@ def test_every_command_maps_to_the_module_that_registers_it() -> None:
     seen: set[str] = set()
     for module in app.MODULES:
         names = _names(app.new_app((module,)))
-        assert all(app.COMMANDS[name] is module for name in names), (module.__name__, names)
+        assert all(app.COMMANDS[name] == module for name in names), (module, names)
         seen |= names
-    assert seen == set(app.COMMANDS) == _names(app.app)
+    assert seen == set(app.COMMANDS) == _names(app.full_app())
 
 
 @pytest.mark.parametrize(("args", "expected"), [
@@ -34,9 +37,17 @@ def test_a_command_line_builds_only_its_command(args: list[str], expected: set[s
 
 @pytest.mark.parametrize("args", [[], ["--help"], ["bogus"], ["--version"]])
 def test_help_unknown_commands_and_the_root_get_the_whole_tree(args: list[str]) -> None:
-    assert app.app_for(args) is app.app
+    assert app.app_for(args) is app.full_app()
 
 
 def test_completion_gets_the_whole_tree(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("_MVMCTL_COMPLETE", "complete_bash")
-    assert app.app_for(["ls"]) is app.app
+    assert app.app_for(["ls"]) is app.full_app()
+
+
+def test_a_command_imports_neither_other_commands_nor_rich() -> None:
+    """``mvmctl exec`` and ``--json`` runs pay for no module they do not use (start-up time)."""
+    code = ("import sys; from mvm.cli import app; app.app_for(['exec', 'web', '--', 'true']); "
+            "print(sorted(m for m in sys.modules if m.startswith(('mvm.cli.commands.', 'rich'))))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert found.strip() == "['mvm.cli.commands.exec_']"

@@ -24,7 +24,7 @@ Health = Literal["healthy", "unhealthy", "starting", "none", "unknown"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
 
 class PortInfo(_Model):

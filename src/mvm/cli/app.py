@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import importlib
 import logging
 import os
@@ -24,30 +25,6 @@ from types import ModuleType
 
 import typer
 
-from . import output
-from .commands import (
-    build,
-    cleanup,
-    console,
-    cp,
-    dev,
-    doctor,
-    down,
-    exec_,
-    export,
-    forward,
-    images,
-    logs,
-    ls,
-    restart,
-    stats,
-    status,
-    suspend,
-    template,
-    up,
-    volume,
-)
-
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -56,19 +33,27 @@ EXIT_TIMEOUT = 124
 EXIT_BROKEN_PIPE = 120
 EXIT_INTERRUPTED = 130
 
-#: The command modules, in the order ``mvmctl --help`` lists their commands.
-MODULES: tuple[ModuleType, ...] = (build, up, ls, status, stats, logs, exec_, console, cp, forward, restart, suspend,
-                                   down, images, template, volume, export, dev, cleanup, doctor)
+#: The command modules (in ``mvm.cli.commands``), in the order ``mvmctl --help`` lists their
+#: commands. Imported by name, when a command line needs one: a run imports only its own.
+MODULES: tuple[str, ...] = ("build", "up", "ls", "status", "stats", "logs", "exec_", "console", "cp", "forward",
+                            "restart", "suspend", "down", "images", "template", "volume", "export", "dev",
+                            "cleanup", "doctor")
 #: Each command, and the module that registers it (with its siblings, if any).
-COMMANDS: dict[str, ModuleType] = {
-    "build": build, "up": up, "ls": ls, "status": status, "stats": stats, "logs": logs, "exec": exec_,
-    "console": console, "cp": cp, "forward": forward, "restart": restart, "suspend": suspend, "resume": suspend,
-    "down": down, "images": images, "rmi": images, "template": template, "volume": volume, "export": export,
-    "dev": dev, "cleanup": cleanup, "doctor": doctor,
+COMMANDS: dict[str, str] = {
+    "build": "build", "up": "up", "ls": "ls", "status": "status", "stats": "stats", "logs": "logs",
+    "exec": "exec_", "console": "console", "cp": "cp", "forward": "forward", "restart": "restart",
+    "suspend": "suspend", "resume": "suspend", "down": "down", "images": "images", "rmi": "images",
+    "template": "template", "volume": "volume", "export": "export", "dev": "dev", "cleanup": "cleanup",
+    "doctor": "doctor",
 }
 
 
-def new_app(modules: tuple[ModuleType, ...] = MODULES) -> typer.Typer:
+def command_module(name: str) -> ModuleType:
+    """The module ``name`` of ``MODULES``, imported."""
+    return importlib.import_module(f"{__package__}.commands.{name}")
+
+
+def new_app(modules: tuple[str, ...] = MODULES) -> typer.Typer:
     """The ``mvmctl`` command tree, with the commands of ``modules``."""
     tree = typer.Typer(
         name="mvmctl",
@@ -83,9 +68,15 @@ def new_app(modules: tuple[ModuleType, ...] = MODULES) -> typer.Typer:
         context_settings={"help_option_names": ["-h", "--help"]},
     )
     tree.callback()(_root)
-    for module in modules:
-        module.register(tree)
+    for name in modules:
+        command_module(name).register(tree)
     return tree
+
+
+@functools.cache
+def full_app() -> typer.Typer:
+    """The whole tree: for the top-level help, unknown commands and completion."""
+    return new_app()
 
 
 def app_for(args: list[str]) -> typer.Typer:
@@ -96,13 +87,14 @@ def app_for(args: list[str]) -> typer.Typer:
     name = next((arg for arg in args if not arg.startswith("-")), None)
     module = COMMANDS.get(name) if name is not None else None
     if module is None or "_MVMCTL_COMPLETE" in os.environ:
-        return app
+        return full_app()
     return new_app((module,))
 
 
 def _version(value: bool) -> None:
     if value:
         from .. import __version__
+        from . import output
 
         output.out.print(f"mvmctl {__version__}")
         raise typer.Exit()
@@ -117,9 +109,6 @@ def _root(
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
 
 
-app = new_app()
-
-
 _interrupted = False
 
 
@@ -129,6 +118,8 @@ def raise_or_report_bug(debug: bool) -> None:
     if debug:
         raise  # the exception the caller is handling
     import traceback
+
+    from . import output
 
     traceback.print_exc()
     output.err.print("[bold red]This is a bug in mvm.[/] Please report it with the traceback above.")
@@ -172,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         code = command.main(args=args, prog_name="mvmctl", standalone_mode=False)
         sys.stdout.flush()
     except MvmError as exc:
+        from . import output
+
         output.render_error(exc, debug)
         code = EXIT_TIMEOUT if isinstance(exc, ExecTimeout) else EXIT_ERROR
     except typer.Exit as exc:
@@ -190,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
             raise_or_report_bug(debug)
             code = EXIT_BUG
         else:  # what the command had started is undone already, as for any error
+            from . import output
+
             where = f" writing {exc.filename}" if exc.filename else ""
             output.render_error(DiskFull(f"the disk is full ({exc.strerror}){where}"), debug)
             code = EXIT_ERROR
@@ -199,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     if _interrupted:
         # Typer turns KeyboardInterrupt into a silent exit code 130; the flag tells an
         # interrupt apart from a guest command that exited 130.
+        from . import output
+
         output.err.print("[yellow]interrupted[/]: cleaned up what this command had started")
         code = EXIT_INTERRUPTED
     raise SystemExit(code if isinstance(code, int) else 0)

@@ -2,10 +2,14 @@
 
 Progress and spinners are drawn only when stderr is a terminal; in pipes and CI they
 degrade to one plain line per stage. ``--json`` output is rendered apart from tables.
+
+Rich is imported when something is drawn, not before: ``exec`` (whose output is the guest's
+bytes) and ``--json`` runs do without the ~20 ms its import costs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -13,14 +17,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
-
-from rich.console import Console
-from rich.markup import escape
-from rich.measure import Measurement
-from rich.table import Table
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from mvm import MvmError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 #: Control characters (but tab and newline): text from a guest must not drive the terminal.
 _CONTROL = re.compile("[\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f]")
@@ -28,11 +30,26 @@ _CONTROL = re.compile("[\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f]")
 
 def safe(text: str) -> str:
     """``text`` with Rich markup escaped and control characters shown as ``\\xNN``."""
+    from rich.markup import escape
+
     return escape(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
 
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+@functools.cache
+def console(stderr: bool) -> Console:
+    """The console for stdout or stderr (``out`` and ``err``), made on first use."""
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def __getattr__(name: str) -> Console:
+    """``output.out`` and ``output.err``: the consoles for stdout and stderr."""
+    if name in ("out", "err"):
+        return console(stderr=name == "err")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 Row = TypeVar("Row")
 
 
@@ -58,10 +75,11 @@ def write_stream(stream: str, data: bytes) -> None:
 
 
 def info(message: str) -> None:
-    err.print(message)
+    console(stderr=True).print(message)
 
 
 def render_error(exc: MvmError, debug: bool = False) -> None:
+    err = console(stderr=True)
     err.print(f"[bold red]error:[/] {safe(exc.message)}")
     if exc.output:
         lines = exc.output.rstrip().splitlines()[-25:]
@@ -71,7 +89,7 @@ def render_error(exc: MvmError, debug: bool = False) -> None:
     if debug:
         err.print(f"[dim]error kind: {exc.reference}[/]")
         if getattr(exc, "argv", None):
-            err.print(f"[dim]command: {escape(' '.join(exc.argv))}[/]")  # type: ignore[attr-defined]
+            err.print(f"[dim]command: {safe(' '.join(exc.argv))}[/]")  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -89,6 +107,11 @@ def table(columns: Sequence[Column[Row]], rows: Sequence[Row]) -> None:
     """A borderless table on stdout. In a pipe it is printed at its natural width (nothing
     cut off for ``grep`` or ``awk``); on a narrow terminal, wrapping columns fold and the
     others keep at least their header's width."""
+    from rich.console import Console
+    from rich.measure import Measurement
+    from rich.table import Table
+
+    out = console(stderr=False)
     t = Table(box=None, pad_edge=False, header_style="bold")
     for col in columns:
         t.add_column(col.header, justify=col.justify, style=col.style, no_wrap=col.no_wrap,
@@ -115,6 +138,7 @@ class StageProgress:
         self._stage = ""
 
     def __enter__(self) -> StageProgress:
+        err = console(stderr=True)
         if err.is_terminal:
             self._status = err.status(self.title)
             self._status.__enter__()
@@ -130,12 +154,12 @@ class StageProgress:
         if self._status is not None:
             self._status.update(f"{self.title}: {name} [dim]({elapsed:.1f}s)[/]")
         else:
-            err.print(f"{self.title}: {name}")
+            console(stderr=True).print(f"{self.title}: {name}")
 
     def line(self, text: str) -> None:
         if self._status is not None and text.strip():
             elapsed = time.monotonic() - self.started
-            short = escape(text.strip()[:90])
+            short = safe(text.strip()[:90])
             self._status.update(f"{self.title}: {self._stage} [dim]({elapsed:.0f}s) {short}[/]")
 
 
