@@ -17,7 +17,7 @@ import pytest
 
 import mvm
 from mvm import backends
-from mvm._api.templates import make_template
+from mvm._api.template_maker import make_template
 from mvm._api.up import Launch
 from mvm._proc import DEFAULT_RUNNER, Runner
 from mvm.backends.base import PortForward

@@ -49,7 +49,7 @@ from ..runtime.bootconfig import write_config_disk
 from ..runtime.registry import PortRecord, ProcessRecord, Registry, VMRecord
 from ..runtime.templates import CONFIGURE_TIMEOUT, TEMPLATE_KERNEL_ARGS, TemplateStore
 from ..volumes import attach as volume_attach
-from . import templates
+from . import template_maker, templates
 from .build import build_image
 from .machines import backend_for, preflight, start_confined, status_of
 from .options import parse_env, parse_port
@@ -158,7 +158,7 @@ def plan_up(request: UpRequest, image: Image, backend: Backend, planned: list[vo
     ))
     source = image.manifest.source
     cpus, memory = request.cpus or guest.cpus, request.memory or guest.memory
-    choice = templates.choose(image, cpus=cpus, memory=memory, env=bool(request.env), volumes=len(planned),
+    choice = templates.choose(image, cpus=cpus, memory=memory, env=request.env, volumes=len(planned),
                               shares=bool(request.shares), cold=request.cold, backend=backend, layout=layout)
     restore = choice.restore
     record = VMRecord(
@@ -237,7 +237,7 @@ class Launch:
         restore = self.plan.restore
         if restore is None:
             return (self.plan.image.rootfs,)
-        return (restore.template.root(restore.kind), self.plan.image.rootfs)
+        return (restore.template.root(restore.stem), self.plan.image.rootfs)
 
     def create_root(self, files: VMFiles) -> None:
         """The VM's own copy-on-write layer over the image's root disk (or the template's);
@@ -250,7 +250,7 @@ class Launch:
         os.chmod(files.root_disk, 0o600)  # like every file in the VM dir
         if restore is not None:
             for name in ("console.log", "events.log"):
-                shutil.copyfile(restore.template.log(restore.kind, name), files.root / name)
+                shutil.copyfile(restore.template.log(restore.stem, name), files.root / name)
 
     def start_machine(self, files: VMFiles, attached: volume_attach.Attached, undo: ExitStack) -> MachineRef:
         plan, record, restore = self.plan, self.plan.record, self.plan.restore
@@ -266,8 +266,8 @@ class Launch:
             spec.config_disk, spec.disks = files.config_disk, attached.disks
             self.progress.stage(f"booting ({record.accel}{', emulated ' + record.arch if record.emulated else ''})")
         else:  # the template's device set: its hot-plug slots, its RAM (copy-on-write), its state
-            spec.memory_file = MemoryFile(restore.template.ram(restore.kind), shared=False)
-            spec.incoming = Incoming(restore.template.state(restore.kind), ignore_shared=True)
+            spec.memory_file = MemoryFile(restore.template.ram(restore.stem), shared=False)
+            spec.incoming = Incoming(restore.template.state(restore.stem), ignore_shared=True)
             spec.hotplug_slots = restore.template.meta.hotplug_slots
             spec.kernel_args = TEMPLATE_KERNEL_ARGS
             self.progress.stage(f"restoring ({record.accel}, {restore.kind} template)")
@@ -425,10 +425,16 @@ def up(
                                    record=plan.record.model_copy(update={"start": "cold", "start_reason": reason,
                                                                          "start_warning": True}))
         Launch(plan, layout, runner, prog).run()
+    cpus, memory = plan.record.cpus, plan.record.memory
     if plan.restore is None and not request.cold and not request.shares and \
-            templates.missing(image, cpus=plan.record.cpus, memory=plan.record.memory, backend=backend, layout=layout):
-        templates.make_in_background(image, cpus=plan.record.cpus, memory=plan.record.memory, layout=layout,
-                                     backend=backend.name, runner=runner)
+            templates.missing(image, cpus=cpus, memory=memory, backend=backend, layout=layout):
+        template_maker.make_in_background(image, cpus=cpus, memory=memory, layout=layout, backend=backend.name,
+                                     runner=runner)
+    elif plan.restore is not None and plan.restore.kind == "agent" and not planned and \
+            templates.env_state_missing(image, cpus=cpus, memory=memory, env=request.env, backend=backend,
+                                        layout=layout):
+        template_maker.make_in_background(image, cpus=cpus, memory=memory, layout=layout, backend=backend.name,
+                                     runner=runner, env=request.env)
     vm = VM(plan.name, layout, runner)
     if wait and plan.record.checks:
         prog.stage("waiting for health checks")

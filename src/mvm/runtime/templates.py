@@ -9,9 +9,14 @@ template and the old one unused. It holds up to two saved states of one boot:
 - ``ready``: the config was the image's defaults and every service is running and every
   health check healthy. Used when an ``up`` brings no ``-e`` and no volumes.
 
-Each state is three files: the machine (``KIND.state``, without its RAM), its RAM
-(``KIND.ram``, mapped copy-on-write by every clone, so clones share the pages they do not
-change) and its root disk (``KIND.qcow2``, the backing of every clone's own overlay).
+Each state is three files: the machine (``STEM.state``, without its RAM), its RAM
+(``STEM.ram``, mapped copy-on-write by every clone, so clones share the pages they do not
+change) and its root disk (``STEM.qcow2``, the backing of every clone's own overlay); the
+stem is the kind's name.
+
+A template may also hold a few ``ready`` states made with other ``-e`` values (stem
+``ready-env-DIGEST``, added after the template, each with its own ``STEM.json``): an ``up``
+with exactly those values restores one instead of starting its services from nothing.
 
 A template is published whole (built in a staging dir, renamed into place). ``get`` trusts
 it only if every file still has the size and change time recorded at publication: a
@@ -26,6 +31,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,6 +44,8 @@ from ..paths import Layout
 TEMPLATE_SCHEMA = 1
 META = "template.json"
 Kind = Literal["agent", "ready"]
+#: ``ready`` states with other ``-e`` values kept per template; making another drops the oldest.
+MAX_ENV_STATES = 3
 #: Empty PCIe slots every template (and so every clone) has, for the volumes of a restored
 #: ``up``. More volumes than this boot cold.
 HOTPLUG_SLOTS = 4
@@ -70,23 +78,53 @@ class TemplateMeta(BaseModel):
     files: dict[str, list[int]]
 
 
+class EnvState(BaseModel):
+    """A ``ready`` state made with other ``-e`` values (``ready-env-DIGEST.json``)."""
+
+    schema_version: int = TEMPLATE_SCHEMA
+    digest: str
+    created_at: float
+    create_secs: float
+    #: file name -> [size, mtime_ns, ctime_ns] when it was added
+    files: dict[str, list[int]]
+
+
+#: The files of one saved state, by suffix (``STEM.SUFFIX``).
+STATE_FILES = ("state", "ram", "qcow2", "console.log", "events.log")
+
+
+def env_digest(env: Mapping[str, str]) -> str:
+    """Names the ``ready`` state made with these ``-e`` values."""
+    return hashlib.sha256(json.dumps(sorted(env.items())).encode()).hexdigest()[:16]
+
+
+def env_stem(digest: str) -> str:
+    return f"ready-env-{digest}"
+
+
 @dataclass(frozen=True)
 class Template:
     path: Path
     meta: TemplateMeta
 
-    def state(self, kind: Kind) -> Path:
-        return self.path / f"{kind}.state"
+    def state(self, stem: str) -> Path:
+        return self.path / f"{stem}.state"
 
-    def ram(self, kind: Kind) -> Path:
-        return self.path / f"{kind}.ram"
+    def ram(self, stem: str) -> Path:
+        return self.path / f"{stem}.ram"
 
-    def root(self, kind: Kind) -> Path:
-        return self.path / f"{kind}.qcow2"
+    def root(self, stem: str) -> Path:
+        return self.path / f"{stem}.qcow2"
 
-    def log(self, kind: Kind, name: str) -> Path:
+    def log(self, stem: str, name: str) -> Path:
         """The console or event log of the boot up to the save (a clone's history)."""
-        return self.path / f"{kind}.{name}"
+        return self.path / f"{stem}.{name}"
+
+    def env_states(self) -> list[str]:
+        """The digests of the ``ready`` states with other ``-e`` values, oldest first."""
+        found = [(f.stat().st_mtime_ns, f.name[len("ready-env-"):-len(".json")])
+                 for f in self.path.glob("ready-env-*.json")]
+        return [digest for _, digest in sorted(found)]
 
     @property
     def bytes_on_disk(self) -> int:
@@ -108,6 +146,19 @@ def template_key(image_key: str, shape: Shape, qemu: str, version: str) -> str:
 def fingerprint(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _check(path: Path, recorded_files: dict[str, list[int]]) -> None:
+    """Raise :class:`Damaged` unless every file still has its recorded size and times."""
+    for name, recorded in recorded_files.items():
+        try:
+            now = fingerprint(path / name)
+        except OSError:
+            raise Damaged(f"{name} is missing") from None
+        if now[0] != recorded[0]:
+            raise Damaged(f"{name} is {now[0]} bytes, not {recorded[0]} (truncated?)")
+        if now != recorded:
+            raise Damaged(f"{name} was changed after the template was saved")
 
 
 class Damaged(Exception):
@@ -133,16 +184,42 @@ class TemplateStore:
             meta = TemplateMeta.model_validate_json((path / META).read_text())
         except (OSError, ValidationError) as exc:
             raise Damaged(f"its {META} is unreadable: {str(exc).splitlines()[0]}") from None
-        for name, recorded in meta.files.items():
-            try:
-                now = fingerprint(path / name)
-            except OSError:
-                raise Damaged(f"{name} is missing") from None
-            if now[0] != recorded[0]:
-                raise Damaged(f"{name} is {now[0]} bytes, not {recorded[0]} (truncated?)")
-            if now != recorded:
-                raise Damaged(f"{name} was changed after the template was saved")
+        _check(path, meta.files)
         return Template(path, meta)
+
+    def env_state(self, template: Template, digest: str) -> str | None:
+        """The stem of ``template``'s ``ready`` state with the ``-e`` values of ``digest``;
+        None if it has none; :class:`Damaged` if it changed since it was added."""
+        meta_path = template.path / f"{env_stem(digest)}.json"
+        if not meta_path.exists():
+            return None
+        try:
+            meta = EnvState.model_validate_json(meta_path.read_text())
+        except (OSError, ValidationError) as exc:
+            raise Damaged(f"{meta_path.name} is unreadable: {str(exc).splitlines()[0]}") from None
+        _check(template.path, meta.files)
+        return env_stem(digest)
+
+    def add_env_state(self, template: Template, digest: str, staged: Path, create_secs: float) -> str:
+        """Move the state files of ``staged`` (``STATE_FILES``, by suffix) into ``template``;
+        the state exists once its ``.json`` is written, last. Drops the oldest beyond
+        ``MAX_ENV_STATES``."""
+        stem = env_stem(digest)
+        for suffix in STATE_FILES:
+            os.rename(staged / suffix, template.path / f"{stem}.{suffix}")
+        meta = EnvState(digest=digest, created_at=time.time(), create_secs=create_secs,
+                        files={f"{stem}.{s}": fingerprint(template.path / f"{stem}.{s}") for s in STATE_FILES})
+        write_json_atomic(template.path / f"{stem}.json", meta.model_dump(mode="json"))
+        for old in template.env_states()[:-MAX_ENV_STATES]:
+            self.remove_env_state(template, old)
+        return stem
+
+    def remove_env_state(self, template: Template, digest: str) -> None:
+        """Its ``.json`` first: a half-removed state is never trusted."""
+        stem = env_stem(digest)
+        (template.path / f"{stem}.json").unlink(missing_ok=True)
+        for suffix in STATE_FILES:
+            (template.path / f"{stem}.{suffix}").unlink(missing_ok=True)
 
     def all(self) -> list[tuple[str, Template | None, str | None]]:
         """(key, template or None, why it is damaged) of every template on disk."""
