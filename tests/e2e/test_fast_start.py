@@ -81,6 +81,36 @@ def test_env_and_a_volume_after_a_restore(cli: CLI, template: dict[str, Any], tm
         cli("down", "fv")
 
 
+SERVICE_ENV = ("for p in /proc/[0-9]*; do grep -q http.server $p/cmdline 2>/dev/null && "
+               "tr '\\0' '\\n' < $p/environ | grep '^GREETING=' && break; done")
+
+
+def test_an_env_set_gets_a_ready_state_of_its_own(cli: CLI, template: dict[str, Any], no_leaks: None) -> None:
+    """The first `up -e` restores `agent` and starts its services; a maker then saves a `ready`
+    state for those values, which the next `up` with exactly them restores."""
+    row = _up(cli, "--name", "fe", "-p", "8080", "-e", "GREETING=again", env={"MVM_TEMPLATES": "auto"})
+    cli("down", "fe")
+    assert "(agent)" in row["start_reason"]
+    wait_for(lambda: [t for t in cli.json("template", "ls") if t["key"] == template["key"] and t["env_states"]],
+             120, "the ready state for GREETING=again")
+    templates = Path(template["path"]).parent
+    assert not [p for p in templates.iterdir() if p.name.startswith(".env-")]  # the values, and the staging
+    row = _up(cli, "--name", "fe", "-p", "8080", "-e", "GREETING=again")
+    try:
+        assert row["start"] == "restored" and "(ready, with these -e values)" in row["start_reason"]
+        assert http_get(row["ports"][0]["host_port"]) == "<h1>Hello from mvm!</h1>\n"
+        assert cli("exec", "fe", "--", "sh", "-c", SERVICE_ENV).stdout == "GREETING=again\n"
+        assert cli("exec", "fe", "--", "hostname").stdout == "fe\n"
+    finally:
+        cli("down", "fe")
+    row = _up(cli, "--name", "fe", "-e", "GREETING=other")  # other values: agent, and services started anew
+    try:
+        assert "(agent)" in row["start_reason"]
+        assert cli("exec", "fe", "--", "sh", "-c", SERVICE_ENV).stdout == "GREETING=other\n"
+    finally:
+        cli("down", "fe")
+
+
 def test_a_spec_change_makes_a_new_template(cli: CLI, template: dict[str, Any], tmp_path: Path) -> None:
     spec = (EXAMPLES / "hello" / "mvm.toml").read_text().replace("Hello from mvm!", "Hello again!")
     (tmp_path / "mvm.toml").write_text(spec)

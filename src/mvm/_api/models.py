@@ -229,6 +229,7 @@ class TemplateInfo(_Model):
     image: str | None = None  #: the image key
     name: str | None = None  #: the image's guest name (None: the image is gone)
     kinds: list[str] = []  #: ``agent`` (waits for its config) and/or ``ready`` (services running)
+    env_states: int = 0  #: ``ready`` states kept for other ``-e`` values
     cpus: int | None = None
     memory: int | None = None
     arch: str | None = None

@@ -191,7 +191,8 @@ def _info(key: str, template: Template | None, damaged: str | None, layout: Layo
     meta = template.meta
     image = ImageStore(layout.images).get(meta.image_key)
     return TemplateInfo(key=key, path=str(template.path), image=meta.image_key, name=image.name if image else None,
-                        kinds=list(meta.kinds), cpus=meta.shape.cpus, memory=meta.shape.memory,
+                        kinds=list(meta.kinds), env_states=len(template.env_states()), cpus=meta.shape.cpus,
+                        memory=meta.shape.memory,
                         arch=meta.shape.arch, created_at=meta.created_at, create_secs=meta.create_secs,
                         bytes_on_disk=template.bytes_on_disk)
 

@@ -1,0 +1,84 @@
+"""The template store's ``ready`` states for ``-e`` values: added whole, trusted only while
+unchanged, capped (oldest dropped), removed cleanly. Files stand in for QEMU's state here;
+tests/e2e/test_fast_start.py restores real ones."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from mvm.paths import Layout
+from mvm.runtime.templates import (
+    MAX_ENV_STATES,
+    STATE_FILES,
+    Damaged,
+    Shape,
+    Template,
+    TemplateMeta,
+    TemplateStore,
+    env_digest,
+)
+
+
+@pytest.fixture
+def store_and_template(tmp_path: Path) -> tuple[TemplateStore, Template]:
+    store = TemplateStore(Layout(state=tmp_path / "state", cache=tmp_path / "cache"))
+    store.root.mkdir(parents=True)
+    staging = store.root / ".build-x"
+    staging.mkdir()
+    for stem in ("agent", "ready"):
+        for suffix in STATE_FILES:
+            (staging / f"{stem}.{suffix}").write_bytes(b"x" * 64)
+    meta = TemplateMeta(key="k" * 32, image_key="i", shape=Shape(cpus=1, memory=512, arch="x86_64"),
+                        kinds=["agent", "ready"], hotplug_slots=4, created_at=0.0, create_secs=0.0, files={})
+    return store, store.publish(staging, meta)
+
+
+def _add(store: TemplateStore, template: Template, env: dict[str, str]) -> str:
+    staged = store.root / f".env-{env_digest(env)}"
+    staged.mkdir()
+    for suffix in STATE_FILES:
+        (staged / suffix).write_bytes(b"y" * 128)
+    stem = store.add_env_state(template, env_digest(env), staged, 1.0)
+    staged.rmdir()  # every file was moved in
+    return stem
+
+
+def test_the_digest_names_the_values_not_their_order() -> None:
+    assert env_digest({"A": "1", "B": "2"}) == env_digest({"B": "2", "A": "1"})
+    assert env_digest({"A": "1"}) != env_digest({"A": "2"}) != env_digest({})
+
+
+def test_a_state_for_env_values_is_found_only_for_exactly_those(store_and_template: tuple[TemplateStore, Template]
+                                                                ) -> None:
+    store, template = store_and_template
+    stem = _add(store, template, {"K": "V"})
+    assert store.env_state(template, env_digest({"K": "V"})) == stem
+    assert template.state(stem).read_bytes() == b"y" * 128
+    assert store.env_state(template, env_digest({"K": "W"})) is None
+    assert store.get(template.meta.key) is not None  # the template itself is still trusted
+
+
+def test_a_changed_or_truncated_state_is_damaged(store_and_template: tuple[TemplateStore, Template]) -> None:
+    store, template = store_and_template
+    stem = _add(store, template, {"K": "V"})
+    os.truncate(template.ram(stem), 10)
+    with pytest.raises(Damaged, match="truncated"):
+        store.env_state(template, env_digest({"K": "V"}))
+    store.remove_env_state(template, env_digest({"K": "V"}))
+    assert not [f for f in template.path.iterdir() if f.name.startswith(stem)]
+    assert store.env_state(template, env_digest({"K": "V"})) is None
+
+
+def test_at_most_a_few_states_are_kept_oldest_dropped(store_and_template: tuple[TemplateStore, Template]) -> None:
+    store, template = store_and_template
+    for i in range(MAX_ENV_STATES + 2):
+        _add(store, template, {"K": str(i)})
+        time.sleep(0.01)  # distinct mtimes
+    kept = template.env_states()
+    assert kept == [env_digest({"K": str(i)}) for i in range(2, MAX_ENV_STATES + 2)]
+    left = {f.name.split(".")[0] for f in template.path.iterdir() if f.name.startswith("ready-env-")}
+    assert left == {f"ready-env-{d}" for d in kept}
