@@ -20,7 +20,9 @@ app = typer.Typer(
     "template in the background; later `up`s restore it in well under a second. A template holds "
     "two saved states of one boot: `ready` (every service running and healthy, used by an `up` "
     "without -e and -v) and `agent` (services not started yet, used when -e or -v brings its own "
-    "config; volumes are hot-plugged). Each clone gets fresh kernel RNG bytes, its own machine-id "
+    "config; volumes are hot-plugged). After an `up -e` (no -v), a `ready` state with those -e values is "
+    "saved in the background too (at most 3 per template; `template ls` counts them as +N -e), and the "
+    "next `up` with exactly those values restores it. Each clone gets fresh kernel RNG bytes, its own machine-id "
     "and hostname, the host's clock and its own copy-on-write root disk and RAM.\n\n"
     "Note: services in a `ready` template started before the save, so what they drew from randomness "
     "at start-up (a hash seed, a key made at start) is the same in every clone. `up --cold` boots "
@@ -73,7 +75,8 @@ def ls(json: Json = False) -> None:
         Column("KEY", lambda t: t.key[:12], style="bold"),
         Column("IMAGE", lambda t: f"{t.name or '(gone)'} {(t.image or '')[:12]}"),
         Column("SHAPE", lambda t: f"{t.cpus} vCPU {t.memory}M {t.arch}" if t.cpus else None),
-        Column("STATES", lambda t: ",".join(t.kinds) or t.damaged),
+        Column("STATES", lambda t: (",".join(t.kinds) + (f" +{t.env_states} -e" if t.env_states else ""))
+               or t.damaged),
         Column("ON-DISK", lambda t: _mb(t.bytes_on_disk), justify="right"),
         Column("CREATED", lambda t: output.human_secs(time.time() - t.created_at) + " ago" if t.created_at else None,
                justify="right"),
