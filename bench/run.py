@@ -200,11 +200,14 @@ def main() -> None:
         results["template_mb"] = summary([template.bytes_on_disk / 1e6])
         # the ready state for `-e K=V` that the first such `up` has made in the background
         from mvm._api.template_maker import make_env_state
+        from mvm.images.store import ImageStore
         from mvm.paths import Layout
 
-        guest = image.manifest.guest
+        layout = Layout.default()
+        stored = ImageStore(layout.images).get(image.key)
+        assert stored is not None and template.cpus and template.memory
         started = time.monotonic()
-        make_env_state(image, cpus=guest.cpus, memory=guest.memory, env={"K": "V"}, layout=Layout.default())
+        make_env_state(stored, cpus=template.cpus, memory=template.memory, env={"K": "V"}, layout=layout)
         results["env_state_create"] = summary([time.monotonic() - started])
         restore_env = {**env, "MVM_TEMPLATES": "restore"}
         with tempfile.TemporaryDirectory() as tmp:
