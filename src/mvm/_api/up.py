@@ -49,7 +49,7 @@ from ..runtime.bootconfig import write_config_disk
 from ..runtime.registry import PortRecord, ProcessRecord, Registry, VMRecord
 from ..runtime.templates import CONFIGURE_TIMEOUT, TEMPLATE_KERNEL_ARGS, TemplateStore
 from ..volumes import attach as volume_attach
-from . import template_maker, templates
+from . import templates
 from .build import build_image
 from .machines import backend_for, preflight, start_confined, status_of
 from .options import parse_env, parse_port
@@ -278,7 +278,7 @@ class Launch:
 
         ports = self.plan.request.forwards
         if any(f.host_port == 0 for f in ports):  # -p GUEST: learn which host ports were picked
-            ports = picked_ports(ports, plan.backend.forwards(files, machine))
+            ports = PortForward.picked(ports, plan.backend.forwards(files, machine))
 
         def started(r: VMRecord) -> None:
             r.machine = ProcessRecord(pid=machine.pid, start_time=machine.start_time)
@@ -352,20 +352,6 @@ class Launch:
         return VMExists(name, f"a VM named {name!r} already exists ({status})", hint=hint)
 
 
-def picked_ports(requested: Sequence[PortForward], actual: Sequence[PortForward]) -> list[PortForward]:
-    """``requested`` with each host port 0 replaced by the one the backend picked for it."""
-    free = [f for f in actual if f not in requested]
-    out = []
-    for fwd in requested:
-        if fwd.host_port == 0:
-            match = next((a for a in free if (a.guest_port, a.proto) == (fwd.guest_port, fwd.proto)), None)
-            if match is not None:
-                free.remove(match)
-                fwd = match
-        out.append(fwd)
-    return out
-
-
 def up(
     path: str | os.PathLike[str] = ".",
     *,
@@ -425,16 +411,7 @@ def up(
                                    record=plan.record.model_copy(update={"start": "cold", "start_reason": reason,
                                                                          "start_warning": True}))
         Launch(plan, layout, runner, prog).run()
-    cpus, memory = plan.record.cpus, plan.record.memory
-    if plan.restore is None and not request.cold and not request.shares and \
-            templates.missing(image, cpus=cpus, memory=memory, backend=backend, layout=layout):
-        template_maker.make_in_background(image, cpus=cpus, memory=memory, layout=layout, backend=backend.name,
-                                     runner=runner)
-    elif plan.restore is not None and plan.restore.kind == "agent" and not planned and \
-            templates.env_state_missing(image, cpus=cpus, memory=memory, env=request.env, backend=backend,
-                                        layout=layout):
-        template_maker.make_in_background(image, cpus=cpus, memory=memory, layout=layout, backend=backend.name,
-                                     runner=runner, env=request.env)
+    _make_templates_behind(plan, layout, runner)
     vm = VM(plan.name, layout, runner)
     if wait and plan.record.checks:
         prog.stage("waiting for health checks")
@@ -446,3 +423,22 @@ def up(
     return vm
 
 
+def _make_templates_behind(plan: UpPlan, layout: Layout, runner: Runner) -> None:
+    """After a cold boot, the image's template; after a restore from ``agent`` for ``-e``
+    values alone, a ``ready`` state for those values: each made by a detached maker, if it is
+    missing and no maker is at work on it (the maker is imported only then)."""
+    request, image, backend = plan.request, plan.image, plan.backend
+    cpus, memory = plan.record.cpus, plan.record.memory
+    env: dict[str, str] | None
+    if plan.restore is None and not request.cold and not request.shares and \
+            templates.missing(image, cpus=cpus, memory=memory, backend=backend, layout=layout):
+        env = None
+    elif plan.restore is not None and plan.restore.kind == "agent" and not plan.volumes and \
+            templates.env_state_missing(image, cpus=cpus, memory=memory, env=request.env, backend=backend,
+                                        layout=layout):
+        env = request.env
+    else:
+        return
+    from .template_maker import make_in_background
+
+    make_in_background(image, cpus=cpus, memory=memory, layout=layout, backend=backend.name, runner=runner, env=env)
