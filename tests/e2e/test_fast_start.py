@@ -94,7 +94,7 @@ def test_an_env_set_gets_a_ready_state_of_its_own(cli: CLI, template: dict[str, 
     wait_for(lambda: [t for t in cli.json("template", "ls") if t["key"] == template["key"] and t["env_states"]],
              120, "the ready state for GREETING=again")
     templates = Path(template["path"]).parent
-    assert not [p for p in templates.iterdir() if p.name.startswith(".env-")]  # the values, and the staging
+    assert not [p for p in templates.iterdir() if p.name.startswith((".env-", ".build-"))]  # values, staging
     row = _up(cli, "--name", "fe", "-p", "8080", "-e", "GREETING=again")
     try:
         assert row["start"] == "restored" and "(ready, with these -e values)" in row["start_reason"]

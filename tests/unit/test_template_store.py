@@ -82,3 +82,21 @@ def test_at_most_a_few_states_are_kept_oldest_dropped(store_and_template: tuple[
     assert kept == [env_digest({"K": str(i)}) for i in range(2, MAX_ENV_STATES + 2)]
     left = {f.name.split(".")[0] for f in template.path.iterdir() if f.name.startswith("ready-env-")}
     assert left == {f"ready-env-{d}" for d in kept}
+
+
+def test_cleanup_removes_what_an_env_maker_left_and_nothing_in_use(tmp_path: Path) -> None:
+    """An interrupted maker's staging dir and the values file of one that never started go;
+    a values file a maker may still be about to read stays."""
+    import mvm
+
+    layout = Layout(state=tmp_path / "state", cache=tmp_path / "cache")
+    layout.templates.mkdir(parents=True)
+    staging = layout.templates / ".build-0123456789ab-env-x1"
+    staging.mkdir()
+    old, fresh = layout.templates / ".env-old.json", layout.templates / ".env-fresh.json"
+    for values in (old, fresh):
+        values.write_text('{"K": "V"}')
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    report = mvm.cleanup(layout)
+    assert {Path(i.path) for i in report.items} == {staging, old}
+    assert fresh.exists() and not old.exists() and not staging.exists()

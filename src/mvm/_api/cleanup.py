@@ -4,8 +4,9 @@ What it removes, and only that:
 - runtime dirs of VMs that are not running (exited, crashed, broken state, or a start that
   was interrupted hard), after killing any QEMU still running in such a dir;
 - the logs ``down`` kept of VMs that are down;
-- leftovers of interrupted builds (``.build-*`` staging dirs whose build is not running)
-  and image-store lock files nobody holds;
+- leftovers of interrupted builds (``.build-*`` staging dirs whose build is not running),
+  image-store lock files nobody holds, and ``-e`` values left for a template maker that
+  never started;
 - images no VM uses, except the newest ``keep`` of each guest (by name), with their locks;
 - package layers (mvm.images.layer) that no remaining image was built from;
 - templates (fast start) that are damaged or whose image is gone;
@@ -21,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import time
 from pathlib import Path
 
 from .. import backends
@@ -33,6 +35,9 @@ from ..runtime.registry import Registry
 from ..runtime.templates import TemplateStore
 from .machines import backend_for, status_of
 from .models import CleanupItem, CleanupReport
+
+#: A template maker deletes its ``-e`` values file as it starts; one older than this never did.
+ENV_FILE_GRACE = 600.0
 
 
 def disk_usage(path: Path) -> int:
@@ -113,6 +118,11 @@ def cleanup(
 
     items += (_leftovers(layout.images, "image") + _leftovers(layout.layers, "package layer")
               + _leftovers(layout.templates, "template"))
+    if layout.templates.is_dir():  # a maker deletes its file as it starts: this one never started
+        for values in layout.templates.glob(".env-*.json"):
+            if time.time() - values.stat().st_mtime > ENV_FILE_GRACE:
+                items.append(CleanupItem(kind="build", path=str(values), bytes=disk_usage(values),
+                                         reason="-e values left for a template maker that never started"))
     store = ImageStore(layout.images)
     if layout.images.is_dir():
         for entry in layout.images.iterdir():

@@ -198,7 +198,7 @@ def make_env_state(image: Image, *, cpus: int, memory: int, env: Mapping[str, st
             return existing
         check_free(store.root, memory * 2**20 + TEMPLATE_SPARE_BYTES, f"saving a {memory} MB machine's state")
         started = time.monotonic()
-        staging = Path(tempfile.mkdtemp(prefix=f".env-{key[:12]}-", dir=store.root))
+        staging = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-env-", dir=store.root))
         files = VMFiles(staging / "vm")
         files.root.mkdir(mode=0o700)
         try:
