@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from mvm.runtime.templates import env_digest
 from mvm.testing import VMFactory
 
 from .conftest import CLI, EXAMPLES, free_port, http_get, qemu_pids_under, wait_for
@@ -87,26 +89,30 @@ SERVICE_ENV = ("for p in /proc/[0-9]*; do grep -q http.server $p/cmdline 2>/dev/
 
 def test_an_env_set_gets_a_ready_state_of_its_own(cli: CLI, template: dict[str, Any], no_leaks: None) -> None:
     """The first `up -e` restores `agent` and starts its services; a maker then saves a `ready`
-    state for those values, which the next `up` with exactly them restores."""
-    row = _up(cli, "--name", "fe", "-p", "8080", "-e", "GREETING=again", env={"MVM_TEMPLATES": "auto"})
+    state for those values, which the next `up` with exactly them restores. (Values of this run
+    only: the template cache outlives the run, and so do the states made in it.)"""
+    value = f"again-{secrets.token_hex(4)}"
+    row = _up(cli, "--name", "fe", "-p", "8080", "-e", f"GREETING={value}", env={"MVM_TEMPLATES": "auto"})
     cli("down", "fe")
     assert "(agent)" in row["start_reason"]
-    wait_for(lambda: [t for t in cli.json("template", "ls") if t["key"] == template["key"] and t["env_states"]],
-             120, "the ready state for GREETING=again")
+    state = Path(template["path"]) / f"ready-env-{env_digest({'GREETING': value})}.json"
+    wait_for(state.exists, 120, f"the ready state for GREETING={value}")
     templates = Path(template["path"]).parent
-    assert not [p for p in templates.iterdir() if p.name.startswith((".env-", ".build-"))]  # values, staging
-    row = _up(cli, "--name", "fe", "-p", "8080", "-e", "GREETING=again")
+    wait_for(lambda: not [p for p in templates.iterdir() if p.name.startswith((".env-", ".build-"))], 10,
+             "the maker to remove its values file and staging dir")
+    row = _up(cli, "--name", "fe", "-p", "8080", "-e", f"GREETING={value}")
     try:
         assert row["start"] == "restored" and "(ready, with these -e values)" in row["start_reason"]
         assert http_get(row["ports"][0]["host_port"]) == "<h1>Hello from mvm!</h1>\n"
-        assert cli("exec", "fe", "--", "sh", "-c", SERVICE_ENV).stdout == "GREETING=again\n"
+        assert cli("exec", "fe", "--", "sh", "-c", SERVICE_ENV).stdout == f"GREETING={value}\n"
         assert cli("exec", "fe", "--", "hostname").stdout == "fe\n"
     finally:
         cli("down", "fe")
-    row = _up(cli, "--name", "fe", "-e", "GREETING=other")  # other values: agent, and services started anew
+    other = f"other-{secrets.token_hex(4)}"  # values never seen: agent, services started anew
+    row = _up(cli, "--name", "fe", "-e", f"GREETING={other}")
     try:
         assert "(agent)" in row["start_reason"]
-        assert cli("exec", "fe", "--", "sh", "-c", SERVICE_ENV).stdout == "GREETING=other\n"
+        assert cli("exec", "fe", "--", "sh", "-c", SERVICE_ENV).stdout == f"GREETING={other}\n"
     finally:
         cli("down", "fe")
 
