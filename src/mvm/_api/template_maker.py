@@ -299,6 +299,9 @@ def _main(argv: list[str]) -> int:
     except Damaged as exc:
         print(f"template for {image.name}: damaged: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # e.g. the template was removed (`template rm`, `cleanup`) meanwhile
+        print(f"template for {image.name}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
