@@ -8,6 +8,8 @@
   x86 floor / x86 up→200   the same two for x86_64 in the same rounds, for comparison
 
 Rounds are interleaved (one VM at a time), so drift and other load hit every figure alike.
+``--spec DIR`` measures another guest instead of examples/hello (bench/specs/httpd: a compiled
+service, which shows mvm's share without a Python service's own start-up).
 Targets (issue 13): cold up→200 ≤ 1.5× floor; restored: the fast-start issue's goal (≤ 0.5×).
 Usage: .venv/bin/python bench/aarch64.py [--runs N] [--json FILE] [--no-x86]
 """
@@ -60,6 +62,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-x86", action="store_true", help="skip the x86_64 figures")
+    ap.add_argument("--spec", type=Path, default=base.HELLO, help="the guest to measure (default examples/hello)")
     args = ap.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="mvm-bench-arm-"))
@@ -71,10 +74,11 @@ def main() -> None:
 
     results: dict[str, dict[str, float]] = {}
     try:
-        print("preparing: examples/hello for aarch64 (and x86_64), its template ...", file=sys.stderr)
-        arm = mvm.build(base.HELLO, arch="aarch64")
-        x86 = None if args.no_x86 else mvm.build(base.HELLO, arch="x86_64")
-        template = mvm.template_create(base.HELLO, arch="aarch64")
+        print(f"preparing: {args.spec} for aarch64 (and x86_64), its template ...", file=sys.stderr)
+        arm = mvm.build(args.spec, arch="aarch64")
+        x86 = None if args.no_x86 else mvm.build(args.spec, arch="x86_64")
+        template = mvm.template_create(args.spec, arch="aarch64")
+        target = (str(args.spec),)
         results["template_mb"] = base.summary([template.bytes_on_disk / 1e6])
         busybox = cached_kernels(Path(env["MVM_CACHE"]) / "kernels", "aarch64")[-1].root / "busybox"
         arm_up = ("--cold", "--arch", "aarch64")
@@ -88,12 +92,12 @@ def main() -> None:
             boot_arm_floor(k, i, arm_root)  # warm the page cache
             for _ in range(args.runs):
                 rows["floor"].append(boot_arm_floor(k, i, arm_root))
-                rows["up"].append(base.up_to_first_200(env, phases, *arm_up))
-                rows["restored"].append(base.up_to_first_200(restore_env, None, "--arch", "aarch64"))
+                rows["up"].append(base.up_to_first_200(env, phases, *arm_up, target=target))
+                rows["restored"].append(base.up_to_first_200(restore_env, None, "--arch", "aarch64", target=target))
                 if x86 and x86_root:
                     rows["x86_floor"].append(base.boot_floor(Path(x86.path) / x86.kernel,
                                                              Path(x86.path) / str(x86.initrd), x86_root))
-                    rows["x86_up"].append(base.up_to_first_200(env, None, "--cold", "--arch", "x86_64"))
+                    rows["x86_up"].append(base.up_to_first_200(env, None, "--cold", "--arch", "x86_64", target=target))
         for key, values in rows.items():
             if values:
                 results[key] = base.summary(values)
