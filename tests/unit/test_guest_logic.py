@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from mvm.guest import protocol
-from mvm.guest.health import next_state
+from mvm.guest.health import STARTING_NICE, next_state, probe_nice
 from mvm.guest.supervisor import BACKOFF_CAP, backoff_delay, hand_over, should_restart, snapshot_tree
 
 
@@ -23,6 +23,33 @@ def test_backoff_is_exponential_and_capped() -> None:
 )
 def test_restart_policy(policy: str, code: int, restart: bool) -> None:
     assert should_restart(policy, code) is restart
+
+
+def test_probes_yield_the_cpu_only_while_their_check_is_starting() -> None:
+    assert probe_nice("starting") == STARTING_NICE > 0
+    assert probe_nice("healthy") == probe_nice("unhealthy") == 0
+
+
+def test_a_probe_inherits_the_niceness_of_its_thread() -> None:
+    """What the check thread sets is what its command runs with (a fork keeps the calling
+    thread's niceness): run in a thread of its own, like a check."""
+    import subprocess
+    import threading
+
+    from mvm.guest.health import _set_thread_nice
+
+    seen: list[str] = []
+
+    def probe() -> None:
+        _set_thread_nice(STARTING_NICE)
+        seen.append(subprocess.run(["sh", "-c", "cut -d' ' -f19 /proc/self/stat"], capture_output=True,
+                                   text=True).stdout.strip())
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    assert seen == [str(STARTING_NICE)]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == 0  # the rest of the process is untouched
 
 
 def test_health_transitions() -> None:
