@@ -84,6 +84,18 @@ def test_x86_64_profile_is_unchanged() -> None:
     assert line.startswith("console=ttyS0 ") and "tsc=reliable" in line and "kpti" not in line
 
 
+def test_the_translation_cache_is_larger_where_services_start_from_nothing() -> None:
+    """x86_64: 64 MiB for a boot or a restore before the services started, 32 for a clone
+    whose services run (its memory is what density is about); aarch64: 64 always."""
+    x86 = _spec(arch="x86_64", kernel=Path("/img/vmlinux"))
+    assert _opt(build_argv(x86, NamingHandoff()), "-accel") == ["tcg,tb-size=64"]
+    x86.starts_services = False
+    assert _opt(build_argv(x86, NamingHandoff()), "-accel") == ["tcg,tb-size=32"]
+    assert _opt(build_argv(_spec(starts_services=False), NamingHandoff()), "-accel") == ["tcg,tb-size=64"]
+    x86.accel = "kvm"
+    assert _opt(build_argv(x86, NamingHandoff()), "-accel") == ["kvm"]
+
+
 def test_both_profiles_share_the_agent_channel_forwards_and_template_devices() -> None:
     """What restore and the agent need is the same device set on both machines."""
     def tail(arch: str) -> list[str]:

@@ -380,6 +380,7 @@ def test_up_restores_a_ready_template_and_makes_each_clone_unique(template: Temp
     assert [m.guest.identity["hostname"] for m in clones] == ["a", "b"]  # type: ignore[index]
     assert (a.files.root / "root.qcow2").is_file()
     assert all(m.spec.config_disk is None for m in clones)  # the config comes through `refresh`
+    assert not any(m.spec.starts_services for m in clones)  # their services run already
     a.down()
     b.down()
 
@@ -395,7 +396,7 @@ def test_env_or_volumes_restore_the_agent_template_and_configure_it(template: Te
     vm = _up(layout, fake, image, env=["MODE=x"], volumes=[f"{tmp_path}/data:/mnt/data:16"])
     (machine,) = [m for m in fake.machines.values() if m.running]
     assert "(agent)" in (vm.info().start_reason or "") and machine.guest.identity is not None
-    assert machine.guest.identity["op"] == "configure"
+    assert machine.guest.identity["op"] == "configure" and machine.spec.starts_services
     config = machine.guest.identity["config"]
     assert config["env"] == {"MODE": "x"} and config["volumes"][0]["target"] == "/mnt/data"
     assert [slot for slot, _ in machine.hotplugged] == [0]
@@ -451,6 +452,7 @@ def test_suspend_and_resume(layout: Layout, fake: FakeBackend, image: Image, tmp
     assert info.status is mvm.VMStatus.RUNNING and info.pid != first and not vm.files.saved_state.exists()
     (machine,) = [m for m in fake.machines.values() if m.running]
     assert machine.spec.incoming is not None and machine.spec.hold_fds  # restored, holding the volume lock
+    assert not machine.spec.starts_services  # they were running when it was saved
     vm.suspend()
     assert mvm.down("web", layout=layout).how == "not running"  # down of a suspended VM removes it
     _nothing_left(layout, fake)

@@ -58,6 +58,7 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
                           hint=f"`mvmctl down {name}` discards the saved machine (its volumes are kept)")
         spec = spec_from_json(launch["spec"], files)
         spec.incoming = Incoming(files.saved_state, ignore_shared=False)
+        spec.starts_services = False  # they run already
         locks = [store.lock(v.volume, f"{v.host} ({v.volume})", attaching=True)
                  for v in record.volumes if v.volume is not None]
         try:

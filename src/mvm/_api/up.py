@@ -270,6 +270,7 @@ class Launch:
             spec.incoming = Incoming(restore.template.state(restore.stem), ignore_shared=True)
             spec.hotplug_slots = restore.template.meta.hotplug_slots
             spec.kernel_args = TEMPLATE_KERNEL_ARGS
+            spec.starts_services = restore.kind == "agent"
             self.progress.stage(f"restoring ({record.accel}, {restore.kind} template)")
         self.spec = spec
         machine = start_confined(plan.backend, spec)

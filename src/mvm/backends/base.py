@@ -191,6 +191,11 @@ class LaunchSpec:
     log_limit: int = 64 * 1024 * 1024
     #: None: the machine runs as mvm's own user.
     run_as: RunAs | None = None
+    #: The guest starts its services from nothing after this launch (a boot, or a restore
+    #: from before they started), rather than running them already (a clone of a ``ready``
+    #: state, a resumed VM). A backend that translates guest code (QEMU's TCG) gives such a
+    #: launch a larger translation cache: service start-ups fill it.
+    starts_services: bool = True
 
 
 class Backend(Protocol):

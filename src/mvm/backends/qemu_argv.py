@@ -16,10 +16,14 @@ Choices, each measured (DESIGN.md, research/spike.md):
   does not speculate, so there is nothing for KPTI to isolate; under KVM the kernel decides.
   There is no power button (the cloud kernel has no gpio-keys); ``down`` never needs one.
   Under KVM (an aarch64 host) the GIC is the host's: not every GICv3 can pose as a GICv2.
-- ``tb-size=32``: the TCG translation buffer is each VM's largest private memory; 32 MiB
-  halves it with no measurable cost to boot time, and is what lets clones of a template
-  share most of their memory (summed PSS of 10 clones ~0.32 of 10 cold boots, measured).
-  An arm64 guest needs 64: with 32 its boot to the first HTTP 200 took 1.2 s longer.
+- ``tb-size``: the TCG translation buffer is each VM's largest private memory. A clone
+  whose services already run gets 32 MiB, which keeps clones of a template small (summed
+  PSS of 10 clones 0.39 of 10 cold boots, measured). A launch whose guest starts its
+  services from nothing (``LaunchSpec.starts_services``: a boot, a restore before the
+  services started) gets 64: a Python service's start-up overflows 32 MiB, and each flush
+  retranslates everything (a restored hello with new ``-e`` values answered after 2.33 s
+  with 32, 2.01 s with 48, 1.73 s with 64, medians of 5). An arm64 guest gets 64 always:
+  with 32 its boot to the first HTTP 200 took 1.2 s longer.
 - the root disk is the VM's own qcow2 over the image's raw ``rootfs.ext4`` (and a
   template's qcow2 between them for a clone): the cached image is never written. The chain
   is spelled out in ``-blockdev`` nodes rather than read from qcow2 headers, because QEMU
@@ -58,8 +62,10 @@ class Profile:
     tcg_cmdline: tuple[str, ...] = ()
     #: The machine under KVM, where it must differ (None: ``machine``).
     kvm_machine: str | None = None
-    #: TCG's translation buffer (MiB): each VM's largest private memory under TCG.
+    #: TCG's translation buffer (MiB): each VM's largest private memory under TCG; for a
+    #: launch that starts the guest's services from nothing, ``tb_size_starting``.
     tb_size: int = 32
+    tb_size_starting: int = 64
 
     def machine_for(self, accel: Accel) -> str:
         return self.kvm_machine if accel == "kvm" and self.kvm_machine else self.machine
@@ -91,6 +97,7 @@ PROFILES: dict[Arch, Profile] = {
         # a 32 MiB translation buffer fills during an arm64 boot and is flushed and refilled:
         # up -> first 200 5.66 s with 32, 4.45 s with 64, 5.04 s with 128 (n=5 each, interleaved)
         tb_size=64,
+        tb_size_starting=64,
     ),
 }
 
@@ -143,7 +150,8 @@ def share_socket(index: int) -> str:
 def build_argv(spec: LaunchSpec, handoff: Handoff, qemu: str | None = None) -> list[str]:
     """The full QEMU command line; what it names is opened into ``handoff``."""
     prof = profile(spec.arch)
-    accel = "kvm" if spec.accel == "kvm" else f"tcg,tb-size={prof.tb_size}"
+    tb_size = prof.tb_size_starting if spec.starts_services else prof.tb_size
+    accel = "kvm" if spec.accel == "kvm" else f"tcg,tb-size={tb_size}"
     files = spec.files
     argv = [
         qemu or prof.binary,
