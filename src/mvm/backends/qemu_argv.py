@@ -17,8 +17,8 @@ Choices, each measured (DESIGN.md, research/spike.md):
   There is no power button (the cloud kernel has no gpio-keys); ``down`` never needs one.
   Under KVM (an aarch64 host) the GIC is the host's: not every GICv3 can pose as a GICv2.
 - ``tb-size``: the TCG translation buffer is each VM's largest private memory. A clone
-  whose services already run gets 32 MiB, which keeps clones of a template small (summed
-  PSS of 10 clones 0.39 of 10 cold boots, measured). A launch whose guest starts its
+  whose services already run gets 32 MiB, which keeps clones of a template small (10 clones
+  71 MB of PSS each; with 64 MiB, 107 MB). A launch whose guest starts its
   services from nothing (``LaunchSpec.starts_services``: a boot, a restore before the
   services started) gets 64: a Python service's start-up overflows 32 MiB, and each flush
   retranslates everything (a restored hello with new ``-e`` values answered after 2.33 s
