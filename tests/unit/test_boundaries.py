@@ -158,7 +158,7 @@ def test_images_initrd_is_standalone() -> None:
         assert name.split(".")[0] in sys.stdlib_module_names or name == "__future__", name
 
 
-def test_no_module_is_over_400_lines() -> None:
+def test_no_module_is_over_450_lines() -> None:
     long = {module_name(p): n for p in sources() if (n := len(p.read_text().splitlines())) > 450}
     assert not long, f"split these modules: {long}"
 

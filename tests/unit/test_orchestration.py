@@ -20,7 +20,7 @@ from mvm import backends
 from mvm._api.template_maker import make_template
 from mvm._api.up import Launch
 from mvm._proc import DEFAULT_RUNNER, Runner
-from mvm.backends.base import PortForward
+from mvm.backends.base import MachineRef, PortForward
 from mvm.backends.fake import FakeBackend
 from mvm.errors import (
     BootError,
@@ -34,7 +34,7 @@ from mvm.errors import (
     VMNotFound,
 )
 from mvm.images.store import Image
-from mvm.paths import Layout
+from mvm.paths import Layout, VMFiles
 from mvm.runtime.registry import Registry
 from mvm.runtime.templates import Template, TemplateStore
 from mvm.volumes.store import VolumeStore, volume_id
@@ -383,6 +383,31 @@ def test_up_restores_a_ready_template_and_makes_each_clone_unique(template: Temp
     assert not any(m.spec.starts_services for m in clones)  # their services run already
     a.down()
     b.down()
+
+
+def test_a_clone_opens_its_forwards_only_once_it_is_its_own_machine(template: Template, layout: Layout,
+                                                                      fake: FakeBackend, image: Image,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until its `refresh`, a clone has the template's kernel RNG state: no one may reach its
+    services before it (a boot's services start from nothing, so it forwards from the start)."""
+    import json
+
+    real = fake.forward
+    refreshed_first: list[bool] = []
+
+    def forward(files: VMFiles, machine: MachineRef, fwd: PortForward) -> PortForward:
+        refreshed_first.append(fake.machines[machine.pid].guest.identity is not None)
+        return real(files, machine, fwd)
+
+    monkeypatch.setattr(fake, "forward", forward)
+    vm = _up(layout, fake, image, ports=["8080", "9000:9000"])
+    (machine,) = [m for m in fake.machines.values() if m.running]
+    assert refreshed_first == [True, True] and machine.spec.ports == []  # nothing forwarded at start
+    ports = vm.info().ports
+    assert [p.guest_port for p in ports] == [8080, 9000] and ports[1].host_port == 9000 and ports[0].host_port
+    launch = json.loads(vm.files.launch.read_text())  # `resume` opens the same host ports
+    assert [p["host_port"] for p in launch["spec"]["ports"]] == [p.host_port for p in ports]
+    vm.down()
 
 
 def test_env_or_volumes_restore_the_agent_template_and_configure_it(template: Template, layout: Layout,

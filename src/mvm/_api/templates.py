@@ -130,6 +130,27 @@ def missing(image: Image, *, cpus: int, memory: int, backend: Backend, layout: L
     return not store.dir(key).exists() and (not lock.exists() or _unheld(lock))
 
 
+def make_behind(image: Image, *, cpus: int, memory: int, restore: Restore | None, env: Mapping[str, str],
+                volumes: bool, forced_cold: bool, backend: Backend, layout: Layout, runner: Runner) -> None:
+    """After an ``up``: after a cold boot (unless forced: ``--cold``, shares), the image's template;
+    after a restore from ``agent`` for ``-e`` values alone, a ``ready`` state for those values.
+    Each is made by a detached maker, if it is missing and no maker is at work on it (the
+    maker's module is imported only then)."""
+    made_env: Mapping[str, str] | None
+    if restore is None and not forced_cold and missing(image, cpus=cpus, memory=memory, backend=backend,
+                                                      layout=layout):
+        made_env = None
+    elif restore is not None and restore.kind == "agent" and not volumes and \
+            env_state_missing(image, cpus=cpus, memory=memory, env=env, backend=backend, layout=layout):
+        made_env = env
+    else:
+        return
+    from .template_maker import make_in_background
+
+    make_in_background(image, cpus=cpus, memory=memory, layout=layout, backend=backend.name, runner=runner,
+                       env=made_env)
+
+
 def _unheld(lock: Path) -> bool:
     from filelock import FileLock, Timeout
 

@@ -205,6 +205,7 @@ class Launch:
             machine = self.start_machine(files, attached, undo)
             self.wait_for_agent(files, machine)
             self.personalize(files, machine, attached)
+            self.open_forwards(files, machine)
             self.record_launch(files)
             self.mark_running()
             undo.pop_all()
@@ -273,11 +274,13 @@ class Launch:
             spec.starts_services = restore.kind == "agent"
             self.progress.stage(f"restoring ({record.accel}, {restore.kind} template)")
         self.spec = spec
-        machine = start_confined(plan.backend, spec)
+        # A clone's forwards open once it is its own machine (open_forwards): until its
+        # `refresh`, its services would answer with the template's kernel RNG state.
+        machine = start_confined(plan.backend, dataclasses.replace(spec, ports=[]) if restore else spec)
         undo.callback(self._stop_after_failure, files, machine)
         attached.held_by(machine.pid, machine.start_time)
 
-        ports = self.plan.request.forwards
+        ports = [] if restore else self.plan.request.forwards
         if any(f.host_port == 0 for f in ports):  # -p GUEST: learn which host ports were picked
             ports = PortForward.picked(ports, plan.backend.forwards(files, machine))
 
@@ -316,6 +319,15 @@ class Launch:
         # replies once the clone's volumes are mounted and its services started
         agent.request(files, self.plan.name, "configure", timeout=CONFIGURE_TIMEOUT, config=self.boot_config(attached),
                       **who)
+
+    def open_forwards(self, files: VMFiles, machine: MachineRef) -> None:
+        """A restored clone's ``-p`` forwards, opened now that it has its own RNG state and
+        identity (a boot opens them at start: its services start from nothing)."""
+        if self.plan.restore is None or not self.plan.request.forwards:
+            return
+        opened = [self.plan.backend.forward(files, machine, fwd) for fwd in self.plan.request.forwards]
+        self.spec.ports = opened  # `resume` opens the same host ports
+        self.registry.update(self.plan.name, lambda r: setattr(r, "ports", [PortRecord.of(f) for f in opened]))
 
     def record_launch(self, files: VMFiles) -> None:
         """How the machine runs now, so ``resume`` can start it the same way."""
@@ -412,7 +424,9 @@ def up(
                                    record=plan.record.model_copy(update={"start": "cold", "start_reason": reason,
                                                                          "start_warning": True}))
         Launch(plan, layout, runner, prog).run()
-    _make_templates_behind(plan, layout, runner)
+    templates.make_behind(image, cpus=plan.record.cpus, memory=plan.record.memory, restore=plan.restore,
+                          env=request.env, volumes=bool(plan.volumes), forced_cold=request.cold or bool(request.shares),
+                          backend=backend, layout=layout, runner=runner)
     vm = VM(plan.name, layout, runner)
     if wait and plan.record.checks:
         prog.stage("waiting for health checks")
@@ -423,23 +437,3 @@ def up(
             raise
     return vm
 
-
-def _make_templates_behind(plan: UpPlan, layout: Layout, runner: Runner) -> None:
-    """After a cold boot, the image's template; after a restore from ``agent`` for ``-e``
-    values alone, a ``ready`` state for those values: each made by a detached maker, if it is
-    missing and no maker is at work on it (the maker is imported only then)."""
-    request, image, backend = plan.request, plan.image, plan.backend
-    cpus, memory = plan.record.cpus, plan.record.memory
-    env: dict[str, str] | None
-    if plan.restore is None and not request.cold and not request.shares and \
-            templates.missing(image, cpus=cpus, memory=memory, backend=backend, layout=layout):
-        env = None
-    elif plan.restore is not None and plan.restore.kind == "agent" and not plan.volumes and \
-            templates.env_state_missing(image, cpus=cpus, memory=memory, env=request.env, backend=backend,
-                                        layout=layout):
-        env = request.env
-    else:
-        return
-    from .template_maker import make_in_background
-
-    make_in_background(image, cpus=cpus, memory=memory, layout=layout, backend=backend.name, runner=runner, env=env)
