@@ -378,8 +378,6 @@ def test_up_restores_a_ready_template_and_makes_each_clone_unique(template: Temp
     seeds = [m.guest.identity["seed"] for m in clones]  # type: ignore[index]
     assert len(set(seeds)) == 2 and [m.guest.identity["op"] for m in clones] == ["refresh"] * 2  # type: ignore[index]
     assert [m.guest.identity["hostname"] for m in clones] == ["a", "b"]  # type: ignore[index]
-    # the refresh is the first message a clone's agent gets (one cold round trip), then a ping sets the clock
-    assert all([r["op"] for r in m.guest.requests[:2]] == ["refresh", "ping"] for m in clones)
     assert (a.files.root / "root.qcow2").is_file()
     assert all(m.spec.config_disk is None for m in clones)  # the config comes through `refresh`
     assert not any(m.spec.starts_services for m in clones)  # their services run already
