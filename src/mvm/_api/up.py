@@ -293,35 +293,32 @@ class Launch:
         return machine
 
     def wait_for_agent(self, files: VMFiles, machine: MachineRef) -> None:
-        """Wait for the agent; a clone of a ``ready`` state is sent its ``refresh`` at once."""
         self.progress.stage("waiting for the guest agent")
-        backend, restore = self.plan.backend, self.plan.restore
-        first = ("refresh", self.identity()) if restore is not None and restore.kind == "ready" else None
+        backend = self.plan.backend
         try:
-            agent.wait_ready(files, self.plan.name, self.plan.boot_timeout, lambda: backend.alive(machine), first)
+            agent.wait_ready(files, self.plan.name, self.plan.boot_timeout, lambda: backend.alive(machine))
         except AgentError as exc:
             raise BootError(self.plan.name, f"the VM did not come up: {exc.message}",
                             hint="the console output below shows how far it got",
                             output=tail_file(files.console_log, 25)) from exc
 
     def personalize(self, files: VMFiles, machine: MachineRef, attached: volume_attach.Attached) -> None:
-        """A clone of an ``agent`` state becomes its own machine: fresh RNG, machine-id and
-        hostname, its volumes and its config, after which its services start. (A clone of a
-        ``ready`` state got its ``refresh`` in :meth:`wait_for_agent`.)"""
+        """A clone becomes its own machine: fresh RNG, machine-id and hostname (and, from an
+        ``agent`` template, its volumes and its config, after which its services start)."""
         restore = self.plan.restore
-        if restore is None or restore.kind == "ready":
+        if restore is None:
+            return
+        guest = self.plan.image.manifest.guest
+        who = templates.identity(self.plan.name, guest.hostname or self.plan.name)
+        if restore.kind == "ready":
+            agent.request(files, self.plan.name, "refresh", timeout=10.0, **who)
             return
         for slot, disk in enumerate(attached.disks):
             self.plan.backend.attach_disk(files, machine, disk, slot)
             self.spec.disks.append(dataclasses.replace(disk, slot=slot))
         # replies once the clone's volumes are mounted and its services started
         agent.request(files, self.plan.name, "configure", timeout=CONFIGURE_TIMEOUT, config=self.boot_config(attached),
-                      **self.identity())
-
-    def identity(self) -> dict[str, object]:
-        """What makes a clone its own machine (fresh RNG bytes, its hostname)."""
-        guest = self.plan.image.manifest.guest
-        return templates.identity(self.plan.name, guest.hostname or self.plan.name)
+                      **who)
 
     def open_forwards(self, files: VMFiles, machine: MachineRef) -> None:
         """A restored clone's ``-p`` forwards, opened now that it has its own RNG state and

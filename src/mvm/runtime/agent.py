@@ -254,46 +254,37 @@ def request(files: VMFiles, vm: str, op: str, timeout: float = DEFAULT_TIMEOUT, 
         return session.request(op, **args)
 
 
-def wait_ready(files: VMFiles, vm: str, timeout: float, alive: Callable[[], bool],
-               first: tuple[str, dict[str, Any]] | None = None) -> float:
+def wait_ready(files: VMFiles, vm: str, timeout: float, alive: Callable[[], bool]) -> float:
     """Ping until the agent answers, then set the guest's clock; return the seconds it took.
 
     One ping waits in the socket until the guest opens its port, so the answer arrives as
     soon as the agent is up; ``alive()`` is polled meanwhile so a dead VM fails fast. The
     clock is set by a second ping, whose host time is a millisecond old when the guest reads
-    it (the first one's can be seconds old). ``first`` (an op and its arguments) is sent in the
-    first ping's stead: a restored clone's ``refresh`` then costs no round trip of its own (the
-    first ones after a restore are the slow ones: the guest's code is translated anew).
+    it (the first one's can be seconds old).
     """
-    op, args = first or ("ping", {})
     started = time.monotonic()
     deadline = started + timeout
     while True:
         try:
             with AgentSession(files, vm, timeout=max(0.1, deadline - time.monotonic())) as session:
                 rid = secrets.token_hex(6)
-                session.send({"op": op, "id": rid, "time": time.time(), **args})
+                session.send({"op": "ping", "id": rid, "time": time.time()})
                 while True:
                     if not alive():
                         raise AgentError(vm, "the VM stopped while booting")
                     if time.monotonic() > deadline:
                         raise AgentTimeout(vm, f"the guest agent did not answer within {timeout:g}s")
                     try:
-                        reply = session.receive(rid, 0.1)
+                        session.receive(rid, 0.1)
                     except AgentTimeout:
                         continue
-                    break
-                if reply.get("ok") is not False:
-                    # The first message waited in the socket until the guest opened its port,
-                    # so its time is stale: set the guest's clock now, one fresh round trip away.
+                    # The first ping waited in the socket until the guest opened its port, so
+                    # its time is stale: set the guest's clock now, one fresh round trip away.
                     session.request("ping", time=time.time())
-                break
+                    return time.monotonic() - started
         except AgentTimeout:
             raise
         except AgentError:
             if not alive() or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
-    if reply.get("ok") is False:
-        raise AgentError(vm, f"the guest refused {op!r}: {printable(reply.get('error') or 'no reason given', 500)}")
-    return time.monotonic() - started
