@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .. import backends
@@ -69,10 +69,7 @@ def make_template(image: Image, *, cpus: int, memory: int, layout: Layout, runne
         # (QEMU dies of SIGBUS when a file-backed RAM page finds no room on disk)
         check_free(store.root, 2 * memory * 2**20 + TEMPLATE_SPARE_BYTES, f"saving a template of a {memory} MB machine")
         started = time.monotonic()
-        staging = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=store.root))
-        files = VMFiles(staging / "vm")
-        files.root.mkdir(mode=0o700)
-        try:
+        with _staging(store, f".build-{key[:12]}-") as (staging, files):
             with contextlib.ExitStack() as running:  # stops the machine if anything below fails
                 prog.stage("booting the template")
                 machine, kinds = _boot_and_save(image, cpus, memory, key, staging, files, backend, runner, prog,
@@ -85,9 +82,20 @@ def make_template(image: Image, *, cpus: int, memory: int, layout: Layout, runne
             shutil.rmtree(files.root)
             meta.create_secs = round(time.monotonic() - started, 2)
             return store.publish(staging, meta)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _staging(store: TemplateStore, prefix: str) -> Iterator[tuple[Path, VMFiles]]:
+    """A staging dir in the template store (``.build-*``: `cleanup` knows an interrupted
+    one) with a private VM dir for the machine being saved; removed on the way out, unless it
+    was renamed into place."""
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=store.root))
+    try:
+        files = VMFiles(staging / "vm")
+        files.root.mkdir(mode=0o700)
+        yield staging, files
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _boot_and_save(image: Image, cpus: int, memory: int, key: str, staging: Path, files: VMFiles,
@@ -198,10 +206,7 @@ def make_env_state(image: Image, *, cpus: int, memory: int, env: Mapping[str, st
             return existing
         check_free(store.root, memory * 2**20 + TEMPLATE_SPARE_BYTES, f"saving a {memory} MB machine's state")
         started = time.monotonic()
-        staging = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-env-", dir=store.root))
-        files = VMFiles(staging / "vm")
-        files.root.mkdir(mode=0o700)
-        try:
+        with _staging(store, f".build-{key[:12]}-env-") as (staging, files):
             with contextlib.ExitStack() as running:  # stops the machine if anything below fails
                 machine = _restore_and_configure(image, template, env, staging, files, backend, runner, layout,
                                                  running)
@@ -214,8 +219,6 @@ def make_env_state(image: Image, *, cpus: int, memory: int, env: Mapping[str, st
                 backend.stop(files, machine, 5.0)
                 running.pop_all()
             return store.add_env_state(template, digest, staging, round(time.monotonic() - started, 2))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _restore_and_configure(image: Image, template: Template, env: Mapping[str, str], staging: Path,
