@@ -100,6 +100,17 @@ def test_a_restored_machine_opens_its_forwards_only_once_it_runs() -> None:
     assert "-incoming" in build_argv(restored, NamingHandoff())
 
 
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_a_restored_machine_is_not_handed_a_kernel(arch: str) -> None:
+    """Its RAM comes from the saved state: loading the kernel and initrd again only cost it
+    ~60 ms of QEMU start-up (a 27 MB arm64 Image)."""
+    booted = build_argv(_spec(arch=arch), NamingHandoff())
+    restored = build_argv(_spec(arch=arch, incoming=Incoming(Path("/tpl/ready.state"), ignore_shared=True)),
+                          NamingHandoff())
+    assert all(flag in booted for flag in ("-kernel", "-initrd", "-append"))
+    assert not any(flag in restored for flag in ("-kernel", "-initrd", "-append"))
+
+
 def test_qemu_opens_no_path_itself_and_is_sandboxed() -> None:
     handoff = NamingHandoff()
     argv = build_argv(_spec(memory_file=MemoryFile(Path("/tpl/ready.ram"), shared=False)), handoff)

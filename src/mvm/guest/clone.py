@@ -18,6 +18,8 @@ import fcntl
 import os
 import struct
 
+from . import system
+
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 
@@ -35,9 +37,4 @@ def reseed(seed_b64: str) -> None:
 
 
 def new_machine_id() -> None:
-    mid = os.urandom(16).hex()
-    tmp = "/etc/.machine-id.new"
-    with open(tmp, "w") as f:
-        f.write(mid + "\n")
-    os.chmod(tmp, 0o444)
-    os.replace(tmp, "/etc/machine-id")
+    system.overwrite("/etc/machine-id", f"{os.urandom(16).hex()}\n".encode(), 0o444)

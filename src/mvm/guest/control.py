@@ -28,7 +28,7 @@ TYPE_CHECKING = False  # not `from typing`: importing typing costs ~35 ms at boo
 if TYPE_CHECKING:
     from typing import Any
 
-from . import protocol
+from . import clone, protocol, system
 from .reaper import Exit, Reaper
 from .signals import SignalDispatcher
 from .supervisor import Identity, base_env
@@ -365,8 +365,6 @@ class ControlServer:
             conn.send({"ok": True, **self.status(), **extra}, rid)
         elif op in ("configure", "refresh"):
             # A restored clone becomes its own machine: fresh RNG, machine-id, hostname.
-            from . import clone, system
-
             try:
                 clone.reseed(str(req.get("seed") or ""))
                 clone.new_machine_id()

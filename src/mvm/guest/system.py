@@ -80,12 +80,28 @@ def set_hostname(name: str) -> None:
     with open("/proc/sys/kernel/hostname", "w") as f:
         f.write(name)
     try:
-        with open("/etc/hostname", "w") as f:
-            f.write(name + "\n")
-        with open("/etc/hosts", "w") as f:
-            f.write(f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost\n")
+        overwrite("/etc/hostname", f"{name}\n".encode())
+        overwrite("/etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost\n".encode())
     except OSError:
         pass  # a read-only root is fine: the kernel hostname is what matters
+
+
+def overwrite(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` over the file's bytes in place, then cut it to length if that changed.
+
+    A restored clone rewrites its identity files before its forwards open, and every kernel
+    path it runs is translated anew under TCG: a write into a page the template already
+    cached costs it a few ms, where truncating, or creating a file and renaming it over the
+    old one (inode, directory and journal work), cost ~50 ms on an emulated arm64 guest.
+    A reader sees the old bytes or the new ones: one ``pwrite`` within one page.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        os.pwrite(fd, data, 0)
+        if os.fstat(fd).st_size != len(data):
+            os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
 
 
 # --- devices ---------------------------------------------------------------------------
