@@ -389,7 +389,7 @@ def test_a_clone_opens_its_forwards_only_once_it_is_its_own_machine(template: Te
                                                                       fake: FakeBackend, image: Image,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Until its `refresh`, a clone has the template's kernel RNG state: no one may reach its
-    services before it (a boot's services start from nothing, so it forwards from the start)."""
+    services before it."""
     import json
 
     real = fake.forward
@@ -407,6 +407,25 @@ def test_a_clone_opens_its_forwards_only_once_it_is_its_own_machine(template: Te
     assert [p.guest_port for p in ports] == [8080, 9000] and ports[1].host_port == 9000 and ports[0].host_port
     launch = json.loads(vm.files.launch.read_text())  # `resume` opens the same host ports
     assert [p["host_port"] for p in launch["spec"]["ports"]] == [p.host_port for p in ports]
+    vm.down()
+
+
+def test_a_boot_opens_its_forwards_once_its_guest_answers(layout: Layout, fake: FakeBackend, image: Image,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before its init configures the network, a forwarded connection would lose its SYN
+    and wait in slirp for a resend: the forwards open after the agent's answer instead."""
+    real = fake.forward
+    answered: list[bool] = []
+
+    def forward(files: VMFiles, machine: MachineRef, fwd: PortForward) -> PortForward:
+        answered.append(any(r.get("op") == "ping" for r in fake.machines[machine.pid].guest.requests))
+        return real(files, machine, fwd)
+
+    monkeypatch.setattr(fake, "forward", forward)
+    vm = _up(layout, fake, image, ports=["8080", "9000:9000"])
+    (machine,) = [m for m in fake.machines.values() if m.running]
+    assert answered == [True, True] and machine.spec.ports == []  # nothing forwarded at start
+    assert [p.guest_port for p in vm.info().ports] == [8080, 9000] and vm.info().ports[0].host_port
     vm.down()
 
 

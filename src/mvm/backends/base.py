@@ -45,7 +45,7 @@ HOTPLUG_DISK = "hotplug-disk"  #: attach a disk to a running machine (volumes of
 @dataclass(frozen=True)
 class PortForward:
     """A host port forwarded to a guest port. ``host_port`` 0 asks the backend to pick a free
-    one; :meth:`Backend.forwards` then tells which it picked."""
+    one; :meth:`Backend.forward` returns the forward it opened, with the port it picked."""
 
     host_port: int
     guest_port: int
@@ -54,21 +54,6 @@ class PortForward:
 
     def __str__(self) -> str:
         return f"{self.host_ip}:{self.host_port}->{self.guest_port}/{self.proto}"
-
-    @staticmethod
-    def picked(requested: Sequence[PortForward], actual: Sequence[PortForward]) -> list[PortForward]:
-        """``requested`` with each host port 0 replaced by the one the backend picked for it
-        (``actual``: what :meth:`Backend.forwards` reports)."""
-        free = [f for f in actual if f not in requested]
-        out = []
-        for fwd in requested:
-            if fwd.host_port == 0:
-                match = next((a for a in free if (a.guest_port, a.proto) == (fwd.guest_port, fwd.proto)), None)
-                if match is not None:
-                    free.remove(match)
-                    fwd = match
-            out.append(fwd)
-        return out
 
 
 @dataclass(frozen=True)
