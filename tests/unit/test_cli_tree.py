@@ -51,3 +51,14 @@ def test_a_command_imports_neither_other_commands_nor_rich() -> None:
             "print(sorted(m for m in sys.modules if m.startswith(('mvm.cli.commands.', 'rich'))))")
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert found.strip() == "['mvm.cli.commands.exec_']"
+
+
+def test_progress_off_a_terminal_is_plain_lines_without_rich() -> None:
+    """In a pipe (scripts, CI) a stage is one line, and `up` reaches its machine without
+    importing Rich first."""
+    code = ("import sys; from mvm.cli.output import progress\n"
+            "with progress('starting') as p: p.stage('resolving [x]')\n"
+            "print(any(m.startswith('rich') for m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          stdin=subprocess.DEVNULL)
+    assert done.stdout.strip() == "False" and done.stderr == "starting: resolving [x]\n"
