@@ -141,7 +141,12 @@ def up_to_first_200(env: dict[str, str], phases: list[dict[str, float]] | None, 
     try:
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=0.5) as r:
+                # A client that waits for its answer, as curl and browsers do. (Until
+                # 2026-12-01 this gave up after 0.5 s and asked again: that hid the ~1-2 s a
+                # waiting client lost when a boot's forwards opened before its network, and
+                # made a slow first answer count twice.) Before the forwards open, a
+                # connection is refused at once.
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
                     if r.status == 200:
                         elapsed = time.monotonic() - started
                         proc.wait()
