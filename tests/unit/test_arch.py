@@ -131,6 +131,35 @@ def test_a_foreign_guest_is_emulated_and_says_so(tmp_path: Path) -> None:
         False, "KVM runs only x86_64 guests here")
 
 
+def test_one_kvm_probe_serves_every_image_linking_the_same_kernel(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images hard-link the cached kernel: a new build must not pay the probe again (6 s
+    where /dev/kvm hangs). Another kernel is probed anew."""
+    probes: list[Path] = []
+
+    def probe(kernel: Path, *args: object, **kw: object) -> tuple[bool, str]:
+        probes.append(kernel)
+        return False, "did not reach init"
+
+    monkeypatch.setattr(accel, "run_probe", probe)
+    monkeypatch.setattr(accel.os.path, "exists", lambda p: True)
+    monkeypatch.setattr(accel.os, "access", lambda p, mode: True)
+    monkeypatch.setattr(accel, "require_tool", lambda name: "/bin/sh")
+    cached = tmp_path / "kernels" / "vmlinux"
+    cached.parent.mkdir()
+    cached.write_bytes(b"kernel")
+    for image in ("a", "b"):
+        (tmp_path / image).mkdir()
+        os.link(cached, tmp_path / image / "vmlinux")
+        verdict = accel.kvm_verdict(tmp_path / image / "vmlinux", None, tmp_path / "probes", arch="x86_64")
+        assert verdict == (False, "did not reach init")
+    assert probes == [tmp_path / "a" / "vmlinux"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "vmlinux").write_bytes(b"kernel")  # same bytes, another file: probed
+    accel.kvm_verdict(tmp_path / "c" / "vmlinux", None, tmp_path / "probes", arch="x86_64")
+    assert len(probes) == 2
+
+
 def test_a_native_guest_is_not_marked_emulated(tmp_path: Path) -> None:
     verdict = accel.choose("tcg", tmp_path / "vmlinux", None, tmp_path, arch="x86_64")
     assert verdict.accel == "tcg" and verdict.emulated is None

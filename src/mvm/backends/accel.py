@@ -34,10 +34,14 @@ MARKER = b"Run /init as init process"
 
 
 def _probe_key(kernel: Path, initrd: Path | None, qemu: str) -> str:
+    """The files' identities (device, inode, size, mtime), not their paths: every image
+    holds a hard link to its cached kernel and initrd, so a new build of any spec boots the
+    same files. Keyed by path, each new image paid the probe again: 6 s on a host whose
+    /dev/kvm hangs (nested virtualisation that does not work), on its first ``up``."""
     parts = []
     for p in (kernel, *([initrd] if initrd else []), Path(qemu)):
         st = p.stat()
-        parts.append(f"{p}:{st.st_size}:{st.st_mtime_ns}")
+        parts.append(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
     parts.append(platform.release())
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
