@@ -142,9 +142,10 @@ def test_failing_check_turns_unhealthy_and_wait_names_it(cli: CLI, testbed_image
         row = next(x for x in cli.json("ls") if x["name"] == "sickly")
         assert row["status"] == "running" and row["health"] == "unhealthy"
         events = [json.loads(line) for line in (cli.vms / "sickly" / "events.log").read_text().splitlines()]
-        ready = next(e["t"] for e in events if e.get("msg") == "ready")
-        unhealthy = next(e["t"] for e in events if e.get("kind") == "health" and e["check"] == "sick")
-        assert unhealthy - ready <= 2 * 1.0 + 1.0  # within 2 intervals (+ the check's own run time)
+        first = next(e for e in events if e.get("kind") == "health" and e["check"] == "sick")
+        # No grace: the first failed run turns it unhealthy. (Counted in runs, not seconds: a
+        # wall-clock bound failed CI when a loaded host took 5.6 s to run the first probe.)
+        assert (first["state"], first["failures"]) == ("unhealthy", 1)
         assert "[health sick] unhealthy (exit 3): sick: disk on fire" in cli("logs", "sickly").stdout
     finally:
         cli("down", "sickly")

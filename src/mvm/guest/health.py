@@ -158,7 +158,8 @@ class Check:
             if new != self.state:
                 self.state = new
                 self.mon.events.emit(
-                    "health", check=self.name, state=new, exit=code, output=output[-400:]
+                    "health", check=self.name, state=new, exit=code, failures=self.failures,
+                    output=output[-400:],
                 )
             fast = self.state == "starting"
             self.mon.stopping.wait(min(FAST_PROBE, self.interval) if fast else self.interval)
