@@ -47,14 +47,17 @@ def arm_floor_rootfs(workdir: Path, busybox: Path) -> Path:
 
 
 def boot_arm_floor(kernel: Path, initrd: Path, rootfs: Path) -> float:
-    argv = [
+    return base.time_to_marker(arm_floor_argv(kernel, initrd, rootfs))
+
+
+def arm_floor_argv(kernel: Path, initrd: Path, rootfs: Path) -> list[str]:
+    return [
         "qemu-system-aarch64", "-M", "virt", "-accel", "tcg,tb-size=64", "-cpu", "cortex-a72", "-m", "512M",
         "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
         "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", "console=ttyAMA0 root=/dev/vda rw panic=-1 quiet cryptomgr.notests init=/sbin/init kpti=0",
         "-drive", f"file={rootfs},format=raw,if=none,id=d0,snapshot=on", "-device", "virtio-blk-pci,drive=d0",
     ]
-    return base.time_to_marker(argv)
 
 
 def main() -> None:

@@ -80,9 +80,13 @@ def floor_rootfs(workdir: Path) -> Path:
 
 
 def boot_floor(kernel: Path, initrd: Path, rootfs: Path) -> float:
+    return time_to_marker(floor_argv(kernel, initrd, rootfs))
+
+
+def floor_argv(kernel: Path, initrd: Path, rootfs: Path) -> list[str]:
     from mvm.backends.qemu_argv import tsc_khz
 
-    argv = [
+    return [
         "qemu-system-x86_64", "-M", "microvm,pcie=on,rtc=on", "-accel", "tcg,tb-size=32",
         "-cpu", "qemu64,+rdrand,+arat", "-m", "512M", "-smp", "1", "-nodefaults", "-no-user-config",
         "-nographic", "-no-reboot", "-serial", "stdio", "-kernel", str(kernel), "-initrd", str(initrd),
@@ -91,25 +95,29 @@ def boot_floor(kernel: Path, initrd: Path, rootfs: Path) -> float:
         "-drive", f"file={rootfs},format=raw,if=none,id=d0,snapshot=on",
         "-device", "virtio-blk-pci,drive=d0",
     ]
-    return time_to_marker(argv)
 
 
 def time_to_marker(argv: list[str]) -> float:
     """Seconds from starting the floor VM ``argv`` to its init's marker on the serial port."""
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    seen = b""
     try:
-        while MARKER not in seen:
-            chunk = proc.stdout.read1(4096)  # type: ignore[attr-defined]
-            if not chunk:
-                raise RuntimeError(f"floor VM exited without the marker: {seen[-500:]!r}")
-            seen += chunk
+        wait_for_marker(proc)
         return time.monotonic() - started
     finally:
         proc.kill()
         proc.wait()
+
+
+def wait_for_marker(proc: subprocess.Popen[bytes]) -> None:
+    """Read ``proc``'s serial output (its stdout) until the floor init's marker."""
+    assert proc.stdout is not None
+    seen = b""
+    while MARKER not in seen:
+        chunk = proc.stdout.read1(4096)  # type: ignore[attr-defined]
+        if not chunk:
+            raise RuntimeError(f"the VM exited without the marker: {seen[-2000:].decode(errors='replace')}")
+        seen += chunk
 
 
 PHASES = ("python_ready", "init_imported", "services_started", "service_running")
