@@ -49,7 +49,7 @@ class FixtureVM(mvm.VM):
 
     def host_port(self, guest_port: int, proto: str = "tcp") -> int:
         """The host port that forwards to ``guest_port`` (picked free when the VM started)."""
-        for port in self.info().ports:
+        for port in self.info(ask_guest=False).ports:
             if port.guest_port == guest_port and port.proto == proto:
                 return port.host_port
         raise mvm.UsageError(f"{self.name} forwards no host port to guest port {guest_port}/{proto}",
@@ -327,7 +327,7 @@ class Pool:
         vm = FixtureVM(name, self.layout)
         try:
             try:
-                graceful = any(v.mode == "rw" for v in vm.info().volumes)
+                graceful = any(v.mode == "rw" for v in vm.info(ask_guest=False).volumes)
             except mvm.VMNotFound:
                 raise
             except mvm.MvmError:  # an unreadable record: the careful way
@@ -341,7 +341,7 @@ class Pool:
         """Leave a VM running and disown it (no sweep will take it); None if it is gone."""
         vm = FixtureVM(name, self.layout)
         try:
-            info = vm.info()
+            info = vm.info(ask_guest=False)
         except mvm.VMNotFound:
             self.release(name)
             return None

@@ -42,11 +42,18 @@ class VM:
         record = self.record()
         return status_of(record, self.files, backend_for(record, self.runner))
 
-    def info(self) -> VMInfo:
+    def info(self, *, ask_guest: bool = True) -> VMInfo:
+        """The VM as the registry and its backend see it, and (``ask_guest``) its health.
+
+        ``ask_guest=False`` skips the agent round trip (``health`` is then ``"unknown"`` for a
+        VM with checks): for a caller that wants ports, volumes or shape, and for ``up``,
+        whose guest is answering its first clients at that moment and should not also be
+        answering a status request on its one vCPU.
+        """
         record = self.record()
         status = status_of(record, self.files, backend_for(record, self.runner))
         guest = None
-        if status is VMStatus.RUNNING and (record.checks or record.services):
+        if ask_guest and status is VMStatus.RUNNING and (record.checks or record.services):
             try:
                 guest = self.guest_status(timeout=2.0)
             except AgentError:

@@ -27,7 +27,6 @@ from ..errors import CommandFailed, DiskFull, VolumeError, check_free
 from ..names import DEFAULT_UID
 from ..paths import Layout, VMFiles
 from ..runtime.registry import VolumeRecord
-from . import export as volexport
 from .args import MIN_SIZE_MB, Mode, VolumeArg, parse_volumes
 from .store import IMAGE_NAME, Holder, VolumeLock, VolumeMeta, VolumeStore, volume_id
 
@@ -236,6 +235,8 @@ def create_managed(store: VolumeStore, vid: str, arg: VolumeArg, runner: Runner)
                           seeded_from=str(seed) if seed else None, fs_uuid=sb.uuid if sb else "")
         store.save(meta, work)
         if seed is not None:
+            from . import export as volexport  # here: only a volume seeded from a directory needs it
+
             volexport.write_baseline(work / "baseline.json", seed, volexport.scan_tree(seed))
         os.rename(work, store.dir(vid))
     except BaseException:

@@ -64,7 +64,7 @@ def up(
                     cpus=cpus, memory=memory, ports=port or [], env=env or [], volumes=volume or [],
                     hypervisor=hypervisor, wait=wait, wait_timeout=timeout, progress=prog, cold=cold,
                     log_limit_mb=log_limit, arch=arch)
-    info = vm.info()
+    info = vm.info(ask_guest=json)  # only --json prints health
     if json:
         output.print_json(info)
         return
