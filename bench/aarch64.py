@@ -46,6 +46,14 @@ def arm_floor_rootfs(workdir: Path, busybox: Path) -> Path:
     return image
 
 
+def arm_busybox() -> Path:
+    """The static arm64 busybox beside the newest cached arm64 kernel (the one mvm's initrds use)."""
+    from mvm.images.kernel import cached_kernels
+    from mvm.paths import Layout
+
+    return cached_kernels(Layout.default().kernels, "aarch64")[-1].root / "busybox"
+
+
 def boot_arm_floor(kernel: Path, initrd: Path, rootfs: Path) -> float:
     return base.time_to_marker(arm_floor_argv(kernel, initrd, rootfs))
 
@@ -73,7 +81,6 @@ def main() -> None:
     env.setdefault("MVM_CACHE", str(Path.home() / ".cache" / "mvm"))
     os.environ.update(env)
     import mvm
-    from mvm.images.kernel import cached_kernels
 
     results: dict[str, dict[str, float]] = {}
     try:
@@ -83,7 +90,7 @@ def main() -> None:
         template = mvm.template_create(args.spec, arch="aarch64")
         target = (str(args.spec),)
         results["template_mb"] = base.summary([template.bytes_on_disk / 1e6])
-        busybox = cached_kernels(Path(env["MVM_CACHE"]) / "kernels", "aarch64")[-1].root / "busybox"
+        busybox = arm_busybox()
         arm_up = ("--cold", "--arch", "aarch64")
         restore_env = {**env, "MVM_TEMPLATES": "restore"}
         rows: dict[str, list[float]] = {k: [] for k in ("floor", "up", "restored", "x86_floor", "x86_up")}

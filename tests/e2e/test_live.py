@@ -133,11 +133,13 @@ def test_up_wait_returns_once_healthy_after_grace(cli: CLI, testbed_image: dict[
 
 
 def test_failing_check_turns_unhealthy_and_wait_names_it(cli: CLI, testbed_image: dict[str, Any]) -> None:
+    # --timeout leaves room for a loaded host's first probe (5.6 s seen in CI): the message below
+    # must name the check as unhealthy, not still starting
     r = cli("up", str(FIXTURES / "testbed"), "--name", "sickly", "-e", "SICK=disk on fire", "--wait",
-            "--timeout", "8", check=False)
+            "--timeout", "15", check=False)
     try:
         assert r.returncode == 1
-        assert "not healthy after 8s: sick is unhealthy (last exit 3, output: 'sick: disk on fire')" in r.stderr
+        assert "not healthy after 15s: sick is unhealthy (last exit 3, output: 'sick: disk on fire')" in r.stderr
         assert "left running for inspection" in r.stderr
         row = next(x for x in cli.json("ls") if x["name"] == "sickly")
         assert row["status"] == "running" and row["health"] == "unhealthy"

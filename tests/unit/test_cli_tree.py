@@ -62,3 +62,11 @@ def test_progress_off_a_terminal_is_plain_lines_without_rich() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           stdin=subprocess.DEVNULL)
     assert done.stdout.strip() == "False" and done.stderr == "starting: resolving [x]\n"
+
+
+def test_up_loads_no_volume_export_code() -> None:
+    """Every ``up`` imports the orchestration; only a volume seeded from a directory needs the
+    export walker (a few ms of every start-up, restored ones included)."""
+    code = "import sys, mvm._api.up; print('mvm.volumes.export' in sys.modules)"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert found.strip() == "False"

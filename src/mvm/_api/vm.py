@@ -46,9 +46,10 @@ class VM:
         """The VM as the registry and its backend see it, and (``ask_guest``) its health.
 
         ``ask_guest=False`` skips the agent round trip (``health`` is then ``"unknown"`` for a
-        VM with checks): for a caller that wants ports, volumes or shape, and for ``up``,
-        whose guest is answering its first clients at that moment and should not also be
-        answering a status request on its one vCPU.
+        VM with checks, and ``failing`` is empty because nobody asked): for a caller that
+        wants ports, volumes or shape, and for ``up``, whose guest is answering its first
+        clients at that moment and should not also be answering a status request on its one
+        vCPU.
         """
         record = self.record()
         status = status_of(record, self.files, backend_for(record, self.runner))

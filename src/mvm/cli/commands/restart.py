@@ -27,7 +27,7 @@ def restart(
 
     with output.progress(f"restarting {name}") as prog:
         vm = mvm.get(name).restart(wait=wait, wait_timeout=timeout, progress=prog)
-    info = vm.info(ask_guest=json)
+    info = vm.info(ask_guest=json)  # only --json prints health
     if json:
         output.print_json(info)
         return
