@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,36 +56,32 @@ def wait_migration(qmp: QMP) -> None:
         raise RuntimeError(f"migration {status}")
 
 
+def drop_options(argv: list[str], unwanted: Callable[[str, str], bool]) -> list[str]:
+    """``argv`` without every option and its value that ``unwanted(option, value)`` names."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if i + 1 < len(argv) and unwanted(argv[i], argv[i + 1]):
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def without_root_disk(argv: list[str]) -> list[str]:
     """The floor's command line without its root disk, with an empty root port to plug it into
     (and ``pcie_ports=native``, as mvm's templates have: x86 microvm's ACPI grants the guest no
     hotplug control otherwise, and the plugged disk never appears)."""
-    out: list[str] = []
-    skip = False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if arg in ("-drive", "-device") and ({"id=d0", "drive=d0"} & set(argv[i + 1].split(","))):
-            skip = True
-            continue
-        if i and argv[i - 1] == "-append":
-            arg += " pcie_ports=native"
-        out.append(arg)
+    out = drop_options(argv, lambda opt, value: opt in ("-drive", "-device")
+                       and bool({"id=d0", "drive=d0"} & set(value.split(","))))
+    cmdline = out.index("-append") + 1
+    out[cmdline] += " pcie_ports=native"
     return [*out, "-device", ROOT_PORT]
 
 
 def without_kernel(argv: list[str]) -> list[str]:
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("-kernel", "-initrd", "-append"):
-            skip = True
-        else:
-            out.append(arg)
-    return out
+    return drop_options(argv, lambda opt, _: opt in ("-kernel", "-initrd", "-append"))
 
 
 def save(machine: list[str], tmp: Path, after: float) -> Path:
