@@ -503,6 +503,11 @@ def test_suspend_and_resume(layout: Layout, fake: FakeBackend, image: Image, tmp
     assert machine.spec.incoming is not None and machine.spec.hold_fds  # restored, holding the volume lock
     assert not machine.spec.starts_services  # they were running when it was saved
     vm.suspend()
+    quiet = vm.resume(ask_guest=False)  # `mvmctl resume` without --json: no status round trip
+    (machine,) = [m for m in fake.machines.values() if m.running]
+    assert quiet.status is mvm.VMStatus.RUNNING and quiet.health == "unknown"
+    assert "status" not in [m["op"] for m in machine.guest.requests]
+    vm.suspend()
     assert mvm.down("web", layout=layout).how == "not running"  # down of a suspended VM removes it
     _nothing_left(layout, fake)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 from pathlib import Path
@@ -12,8 +13,10 @@ import pytest
 
 from mvm._proc import signals_deferred
 from mvm.backends.base import Disk, Incoming, LaunchSpec, MemoryFile, PortForward
+from mvm.backends.qemu import check_ports_free
 from mvm.backends.qemu_argv import build_argv, kernel_cmdline
 from mvm.backends.qemu_handoff import Handoff
+from mvm.errors import PortInUse
 from mvm.paths import VMFiles
 
 from .handoffs import NamingHandoff
@@ -170,3 +173,17 @@ def test_an_interrupt_while_a_child_starts_waits_for_its_undo() -> None:
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_taken_host_port_is_named_with_a_free_one_to_use_instead() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(PortInUse) as caught:
+            check_ports_free([PortForward(port, 8080)])
+        hint = caught.value.hint or ""
+        match = re.search(r"-p (\d+):8080 \(free now\)", hint)
+        assert match and int(match[1]) != port, hint
+        with socket.socket() as s:  # the suggested port can really be had
+            s.bind(("127.0.0.1", int(match[1])))

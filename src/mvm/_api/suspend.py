@@ -45,7 +45,8 @@ def suspend(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT
     return VM(name, layout, runner).info()
 
 
-def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER) -> VMInfo:
+def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER,
+           ask_guest: bool = True) -> VMInfo:
     layout = layout or Layout.default()
     registry = Registry(layout)
     store = VolumeStore(layout)
@@ -81,4 +82,4 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
         os.unlink(files.saved_state)
         record.phase, record.machine = "running", ProcessRecord(pid=machine.pid, start_time=machine.start_time)
         record.started_at = time.time()
-    return VM(name, layout, runner).info()
+    return VM(name, layout, runner).info(ask_guest=ask_guest)

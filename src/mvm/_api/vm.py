@@ -294,11 +294,12 @@ class VM:
 
         return suspend(self.name, layout=self.layout, runner=self.runner)
 
-    def resume(self) -> VMInfo:
-        """Bring a suspended VM back, with its processes, /tmp and volumes as they were."""
+    def resume(self, *, ask_guest: bool = True) -> VMInfo:
+        """Bring a suspended VM back, with its processes, /tmp and volumes as they were;
+        ``ask_guest`` as for :meth:`info` (false: no status request to the just-resumed guest)."""
         from .suspend import resume
 
-        return resume(self.name, layout=self.layout, runner=self.runner)
+        return resume(self.name, layout=self.layout, runner=self.runner, ask_guest=ask_guest)
 
     def down(self, timeout: float | None = None, *, keep_logs: bool = True) -> DownResult:
         """Stop the VM and forget it (see :func:`mvm.down`); its logs are kept unless ``keep_logs`` is false."""

@@ -68,19 +68,37 @@ def check_ports_free(ports: Sequence[PortForward]) -> None:
             raise PortInUse(f"host port {fwd.host_port}/{fwd.proto} is given twice",
                             hint="use each host port once")
         seen.add(key)
-        kind = socket.SOCK_STREAM if fwd.proto == "tcp" else socket.SOCK_DGRAM
-        with socket.socket(socket.AF_INET, kind) as s:
-            # QEMU's slirp binds with SO_REUSEADDR, so a TIME_WAIT left by the last VM on this
-            # port (after `down`) must not count as "in use" here either.
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((fwd.host_ip, fwd.host_port))
-            except OSError as exc:
-                raise PortInUse(
-                    f"host port {fwd.host_ip}:{fwd.host_port}/{fwd.proto} is not available: {exc.strerror}",
-                    hint="pick another host port, e.g. -p 18080:" + str(fwd.guest_port)
-                    + " (see what holds it: ss -ltnp)",
-                ) from None
+        try:
+            _bind_probe(fwd.host_ip, fwd.host_port, fwd.proto)
+        except OSError as exc:
+            free = _free_port_after(fwd.host_ip, fwd.host_port, fwd.proto)
+            suffix = "" if fwd.proto == "tcp" else "/udp"
+            raise PortInUse(
+                f"host port {fwd.host_ip}:{fwd.host_port}/{fwd.proto} is not available: {exc.strerror}",
+                hint=(f"pick another host port, e.g. -p {free}:{fwd.guest_port}{suffix} (free now)" if free
+                      else "pick another host port with -p") + "; see what holds it: ss -lnp",
+            ) from None
+
+
+def _bind_probe(host_ip: str, port: int, proto: str) -> None:
+    """Bind and release ``port`` as QEMU's slirp would; OSError if it cannot be had."""
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        # QEMU's slirp binds with SO_REUSEADDR, so a TIME_WAIT left by the last VM on this
+        # port (after `down`) must not count as "in use" here either.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host_ip, port))
+
+
+def _free_port_after(host_ip: str, port: int, proto: str, tries: int = 20) -> int | None:
+    """The first port above ``port`` that is free now: a suggestion for the error's hint."""
+    for candidate in range(port + 1, min(port + 1 + tries, 65536)):
+        try:
+            _bind_probe(host_ip, candidate, proto)
+        except OSError:
+            continue
+        return candidate
+    return None
 
 
 def kill_all(procs: list[subprocess.Popen[bytes]]) -> None:

@@ -31,7 +31,7 @@ def resume(name: VMName, json: Json = False) -> None:
 
     from .. import output
 
-    info = mvm.get(name).resume()
+    info = mvm.get(name).resume(ask_guest=json)  # only --json prints health
     if json:
         output.print_json(info)
         return
