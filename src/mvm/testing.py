@@ -285,8 +285,8 @@ class Pool:
              cpus: int | None, memory: int | None) -> bool:
         """Whether to boot cold: makes the template once per image and shape (MVM_TEMPLATES=auto),
         and boots cold when none can be made (then no background maker is started either)."""
-        if os.environ.get("MVM_TEMPLATES", "auto") not in ("", "auto"):
-            return False  # off: up boots cold anyway; restore: up restores what exists
+        if (os.environ.get("MVM_TEMPLATES") or "auto") != "auto":
+            return False  # off: up boots cold anyway; restore: up restores what exists; else up refuses it
         key = (image.key, cpus, memory)
         if key not in self._cold:
             try:

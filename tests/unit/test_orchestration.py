@@ -18,6 +18,7 @@ import pytest
 import mvm
 from mvm import backends
 from mvm._api.template_maker import make_template
+from mvm._api.templates import mode as templates_mode
 from mvm._api.up import Launch
 from mvm._proc import DEFAULT_RUNNER, Runner
 from mvm.backends.base import MachineRef, PortForward
@@ -30,6 +31,7 @@ from mvm.errors import (
     StateError,
     StopFailed,
     UsageError,
+    VMError,
     VMExists,
     VMNotFound,
 )
@@ -509,6 +511,32 @@ def test_suspend_and_resume(layout: Layout, fake: FakeBackend, image: Image, tmp
     assert "status" not in [m["op"] for m in machine.guest.requests]
     vm.suspend()
     assert mvm.down("web", layout=layout).how == "not running"  # down of a suspended VM removes it
+    _nothing_left(layout, fake)
+
+
+def test_an_unknown_templates_mode_is_refused_before_anything_starts(layout: Layout, fake: FakeBackend, image: Image,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MVM_TEMPLATES", "restroe")
+    with pytest.raises(UsageError, match="MVM_TEMPLATES='restroe'") as caught:
+        _up(layout, fake, image)
+    assert "auto (the default), restore or off" in (caught.value.hint or "")
+    _nothing_left(layout, fake)
+    monkeypatch.setenv("MVM_TEMPLATES", "")  # empty is unset: auto
+    assert templates_mode() == "auto"
+
+
+def test_a_damaged_launch_record_is_a_clear_error_and_down_still_works(layout: Layout, fake: FakeBackend,
+                                                                       image: Image) -> None:
+    vm = _up(layout, fake, image)
+    vm.suspend()
+    good = vm.files.launch.read_text()
+    for damaged in ("{not json", '{"schema_version": 1, "spec": {}}', json.dumps({**json.loads(good), "spec": {}})):
+        vm.files.launch.write_text(damaged)
+        with pytest.raises((StateError, VMError), match="cannot be resumed") as caught:
+            vm.resume()
+        assert "mvmctl down web" in (caught.value.hint or "")
+        assert vm.info().status is mvm.VMStatus.SUSPENDED and vm.files.saved_state.is_file()
+    assert mvm.down("web", layout=layout).how == "not running"
     _nothing_left(layout, fake)
 
 

@@ -17,3 +17,10 @@ def test_a_piped_table_is_never_wrapped_or_cut(capsys: pytest.CaptureFixture[str
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2  # the header and one row, however long
     assert lines[1].split() == ["data-1a2b3c4d", "web", host]
+
+
+def test_guest_text_cannot_drive_or_reorder_the_terminal() -> None:
+    # a file name from a guest's volume: an escape sequence, a right-to-left override, markup
+    shown = output.safe("a\x1b[2Jb\u202egnp.exe[bold]\tc")
+    assert "\x1b" not in shown and "\u202e" not in shown
+    assert shown == "a\\x1b[2Jb\\u202egnp.exe\\[bold]\tc"

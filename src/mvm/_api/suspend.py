@@ -15,9 +15,9 @@ import os
 import time
 
 from .._proc import DEFAULT_RUNNER, Runner
-from ..backends.base import LAUNCH_SCHEMA, Incoming, spec_from_json
+from ..backends.base import LAUNCH_SCHEMA, Incoming, LaunchSpec, spec_from_json
 from ..errors import StateError, VMError, VMNotRunning
-from ..paths import Layout
+from ..paths import Layout, VMFiles
 from ..runtime import agent
 from ..runtime.registry import ProcessRecord, Registry
 from ..runtime.states import VMStatus
@@ -53,11 +53,7 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
     with registry.transaction(name) as (files, record):
         if record.phase != "suspended" or not files.saved_state.is_file():
             raise VMError(name, f"VM {name!r} is not suspended", hint="see `mvmctl ls`")
-        launch = json.loads(files.launch.read_text())
-        if launch.get("schema_version") != LAUNCH_SCHEMA:
-            raise VMError(name, f"VM {name!r} was suspended by another version of mvm and cannot be resumed",
-                          hint=f"`mvmctl down {name}` discards the saved machine (its volumes are kept)")
-        spec = spec_from_json(launch["spec"], files)
+        spec = _read_launch(name, files)
         spec.incoming = Incoming(files.saved_state, ignore_shared=False)
         spec.starts_services = False  # they run already
         locks = [store.lock(v.volume, f"{v.host} ({v.volume})", attaching=True)
@@ -83,3 +79,18 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
         record.phase, record.machine = "running", ProcessRecord(pid=machine.pid, start_time=machine.start_time)
         record.started_at = time.time()
     return VM(name, layout, runner).info(ask_guest=ask_guest)
+
+
+def _read_launch(name: str, files: VMFiles) -> LaunchSpec:
+    """How the suspended machine ran (``launch.json``); a damaged or foreign record is a
+    clear error, never a traceback: ``down`` still removes the VM and keeps its volumes."""
+    discard = f"`mvmctl down {name}` discards the saved machine (its volumes are kept)"
+    try:
+        launch = json.loads(files.launch.read_text())
+        if not isinstance(launch, dict) or launch.get("schema_version") != LAUNCH_SCHEMA:
+            raise VMError(name, f"VM {name!r} was suspended by another version of mvm and cannot be resumed",
+                          hint=discard)
+        return spec_from_json(launch["spec"], files)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"VM {name!r} cannot be resumed: its {files.launch.name} is unreadable or damaged "
+                         f"({type(exc).__name__}: {exc})", hint=discard) from None

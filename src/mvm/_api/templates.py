@@ -49,10 +49,17 @@ VERSION = "template-1"  # the device set and the guest's template protocol
 NO_TEMPLATE = "no template yet for this image and shape"
 
 
+MODES = ("auto", "restore", "off")
+
+
 def mode() -> str:
-    """``auto`` (restore, and make templates after cold boots), ``restore`` or ``off``."""
-    value = os.environ.get("MVM_TEMPLATES", "auto")
-    return value if value in ("auto", "restore", "off") else "auto"
+    """``auto`` (restore, and make templates after cold boots; also when unset or empty),
+    ``restore`` or ``off``. Any other value is refused: a typo must not quietly mean auto."""
+    value = os.environ.get("MVM_TEMPLATES") or "auto"
+    if value not in MODES:
+        raise UsageError(f"MVM_TEMPLATES={value!r} is not a templates mode",
+                         hint="set it to auto (the default), restore or off, or unset it")
+    return value
 
 
 def key_for(image: Image, cpus: int, memory: int, backend: Backend) -> str:

@@ -24,15 +24,22 @@ from mvm import MvmError
 if TYPE_CHECKING:
     from rich.console import Console
 
-#: Control characters (but tab and newline): text from a guest must not drive the terminal.
-_CONTROL = re.compile("[\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f]")
+#: Control characters (but tab and newline) and the Unicode bidirectional overrides: text
+#: from a guest must neither drive the terminal nor reorder what it shows. (The same set as
+#: mvm._untrusted's, which the CLI may not import: it sees only mvm's public API.)
+_CONTROL = re.compile("[\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f\\u202a-\\u202e\\u2066-\\u2069]")
+
+
+def _shown(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def safe(text: str) -> str:
-    """``text`` with Rich markup escaped and control characters shown as ``\\xNN``."""
+    """``text`` with Rich markup escaped and control characters shown as ``\\xNN`` (``\\uNNNN``)."""
     from rich.markup import escape
 
-    return escape(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
+    return escape(_CONTROL.sub(_shown, text))
 
 
 @functools.cache
