@@ -48,5 +48,3 @@ def as_float(value: object) -> float | None:
     return number if number == number and abs(number) != float("inf") else None
 
 
-def as_str(value: object, default: str = "") -> str:
-    return value if isinstance(value, str) else default

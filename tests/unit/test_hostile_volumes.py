@@ -33,7 +33,7 @@ def box(tmp_path: Path) -> Path:
 
 
 def _export(image: Path, dest: Path, force: bool = False) -> export.ExportResult:
-    return export_image(image, dest, dest.parent / "baseline.json", runner=DEFAULT_RUNNER, force=force)
+    return export_image(image, dest, dest.parent / "baseline.json", force=force)
 
 
 def test_names_with_slash_or_dotdot_are_never_followed(tmp_path: Path, box: Path) -> None:

@@ -215,8 +215,8 @@ class Launch:
     def reserve(self, undo: ExitStack) -> VMFiles:
         try:
             files = self.registry.reserve(self.plan.record)
-        except VMExists as exc:
-            raise self._exists_error(exc) from None
+        except VMExists:
+            raise self._exists_error() from None
         undo.callback(self._forget, files)
         return files
 
@@ -349,7 +349,7 @@ class Launch:
         if not self.plan.backend.strays(files):
             self.registry.remove(self.plan.name)
 
-    def _exists_error(self, exc: VMExists) -> VMExists:
+    def _exists_error(self) -> VMExists:
         name = self.plan.name
         try:
             record = self.registry.load(name)

@@ -155,7 +155,6 @@ class LaunchSpec:
     ports: list[PortForward] = field(default_factory=list)
     disks: list[Disk] = field(default_factory=list)
     config_disk: Path | None = None
-    init: str = "/usr/lib/mvm/init"
     #: Open descriptors the hypervisor process inherits and keeps for its whole life: the
     #: volume locks (``flock``), which are thereby released exactly when the VM process ends.
     hold_fds: tuple[int, ...] = ()
@@ -285,7 +284,7 @@ def spec_from_json(doc: dict[str, Any], files: VMFiles) -> LaunchSpec:
         ports=[PortForward(**p) for p in doc.get("ports") or []],
         disks=[Disk(path=Path(d["path"]), serial=d["serial"], readonly=d["readonly"], slot=d.get("slot"))
                for d in doc.get("disks") or []],
-        config_disk=path(doc.get("config_disk")), init=doc.get("init", "/usr/lib/mvm/init"),
+        config_disk=path(doc.get("config_disk")),
         shares=[Share(tag=s["tag"], path=Path(s["path"])) for s in doc.get("shares") or []],
         root_backing=tuple(Path(p) for p in doc.get("root_backing") or ()),
         memory_file=MemoryFile(Path(memory["path"]), memory["shared"]) if memory else None,

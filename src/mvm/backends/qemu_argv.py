@@ -131,7 +131,7 @@ def kernel_cmdline(spec: LaunchSpec) -> str:
         "panic=-1",
         "quiet",
         "cryptomgr.notests",
-        f"init={spec.init}",
+        f"init={protocol.INIT_PATH}",
         *prof.cmdline,
         *(prof.tcg_cmdline if spec.accel == "tcg" else ()),
         *spec.kernel_args,

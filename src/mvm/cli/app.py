@@ -25,7 +25,6 @@ from types import ModuleType
 
 import typer
 
-EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_BUG = 3

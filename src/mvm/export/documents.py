@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ..errors import UsageError
+from ..guest.protocol import INIT_PATH
 from .probes import HttpGet, Probe, Recognised, Unsupported, recognise
 
 #: The uid/gid of the ``qemu`` user in virt-launcher; kernelBoot and containerDisk files
@@ -27,7 +28,6 @@ QEMU_UID = 107
 KERNEL_PATH = "/boot/vmlinux"
 INITRD_PATH = "/boot/initrd"
 DISK_PATH = "/disk/rootfs.qcow2"
-INIT = "/usr/lib/mvm/init"
 #: x86's COMMAND_LINE_SIZE: the kernel truncates a longer command line.
 MAX_CMDLINE = 2048
 #: Labels put on the VM's pods (spec.template.metadata) and selected by the Service.
@@ -141,7 +141,7 @@ def kernel_args(spec: KubevirtSpec) -> str:
         if arg.split("=", 1)[0] in HOST_SPECIFIC_ARGS:
             raise UsageError(f"kernel argument {arg!r} describes the exporting host, not the cluster's nodes",
                              hint="leave it out: KubeVirt runs the guest under KVM")
-    args = [*BASE_KERNEL_ARGS, f"init={INIT}", STANDALONE_ARG]
+    args = [*BASE_KERNEL_ARGS, f"init={INIT_PATH}", STANDALONE_ARG]
     if spec.hostname:
         args.append(_kernel_value("mvm.hostname", spec.hostname))
     for key, value in sorted(spec.env.items()):

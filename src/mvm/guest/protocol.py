@@ -32,6 +32,8 @@ CONTROL_PORT_PREFIX = "org.mvm.ctl."
 EVENT_PORT = "org.mvm.events"
 #: How many control ports each VM has; one client holds a port for the length of a request.
 CONTROL_PORTS = 4
+#: Where every image has the init (PID 1): the kernel's ``init=`` on every machine mvm makes.
+INIT_PATH = "/usr/lib/mvm/init"
 #: Serial of the raw disk that carries the per-boot runtime config.
 CONFIG_DISK_SERIAL = "mvm-config"
 CONFIG_DISK_BYTES = 64 * 1024

@@ -17,9 +17,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..guest.protocol import INIT_PATH
 from ..names import DEFAULT_UID
 
-INIT_PATH = "/usr/lib/mvm/init"
 AGENT_DIR = "usr/lib/mvm"
 
 

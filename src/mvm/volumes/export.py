@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import write_json_atomic
-from .._proc import Runner
 from ..errors import VolumeError
 from . import hostdir
 from .ext4read import Ext4Error, Ext4Image, hash_zeros
@@ -323,11 +322,9 @@ def export_image(
     dest: Path,
     baseline_path: Path,
     *,
-    runner: Runner,
     force: bool = False,
 ) -> ExportResult:
     """Copy the files of an unmounted, locked volume image into ``dest`` (see module doc)."""
-    del runner  # the image is read in Python; kept so callers need not change
     dest = dest.expanduser().absolute()
     if dest.exists() and not dest.is_dir():
         raise VolumeError(f"{dest} exists and is not a directory", hint="export into a directory")
