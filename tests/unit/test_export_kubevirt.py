@@ -8,6 +8,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -20,10 +21,12 @@ from mvm._proc import Completed
 from mvm.backends import qemu_argv
 from mvm.backends.base import LaunchSpec
 from mvm.errors import CommandFailed, StateError, UsageError
-from mvm.export import kubevirt, oci, schema
+from mvm.export import kubevirt, oci
 from mvm.export.kubevirt import HealthCheckInput, KubevirtSpec
 from mvm.export.probes import HttpGet, Recognised, TcpSocket, Unsupported, recognise
 from mvm.paths import VMFiles
+
+from . import kubevirt_schema
 
 # --- fixtures ---------------------------------------------------------------------------------
 
@@ -188,8 +191,8 @@ def test_an_explicit_probe_overrides_recognition() -> None:
 
 def test_vm_and_service_validate_strictly(image: Path) -> None:
     vm, svc = _docs(kubevirt.spec_from_image(image))
-    assert schema.virtual_machine_errors(vm) == []
-    assert schema.service_errors(svc) == []
+    assert kubevirt_schema.virtual_machine_errors(vm) == []
+    assert kubevirt_schema.service_errors(svc) == []
 
 
 def test_the_vm_has_what_kubevirt_needs(image: Path) -> None:
@@ -239,7 +242,7 @@ def test_an_unknown_field_is_an_error(image: Path, path: tuple[str | int, ...], 
     for key in path:
         node = node[key]
     node[field] = "x"
-    errors = schema.virtual_machine_errors(bad)
+    errors = kubevirt_schema.virtual_machine_errors(bad)
     assert errors and any(repr(field) in e and "Additional properties" in e for e in errors), errors
 
 
@@ -247,28 +250,28 @@ def test_the_schema_still_rejects_wrong_types_and_missing_fields(image: Path) ->
     vm, svc = _docs(kubevirt.spec_from_image(image))
     wrong = copy.deepcopy(vm)
     wrong["spec"]["template"]["spec"]["domain"]["cpu"]["cores"] = "two"
-    assert schema.virtual_machine_errors(wrong)
+    assert kubevirt_schema.virtual_machine_errors(wrong)
     missing = copy.deepcopy(vm)
     del missing["spec"]["template"]["spec"]["volumes"][0]["containerDisk"]["image"]
-    assert any("'image' is a required property" in e for e in schema.virtual_machine_errors(missing))
+    assert any("'image' is a required property" in e for e in kubevirt_schema.virtual_machine_errors(missing))
     bad_svc = copy.deepcopy(svc)
     bad_svc["spec"]["ports"][0]["prot"] = "TCP"
-    assert any("'prot' was unexpected" in e for e in schema.service_errors(bad_svc))
+    assert any("'prot' was unexpected" in e for e in kubevirt_schema.service_errors(bad_svc))
     bad_svc = copy.deepcopy(svc)
     bad_svc["spec"]["selectr"] = {}
-    assert schema.service_errors(bad_svc)
+    assert kubevirt_schema.service_errors(bad_svc)
 
 
 def test_the_vendored_schemas_say_where_they_come_from() -> None:
-    sources = schema.sources()
+    sources = kubevirt_schema.sources()
     kv = sources["kubevirt-v1.9.0-virtualmachine.json"]
     assert kv["release"] == "v1.9.0" and len(kv["commit"]) == 40 and kv["path"] == "api/openapi-spec/swagger.json"
     assert sources["kubernetes-v1.34.0-service.json"]["release"] == "v1.34.0"
 
 
 def test_strictness_is_added_on_a_copy() -> None:
-    vendored = json.loads(schema.KUBEVIRT_SCHEMA.read_text())
-    strict = schema.strict(vendored["definitions"])
+    vendored = json.loads(kubevirt_schema.KUBEVIRT_SCHEMA.read_text())
+    strict = kubevirt_schema.strict(vendored["definitions"])
     assert strict["v1.KernelBoot"]["additionalProperties"] is False
     assert "additionalProperties" not in vendored["definitions"]["v1.KernelBoot"]
     labels = strict["k8s.io.apimachinery.pkg.apis.meta.v1.ObjectMeta"]["properties"]["labels"]
@@ -317,7 +320,7 @@ def test_export_writes_a_valid_layout_and_vm_yaml(image: Path, tmp_path: Path) -
     assert index["manifests"][0]["annotations"][oci.REF_NAME_ANNOTATION] == "v1"
     assert result.manifest_digest == index["manifests"][0]["digest"]
 
-    members = oci.read_layer_members(layout)
+    members = read_layer_members(layout)
     assert sorted(members) == ["boot", "boot/initrd", "boot/vmlinux", "disk", "disk/rootfs.qcow2"]
     for member in members.values():
         assert (member.uid, member.gid, member.mtime) == (107, 107, 0)
@@ -328,7 +331,7 @@ def test_export_writes_a_valid_layout_and_vm_yaml(image: Path, tmp_path: Path) -
 
     # the disk is the rootfs as qcow2, bit for bit
     qcow2 = tmp_path / "rootfs.qcow2"
-    oci.extract_layer_file(layout, "disk/rootfs.qcow2", qcow2)
+    extract_layer_file(layout, "disk/rootfs.qcow2", qcow2)
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(qcow2)], check=True,
                                      capture_output=True, text=True).stdout)
     assert info["format"] == "qcow2"
@@ -337,7 +340,7 @@ def test_export_writes_a_valid_layout_and_vm_yaml(image: Path, tmp_path: Path) -
 
     docs = list(yaml.safe_load_all((out / "vm.yaml").read_text()))
     assert [d["kind"] for d in docs] == ["VirtualMachine", "Service"]
-    assert schema.virtual_machine_errors(docs[0]) == [] and schema.service_errors(docs[1]) == []
+    assert kubevirt_schema.virtual_machine_errors(docs[0]) == [] and kubevirt_schema.service_errors(docs[1]) == []
     assert docs[0]["spec"]["template"]["spec"]["volumes"][0]["containerDisk"]["image"] == \
         "registry.example.com/team/hello:v1"
     assert result.commands == [
@@ -415,7 +418,7 @@ def test_no_ports_means_no_service(tmp_path: Path) -> None:
     assert [d["kind"] for d in docs] == ["VirtualMachine"]
     assert "ports" not in docs[0]["spec"]["template"]["spec"]["domain"]["devices"]["interfaces"][0]
     assert any("no Service" in n for n in result.notes)
-    assert schema.virtual_machine_errors(docs[0]) == []
+    assert kubevirt_schema.virtual_machine_errors(docs[0]) == []
 
 
 def test_the_probe_port_is_forwarded_even_if_not_a_service_port(tmp_path: Path) -> None:
@@ -492,3 +495,31 @@ def test_a_broken_image_dir_is_a_state_error(tmp_path: Path) -> None:
 )
 def test_image_refs(ref: str, tag: str) -> None:
     assert kubevirt.parse_image_ref(ref) == tag
+
+
+# --- reading an exported OCI layout back (the checks above) -------------------------------
+
+def layer_blob(layout: Path) -> Path:
+    """The path of the (single) layer blob of the layout's first manifest."""
+    index = json.loads((layout / "index.json").read_text())
+    manifest_digest = index["manifests"][0]["digest"].split(":", 1)[1]
+    manifest = json.loads((layout / "blobs" / "sha256" / manifest_digest).read_text())
+    layer_digest: str = manifest["layers"][0]["digest"].split(":", 1)[1]
+    return layout / "blobs" / "sha256" / layer_digest
+
+
+def read_layer_members(layout: Path) -> dict[str, tarfile.TarInfo]:
+    """Name -> header of every entry of the layout's layer (for checks)."""
+    with tarfile.open(layer_blob(layout), mode="r:gz") as tar:
+        return {m.name: m for m in tar.getmembers()}
+
+
+def extract_layer_file(layout: Path, member: str, dest: Path) -> None:
+    """Copy one regular file of the layout's layer to ``dest`` (the simulated launcher
+    boot takes the kernel, initrd and disk back out this way)."""
+    with tarfile.open(layer_blob(layout), mode="r:gz") as tar:
+        src = tar.extractfile(member)
+        if src is None:
+            raise KeyError(f"{member} is not a regular file in the layer")
+        with src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, 1024 * 1024)

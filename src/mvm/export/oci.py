@@ -25,7 +25,6 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -267,29 +266,3 @@ def write_archive(layout: Path, archive: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def layer_blob(layout: Path) -> Path:
-    """The path of the (single) layer blob of the layout's first manifest."""
-    index = json.loads((layout / "index.json").read_text())
-    manifest_digest = index["manifests"][0]["digest"].split(":", 1)[1]
-    manifest = json.loads((layout / "blobs" / "sha256" / manifest_digest).read_text())
-    layer_digest: str = manifest["layers"][0]["digest"].split(":", 1)[1]
-    return layout / "blobs" / "sha256" / layer_digest
-
-
-def read_layer_members(layout: Path) -> dict[str, tarfile.TarInfo]:
-    """Name -> header of every entry of the layout's layer (for checks)."""
-    with tarfile.open(layer_blob(layout), mode="r:gz") as tar:
-        return {m.name: m for m in tar.getmembers()}
-
-
-def extract_layer_file(layout: Path, member: str, dest: Path) -> None:
-    """Copy one regular file of the layout's layer to ``dest`` (the simulated launcher
-    boot takes the kernel, initrd and disk back out this way)."""
-    with tarfile.open(layer_blob(layout), mode="r:gz") as tar:
-        src = tar.extractfile(member)
-        if src is None:
-            raise KeyError(f"{member} is not a regular file in the layer")
-        with src, open(dest, "wb") as out:
-            shutil.copyfileobj(src, out, _CHUNK)

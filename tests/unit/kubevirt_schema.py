@@ -1,18 +1,16 @@
-"""Strict validation of the exported documents against pinned upstream schemas.
+"""Strict validation of the exported documents against pinned upstream schemas (the
+export tests' check; mvm itself does not need it or ``jsonschema``).
 
 The published schemas (KubeVirt's swagger, Kubernetes' OpenAPI) do not forbid unknown
 fields, and the API server drops or rejects them depending on its settings, so a typo such
 as ``kernelArg`` would pass a plain schema check and silently do nothing in a cluster.
 Validation here therefore closes every object schema that lists ``properties``
 (``additionalProperties: false``), on a copy: the vendored files stay verbatim (see
-``schemas/README.md`` for where they come from).
+``tests/fixtures/kubevirt-schemas/README.md`` for where they come from).
 
 One more change on the copy: Kubernetes marks int-or-string fields (a probe's ``port``,
 a Service's ``targetPort``) as ``type: string, format: int-or-string`` in swagger 2.0, and
 its own tools accept integers there; so does this validator.
-
-``jsonschema`` is needed only here (it is in the ``test`` extra); it is imported lazily so
-exporting does not require it.
 """
 
 from __future__ import annotations
@@ -24,9 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import ToolMissing
+import jsonschema
+from referencing import Registry, Resource
 
-SCHEMAS = Path(__file__).parent / "schemas"
+SCHEMAS = Path(__file__).parents[1] / "fixtures" / "kubevirt-schemas"
 KUBEVIRT_SCHEMA = SCHEMAS / "kubevirt-v1.9.0-virtualmachine.json"
 SERVICE_SCHEMA = SCHEMAS / "kubernetes-v1.34.0-service.json"
 
@@ -58,18 +57,8 @@ def strict(node: Any) -> Any:
     return node
 
 
-def _jsonschema() -> Any:
-    try:
-        import jsonschema
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ToolMissing("validating exported YAML needs the Python package jsonschema",
-                          hint="pip install 'jsonschema>=4.18'") from exc
-    return jsonschema
-
-
 @functools.cache
 def _kubevirt_validator() -> Any:
-    jsonschema = _jsonschema()
     vendored = json.loads(KUBEVIRT_SCHEMA.read_text())
     # swagger 2.0 definitions are JSON Schema draft 4
     schema = {"allOf": [{"$ref": "#/definitions/v1.VirtualMachine"}],
@@ -79,9 +68,6 @@ def _kubevirt_validator() -> Any:
 
 @functools.cache
 def _service_validator() -> Any:
-    jsonschema = _jsonschema()
-    from referencing import Registry, Resource
-
     vendored = json.loads(SERVICE_SCHEMA.read_text())
     definitions = {"$schema": vendored["$schema"], "$id": vendored["$id"], "$defs": strict(vendored["$defs"])}
     registry = Registry().with_resource(vendored["$id"], Resource.from_contents(definitions))
