@@ -25,8 +25,8 @@ from pathlib import Path
 SRC = Path(__file__).parents[2] / "src" / "mvm"
 
 LAYERS = ["leaf", "backends", "runtime", "orchestration", "public", "cli", "pytest"]
-LEAVES = {"mvm._proc", "mvm._confine", "mvm._atomic", "mvm._ext4", "mvm._logshim", "mvm._unixsock", "mvm._untrusted",
-          "mvm.errors", "mvm.paths", "mvm.names", "mvm.spec", "mvm.guest.protocol", "mvm.guest.copy"}
+LEAVES = {"mvm._proc", "mvm._confine", "mvm._locks", "mvm._atomic", "mvm._ext4", "mvm._logshim", "mvm._unixsock",
+          "mvm._untrusted", "mvm.errors", "mvm.paths", "mvm.names", "mvm.spec", "mvm.guest.protocol", "mvm.guest.copy"}
 
 
 def module_name(path: Path) -> str:

@@ -100,3 +100,15 @@ def test_cleanup_removes_what_an_env_maker_left_and_nothing_in_use(tmp_path: Pat
     report = mvm.cleanup(layout)
     assert {Path(i.path) for i in report.items} == {staging, old}
     assert fresh.exists() and not old.exists() and not staging.exists()
+
+
+def test_asking_whether_a_lock_is_held_neither_takes_nor_makes_it(tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    from mvm._locks import held
+
+    lock = tmp_path / ".abc.lock"
+    assert not held(lock) and not lock.exists()  # a probe must not leave a lock file behind
+    with FileLock(str(lock)):
+        assert held(lock)
+    assert lock.exists() and not held(lock)

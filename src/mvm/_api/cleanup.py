@@ -19,13 +19,13 @@ removed by ``mvmctl volume rm NAME``.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import time
 from pathlib import Path
 
 from .. import backends
+from .._locks import held
 from .._proc import DEFAULT_RUNNER, Runner
 from ..errors import MvmError, StateError
 from ..images.layer import unmount_below
@@ -57,20 +57,6 @@ def disk_usage(path: Path) -> int:
     return total
 
 
-def _unheld(lock: Path) -> bool:
-    try:
-        fd = os.open(lock, os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
 def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
@@ -83,7 +69,7 @@ def _leftovers(root: Path, what: str) -> list[CleanupItem]:
     if root.is_dir():
         for lock in root.glob(".*.lock"):
             key = lock.name[1:-len(".lock")]
-            if not (root / key).exists() and _unheld(lock):
+            if not (root / key).exists() and not held(lock):
                 items.append(CleanupItem(kind="lock", path=str(lock), bytes=0,
                                          reason=f"stale lock of a {what} that is gone"))
     return items
@@ -169,7 +155,7 @@ def cleanup(
                 _remove(Path(item.path), runner)
             if item.kind in ("image", "layer", "template"):  # and its lock, unless a build holds it now
                 lock = Path(item.path).parent / f".{Path(item.path).name}.lock"
-                if _unheld(lock):
+                if not held(lock):
                     lock.unlink(missing_ok=True)
 
     if everything:

@@ -23,8 +23,8 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
+from .._locks import held
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import SAVE_RESTORE, Backend
 from ..errors import UsageError
@@ -106,7 +106,7 @@ def choose(image: Image, *, cpus: int, memory: int, env: Mapping[str, str], volu
         store.remove(key)
         return Choice(None, f"the template was damaged ({exc}) and is removed; a new one will be made", warn=True)
     if template is None:
-        busy = store.lock_path(key).exists() and not _unheld(store.lock_path(key))
+        busy = held(store.lock_path(key))
         return Choice(None, "the template for this image and shape is still being made" if busy else
                       NO_TEMPLATE)
     if env and not volumes:
@@ -133,8 +133,7 @@ def missing(image: Image, *, cpus: int, memory: int, backend: Backend, layout: L
         return False
     store = TemplateStore(layout)
     key = key_for(image, cpus, memory, backend)
-    lock = store.lock_path(key)
-    return not store.dir(key).exists() and (not lock.exists() or _unheld(lock))
+    return not store.dir(key).exists() and not held(store.lock_path(key))
 
 
 def make_behind(image: Image, *, cpus: int, memory: int, restore: Restore | None, env: Mapping[str, str],
@@ -158,16 +157,6 @@ def make_behind(image: Image, *, cpus: int, memory: int, restore: Restore | None
                        env=made_env)
 
 
-def _unheld(lock: Path) -> bool:
-    from filelock import FileLock, Timeout
-
-    try:
-        with FileLock(str(lock), timeout=0):
-            return True
-    except Timeout:
-        return False
-
-
 def identity(seed_for: str, hostname: str | None) -> dict[str, object]:
     """What makes a clone its own machine: fresh RNG bytes from the host, its hostname."""
     return {"seed": base64.b64encode(os.urandom(64)).decode(), "hostname": hostname or seed_for}
@@ -187,7 +176,7 @@ def env_state_missing(image: Image, *, cpus: int, memory: int, env: Mapping[str,
             return False
     except Damaged:
         return False
-    return _unheld(store.lock_path(key))
+    return not held(store.lock_path(key))
 
 
 # -- the public API: create, list, remove ---------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .._atomic import write_json_atomic
+from .._locks import held
 from ..errors import StateError
 from ..spec import GuestSpec
 
@@ -172,18 +173,10 @@ class ImageStore:
         build still holds its lock is in use, not stale."""
         if not self.root.is_dir():
             return []
-        from filelock import FileLock, Timeout
-
         stale = []
         for staging in self.root.glob(".build-*"):
             prefix = staging.name.split("-")[1]  # .build-<key[:12]>-<random>
-            held = False
-            for lock in self.root.glob(f".{prefix}*.lock"):
-                try:
-                    with FileLock(str(lock), timeout=0):
-                        pass
-                except Timeout:
-                    held = True
-            if staging.is_dir() and not held:
+            building = any(held(lock) for lock in self.root.glob(f".{prefix}*.lock"))
+            if staging.is_dir() and not building:
                 stale.append(staging)
         return stale

@@ -1,0 +1,27 @@
+"""Whether someone holds one of mvm's lock files, without taking or making it.
+
+mvm locks with ``filelock`` (``flock`` on Unix). Cleanup and the background makers only ask
+whether a build or maker is at work: a probe that created a missing lock file would leave
+behind the very file cleanup reports as stale, so this one opens an existing file only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+
+def held(lock: Path) -> bool:
+    """True while another open file description holds ``lock``; a missing file is not held."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
