@@ -7,6 +7,7 @@ two in step). A key is added, never renamed or given a new meaning, within one
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -127,6 +128,17 @@ class GuestStatus(_Model):
             if state in states:
                 return state
         return "healthy"
+
+    def healthy_with(self, services: Iterable[str], checks: Iterable[str]) -> bool:
+        """Every one of these services and checks is reported, and every check is healthy.
+        (A clone restored from an ``agent`` template reports none until its services start:
+        an empty report is not "healthy".)"""
+        return (set(services) <= {s.name for s in self.services} and set(checks) <= {c.name for c in self.checks}
+                and all(c.state == "healthy" for c in self.checks))
+
+    def failing(self) -> ServiceStatus | None:
+        """The first service that failed for good or is crash-looping: no health will come."""
+        return next((svc for svc in self.services if svc.failing), None)
 
     @classmethod
     def from_agent(cls, reply: dict[str, Any], vm: str) -> GuestStatus:

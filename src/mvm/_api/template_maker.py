@@ -166,20 +166,19 @@ def _copy(src: Path, dest: Path, runner: Runner) -> None:
 
 
 def _healthy(files: VMFiles, name: str, image: Image) -> bool:
-    """Every service running and every check healthy (no checks: services running a moment)."""
+    """Healthy as ``up --wait`` means it (VM.wait_healthy), and every service running, not
+    between restarts: what is saved is what every clone starts from. No checks: the services
+    running, and a moment for them to finish starting."""
     deadline = time.monotonic() + HEALTH_TIMEOUT
-    want_services, want_checks = set(image.manifest.guest.services), set(image.manifest.guest.health_checks)
+    want_services, want_checks = image.manifest.guest.services, image.manifest.guest.health_checks
     while time.monotonic() < deadline:
         try:
             status = GuestStatus.from_agent(agent.request(files, name, "status", timeout=5.0), name)
         except MvmError:
             return False
-        services = {s.name: s for s in status.services}
-        checks = {c.name: c for c in status.checks}
-        if any(s.state == "failed" for s in services.values()):
+        if status.failing() is not None:
             return False
-        if (set(services) == want_services and all(s.state == "running" for s in services.values())
-                and set(checks) == want_checks and all(c.state == "healthy" for c in checks.values())):
+        if status.healthy_with(want_services, want_checks) and all(s.state == "running" for s in status.services):
             if not want_checks:
                 time.sleep(1.0)  # no checks: give the services a moment to finish starting
             return True

@@ -37,6 +37,7 @@ from ..runtime.templates import (
     Shape,
     Template,
     TemplateStore,
+    bytes_on_disk,
     env_digest,
     template_key,
 )
@@ -203,8 +204,7 @@ def template_create(path: str | os.PathLike[str] = ".", *, flake: str | None = N
 def _info(key: str, template: Template | None, damaged: str | None, layout: Layout) -> TemplateInfo:
     if template is None:
         path = TemplateStore(layout).dir(key)
-        size = sum(f.stat().st_blocks * 512 for f in path.iterdir() if f.is_file()) if path.is_dir() else 0
-        return TemplateInfo(key=key, path=str(path), bytes_on_disk=size, damaged=damaged)
+        return TemplateInfo(key=key, path=str(path), bytes_on_disk=bytes_on_disk(path), damaged=damaged)
     meta = template.meta
     image = ImageStore(layout.images).get(meta.image_key)
     return TemplateInfo(key=key, path=str(template.path), image=meta.image_key, name=image.name if image else None,

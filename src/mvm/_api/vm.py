@@ -216,13 +216,10 @@ class VM:
             if on_change and (last is None or status.checks != last.checks):
                 on_change(status)
             last = status
-            reported = {c.name for c in status.checks} | {s.name for s in status.services}
-            if set(record.checks) | set(record.services) <= reported and all(c.state == "healthy"
-                                                                           for c in status.checks):
+            if status.healthy_with(record.services, record.checks):
                 return status
-            failing = [svc for svc in status.services if svc.failing]
-            if failing:  # no health will come: say why now, not after the whole timeout
-                svc = failing[0]
+            svc = status.failing()
+            if svc is not None:  # no health will come: say why now, not after the whole timeout
                 why = svc.reason if svc.state == "failed" else f"crash-looping ({svc.restarts} restarts)"
                 raise ServiceFailed(
                     self.name, f"service {svc.name} {'failed' if svc.state == 'failed' else 'keeps failing'}: {why}",

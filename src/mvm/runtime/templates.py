@@ -128,7 +128,14 @@ class Template:
 
     @property
     def bytes_on_disk(self) -> int:
-        return sum(f.stat().st_blocks * 512 for f in self.path.iterdir() if f.is_file())
+        return bytes_on_disk(self.path)
+
+
+def bytes_on_disk(path: Path) -> int:
+    """What a template dir (flat: states, disks, logs) holds on disk; 0 if it is gone."""
+    if not path.is_dir():
+        return 0
+    return sum(f.stat().st_blocks * 512 for f in path.iterdir() if f.is_file())
 
 
 def template_key(image_key: str, shape: Shape, qemu: str, version: str) -> str:
