@@ -108,6 +108,10 @@ class GuestSpec(_Model):
             for dep in svc.depends_on:
                 if dep not in self.services:
                     raise ValueError(f"services.{name}.dependsOn names unknown service {dep!r}")
+        cycle = _dependency_cycle({name: svc.depends_on for name, svc in self.services.items()})
+        if cycle:
+            raise ValueError(f"services depend on each other in a loop ({' -> '.join(cycle)}), so none of them "
+                             "would ever start: remove one dependsOn")
         return self
 
     def guest_json(self, *, frontend: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -124,6 +128,29 @@ class GuestSpec(_Model):
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _dependency_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    """A loop in ``dependsOn``, as the path around it (``a -> b -> a``), or None."""
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        if name in path:
+            return path[path.index(name):] + [name]
+        if name in done:
+            return None
+        for dep in graph.get(name, []):
+            found = visit(dep, [*path, name])
+            if found:
+                return found
+        done.add(name)
+        return None
+
+    for name in sorted(graph):
+        found = visit(name, [])
+        if found:
+            return found
+    return None
+
+
 def _describe(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
@@ -136,7 +163,7 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{loc}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{loc}: {msg}"
+    return f"{loc}: {msg}" if loc else msg  # a check of the whole spec has no one key
 
 
 def _known_keys(loc: tuple[Any, ...]) -> list[str]:
@@ -154,7 +181,10 @@ def parse_spec(data: dict[str, Any], *, source: str) -> GuestSpec:
     try:
         return GuestSpec.model_validate(data)
     except ValidationError as exc:
-        problems = [_describe(e) for e in exc.errors()]  # type: ignore[arg-type]
+        errors = exc.errors()
+        # an unknown key first: a misspelt one also makes its right spelling "missing"
+        errors = sorted(errors, key=lambda e: e["type"] != "extra_forbidden")
+        problems = [_describe(e) for e in errors]  # type: ignore[arg-type]
         first, rest = problems[0], problems[1:]
         more = f" (and {len(rest)} more: {'; '.join(rest)})" if rest else ""
         raise SpecError(
@@ -166,9 +196,12 @@ def parse_spec(data: dict[str, Any], *, source: str) -> GuestSpec:
 def spec_file(path: Path) -> Path:
     """Accept either a directory holding mvm.toml or the file itself."""
     candidate = path / "mvm.toml" if path.is_dir() else path
+    if not path.exists():
+        raise SpecError(f"{path.absolute()} does not exist",
+                        hint="pass the directory that holds mvm.toml (or --flake for a Nix flake)")
     if not candidate.is_file():
         raise SpecError(
-            f"no mvm.toml at {path}",
+            f"no mvm.toml in {path.absolute()}",
             hint="pass the directory that holds mvm.toml (or --flake for a Nix flake)",
         )
     return candidate

@@ -31,8 +31,8 @@ def test_unknown_key_names_file_key_and_suggestion(tmp_path: Path) -> None:
         load_toml(tmp_path)
     msg = err.value.message
     assert str(tmp_path / "mvm.toml") in msg
-    assert "services.web.comand: unknown key" in msg
-    assert "did you mean 'command'" in msg
+    # the misspelt key leads, not the "missing" right spelling it also causes
+    assert msg.startswith(f"{tmp_path / 'mvm.toml'}: services.web.comand: unknown key (did you mean 'command'?)")
 
 
 def test_service_without_command() -> None:
@@ -48,6 +48,9 @@ def test_service_without_command() -> None:
         ({"name": "x", "services": {"a": {"command": "x", "env": {"1BAD": "v"}}}}, "not a valid environment"),
         ({"name": "x", "services": {"a": {"command": "x", "restart": "sometimes"}}}, "restart"),
         ({"name": "x", "services": {"a": {"command": "x", "dependsOn": ["b"]}}}, "unknown service 'b'"),
+        ({"name": "x", "services": {"a": {"command": "x", "dependsOn": ["b"]}, "b": {"command": "y", "dependsOn": ["c"]},
+                                    "c": {"command": "z", "dependsOn": ["a"]}}}, r"^t: .*loop \(a -> b -> c -> a\)"),
+        ({"name": "x", "services": {"a": {"command": "x", "dependsOn": ["a"]}}}, r"loop \(a -> a\)"),
         ({"name": "x", "healthChecks": {"a": {"healthCmd": "x", "healthIntervalSecs": 0}}}, "greater than 0"),
         ({"name": "x", "memory": 1}, "memory"),
     ],
@@ -64,8 +67,17 @@ def test_bad_toml_syntax(tmp_path: Path) -> None:
 
 
 def test_missing_spec_file(tmp_path: Path) -> None:
-    with pytest.raises(SpecError, match="no mvm.toml"):
+    with pytest.raises(SpecError, match=f"no mvm.toml in {tmp_path}$"):
         load_toml(tmp_path)
+    with pytest.raises(SpecError, match=f"{tmp_path / 'nosuch'} does not exist"):
+        load_toml(tmp_path / "nosuch")
+
+
+def test_a_dependency_chain_without_a_loop_is_accepted() -> None:
+    spec = parse_spec({"name": "x", "services": {"a": {"command": "x", "dependsOn": ["b", "c"]},
+                                                 "b": {"command": "y", "dependsOn": ["c"]}, "c": {"command": "z"}}},
+                      source="t")
+    assert spec.services["a"].depends_on == ["b", "c"]
 
 
 def test_digest_changes_with_content() -> None:
