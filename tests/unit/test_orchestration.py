@@ -627,3 +627,12 @@ def test_a_disk_that_fills_up_while_a_template_is_saved_leaves_nothing(layout: L
     assert not [m for m in fake.machines.values() if m.running], "the template's machine was left running"
     assert not [p for p in layout.templates.iterdir() if not p.name.endswith(".lock")]
     assert TemplateStore(layout).all() == []
+
+
+def test_cp_names_a_vm_that_is_not_there(layout: Layout, tmp_path: Path) -> None:
+    with pytest.raises(VMNotFound, match="no VM named 'nosuch'"):
+        mvm.cp("nosuch:/etc/hostname", str(tmp_path / "x"), layout=layout)
+    with pytest.raises(VMNotFound, match="no VM named 'gone'"):
+        mvm.cp(str(tmp_path), "gone:/tmp", layout=layout)
+    with pytest.raises(UsageError, match="give NAME:/path on one side"):  # two host paths
+        mvm.cp(str(tmp_path), str(tmp_path / "y"), layout=layout)

@@ -187,3 +187,12 @@ def test_a_taken_host_port_is_named_with_a_free_one_to_use_instead() -> None:
         assert match and int(match[1]) != port, hint
         with socket.socket() as s:  # the suggested port can really be had
             s.bind(("127.0.0.1", int(match[1])))
+
+
+def test_a_privileged_host_port_is_refused_before_qemu_fails_on_it() -> None:
+    first = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    if first == 0:
+        pytest.skip("this host lets every process bind every port")
+    with pytest.raises(PortInUse, match=f"host port {first - 1} is privileged") as caught:
+        check_ports_free([PortForward(first - 1, 80)])
+    assert "ip_unprivileged_port_start" in (caught.value.hint or "")

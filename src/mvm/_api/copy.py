@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from .._untrusted import printable
-from ..errors import MvmError, UsageError, VMError
+from ..errors import MvmError, UsageError, VMError, VMNotFound
 from ..guest import copy as protocol
 from ..paths import Layout
 from ..runtime import agent
@@ -72,6 +72,12 @@ def cp(src: str, dest: str, *, archive: bool = False, layout: Layout | None = No
     """Copy ``src`` to ``dest``; exactly one of them is ``NAME:/path``."""
     layout = layout or Layout.default()
     a, b = parse_endpoint(src, layout), parse_endpoint(dest, layout)
+    if a.vm is None and b.vm is None:
+        for text in (src, dest):  # NAME:/path of a VM that is not there (and no such host path)
+            match = VM_PATH.fullmatch(text)
+            if match and not os.path.lexists(text):
+                raise VMNotFound(match.group(1), f"no VM named {match.group(1)!r} (in {text!r})",
+                                 hint="list VMs with `mvmctl ls`")
     if (a.vm is None) == (b.vm is None):
         raise UsageError("cp copies between the host and a VM: give NAME:/path on one side",
                          hint="e.g. mvmctl cp ./site hello:/srv/site, or mvmctl cp hello:/var/log/app.log .")

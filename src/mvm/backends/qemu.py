@@ -68,6 +68,14 @@ def check_ports_free(ports: Sequence[PortForward]) -> None:
             raise PortInUse(f"host port {fwd.host_port}/{fwd.proto} is given twice",
                             hint="use each host port once")
         seen.add(key)
+        first_unprivileged = _unprivileged_port_start()
+        if fwd.host_port < first_unprivileged:
+            raise PortInUse(
+                f"host port {fwd.host_port} is privileged (below {first_unprivileged}), and QEMU, which listens "
+                "on it, never runs as root",
+                hint=f"use a host port from {first_unprivileged} up, e.g. -p {fwd.host_port + 8000}:{fwd.guest_port}, "
+                f"or let unprivileged processes bind it: sysctl net.ipv4.ip_unprivileged_port_start={fwd.host_port}",
+            )
         try:
             _bind_probe(fwd.host_ip, fwd.host_port, fwd.proto)
         except OSError as exc:
@@ -78,6 +86,14 @@ def check_ports_free(ports: Sequence[PortForward]) -> None:
                 hint=(f"pick another host port, e.g. -p {free}:{fwd.guest_port}{suffix} (free now)" if free
                       else "pick another host port with -p") + "; see what holds it: ss -lnp",
             ) from None
+
+
+def _unprivileged_port_start() -> int:
+    """The lowest port a process without CAP_NET_BIND_SERVICE may bind (Linux's sysctl)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
 
 
 def _bind_probe(host_ip: str, port: int, proto: str) -> None:
