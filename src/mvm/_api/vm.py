@@ -229,7 +229,8 @@ class VM:
                 )
             if time.monotonic() > deadline:
                 detail = "; ".join(
-                    f"{c.name} is {c.state} (last exit {c.last_exit}"
+                    f"{c.name} is {c.state} ("
+                    + ("no probe has finished yet" if c.last_exit is None else f"last exit {c.last_exit}")
                     + (f", output: {c.last_output!r}" if c.last_output else "")
                     + ")"
                     for c in status.checks if c.state != "healthy"

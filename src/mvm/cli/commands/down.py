@@ -10,7 +10,7 @@ import typer
 def down(
     names: Annotated[list[str] | None, typer.Argument(metavar="NAME", help="VMs to stop.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", "-a", help="Stop every VM.")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS",
+    timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", min=0,
                                            help="Seconds to wait for a graceful stop.")] = 20.0,
 ) -> None:
     """Stop VMs and remove their runtime state. Idempotent.

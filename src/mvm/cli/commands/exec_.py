@@ -28,7 +28,7 @@ def exec_(
     workdir: Annotated[str | None, typer.Option("--workdir", "-w", metavar="DIR",
                                                 help="Working directory in the guest.",
                                                 show_default=False)] = None,
-    timeout: Annotated[float | None, typer.Option("--timeout", metavar="SECONDS",
+    timeout: Annotated[float | None, typer.Option("--timeout", metavar="SECONDS", min=0,
                                                   help="Kill the command after this many "
                                                   "seconds (exit code 124).", show_default=False)] = None,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Send this command's stdin to "

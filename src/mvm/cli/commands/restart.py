@@ -12,7 +12,7 @@ from ..options import Json, VMName
 def restart(
     name: VMName,
     wait: Annotated[bool, typer.Option("--wait", help="Return only once every health check is healthy.")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", help="Seconds --wait waits for "
+    timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", min=0, help="Seconds --wait waits for "
                                            "health.")] = 120.0,
     json: Json = False,
 ) -> None:

@@ -31,7 +31,7 @@ def up(
                                                   show_default=False)] = None,
     cold: Annotated[bool, typer.Option("--cold", help="Boot, even where a saved template could be restored "
                                        "(see `mvmctl template --help`).")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS",
+    timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", min=0,
                                            help="Seconds --wait waits for health.")] = 120.0,
     json: Json = False,
     arch: Arch = None,
