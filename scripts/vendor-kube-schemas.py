@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate the pinned schemas in src/mvm/export/schemas/ (trimmed, otherwise verbatim).
+"""Regenerate the pinned schemas in tests/fixtures/kubevirt-schemas/ (trimmed, otherwise verbatim).
 
 KubeVirt: the ``definitions`` reachable from ``v1.VirtualMachine`` in KubeVirt's own
 ``api/openapi-spec/swagger.json`` at a release tag, read from a git checkout (or mirror):
@@ -28,7 +28,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-OUT = Path(__file__).resolve().parents[1] / "src" / "mvm" / "export" / "schemas"
+OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "kubevirt-schemas"
 SWAGGER_PATH = "api/openapi-spec/swagger.json"
 
 
