@@ -112,3 +112,26 @@ def test_asking_whether_a_lock_is_held_neither_takes_nor_makes_it(tmp_path: Path
     with FileLock(str(lock)):
         assert held(lock)
     assert lock.exists() and not held(lock)
+
+
+def test_cleanup_keeps_the_newest_images_of_each_architecture(tmp_path: Path) -> None:
+    import mvm
+    from mvm.images.store import ImageStore, Manifest
+    from mvm.spec import GuestSpec
+
+    layout = Layout(state=tmp_path / "state", cache=tmp_path / "cache")
+    store = ImageStore(layout.images)
+
+    def build(key: str, arch: str) -> Path:
+        def make(staging: Path) -> Manifest:
+            (staging / "rootfs.ext4").write_bytes(b"x")
+            return Manifest(key=key, name="hello", frontend="toml", source={}, guest=GuestSpec(name="hello"),
+                            arch=arch)  # type: ignore[arg-type]
+        return store.publish(key, make).path
+
+    old_x86, old_arm, new_x86, new_arm = (build(k * 32, a) for k, a in
+                                          (("a", "x86_64"), ("b", "aarch64"), ("c", "x86_64"), ("d", "aarch64")))
+    report = mvm.cleanup(layout, dry_run=True, keep=1)
+    assert {Path(i.path) for i in report.items if i.kind == "image"} == {old_x86, old_arm}
+    assert any("of hello (aarch64) is unused" in i.reason for i in report.items)
+    assert new_x86.exists() and new_arm.exists()

@@ -7,7 +7,8 @@ What it removes, and only that:
 - leftovers of interrupted builds (``.build-*`` staging dirs whose build is not running),
   image-store lock files nobody holds, and ``-e`` values left for a template maker that
   never started;
-- images no VM uses, except the newest ``keep`` of each guest (by name), with their locks;
+- images no VM uses, except the newest ``keep`` of each guest (by name and architecture),
+  with their locks;
 - package layers (mvm.images.layer) that no remaining image was built from;
 - templates (fast start) that are damaged or whose image is gone;
 - with ``everything``: also ``nix-collect-garbage`` when Nix is installed. That collects
@@ -119,20 +120,21 @@ def cleanup(
             except StateError as exc:
                 items.append(CleanupItem(kind="image", path=str(entry), bytes=disk_usage(entry),
                                          reason=f"broken or outdated image: {exc.message}"))
-    by_guest: dict[str, list[Image]] = {}
+    # an aarch64 build of a guest is no older version of its x86_64 build: each keeps its own
+    by_guest: dict[tuple[str, str], list[Image]] = {}
     kept_layers: set[str] = set()
     for img in store.all():  # oldest first
         if img.key not in in_use:
-            by_guest.setdefault(img.name, []).append(img)
+            by_guest.setdefault((img.name, img.manifest.arch), []).append(img)
         else:
             kept_layers.add(str(img.manifest.source.get("layer")))
-    for name, unused in sorted(by_guest.items()):
+    for (name, arch), unused in sorted(by_guest.items()):
         for i, img in enumerate(unused):
             if i >= len(unused) - keep:
                 kept_layers.add(str(img.manifest.source.get("layer")))
                 continue
             items.append(CleanupItem(kind="image", path=str(img.path), bytes=disk_usage(img.path),
-                                     reason=f"image {img.key[:12]} of {name} is unused and not among "
+                                     reason=f"image {img.key[:12]} of {name} ({arch}) is unused and not among "
                                      f"its newest {keep}"))
     removed_images = {Path(i.path).name for i in items if i.kind == "image"}
     for key, template, damaged in TemplateStore(layout).all():
