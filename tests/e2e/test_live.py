@@ -27,6 +27,14 @@ def test_exec_exit_codes_streams_and_options(cli: CLI, testbed_vm: dict[str, Any
     assert r.stdout == "mvm\n/tmp\na b  'c' $(x)"  # argv and env arrive literally: no shell on the way
     r = cli("exec", "shared", "-i", "--", "tr", "a-z", "A-Z", input="piped stdin\n")
     assert r.stdout == "PIPED STDIN\n"
+    # as docker exec: 127 for a command that is not there, 126 for a user or dir that is not
+    r = cli("exec", "shared", "--", "no-such-command", check=False)
+    assert r.returncode == 127 and "no-such-command" in r.stderr
+    r = cli("exec", "shared", "--user", "nosuchuser", "--", "id", check=False)
+    assert r.returncode == 126
+    assert r.stderr.strip() == "mvm exec: no user 'nosuchuser' in the guest (not in its /etc/passwd)"
+    r = cli("exec", "shared", "-w", "/nonexist", "--", "true", check=False)
+    assert (r.returncode, r.stderr.strip()) == (126, "mvm exec: no directory '/nonexist' in the guest to run in")
 
 
 def test_exec_timeout_kills_the_guest_process(cli: CLI, testbed_vm: dict[str, Any]) -> None:

@@ -30,8 +30,10 @@ def test_parse_port(text: str, expected: PortForward) -> None:
         ("70000:80", "out of range"),
         ("0:80", "out of range"),
         ("8080:80/sctp", "must be tcp or udp"),
-        ("host:8080:80", "not an IPv4 address"),
-        ("1:2:3:4", "not an IPv4 address"),
+        ("host:8080:80", "and 'host' is not one"),
+        ("1:2:3:4", "and '1:2' is not one"),
+        ("18434:8080:9", "with three fields the first is the host's IPv4 address (IP:HOST:GUEST)"),
+        ("8080:80,8081:81", "one forward per -p"),
     ],
 )
 def test_parse_port_errors_name_the_value(text: str, fragment: str) -> None:

@@ -497,8 +497,9 @@ def test_suspend_and_resume(layout: Layout, fake: FakeBackend, image: Image, tmp
     (row,) = mvm.ls(layout=layout)
     assert row.status is mvm.VMStatus.SUSPENDED and row.pid is None
     assert mvm.cleanup(layout).items == []  # a suspended VM is kept
-    with pytest.raises(mvm.VMNotRunning):
+    with pytest.raises(mvm.VMNotRunning, match="is suspended") as not_running:
         vm.exec(["true"])
+    assert not_running.value.hint == "bring it back with `mvmctl resume web`"
     info = vm.resume()
     assert info.status is mvm.VMStatus.RUNNING and info.pid != first and not vm.files.saved_state.exists()
     (machine,) = [m for m in fake.machines.values() if m.running]

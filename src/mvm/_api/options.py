@@ -28,6 +28,9 @@ def _port(text: str, what: str, spec: str) -> int:
 
 
 def parse_port(spec: str) -> PortForward:
+    if "," in spec:
+        raise UsageError(f"-p {spec!r}: one forward per -p",
+                         hint=f"repeat the option: -p {' -p '.join(spec.split(','))}")
     body, _, proto = spec.partition("/")
     proto = proto or "tcp"
     if proto not in ("tcp", "udp"):
@@ -42,8 +45,8 @@ def parse_port(spec: str) -> PortForward:
         try:
             ipaddress.IPv4Address(host_ip)
         except ValueError:
-            raise UsageError(f"-p {spec!r}: {host_ip!r} is not an IPv4 address",
-                             hint=f"use {PORT_FORMS}") from None
+            raise UsageError(f"-p {spec!r}: with three fields the first is the host's IPv4 address "
+                             f"(IP:HOST:GUEST), and {host_ip!r} is not one", hint=f"use {PORT_FORMS}") from None
     else:
         raise UsageError(f"-p {spec!r}: expected HOST:GUEST", hint=f"use {PORT_FORMS}")
     return PortForward(

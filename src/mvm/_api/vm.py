@@ -72,8 +72,9 @@ class VM:
         record = self.record()
         status = status_of(record, self.files, backend_for(record, self.runner))
         if status not in (VMStatus.RUNNING, VMStatus.STARTING):
-            raise VMNotRunning(self.name, f"VM {self.name!r} is {status}",
-                               hint=f"see why with `mvmctl logs {self.name}`")
+            hint = (f"bring it back with `mvmctl resume {self.name}`" if status is VMStatus.SUSPENDED
+                    else f"see why with `mvmctl logs {self.name}`")
+            raise VMNotRunning(self.name, f"VM {self.name!r} is {status}", hint=hint)
         return record
 
     def guest_status(self, timeout: float = 5.0) -> GuestStatus:
@@ -113,7 +114,8 @@ class VM:
     ) -> ExecResult:
         """Run ``argv`` in the guest (no shell) and return its exit code and output.
 
-        Exit codes follow the shell: 127 when the command cannot be started, 128+N when a
+        Exit codes follow the shell and ``docker exec``: 127 when the command cannot be started,
+        126 when the user or working directory does not exist in the guest, 128+N when a
         signal N killed it. Without ``stdin`` the command reads end of input at once.
         ``env`` is a mapping or ``KEY=VALUE`` strings. Output is collected unless
         ``on_output(stream, data)`` is given, which then gets it as it arrives. Raises
@@ -149,7 +151,7 @@ class VM:
             raise ExecTimeout(self.name, f"command {list(argv)!r} {final.error}",
                               hint="raise --timeout if it needs longer")
         code = final.exit
-        if not final.ok and code == 127:  # it could not start (not found, not executable)
+        if not final.ok and code in (126, 127):  # it was not started (no such user or dir; not found)
             message = f"mvm exec: {final.error}\n".encode()
             if on_output:
                 on_output("stderr", message)

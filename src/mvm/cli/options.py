@@ -25,8 +25,9 @@ Ports = Annotated[
     typer.Option(
         "-p", "--port",
         metavar="HOST:GUEST",
-        help="Forward a host port to a guest port: HOST:GUEST, IP:HOST:GUEST, optional /tcp|/udp. "
-        "Binds 127.0.0.1 unless an IP is given. Repeatable.",
+        help="Forward a host port to a guest port: HOST:GUEST, IP:HOST:GUEST, or GUEST alone (a free "
+        "host port is picked; `mvmctl ls` shows it), optional /tcp|/udp. Binds 127.0.0.1 unless an IP "
+        "is given. Repeatable.",
         show_default=False,
     ),
 ]

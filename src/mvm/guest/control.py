@@ -34,6 +34,10 @@ from .signals import SignalDispatcher
 from .supervisor import Identity, base_env
 
 
+class CannotStart(Exception):
+    """The request names a user or directory the guest does not have: nothing was run."""
+
+
 class Connection:
     """Serialises writes to one port; tracks the streaming op that owns it, if any."""
 
@@ -78,7 +82,11 @@ class StreamOp:
         argv = req.get("argv")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise ValueError("argv must be a non-empty list of strings")
-        ident = Identity(req.get("user") or "root")
+        user = req.get("user") or "root"
+        try:
+            ident = Identity(user)
+        except KeyError:
+            raise CannotStart(f"no user {user!r} in the guest (not in its /etc/passwd)") from None
         env = base_env(ident, self.server.path)
         env.update(self.server.env_overrides)
         extra = req.get("env") or {}
@@ -88,6 +96,8 @@ class StreamOp:
         if req.get("tty"):
             env.setdefault("TERM", str(req.get("term") or "xterm"))
         cwd = req.get("cwd") or ident.home
+        if not os.path.isdir(cwd):
+            raise CannotStart(f"no directory {cwd!r} in the guest to run in")
         kwargs: dict[str, Any] = {"env": env, "cwd": cwd, "start_new_session": True}
         kwargs.update(ident.popen_args())
         return argv, kwargs
@@ -99,6 +109,9 @@ class StreamOp:
                 self._run_tty(argv, kwargs)
             else:
                 self._run_pipes(argv, kwargs)
+        except CannotStart as exc:  # as `docker exec`: 126, the command itself was not tried
+            self.conn.active = None
+            self.conn.send({"ok": False, "error": str(exc), "exit": 126}, self.rid)
         except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
             self.conn.active = None
             self.conn.send({"ok": False, "error": f"cannot run {self.req.get('argv')!r}: {exc}",

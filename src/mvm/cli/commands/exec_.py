@@ -41,7 +41,8 @@ def exec_(
     command's stdin is empty (it reads end of input at once).
 
     Exit code: the command's own, as a shell reports it: 127 if it cannot be started (not
-    found), 128+N if signal N killed it, 124 if --timeout killed it.
+    found), 126 if the --user or -w directory does not exist in the guest, 128+N if signal
+    N killed it, 124 if --timeout killed it.
 
     
     Examples:
