@@ -295,15 +295,20 @@ def interactive(argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
 # unless both match.
 
 
-def start_time(pid: int) -> int | None:
+def _stat(pid: int) -> list[str] | None:
+    """``/proc/<pid>/stat`` from field 3 (the state) on; None once the process is gone.
+    The command name (field 2) may contain spaces and parens: split after the last ')'."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
         return None
-    # The command name (field 2) may contain spaces and parens: split after the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
 
 
 def pids_with_cwd(directory: Path) -> list[int]:
@@ -322,12 +327,8 @@ def pids_with_cwd(directory: Path) -> list[int]:
 
 
 def is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2 :].split()[0] == "Z"
+    fields = _stat(pid)
+    return fields is not None and fields[0] == "Z"
 
 
 def alive(pid: int | None, started: int | None) -> bool:
@@ -335,14 +336,14 @@ def alive(pid: int | None, started: int | None) -> bool:
     reaped, if it is our child: after ``up`` in this process, QEMU is)."""
     if not pid:
         return False
-    now = start_time(pid)
-    if now is None:
+    fields = _stat(pid)
+    if fields is None:
         return False
-    if is_zombie(pid):
+    if fields[0] == "Z":
         _reap(pid)
         reap_detached()  # the VM's helpers end with it
         return False
-    return started is None or now == started
+    return started is None or int(fields[19]) == started
 
 
 def wait_gone(pid: int, started: int | None, timeout: float) -> bool:
@@ -424,10 +425,8 @@ def terminate(pid: int, started: int | None, timeout: float = 5.0) -> str:
 
 def usage(pid: int) -> tuple[float, int]:
     """(CPU seconds used so far, resident bytes) of ``pid``; zeros once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = _stat(pid)
+    if fields is None:
         return 0.0, 0
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")

@@ -177,6 +177,13 @@ def progress(title: str) -> Iterator[StageProgress]:
         yield p
 
 
+def human_bytes(value: int | None) -> str:
+    """Sizes as every command prints them: decimal units (``324.3 MB``), ``-`` when unknown."""
+    from rich.filesize import decimal
+
+    return "-" if value is None else decimal(value)
+
+
 def human_secs(value: float | None) -> str:
     if value is None:
         return "-"

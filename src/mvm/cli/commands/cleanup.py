@@ -34,16 +34,11 @@ def cleanup(
         return
     verb = "would remove" if dry_run else "removed"
     for item in report.items:
-        output.out.print(f"{verb} {item.kind:5} {item.path}  ({_size(item.bytes)}; {item.reason})")
+        output.out.print(f"{verb} {item.kind:5} {item.path}  ({output.human_bytes(item.bytes)}; {item.reason})")
     for note in report.notes:
         output.info(note)
-    output.info(f"{'would free' if dry_run else 'freed'} {_size(report.freed_bytes)} ({len(report.items)} items)")
-
-
-def _size(n: int) -> str:
-    from rich.filesize import decimal
-
-    return decimal(n)
+    freed = output.human_bytes(report.freed_bytes)
+    output.info(f"{'would free' if dry_run else 'freed'} {freed} ({len(report.items)} items)")
 
 
 def register(app: typer.Typer) -> None:

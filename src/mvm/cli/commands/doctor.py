@@ -13,7 +13,6 @@ def doctor(json: Json = False) -> None:
     runs as root), which tools are installed (with versions), and the state dir with its
     free space. Each problem comes with the command
     that fixes it. Exits 1 if something mvm needs is missing."""
-    from rich.filesize import decimal
     from rich.table import Table
 
     import mvm
@@ -44,7 +43,7 @@ def doctor(json: Json = False) -> None:
     state = Table(title="state", title_justify="left", box=None, show_header=False, pad_edge=False)
     state.add_row("state dir", d.state_dir)
     state.add_row("cache dir", d.cache_dir)
-    state.add_row("free", decimal(d.free_bytes) + (f"  (fix: {d.fix})" if d.fix else ""))
+    state.add_row("free", output.human_bytes(d.free_bytes) + (f"  (fix: {d.fix})" if d.fix else ""))
     for section in (backends, archs, isolation, tools, state):
         output.out.print(section)
     raise typer.Exit(0 if report.ok else 1)

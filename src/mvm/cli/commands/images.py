@@ -16,8 +16,6 @@ if TYPE_CHECKING:
 def images(json: Json = False) -> None:
     """List the images in the store: guest name, key, front end, size, age, and the VMs
     that use each one. Remove one with `mvmctl rmi`; `mvmctl cleanup` prunes unused ones."""
-    from rich.filesize import decimal
-
     import mvm
 
     from .. import output
@@ -32,7 +30,7 @@ def images(json: Json = False) -> None:
         Column("KEY", lambda i: i.key[:12]),
         Column("FRONTEND", lambda i: i.frontend),
         Column("ARCH", lambda i: i.arch),
-        Column("SIZE", lambda i: decimal(sum(i.sizes.values())), justify="right"),
+        Column("SIZE", lambda i: output.human_bytes(sum(i.sizes.values())), justify="right"),
         Column("CREATED", lambda i: output.human_secs(time.time() - i.created_at) + " ago", justify="right"),
         Column("VMS", lambda i: ",".join(i.vms), no_wrap=False),
     ]

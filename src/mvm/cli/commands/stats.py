@@ -19,8 +19,6 @@ def stats(
     """Show what running VMs use: CPU (% of one host core) and memory of each VM's QEMU
     process on the host, the guest's own memory use, and each service's CPU and memory
     inside the guest (a service counts with every process it started)."""
-    from rich.filesize import decimal
-
     import mvm
 
     from .. import output
@@ -31,15 +29,12 @@ def stats(
         output.print_json(rows)
         return
 
-    def mem(n: int | None) -> str:
-        return decimal(n) if n is not None else "-"
-
     flat: list[tuple[str, str, str, str]] = []
     for vm in rows:
-        guest = f"{mem(vm.guest_memory_used)} / {mem(vm.guest_memory_total)}"
-        flat.append((vm.name, f"{vm.cpu_percent:.1f}%", mem(vm.memory_bytes), guest))
+        guest = f"{output.human_bytes(vm.guest_memory_used)} / {output.human_bytes(vm.guest_memory_total)}"
+        flat.append((vm.name, f"{vm.cpu_percent:.1f}%", output.human_bytes(vm.memory_bytes), guest))
         for svc in vm.services:
-            flat.append((f"  {svc.name}", f"{svc.cpu_percent:.1f}%", "", mem(svc.memory_bytes)))
+            flat.append((f"  {svc.name}", f"{svc.cpu_percent:.1f}%", "", output.human_bytes(svc.memory_bytes)))
     columns: list[Column[tuple[str, str, str, str]]] = [
         Column("NAME", lambda r: r[0]),
         Column("CPU", lambda r: r[1], justify="right"),

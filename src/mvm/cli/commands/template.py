@@ -56,7 +56,7 @@ def create(
         output.print_json(info)
         return
     output.info(f"template {info.key[:12]} of {info.name}: {', '.join(info.kinds)}, "
-                f"{_mb(info.bytes_on_disk)} on disk, made in {info.create_secs:.1f}s")
+                f"{output.human_bytes(info.bytes_on_disk)} on disk, made in {info.create_secs:.1f}s")
 
 
 @app.command("ls")
@@ -77,7 +77,7 @@ def ls(json: Json = False) -> None:
         Column("SHAPE", lambda t: f"{t.cpus} vCPU {t.memory}M {t.arch}" if t.cpus else None),
         Column("STATES", lambda t: (",".join(t.kinds) + (f" +{t.env_states} -e" if t.env_states else ""))
                or t.damaged),
-        Column("ON-DISK", lambda t: _mb(t.bytes_on_disk), justify="right"),
+        Column("ON-DISK", lambda t: output.human_bytes(t.bytes_on_disk), justify="right"),
         Column("CREATED", lambda t: output.human_secs(time.time() - t.created_at) + " ago" if t.created_at else None,
                justify="right"),
     ]
@@ -94,13 +94,7 @@ def rm(keys: Annotated[list[str], typer.Argument(metavar="KEY", help="Template k
 
     for key in keys:
         info = mvm.template_rm(key)
-        output.info(f"removed template {info.key[:12]} ({_mb(info.bytes_on_disk)})")
-
-
-def _mb(n: int) -> str:
-    from rich.filesize import decimal
-
-    return decimal(n)
+        output.info(f"removed template {info.key[:12]} ({output.human_bytes(info.bytes_on_disk)})")
 
 
 def register(root: typer.Typer) -> None:
