@@ -1,4 +1,5 @@
-"""Atomic JSON writes: every persisted document goes through here."""
+"""Atomic JSON writes: every document mvm persists goes through here (but the pytest pool's
+ownership record: mvm.testing sees only the public API, and writes it the same way itself)."""
 
 from __future__ import annotations
 

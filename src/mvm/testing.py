@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 LABEL_MAX = 24
 HEALTH_TIMEOUT = 120.0
 OWNERS_DIR = "pytest"
+#: The format of a pool's ownership record (``<token>.json`` in OWNERS_DIR); a sweep reads
+#: only its ``vms``, ``pid`` and ``worker``, so older records are still understood.
+OWNER_SCHEMA = 1
 
 
 class FixtureVM(mvm.VM):
@@ -182,11 +185,16 @@ class Pool:
             os.close(fd)
 
     def _write(self) -> None:
-        record = {"pid": os.getpid(), "worker": self.worker, "argv": sys.argv, "started_at": time.time(),
-                  "vms": self._vms}
-        path = self._owners / f"{self.token}.json"
+        self._write_record(self._owners / f"{self.token}.json",
+                           {"pid": os.getpid(), "worker": self.worker, "argv": sys.argv, "started_at": time.time(),
+                            "vms": self._vms})
+
+    @staticmethod
+    def _write_record(path: Path, record: dict[str, object]) -> None:
+        """An ownership record, whole or not at all (written aside, then renamed). (This
+        module sees only mvm's public API, so not through mvm._atomic.)"""
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(record))
+        tmp.write_text(json.dumps({**record, "schema_version": OWNER_SCHEMA}))
         os.replace(tmp, path)
 
     def sweep(self) -> list[str]:
@@ -239,7 +247,7 @@ class Pool:
             self.notes.append(f"removed VM {name}, left running by a test run that was killed "
                               f"(pid {record.get('pid')}{worker})")
         if left:  # a later run tries again
-            record_path.write_text(json.dumps({**record, "vms": left}))
+            self._write_record(record_path, {**record, "vms": left})
         else:
             record_path.unlink(missing_ok=True)
             lock.unlink(missing_ok=True)

@@ -7,12 +7,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._proc import DEFAULT_RUNNER, Runner, tail_file
 from .._untrusted import as_float
 from ..backends.base import HOTPLUG_FORWARD, Backend, MachineRef, PortForward
-from ..errors import AgentError, ExecTimeout, HealthTimeout, ServiceFailed, UsageError, VMNotRunning
+from ..errors import AgentError, ExecTimeout, HealthTimeout, MvmError, ServiceFailed, UsageError, VMNotRunning
 from ..paths import Layout, VMFiles
 from ..runtime import agent, logs
 from ..runtime.registry import PortRecord, Registry, VMRecord
@@ -20,6 +20,10 @@ from ..runtime.states import VMStatus
 from .machines import backend_for, status_of, vm_info
 from .models import DownResult, ExecResult, GuestStatus, PortInfo, VMDetails, VMInfo
 from .options import parse_env, parse_port
+
+if TYPE_CHECKING:
+    from .console import ConsoleSession
+    from .progress import Progress
 
 
 @dataclass
@@ -267,21 +271,21 @@ class VM:
         def running() -> bool:
             try:
                 return self.status.active
-            except Exception:  # the VM went away while we followed it
+            except MvmError:  # the VM went away while we followed it
                 return False
 
         return logs.stream(self.files, console=console, services=services, lines=lines, follow=follow,
                            keep=logs.LogFilter(service, since), keep_going=running)
 
     def console(self, *, user: str | None = None, cwd: str | None = None,
-                env: dict[str, str] | None = None) -> Any:
+                env: dict[str, str] | None = None) -> ConsoleSession:
         """An interactive shell on a guest pty: see :class:`~mvm._api.console.ConsoleSession`."""
         from .console import ConsoleSession
 
         self._require_running()
         return ConsoleSession(self.files, self.name, user=user, cwd=cwd, env=env or {})
 
-    def restart(self, *, wait: bool = False, wait_timeout: float = 120.0, progress: Any = None) -> VM:
+    def restart(self, *, wait: bool = False, wait_timeout: float = 120.0, progress: Progress | None = None) -> VM:
         """Stop the VM and start it again with the same image, ports, volumes and ``-e``."""
         from .restart import restart
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._proc import Runner
+from ..errors import CommandFailed, ToolMissing
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 APT = Path("/etc/apt")
@@ -99,7 +100,7 @@ def proxy_options(runner: Runner) -> list[str]:
     """apt's proxy settings on this host, as ``--aptopt`` values for mmdebstrap's apt."""
     try:
         dump = runner.run(["apt-config", "dump"], desc="reading apt's configuration").output
-    except Exception:  # no apt-config: nothing to pass on
+    except (ToolMissing, CommandFailed):  # no apt-config, or it failed: nothing to pass on
         return []
     return [line.rstrip(";") for line in dump.splitlines()
             if re.match(r'Acquire::(https?|ftp)::Proxy(::\S+)? "', line)]
