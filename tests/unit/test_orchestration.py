@@ -388,6 +388,10 @@ def test_up_restores_a_ready_template_and_makes_each_clone_unique(template: Temp
     assert (a.files.root / "root.qcow2").is_file()
     assert all(m.spec.config_disk is None for m in clones)  # the config comes through `refresh`
     assert not any(m.spec.starts_services for m in clones)  # their services run already
+    # the template's boot, copied into the clone's logs, is marked as such where it ends
+    shown = [line.text for line in a.logs(console=False)]
+    assert any(f"[init] a restored from template {template.meta.key[:12]} (ready state): the lines above are "
+               "the template's boot" in text for text in shown), shown
     a.down()
     b.down()
 

@@ -15,6 +15,7 @@ Order, and why:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -252,6 +253,12 @@ class Launch:
         if restore is not None:
             for name in ("console.log", "events.log"):
                 shutil.copyfile(restore.template.log(restore.stem, name), files.root / name)
+            # `logs` would show the template's boot, hours old maybe, as this VM's: say where it ends
+            mark = {"t": round(time.time(), 3), "kind": "init",
+                    "msg": f"{self.plan.name} restored from template {restore.template.meta.key[:12]} "
+                    f"({restore.stem} state): the lines above are the template's boot"}
+            with open(files.root / "events.log", "a") as events:
+                events.write(json.dumps(mark) + "\n")
 
     def start_machine(self, files: VMFiles, attached: volume_attach.Attached, undo: ExitStack) -> MachineRef:
         plan, record, restore = self.plan, self.plan.record, self.plan.restore
