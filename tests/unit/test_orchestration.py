@@ -530,6 +530,35 @@ def test_an_unknown_templates_mode_is_refused_before_anything_starts(layout: Lay
     assert templates_mode() == "auto"
 
 
+def test_up_says_when_it_leaves_a_template_maker_running(layout: Layout, fake: FakeBackend, image: Image,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The maker boots a VM that `ls` does not list: `up` must say so, and only when it starts one."""
+    from mvm._api import template_maker
+
+    started: list[int] = []
+    monkeypatch.setattr(template_maker, "make_in_background", lambda image, **kw: started.append(kw["memory"]))
+    monkeypatch.setenv("MVM_TEMPLATES", "auto")
+
+    class Notes:
+        def __init__(self) -> None:
+            self.notes: list[str] = []
+
+        def stage(self, name: str) -> None: ...
+        def line(self, text: str) -> None: ...
+        def note(self, text: str) -> None:
+            self.notes.append(text)
+
+    cold = Notes()
+    _up(layout, fake, image, name="a", cold=True, progress=cold).down()  # --cold: no template is made
+    assert cold.notes == [] and started == []
+    first = Notes()
+    _up(layout, fake, image, name="b", progress=first).down()
+    assert started == [512]
+    assert first.notes == ["making the image's template in the background (a VM of 512 MiB for a few seconds, "
+                           "not listed by `mvmctl ls`); the next `up` of this image and shape restores it "
+                           "(`mvmctl template ls`)"]
+
+
 def test_a_damaged_launch_record_is_a_clear_error_and_down_still_works(layout: Layout, fake: FakeBackend,
                                                                        image: Image) -> None:
     vm = _up(layout, fake, image)

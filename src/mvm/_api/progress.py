@@ -18,6 +18,10 @@ class Progress(Protocol):
         """A line of output from the current step (a child process's progress)."""
         ...
 
+    def note(self, text: str) -> None:
+        """Something to know once the call is done (it left work running in the background)."""
+        ...
+
 
 class Quiet:
     def stage(self, name: str) -> None:
@@ -25,3 +29,6 @@ class Quiet:
 
     def line(self, text: str) -> None:
         log.debug("%s", text)
+
+    def note(self, text: str) -> None:
+        log.info("%s", text)

@@ -138,24 +138,30 @@ def missing(image: Image, *, cpus: int, memory: int, backend: Backend, layout: L
 
 
 def make_behind(image: Image, *, cpus: int, memory: int, restore: Restore | None, env: Mapping[str, str],
-                volumes: bool, forced_cold: bool, backend: Backend, layout: Layout, runner: Runner) -> None:
+                volumes: bool, forced_cold: bool, backend: Backend, layout: Layout, runner: Runner) -> str | None:
     """After an ``up``: after a cold boot (unless forced: ``--cold``, shares), the image's template;
     after a restore from ``agent`` for ``-e`` values alone, a ``ready`` state for those values.
     Each is made by a detached maker, if it is missing and no maker is at work on it (the
-    maker's module is imported only then)."""
+    maker's module is imported only then). Returns what was started, for the user: the maker
+    boots a VM of its own that ``ls`` does not list."""
     made_env: Mapping[str, str] | None
     if restore is None and not forced_cold and missing(image, cpus=cpus, memory=memory, backend=backend,
                                                       layout=layout):
         made_env = None
+        what = (f"making the image's template in the background (a VM of {memory} MiB for a few seconds, "
+                "not listed by `mvmctl ls`); the next `up` of this image and shape restores it")
     elif restore is not None and restore.kind == "agent" and not volumes and \
             env_state_missing(image, cpus=cpus, memory=memory, env=env, backend=backend, layout=layout):
         made_env = env
+        what = ("saving a ready state for these -e values in the background (a VM for a few seconds, not "
+                "listed by `mvmctl ls`); the next `up` with exactly these values restores it")
     else:
-        return
+        return None
     from .template_maker import make_in_background
 
     make_in_background(image, cpus=cpus, memory=memory, layout=layout, backend=backend.name, runner=runner,
                        env=made_env)
+    return f"{what} (`mvmctl template ls`)"
 
 
 def identity(seed_for: str, hostname: str | None) -> dict[str, object]:

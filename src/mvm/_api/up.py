@@ -431,9 +431,12 @@ def up(
                                    record=plan.record.model_copy(update={"start": "cold", "start_reason": reason,
                                                                          "start_warning": True}))
         Launch(plan, layout, runner, prog).run()
-    templates.make_behind(image, cpus=plan.record.cpus, memory=plan.record.memory, restore=plan.restore,
-                          env=request.env, volumes=bool(plan.volumes), forced_cold=request.cold or bool(request.shares),
-                          backend=backend, layout=layout, runner=runner)
+    started = templates.make_behind(image, cpus=plan.record.cpus, memory=plan.record.memory, restore=plan.restore,
+                                    env=request.env, volumes=bool(plan.volumes),
+                                    forced_cold=request.cold or bool(request.shares), backend=backend, layout=layout,
+                                    runner=runner)
+    if started:
+        prog.note(started)
     vm = VM(plan.name, layout, runner)
     if wait and plan.record.checks:
         prog.stage("waiting for health checks")

@@ -164,6 +164,9 @@ class StageProgress:
             sys.stderr.write(f"{self.title}: {name}\n")
             sys.stderr.flush()
 
+    def note(self, text: str) -> None:
+        info(f"note: {text}")  # above the spinner, and kept
+
     def line(self, text: str) -> None:
         if self._status is not None and text.strip():
             elapsed = time.monotonic() - self.started
