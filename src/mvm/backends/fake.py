@@ -97,13 +97,20 @@ class FakeGuest:
             thread.join()
         for listener in self._listeners:
             listener.close()
-        for i, inode in self._inodes.items():  # only our own: a new VM of the same name may be up
+        self.release_paths()
+
+    def release_paths(self) -> None:
+        """Remove this guest's sockets (only its own: check the inode). A guest powering itself
+        off does this before its machine counts as gone, and stops its threads afterwards: a
+        new VM of the same name may bind the same paths as soon as `down` returns."""
+        for i, inode in self._inodes.items():
             path = self.files.control(i)
             try:
                 if path.stat().st_ino == inode:
                     path.unlink()
             except FileNotFoundError:
                 pass
+        self._inodes.clear()
 
     def _serve(self, listener: socket.socket) -> None:
         while not self._stop.is_set():
@@ -230,8 +237,9 @@ class FakeBackend:
             return
         with open(machine.spec.files.events_log, "a") as f:
             f.write('{"kind":"init","msg":"powering off"}\n')
+        machine.guest.release_paths()
         machine.running = False
-        threading.Thread(target=machine.guest.stop, daemon=True).start()
+        threading.Thread(target=machine.guest.stop, daemon=True).start()  # not from its own thread
 
     def alive(self, machine: MachineRef) -> bool:
         found = self.machines.get(machine.pid)
