@@ -81,6 +81,16 @@ def test_up_forward_exec_down(layout: Layout, fake: FakeBackend, image: Image) -
     assert 7070 not in [p.guest_port for p in vm.info().ports]
     with pytest.raises(UsageError, match="no forward from host port"):
         vm.unforward("1:2")
+    picked = vm.forward("7070")
+    assert vm.unforward("7070").host_port == picked.host_port  # as `-p 7070` added it: by guest port
+    with pytest.raises(UsageError, match="no forward to guest port 7070/tcp"):
+        vm.unforward("7070")
+    vm.forward("17071:7071")
+    vm.forward("17072:7071")
+    with pytest.raises(UsageError, match="2 forwards to guest port 7071/tcp, from 127.0.0.1:17071, 127.0.0.1:17072"):
+        vm.unforward("7071")
+    vm.unforward("17071:7071")
+    vm.unforward("17072:7071")
 
     result = vm.exec(["echo", "hi"])
     assert (result.exit_code, result.stdout) == (0, b"echo hi\n")

@@ -183,14 +183,24 @@ class VM:
                         proto=added.proto)
 
     def unforward(self, port: str | PortForward) -> PortInfo:
-        """Remove a forward (``HOST:GUEST``, or just ``HOST``'s rule as recorded) and forget it."""
+        """Remove a forward and forget it: ``HOST:GUEST`` (the host side decides), or ``GUEST``
+        alone, as ``-p GUEST`` added it (the one forward to that guest port)."""
         fwd = parse_port(port) if isinstance(port, str) else port
         with self._hotplug() as (files, record, backend, machine):
-            found = next((p for p in record.ports if p.host_port == fwd.host_port and p.proto == fwd.proto
-                          and p.host_ip == fwd.host_ip), None)
+            if fwd.host_port == 0:
+                to_guest = [p for p in record.ports if p.guest_port == fwd.guest_port and p.proto == fwd.proto]
+                if len(to_guest) > 1:
+                    raise UsageError(f"{self.name} has {len(to_guest)} forwards to guest port {fwd.guest_port}/"
+                                     f"{fwd.proto}, from {', '.join(f'{p.host_ip}:{p.host_port}' for p in to_guest)}",
+                                     hint="name the one to remove as HOST:GUEST")
+                found = to_guest[0] if to_guest else None
+                missing = f"no forward to guest port {fwd.guest_port}/{fwd.proto}"
+            else:
+                found = next((p for p in record.ports if p.host_port == fwd.host_port and p.proto == fwd.proto
+                              and p.host_ip == fwd.host_ip), None)
+                missing = f"no forward from host port {fwd.host_ip}:{fwd.host_port}/{fwd.proto}"
             if found is None:
-                raise UsageError(f"{self.name} has no forward from host port {fwd.host_ip}:{fwd.host_port}/{fwd.proto}",
-                                 hint="see its forwards with `mvmctl ls`")
+                raise UsageError(f"{self.name} has {missing}", hint="see its forwards with `mvmctl ls`")
             backend.unforward(files, machine, PortForward(found.host_port, found.guest_port, found.host_ip,
                                                           found.proto))
             record.ports.remove(found)

@@ -16,13 +16,15 @@ def forward(
     json: Json = False,
 ) -> None:
     """Add port forwards to a running VM, or remove them with --rm (recorded, and shown by
-    `mvmctl ls`). `-p GUEST` alone picks a free host port and prints it.
+    `mvmctl ls`). `-p GUEST` alone picks a free host port and prints it; with --rm it removes
+    the forward to that guest port.
 
     \b
     Examples:
       mvmctl forward hello -p 9090:9090
       mvmctl forward hello -p 8080          # prints the host port it picked
       mvmctl forward hello --rm -p 9090:9090
+      mvmctl forward hello --rm -p 8080     # whichever host port it got
     """
     import mvm
 
