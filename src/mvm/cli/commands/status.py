@@ -20,8 +20,9 @@ def status(name: VMName, json: Json = False) -> None:
     if json:
         output.print_json(details)
         return
+    up = f"  up {output.human_secs(details.uptime)}" if details.uptime is not None else ""
     output.out.print(f"[bold]{name}[/]  {details.status}  {details.backend}-{details.accel}  {details.arch}  "
-                     f"{details.cpus} vCPU  {details.memory} MiB  up {output.human_secs(details.uptime)}")
+                     f"{details.cpus} vCPU  {details.memory} MiB{up}")
     if details.emulated:
         output.out.print(f"  {details.emulated}")
     guest = details.guest
