@@ -150,6 +150,10 @@ def test_checks_before_the_build_and_the_preflight_create_nothing(layout: Layout
         _up(layout, fake, image)
     with pytest.raises(UsageError, match="--cpus 0"):
         _up(layout, fake, image, cpus=0)
+    over = (os.cpu_count() or 1) + 1
+    with pytest.raises(UsageError, match=f"--cpus {over}: this host has {over - 1} CPU") as caught:
+        _up(layout, fake, image, cpus=over)
+    assert caught.value.hint == f"use --cpus {over - 1} or fewer"
     with pytest.raises(UsageError, match="unknown hypervisor"):
         _up(layout, fake, image, hypervisor="xen")
     _nothing_left(layout, fake)

@@ -6,6 +6,7 @@ Each error names the offending value and shows the accepted form.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 
 from ..backends.base import PortForward
@@ -92,3 +93,12 @@ def parse_since(text: str, now: float | None = None) -> float:
     except ValueError:
         raise UsageError(f"--since {text!r}: not a duration or a time",
                          hint="e.g. --since 10m, --since 2h, --since 2026-11-30T14:05:00") from None
+
+
+def check_host_cpus(cpus: int, where: str) -> None:
+    """As ``docker run --cpus``: no more vCPUs than the host has CPUs (each is a host thread;
+    more would only make the guest crawl: 64 on 2 cores did not boot in 90 s under TCG)."""
+    host_cpus = os.cpu_count() or 1
+    if cpus > host_cpus:
+        raise UsageError(f"{where}: this host has {host_cpus} CPU{'s' if host_cpus > 1 else ''}, and a VM gets at "
+                         "most as many vCPUs", hint=f"use --cpus {host_cpus} or fewer")

@@ -15,7 +15,6 @@ Order, and why:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -45,7 +44,7 @@ from ..errors import AgentError, BootError, MvmError, StopFailed, UsageError, VM
 from ..images.store import Image
 from ..names import MIN_MEMORY_MIB, check_vm_name
 from ..paths import Layout, VMFiles
-from ..runtime import agent
+from ..runtime import agent, logs
 from ..runtime.bootconfig import write_config_disk
 from ..runtime.registry import PortRecord, ProcessRecord, Registry, VMRecord
 from ..runtime.templates import CONFIGURE_TIMEOUT, TEMPLATE_KERNEL_ARGS, TemplateStore
@@ -53,7 +52,7 @@ from ..volumes import attach as volume_attach
 from . import templates
 from .build import build_image
 from .machines import backend_for, preflight, start_confined, status_of
-from .options import parse_env, parse_port
+from .options import check_host_cpus, parse_env, parse_port
 from .progress import Progress, Quiet
 from .templates import Restore
 from .vm import VM
@@ -103,6 +102,8 @@ class UpRequest:
     ) -> UpRequest:
         if cpus is not None and not 1 <= cpus <= 64:
             raise UsageError(f"--cpus {cpus}: must be between 1 and 64")
+        if cpus is not None:
+            check_host_cpus(cpus, f"--cpus {cpus}")
         if memory is not None and not MIN_MEMORY_MIB <= memory <= 65536:
             raise UsageError(f"--memory {memory}: must be between {MIN_MEMORY_MIB} and 65536 MiB",
                              hint=f"a guest needs at least {MIN_MEMORY_MIB} MiB to boot its kernel and agent")
@@ -159,6 +160,8 @@ def plan_up(request: UpRequest, image: Image, backend: Backend, planned: list[vo
     ))
     source = image.manifest.source
     cpus, memory = request.cpus or guest.cpus, request.memory or guest.memory
+    if not request.cpus:
+        check_host_cpus(cpus, f"the spec's cpus = {cpus}")
     choice = templates.choose(image, cpus=cpus, memory=memory, env=request.env, volumes=len(planned),
                               shares=bool(request.shares), cold=request.cold, backend=backend, layout=layout)
     restore = choice.restore
@@ -254,11 +257,8 @@ class Launch:
             for name in ("console.log", "events.log"):
                 shutil.copyfile(restore.template.log(restore.stem, name), files.root / name)
             # `logs` would show the template's boot, hours old maybe, as this VM's: say where it ends
-            mark = {"t": round(time.time(), 3), "kind": "init",
-                    "msg": f"{self.plan.name} restored from template {restore.template.meta.key[:12]} "
-                    f"({restore.stem} state): the lines above are the template's boot"}
-            with open(files.root / "events.log", "a") as events:
-                events.write(json.dumps(mark) + "\n")
+            logs.note(files, f"{self.plan.name} restored from template {restore.template.meta.key[:12]} "
+                      f"({restore.stem} state): the lines above are the template's boot")
 
     def start_machine(self, files: VMFiles, attached: volume_attach.Attached, undo: ExitStack) -> MachineRef:
         plan, record, restore = self.plan, self.plan.record, self.plan.restore

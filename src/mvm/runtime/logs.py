@@ -17,6 +17,7 @@ printable (no terminal escape sequences reach the user's terminal).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections import deque
@@ -85,6 +86,13 @@ def format_event(ev: dict[str, Any]) -> LogLine | None:
     if kind == "init":
         return LogLine("init", f"{ts} [init] {_text(ev.get('msg'))}", ev)
     return None
+
+
+def note(files: VMFiles, msg: str) -> None:
+    """A line of mvm's own in the VM's event log (``[init] msg`` in ``logs``), as the log
+    shim writes its notes."""
+    with open(files.events_log, "a") as events:
+        events.write(json.dumps({"t": round(time.time(), 3), "kind": "init", "msg": msg}) + "\n")
 
 
 def parse_events(data: bytes | Iterable[bytes]) -> Iterator[dict[str, Any]]:
