@@ -215,6 +215,15 @@ def test_wait_is_not_fooled_by_a_guest_that_reports_nothing_yet(layout: Layout, 
         vm.wait_healthy(0.3)
     fake.status.update(healthy)
     assert vm.wait_healthy(5).health == "healthy"
+    # a check named after its service: a timeout shows that service's output, not the boot console
+    with open(vm.files.events_log, "a") as f:
+        f.write(json.dumps({"t": time.time(), "kind": "log", "svc": "svc", "stream": "stderr",
+                            "line": "bind: address in use"}) + "\n")
+    fake.status.update(health={"svc": {"state": "unhealthy", "last_exit": 7, "failures": 3}})
+    with pytest.raises(HealthTimeout, match="svc is unhealthy") as caught:
+        vm.wait_healthy(0.3)
+    assert "svc | bind: address in use" in (caught.value.output or "")
+    fake.status.update(healthy)
     vm.down()
 
 

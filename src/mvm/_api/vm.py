@@ -256,9 +256,16 @@ class VM:
                     f"not healthy after {timeout:g}s: {detail}",
                     hint=f"the VM is left running for inspection: `mvmctl logs {self.name}`, "
                     f"`mvmctl status {self.name}`; stop it with `mvmctl down {self.name}`",
-                    output=tail_file(self.files.console_log, 15),
+                    output=self._unhealthy_output(status, record),
                 )
             time.sleep(0.25)
+
+    def _unhealthy_output(self, status: GuestStatus, record: VMRecord) -> str:
+        """What a health timeout shows: the output of the services its unhealthy checks are
+        named after; the boot console while the guest reports none (it may not have booted)."""
+        named = [c.name for c in status.checks if c.state != "healthy" and c.name in record.services]
+        tails = [logs.service_tail(self.files, name) for name in named]
+        return "\n".join(t for t in tails if t) or tail_file(self.files.console_log, 15)
 
     def logs(
         self,
