@@ -73,7 +73,7 @@ def test_killed_service_is_restarted(cli: CLI, testbed_vm: dict[str, Any]) -> No
     assert service(st, "web")["last_exit"] == -9
     assert http_get(testbed_vm["port"]) == "testbed\n"
     logs = cli("logs", "shared", "--no-console").stdout
-    assert "[service web] backoff (exit -9, delay 0.5)" in logs
+    assert "[service web] backoff (killed by SIGKILL, delay 0.5)" in logs
 
 
 def test_forward_adds_a_port_to_a_running_vm(cli: CLI, testbed_vm: dict[str, Any]) -> None:

@@ -102,3 +102,15 @@ def test_readers_join_the_rotated_part_and_the_live_log(tmp_path: Path) -> None:
     files.events_log.write_bytes(b"".join(event(i) for i in range(50, 60)))
     tail = [e["t"] for e in logs.read_events(files, tail=len(event(59)) * 15 - 5)]  # a cut first line
     assert tail == list(range(46, 60))  # from the rotated part on, whole lines only
+
+
+def test_a_service_a_signal_ended_is_shown_with_the_signal_name() -> None:
+    def shown(exit: object) -> str:
+        line = logs.format_event({"t": 0, "kind": "service", "svc": "web", "state": "backoff", "exit": exit, "delay": 0.5})
+        assert line is not None
+        return line.text.split("] ", 1)[1]
+
+    assert shown(-9) == "backoff (killed by SIGKILL, delay 0.5)"
+    assert shown(-63) == "backoff (killed by signal 63, delay 0.5)"
+    assert shown(3) == "backoff (exit 3, delay 0.5)"
+    assert shown("x") == "backoff (exit x, delay 0.5)"  # the guest's value, whatever its type

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -62,6 +63,17 @@ def _text(value: object) -> str:
     return "" if value is None else printable(value if isinstance(value, str) else str(value))
 
 
+def _signal(code: object) -> str:
+    """A service's exit as people read it: ``exit 3``, or ``killed by SIGTERM`` for the
+    negative codes Python reports for a process a signal ended."""
+    if isinstance(code, int) and not isinstance(code, bool) and -64 <= code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit {_text(code)}"
+
+
 def format_event(ev: dict[str, Any]) -> LogLine | None:
     """The line ``logs`` shows for an event; None for kinds it does not show. Every field is
     the guest's: any type is accepted, and the text is made printable."""
@@ -76,7 +88,7 @@ def format_event(ev: dict[str, Any]) -> LogLine | None:
         detail = []
         for key in ("pid", "exit", "delay", "reason"):
             if ev.get(key) is not None:
-                detail.append(f"{key} {_text(ev[key])}")
+                detail.append(_signal(ev[key]) if key == "exit" else f"{key} {_text(ev[key])}")
         suffix = f" ({', '.join(detail)})" if detail else ""
         return LogLine("service", f"{ts} [service {_text(ev.get('svc'))}] {_text(ev.get('state'))}{suffix}", ev)
     if kind == "health":
