@@ -106,7 +106,8 @@ def test_readers_join_the_rotated_part_and_the_live_log(tmp_path: Path) -> None:
 
 def test_a_service_a_signal_ended_is_shown_with_the_signal_name() -> None:
     def shown(exit: object) -> str:
-        line = logs.format_event({"t": 0, "kind": "service", "svc": "web", "state": "backoff", "exit": exit, "delay": 0.5})
+        line = logs.format_event({"t": 0, "kind": "service", "svc": "web", "state": "backoff", "exit": exit,
+                                  "delay": 0.5})
         assert line is not None
         return line.text.split("] ", 1)[1]
 
