@@ -10,7 +10,8 @@ below it, never one above):
     runtime        mvm.runtime.*, mvm.volumes.*, mvm.images.*, mvm.export.*
     backends       mvm.backends.*                    own the machine; never import runtime
     leaf           mvm._proc, _atomic, _unixsock, _ext4, _untrusted, errors, paths, names, spec, guest.protocol,
-                   guest.copy (the cp stream's rules, shared by both ends)
+                   guest.copy (the cp stream's rules, shared by both ends), guest.eventtext (how an
+                   event reads, on the host's `logs` and a standalone guest's console)
 
 The guest (mvm.guest.*) runs inside the VM on the guest's Python: stdlib only, and nothing
 outside mvm.guest.
@@ -26,7 +27,8 @@ SRC = Path(__file__).parents[2] / "src" / "mvm"
 
 LAYERS = ["leaf", "backends", "runtime", "orchestration", "public", "cli", "pytest"]
 LEAVES = {"mvm._proc", "mvm._confine", "mvm._locks", "mvm._atomic", "mvm._ext4", "mvm._logshim", "mvm._unixsock",
-          "mvm._untrusted", "mvm.errors", "mvm.paths", "mvm.names", "mvm.spec", "mvm.guest.protocol", "mvm.guest.copy"}
+          "mvm._untrusted", "mvm.errors", "mvm.paths", "mvm.names", "mvm.spec", "mvm.guest.protocol", "mvm.guest.copy",
+          "mvm.guest.eventtext"}
 
 
 def module_name(path: Path) -> str:

@@ -24,6 +24,7 @@ TYPE_CHECKING = False  # not `from typing`: importing typing costs ~35 ms at boo
 if TYPE_CHECKING:
     from typing import Any
 
+from .eventtext import event_line
 from .protocol import write_all
 
 CONSOLE_OUTPUT_LIMIT = 300
@@ -36,29 +37,14 @@ def _one_line(text: str) -> str:
 
 
 def format_console(event: dict[str, Any]) -> str | None:
-    """One console line for an event (mirrors ``mvm.runtime.logs.format_event``), or None
-    for kinds the console does not show. Times are the guest's clock, UTC."""
+    """One console line for an event, as ``mvmctl logs`` shows it (mvm.guest.eventtext), or
+    None for kinds the console does not show. Times are the guest's clock, UTC."""
     t = event.get("t")
     ts = "--:--:--.---"
     if isinstance(t, (int, float)):
         ts = time.strftime("%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}"
-    kind = event.get("kind")
-    if kind == "log":
-        stream = event.get("stream", "stdout")
-        svc = event.get("svc", "?")
-        tag = svc if stream in ("stdout", "stderr") else f"{svc} {stream}"
-        return _one_line(f"{ts} {tag} | {event.get('line', '')}")
-    if kind == "service":
-        detail = [f"{key} {event[key]}" for key in ("pid", "exit", "delay", "reason") if event.get(key) is not None]
-        suffix = f" ({', '.join(detail)})" if detail else ""
-        return _one_line(f"{ts} [service {event.get('svc')}] {event.get('state')}{suffix}")
-    if kind == "health":
-        output = str(event.get("output") or "")[-CONSOLE_OUTPUT_LIMIT:]
-        out = f": {output}" if output else ""
-        return _one_line(f"{ts} [health {event.get('check')}] {event.get('state')} (exit {event.get('exit')}){out}")
-    if kind == "init":
-        return _one_line(f"{ts} [init] {event.get('msg')}")
-    return None
+    shown = event_line(event, ts, lambda value: _one_line(str(value)), CONSOLE_OUTPUT_LIMIT)
+    return shown[1] if shown else None
 
 
 def open_console(path: str = "/dev/console") -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -30,7 +29,7 @@ from typing import Any, BinaryIO
 
 from .._logshim import rotated
 from .._untrusted import as_float, printable
-from ..guest import protocol
+from ..guest import eventtext, protocol
 from ..paths import VMFiles
 
 #: The longest log line kept (an event line is JSON: a longer one is dropped, not cut).
@@ -63,41 +62,11 @@ def _text(value: object) -> str:
     return "" if value is None else printable(value if isinstance(value, str) else str(value))
 
 
-def _signal(code: object) -> str:
-    """A service's exit as people read it: ``exit 3``, or ``killed by SIGTERM`` for the
-    negative codes Python reports for a process a signal ended."""
-    if isinstance(code, int) and not isinstance(code, bool) and -64 <= code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit {_text(code)}"
-
-
 def format_event(ev: dict[str, Any]) -> LogLine | None:
     """The line ``logs`` shows for an event; None for kinds it does not show. Every field is
     the guest's: any type is accepted, and the text is made printable."""
-    kind = ev.get("kind")
-    ts = _ts(ev.get("t"))
-    if kind == "log":
-        stream = ev.get("stream", "stdout")
-        svc = _text(ev.get("svc", "?"))
-        tag = svc if stream in ("stdout", "stderr") else f"{svc} {_text(stream)}"
-        return LogLine("service", f"{ts} {tag} | {_text(ev.get('line', ''))}", ev)
-    if kind == "service":
-        detail = []
-        for key in ("pid", "exit", "delay", "reason"):
-            if ev.get(key) is not None:
-                detail.append(_signal(ev[key]) if key == "exit" else f"{key} {_text(ev[key])}")
-        suffix = f" ({', '.join(detail)})" if detail else ""
-        return LogLine("service", f"{ts} [service {_text(ev.get('svc'))}] {_text(ev.get('state'))}{suffix}", ev)
-    if kind == "health":
-        out = f": {_text(ev.get('output'))}" if ev.get("output") else ""
-        return LogLine("health", f"{ts} [health {_text(ev.get('check'))}] {_text(ev.get('state'))} "
-                       f"(exit {_text(ev.get('exit'))}){out}", ev)
-    if kind == "init":
-        return LogLine("init", f"{ts} [init] {_text(ev.get('msg'))}", ev)
-    return None
+    shown = eventtext.event_line(ev, _ts(ev.get("t")), _text)
+    return LogLine(shown[0], shown[1], ev) if shown else None
 
 
 def note(files: VMFiles, msg: str) -> None:
