@@ -25,7 +25,8 @@ DEFAULT_USER = "mvm"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, defer_build=True)
+    # strict: `cpus = "2"` is as wrong as `env = { PORT = 8080 }` (types are not coerced)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, defer_build=True, strict=True)
 
 
 class Service(_Model):
@@ -151,6 +152,11 @@ def _dependency_cycle(graph: dict[str, list[str]]) -> list[str] | None:
     return None
 
 
+#: pydantic's type errors, in the spec's words
+_TYPES = {"int_type": "a whole number", "float_type": "a number", "string_type": "a string (quote it)",
+          "bool_type": "true or false", "list_type": "a list", "dict_type": "a table", "model_type": "a table"}
+
+
 def _describe(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
@@ -162,6 +168,11 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{loc}: unknown key{suffix}"
     if kind == "missing":
         return f"{loc}: required key is missing"
+    if kind in _TYPES:
+        value = err.get("input")
+        numeric = kind in ("int_type", "float_type", "bool_type")
+        quoted = " (remove the quotes)" if isinstance(value, str) and numeric else ""
+        return f"{loc}: must be {_TYPES[kind]}, not {type(value).__name__} {value!r}{quoted}"
     msg = err["msg"].removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg  # a check of the whole spec has no one key
 

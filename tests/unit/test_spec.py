@@ -101,3 +101,19 @@ def test_digest_changes_with_content() -> None:
 def test_a_trailing_newline_is_not_a_valid_name(data: dict) -> None:
     with pytest.raises(SpecError):
         parse_spec(data, source="t")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"name": "x", "cpus": "2"}, "cpus: must be a whole number, not str '2' (remove the quotes)"),
+        ({"name": "x", "services": {"a": {"command": "x", "env": {"PORT": 8080}}}},
+         "services.a.env.PORT: must be a string (quote it), not int 8080"),
+        ({"name": "x", "packages": "curl"}, "packages: must be a list, not str 'curl'"),
+    ],
+)
+def test_values_of_the_wrong_type_are_refused_alike(data: dict, message: str) -> None:
+    """No coercion: a quoted number is as wrong as an unquoted string, and the message says which."""
+    with pytest.raises(SpecError) as err:
+        parse_spec(data, source="t")
+    assert err.value.message == f"t: {message}"
