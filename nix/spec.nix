@@ -258,6 +258,19 @@ let
         fail at "expected a path like ./server.py (or a package), got ${describe source}"
     ) (if isAttrs v then v else fail where "expected an attribute set { \"/app/server.py\" = ./server.py; }, got ${describe v}");
 
+  # A dependsOn loop, as the path around it ([ "a" "b" "a" ]), or null: none of its services
+  # would ever start (src/mvm/spec.py refuses the same).
+  dependencyLoop =
+    services:
+    let
+      fromFirst = x: l: if head l == x then l else fromFirst x (tail l);
+      firstOf = f: foldl' (found: x: if found != null then found else f x) null;
+      loopFrom =
+        path: n:
+        if elem n path then fromFirst n path ++ [ n ] else firstOf (loopFrom (path ++ [ n ])) services.${n}.dependsOn;
+    in
+    firstOf (loopFrom [ ]) (sort (a: b: a < b) (attrNames services));
+
   named =
     where: nameRe: f: set:
     mapAttrs (
@@ -279,7 +292,15 @@ in
   cpus = int "cpus" (args.cpus or 1) 1 64;
   memory = int "memory" (args.memory or 512) 128 65536;
   logLimitMb = int "logLimitMb" (args.logLimitMb or 64) 1 1048576;
-  services = named "services" "^${serviceName}$" (service serviceNames) services;
+  services =
+    let
+      checked = named "services" "^${serviceName}$" (service serviceNames) services;
+      loop = dependencyLoop checked;
+    in
+    if loop == null then
+      checked
+    else
+      fail "services" "services depend on each other in a loop (${concatStringsSep " -> " loop}), so none of them would ever start: remove one dependsOn";
   healthChecks = named "healthChecks" "^${serviceName}$" healthCheck (args.healthChecks or { });
   files = files "files" (args.files or { });
   kernel =

@@ -16,7 +16,7 @@ Kubernetes' ``api/openapi-spec/swagger.json``; KubeVirt's spec has no Service):
 
 Pick the Kubernetes minor that the KubeVirt release builds against (its go.mod's
 ``k8s.io/api``). Nothing is edited but trimmed: strictness (``additionalProperties: false``)
-is added when validating (``mvm.export.schema``), not here.
+is added when validating (``tests/unit/kubevirt_schema.py``), not here.
 """
 
 from __future__ import annotations

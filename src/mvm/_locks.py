@@ -13,15 +13,19 @@ from pathlib import Path
 
 
 def held(lock: Path) -> bool:
-    """True while another open file description holds ``lock``; a missing file is not held."""
+    """True while another open file description holds ``lock``; a missing file is not held.
+    What cannot be asked (no permission, a file system without ``flock``) counts as held:
+    the callers then leave the lock and its work alone."""
     try:
         fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+    except FileNotFoundError:
         return False
+    except OSError:
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False
-    except BlockingIOError:
+    except OSError:  # BlockingIOError: another holds it; ENOLCK and the like: cannot tell
         return True
     finally:
         os.close(fd)

@@ -157,7 +157,20 @@ _TYPES = {"int_type": "a whole number", "float_type": "a number", "string_type":
           "bool_type": "true or false", "list_type": "a list", "dict_type": "a table", "model_type": "a table"}
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _unquoted_fits(value: str, kind: str) -> bool:
+    """Whether ``value`` without its quotes is what ``kind`` wants (``"2"`` for a number,
+    ``"true"`` for a flag): only then is removing the quotes the fix."""
+    if kind == "bool_type":
+        return value in ("true", "false")
+    try:
+        (int if kind == "int_type" else float)(value)
+    except ValueError:
+        return False
+    return kind in ("int_type", "float_type")
+
+
+def describe_error(err: dict[str, Any]) -> str:
+    """One of pydantic's validation errors in the spec's words (its key path, its camelCase names)."""
     loc = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -170,8 +183,7 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{loc}: required key is missing"
     if kind in _TYPES:
         value = err.get("input")
-        numeric = kind in ("int_type", "float_type", "bool_type")
-        quoted = " (remove the quotes)" if isinstance(value, str) and numeric else ""
+        quoted = " (remove the quotes)" if isinstance(value, str) and _unquoted_fits(value, kind) else ""
         return f"{loc}: must be {_TYPES[kind]}, not {type(value).__name__} {value!r}{quoted}"
     msg = err["msg"].removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg  # a check of the whole spec has no one key
@@ -195,7 +207,7 @@ def parse_spec(data: dict[str, Any], *, source: str) -> GuestSpec:
         errors = exc.errors()
         # an unknown key first: a misspelt one also makes its right spelling "missing"
         errors = sorted(errors, key=lambda e: e["type"] != "extra_forbidden")
-        problems = [_describe(e) for e in errors]  # type: ignore[arg-type]
+        problems = [describe_error(e) for e in errors]  # type: ignore[arg-type]
         first, rest = problems[0], problems[1:]
         more = f" (and {len(rest)} more: {'; '.join(rest)})" if rest else ""
         raise SpecError(

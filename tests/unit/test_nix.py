@@ -18,7 +18,7 @@ from mvm.cli.options import join_override_pairs, nix_args
 from mvm.errors import BuildError, SpecError, ToolMissing, UsageError
 from mvm.images import nix, nixerrors
 from mvm.paths import Layout
-from mvm.spec import GuestSpec, HealthCheck, Service
+from mvm.spec import GuestSpec, HealthCheck, Service, parse_spec
 
 ROOT = Path(__file__).parents[2]
 STORE = "/nix/store/yz4nxgv09zagbf5aaw83mm9b1k8v3gkx-source"
@@ -227,7 +227,9 @@ def test_build_imports_then_hits_the_cache(tmp_path: Path, with_nix: None) -> No
         ({"schema_version": 2}, "manifest schema 2"),
         ({"frontend": "toml"}, "is not an mvm image"),
         ({"rootfs": "missing.ext4"}, "the image has no rootfs file"),
-        ({"guest": {"name": "Bad Name"}}, "the guest in the image is invalid"),
+        ({"guest": {"name": "Bad Name"}}, "the guest in the image is invalid: name: 'Bad Name' is not a valid"),
+        ({"guest": {"name": "x", "cpus": "2"}},
+         "the guest in the image is invalid: cpus: must be a whole number, not str '2'"),
     ],
 )
 def test_outputs_that_are_not_usable_images(tmp_path: Path, with_nix: None, change: dict[str, Any],
@@ -271,6 +273,23 @@ def test_mkguest_accepts_the_same_attributes_as_the_python_model() -> None:
     assert set(_nix_list("serviceKeys")) == aliases(Service)
     assert set(_nix_list("checkKeys")) == aliases(HealthCheck)
     assert set(_nix_list("restartPolicies")) == {"always", "on-failure", "no"}
+
+
+def test_mkguest_refuses_a_dependency_loop_as_mvm_toml_does() -> None:
+    """Evaluated by the real nix (nix-bin): the loop is named before anything is built."""
+    nix_args = ('{ name = "x"; services.a = { command = "x"; dependsOn = [ "b" ]; }; '
+                'services.b = { command = "y"; dependsOn = [ "c" ]; }; '
+                'services.c = { command = "z"; dependsOn = [ "b" ]; }; }')
+    expr = f"(import {ROOT / 'nix' / 'spec.nix'}) {nix_args}"
+    r = subprocess.run(["nix-instantiate", "--eval", "--strict", "-E", expr], capture_output=True, text=True)
+    services = {"a": {"command": "x", "dependsOn": ["b"]}, "b": {"command": "y", "dependsOn": ["c"]},
+                "c": {"command": "z", "dependsOn": ["b"]}}
+    with pytest.raises(SpecError) as python:
+        parse_spec({"name": "x", "services": services}, source="t")
+    loop = ("services depend on each other in a loop (b -> c -> b), so none of them would ever start: "
+            "remove one dependsOn")
+    assert r.returncode != 0 and f"mkGuest: services: {loop}" in r.stderr
+    assert python.value.message == f"t: {loop}"
 
 
 def test_the_flake_sees_every_file_it_needs() -> None:

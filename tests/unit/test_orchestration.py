@@ -54,7 +54,9 @@ def _nothing_left(layout: Layout, fake: FakeBackend) -> None:
     assert mvm.ls(layout=layout) == []
 
 
-def test_up_forward_exec_down(layout: Layout, fake: FakeBackend, image: Image) -> None:
+def test_up_forward_exec_down(layout: Layout, fake: FakeBackend, image: Image,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # the same on a 1-CPU machine
     vm = _up(layout, fake, image, ports=["18080:8080"], env=["MODE=test"], cpus=2)
     info = vm.info()
     assert info.status is mvm.VMStatus.RUNNING and info.health == "healthy"
@@ -582,12 +584,29 @@ def test_up_says_when_it_leaves_a_template_maker_running(layout: Layout, fake: F
                            "(`mvmctl template ls`)"]
 
 
+def test_restart_refuses_a_shape_the_host_cannot_run_before_it_stops_the_vm(layout: Layout, fake: FakeBackend,
+                                                                              image: Image,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm.images.store import ImageStore
+
+    monkeypatch.setattr(ImageStore, "get", lambda self, key: image if key == image.key else None)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    vm = _up(layout, fake, image, cpus=4)  # made on a bigger host, say
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.raises(UsageError, match="web has 4 vCPUs: this host has 2 CPUs") as caught:
+        vm.restart()
+    assert "mvmctl down web" in (caught.value.hint or "")
+    assert vm.info().status is mvm.VMStatus.RUNNING  # not stopped for nothing
+    vm.down()
+
+
 def test_a_damaged_launch_record_is_a_clear_error_and_down_still_works(layout: Layout, fake: FakeBackend,
                                                                        image: Image) -> None:
     vm = _up(layout, fake, image)
     vm.suspend()
     good = vm.files.launch.read_text()
-    for damaged in ("{not json", '{"schema_version": 1, "spec": {}}', json.dumps({**json.loads(good), "spec": {}})):
+    for damaged in ("{not json", '{"schema_version": 1, "spec": {}}', json.dumps({**json.loads(good), "spec": {}}),
+                    json.dumps({**json.loads(good), "spec": "x"})):
         vm.files.launch.write_text(damaged)
         with pytest.raises((StateError, VMError), match="cannot be resumed") as caught:
             vm.resume()

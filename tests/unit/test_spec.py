@@ -110,6 +110,11 @@ def test_a_trailing_newline_is_not_a_valid_name(data: dict) -> None:
         ({"name": "x", "services": {"a": {"command": "x", "env": {"PORT": 8080}}}},
          "services.a.env.PORT: must be a string (quote it), not int 8080"),
         ({"name": "x", "packages": "curl"}, "packages: must be a list, not str 'curl'"),
+        ({"name": "x", "cpus": "two"}, "cpus: must be a whole number, not str 'two'"),
+        ({"name": "x", "healthChecks": {"a": {"healthCmd": "x", "healthIntervalSecs": "30s"}}},
+         "healthChecks.a.healthIntervalSecs: must be a number, not str '30s'"),
+        ({"name": "x", "healthChecks": {"a": {"healthCmd": "x", "healthIntervalSecs": "0.5"}}},
+         "healthChecks.a.healthIntervalSecs: must be a number, not str '0.5' (remove the quotes)"),
     ],
 )
 def test_values_of_the_wrong_type_are_refused_alike(data: dict, message: str) -> None:

@@ -95,10 +95,10 @@ def parse_since(text: str, now: float | None = None) -> float:
                          hint="e.g. --since 10m, --since 2h, --since 2026-11-30T14:05:00") from None
 
 
-def check_host_cpus(cpus: int, where: str) -> None:
+def check_host_cpus(cpus: int, where: str, hint: str | None = None) -> None:
     """As ``docker run --cpus``: no more vCPUs than the host has CPUs (each is a host thread;
     more would only make the guest crawl: 64 on 2 cores did not boot in 90 s under TCG)."""
     host_cpus = os.cpu_count() or 1
     if cpus > host_cpus:
         raise UsageError(f"{where}: this host has {host_cpus} CPU{'s' if host_cpus > 1 else ''}, and a VM gets at "
-                         "most as many vCPUs", hint=f"use --cpus {host_cpus} or fewer")
+                         "most as many vCPUs", hint=hint or f"use --cpus {host_cpus} or fewer")

@@ -16,6 +16,7 @@ from ..runtime.bootconfig import read_config_disk
 from ..runtime.registry import Registry
 from .down import down
 from .machines import backend_for
+from .options import check_host_cpus
 from .progress import Progress
 from .up import up
 from .vm import VM
@@ -33,6 +34,10 @@ def restart(name: str, *, wait: bool = False, wait_timeout: float = 120.0, layou
     env = read_config_disk(registry.files(name).config_disk).get("env") or {}
     ports = [PortForward(p.host_port, p.guest_port, p.host_ip, p.proto) for p in record.ports]
     volumes = [v.as_arg() for v in record.volumes]
+    # before `down`: a shape this host cannot run (a VM made elsewhere, or by an older mvm)
+    # must not cost the VM
+    check_host_cpus(record.cpus, f"{name} has {record.cpus} vCPUs",
+                    hint=f"restart keeps the shape: `mvmctl down {name}`, then `mvmctl up {record.source} --cpus N`")
     down(name, layout=layout, runner=runner)
     return up(image=image, name=name, cpus=record.cpus, memory=record.memory, ports=ports, env=env,
               volumes=volumes, wait=wait, wait_timeout=wait_timeout, layout=layout, runner=runner,

@@ -91,6 +91,6 @@ def _read_launch(name: str, files: VMFiles) -> LaunchSpec:
             raise VMError(name, f"VM {name!r} was suspended by another version of mvm and cannot be resumed",
                           hint=discard)
         return spec_from_json(launch["spec"], files)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StateError(f"VM {name!r} cannot be resumed: its {files.launch.name} is unreadable or damaged "
                          f"({type(exc).__name__}: {exc})", hint=discard) from None

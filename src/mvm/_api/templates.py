@@ -42,6 +42,7 @@ from ..runtime.templates import (
     template_key,
 )
 from .models import TemplateInfo
+from .options import check_host_cpus
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,7 @@ def template_create(path: str | os.PathLike[str] = ".", *, flake: str | None = N
     image, _ = build_image(path, flake=flake, nix_args=nix_args, arch=arch, layout=layout, runner=runner,
                            progress=progress)
     guest = image.manifest.guest
+    check_host_cpus(cpus or guest.cpus, f"--cpus {cpus}" if cpus else f"the spec's cpus = {guest.cpus}")
     template = make_template(image, cpus=cpus or guest.cpus, memory=memory or guest.memory, layout=layout,
                              runner=runner, progress=progress)
     return _info(template.meta.key, template, None, layout)

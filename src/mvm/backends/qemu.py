@@ -73,7 +73,8 @@ def check_ports_free(ports: Sequence[PortForward]) -> None:
             raise PortInUse(
                 f"host port {fwd.host_port} is privileged (below {first_unprivileged}), and QEMU, which listens "
                 "on it, never runs as root",
-                hint=f"use a host port from {first_unprivileged} up, e.g. -p {fwd.host_port + 8000}:{fwd.guest_port}, "
+                hint=f"use a host port from {first_unprivileged} up, e.g. -p "
+                f"{min(max(first_unprivileged, fwd.host_port + 8000), 65535)}:{fwd.guest_port}, "
                 f"or let unprivileged processes bind it: sysctl net.ipv4.ip_unprivileged_port_start={fwd.host_port}",
             )
         try:

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from .._proc import Runner, require_tool
 from ..errors import BuildError, CommandFailed, SpecError, UsageError
 from ..paths import Layout
-from ..spec import GuestSpec
+from ..spec import GuestSpec, describe_error
 from . import arches, nixerrors
 from .store import Image, ImageStore, Manifest, link_or_copy
 
@@ -185,10 +185,13 @@ def check_guest(guest: dict[str, Any], flake: FlakeRef) -> GuestSpec:
         return GuestSpec.model_validate(model)
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
+        # a rule of mvm's own (a dependsOn loop, a bad name) is the spec's; a shape mkGuest
+        # should never have made means its version and this mvm's differ
+        ours = first["type"] == "value_error"
         raise SpecError(
-            f"{flake.installable}: the guest in the image is invalid: {loc}: {first['msg']}",
-            hint="the flake's mvm input and this mvm disagree; update one of them",
+            f"{flake.installable}: the guest in the image is invalid: {describe_error(first)}",  # type: ignore[arg-type]
+            hint="fix it in the flake's mkGuest call" if ours else
+            "the flake's mvm input and this mvm disagree; update one of them",
         ) from None
 
 

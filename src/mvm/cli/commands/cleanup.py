@@ -14,14 +14,14 @@ def cleanup(
     all_: Annotated[bool, typer.Option("--all", help="Also run nix-collect-garbage when Nix is installed. It "
                                         "collects your whole Nix store, not only what mvm built.")] = False,
     keep: Annotated[int, typer.Option("--keep", metavar="N", min=0,
-                                      help="Unused images to keep per guest (newest first).")] = 3,
+                                      help="Unused images to keep per guest and architecture (newest first).")] = 3,
     json: Json = False,
 ) -> None:
     """Remove what stopped VMs and old builds left behind, and say how much it freed.
 
     Removes: state of VMs that are not running (exited, crashed, unreadable, or an
     interrupted start), leftovers of interrupted builds, stale locks, and images that no VM
-    uses beyond the newest --keep of each guest. Never touches a running VM, and never a volume
+    uses beyond the newest --keep of each guest (per architecture). Never touches a running VM, and never a volume
     (remove those by name with `mvmctl volume rm`).
     """
     import mvm
