@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import typer.main
@@ -70,3 +73,12 @@ def test_up_loads_no_volume_export_code() -> None:
     code = "import sys, mvm._api.up; print('mvm.volumes.export' in sys.modules)"
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert found.strip() == "False"
+
+
+def test_down_json_says_how_each_vm_went(tmp_path: Path) -> None:
+    """Scripts get one record per name, the names that were not there included (exit 0: idempotent)."""
+    r = subprocess.run([sys.executable, "-m", "mvm", "down", "--json", "ghost", "other"], capture_output=True,
+                       text=True, env={**os.environ, "MVM_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [{"name": "ghost", "how": "not found"}, {"name": "other", "how": "not found"}]
+    assert r.stderr == ""

@@ -16,7 +16,7 @@ MODELS = [models.VMInfo, models.VMDetails, models.GuestStatus, models.ServiceSta
           models.CleanupReport, models.CleanupItem, models.DoctorReport, models.BackendCheck, models.ArchCheck,
           models.IsolationCheck,
           models.ToolCheck,
-          models.DiskCheck, models.VMUsage, models.ServiceUsage, models.TemplateInfo]
+          models.DiskCheck, models.VMUsage, models.ServiceUsage, models.TemplateInfo, models.DownResult]
 
 
 def keys(model: type[BaseModel]) -> set[str]:

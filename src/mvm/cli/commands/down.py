@@ -6,12 +6,15 @@ from typing import Annotated
 
 import typer
 
+from ..options import Json
+
 
 def down(
     names: Annotated[list[str] | None, typer.Argument(metavar="NAME", help="VMs to stop.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", "-a", help="Stop every VM.")] = False,
     timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", min=0,
                                            help="Seconds to wait for a graceful stop.")] = 20.0,
+    json: Json = False,
 ) -> None:
     """Stop VMs and remove their runtime state. Idempotent.
 
@@ -19,7 +22,8 @@ def down(
     agent does not answer, QEMU is told to quit; if that fails it is killed. The VM's runtime
     dir is removed once its machine is gone; if the machine survives everything (for
     example a QEMU this user may not signal), down exits 1 and the VM stays listed.
-    Volumes are never touched.
+    Volumes are never touched. With --json: one {name, how} per VM, `how` as printed
+    (`not found` for a VM that was not there).
     """
     import mvm
 
@@ -31,13 +35,20 @@ def down(
         targets = list(names)
     else:
         raise mvm.UsageError("name a VM to stop, or pass --all", hint="see `mvmctl ls`")
+    results = []
     for name in targets:
         try:
             result = mvm.down(name, timeout=timeout)
         except mvm.VMNotFound:
-            output.info(f"{name}: not found (already down)")
-            continue
-        output.info(f"{name}: down ({result.how})")
+            result = mvm.DownResult(name=name, how="not found")
+            if not json:
+                output.info(f"{name}: not found (already down)")
+        else:
+            if not json:
+                output.info(f"{name}: down ({result.how})")
+        results.append(result)
+    if json:
+        output.print_json(results)
 
 
 def register(app: typer.Typer) -> None:

@@ -86,15 +86,20 @@ def ls(json: Json = False) -> None:
 
 @app.command("rm")
 def rm(keys: Annotated[list[str], typer.Argument(metavar="KEY", help="Template keys (4+ first characters).",
-                                                 show_default=False)]) -> None:
+                                                 show_default=False)], json: Json = False) -> None:
     """Remove templates (the next `up` of their image boots cold and makes a new one)."""
     import mvm
 
     from .. import output
 
+    removed = []
     for key in keys:
         info = mvm.template_rm(key)
-        output.info(f"removed template {info.key[:12]} ({output.human_bytes(info.bytes_on_disk)})")
+        removed.append(info)
+        if not json:
+            output.info(f"removed template {info.key[:12]} ({output.human_bytes(info.bytes_on_disk)})")
+    if json:
+        output.print_json(removed)
 
 
 def register(root: typer.Typer) -> None:

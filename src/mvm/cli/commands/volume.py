@@ -149,6 +149,7 @@ def rm(
                                                  "`mvmctl volume ls` or HOST "
                                                  "paths.", show_default=False)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    json: Json = False,
 ) -> None:
     """mvmctl volume rm."""
     import mvm
@@ -163,10 +164,15 @@ def rm(
         for row in targets:
             if not typer.confirm(f"delete volume {row.name} ({row.host}, {_mb(row.used_mb)} used) and its data?"):
                 raise typer.Exit(1)
+    removed = []
     for row in targets:
         view = mvm.volume_rm(row.name)
+        removed.append(view)
         kept = f"; the image file {view.image} was kept" if view.kind == "image" else ""
-        output.info(f"removed volume {view.name} ({view.host}){kept}")
+        if not json:
+            output.info(f"removed volume {view.name} ({view.host}){kept}")
+    if json:
+        output.print_json(removed)
 
 
 def register(root: typer.Typer) -> None:
