@@ -343,6 +343,9 @@ def test_logs_outlive_down_until_cleanup_or_the_next_up(layout: Layout, fake: Fa
     vm.down()
     texts = [ln.text for ln in mvm.logs("web", layout=layout, since=now - 60)]
     assert len(texts) == 2 and texts[0].endswith("svc | new") and texts[1].endswith("other | x")
+    with pytest.raises(UsageError, match="the kept logs of web have no service 'nope'") as caught:
+        mvm.logs("web", layout=layout, service="nope")
+    assert caught.value.hint == "its services: other, svc"
     assert (layout.retained_logs / "web" / "events.log").is_file()
     _up(layout, fake, image).down()  # a new up of the name replaces them; its down keeps its own
     assert not [ln for ln in mvm.logs("web", layout=layout) if "old" in ln.text]

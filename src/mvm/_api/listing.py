@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from .._proc import DEFAULT_RUNNER, Runner
-from ..errors import MvmError, VMNotFound
+from ..errors import MvmError, UsageError, VMNotFound
 from ..paths import Layout, VMFiles
 from ..runtime import agent
 from ..runtime import logs as logs_mod
@@ -68,5 +68,11 @@ def logs(
     if not kept.root.is_dir():
         raise VMNotFound(name, f"no VM named {name!r}, and no logs of one",
                          hint="list VMs with `mvmctl ls`; `mvmctl cleanup` removes the logs of VMs that are down")
+    if service is not None:  # no record any more: the services are those its logs name
+        named = sorted({str(ev["svc"]) for ev in logs_mod.read_events(kept)
+                        if ev.get("kind") in ("service", "log") and ev.get("svc") is not None})
+        if service not in named:
+            raise UsageError(f"the kept logs of {name} have no service {service!r}",
+                             hint=f"its services: {', '.join(named) or 'none'}")
     return logs_mod.stream(kept, console=console, services=services, lines=lines,
                            keep=logs_mod.LogFilter(service, since))
