@@ -326,11 +326,6 @@ def pids_with_cwd(directory: Path) -> list[int]:
     return found
 
 
-def is_zombie(pid: int) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] == "Z"
-
-
 def alive(pid: int | None, started: int | None) -> bool:
     """``pid`` runs and is the process that started at ``started``. A zombie is dead (and
     reaped, if it is our child: after ``up`` in this process, QEMU is)."""

@@ -46,5 +46,3 @@ def as_float(value: object) -> float | None:
     except OverflowError:
         return None
     return number if number == number and abs(number) != float("inf") else None
-
-

@@ -162,11 +162,13 @@ def _unquoted_fits(value: str, kind: str) -> bool:
     ``"true"`` for a flag): only then is removing the quotes the fix."""
     if kind == "bool_type":
         return value in ("true", "false")
+    if kind not in ("int_type", "float_type"):
+        return False
     try:
         (int if kind == "int_type" else float)(value)
     except ValueError:
         return False
-    return kind in ("int_type", "float_type")
+    return True
 
 
 def describe_error(err: dict[str, Any]) -> str:

@@ -60,6 +60,7 @@ def find_virtiofsd() -> str:
 def check_ports_free(ports: Sequence[PortForward]) -> None:
     """Fail before starting anything if a host port is taken (QEMU's own error is vague)."""
     seen: set[tuple[str, int, str]] = set()
+    first_unprivileged = _unprivileged_port_start()
     for fwd in ports:
         if fwd.host_port == 0:  # QEMU picks a free one when it binds
             continue
@@ -68,7 +69,6 @@ def check_ports_free(ports: Sequence[PortForward]) -> None:
             raise PortInUse(f"host port {fwd.host_port}/{fwd.proto} is given twice",
                             hint="use each host port once")
         seen.add(key)
-        first_unprivileged = _unprivileged_port_start()
         if fwd.host_port < first_unprivileged:
             raise PortInUse(
                 f"host port {fwd.host_port} is privileged (below {first_unprivileged}), and QEMU, which listens "

@@ -49,8 +49,8 @@ def event_line(event: dict[str, Any], ts: str, text: Callable[[object], str],
         if output_limit is not None:
             output = output[-output_limit:]
         out = f": {output}" if output else ""
-        return "health", f"{ts} [health {text(event.get('check'))}] {text(event.get('state'))} " \
-            f"({exit_text(event.get('exit'), text)}){out}"
+        return "health", (f"{ts} [health {text(event.get('check'))}] {text(event.get('state'))} "
+                          f"({exit_text(event.get('exit'), text)}){out}")
     if kind == "init":
         return "init", f"{ts} [init] {text(event.get('msg'))}"
     return None

@@ -21,8 +21,8 @@ def cleanup(
 
     Removes: state of VMs that are not running (exited, crashed, unreadable, or an
     interrupted start), leftovers of interrupted builds, stale locks, and images that no VM
-    uses beyond the newest --keep of each guest (per architecture). Never touches a running VM, and never a volume
-    (remove those by name with `mvmctl volume rm`).
+    uses beyond the newest --keep of each guest (per architecture). Never touches a running
+    VM, and never a volume (remove those by name with `mvmctl volume rm`).
     """
     import mvm
 
