@@ -178,7 +178,7 @@ def test_data_survives_down_kill_and_growth(cli: CLI, config_image: dict[str, An
         assert row["used_mb"] > 0 and row["allocated_mb"] < 64  # sparse
         assert Path(row["image"]).stat().st_size == 64 << 20  # exactly SIZE_MB
         table = cli("volume", "ls").stdout
-        assert row["name"] in table and "64M" in table and str(data) in table
+        assert row["name"] in table and "64 MiB" in table and str(data) in table
     finally:
         cli("down", "data")
     image = Path(row["image"])

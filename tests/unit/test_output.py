@@ -1,4 +1,4 @@
-"""Tables off a terminal: whole rows at their natural width, for grep and awk."""
+"""Tables off a terminal (whole rows at their natural width, for grep and awk), and how sizes print."""
 
 from __future__ import annotations
 
@@ -24,3 +24,11 @@ def test_guest_text_cannot_drive_or_reorder_the_terminal() -> None:
     shown = output.safe("a\x1b[2Jb\u202egnp.exe[bold]\tc")
     assert "\x1b" not in shown and "\u202e" not in shown
     assert shown == "a\\x1b[2Jb\\u202egnp.exe\\[bold]\tc"
+
+
+def test_sizes_given_in_mib_read_back_as_given() -> None:
+    # `--memory 512` and `-v ./d:/mnt/d:1024` are MiB: ls, status, up and volume ls print them so
+    assert output.mib(512) == "512 MiB"
+    assert output.mib(12.44) == "12.4 MiB"  # a measured part of a volume
+    assert output.mib(None) == "-"
+    assert output.human_bytes(512 * 2**20) == "536.9 MB"  # measured byte counts stay decimal

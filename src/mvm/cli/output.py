@@ -187,6 +187,15 @@ def human_bytes(value: int | None) -> str:
     return "-" if value is None else decimal(value)
 
 
+def mib(value: float | None) -> str:
+    """Sizes given in MiB (memory, a volume's SIZE_MB) as every command prints them: ``512 MiB``,
+    ``12.3 MiB`` for a measured part of one, ``-`` when unknown. Not :func:`human_bytes`: a user
+    who asked for 512 should read 512 back, not ``536.9 MB``."""
+    if value is None:
+        return "-"
+    return f"{value} MiB" if isinstance(value, int) else f"{value:.1f} MiB"
+
+
 def human_secs(value: float | None) -> str:
     if value is None:
         return "-"

@@ -46,7 +46,7 @@ def ls(json: Json = False) -> None:
         Column("BACKEND", lambda vm: f"{vm.backend}-{vm.accel}" if vm.backend else None),
         Column("ARCH", lambda vm: vm.arch),
         Column("CPUS", lambda vm: vm.cpus, justify="right"),
-        Column("MEMORY", lambda vm: f"{vm.memory}M" if vm.memory else None, justify="right"),
+        Column("MEMORY", lambda vm: output.mib(vm.memory) if vm.memory else None, justify="right"),
         Column("PORTS", _ports, no_wrap=False),
         Column("UPTIME", lambda vm: output.human_secs(vm.uptime), justify="right"),
     ]

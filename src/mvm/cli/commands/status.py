@@ -22,7 +22,7 @@ def status(name: VMName, json: Json = False) -> None:
         return
     up = f"  up {output.human_secs(details.uptime)}" if details.uptime is not None else ""
     output.out.print(f"[bold]{name}[/]  {details.status}  {details.backend}-{details.accel}  {details.arch}  "
-                     f"{details.cpus} vCPU  {details.memory} MiB{up}")
+                     f"{details.cpus} vCPU  {output.mib(details.memory)}{up}")
     if details.emulated:
         output.out.print(f"  {details.emulated}")
     guest = details.guest

@@ -74,7 +74,7 @@ def ls(json: Json = False) -> None:
     columns: list[Column[TemplateInfo]] = [
         Column("KEY", lambda t: t.key[:12], style="bold"),
         Column("IMAGE", lambda t: f"{t.name or '(gone)'} {(t.image or '')[:12]}"),
-        Column("SHAPE", lambda t: f"{t.cpus} vCPU {t.memory}M {t.arch}" if t.cpus else None),
+        Column("SHAPE", lambda t: f"{t.cpus} vCPU {output.mib(t.memory)} {t.arch}" if t.cpus else None),
         Column("STATES", lambda t: (",".join(t.kinds) + (f" +{t.env_states} -e" if t.env_states else ""))
                or t.damaged),
         Column("ON-DISK", lambda t: output.human_bytes(t.bytes_on_disk), justify="right"),

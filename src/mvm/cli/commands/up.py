@@ -70,7 +70,8 @@ def up(
         return
     how = "restored" if info.start == "restored" else "booted"
     output.info(
-        f"[green]{info.name}[/] is running ({how}; {info.accel}, {info.arch}, {info.cpus} vCPU, {info.memory} MiB)"
+        f"[green]{info.name}[/] is running "
+        f"({how}; {info.accel}, {info.arch}, {info.cpus} vCPU, {output.mib(info.memory)})"
         + (" and healthy" if wait and info.checks else "")
     )
     if info.emulated:
@@ -81,7 +82,7 @@ def up(
         scheme = "http://" if p.proto == "tcp" else ""
         output.out.print(f"{scheme}{p.host_ip}:{p.host_port} -> guest {p.guest_port}/{p.proto}")
     for v in info.volumes:
-        what = f"volume {v.volume}, {v.size_mb} MB" if v.volume else v.mode
+        what = f"volume {v.volume}, {output.mib(v.size_mb)}" if v.volume else v.mode
         output.out.print(f"{v.host} -> guest {v.guest} ({what})")
     output.info(f"logs: mvmctl logs {info.name} -f    stop: mvmctl down {info.name}")
 

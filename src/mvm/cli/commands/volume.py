@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -29,10 +29,6 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-def _mb(value: Any) -> str:
-    return "-" if value is None else f"{value:g}M" if isinstance(value, float) else f"{value}M"
 
 
 LS_HELP = (
@@ -93,9 +89,9 @@ def ls(json: Json = False) -> None:
         [
             Column[mvm.VolumeInfo]("NAME", lambda v: v.name, style="bold"),
             Column[mvm.VolumeInfo]("VM", lambda v: v.vm or (f"({v.held_by})" if v.held_by else None)),
-            Column[mvm.VolumeInfo]("SIZE", lambda v: _mb(v.size_mb), justify="right"),
-            Column[mvm.VolumeInfo]("USED", lambda v: _mb(v.used_mb), justify="right"),
-            Column[mvm.VolumeInfo]("ON-DISK", lambda v: _mb(v.allocated_mb), justify="right"),
+            Column[mvm.VolumeInfo]("SIZE", lambda v: output.mib(v.size_mb), justify="right"),
+            Column[mvm.VolumeInfo]("USED", lambda v: output.mib(v.used_mb), justify="right"),
+            Column[mvm.VolumeInfo]("ON-DISK", lambda v: output.mib(v.allocated_mb), justify="right"),
             Column[mvm.VolumeInfo]("GUEST", lambda v: v.last_guest),
             Column[mvm.VolumeInfo]("HOST", lambda v: v.host, no_wrap=False),
             Column[mvm.VolumeInfo]("IMAGE", image, no_wrap=False),
@@ -162,7 +158,8 @@ def rm(
             raise mvm.UsageError("volume rm deletes data: pass --yes to confirm",
                                  hint="copy the data out first with `mvmctl volume export`")
         for row in targets:
-            if not typer.confirm(f"delete volume {row.name} ({row.host}, {_mb(row.used_mb)} used) and its data?"):
+            used = output.mib(row.used_mb)
+            if not typer.confirm(f"delete volume {row.name} ({row.host}, {used} used) and its data?"):
                 raise typer.Exit(1)
     removed = []
     for row in targets:
