@@ -40,6 +40,9 @@ def test_hello_build_up_get_ls_logs_down(cli: CLI, hello_image: dict[str, Any], 
     assert "[service hello] running" in logs
     assert '"GET / HTTP/1.1" 200' in logs  # the service's own stderr, streamed from the guest
     assert "mvm-init: ready" in logs  # the boot console
+    entries = [json.loads(line) for line in cli("logs", "hello", "--json", "--service", "hello").stdout.splitlines()]
+    assert entries and all(e["service"] == "hello" and e["time"] > 0 for e in entries)
+    assert any(e["source"] == "service" and '"GET / HTTP/1.1" 200' in e["text"] for e in entries)
 
     # the guest writes to its root filesystem; the cached image must not change
     cli("exec", "hello", "--", "sh", "-c", "echo scribble > /etc/scribble && sync")

@@ -233,6 +233,25 @@ def test_hostile_events_never_break_logs(files: VMFiles) -> None:
     assert logs.service_tail(files, "web").endswith("last")
 
 
+def test_logs_json_lines_carry_typed_printable_fields(files: VMFiles) -> None:
+    _events(
+        files,
+        b'{"kind":"log","t":12.5,"svc":"web","stream":"stderr","line":"GET / 200"}',
+        b'{"kind":"health","t":13,"check":"http","state":"healthy","exit":0}',
+        b'{"kind":"log","t":"noon","svc":{"a":1},"line":"x"}',
+        b'{"kind":"service","t":14,"svc":"\\u001b[31mweb","state":"running","pid":7}',
+    )
+    files.console_log.write_bytes(b"boot\n")
+    rows = [json.loads(json.dumps(line.as_json())) for line in logs.stream(files)]
+    assert rows[0] == {"source": "console", "time": None, "service": None, "check": None, "text": "boot"}
+    log, health, odd, svc = rows[1:]
+    assert (log["source"], log["time"], log["service"], log["check"]) == ("service", 12.5, "web", None)
+    assert log["text"].endswith("web | GET / 200")
+    assert (health["source"], health["time"], health["service"], health["check"]) == ("health", 13.0, None, "http")
+    assert (odd["time"], odd["service"]) == (None, None)  # wrong types are left out, not passed on
+    assert svc["service"] == "\\x1b[31mweb"  # made printable, as the text is
+
+
 def test_an_endless_event_line_is_dropped_and_said_so(files: VMFiles) -> None:
     files.events_log.write_bytes(b'{"kind":"log","svc":"web","line":"' + b"z" * (3 << 20))
     out = [line.text for line in logs.stream(files)]

@@ -74,6 +74,12 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+def print_json_line(data: Any) -> None:
+    """One record of a stream (``logs --json``): compact, one per line, flushed at once."""
+    sys.stdout.write(json.dumps(to_jsonable(data), sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
 def write_stream(stream: str, data: bytes) -> None:
     """Pass a guest command's output through to our stdout or stderr, unbuffered."""
     target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer

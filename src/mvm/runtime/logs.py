@@ -42,9 +42,22 @@ TAIL_BYTES = 4 << 20
 
 @dataclass(frozen=True)
 class LogLine:
+    """One line of ``logs``: ``text`` as printed, and the guest's ``event`` it came from
+    (None for a console line)."""
+
     source: str  # "console" | "service" | "health" | "init"
     text: str
     event: dict[str, Any] | None = None
+
+    def _field(self, key: str) -> str | None:
+        value = self.event.get(key) if self.event else None
+        return printable(value) if isinstance(value, str) else None
+
+    def as_json(self) -> dict[str, Any]:
+        """The line for ``logs --json`` (docs/json.md): its time, service and check as fields,
+        so a script need not parse ``text``. Every field the guest wrote is made printable."""
+        return {"source": self.source, "time": as_float(self.event.get("t")) if self.event else None,
+                "service": self._field("svc"), "check": self._field("check"), "text": self.text}
 
 
 def _ts(t: object) -> str:

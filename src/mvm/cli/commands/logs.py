@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import VMName
+from ..options import Json, VMName
 
 
 def logs(
@@ -26,6 +26,7 @@ def logs(
     console: Annotated[bool, typer.Option("--console/--no-console", help="Include the kernel/boot console.")] = True,
     services: Annotated[bool, typer.Option("--services/--no-services", help="Include service output, "
                                            "service state changes and health transitions.")] = True,
+    json: Json = False,
 ) -> None:
     """Show a VM's boot console and its services' logs (stdout/stderr, restarts, health).
 
@@ -33,7 +34,8 @@ def logs(
     down keeps a VM's logs (under $MVM_HOME/state/logs/NAME) until `mvmctl cleanup` or the
     next `up` of the same name; the retained logs of all VMs are capped at 256 MB in total,
     the oldest dropped first. --service and --since leave out the console (it has neither
-    a service nor times).
+    a service nor times). With --json: one JSON object per line (JSON Lines, also with
+    --follow): {source, time, service, check, text}, see docs/json.md.
     """
     import mvm
 
@@ -41,7 +43,10 @@ def logs(
 
     for line in mvm.logs(name, follow=follow, lines=lines, console=console, services=services,
                          service=service, since=mvm.parse_since(since) if since else None):
-        output.out.print(line.text, markup=False, highlight=False)
+        if json:
+            output.print_json_line(line.as_json())
+        else:
+            output.out.print(line.text, markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:
