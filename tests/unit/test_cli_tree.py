@@ -82,3 +82,17 @@ def test_down_json_says_how_each_vm_went(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == [{"name": "ghost", "how": "not found"}, {"name": "other", "how": "not found"}]
     assert r.stderr == ""
+
+
+def test_help_names_arguments_without_python_types(capsys: pytest.CaptureFixture[str]) -> None:
+    """`NAME  VMs to stop.`, not Typer 0.29's `NAME <list[str]>`, in every command's help."""
+    commands = [[name] for name in app.COMMANDS if name not in ("volume", "template")]
+    commands += [["volume", "export"], ["volume", "rm"], ["template", "rm"]]
+    for words in commands:
+        with pytest.raises(SystemExit) as done:
+            app.main([*words, "--help"])
+        assert done.value.code == 0
+        shown = capsys.readouterr().out
+        assert "Usage: mvmctl" in shown
+        for label in ("<str>", "<list[", "<Path>", "<int>"):
+            assert label not in shown, (words, label, shown)

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 from types import ModuleType
+from typing import Any
 
 import typer
 
@@ -145,6 +146,18 @@ def usage_error_class() -> type[Exception]:
     return cls
 
 
+def _untyped_arguments(command: Any) -> Any:
+    """``command`` with each argument's help row as its metavar and help (``NAME  VMs to
+    stop.``): Typer 0.29 adds the Python type (``NAME <list[str]>``), which tells a user of a
+    command line nothing. (Older Typers have no ``display_type_rich`` and print no type.)"""
+    for param in command.params:
+        if param.param_type_name == "argument" and hasattr(param, "display_type_rich"):
+            param.display_type_rich = lambda ctx: None
+    for sub in getattr(command, "commands", {}).values():
+        _untyped_arguments(sub)
+    return command
+
+
 def main(argv: list[str] | None = None) -> None:
     from mvm import DiskFull, ExecTimeout, MvmError
 
@@ -155,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
-    command = typer.main.get_command(app_for(args))
+    command = _untyped_arguments(typer.main.get_command(app_for(args)))
     usage_error = usage_error_class()
     code: object
     try:
