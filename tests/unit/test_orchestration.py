@@ -170,14 +170,17 @@ def test_up_with_guest_ports_alone_records_the_picked_host_ports(layout: Layout,
     vm.down()
 
 
-def test_restart_keeps_ports_env_and_volumes(layout: Layout, fake: FakeBackend, image: Image,
+def test_restart_keeps_ports_env_volumes_and_options(layout: Layout, fake: FakeBackend, image: Image,
                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mvm.images.store import ImageStore
 
     monkeypatch.setattr(ImageStore, "get", lambda self, key: image if key == image.key else None)
+    asked: list[str] = []
+    preflight = fake.preflight
+    monkeypatch.setattr(fake, "preflight", lambda request: asked.append(request.accel) or preflight(request))
     (tmp_path / "data").mkdir()
     vm = _up(layout, fake, image, ports=["8080", "9000:9000"], env=["MODE=x"],
-             volumes=[f"{tmp_path}/data:/mnt/data:16:secret"])
+             volumes=[f"{tmp_path}/data:/mnt/data:16:secret"], hypervisor="qemu-tcg", log_limit_mb=8)
     before = vm.info()
     again = vm.restart()
     after = again.info()
@@ -186,7 +189,8 @@ def test_restart_keeps_ports_env_and_volumes(layout: Layout, fake: FakeBackend, 
     assert after.env_keys == ["MODE"] and after.volumes == before.volumes
     config = json.loads(again.files.config_disk.read_bytes().rstrip(b"\0"))
     assert config["env"] == {"MODE": "x"} and config["volumes"][0]["secret"]
-    assert len([m for m in fake.machines.values() if m.running]) == 1
+    (machine,) = [m for m in fake.machines.values() if m.running]
+    assert machine.spec.log_limit == 8 << 20 and asked == ["tcg", "tcg"]  # --log-limit, --hypervisor kept
     again.down()
 
 
@@ -545,6 +549,34 @@ def test_suspend_and_resume(layout: Layout, fake: FakeBackend, image: Image, tmp
     vm.suspend()
     assert mvm.down("web", layout=layout).how == "not running"  # down of a suspended VM removes it
     _nothing_left(layout, fake)
+
+
+def test_rmi_keeps_what_a_suspended_vm_resumes_from_and_refuses_an_ambiguous_prefix(
+        layout: Layout, fake: FakeBackend, image: Image) -> None:
+    from mvm.images.store import ImageStore, Manifest
+
+    store = ImageStore(layout.images)
+
+    def publish(key: str) -> None:
+        def make(staging: Path) -> Manifest:
+            (staging / "rootfs.ext4").write_bytes(b"x")
+            return image.manifest.model_copy(update={"key": key})
+        store.publish(key, make)
+
+    for key in (image.key, "abcd1" + "0" * 27, "abcd2" + "0" * 27):
+        publish(key)
+    vm = _up(layout, fake, image)
+    vm.suspend()
+    with pytest.raises(UsageError, match="used by running or suspended VM.*: web"):
+        mvm.rmi(image.key[:12], layout=layout)
+    assert store.get(image.key) is not None  # `resume web` still has its root disk's backing
+    with pytest.raises(UsageError, match="'abcd' is the start of 2 image keys") as ambiguous:
+        mvm.rmi("abcd", layout=layout)
+    assert ambiguous.value.hint and "more of the key" in ambiguous.value.hint
+    assert [i.key for i in mvm.rmi("abcd1", layout=layout)] == ["abcd1" + "0" * 27]
+    assert store.get("abcd2" + "0" * 27) is not None
+    mvm.down("web", layout=layout)
+    assert [i.key for i in mvm.rmi(image.key, layout=layout)] == [image.key]
 
 
 def test_an_unknown_templates_mode_is_refused_before_anything_starts(layout: Layout, fake: FakeBackend, image: Image,

@@ -1,7 +1,8 @@
 """``images`` and ``rmi``: the content-addressed image store, listed and pruned by hand.
 
 An image is removed under its build lock (so a build of the same key waits), and never
-while a VM that runs (or is starting) uses it. ``cleanup`` prunes unused images by age.
+while a VM that runs (or is starting), or a suspended VM that resumes from it, uses it.
+``cleanup`` prunes unused images by age.
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ from .models import ImageInfo
 
 
 def _users(layout: Layout) -> dict[str, list[tuple[str, bool]]]:
-    """Image key → [(VM name, whether that VM is active)]."""
+    """Image key → [(VM name, whether that VM needs it now: it runs, or is suspended)]."""
     registry = Registry(layout)
     users: dict[str, list[tuple[str, bool]]] = {}
     for name in registry.names():
         try:
             record = registry.load(name)
-            active = status_of(record, registry.files(name), backend_for(record)).active
+            needs = status_of(record, registry.files(name), backend_for(record)).kept
         except MvmError:
             continue
-        users.setdefault(record.image_key, []).append((name, active))
+        users.setdefault(record.image_key, []).append((name, needs))
     return users
 
 
@@ -40,14 +41,21 @@ def images(*, layout: Layout | None = None) -> list[ImageInfo]:
 
 
 def _match(ref: str, store: ImageStore) -> list[Image]:
+    """The one image a key (or a prefix of it) names, or every image of a guest name. A
+    prefix of two keys is refused, as `docker rmi` refuses one: it names neither."""
     everything = store.all()
     by_key = [img for img in everything if len(ref) >= 4 and img.key.startswith(ref)]
+    if len(by_key) > 1:
+        raise UsageError(f"{ref!r} is the start of {len(by_key)} image keys: "
+                         + ", ".join(f"{img.key[:16]} ({img.name})" for img in by_key),
+                         hint="give more of the key (`mvmctl images` lists them)")
     return by_key or [img for img in everything if img.name == ref]
 
 
 def rmi(ref: str, *, layout: Layout | None = None) -> list[ImageInfo]:
-    """Remove the image(s) ``ref`` names: a key (or a prefix of 4+ characters), or a guest
-    name (all of its images). Refused while a running VM uses one."""
+    """Remove the image(s) ``ref`` names: a key (or a prefix of 4+ characters that starts
+    no other key), or a guest name (all of its images). Refused while a running or
+    suspended VM uses one."""
     from filelock import FileLock
 
     layout = layout or Layout.default()
@@ -57,10 +65,12 @@ def rmi(ref: str, *, layout: Layout | None = None) -> list[ImageInfo]:
         raise UsageError(f"no image {ref!r} (by key or guest name)", hint="list them with `mvmctl images`")
     users = _users(layout)
     for img in found:
-        active = [n for n, up in users.get(img.key, []) if up]
-        if active:
-            raise UsageError(f"image {img.key[:12]} ({img.name}) is used by running VM(s): {', '.join(active)}",
-                             hint=f"stop them first: mvmctl down {' '.join(active)}")
+        needed = [n for n, needs in users.get(img.key, []) if needs]
+        if needed:
+            raise UsageError(f"image {img.key[:12]} ({img.name}) is used by running or suspended VM(s): "
+                             f"{', '.join(needed)}",
+                             hint=f"stop them first (a suspended VM's saved state goes too): "
+                             f"mvmctl down {' '.join(needed)}")
     removed = []
     for img in found:
         lock = layout.images / f".{img.key}.lock"

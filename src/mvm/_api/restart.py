@@ -1,7 +1,8 @@
 """``restart``: down, then up again with what the VM was started with.
 
 The same image, name, size, ports (a port picked for ``-p GUEST`` is asked for again by
-number), volumes and ``-e`` values (read back from the VM's boot config). The image must
+number), volumes, ``-e`` values (read back from the VM's boot config), ``--hypervisor`` and
+``--log-limit``. The image must
 still be in the store: ``cleanup`` keeps images that VMs use.
 """
 
@@ -40,5 +41,6 @@ def restart(name: str, *, wait: bool = False, wait_timeout: float = 120.0, layou
                     hint=f"restart keeps the shape: `mvmctl down {name}`, then `mvmctl up {record.source} --cpus N`")
     down(name, layout=layout, runner=runner)
     return up(image=image, name=name, cpus=record.cpus, memory=record.memory, ports=ports, env=env,
-              volumes=volumes, wait=wait, wait_timeout=wait_timeout, layout=layout, runner=runner,
-              progress=progress, backend=backend_for(record, runner))
+              volumes=volumes, hypervisor=record.hypervisor, log_limit_mb=record.log_limit_mb, wait=wait,
+              wait_timeout=wait_timeout, layout=layout, runner=runner, progress=progress,
+              backend=backend_for(record, runner))

@@ -84,6 +84,7 @@ class UpRequest:
     shares: list[Share] = field(default_factory=list)
     cold: bool = False  #: boot, even where a template could be restored
     log_limit_mb: int | None = None  #: None: the spec's (logLimitMb, default 64)
+    hypervisor: str = "auto"  #: as asked for (a HYPERVISORS key): what `restart` asks for again
 
     @classmethod
     def parse(
@@ -129,6 +130,7 @@ class UpRequest:
             shares=list(shares),
             cold=cold,
             log_limit_mb=log_limit_mb,
+            hypervisor=hypervisor,
         )
 
 
@@ -185,6 +187,8 @@ def plan_up(request: UpRequest, image: Image, backend: Backend, planned: list[vo
         start_warning=choice.warn,
         arch=image.manifest.arch,
         emulated=verdict.emulated or "",
+        hypervisor=request.hypervisor,
+        log_limit_mb=request.log_limit_mb,
     )
     timeout = min(boot_timeout, RESTORE_BOOT_TIMEOUT) if restore else boot_timeout
     return UpPlan(request, image, backend, planned, record, timeout, restore)

@@ -100,6 +100,9 @@ class VMRecord(BaseModel):
     arch: str = "x86_64"  #: the guest's architecture
     #: the guest's architecture is not the host's: how it is run, and what that costs (one line)
     emulated: str = ""
+    #: what `up` was asked for (`--hypervisor`, `--log-limit`; None: the spec's), so `restart` asks again
+    hypervisor: str = "auto"
+    log_limit_mb: int | None = None
 
     @property
     def owner_alive(self) -> bool:

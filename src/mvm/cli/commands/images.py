@@ -43,7 +43,8 @@ def rmi(
                                               show_default=False)],
     json: Json = False,
 ) -> None:
-    """Remove images from the store. Refused while a running VM uses one."""
+    """Remove images from the store. Refused while a running or suspended VM uses one (a
+    suspended VM resumes from it), and for a key prefix that starts more than one key."""
     import mvm
 
     from .. import output

@@ -16,7 +16,8 @@ def restart(
                                            "health.")] = 120.0,
     json: Json = False,
 ) -> None:
-    """Stop a VM and start it again: the same image, ports, volumes and -e values.
+    """Stop a VM and start it again: the same image, ports, volumes, -e values, vCPUs, memory,
+    --hypervisor and --log-limit.
 
     The guest boots afresh (its root filesystem is new, volumes keep their data). A host
     port that was picked for `-p GUEST` is asked for again by number.
