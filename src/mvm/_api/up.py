@@ -54,7 +54,6 @@ from .build import build_image
 from .machines import backend_for, preflight, start_confined, status_of
 from .options import check_host_cpus, parse_env, parse_port
 from .progress import Progress, Quiet
-from .templates import Restore
 from .vm import VM
 
 log = logging.getLogger(__name__)
@@ -129,8 +128,7 @@ class UpRequest:
             accel=accel,
             shares=list(shares),
             cold=cold,
-            log_limit_mb=log_limit_mb,
-            hypervisor=hypervisor,
+            log_limit_mb=log_limit_mb, hypervisor=hypervisor,
         )
 
 
@@ -144,7 +142,7 @@ class UpPlan:
     volumes: list[volume_attach.Planned]
     record: VMRecord
     boot_timeout: float = BOOT_TIMEOUT
-    restore: Restore | None = None
+    restore: templates.Restore | None = None
 
     @property
     def name(self) -> str:
@@ -187,8 +185,7 @@ def plan_up(request: UpRequest, image: Image, backend: Backend, planned: list[vo
         start_warning=choice.warn,
         arch=image.manifest.arch,
         emulated=verdict.emulated or "",
-        hypervisor=request.hypervisor,
-        log_limit_mb=request.log_limit_mb,
+        hypervisor=request.hypervisor, log_limit_mb=request.log_limit_mb,
     )
     timeout = min(boot_timeout, RESTORE_BOOT_TIMEOUT) if restore else boot_timeout
     return UpPlan(request, image, backend, planned, record, timeout, restore)
@@ -431,9 +428,8 @@ def up(
         prog.stage(reason)
         log.warning("%s: %s", plan.name, reason)
         TemplateStore(layout).remove(plan.restore.template.meta.key)
-        plan = dataclasses.replace(plan, restore=None, boot_timeout=boot_timeout,
-                                   record=plan.record.model_copy(update={"start": "cold", "start_reason": reason,
-                                                                         "start_warning": True}))
+        record = plan.record.model_copy(update={"start": "cold", "start_reason": reason, "start_warning": True})
+        plan = dataclasses.replace(plan, restore=None, boot_timeout=boot_timeout, record=record)
         Launch(plan, layout, runner, prog).run()
     started = templates.make_behind(image, cpus=plan.record.cpus, memory=plan.record.memory, restore=plan.restore,
                                     env=request.env, volumes=bool(plan.volumes),
