@@ -96,3 +96,23 @@ def test_help_names_arguments_without_python_types(capsys: pytest.CaptureFixture
         assert "Usage: mvmctl" in shown
         for label in ("<str>", "<list[", "<Path>", "<int>"):
             assert label not in shown, (words, label, shown)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["rm", "web"], "`mvmctl down NAME` stops a VM and removes it"),
+    (["--debug", "ps"], "`mvmctl ls` lists VMs"),
+    (["exec", "-it", "web", "sh"], "`mvmctl console NAME` opens an interactive shell"),
+    (["exec", "web", "-t", "--", "sh"], "`mvmctl console NAME` opens an interactive shell"),
+])
+def test_another_tools_words_get_mvmctls_equivalent(args: list[str], expected: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        app.main(args)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "rmi'?" not in err  # not click's "Did you mean 'rmi'?"
+
+
+def test_other_tools_words_never_shadow_a_command() -> None:
+    assert not set(app.OTHER_TOOLS_WORDS) & set(app.COMMANDS)
+    assert app.usage_hint(["exec", "web", "--", "ls", "-t"]) is None  # the guest command's own -t

@@ -48,6 +48,34 @@ COMMANDS: dict[str, str] = {
 }
 
 
+#: Commands of Docker, Lima or kubectl that mvmctl has under another name. Click would offer
+#: the nearest spelling instead: `rm` would get `rmi`, which deletes images.
+OTHER_TOOLS_WORDS: dict[str, str] = {
+    **dict.fromkeys(("rm", "stop", "kill", "delete", "destroy"),
+                    "`mvmctl down NAME` stops a VM and removes it (`mvmctl rmi` removes images)"),
+    **dict.fromkeys(("ps", "list"), "`mvmctl ls` lists VMs"),
+    **dict.fromkeys(("run", "start", "create"), "`mvmctl up [PATH]` builds if needed and starts a VM"),
+    **dict.fromkeys(("inspect", "show", "describe"), "`mvmctl status NAME [--json]` shows one VM in detail"),
+    **dict.fromkeys(("shell", "ssh", "attach"), "`mvmctl console NAME` opens a shell in a VM"),
+    "top": "`mvmctl stats` shows what VMs use", "prune": "`mvmctl cleanup` removes what stopped VMs left",
+    "pause": "`mvmctl suspend NAME` saves a VM to disk", "unpause": "`mvmctl resume NAME` brings it back",
+    "log": "`mvmctl logs NAME`", "image": "`mvmctl images` lists images, `mvmctl rmi` removes them",
+}
+
+
+def _command_word(args: list[str]) -> str | None:
+    return next((arg for arg in args if not arg.startswith("-")), None)
+
+
+def usage_hint(args: list[str]) -> str | None:
+    """What to type instead, for a command line click refused that another tool takes."""
+    word = _command_word(args)
+    options = args[:args.index("--")] if "--" in args else args
+    if word == "exec" and {"-t", "-it", "-ti", "--tty"} & set(options):
+        return "exec gives no terminal (there is no -t): `mvmctl console NAME` opens an interactive shell"
+    return None
+
+
 def command_module(name: str) -> ModuleType:
     """The module ``name`` of ``MODULES``, imported."""
     return importlib.import_module(f"{__package__}.commands.{name}")
@@ -84,7 +112,7 @@ def app_for(args: list[str]) -> typer.Typer:
     inspects every command's signature to build a tree: ~25 ms of each run for all twenty),
     the whole tree for the top-level help, an unknown command (whose error lists the known
     ones) and shell completion."""
-    name = next((arg for arg in args if not arg.startswith("-")), None)
+    name = _command_word(args)
     module = COMMANDS.get(name) if name is not None else None
     if module is None or "_MVMCTL_COMPLETE" in os.environ:
         return full_app()
@@ -168,6 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
+    word = _command_word(args)
+    if word is not None and word not in COMMANDS and word in OTHER_TOOLS_WORDS:
+        from . import output
+
+        output.err.print(f"[bold red]error:[/] mvmctl has no command {word!r}\n"
+                         f"[yellow]hint:[/] {OTHER_TOOLS_WORDS[word]}; `mvmctl --help` lists every command")
+        raise SystemExit(EXIT_USAGE)
     command = _untyped_arguments(typer.main.get_command(app_for(args)))
     usage_error = usage_error_class()
     code: object
@@ -183,6 +218,10 @@ def main(argv: list[str] | None = None) -> None:
         code = exc.exit_code
     except usage_error as exc:
         exc.show()  # type: ignore[attr-defined]
+        if hint := usage_hint(args):
+            from . import output
+
+            output.err.print(f"[yellow]hint:[/] {hint}")
         code = EXIT_USAGE
     except (KeyboardInterrupt, typer.Abort):
         code = EXIT_INTERRUPTED

@@ -11,7 +11,7 @@ from ..options import Json
 
 def down(
     names: Annotated[list[str] | None, typer.Argument(metavar="NAME", help="VMs to stop.", show_default=False)] = None,
-    all_: Annotated[bool, typer.Option("--all", "-a", help="Stop every VM.")] = False,
+    all_: Annotated[bool, typer.Option("--all", "-a", help="Stop every VM, suspended ones too.")] = False,
     timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", min=0,
                                            help="Seconds to wait for a graceful stop.")] = 20.0,
     json: Json = False,
@@ -21,9 +21,15 @@ def down(
     First the guest agent stops the services (TERM, then KILL), syncs and powers off; if the
     agent does not answer, QEMU is told to quit; if that fails it is killed. The VM's runtime
     dir is removed once its machine is gone; if the machine survives everything (for
-    example a QEMU this user may not signal), down exits 1 and the VM stays listed.
-    Volumes are never touched. With --json: one {name, how} per VM, `how` as printed
-    (`not found` for a VM that was not there).
+    example a QEMU this user may not signal), down exits 1 and the VM stays listed. A
+    suspended VM is removed with its saved state (it cannot be resumed after). Volumes are
+    never touched. With --json: one {name, how} per VM, `how` as printed (`not found` for a
+    VM that was not there).
+
+    \b
+    Examples:
+      mvmctl down hello
+      mvmctl down --all --json
     """
     import mvm
 

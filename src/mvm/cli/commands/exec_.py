@@ -30,7 +30,8 @@ def exec_(
                                                 show_default=False)] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", metavar="SECONDS", min=0,
                                                   help="Kill the command after this many "
-                                                  "seconds (exit code 124).", show_default=False)] = None,
+                                                  "seconds (exit code 124); 0 or unset: no limit.",
+                                                  show_default=False)] = None,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Send this command's stdin to "
                                               "the guest command.")] = False,
 ) -> None:
@@ -38,7 +39,8 @@ def exec_(
 
     The argv is sent as a list (no shell on the host or in the guest); use `sh -c '...'`
     for shell syntax. stdout and stderr are streamed as they are produced. Without -i the
-    command's stdin is empty (it reads end of input at once).
+    command's stdin is empty (it reads end of input at once). There is no terminal (no -t):
+    for an interactive shell use `mvmctl console NAME`.
 
     Exit code: the command's own, as a shell reports it: 127 if it cannot be started (not
     found), 126 if the --user or -w directory does not exist in the guest, 128+N if signal

@@ -13,7 +13,7 @@ def logs(
     name: VMName,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the VM stops "
                                          "(or Ctrl-C).")] = False,
-    lines: Annotated[int | None, typer.Option("-n", "--lines", metavar="N", min=0,
+    lines: Annotated[int | None, typer.Option("-n", "--lines", "--tail", metavar="N", min=0,
                                               help="Show only the last N lines of each part.",
                                               show_default=False)] = None,
     service: Annotated[str | None, typer.Option("--service", "-s", metavar="SERVICE",
