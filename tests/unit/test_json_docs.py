@@ -16,7 +16,8 @@ MODELS = [models.VMInfo, models.VMDetails, models.GuestStatus, models.ServiceSta
           models.CleanupReport, models.CleanupItem, models.DoctorReport, models.BackendCheck, models.ArchCheck,
           models.IsolationCheck,
           models.ToolCheck,
-          models.DiskCheck, models.VMUsage, models.ServiceUsage, models.TemplateInfo, models.DownResult]
+          models.DiskCheck, models.VMUsage, models.ServiceUsage, models.TemplateInfo, models.DownResult,
+          models.ExportInfo]
 
 
 def keys(model: type[BaseModel]) -> set[str]:
@@ -35,3 +36,11 @@ def test_a_dump_has_exactly_the_model_keys() -> None:
     assert set(info.model_dump(mode="json")) == keys(models.VMInfo)
     report = models.CleanupReport(dry_run=True, items=[models.CleanupItem(kind="vm", path="/x", bytes=3, reason="r")])
     assert report.model_dump(mode="json")["freed_bytes"] == 3
+
+
+def test_logs_json_keys_are_documented() -> None:
+    from mvm.runtime.logs import LogLine
+
+    section = DOC[DOC.index("## `logs --json`"):]
+    section = section[:section.index("\n## ")]
+    assert all(f"`{key}`" in section for key in LogLine("console", "x").as_json())

@@ -46,11 +46,12 @@ Volumes = Annotated[
     list[str] | None,
     typer.Option(
         "-v", "--volume",
-        metavar="HOST:PATH[:MB]",
+        metavar="HOST:PATH[:MB][:secret]",
         help="Attach a volume. HOSTDIR:/guest/path is read-only: an image of HOSTDIR built at each up, "
         "mounted ro,nosuid,nodev,noexec (add :secret, or use a path containing 'secret', to hide it from "
-        "non-service users). HOST:/guest/path:SIZE_MB is writable and persistent: created once from HOST's "
-        "files, never reformatted, grown when SIZE_MB grows (see `mvmctl volume --help`). Repeatable.",
+        "non-service users). HOST:/guest/path:SIZE_MB (MiB, at least 8) is writable and persistent: created "
+        "once from HOST's files, never reformatted, grown when SIZE_MB grows; :secret makes its root "
+        "directory 0770 for service users only (see `mvmctl volume --help`). Repeatable.",
         show_default=False,
     ),
 ]

@@ -34,10 +34,10 @@ app = typer.Typer(
 @app.command("create")
 def create(
     path: SpecPath = ".",
-    cpus: Annotated[int | None, typer.Option("--cpus", metavar="N", help="vCPUs (default: the spec's).",
+    cpus: Annotated[int | None, typer.Option("--cpus", metavar="N", help="vCPUs (default: the spec's, else 1).",
                                              show_default=False)] = None,
-    memory: Annotated[int | None, typer.Option("--memory", "-m", metavar="MIB", help="Memory (default: the "
-                                               "spec's).", show_default=False)] = None,
+    memory: Annotated[int | None, typer.Option("--memory", "-m", metavar="MIB", help="Memory in MiB (default: "
+                                               "the spec's, else 512).", show_default=False)] = None,
     json: Json = False,
     arch: Arch = None,
     flake: Flake = None,
