@@ -85,7 +85,8 @@ def test_down_json_says_how_each_vm_went(tmp_path: Path) -> None:
 
 
 def test_help_names_arguments_without_python_types(capsys: pytest.CaptureFixture[str]) -> None:
-    """`NAME  VMs to stop.`, not Typer 0.29's `NAME <list[str]>`, in every command's help."""
+    """`NAME  VMs to stop.`, not Typer 0.29's `NAME <list[str]>`, in every command's help; a
+    required argument bare in the usage line (`exec [OPTIONS] NAME COMMAND...`)."""
     commands = [[name] for name in app.COMMANDS if name not in ("volume", "template")]
     commands += [["volume", "export"], ["volume", "rm"], ["template", "rm"]]
     for words in commands:
@@ -96,6 +97,7 @@ def test_help_names_arguments_without_python_types(capsys: pytest.CaptureFixture
         assert "Usage: mvmctl" in shown
         for label in ("<str>", "<list[", "<Path>", "<int>"):
             assert label not in shown, (words, label, shown)
+        assert "{" not in shown.splitlines()[0], shown  # `NAME`, not Typer 0.29's `{NAME}`
 
 
 @pytest.mark.parametrize(("args", "expected"), [

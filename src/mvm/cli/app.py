@@ -174,15 +174,21 @@ def usage_error_class() -> type[Exception]:
     return cls
 
 
-def _untyped_arguments(command: Any) -> Any:
-    """``command`` with each argument's help row as its metavar and help (``NAME  VMs to
-    stop.``): Typer 0.29 adds the Python type (``NAME <list[str]>``), which tells a user of a
-    command line nothing. (Older Typers have no ``display_type_rich`` and print no type.)"""
+def _plain_arguments(command: Any) -> Any:
+    """``command`` with its arguments shown as every man page shows them: the help row is the
+    metavar and help (``NAME  VMs to stop.``), and the usage line names a required one bare
+    (``mvmctl exec [OPTIONS] NAME COMMAND...``). Typer 0.29 adds the Python type (``NAME
+    <list[str]>``) and braces (``{NAME}``); older Typers have neither hook and print neither."""
     for param in command.params:
-        if param.param_type_name == "argument" and hasattr(param, "display_type_rich"):
+        if param.param_type_name != "argument":
+            continue
+        if hasattr(param, "display_type_rich"):
             param.display_type_rich = lambda ctx: None
+        if hasattr(param, "_usage_display_name") and hasattr(param, "display_name_raw") and param.required:
+            shown = param.display_name_raw + ("..." if param.nargs != 1 else "")
+            param._usage_display_name = lambda shown=shown: shown
     for sub in getattr(command, "commands", {}).values():
-        _untyped_arguments(sub)
+        _plain_arguments(sub)
     return command
 
 
@@ -203,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         output.err.print(f"[bold red]error:[/] mvmctl has no command {word!r}\n"
                          f"[yellow]hint:[/] {OTHER_TOOLS_WORDS[word]}; `mvmctl --help` lists every command")
         raise SystemExit(EXIT_USAGE)
-    command = _untyped_arguments(typer.main.get_command(app_for(args)))
+    command = _plain_arguments(typer.main.get_command(app_for(args)))
     usage_error = usage_error_class()
     code: object
     try:
