@@ -22,7 +22,7 @@ import pytest
 from mvm._api.copy import BoundedTarInfo
 from mvm._api.models import GuestStatus
 from mvm._untrusted import printable
-from mvm.errors import AgentError
+from mvm.errors import AgentError, UsageError
 from mvm.guest import protocol
 from mvm.paths import VMFiles
 from mvm.runtime import agent, logs
@@ -314,6 +314,98 @@ def test_a_huge_pax_header_is_refused() -> None:
     raw.seek(0)
     with pytest.raises(tarfile.ReadError), tarfile.open(fileobj=raw, mode="r|", tarinfo=BoundedTarInfo) as tar:
         list(tar)
+
+
+def _guest_tar(*entries: tuple[str, str, object]) -> bytes:
+    """A stream as the guest's `cp` sends it: (kind, name under TOP, link target or data)."""
+    from mvm.guest.copy import TOP
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        top = tarfile.TarInfo(TOP)
+        top.type, top.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(top)
+        for kind, name, extra in entries:
+            info = tarfile.TarInfo(f"{TOP}/{name}")
+            if kind == "dir":
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            elif kind in ("sym", "hard"):
+                info.type = tarfile.SYMTYPE if kind == "sym" else tarfile.LNKTYPE
+                info.linkname = str(extra)
+                tar.addfile(info)
+            elif kind == "fifo":
+                info.type = tarfile.FIFOTYPE
+                tar.addfile(info)
+            else:
+                data = str(extra).encode()
+                info.size, info.mode = len(data), int(kind, 8)
+                tar.addfile(info, io.BytesIO(data))
+    return raw.getvalue()
+
+
+def _cp_out(monkeypatch: pytest.MonkeyPatch, stream: bytes, dest: Path) -> None:
+    """`cp VM:/x DEST` with the guest's side replaced by ``stream``."""
+    from mvm._api import copy
+
+    monkeypatch.setattr(copy, "_run", lambda vm, args, feed, sink: sink.write(stream))
+    copy._to_host(type("FakeVM", (), {"name": "guest"})(), "/x", dest)  # type: ignore[arg-type]
+
+
+def test_cp_out_never_writes_through_a_link(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """CVE-2025-4517: past PATH_MAX, os.path.realpath stops resolving links, so tarfile's data
+    filter (in Pythons before 3.11.13) passed a link, and an entry through it, that lead out of
+    the destination. A security review's reproduction, which wrote outside/pwned through
+    `mvmctl cp` on this project's Python 3.11.7."""
+    outside, dest = tmp_path / "outside", tmp_path / "dest"
+    outside.mkdir()
+    dest.mkdir()
+    long, steps = "d" * 247, "abcdefghijklmnop"
+    entries: list[tuple[str, str, object]] = []
+    path = ""
+    for step in steps:
+        entries += [("dir", path + long, None), ("sym", path + step, long)]
+        path += long + "/"
+    deep = "/".join(steps) + "/" + "l" * 254
+    entries += [("sym", deep, "/".join([".."] * len(steps))),
+                ("sym", "escape", deep + "/../../outside"),
+                ("0644", "escape/pwned", "written by the guest")]
+    with pytest.raises(UsageError, match="on the way is not a directory"):
+        _cp_out(monkeypatch, _guest_tar(*entries), dest)
+    assert not list(outside.iterdir())
+    # a link the host already has at a target's name is replaced, never written through
+    (tmp_path / "victim").write_text("host data")
+    (dest / "x" / "f").symlink_to(tmp_path / "victim")
+    _cp_out(monkeypatch, _guest_tar(("4755", "f", "from the guest")), dest)
+    assert (tmp_path / "victim").read_text() == "host data"
+    f = dest / "x" / "f"
+    assert not f.is_symlink() and f.read_text() == "from the guest" and f.stat().st_mode & 0o7777 == 0o755
+
+
+@pytest.mark.parametrize(("entry", "refusal"), [
+    (("sym", "abs", "/etc/shadow"), "a link to the absolute path '/etc/shadow'"),
+    (("sym", "d/esc", "../../../x"), "a link that leaves the destination"),  # dest/x/d/../../.. is dest/..
+    (("hard", "h", "/etc/passwd"), "outside the destination"),
+    (("fifo", "p", None), "device node, FIFO"),
+    (("0644", "../up", "x"), "outside the destination"),
+])
+def test_cp_out_refuses_what_the_data_filter_refuses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                     entry: tuple[str, str, object], refusal: str) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UsageError, match=refusal):
+        _cp_out(monkeypatch, _guest_tar(("dir", "d", None), entry), dest)
+    assert {p.name for p in tmp_path.rglob("*")} <= {"dest", "x", "d"}
+
+
+def test_cp_out_keeps_links_that_stay_inside(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mvm.guest.copy import TOP
+
+    _cp_out(monkeypatch, _guest_tar(("dir", "d", None), ("0600", "d/data", "shared"), ("hard", "h", f"{TOP}/d/data"),
+                                    ("sym", "d/rel", "../h")), tmp_path)
+    root = tmp_path / "x"
+    assert (root / "h").stat().st_ino == (root / "d" / "data").stat().st_ino
+    assert (root / "d" / "rel").read_text() == "shared" and (root / "d" / "data").stat().st_mode & 0o777 == 0o600
 
 
 def test_printable() -> None:

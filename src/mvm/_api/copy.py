@@ -5,10 +5,11 @@ as a tar stream over the agent channel (the guest half is :mod:`mvm.guest.copy`,
 also holds the rules for where things land). Copied in, files belong to root unless
 ``archive`` keeps the host's owners; copied out, they belong to the user running mvm.
 
-What a guest sends is untrusted: the host unpacks it with tarfile's ``data`` filter, so
-no entry lands outside the destination, no link points out of it, and no device node,
-setuid bit or foreign owner reaches the host. tarfile reads a pax or GNU long-name header
-into memory whole, so those are capped (:class:`BoundedTarInfo`).
+What a guest sends is untrusted: the host unpacks it entry by entry relative to a
+descriptor of the destination, never through a symlink (:mod:`mvm._api.guest_tar`), so no
+entry lands outside the destination, no link points out of it, and no device node, setuid
+bit or foreign owner reaches the host. tarfile reads a pax or GNU long-name header into
+memory whole, so those are capped (:class:`BoundedTarInfo`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..guest import copy as protocol
 from ..paths import Layout
 from ..runtime import agent
 from ..runtime.registry import Registry
+from . import guest_tar
 from .vm import VM
 
 #: How much of the guest side's error output is kept for the error message.
@@ -138,28 +140,42 @@ def _to_guest(src: Path, contents_only: bool, vm: VM, dest: str, archive: bool) 
         raise UsageError(f"could not read {src}: {failure[0]}")
 
 
+def _renamed(name: str, new_top: str | None) -> str:
+    """A name in the guest's stream (``TOP/...``) as it lands (cf. ``protocol.rename``)."""
+    if name != protocol.TOP and not name.startswith(protocol.TOP + "/"):
+        return "/"  # not in the stream: refused as outside the destination
+    rest = name[len(protocol.TOP) + 1:]
+    if new_top is None:
+        return rest or "/"
+    return f"{new_top}/{rest}" if rest else new_top
+
+
 def _to_host(vm: VM, src: str, dest: Path) -> None:
     read_fd, write_fd = os.pipe()
     failure: list[BaseException] = []
 
     def unpack() -> None:
+        root_fd: int | None = None
         try:
             with os.fdopen(read_fd, "rb") as feed, tarfile.open(fileobj=feed, mode="r|",
                                                                 tarinfo=BoundedTarInfo) as tar:
-                first = True
-                where, new_top = Path("."), None
+                new_top = None
                 for member in tar:
-                    if first:
-                        src_is_dir = member.isdir()
-                        where_s, new_top = protocol.destination(str(dest), src_is_dir,
-                                                                os.path.basename(src.rstrip("/.")) or "root",
-                                                                src.endswith("/."))
-                        where, first = Path(where_s), False
+                    if root_fd is None:
+                        where, new_top = protocol.destination(str(dest), member.isdir(),
+                                                              os.path.basename(src.rstrip("/.")) or "root",
+                                                              src.endswith("/."))
+                        root_fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    if member.islnk():  # named as the guest sent it: rename its target the same way
+                        member.linkname = _renamed(member.linkname, new_top)
                     renamed = protocol.rename(member, new_top, archive=False)
                     if renamed is not None:
-                        tar.extract(renamed, where, filter="data")
+                        guest_tar.extract(root_fd, tar, renamed)
         except BaseException as exc:
             failure.append(exc)
+        finally:
+            if root_fd is not None:
+                os.close(root_fd)
 
     unpacker = threading.Thread(target=unpack, daemon=True)
     unpacker.start()

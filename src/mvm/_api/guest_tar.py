@@ -1,0 +1,129 @@
+"""Unpacking a tar stream a guest sent (``cp NAME:/path DEST``), one entry at a time.
+
+Why not tarfile's ``data`` filter: it checks each entry's *name*, then writes through the
+host's path, so it is only as safe as the interpreter's copy of tarfile (a symlink chain
+longer than PATH_MAX got entries past the filter in Pythons before 3.11.13/3.12.11:
+CVE-2025-4517), and an existing symlink at a target is followed. Here every entry is created
+relative to a descriptor of the destination, one directory at a time, with ``O_NOFOLLOW``
+(:func:`mvm.volumes.hostdir.open_dir`), so nothing is ever written outside it whatever the
+stream holds. The rules are the ``data`` filter's: no absolute or ``..`` name, no link that
+points outside the destination, no device node or FIFO, no setuid/setgid/sticky bit and no
+group or other write bit; files belong to the user running mvm.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+
+from .._untrusted import printable
+from ..errors import UsageError
+from ..volumes.hostdir import Blocked, open_dir
+
+CHUNK = 1 << 20
+FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _shown(name: str) -> str:
+    """A name the guest chose, fit for a message: printable, and not a screenful."""
+    return repr(printable(name, 160))
+
+
+def _refuse(member: tarfile.TarInfo, why: str) -> UsageError:
+    return UsageError(f"the guest sent {_shown(member.name)}, which {why}; nothing more was copied",
+                      hint="what the guest sends is untrusted: copy the files out another way if you trust them")
+
+
+def _parts(member: tarfile.TarInfo, name: str) -> list[str]:
+    parts = name.split("/")
+    if name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise _refuse(member, f"names a path outside the destination ({_shown(name)})")
+    return parts
+
+
+def _inside(member: tarfile.TarInfo, parts: list[str], link: str) -> None:
+    """A link's target must stay in the destination, as the ``data`` filter requires."""
+    if link.startswith("/"):
+        raise _refuse(member, f"is a link to the absolute path {_shown(link)}")
+    depth = len(parts) - 1  # a symlink's target is relative to its own directory
+    for part in link.split("/"):
+        depth += -1 if part == ".." else 0 if part in ("", ".") else 1
+        if depth < 0:
+            raise _refuse(member, f"is a link that leaves the destination ({_shown(link)})")
+
+
+def _clear(fd: int, name: str, member: tarfile.TarInfo) -> None:
+    """Make room for a file or link: an existing one is replaced, never written through."""
+    try:
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"cannot copy {_shown(member.name)}: a directory of that name is in the way")
+    os.unlink(name, dir_fd=fd)
+
+
+def _times(fd: int, member: tarfile.TarInfo) -> None:
+    os.utime(fd, ns=(int(member.mtime * 1e9),) * 2)
+
+
+def extract(root_fd: int, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    """Create ``member`` under the directory ``root_fd`` (a file's data read from ``tar``)."""
+    parts = _parts(member, member.name)
+    try:
+        fd = open_dir(root_fd, parts[:-1])
+    except Blocked as exc:
+        raise UsageError(f"cannot copy {_shown(member.name)}: {_shown(str(exc))} on the way is not a "
+                         "directory (a link there is never followed)") from None
+    name = parts[-1]
+    try:
+        if member.isdir():
+            try:
+                os.mkdir(name, 0o755, dir_fd=fd)
+            except FileExistsError:
+                pass
+            try:
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError:
+                raise UsageError(f"cannot copy {_shown(member.name)}: a file of that name is in the way") from None
+            try:
+                _times(sub, member)
+            finally:
+                os.close(sub)
+        elif member.isreg():
+            _clear(fd, name, member)
+            mode = member.mode & 0o755 | 0o600
+            if not member.mode & 0o100:
+                mode &= ~0o111
+            out = os.open(name, FILE_FLAGS, mode, dir_fd=fd)
+            try:
+                data = tar.extractfile(member)
+                assert data is not None  # a regular file's
+                while chunk := data.read(CHUNK):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(out, view):]
+                os.fchmod(out, mode)  # the umask does not take bits the data filter would keep
+                _times(out, member)
+            finally:
+                os.close(out)
+        elif member.issym():
+            _inside(member, parts, member.linkname)
+            _clear(fd, name, member)
+            os.symlink(member.linkname, name, dir_fd=fd)
+        elif member.islnk():
+            target = _parts(member, member.linkname)
+            try:
+                src = open_dir(root_fd, target[:-1])
+            except Blocked:
+                raise _refuse(member, f"is a hard link through a non-directory ({_shown(member.linkname)})") from None
+            try:
+                _clear(fd, name, member)
+                os.link(target[-1], name, src_dir_fd=src, dst_dir_fd=fd, follow_symlinks=False)
+            finally:
+                os.close(src)
+        else:
+            raise _refuse(member, "is a device node, FIFO or other special file")
+    finally:
+        os.close(fd)
