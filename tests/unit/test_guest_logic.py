@@ -2,6 +2,7 @@
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,6 +96,41 @@ def test_hand_over_only_touches_new_paths(tmp_path) -> None:  # type: ignore[no-
     uid, gid = os.getuid(), os.getgid()
     changed = hand_over([str(tmp_path)], before, uid, gid)
     assert changed == 3
+
+
+def test_hand_over_never_follows_a_link_swapped_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A security review's race: a service swaps the directory a root preStart made in a
+    shared volume for a link to /etc while PID 1 hands the new paths over; by path, /etc's
+    files were chowned to the service user. Here the swap happens at the hand-over's first
+    change of an owner."""
+    volume, etc = tmp_path / "volume", tmp_path / "etc"
+    volume.mkdir()
+    etc.mkdir()
+    (etc / "f").write_text("root's")
+    before = snapshot_tree([str(volume)])
+    (volume / "logs").mkdir()  # what the preStart made
+    (volume / "logs" / "f").write_text("the service's")
+    real_chown, real_lchown = os.chown, os.lchown
+
+    def swap() -> None:
+        if not (tmp_path / "moved").exists():
+            os.rename(volume / "logs", tmp_path / "moved")
+            os.symlink(etc, volume / "logs")
+
+    def chown(*args: Any, **kwargs: Any) -> None:
+        swap()
+        real_chown(*args, **kwargs)
+
+    def lchown(*args: Any, **kwargs: Any) -> None:
+        swap()
+        real_lchown(*args, **kwargs)
+
+    monkeypatch.setattr(os, "chown", chown)
+    monkeypatch.setattr(os, "lchown", lchown)
+    hand_over([str(volume)], before, 12345, 12345)
+    monkeypatch.undo()
+    assert (volume / "logs").is_symlink()  # the race happened
+    assert os.stat(etc / "f").st_uid == 0 and os.stat(etc).st_uid == 0
 
 
 def test_cp_destination_rules(tmp_path: Path) -> None:

@@ -90,7 +90,7 @@ def base_env(identity: Identity, path: str) -> dict[str, str]:
 def snapshot_tree(roots: list[str]) -> set[str]:
     seen: set[str] = set()
     for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
+        for dirpath, dirnames, filenames, _ in os.fwalk(root):
             for name in dirnames + filenames:
                 seen.add(os.path.join(dirpath, name))
     return seen
@@ -98,16 +98,25 @@ def snapshot_tree(roots: list[str]) -> set[str]:
 
 def hand_over(roots: list[str], before: set[str], uid: int, gid: int) -> int:
     """Give root-owned paths created since ``before`` (i.e. by a preStart) to uid:gid;
-    returns how many changed hands. Paths other users created are left alone."""
+    returns how many changed hands. Paths other users created are left alone.
+
+    Each entry is changed through a descriptor of the directory that holds it (``os.fwalk``,
+    which never descends into a link), never by its path: another service may own a
+    directory on the way (a writable volume is the service user's) and swap what the preStart
+    made there for a link to /etc while this runs; a path would follow that link."""
     changed = 0
-    for path in snapshot_tree(roots) - before:
-        try:
-            if os.lstat(path).st_uid != 0:
-                continue
-            os.lchown(path, uid, gid)
-            changed += 1
-        except OSError:
-            pass
+    for root in roots:
+        for dirpath, dirnames, filenames, dirfd in os.fwalk(root):
+            for name in dirnames + filenames:
+                if os.path.join(dirpath, name) in before:
+                    continue
+                try:
+                    if os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_uid != 0:
+                        continue
+                    os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+                    changed += 1
+                except OSError:
+                    pass
     return changed
 
 
