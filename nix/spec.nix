@@ -134,6 +134,8 @@ let
   serviceName = "[A-Za-z0-9][A-Za-z0-9_.-]{0,62}";
   userName = "[a-z_][a-z0-9_-]{0,31}";
   envName = "[A-Za-z_][A-Za-z0-9_]*";
+  hostLabel = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?";
+  hostnameRe = "${hostLabel}([.]${hostLabel})*";
 
   isPackage = p: (isAttrs p && p ? outPath) || (isString p && builtins.hasContext p);
 
@@ -288,7 +290,14 @@ in
   name =
     if args ? name then matching "name" "^${vmName}$" "VM name (use a-z, 0-9 and '-')" args.name else fail "name" "required attribute is missing";
   packages = packages "packages" (args.packages or [ ]);
-  hostname = optStr "hostname" (args.hostname or null);
+  hostname =
+    let
+      v = optStr "hostname" (args.hostname or null);
+    in
+    if v == null || stringLength v <= 253 then
+      (if v == null then null else matching "hostname" "^${hostnameRe}$" "hostname (labels of a-z, A-Z, 0-9 and '-', separated by dots)" v)
+    else
+      fail "hostname" "'${v}' is longer than 253 characters";
   cpus = int "cpus" (args.cpus or 1) 1 64;
   memory = int "memory" (args.memory or 512) 128 65536;
   logLimitMb = int "logLimitMb" (args.logLimitMb or 64) 1 1048576;

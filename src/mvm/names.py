@@ -32,6 +32,20 @@ def check_vm_name(name: str) -> str:
     return name
 
 
+#: A hostname as RFC 1123 has it: dot-separated labels of letters, digits and '-'.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+
+
+def check_hostname(name: str | None) -> str | None:
+    """A spec's ``hostname``: it goes into the guest's /etc/hostname and /etc/hosts, where a
+    space or a line break would add names or hosts."""
+    if name is not None and (len(name) > 253 or not HOSTNAME_RE.fullmatch(name)):
+        raise ValueError(f"{name!r} is not a valid hostname: use labels of a-z, A-Z, 0-9 and '-' "
+                         "(1-63 characters, not starting or ending with '-'), separated by dots")
+    return name
+
+
 def check_env(env: dict[str, str]) -> dict[str, str]:
     for key, value in env.items():
         if not ENV_NAME_RE.fullmatch(key):

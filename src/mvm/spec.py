@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
-from .names import MIN_MEMORY_MIB, SERVICE_RE, USER_RE, Arch, check_env, check_vm_name
+from .names import MIN_MEMORY_MIB, SERVICE_RE, USER_RE, Arch, check_env, check_hostname, check_vm_name
 
 GUEST_JSON_SCHEMA = 1
 DEFAULT_USER = "mvm"
@@ -77,6 +77,7 @@ class GuestSpec(_Model):
     arch: Arch | None = None
 
     _check_name = field_validator("name")(check_vm_name)
+    _check_hostname = field_validator("hostname")(check_hostname)
 
     @field_validator("files")
     @classmethod

@@ -86,13 +86,14 @@ def test_kernel_args_are_the_qemu_ones_minus_the_host(monkeypatch: pytest.Monkey
 
 
 def test_kernel_args_carry_per_boot_settings_quoted(image: Path) -> None:
-    spec = kubevirt.spec_from_image(image, name="web-1", env={"GREETING": "hello world", "PORT": "8080"})
+    env = {"GREETING": "hello world", "PORT": "8080", "NAME": "Zoë à", "TAB": "a\tb"}
+    spec = kubevirt.spec_from_image(image, name="web-1", env=env)
     line = kubevirt.kernel_args(spec)
-    assert line.endswith(' mvm.hostname=web-1 mvm.env.GREETING="hello world" mvm.env.PORT=8080')
+    assert line.endswith(' mvm.hostname=web-1 mvm.env.GREETING="hello world" mvm.env.NAME="Zoë à" '
+                         'mvm.env.PORT=8080 mvm.env.TAB="a\tb"')
     from mvm.guest import cmdline  # the guest reads back exactly what was meant
 
-    assert cmdline.settings(cmdline.split(line)) == {
-        "standalone": True, "template": False, "vm": "web-1", "env": {"GREETING": "hello world", "PORT": "8080"}}
+    assert cmdline.settings(cmdline.split(line)) == {"standalone": True, "template": False, "vm": "web-1", "env": env}
 
 
 def test_same_name_or_a_spec_hostname_sets_no_hostname(tmp_path: Path) -> None:
@@ -109,6 +110,8 @@ def test_same_name_or_a_spec_hostname_sets_no_hostname(tmp_path: Path) -> None:
     [
         ({"extra_kernel_args": ["tsc_early_khz=2500000"]}, "exporting host"),
         ({"env": {"A": 'say "hi"'}}, "quote"),
+        ({"env": {"A": "hi\x0binit=/bin/sh"}}, "control character"),  # the kernel splits at \v
+        ({"env": {"A": "hi\u2028x"}}, "control character"),
         ({"env": {"BAD-NAME": "x"}}, "not a valid environment variable"),
         ({"env": {"BIG": "x" * 2100}}, "kernel command line would be"),
     ],

@@ -292,6 +292,20 @@ def test_mkguest_refuses_a_dependency_loop_as_mvm_toml_does() -> None:
     assert python.value.message == f"t: {loop}"
 
 
+@pytest.mark.parametrize("hostname", ["web\n10.0.0.1 bank.example", "a b", "-web", "x" * 254])
+def test_a_hostname_that_would_add_hosts_is_refused_by_both_front_ends(hostname: str) -> None:
+    """The hostname goes into the guest's /etc/hosts: a line break there adds a host."""
+    expr = f"(import {ROOT / 'nix' / 'spec.nix'}) {{ name = \"x\"; hostname = {json.dumps(hostname)}; }}"
+    r = subprocess.run(["nix-instantiate", "--eval", "--strict", "-E", expr], capture_output=True, text=True)
+    assert r.returncode != 0 and "mkGuest: hostname:" in r.stderr, r.stderr
+    with pytest.raises(SpecError, match="hostname"):
+        parse_spec({"name": "x", "hostname": hostname}, source="t")
+    ok = f"(import {ROOT / 'nix' / 'spec.nix'}) {{ name = \"x\"; hostname = \"web-1.internal\"; }}"
+    good = subprocess.run(["nix-instantiate", "--eval", "--strict", "-E", ok], capture_output=True, text=True)
+    assert good.returncode == 0 and "web-1.internal" in good.stdout, good.stderr
+    assert parse_spec({"name": "x", "hostname": "web-1.internal"}, source="t").hostname == "web-1.internal"
+
+
 def test_the_flake_sees_every_file_it_needs() -> None:
     """Flakes read only files git tracks: an untracked file under nix/ would build here
     from a path: copy and fail for users of github:...?dir=nix."""

@@ -127,11 +127,19 @@ def parse_image_ref(ref: str) -> str:
 # --- kernel command line ------------------------------------------------------------------
 
 
+#: Values made only of these go unquoted; any other is quoted. The kernel splits arguments
+#: at more than a space (a vertical tab, a form feed, and the byte 0xa0 of many UTF-8
+#: characters), and the guest's split at every character Python calls a space: unquoted,
+#: `A=hi\vinit=/bin/sh` was two arguments.
+_UNQUOTED = re.compile(r"[A-Za-z0-9._,:/@%+=-]+")
+
+
 def _kernel_value(key: str, value: str) -> str:
-    if '"' in value or "\n" in value:
-        raise UsageError(f"{key} cannot be passed on the kernel command line (it contains a quote or a newline)",
+    if '"' in value or any(not c.isprintable() and c != "\t" for c in value):
+        raise UsageError(f"{key} cannot be passed on the kernel command line (it contains a quote or a "
+                         f"control character: {value!r})",
                          hint="bake the value into the image (the service's env in mvm.toml) instead")
-    return f'{key}="{value}"' if (" " in value or "\t" in value or not value) else f"{key}={value}"
+    return f"{key}={value}" if _UNQUOTED.fullmatch(value) else f'{key}="{value}"'
 
 
 def kernel_args(spec: KubevirtSpec) -> str:
