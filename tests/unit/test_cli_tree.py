@@ -118,3 +118,12 @@ def test_another_tools_words_get_mvmctls_equivalent(args: list[str], expected: s
 def test_other_tools_words_never_shadow_a_command() -> None:
     assert not set(app.OTHER_TOOLS_WORDS) & set(app.COMMANDS)
     assert app.usage_hint(["exec", "web", "--", "ls", "-t"]) is None  # the guest command's own -t
+
+
+def test_nothing_mvmctl_writes_is_writable_by_others() -> None:
+    """A caller's umask of 000 made the cache, its kernels and locks world-writable."""
+    code = ("import os; os.umask(0o002); from mvm.cli.app import main\n"
+            "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "print(oct(os.umask(0)))")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert shown.split()[-1] == "0o22"  # group and others lose write, whatever the caller had

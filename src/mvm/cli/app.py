@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from .options import join_override_pairs
 
+    # Nothing mvm writes (state, cache, kernels, locks) is writable by other users, whatever
+    # umask the caller had (a umask of 000 left the cached kernels world-writable).
+    os.umask(os.umask(0o022) | 0o022)
     args = join_override_pairs(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or bool(os.environ.get("MVM_DEBUG"))
     signal.signal(signal.SIGTERM, _interrupt)
