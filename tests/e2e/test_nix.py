@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -453,14 +454,40 @@ def test_dev_on_a_host_with_nix(nix_env: NixEnv, project: Path) -> None:
 def test_dev_vm_shares_the_project_read_write(nix_env: NixEnv, project: Path, no_leaks: None) -> None:
     """Without host Nix (forced here with --vm): a dev microVM with Debian's nix, the project
     at /project (virtiofs), commands' exit codes passed through, and the VM gone after."""
-    script = "nix --version && nix eval --raw .#greeting > from-vm.txt && pwd && exit 7"
+    script = ("nix --version && nix eval --raw .#greeting > from-vm.txt && pwd && "
+              "{ mknod blk b 8 0 || echo no-mknod; } && exit 7")
     r = nix_env.cli("dev", "--vm", "--dir", str(project), "--", "sh", "-c", script, check=False,
                     env={"NIX_CONFIG": ""})
     assert r.returncode == 7, r.stderr
     assert "nix (Nix) 2." in r.stdout and "/project" in r.stdout
     assert (project / "from-vm.txt").read_text() == "hello from the dev shell"
+    # a root-owned project: the guest's root is root there, but makes no device node on the host
+    assert "no-mknod" in r.stdout and not (project / "blk").exists()
     leftover = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_our_virtiofsd(p, nix_env.cli.home)]
     assert not leftover, "virtiofsd left behind"
+
+
+def test_dev_vm_writes_a_users_project_as_that_user(nix_env: NixEnv, no_leaks: None) -> None:
+    """A security review's finding: virtiofsd ran as root with the guest's ids, so the dev VM's
+    root made setuid-root programs and device nodes in the project (a local root for anyone
+    who could run them). A project of a user's is served as that user now."""
+    base = Path(tempfile.mkdtemp(prefix="mvm-dev-owner-"))
+    try:
+        base.chmod(0o755)  # the owner's virtiofsd must reach the project
+        project = base / "proj"
+        project.mkdir()
+        os.chown(project, 4242, 4242)
+        script = ("touch made && cp /bin/sh su && chmod 4755 su && { mknod blk b 8 0 || echo no-mknod; } && "
+                  "{ chown 1:1 made 2>/dev/null && echo chowned || echo no-chown; } && ls -ln")
+        r = nix_env.cli("dev", "--vm", "--dir", str(project), "--", "sh", "-c", script, env={"NIX_CONFIG": ""})
+        assert "no-mknod" in r.stdout and not (project / "blk").exists(), r.stdout
+        assert "no-chown" in r.stdout, r.stdout  # no id but the owner's reaches the host
+        for name in ("made", "su"):
+            st = (project / name).stat()
+            assert (st.st_uid, st.st_gid) == (4242, 4242), (name, st)  # the guest's root is the owner
+        assert (project / "su").stat().st_mode & 0o4000  # setuid, but to the owner: nothing gained
+    finally:
+        shutil.rmtree(base)
 
 
 def _is_our_virtiofsd(proc: Path, home: Path) -> bool:

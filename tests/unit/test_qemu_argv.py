@@ -14,7 +14,7 @@ import pytest
 from mvm._proc import signals_deferred
 from mvm.backends.base import Disk, Incoming, LaunchSpec, MemoryFile, PortForward
 from mvm.backends.qemu import check_ports_free
-from mvm.backends.qemu_argv import build_argv, kernel_cmdline
+from mvm.backends.qemu_argv import build_argv, kernel_cmdline, virtiofsd_argv
 from mvm.backends.qemu_handoff import Handoff
 from mvm.errors import PortInUse
 from mvm.paths import VMFiles
@@ -196,3 +196,16 @@ def test_a_privileged_host_port_is_refused_before_qemu_fails_on_it() -> None:
     with pytest.raises(PortInUse, match=f"host port {first - 1} is privileged") as caught:
         check_ports_free([PortForward(first - 1, 80)])
     assert "ip_unprivileged_port_start" in (caught.value.hint or "")
+
+
+def test_virtiofsd_serves_a_users_directory_as_that_user() -> None:
+    """Root-only in its own user namespace: the guest's root is the owner on the host. The
+    shell line is a constant; the paths travel as arguments (no shell injection)."""
+    argv = virtiofsd_argv("/usr/lib/qemu/virtiofsd", Path("/home/a b/$(x)"), (1000, 1000))
+    assert argv[:4] == ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups"]
+    assert argv[argv.index("unshare") + 1:argv.index("sh")] == ["--user", "--map-root-user", "--mount", "--"]
+    assert argv[argv.index("-c") + 1] == 'mount -t tmpfs tmpfs /run && exec "$@"'
+    assert argv[-6:] == ["/usr/lib/qemu/virtiofsd", "--socket-path=fs.sock", "-o", "source=/home/a b/$(x)",
+                         "-o", "cache=auto"]
+    as_root = virtiofsd_argv("/usr/lib/qemu/virtiofsd", Path("/srv/p"), None)
+    assert as_root[0] == "/usr/lib/qemu/virtiofsd" and as_root[-2:] == ["-o", "modcaps=-mknod:-setfcap"]

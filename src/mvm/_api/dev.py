@@ -9,8 +9,9 @@ Two ways, chosen by whether the host has Nix:
   and a tmpfs ``/nix`` for the store. The VM is booted for the session and stopped after
   it; nothing in it survives except what was written to ``/project``.
 
-Commands run as root in the VM: files they create in the project belong to root on the
-host too (virtiofsd maps ids one to one).
+Commands run as root in the VM. A project owned by a user is served by a virtiofsd running
+as that user (:func:`mvm.backends.qemu_argv.virtiofsd_argv`), so what they create there
+belongs to the project's owner on the host; in a root-owned project, to root.
 """
 
 from __future__ import annotations

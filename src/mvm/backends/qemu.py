@@ -40,7 +40,16 @@ from .base import (
     Preflight,
     Saved,
 )
-from .qemu_argv import build_argv, disk_node, hostfwd_rule, hotplug_node, hotplug_port, profile, share_socket
+from .qemu_argv import (
+    build_argv,
+    disk_node,
+    hostfwd_rule,
+    hotplug_node,
+    hotplug_port,
+    profile,
+    share_socket,
+    virtiofsd_argv,
+)
 from .qemu_handoff import Handoff
 from .qmp import QMP
 
@@ -270,18 +279,21 @@ class QemuBackend:
         for i, share in enumerate(spec.shares):
             sock = spec.files.root / share_socket(i)
             log_path = spec.files.root / f"virtiofsd{i}.log"
+            st = os.stat(share.path)
+            owner = (st.st_uid, st.st_gid) if st.st_uid != 0 and os.geteuid() == 0 else None
+            sock.parent.mkdir(mode=0o700)
+            if owner is not None:
+                os.chown(sock.parent, *owner)
             with open(log_path, "ab") as log_file, signals_deferred():
-                helper = self.runner.spawn(
-                    [virtiofsd, f"--socket-path={share_socket(i)}", "-o", f"source={share.path}",
-                     "-o", "cache=auto"],
-                    stdout=log_file, cwd=spec.files.root,
-                )
+                helper = self.runner.spawn(virtiofsd_argv(virtiofsd, share.path, owner), stdout=log_file,
+                                           cwd=sock.parent)
                 helpers.append(helper)
             deadline = time.monotonic() + START_TIMEOUT
             while not sock.exists():
                 if helper.poll() is not None or time.monotonic() > deadline:
                     raise BootError(spec.name, f"virtiofsd could not share {share.path}",
-                                    hint="virtiofsd needs root (it sandboxes itself in namespaces)",
+                                    hint="virtiofsd needs mvm to run as root, and the directory's owner to "
+                                    "reach it (every directory above it searchable by them)",
                                     output=tail_file(log_path))
                 time.sleep(0.01)
 
