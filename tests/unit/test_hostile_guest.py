@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import resource
 import socket
 import tarfile
@@ -344,12 +345,17 @@ def _guest_tar(*entries: tuple[str, str, object]) -> bytes:
     return raw.getvalue()
 
 
-def _cp_out(monkeypatch: pytest.MonkeyPatch, stream: bytes, dest: Path) -> None:
-    """`cp VM:/x DEST` with the guest's side replaced by ``stream``."""
+def _cp_out(monkeypatch: pytest.MonkeyPatch, stream: bytes, dest: Path | str) -> None:
+    """`cp VM:/x DEST` with the guest's side replaced by ``stream`` (written as the agent
+    passes it on: in pieces, so a reader that stops makes the writer's pipe break)."""
     from mvm._api import copy
 
-    monkeypatch.setattr(copy, "_run", lambda vm, args, feed, sink: sink.write(stream))
-    copy._to_host(type("FakeVM", (), {"name": "guest"})(), "/x", dest)  # type: ignore[arg-type]
+    def run(vm: object, args: list[str], feed: object, sink: io.BufferedWriter) -> None:
+        for at in range(0, len(stream), 65536):
+            sink.write(stream[at:at + 65536])
+
+    monkeypatch.setattr(copy, "_run", run)
+    copy._to_host(type("FakeVM", (), {"name": "guest"})(), "/x", str(dest))  # type: ignore[arg-type]
 
 
 def test_cp_out_never_writes_through_a_link(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -385,7 +391,7 @@ def test_cp_out_never_writes_through_a_link(monkeypatch: pytest.MonkeyPatch, tmp
 @pytest.mark.parametrize(("entry", "refusal"), [
     (("sym", "abs", "/etc/shadow"), "a link to the absolute path '/etc/shadow'"),
     (("sym", "d/esc", "../../../x"), "a link that leaves the destination"),  # dest/x/d/../../.. is dest/..
-    (("hard", "h", "/etc/passwd"), "outside the destination"),
+    (("hard", "h", "/etc/passwd"), "unexpected entry '/etc/passwd'"),  # not a name of the stream
     (("fifo", "p", None), "device node, FIFO"),
     (("0644", "../up", "x"), "outside the destination"),
 ])
@@ -396,6 +402,59 @@ def test_cp_out_refuses_what_the_data_filter_refuses(monkeypatch: pytest.MonkeyP
     with pytest.raises(UsageError, match=refusal):
         _cp_out(monkeypatch, _guest_tar(("dir", "d", None), entry), dest)
     assert {p.name for p in tmp_path.rglob("*")} <= {"dest", "x", "d"}
+
+
+@pytest.mark.parametrize("entries", [
+    [("sym", "a", "."), ("sym", "b", "a/..")],  # each inside by its text, `b` leads to dest/..
+    [("dir", "d", None), ("sym", "d/a", "."), ("sym", "d/b", "a/../.."), ("sym", "c", "d/b/secret")],
+    [("dir", "site", None), ("sym", "site/l", "../../secret")],
+])
+def test_cp_out_refuses_a_chain_of_links_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                              entries: list[tuple[str, str, object]]) -> None:
+    """A review's finding: links checked by their text alone let a chain of them leave."""
+    (tmp_path / "secret").write_text("host")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UsageError, match="a link that leaves the destination"):
+        _cp_out(monkeypatch, _guest_tar(*entries), dest)
+    assert not [p for p in dest.rglob("*") if p.is_symlink() and not p.resolve().is_relative_to(dest)]
+
+
+def test_cp_out_keeps_a_new_top_entrys_links_inside_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`cp web:/srv/site ./site` (./site new): a link in it may not point beside it."""
+    (tmp_path / "secret").write_text("host")
+    with pytest.raises(UsageError, match="leaves the destination"):
+        _cp_out(monkeypatch, _guest_tar(("sym", "l", "../secret")), tmp_path / "site")
+
+
+def test_cp_out_to_a_bare_relative_name_lands_here(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`cp web:/var/log/app.log app.log` unpacked into / (as root: /app.log)."""
+    from mvm.guest.copy import TOP
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(TOP)
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"log"))
+    monkeypatch.chdir(tmp_path)
+    _cp_out(monkeypatch, raw.getvalue(), "mvm-test-app.log")
+    assert (tmp_path / "mvm-test-app.log").read_text() == "log"
+    assert not Path("/mvm-test-app.log").exists()
+
+
+def test_cp_out_says_why_it_stopped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A refusal with more of the stream behind it: the refusal, not a silent broken pipe."""
+    with pytest.raises(UsageError, match="device node, FIFO"):
+        _cp_out(monkeypatch, _guest_tar(("fifo", "p", None), ("0644", "big", "x" * (4 << 20))), tmp_path)
+
+
+def test_cp_out_keeps_a_file_it_could_not_replace_whole(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f").write_text("old")
+    whole = _guest_tar(("0644", "f", "new" * 100_000))
+    with pytest.raises(UsageError):
+        _cp_out(monkeypatch, whole[:len(whole) // 2], tmp_path)  # the stream ends in the file
+    assert (tmp_path / "x" / "f").read_text() == "old" and os.listdir(tmp_path / "x") == ["f"]
 
 
 def test_cp_out_keeps_links_that_stay_inside(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -87,7 +87,7 @@ def cp(src: str, dest: str, *, archive: bool = False, layout: Layout | None = No
         _to_guest(Path(a.path), src.endswith("/."), VM(b.vm, layout), b.path, archive)
     else:
         assert a.vm is not None
-        _to_host(VM(a.vm, layout), a.path, Path(dest))
+        _to_host(VM(a.vm, layout), a.path, dest)
 
 
 def _run(vm: VM, args: list[str], feed: IO[bytes] | None, sink: IO[bytes] | None) -> None:
@@ -140,17 +140,17 @@ def _to_guest(src: Path, contents_only: bool, vm: VM, dest: str, archive: bool) 
         raise UsageError(f"could not read {src}: {failure[0]}")
 
 
-def _renamed(name: str, new_top: str | None) -> str:
-    """A name in the guest's stream (``TOP/...``) as it lands (cf. ``protocol.rename``)."""
-    if name != protocol.TOP and not name.startswith(protocol.TOP + "/"):
-        return "/"  # not in the stream: refused as outside the destination
-    rest = name[len(protocol.TOP) + 1:]
-    if new_top is None:
-        return rest or "/"
-    return f"{new_top}/{rest}" if rest else new_top
+def _host_destination(dest: str) -> str:
+    """DEST as the guest's rules (``protocol.destination``) expect it: absolute (a bare
+    ``app.log`` unpacked into ``/``), its trailing ``/`` kept, and a link the user named
+    followed, as ``cp`` follows one."""
+    path = os.path.abspath(dest)
+    if os.path.islink(path):
+        path = os.path.realpath(path)
+    return path + "/" if dest.endswith("/") and path != "/" else path
 
 
-def _to_host(vm: VM, src: str, dest: Path) -> None:
+def _to_host(vm: VM, src: str, dest: str) -> None:
     read_fd, write_fd = os.pipe()
     failure: list[BaseException] = []
 
@@ -162,15 +162,13 @@ def _to_host(vm: VM, src: str, dest: Path) -> None:
                 new_top = None
                 for member in tar:
                     if root_fd is None:
-                        where, new_top = protocol.destination(str(dest), member.isdir(),
+                        where, new_top = protocol.destination(_host_destination(dest), member.isdir(),
                                                               os.path.basename(src.rstrip("/.")) or "root",
                                                               src.endswith("/."))
                         root_fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                    if member.islnk():  # named as the guest sent it: rename its target the same way
-                        member.linkname = _renamed(member.linkname, new_top)
                     renamed = protocol.rename(member, new_top, archive=False)
-                    if renamed is not None:
-                        guest_tar.extract(root_fd, tar, renamed)
+                    if renamed is not None:  # links stay inside the new top entry, when there is one
+                        guest_tar.extract(root_fd, tar, renamed, floor=0 if new_top is None else 1)
         except BaseException as exc:
             failure.append(exc)
         finally:
@@ -179,13 +177,18 @@ def _to_host(vm: VM, src: str, dest: Path) -> None:
 
     unpacker = threading.Thread(target=unpack, daemon=True)
     unpacker.start()
+    broken: BrokenPipeError | None = None
     try:
         with os.fdopen(write_fd, "wb") as sink:
             _run(vm, ["out", src], None, sink)
+    except BrokenPipeError as exc:  # the unpacker stopped reading: its reason, below, is the error
+        broken = exc
     finally:
         unpacker.join()
+    if broken is not None and not failure:
+        raise broken
     if failure:
-        exc = failure[0]
-        if isinstance(exc, MvmError):
-            raise exc
-        raise UsageError(f"could not copy {vm.name}:{src} to {dest}: {exc}") from exc
+        first = failure[0]
+        if isinstance(first, MvmError):
+            raise first
+        raise UsageError(f"could not copy {vm.name}:{src} to {dest}: {first}") from first

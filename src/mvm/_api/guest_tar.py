@@ -13,7 +13,9 @@ group or other write bit; files belong to the user running mvm.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import stat
 import tarfile
 
@@ -42,19 +44,22 @@ def _parts(member: tarfile.TarInfo, name: str) -> list[str]:
     return parts
 
 
-def _inside(member: tarfile.TarInfo, parts: list[str], link: str) -> None:
-    """A link's target must stay in the destination, as the ``data`` filter requires."""
+def _inside(member: tarfile.TarInfo, parts: list[str], floor: int) -> None:
+    """A symlink's target must stay in the destination (at least ``floor`` levels down), as
+    the ``data`` filter requires. ``..`` only leads: each one climbs a real directory (made
+    here, and a directory is never replaced by a link), and the rest only descends, so no
+    chain of links can leave either (`a -> .`, then `b -> a/..` would)."""
+    link = member.linkname
     if link.startswith("/"):
         raise _refuse(member, f"is a link to the absolute path {_shown(link)}")
-    depth = len(parts) - 1  # a symlink's target is relative to its own directory
-    for part in link.split("/"):
-        depth += -1 if part == ".." else 0 if part in ("", ".") else 1
-        if depth < 0:
-            raise _refuse(member, f"is a link that leaves the destination ({_shown(link)})")
+    names = [p for p in link.split("/") if p not in ("", ".")]
+    ups = next((i for i, p in enumerate(names) if p != ".."), len(names))
+    if len(parts) - 1 - ups < floor or ".." in names[ups:]:
+        raise _refuse(member, f"is a link that leaves the destination ({_shown(link)})")
 
 
 def _clear(fd: int, name: str, member: tarfile.TarInfo) -> None:
-    """Make room for a file or link: an existing one is replaced, never written through."""
+    """Make room for a link: an existing file or link is replaced, never written through."""
     try:
         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -65,11 +70,53 @@ def _clear(fd: int, name: str, member: tarfile.TarInfo) -> None:
 
 
 def _times(fd: int, member: tarfile.TarInfo) -> None:
-    os.utime(fd, ns=(int(member.mtime * 1e9),) * 2)
+    with contextlib.suppress(OverflowError, OSError, ValueError):  # a time no file system keeps
+        os.utime(fd, ns=(int(member.mtime * 1e9),) * 2)
 
 
-def extract(root_fd: int, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
-    """Create ``member`` under the directory ``root_fd`` (a file's data read from ``tar``)."""
+def _write_file(fd: int, name: str, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    """The file under a temporary name, renamed over ``name`` once whole: an error part way
+    leaves what was there before, not half of the new one."""
+    mode = member.mode & 0o755 | 0o600
+    if not member.mode & 0o100:
+        mode &= ~0o111
+    data = tar.extractfile(member)
+    if data is None:
+        raise _refuse(member, "is a file without data")
+    temp = f".{name[:200]}.mvm-cp-{secrets.token_hex(4)}"
+    out = os.open(temp, FILE_FLAGS, 0o600, dir_fd=fd)
+    try:
+        with os.fdopen(out, "wb", closefd=False) as sink:
+            while chunk := data.read(CHUNK):
+                sink.write(chunk)
+        os.fchmod(out, mode)  # the umask does not take bits the data filter would keep
+        _times(out, member)
+        _clear(fd, name, member)
+        os.rename(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=fd)
+        raise
+    finally:
+        os.close(out)
+
+
+def _make_dir(fd: int, name: str, member: tarfile.TarInfo) -> None:
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o755, dir_fd=fd)
+    try:
+        sub = open_dir(fd, [name])
+    except (Blocked, NotADirectoryError):
+        raise UsageError(f"cannot copy {_shown(member.name)}: a file of that name is in the way") from None
+    try:
+        _times(sub, member)
+    finally:
+        os.close(sub)
+
+
+def extract(root_fd: int, tar: tarfile.TarFile, member: tarfile.TarInfo, floor: int = 0) -> None:
+    """Create ``member`` under the directory ``root_fd`` (a file's data read from ``tar``);
+    its links may point no higher than ``floor`` levels below it (1: inside the top entry)."""
     parts = _parts(member, member.name)
     try:
         fd = open_dir(root_fd, parts[:-1])
@@ -79,37 +126,11 @@ def extract(root_fd: int, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None
     name = parts[-1]
     try:
         if member.isdir():
-            try:
-                os.mkdir(name, 0o755, dir_fd=fd)
-            except FileExistsError:
-                pass
-            try:
-                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            except OSError:
-                raise UsageError(f"cannot copy {_shown(member.name)}: a file of that name is in the way") from None
-            try:
-                _times(sub, member)
-            finally:
-                os.close(sub)
+            _make_dir(fd, name, member)
         elif member.isreg():
-            _clear(fd, name, member)
-            mode = member.mode & 0o755 | 0o600
-            if not member.mode & 0o100:
-                mode &= ~0o111
-            out = os.open(name, FILE_FLAGS, mode, dir_fd=fd)
-            try:
-                data = tar.extractfile(member)
-                assert data is not None  # a regular file's
-                while chunk := data.read(CHUNK):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(out, view):]
-                os.fchmod(out, mode)  # the umask does not take bits the data filter would keep
-                _times(out, member)
-            finally:
-                os.close(out)
+            _write_file(fd, name, tar, member)
         elif member.issym():
-            _inside(member, parts, member.linkname)
+            _inside(member, parts, floor)
             _clear(fd, name, member)
             os.symlink(member.linkname, name, dir_fd=fd)
         elif member.islnk():

@@ -53,17 +53,25 @@ def destination(dest: str, src_is_dir: bool, src_name: str, contents_only: bool)
     return parent, os.path.basename(dest)
 
 
+def landed_name(name: str, new_top: str | None) -> str | None:
+    """A name in the stream (``TOP/...``) as it lands: None for the top entry itself when only
+    its contents go. Also a hard link's target (what it names is in the stream too)."""
+    if name == TOP:
+        return new_top
+    if name.startswith(TOP + "/"):
+        rest = name[len(TOP) + 1:]
+        return rest if new_top is None else f"{new_top}/{rest}"
+    raise CopyError(f"unexpected entry {name!r} in the stream")
+
+
 def rename(member: tarfile.TarInfo, new_top: str | None, archive: bool) -> tarfile.TarInfo | None:
     """``member`` under its final name (None: the top entry itself, when only its contents go)."""
-    if member.name == TOP:
-        if new_top is None:
-            return None
-        member.name = new_top
-    elif member.name.startswith(TOP + "/"):
-        rest = member.name[len(TOP) + 1:]
-        member.name = rest if new_top is None else f"{new_top}/{rest}"
-    else:
-        raise CopyError(f"unexpected entry {member.name!r} in the stream")
+    name = landed_name(member.name, new_top)
+    if name is None:
+        return None
+    member.name = name
+    if member.islnk():  # a hard link names another entry of the stream: it moves with it
+        member.linkname = landed_name(member.linkname, new_top) or "/"
     if not archive:
         member.uid = member.gid = 0
         member.uname = member.gname = "root"
