@@ -133,6 +133,29 @@ def test_hand_over_never_follows_a_link_swapped_in(tmp_path: Path, monkeypatch: 
     assert os.stat(etc / "f").st_uid == 0 and os.stat(etc).st_uid == 0
 
 
+def test_hand_over_leaves_hard_linked_files_and_needs_few_descriptors(tmp_path: Path) -> None:
+    """A review's findings: any guest user may hard-link a root file into /tmp during a
+    preStart (the hand-over would give the inode away); os.fwalk held one descriptor per
+    level, and a deep tree in /tmp ran PID 1 out of them."""
+    import resource
+
+    before = snapshot_tree([str(tmp_path)])
+    (tmp_path / "conf").write_text("root's")
+    os.link(tmp_path / "conf", tmp_path / "linked")  # the same root file under a second name
+    deep = tmp_path
+    for _ in range(200):
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        changed = hand_over([str(tmp_path)], before, 12345, 12345)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert changed == 200  # every new directory, however deep
+    assert os.stat(tmp_path / "conf").st_uid == 0 and deep.stat().st_uid == 12345
+
+
 def test_cp_destination_rules(tmp_path: Path) -> None:
     from mvm.guest.copy import CopyError, destination
 
@@ -221,3 +244,16 @@ def test_a_service_uptime_ignores_the_wall_clock(monkeypatch: pytest.MonkeyPatch
     service.state, service.started_at = "running", time.monotonic() - 3.0
     monkeypatch.setattr(time, "time", lambda: 1e10)  # the clock set after a restore
     assert 3.0 <= service.status()["uptime"] < 10.0
+
+
+def test_the_guest_checks_a_hostname_as_the_host_does() -> None:
+    from mvm.guest.system import valid_hostname
+    from mvm.names import check_hostname
+
+    for name in ("web", "web-1.internal", "A1", "x" * 63, "web\n10.0.0.1 bank", "a b", "-web", "web-", "a..b",
+                 "x" * 64, "é", ""):
+        try:
+            host_ok = check_hostname(name) == name
+        except ValueError:
+            host_ok = False
+        assert valid_hostname(name) == host_ok, name

@@ -177,8 +177,10 @@ class Init:
         events = self.events
         # the spec's hostname, else the VM's name (`up --name`), else the spec's name
         hostname = self.guest.get("hostname") or runtime.get("vm") or self.guest.get("name")
-        if hostname:
+        if hostname and system.valid_hostname(hostname):
             system.set_hostname(hostname)
+        elif hostname:
+            say(f"hostname {hostname!r} is not a hostname: left unset")
         try:
             owner: Identity | None = Identity("mvm")
         except KeyError:

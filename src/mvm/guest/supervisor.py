@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pwd
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -90,33 +91,57 @@ def base_env(identity: Identity, path: str) -> dict[str, str]:
 def snapshot_tree(roots: list[str]) -> set[str]:
     seen: set[str] = set()
     for root in roots:
-        for dirpath, dirnames, filenames, _ in os.fwalk(root):
+        for dirpath, dirnames, filenames in os.walk(root):
             for name in dirnames + filenames:
                 seen.add(os.path.join(dirpath, name))
     return seen
+
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_parent(path: str) -> int:
+    """A descriptor of the directory holding ``path``, reached from / one component at a
+    time without following a link (OSError if one is a link or missing)."""
+    fd = os.open("/", DIR_FLAGS)
+    try:
+        for part in path.split("/")[1:-1]:
+            child = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def hand_over(roots: list[str], before: set[str], uid: int, gid: int) -> int:
     """Give root-owned paths created since ``before`` (i.e. by a preStart) to uid:gid;
     returns how many changed hands. Paths other users created are left alone.
 
-    Each entry is changed through a descriptor of the directory that holds it (``os.fwalk``,
-    which never descends into a link), never by its path: another service may own a
-    directory on the way (a writable volume is the service user's) and swap what the preStart
-    made there for a link to /etc while this runs; a path would follow that link."""
+    Each entry is changed through a descriptor of its directory, reached without following
+    a link, never by its path: another service may own a directory on the way (a writable
+    volume is the service user's) and swap what the preStart made there for a link to /etc
+    while this runs. A file with other hard links is left alone: one of them may be a
+    root file another user linked in. One descriptor at a time (``os.fwalk`` holds one per
+    level: a deep tree in /tmp ran PID 1 out of them)."""
     changed = 0
-    for root in roots:
-        for dirpath, dirnames, filenames, dirfd in os.fwalk(root):
-            for name in dirnames + filenames:
-                if os.path.join(dirpath, name) in before:
-                    continue
-                try:
-                    if os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_uid != 0:
-                        continue
-                    os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
-                    changed += 1
-                except OSError:
-                    pass
+    for path in snapshot_tree(roots) - before:
+        try:
+            fd = _open_parent(path)
+        except OSError:
+            continue
+        try:
+            name = os.path.basename(path)
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if st.st_uid != 0 or (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode)):
+                continue
+            os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+            changed += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
     return changed
 
 
@@ -195,6 +220,15 @@ class Service:
             ).start()
         return child
 
+    def _snapshot(self, roots: list[str]) -> set[str] | None:
+        """What the hand-over roots hold before a preStart; None (nothing will be handed
+        over, the service starts all the same) for a tree no walk gets through."""
+        try:
+            return snapshot_tree(roots)
+        except (OSError, RecursionError) as exc:
+            self.sup.events.emit("init", msg=f"{self.name}: preStart's files will not be handed over: {exc}")
+            return None
+
     def _run(self) -> None:
         for dep in self.spec.get("dependsOn") or []:
             self.sup.services[dep].started.wait()
@@ -210,10 +244,13 @@ class Service:
             roots = self.sup.handover_roots
             # One preStart at a time: what appears meanwhile is this one's to hand over.
             with self.sup.prestart_lock:
-                before = snapshot_tree(roots)
+                before = self._snapshot(roots)
                 code = self._spawn(pre, Identity("root"), "preStart").wait()
-                if user.uid != 0:
-                    hand_over(roots, before, user.uid, user.gid)
+                if user.uid != 0 and before is not None:
+                    try:
+                        hand_over(roots, before, user.uid, user.gid)
+                    except (OSError, RecursionError) as exc:  # a tree no walk gets through: start anyway
+                        self.sup.events.emit("init", msg=f"{self.name}: preStart's files not handed over: {exc}")
             if code != 0:
                 self.last_exit = code
                 self._set_state("failed", reason=f"preStart exited with {code}", exit=code)

@@ -66,6 +66,7 @@ def mount_early() -> None:
         except OSError as exc:
             if exc.errno != errno.EBUSY:
                 raise
+    protect_links()
     for link, dest in (("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
                        ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2"),
                        ("/dev/ptmx", "pts/ptmx")):
@@ -74,6 +75,31 @@ def mount_early() -> None:
                 os.symlink(dest, link)
             except OSError:
                 pass
+
+
+def protect_links() -> None:
+    """The kernel's link protections, whatever the guest kernel's defaults (Debian's turn
+    them on, a plain kernel's are off): no hard link to another user's file, no following
+    another user's symlink in a sticky directory such as /tmp. The preStart hand-over relies
+    on the first (a root file linked into /tmp by a service user would be given away)."""
+    for name in ("protected_hardlinks", "protected_symlinks"):
+        try:
+            with open(f"/proc/sys/fs/{name}", "w") as f:
+                f.write("1")
+        except OSError:
+            pass
+
+
+def valid_hostname(name: str) -> bool:
+    """RFC 1123 (as the host checks a spec's): a name from the kernel command line (a
+    KubeVirt export's ``mvm.hostname``) goes into /etc/hosts too, where a space or a line
+    break would add hosts."""
+    labels = name.split(".")
+    return len(name) <= 253 and all(
+        0 < len(label) <= 63 and label[0] != "-" and label[-1] != "-"
+        and all(c.isascii() and (c.isalnum() or c == "-") for c in label)
+        for label in labels
+    )
 
 
 def set_hostname(name: str) -> None:
