@@ -15,13 +15,16 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import SpecError
 from .names import MIN_MEMORY_MIB, SERVICE_RE, USER_RE, Arch, check_env, check_hostname, check_vm_name
 
 GUEST_JSON_SCHEMA = 1
 DEFAULT_USER = "mvm"
+#: The validation context of a spec as it comes in (mvm.toml, a flake's guest): rules added
+#: since images were first built apply to it, and not to the manifests of stored images.
+INPUT = {"input": True}
 
 
 class _Model(BaseModel):
@@ -77,7 +80,13 @@ class GuestSpec(_Model):
     arch: Arch | None = None
 
     _check_name = field_validator("name")(check_vm_name)
-    _check_hostname = field_validator("hostname")(check_hostname)
+
+    @field_validator("hostname")
+    @classmethod
+    def _check_hostname(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # Where a spec comes in (INPUT), not where a stored manifest is read: an image built
+        # before the check keeps working.
+        return check_hostname(value) if info.context == INPUT else value
 
     @field_validator("files")
     @classmethod
@@ -205,7 +214,7 @@ def _known_keys(loc: tuple[Any, ...]) -> list[str]:
 
 def parse_spec(data: dict[str, Any], *, source: str) -> GuestSpec:
     try:
-        return GuestSpec.model_validate(data)
+        return GuestSpec.model_validate(data, context=INPUT)
     except ValidationError as exc:
         errors = exc.errors()
         # an unknown key first: a misspelt one also makes its right spelling "missing"

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from mvm.errors import SpecError
-from mvm.spec import load_toml, parse_spec
+from mvm.spec import GuestSpec, load_toml, parse_spec
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 
@@ -122,3 +122,21 @@ def test_values_of_the_wrong_type_are_refused_alike(data: dict, message: str) ->
     with pytest.raises(SpecError) as err:
         parse_spec(data, source="t")
     assert err.value.message == f"t: {message}"
+
+
+def test_a_stored_image_with_an_older_hostname_still_reads(tmp_path: Path) -> None:
+    """The hostname rule is for specs coming in: an image built before it (`my_host`) stays
+    readable (it was listed as broken, and `cleanup` deleted it under its VMs)."""
+    from mvm.images.store import ImageStore, Manifest, read_manifest
+
+    with pytest.raises(SpecError, match="not a valid hostname"):
+        parse_spec({"name": "x", "hostname": "my_host"}, source="t")
+    store = ImageStore(tmp_path)
+
+    def make(staging: Path) -> Manifest:
+        (staging / "rootfs.ext4").write_bytes(b"x")
+        return Manifest(key="k" * 32, name="x", frontend="toml", source={},
+                        guest=GuestSpec.model_validate({"name": "x", "hostname": "my_host"}))
+
+    image = store.publish("k" * 32, make)
+    assert read_manifest(image.path).guest.hostname == "my_host"

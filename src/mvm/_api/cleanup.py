@@ -113,8 +113,8 @@ def cleanup(
     store = ImageStore(layout.images)
     if layout.images.is_dir():
         for entry in layout.images.iterdir():
-            if entry.name.startswith(".") or not entry.is_dir():
-                continue
+            if entry.name.startswith(".") or not entry.is_dir() or entry.name in in_use:
+                continue  # an image a VM uses stays, even one this mvm cannot read
             try:
                 read_manifest(entry)
             except StateError as exc:

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from .._proc import Runner, require_tool
 from ..errors import BuildError, CommandFailed, SpecError, UsageError
 from ..paths import Layout
-from ..spec import GuestSpec, describe_error
+from ..spec import INPUT, GuestSpec, describe_error
 from . import arches, nixerrors
 from .store import Image, ImageStore, Manifest, link_or_copy
 
@@ -182,7 +182,7 @@ def check_guest(guest: dict[str, Any], flake: FlakeRef) -> GuestSpec:
     """The guest document must be one the guest init understands: validate it as mvm.toml is."""
     model = {k: v for k, v in guest.items() if k not in NIX_GUEST_KEYS}
     try:
-        return GuestSpec.model_validate(model)
+        return GuestSpec.model_validate(model, context=INPUT)
     except ValidationError as exc:
         first = exc.errors()[0]
         # a rule of mvm's own (a dependsOn loop, a bad name) is the spec's; a shape mkGuest
