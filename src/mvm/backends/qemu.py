@@ -9,6 +9,7 @@ QEMU's own words), liveness by pid and start time, forwards over QMP, and the st
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _proc
-from .._proc import DEFAULT_RUNNER, Runner, require_tool, signals_deferred, tail_file
+from .._proc import DEFAULT_RUNNER, RunAs, Runner, require_tool, signals_deferred, tail_file
 from ..errors import BootError, PortInUse, RestoreFailed, StopFailed, UsageError, VMError, VolumeError
 from ..paths import VMFiles
 from . import accel
@@ -64,6 +65,24 @@ def find_virtiofsd() -> str:
         if os.access(candidate, os.X_OK):
             return candidate
     return require_tool("virtiofsd")
+
+
+#: What Debian 12's virtiofsd logs once it serves its socket.
+VIRTIOFSD_READY = "Waiting for vhost-user socket connection"
+
+
+def _share_owner(path: Path) -> RunAs | None:
+    """Whom a shared directory's virtiofsd runs as: its owner (with the owner's groups), when
+    mvm is root and the owner is not (see :func:`qemu_argv.virtiofsd_argv`)."""
+    st = os.stat(path)
+    if os.geteuid() != 0 or st.st_uid == 0:
+        return None
+    try:
+        entry = pwd.getpwuid(st.st_uid)
+        groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    except KeyError:  # an owner with no account: its own group only
+        groups = ()
+    return RunAs(st.st_uid, st.st_gid, groups)
 
 
 def check_ports_free(ports: Sequence[PortForward]) -> None:
@@ -277,24 +296,27 @@ class QemuBackend:
                                  hint="move or link the directory to a path without commas")
         virtiofsd = find_virtiofsd()
         for i, share in enumerate(spec.shares):
-            sock = spec.files.root / share_socket(i)
             log_path = spec.files.root / f"virtiofsd{i}.log"
-            st = os.stat(share.path)
-            owner = (st.st_uid, st.st_gid) if st.st_uid != 0 and os.geteuid() == 0 else None
-            sock.parent.mkdir(mode=0o700)
-            if owner is not None:
-                os.chown(sock.parent, *owner)
-            with open(log_path, "ab") as log_file, signals_deferred():
-                helper = self.runner.spawn(virtiofsd_argv(virtiofsd, share.path, owner), stdout=log_file,
-                                           cwd=sock.parent)
-                helpers.append(helper)
+            owner = _share_owner(share.path)
+            # mvm binds the socket in the VM dir (root's) and lends it: the owner's virtiofsd
+            # needs no directory of its own there, where it could swap the socket for a link
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+                listener.bind(str(spec.files.root / share_socket(i)))
+                listener.listen(1)
+                fd = listener.fileno()
+                with open(log_path, "ab") as log_file, signals_deferred():
+                    helper = self.runner.spawn(virtiofsd_argv(virtiofsd, share.path, fd, as_owner=owner is not None),
+                                               stdout=log_file, cwd=spec.files.root, pass_fds=[fd], user=owner)
+                    helpers.append(helper)
             deadline = time.monotonic() + START_TIMEOUT
-            while not sock.exists():
-                if helper.poll() is not None or time.monotonic() > deadline:
+            while VIRTIOFSD_READY not in log_path.read_text(errors="replace"):
+                if helper.poll() is not None:
                     raise BootError(spec.name, f"virtiofsd could not share {share.path}",
                                     hint="virtiofsd needs mvm to run as root, and the directory's owner to "
                                     "reach it (every directory above it searchable by them)",
                                     output=tail_file(log_path))
+                if time.monotonic() > deadline:
+                    break  # a virtiofsd that says nothing (another build): QEMU's connection tells
                 time.sleep(0.01)
 
     def _wait_started(self, proc: subprocess.Popen[bytes], files: VMFiles, spec: LaunchSpec) -> None:

@@ -148,31 +148,22 @@ def hostfwd_rule(fwd: PortForward) -> str:
 
 
 def share_socket(index: int) -> str:
-    """Where share ``index``'s virtiofsd listens, under the VM dir: a directory of its own,
-    which virtiofsd may write when it runs as the project's owner."""
-    return f"share{index}/fs.sock"
+    return f"fs{index}.sock"
 
 
-#: Run as the shared directory's owner in a user namespace of its own, where it is root:
-#: a private /run for virtiofsd's pid file (the host's /run/virtiofsd is root's).
-_AS_OWNER = 'mount -t tmpfs tmpfs /run && exec "$@"'
+def virtiofsd_argv(virtiofsd: str, source: Path, fd: int, *, as_owner: bool) -> list[str]:
+    """virtiofsd serving ``source`` on the listening socket ``fd``.
 
-
-def virtiofsd_argv(virtiofsd: str, source: Path, owner: tuple[int, int] | None) -> list[str]:
-    """virtiofsd serving ``source``, listening on ``fs.sock`` in its working directory.
-
-    virtiofsd runs as root and creates what the guest asks for under the guest's ids, so a
-    guest's root could make setuid-root programs and device nodes in the shared directory. With
-    ``owner`` (uid, gid: the directory's owner, when that is not root) it runs as that user,
-    root only in a user namespace of its own: the guest's root is the owner on the host, and
-    can make nothing the owner could not. A root-owned directory is served as before, without
-    the capability to make device nodes or file capabilities."""
-    serve = [virtiofsd, "--socket-path=fs.sock", "-o", f"source={source}", "-o", "cache=auto"]
-    if owner is None:
-        return [*serve, "-o", "modcaps=-mknod:-setfcap"]
-    uid, gid = owner
-    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
-            "unshare", "--user", "--map-root-user", "--mount", "--", "sh", "-c", _AS_OWNER, "sh", *serve]
+    virtiofsd creates what the guest asks for under the guest's ids: as root, a guest's root
+    could make setuid-root programs and device nodes in the shared directory. ``as_owner``
+    (it is spawned as the directory's owner) makes it root only in a user namespace of its
+    own: the guest's root is the owner on the host, and can make nothing the owner could
+    not. A root-owned directory is served as root, without the capabilities to make device
+    nodes or file capabilities."""
+    serve = [virtiofsd, f"--fd={fd}", "-o", f"source={source}", "-o", "cache=auto"]
+    if as_owner:
+        return ["unshare", "--user", "--map-root-user", "--", *serve]
+    return [*serve, "-o", "modcaps=-mknod:-setfcap"]
 
 
 def build_argv(spec: LaunchSpec, handoff: Handoff, qemu: str | None = None) -> list[str]:
