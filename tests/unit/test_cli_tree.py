@@ -104,7 +104,7 @@ def test_help_names_arguments_without_python_types(capsys: pytest.CaptureFixture
     (["rm", "web"], "`mvmctl down NAME` stops a VM and removes it"),
     (["--debug", "ps"], "`mvmctl ls` lists VMs"),
     (["exec", "-it", "web", "sh"], "`mvmctl console NAME` opens an interactive shell"),
-    (["exec", "web", "-t", "--", "sh"], "`mvmctl console NAME` opens an interactive shell"),
+    (["exec", "-u", "mvm", "-t", "web", "sh"], "`mvmctl console NAME` opens an interactive shell"),
 ])
 def test_another_tools_words_get_mvmctls_equivalent(args: list[str], expected: str,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -118,6 +118,7 @@ def test_another_tools_words_get_mvmctls_equivalent(args: list[str], expected: s
 def test_other_tools_words_never_shadow_a_command() -> None:
     assert not set(app.OTHER_TOOLS_WORDS) & set(app.COMMANDS)
     assert app.usage_hint(["exec", "web", "--", "ls", "-t"]) is None  # the guest command's own -t
+    assert app.usage_hint(["exec", "web", "ls", "-t"]) is None  # after NAME: a missing `--`, not a terminal
 
 
 def test_nothing_mvmctl_writes_is_writable_by_others() -> None:

@@ -67,11 +67,21 @@ def _command_word(args: list[str]) -> str | None:
     return next((arg for arg in args if not arg.startswith("-")), None)
 
 
+#: exec's options that take a value: the word after one is not the VM's name.
+_EXEC_VALUED = frozenset({"-u", "--user", "-w", "--workdir", "-e", "--env", "--timeout"})
+
+
 def usage_hint(args: list[str]) -> str | None:
     """What to type instead, for a command line click refused that another tool takes."""
-    word = _command_word(args)
-    options = args[:args.index("--")] if "--" in args else args
-    if word == "exec" and {"-t", "-it", "-ti", "--tty"} & set(options):
+    if _command_word(args) != "exec":
+        return None
+    rest = args[args.index("exec") + 1:]
+    options: list[str] = []
+    while rest and rest[0].startswith("-") and rest[0] != "--":  # exec's own, before NAME
+        options.append(rest.pop(0))
+        if options[-1] in _EXEC_VALUED and rest:
+            rest.pop(0)
+    if {"-t", "-it", "-ti", "--tty"} & set(options):
         return "exec gives no terminal (there is no -t): `mvmctl console NAME` opens an interactive shell"
     return None
 

@@ -46,7 +46,7 @@ Volumes = Annotated[
     list[str] | None,
     typer.Option(
         "-v", "--volume",
-        metavar="HOST:PATH[:MB][:secret]",
+        metavar="HOST:PATH[:MB|:ro][:secret]",
         help="Attach a volume. HOSTDIR:/guest/path is read-only: an image of HOSTDIR built at each up, "
         "mounted ro,nosuid,nodev,noexec (add :secret, or use a path containing 'secret', to hide it from "
         "non-service users). HOST:/guest/path:SIZE_MB (MiB, at least 8) is writable and persistent: created "
