@@ -103,8 +103,8 @@ def check_free(path: str | os.PathLike[str], needed: int, what: str) -> None:
     st = os.statvfs(path)
     free = st.f_bavail * st.f_frsize
     if free < needed:
-        raise DiskFull(f"the disk holding {path} has {free / 2**20:.0f} MB free; {what} needs "
-                       f"{needed / 2**20:.0f} MB; nothing was written")
+        raise DiskFull(f"the disk holding {path} has {free / 2**20:.0f} MiB free; {what} needs "
+                       f"{needed / 2**20:.0f} MiB; nothing was written")
 
 
 class PortInUse(MvmError):

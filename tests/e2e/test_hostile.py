@@ -315,7 +315,7 @@ def test_a_full_disk_during_build_up_and_volumes(cli: CLI, testbed_image: dict[s
     # up: the state dir's disk has 100 MB free (a VM needs 128 MB)
     with _tmpfs(tmp_path / "home", 300, free_mb=100) as home:
         r = cli("up", TESTBED, "--name", "full", check=False, env={"MVM_HOME": str(home)})
-        assert r.returncode == 1 and "has 100 MB free; a VM" in r.stderr and "nothing was written" in r.stderr
+        assert r.returncode == 1 and "has 100 MiB free; a VM" in r.stderr and "nothing was written" in r.stderr
         assert _files_under(home) in ([], ["state"], ["state", "state/vms"]), _files_under(home)
         add(_leaks(cli, home=home))
         faults += 1
@@ -328,7 +328,7 @@ def test_a_full_disk_during_build_up_and_volumes(cli: CLI, testbed_image: dict[s
     with _tmpfs(tmp_path / "home2", 300, free_mb=140) as home:
         r = cli("up", TESTBED, "--name", "full", "-v", f"{seed}:/mnt/data:256", check=False,
                 env={"MVM_HOME": str(home)})
-        assert r.returncode == 1 and "creating the 256 MB volume" in r.stderr and "needs 152 MB" in r.stderr, r.stderr
+        assert r.returncode == 1 and "creating the 256 MiB volume" in r.stderr and "needs 152 MiB" in r.stderr, r.stderr
         left = _files_under(home)
         assert not [f for f in left if f.startswith("state/vms/") or ".new-" in f or f.endswith("disk.ext4")], left
         add(_leaks(cli, home=home))
@@ -343,7 +343,7 @@ def test_a_full_disk_during_build_up_and_volumes(cli: CLI, testbed_image: dict[s
         cli("down", "full")
     with _tmpfs(tmp_path / "small", 64) as small:
         r = cli("volume", "export", str(data), "--to", str(small / "out"), check=False)
-        assert r.returncode == 1 and "nothing was written" in r.stderr and "MB free" in r.stderr, r.stderr
+        assert r.returncode == 1 and "nothing was written" in r.stderr and "MiB free" in r.stderr, r.stderr
         assert _files_under(small) == []
         faults += 1
     add(_leaks(cli), tmpfs=False)

@@ -208,7 +208,7 @@ def test_data_survives_down_kill_and_growth(cli: CLI, config_image: dict[str, An
 
     r = up(100, check=False)  # shrinking is refused, and changes nothing
     assert r.returncode == 1
-    assert "is 128 MB; shrinking it to 100 MB is refused" in _error_line(r.stderr)
+    assert "is 128 MiB; shrinking it to 100 MiB is refused" in _error_line(r.stderr)
     assert image.stat().st_size == 128 << 20 and not (cli.vms / "data").exists()
 
     # the data reaches the host with `volume export`, into the dir the volume came from
@@ -235,9 +235,9 @@ def test_data_survives_down_kill_and_growth(cli: CLI, config_image: dict[str, An
         (["{cfg}:/sys"], "guest path /sys is reserved"),
         (["{cfg}:/dev"], "guest path /dev is reserved"),
         (["{cfg}:/mnt/config", "{tmp}/other:/mnt/config"], "two volumes on one guest path /mnt/config"),
-        (["{tmp}/data:/mnt/data:0"], "size 0 MB: a volume's size must be a positive number of MB"),
-        (["{tmp}/data:/mnt/data:-64"], "size -64 MB: a volume's size must be a positive number of MB"),
-        (["{tmp}/data:/mnt/data:big"], "'big' is neither a size in MB nor 'ro' or 'secret'"),
+        (["{tmp}/data:/mnt/data:0"], "size 0 MiB: a volume's size must be a positive number of MiB"),
+        (["{tmp}/data:/mnt/data:-64"], "size -64 MiB: a volume's size must be a positive number of MiB"),
+        (["{tmp}/data:/mnt/data:big"], "'big' is neither a size in MiB nor 'ro' or 'secret'"),
         (["{tmp}/notes.txt:/mnt/data:64"], "{tmp}/notes.txt is an existing file but not an ext4 image"),
     ],
     ids=["missing-hostdir", "relative-guest-path", "root", "proc", "sys", "dev", "same-guest-path",

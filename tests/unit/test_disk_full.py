@@ -35,7 +35,7 @@ def _free(monkeypatch: pytest.MonkeyPatch, free_bytes: int) -> None:
 def test_up_is_refused_before_a_vm_dir_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     layout = Layout(state=tmp_path / "state", cache=tmp_path / "cache")
     _free(monkeypatch, 100 << 20)
-    with pytest.raises(DiskFull, match="has 100 MB free; a VM .* needs 128 MB; nothing was written") as info:
+    with pytest.raises(DiskFull, match="has 100 MiB free; a VM .* needs 128 MiB; nothing was written") as info:
         Registry(layout).reserve(VMRecord(name="web"))
     assert info.value.hint and "MVM_HOME" in info.value.hint
     assert list(layout.vms.iterdir()) == []

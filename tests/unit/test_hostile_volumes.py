@@ -141,7 +141,7 @@ def test_a_crafted_size_and_a_file_bigger_than_the_free_space(tmp_path: Path, bo
     monkeypatch.setattr(export.os, "statvfs", small)
     with pytest.raises(VolumeError) as info:
         _export(image, box / "out")
-    assert "nothing was written" in info.value.message and "MB free" in info.value.message
+    assert "nothing was written" in info.value.message and "MiB free" in info.value.message
     assert not (box / "out").exists() and not list(box.iterdir())
     monkeypatch.undo()
     result = _export(image, box / "out")

@@ -718,7 +718,7 @@ def test_a_template_on_a_full_disk_is_refused_before_it_boots(layout: Layout, fa
         return os.statvfs_result(fields)
 
     monkeypatch.setattr(os, "statvfs", statvfs)
-    with pytest.raises(mvm.DiskFull, match="saving a template of a 512 MB machine"):
+    with pytest.raises(mvm.DiskFull, match="saving a template of a 512 MiB machine"):
         make_template(image, cpus=1, memory=512, layout=layout, backend=fake)
     assert not fake.machines, "a machine was started"
     assert not [p for p in layout.templates.iterdir() if not p.name.endswith(".lock")]

@@ -66,12 +66,12 @@ def test_host_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("./c:/usr/lib/mvm", "is reserved"),
         ("./c:/etc", "guest path /etc is reserved"),
         ("./c:/mnt/../etc", "contains '..'"),
-        ("./d:/mnt/d:0", "size 0 MB: a volume's size must be a positive number of MB"),
-        ("./d:/mnt/d:-5", "size -5 MB: a volume's size must be a positive number of MB"),
-        ("./d:/mnt/d:abc", "'abc' is neither a size in MB nor 'ro' or 'secret'"),
-        ("./d:/mnt/d:1.5", "'1.5' is neither a size in MB"),
-        ("./d:/mnt/d:1G", "'1G' is neither a size in MB"),
-        ("./d:/mnt/d:4", "size 4 MB is too small"),
+        ("./d:/mnt/d:0", "size 0 MiB: a volume's size must be a positive number of MiB"),
+        ("./d:/mnt/d:-5", "size -5 MiB: a volume's size must be a positive number of MiB"),
+        ("./d:/mnt/d:abc", "'abc' is neither a size in MiB nor 'ro' or 'secret'"),
+        ("./d:/mnt/d:1.5", "'1.5' is neither a size in MiB"),
+        ("./d:/mnt/d:1G", "'1G' is neither a size in MiB"),
+        ("./d:/mnt/d:4", "size 4 MiB is too small"),
         ("./d:/mnt/d:99999999", "too large"),
     ],
 )
@@ -127,7 +127,7 @@ def test_plan_refuses_a_seed_that_does_not_fit(tmp_path: Path, layout: Layout) -
     (tmp_path / "big").mkdir()
     with open(tmp_path / "big" / "blob", "wb") as f:
         f.truncate(20 * 1024 * 1024)  # sparse, but counted at its size
-    with pytest.raises(VolumeError, match="do not fit in a 16 MB volume"):
+    with pytest.raises(VolumeError, match="do not fit in a 16 MiB volume"):
         plan(["./big:/mnt/d:16"], layout, cwd=tmp_path)
 
 
@@ -135,7 +135,7 @@ def test_plan_accepts_an_ext4_image_file(tmp_path: Path, layout: Layout) -> None
     _mkext4(tmp_path / "disk.img", 16)
     (p,) = plan(["./disk.img:/mnt/d:16"], layout, cwd=tmp_path)
     assert p.kind == "image" and p.meta is None
-    with pytest.raises(VolumeError, match="is 16 MB; shrinking it to 8 MB is refused"):
+    with pytest.raises(VolumeError, match="is 16 MiB; shrinking it to 8 MiB is refused"):
         plan(["./disk.img:/mnt/d:8"], layout, cwd=tmp_path)
 
 
@@ -280,7 +280,7 @@ def test_grow_keeps_data_and_shrink_is_refused(tmp_path: Path, layout: Layout) -
     assert sb.uuid == uuid  # the same filesystem, grown, not a new one
     out = subprocess.run(["debugfs", "-R", "cat /keep.txt", str(image)], capture_output=True, text=True).stdout
     assert out == "keep me"
-    with pytest.raises(VolumeError, match="is 40 MB; shrinking it to 16 MB is refused"):
+    with pytest.raises(VolumeError, match="is 40 MiB; shrinking it to 16 MiB is refused"):
         plan(["./data:/mnt/data:16"], layout, cwd=tmp_path)
 
 

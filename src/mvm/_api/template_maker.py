@@ -67,7 +67,8 @@ def make_template(image: Image, *, cpus: int, memory: int, layout: Layout, runne
             return existing
         # the machine's RAM file, its copy, root disk and state: refuse before booting, not halfway
         # (QEMU dies of SIGBUS when a file-backed RAM page finds no room on disk)
-        check_free(store.root, 2 * memory * 2**20 + TEMPLATE_SPARE_BYTES, f"saving a template of a {memory} MB machine")
+        check_free(store.root, 2 * memory * 2**20 + TEMPLATE_SPARE_BYTES,
+                   f"saving a template of a {memory} MiB machine")
         started = time.monotonic()
         with _staging(store, f".build-{key[:12]}-") as (staging, files):
             with contextlib.ExitStack() as running:  # stops the machine if anything below fails
@@ -203,7 +204,7 @@ def make_env_state(image: Image, *, cpus: int, memory: int, env: Mapping[str, st
         existing = store.env_state(template, digest)
         if existing is not None:
             return existing
-        check_free(store.root, memory * 2**20 + TEMPLATE_SPARE_BYTES, f"saving a {memory} MB machine's state")
+        check_free(store.root, memory * 2**20 + TEMPLATE_SPARE_BYTES, f"saving a {memory} MiB machine's state")
         started = time.monotonic()
         with _staging(store, f".build-{key[:12]}-env-") as (staging, files):
             with contextlib.ExitStack() as running:  # stops the machine if anything below fails

@@ -113,7 +113,7 @@ class UpRequest:
             except ValueError as exc:
                 raise UsageError(f"--name: {exc}") from None
         if log_limit_mb is not None and log_limit_mb < 1:
-            raise UsageError(f"--log-limit {log_limit_mb}: must be at least 1 MB")
+            raise UsageError(f"--log-limit {log_limit_mb}: must be at least 1 MiB")
         if hypervisor not in HYPERVISORS:
             raise UsageError(f"unknown hypervisor {hypervisor!r}", hint=f"use one of: {', '.join(HYPERVISORS)}")
         backend, accel = HYPERVISORS[hypervisor]

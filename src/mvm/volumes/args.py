@@ -84,17 +84,17 @@ def normalize_guest_path(text: str, guest: str) -> str:
 
 def parse_size(text: str, value: str) -> int:
     if not re.fullmatch(r"[+-]?\d+", value):
-        raise _usage(text, f"{value!r} is neither a size in MB nor 'ro' or 'secret'",
-                     hint="e.g. -v ./data:/mnt/data:1024 for a writable 1024 MB volume")
+        raise _usage(text, f"{value!r} is neither a size in MiB nor 'ro' or 'secret'",
+                     hint="e.g. -v ./data:/mnt/data:1024 for a writable 1024 MiB volume")
     size = int(value)
     if size <= 0:
-        raise _usage(text, f"size {size} MB: a volume's size must be a positive number of MB",
+        raise _usage(text, f"size {size} MiB: a volume's size must be a positive number of MiB",
                      hint="e.g. -v ./data:/mnt/data:1024")
     if size < MIN_SIZE_MB:
-        raise _usage(text, f"size {size} MB is too small: a volume needs at least {MIN_SIZE_MB} MB",
+        raise _usage(text, f"size {size} MiB is too small: a volume needs at least {MIN_SIZE_MB} MiB",
                      hint=f"use :{MIN_SIZE_MB} or more")
     if size > MAX_SIZE_MB:
-        raise _usage(text, f"size {size} MB is too large: at most {MAX_SIZE_MB} MB (1 TiB)")
+        raise _usage(text, f"size {size} MiB is too large: at most {MAX_SIZE_MB} MiB (1 TiB)")
     return size
 
 

@@ -110,8 +110,8 @@ def _resolve_writable(plan: Planned, store: VolumeStore) -> None:
                 needed, _ = ext4.tree_bytes(arg.host)
                 if needed > arg.size_mb * MIB * 9 // 10:
                     raise VolumeError(
-                        f"-v {arg.text!r}: the files in {arg.host} (about {needed // MIB + 1} MB) do not fit "
-                        f"in a {arg.size_mb} MB volume",
+                        f"-v {arg.text!r}: the files in {arg.host} (about {needed // MIB + 1} MiB) do not fit "
+                        f"in a {arg.size_mb} MiB volume",
                         hint=f"give a larger size, e.g. :{(needed * 2) // MIB + MIN_SIZE_MB}",
                     )
             return
@@ -126,7 +126,7 @@ def _resolve_writable(plan: Planned, store: VolumeStore) -> None:
     current_mb = -(-sb.size_bytes // MIB)
     if arg.size_mb * MIB < sb.size_bytes:
         raise VolumeError(
-            f"volume {plan.label} is {current_mb} MB; shrinking it to {arg.size_mb} MB is refused",
+            f"volume {plan.label} is {current_mb} MiB; shrinking it to {arg.size_mb} MiB is refused",
             hint=f"use :{current_mb} or more. To make it smaller, copy the data out "
             f"(`mvmctl volume export {vid} --to DIR`), `mvmctl volume rm {vid}`, and create it again",
         )
@@ -216,14 +216,14 @@ def create_managed(store: VolumeStore, vid: str, arg: VolumeArg, runner: Runner)
     seed = arg.host if arg.host.is_dir() else None
     # mkfs writes the seed's files, the journal and the metadata: refuse before, not halfway
     check_free(store.root, (ext4.tree_bytes(seed)[0] if seed else 0) + NEW_VOLUME_BYTES,
-               f"creating the {arg.size_mb} MB volume for {arg.host}")
+               f"creating the {arg.size_mb} MiB volume for {arg.host}")
     work = Path(tempfile.mkdtemp(prefix=f".{vid}.new-", dir=store.root))
     try:
         image = work / IMAGE_NAME
         ext4.create_sparse(image, arg.size_mb * MIB)
         try:
             ext4.format_new(image, runner, label=vid, journal=True, root_owner=(DEFAULT_UID, SERVICE_GID),
-                            seed=seed, desc=f"creating the {arg.size_mb} MB volume for {arg.host}")
+                            seed=seed, desc=f"creating the {arg.size_mb} MiB volume for {arg.host}")
         except CommandFailed as exc:
             if exc.hint == DiskFull.HINT:
                 raise DiskFull(exc.message + "; nothing was created", output=exc.output) from exc
@@ -292,7 +292,7 @@ def attach(
         _resolve_writable(p, store)  # again, now that the lock makes the answer stable
         fresh = p.meta is None
         if fresh and p.kind == "managed":
-            stage(f"creating volume {p.vid} ({p.arg.size_mb} MB)")
+            stage(f"creating volume {p.vid} ({p.arg.size_mb} MiB)")
             p.meta = create_managed(store, p.vid, p.arg, runner)
             undo.callback(attached._forget_new, p.vid, lock, p.kind)
         elif fresh:
@@ -311,10 +311,10 @@ def attach(
         sb = ext4.read_superblock(image)
         assert sb is not None
         if p.arg.size_mb * MIB > sb.size_bytes:
-            stage(f"growing volume {p.vid} to {p.arg.size_mb} MB")
+            stage(f"growing volume {p.vid} to {p.arg.size_mb} MiB")
             # resize2fs writes new group metadata (inode tables: ~2 % of the growth)
             check_free(image.parent, (p.arg.size_mb * MIB - sb.size_bytes) // 32 + NEW_VOLUME_BYTES,
-                       f"growing volume {p.vid} to {p.arg.size_mb} MB")
+                       f"growing volume {p.vid} to {p.arg.size_mb} MiB")
             ext4.grow(image, p.arg.size_mb * MIB, runner)
         meta.size_mb = p.arg.size_mb
         meta.last_guest, meta.last_vm, meta.last_used_at = p.arg.guest, vm, time.time()

@@ -266,8 +266,8 @@ def _check_space(where: Path, plan: _Plan, dest: Path) -> None:
     reserve = RESERVE_BYTES
     if needed + reserve > free:
         raise VolumeError(
-            f"export into {dest} stopped: it needs about {_mb(needed)} MB and {where} has {_mb(free)} MB free "
-            f"(mvm leaves {_mb(reserve)} MB); nothing was written",
+            f"export into {dest} stopped: it needs about {_mb(needed)} MiB and {where} has {_mb(free)} MiB free "
+            f"(mvm leaves {_mb(reserve)} MiB); nothing was written",
             hint="free some space, or export elsewhere with --to DIR")
     if st.f_files and len(plan.actions) + 1000 > st.f_favail:
         raise VolumeError(

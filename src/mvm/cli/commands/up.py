@@ -25,7 +25,7 @@ def up(
                         help="auto (KVM only if a probe proves it boots, else TCG), qemu-kvm or qemu-tcg."
     )] = "auto",
     wait: Annotated[bool, typer.Option("--wait", help="Return only once every health check is healthy.")] = False,
-    log_limit: Annotated[int | None, typer.Option("--log-limit", metavar="MB", help="The most the VM's console "
+    log_limit: Annotated[int | None, typer.Option("--log-limit", metavar="MIB", help="The most the VM's console "
                                                   "and service logs take on this host; older output is dropped "
                                                   "first (default: the spec's logLimitMb, else 64).",
                                                   show_default=False)] = None,
