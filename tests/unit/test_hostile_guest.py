@@ -420,6 +420,48 @@ def test_cp_out_refuses_a_chain_of_links_out(monkeypatch: pytest.MonkeyPatch, tm
     assert not [p for p in dest.rglob("*") if p.is_symlink() and not p.resolve().is_relative_to(dest)]
 
 
+def test_cp_out_refuses_a_hard_link_to_a_link_and_sparse_files(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """A second review: a hard link puts a symlink at another depth, where its leading '..'
+    climb further (a/a/l -> ../../x, linked as `escape`, read ../x); a sparse entry of a few
+    KiB unpacks to any size."""
+    from mvm.guest.copy import TOP
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UsageError, match="hard link to something other than a file"):
+        _cp_out(monkeypatch, _guest_tar(("dir", "a", None), ("dir", "a/a", None), ("sym", "a/a/l", "../../x"),
+                                        ("hard", "escape", f"{TOP}/a/a/l")), dest)
+    assert not (dest / "x" / "escape").exists()
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        top = tarfile.TarInfo(TOP)
+        top.type = tarfile.DIRTYPE
+        tar.addfile(top)
+        sparse = tarfile.TarInfo(f"{TOP}/big")
+        sparse.type = tarfile.GNUTYPE_SPARSE
+        tar.addfile(sparse)
+    with pytest.raises(UsageError, match="sparse"):
+        _cp_out(monkeypatch, raw.getvalue(), tmp_path / "sp")
+
+
+def test_cp_out_of_a_link_and_of_a_long_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`cp vm:/srv/current ./x` where current -> releases/7 copies the link; a 255-byte name
+    of 3-byte characters leaves no room for a longer temporary name."""
+    from mvm.guest.copy import TOP
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        link = tarfile.TarInfo(TOP)
+        link.type, link.linkname = tarfile.SYMTYPE, "releases/7"
+        tar.addfile(link)
+    _cp_out(monkeypatch, raw.getvalue(), tmp_path / "x")
+    assert os.readlink(tmp_path / "x") == "releases/7"
+    long = "€" * 85  # 255 bytes
+    _cp_out(monkeypatch, _guest_tar(("0644", long, "x")), tmp_path / "d")
+    assert (tmp_path / "d" / long).read_text() == "x"
+
+
 def test_cp_out_keeps_a_new_top_entrys_links_inside_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """`cp web:/srv/site ./site` (./site new): a link in it may not point beside it."""
     (tmp_path / "secret").write_text("host")

@@ -169,6 +169,8 @@ def _to_host(vm: VM, src: str, dest: str) -> None:
                     renamed = protocol.rename(member, new_top, archive=False)
                     if renamed is not None:  # links stay inside the new top entry, when there is one
                         guest_tar.extract(root_fd, tar, renamed, floor=0 if new_top is None else 1)
+                while feed.read(1 << 16):  # the end of the stream after the archive's end: the guest
+                    pass                   # writes it whole, and a closed pipe would fail a done copy
         except BaseException as exc:
             failure.append(exc)
         finally:

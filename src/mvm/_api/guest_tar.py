@@ -50,6 +50,7 @@ def _inside(member: tarfile.TarInfo, parts: list[str], floor: int) -> None:
     here, and a directory is never replaced by a link), and the rest only descends, so no
     chain of links can leave either (`a -> .`, then `b -> a/..` would)."""
     link = member.linkname
+    floor = min(floor, len(parts) - 1)  # the top entry itself may point beside it, as tarfile's filter allows
     if link.startswith("/"):
         raise _refuse(member, f"is a link to the absolute path {_shown(link)}")
     names = [p for p in link.split("/") if p not in ("", ".")]
@@ -83,7 +84,7 @@ def _write_file(fd: int, name: str, tar: tarfile.TarFile, member: tarfile.TarInf
     data = tar.extractfile(member)
     if data is None:
         raise _refuse(member, "is a file without data")
-    temp = f".{name[:200]}.mvm-cp-{secrets.token_hex(4)}"
+    temp = f".mvm-cp-{secrets.token_hex(8)}"  # short: a name of 255 bytes leaves no room for more
     out = os.open(temp, FILE_FLAGS, 0o600, dir_fd=fd)
     try:
         with os.fdopen(out, "wb", closefd=False) as sink:
@@ -127,6 +128,8 @@ def extract(root_fd: int, tar: tarfile.TarFile, member: tarfile.TarInfo, floor: 
     try:
         if member.isdir():
             _make_dir(fd, name, member)
+        elif member.issparse():  # a few KiB that unpack to any size: no guest's own `tar` makes one
+            raise _refuse(member, "is a sparse file")
         elif member.isreg():
             _write_file(fd, name, tar, member)
         elif member.issym():
@@ -140,6 +143,10 @@ def extract(root_fd: int, tar: tarfile.TarFile, member: tarfile.TarInfo, floor: 
             except Blocked:
                 raise _refuse(member, f"is a hard link through a non-directory ({_shown(member.linkname)})") from None
             try:
+                # a regular file only: a hard link to a symlink would put it at another depth,
+                # where its leading '..' climb further than _inside allowed
+                if not stat.S_ISREG(os.stat(target[-1], dir_fd=src, follow_symlinks=False).st_mode):
+                    raise _refuse(member, f"is a hard link to something other than a file ({_shown(member.linkname)})")
                 _clear(fd, name, member)
                 os.link(target[-1], name, src_dir_fd=src, dst_dir_fd=fd, follow_symlinks=False)
             finally:
