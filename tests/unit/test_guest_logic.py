@@ -156,6 +156,27 @@ def test_hand_over_leaves_hard_linked_files_and_needs_few_descriptors(tmp_path: 
     assert os.stat(tmp_path / "conf").st_uid == 0 and deep.stat().st_uid == 12345
 
 
+def test_hand_over_gives_nothing_old_that_was_renamed(tmp_path: Path) -> None:
+    """A second review: new was decided by path, so a service that renamed a root directory
+    in a shared volume during another's preStart got everything in it (a root service's key)."""
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "key").write_text("root's")
+    before = snapshot_tree([str(tmp_path)])
+    os.rename(tmp_path / "db", tmp_path / "db.mine")  # the racing service, during the preStart
+    (tmp_path / "made").write_text("the preStart's")
+    assert hand_over([str(tmp_path)], before, 12345, 12345) == 1
+    assert os.stat(tmp_path / "db.mine" / "key").st_uid == 0 and os.stat(tmp_path / "made").st_uid == 12345
+
+
+def test_hand_over_walks_a_tree_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
+    before = snapshot_tree([str(tmp_path)])
+    deep = str(tmp_path)
+    for _ in range(1200):  # os.makedirs itself recurses
+        deep += "/d"
+        os.mkdir(deep)
+    assert hand_over([str(tmp_path)], before, 12345, 12345) == 1200
+
+
 def test_cp_destination_rules(tmp_path: Path) -> None:
     from mvm.guest.copy import CopyError, destination
 

@@ -28,6 +28,7 @@ import time
 TYPE_CHECKING = False  # not `from typing`: importing typing costs ~35 ms at boot under TCG
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import IO, Any
 
 from .events import EventLog
@@ -88,58 +89,84 @@ def base_env(identity: Identity, path: str) -> dict[str, str]:
     }
 
 
-def snapshot_tree(roots: list[str]) -> set[str]:
-    seen: set[str] = set()
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in dirnames + filenames:
-                seen.add(os.path.join(dirpath, name))
-    return seen
+def _entries(roots: list[str]) -> Iterator[tuple[str, str, int]]:
+    """(directory, name, inode) of everything under ``roots``, links not followed; a loop,
+    not recursion (a tree deeper than the recursion limit is walked too)."""
+    stack = list(roots)
+    while stack:
+        top = stack.pop()
+        try:
+            listing = os.scandir(top)
+        except OSError:
+            continue
+        with listing:
+            for entry in listing:
+                yield top, entry.name, entry.inode()
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+
+
+def snapshot_tree(roots: list[str]) -> set[int]:
+    """The inodes under ``roots`` before a preStart: what is new after it is what has another
+    inode (a path would not do: renaming a root directory makes everything in it "new")."""
+    return {inode for _, _, inode in _entries(roots)}
 
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: The most a hand-over takes (it runs under the preStart lock); the rest stays root's.
+HAND_OVER_BUDGET = 10.0
 
 
-def _open_parent(path: str) -> int:
-    """A descriptor of the directory holding ``path``, reached from / one component at a
-    time without following a link (OSError if one is a link or missing)."""
+def _open_dir(path: str) -> int:
+    """A descriptor of the directory ``path``, reached from / one component at a time
+    without following a link (OSError if one is a link or missing)."""
     fd = os.open("/", DIR_FLAGS)
     try:
-        for part in path.split("/")[1:-1]:
-            child = os.open(part, DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = child
+        for part in path.strip("/").split("/"):
+            if part:
+                child = os.open(part, DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def hand_over(roots: list[str], before: set[str], uid: int, gid: int) -> int:
-    """Give root-owned paths created since ``before`` (i.e. by a preStart) to uid:gid;
-    returns how many changed hands. Paths other users created are left alone.
+def hand_over(roots: list[str], before: set[int], uid: int, gid: int) -> int:
+    """Give root-owned entries created since ``before`` (i.e. by a preStart) to uid:gid;
+    returns how many changed hands. Entries other users created are left alone.
 
     Each entry is changed through a descriptor of its directory, reached without following
-    a link, never by its path: another service may own a directory on the way (a writable
-    volume is the service user's) and swap what the preStart made there for a link to /etc
-    while this runs. A file with other hard links is left alone: one of them may be a
-    root file another user linked in. One descriptor at a time (``os.fwalk`` holds one per
-    level: a deep tree in /tmp ran PID 1 out of them)."""
+    a link, never by its path, and only if it is still the inode the walk found: another
+    service may own a directory on the way (a writable volume is the service user's) and
+    swap what the preStart made there for a link to /etc while this runs. A file with other
+    hard links is left alone: one of them may be a root file another user linked in. One
+    descriptor at a time, each directory opened once; TimeoutError past the budget."""
+    new: dict[str, list[tuple[str, int]]] = {}
+    for top, name, inode in _entries(roots):
+        if inode not in before:
+            new.setdefault(top, []).append((name, inode))
     changed = 0
-    for path in snapshot_tree(roots) - before:
+    deadline = time.monotonic() + HAND_OVER_BUDGET
+    for top, entries in new.items():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"stopped after {HAND_OVER_BUDGET:.0f} s with {changed} entries handed over")
         try:
-            fd = _open_parent(path)
+            fd = _open_dir(top)
         except OSError:
             continue
         try:
-            name = os.path.basename(path)
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if st.st_uid != 0 or (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode)):
-                continue
-            os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
-            changed += 1
-        except OSError:
-            pass
+            for name, inode in entries:
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    if (st.st_ino != inode or st.st_uid != 0
+                            or (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode))):
+                        continue
+                    os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+                    changed += 1
+                except OSError:
+                    pass
         finally:
             os.close(fd)
     return changed
@@ -220,12 +247,12 @@ class Service:
             ).start()
         return child
 
-    def _snapshot(self, roots: list[str]) -> set[str] | None:
+    def _snapshot(self, roots: list[str]) -> set[int] | None:
         """What the hand-over roots hold before a preStart; None (nothing will be handed
-        over, the service starts all the same) for a tree no walk gets through."""
+        over, the service starts all the same) if they cannot be read."""
         try:
             return snapshot_tree(roots)
-        except (OSError, RecursionError) as exc:
+        except OSError as exc:
             self.sup.events.emit("init", msg=f"{self.name}: preStart's files will not be handed over: {exc}")
             return None
 
@@ -249,7 +276,7 @@ class Service:
                 if user.uid != 0 and before is not None:
                     try:
                         hand_over(roots, before, user.uid, user.gid)
-                    except (OSError, RecursionError) as exc:  # a tree no walk gets through: start anyway
+                    except OSError as exc:  # past its budget, say: the service starts all the same
                         self.sup.events.emit("init", msg=f"{self.name}: preStart's files not handed over: {exc}")
             if code != 0:
                 self.last_exit = code
