@@ -171,10 +171,15 @@ def test_hand_over_gives_nothing_old_that_was_renamed(tmp_path: Path) -> None:
 def test_hand_over_walks_a_tree_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
     before = snapshot_tree([str(tmp_path)])
     deep = str(tmp_path)
-    for _ in range(1200):  # os.makedirs itself recurses
+    for _ in range(1200):  # os.makedirs itself recurses, as does shutil.rmtree
         deep += "/d"
         os.mkdir(deep)
-    assert hand_over([str(tmp_path)], before, 12345, 12345) == 1200
+    try:
+        assert hand_over([str(tmp_path)], before, 12345, 12345) == 1200
+    finally:
+        while deep != str(tmp_path):
+            os.rmdir(deep)
+            deep = os.path.dirname(deep)
 
 
 def test_cp_destination_rules(tmp_path: Path) -> None:
