@@ -206,3 +206,26 @@ def test_virtiofsd_serves_a_users_directory_as_that_user() -> None:
                     "-o", "source=/home/a b/$(x)", "-o", "cache=auto"]
     as_root = virtiofsd_argv("/usr/lib/qemu/virtiofsd", Path("/srv/p"), 7, as_owner=False)
     assert as_root[0] == "/usr/lib/qemu/virtiofsd" and as_root[-2:] == ["-o", "modcaps=-mknod:-setfcap"]
+
+
+def test_a_share_is_served_as_its_owner_and_a_root_one_only_where_no_one_can_swap_it(tmp_path: Path) -> None:
+    """A second review: the owner was decided by one look at a path virtiofsd opens later; a
+    user owning a directory above a root-owned project could swap in their own, to be served
+    as root. And the directory's group was used, not the owner's."""
+    from mvm._proc import RunAs
+    from mvm.backends.qemu import NOGROUP, _share_source
+    from mvm.errors import UsageError
+
+    base = tmp_path / "base"
+    base.mkdir()
+    users = base / "user"
+    users.mkdir()
+    os.chown(users, 4242, 42)  # no account for 4242; group 42 is not theirs
+    assert _share_source(users) == (users, RunAs(4242, NOGROUP))
+    assert _share_source(base) == (base, None)  # root's, under root's directories
+    roots = users / "roots"
+    roots.mkdir()
+    with pytest.raises(UsageError, match=f"{users} can be changed by others"):
+        _share_source(roots)
+    (tmp_path / "link").symlink_to(base)
+    assert _share_source(tmp_path / "link")[0] == base  # served where it is, not through the link

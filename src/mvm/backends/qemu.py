@@ -12,6 +12,7 @@ import os
 import pwd
 import re
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -67,22 +68,39 @@ def find_virtiofsd() -> str:
     return require_tool("virtiofsd")
 
 
+#: The group of a share's owner who has no account (Debian's nogroup).
+NOGROUP = 65534
 #: What Debian 12's virtiofsd logs once it serves its socket.
 VIRTIOFSD_READY = "Waiting for vhost-user socket connection"
 
 
-def _share_owner(path: Path) -> RunAs | None:
-    """Whom a shared directory's virtiofsd runs as: its owner (with the owner's groups), when
-    mvm is root and the owner is not (see :func:`qemu_argv.virtiofsd_argv`)."""
-    st = os.stat(path)
-    if os.geteuid() != 0 or st.st_uid == 0:
-        return None
-    try:
-        entry = pwd.getpwuid(st.st_uid)
-        groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
-    except KeyError:  # an owner with no account: its own group only
-        groups = ()
-    return RunAs(st.st_uid, st.st_gid, groups)
+def _share_source(path: Path) -> tuple[Path, RunAs | None]:
+    """The directory a share's virtiofsd serves (links resolved), and whom it runs as: the
+    directory's owner with the owner's own groups, when mvm is root and the owner is not
+    (see :func:`qemu_argv.virtiofsd_argv`).
+
+    virtiofsd opens the path after this looks at it. For a user's directory, whatever is
+    there by then is served as that user: nothing gained by a swap. A root-owned one is
+    served as root, so no one else may be able to swap it in the meantime (a user who owns
+    a directory above it could put their own project there, to be served as root)."""
+    real = Path(os.path.realpath(path))
+    st = os.stat(real)
+    if os.geteuid() != 0:
+        return real, None
+    if st.st_uid != 0:
+        try:
+            entry = pwd.getpwuid(st.st_uid)
+        except KeyError:  # an owner with no account: no group of theirs either
+            return real, RunAs(st.st_uid, NOGROUP)
+        return real, RunAs(st.st_uid, entry.pw_gid, tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)))
+    for above in real.parents:
+        a = os.stat(above)
+        others_write = a.st_mode & 0o002 and not a.st_mode & stat.S_ISVTX
+        if a.st_uid != 0 or others_write or (a.st_mode & 0o020 and a.st_gid != 0):
+            raise UsageError(f"cannot share {real}: it is root's, but {above} can be changed by others, who "
+                             "could put a directory of theirs in its place and have root serve it",
+                             hint="move the project under a directory only root can change, or give it to a user")
+    return real, None
 
 
 def check_ports_free(ports: Sequence[PortForward]) -> None:
@@ -297,7 +315,7 @@ class QemuBackend:
         virtiofsd = find_virtiofsd()
         for i, share in enumerate(spec.shares):
             log_path = spec.files.root / f"virtiofsd{i}.log"
-            owner = _share_owner(share.path)
+            source, owner = _share_source(share.path)
             # mvm binds the socket in the VM dir (root's) and lends it: the owner's virtiofsd
             # needs no directory of its own there, where it could swap the socket for a link
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
@@ -305,7 +323,7 @@ class QemuBackend:
                 listener.listen(1)
                 fd = listener.fileno()
                 with open(log_path, "ab") as log_file, signals_deferred():
-                    helper = self.runner.spawn(virtiofsd_argv(virtiofsd, share.path, fd, as_owner=owner is not None),
+                    helper = self.runner.spawn(virtiofsd_argv(virtiofsd, source, fd, as_owner=owner is not None),
                                                stdout=log_file, cwd=spec.files.root, pass_fds=[fd], user=owner)
                     helpers.append(helper)
             deadline = time.monotonic() + START_TIMEOUT
