@@ -6,9 +6,11 @@ from typing import Any
 
 import pytest
 
-from mvm.guest import protocol
+from mvm.guest import handover, protocol
+from mvm.guest.handover import hand_over
+from mvm.guest.handover import snapshot as snapshot_tree
 from mvm.guest.health import STARTING_NICE, next_state, probe_nice
-from mvm.guest.supervisor import BACKOFF_CAP, backoff_delay, hand_over, should_restart, snapshot_tree
+from mvm.guest.supervisor import BACKOFF_CAP, backoff_delay, should_restart
 
 
 def test_backoff_is_exponential_and_capped() -> None:
@@ -136,23 +138,23 @@ def test_hand_over_never_follows_a_link_swapped_in(tmp_path: Path, monkeypatch: 
 def test_hand_over_leaves_hard_linked_files_and_needs_few_descriptors(tmp_path: Path) -> None:
     """A review's findings: any guest user may hard-link a root file into /tmp during a
     preStart (the hand-over would give the inode away); os.fwalk held one descriptor per
-    level, and a deep tree in /tmp ran PID 1 out of them."""
+    level without a bound, and a deep tree in /tmp ran PID 1 out of them."""
     import resource
 
     before = snapshot_tree([str(tmp_path)])
     (tmp_path / "conf").write_text("root's")
     os.link(tmp_path / "conf", tmp_path / "linked")  # the same root file under a second name
     deep = tmp_path
-    for _ in range(200):
+    for _ in range(handover.MAX_DEPTH - 1):
         deep = deep / "d"
     deep.mkdir(parents=True)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (handover.MAX_DEPTH + 40, hard))
     try:
         changed = hand_over([str(tmp_path)], before, 12345, 12345)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert changed == 200  # every new directory, however deep
+    assert changed == handover.MAX_DEPTH - 1  # every new directory, to the bound
     assert os.stat(tmp_path / "conf").st_uid == 0 and deep.stat().st_uid == 12345
 
 
@@ -168,18 +170,57 @@ def test_hand_over_gives_nothing_old_that_was_renamed(tmp_path: Path) -> None:
     assert os.stat(tmp_path / "db.mine" / "key").st_uid == 0 and os.stat(tmp_path / "made").st_uid == 12345
 
 
-def test_hand_over_walks_a_tree_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
+def test_a_tree_past_the_bounds_is_incomplete(tmp_path: Path) -> None:
+    """A snapshot that cannot see everything is not used (an entry it missed would count as
+    new, and be given away); a hand-over stops at its bound."""
     before = snapshot_tree([str(tmp_path)])
-    deep = str(tmp_path)
-    for _ in range(1200):  # os.makedirs itself recurses, as does shutil.rmtree
-        deep += "/d"
-        os.mkdir(deep)
-    try:
-        assert hand_over([str(tmp_path)], before, 12345, 12345) == 1200
-    finally:
-        while deep != str(tmp_path):
-            os.rmdir(deep)
-            deep = os.path.dirname(deep)
+    deep = tmp_path
+    for _ in range(handover.MAX_DEPTH + 1):
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    with pytest.raises(handover.Incomplete, match="deeper than"):
+        snapshot_tree([str(tmp_path)])
+    with pytest.raises(handover.Incomplete, match="deeper than"):
+        hand_over([str(tmp_path)], before, 12345, 12345)
+
+
+def test_a_snapshot_that_misses_a_directory_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A third review: a service renaming a root directory back and forth while the snapshot
+    ran made it skip what was inside, which then counted as new and was given away."""
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "key").write_text("root's")
+    real_open = os.open
+
+    def racing_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if path == "db":
+            os.rename(tmp_path / "db", tmp_path / "db2")  # just before the walk descends
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", racing_open)
+    with pytest.raises(handover.Incomplete, match="changed while it was read"):
+        snapshot_tree([str(tmp_path)])
+
+
+def test_the_change_is_made_to_the_inode_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A third review: a check and a change by name let a service exchange the preStart's new
+    file with an old root file in between (renameat2 RENAME_EXCHANGE) and get the old one."""
+    (tmp_path / "old").write_text("root's key")
+    before = snapshot_tree([str(tmp_path)])
+    (tmp_path / "new").write_text("the preStart's")
+    real_open = os.open
+
+    def exchanging_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if path == "new":  # after the walk checked `new`, before the hand-over opens it
+            os.rename(tmp_path / "new", tmp_path / "tmp")
+            os.rename(tmp_path / "old", tmp_path / "new")
+            os.rename(tmp_path / "tmp", tmp_path / "old")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", exchanging_open)
+    hand_over([str(tmp_path)], before, 12345, 12345)
+    monkeypatch.undo()
+    assert (tmp_path / "new").read_text() == "root's key"  # the exchange happened
+    assert os.stat(tmp_path / "new").st_uid == 0  # the old root file, now named `new`, stays root's
 
 
 def test_cp_destination_rules(tmp_path: Path) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import pwd
 import signal
-import stat
 import subprocess
 import threading
 import time
@@ -28,9 +27,9 @@ import time
 TYPE_CHECKING = False  # not `from typing`: importing typing costs ~35 ms at boot under TCG
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from typing import IO, Any
 
+from . import handover
 from .events import EventLog
 from .oom import oom_kill_of
 from .reaper import Exit, Reaper
@@ -87,89 +86,6 @@ def base_env(identity: Identity, path: str) -> dict[str, str]:
         "SHELL": "/bin/sh",
         "LANG": "C.UTF-8",
     }
-
-
-def _entries(roots: list[str]) -> Iterator[tuple[str, str, int]]:
-    """(directory, name, inode) of everything under ``roots``, links not followed; a loop,
-    not recursion (a tree deeper than the recursion limit is walked too)."""
-    stack = list(roots)
-    while stack:
-        top = stack.pop()
-        try:
-            listing = os.scandir(top)
-        except OSError:
-            continue
-        with listing:
-            for entry in listing:
-                yield top, entry.name, entry.inode()
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-
-
-def snapshot_tree(roots: list[str]) -> set[int]:
-    """The inodes under ``roots`` before a preStart: what is new after it is what has another
-    inode (a path would not do: renaming a root directory makes everything in it "new")."""
-    return {inode for _, _, inode in _entries(roots)}
-
-
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-#: The most a hand-over takes (it runs under the preStart lock); the rest stays root's.
-HAND_OVER_BUDGET = 10.0
-
-
-def _open_dir(path: str) -> int:
-    """A descriptor of the directory ``path``, reached from / one component at a time
-    without following a link (OSError if one is a link or missing)."""
-    fd = os.open("/", DIR_FLAGS)
-    try:
-        for part in path.strip("/").split("/"):
-            if part:
-                child = os.open(part, DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def hand_over(roots: list[str], before: set[int], uid: int, gid: int) -> int:
-    """Give root-owned entries created since ``before`` (i.e. by a preStart) to uid:gid;
-    returns how many changed hands. Entries other users created are left alone.
-
-    Each entry is changed through a descriptor of its directory, reached without following
-    a link, never by its path, and only if it is still the inode the walk found: another
-    service may own a directory on the way (a writable volume is the service user's) and
-    swap what the preStart made there for a link to /etc while this runs. A file with other
-    hard links is left alone: one of them may be a root file another user linked in. One
-    descriptor at a time, each directory opened once; TimeoutError past the budget."""
-    new: dict[str, list[tuple[str, int]]] = {}
-    for top, name, inode in _entries(roots):
-        if inode not in before:
-            new.setdefault(top, []).append((name, inode))
-    changed = 0
-    deadline = time.monotonic() + HAND_OVER_BUDGET
-    for top, entries in new.items():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"stopped after {HAND_OVER_BUDGET:.0f} s with {changed} entries handed over")
-        try:
-            fd = _open_dir(top)
-        except OSError:
-            continue
-        try:
-            for name, inode in entries:
-                try:
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                    if (st.st_ino != inode or st.st_uid != 0
-                            or (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode))):
-                        continue
-                    os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
-                    changed += 1
-                except OSError:
-                    pass
-        finally:
-            os.close(fd)
-    return changed
 
 
 #: A longer output line of a service reaches the log in pieces of this size: PID 1 never
@@ -247,11 +163,11 @@ class Service:
             ).start()
         return child
 
-    def _snapshot(self, roots: list[str]) -> set[int] | None:
+    def _snapshot(self, roots: list[str]) -> set[tuple[int, int]] | None:
         """What the hand-over roots hold before a preStart; None (nothing will be handed
-        over, the service starts all the same) if they cannot be read."""
+        over, the service starts all the same) unless all of it could be seen."""
         try:
-            return snapshot_tree(roots)
+            return handover.snapshot(roots)
         except OSError as exc:
             self.sup.events.emit("init", msg=f"{self.name}: preStart's files will not be handed over: {exc}")
             return None
@@ -275,8 +191,8 @@ class Service:
                 code = self._spawn(pre, Identity("root"), "preStart").wait()
                 if user.uid != 0 and before is not None:
                     try:
-                        hand_over(roots, before, user.uid, user.gid)
-                    except OSError as exc:  # past its budget, say: the service starts all the same
+                        handover.hand_over(roots, before, user.uid, user.gid)
+                    except OSError as exc:  # past a bound, say: the service starts all the same
                         self.sup.events.emit("init", msg=f"{self.name}: preStart's files not handed over: {exc}")
             if code != 0:
                 self.last_exit = code
