@@ -213,7 +213,7 @@ def test_a_share_is_served_as_its_owner_and_a_root_one_only_where_no_one_can_swa
     user owning a directory above a root-owned project could swap in their own, to be served
     as root. And the directory's group was used, not the owner's."""
     from mvm._proc import RunAs
-    from mvm.backends.qemu import NOGROUP, _share_source
+    from mvm.backends.qemu_shares import NOGROUP, _share_source
     from mvm.errors import UsageError
 
     base = tmp_path / "base"
@@ -229,3 +229,16 @@ def test_a_share_is_served_as_its_owner_and_a_root_one_only_where_no_one_can_swa
         _share_source(roots)
     (tmp_path / "link").symlink_to(base)
     assert _share_source(tmp_path / "link")[0] == base  # served where it is, not through the link
+    # a third review: group 0 has members too, and an ACL shows only as the group bits
+    (base / "proj").mkdir()
+    base.chmod(0o775)
+    with pytest.raises(UsageError, match="can be changed by others"):
+        _share_source(base / "proj")
+    base.chmod(0o755)
+    real_listxattr = os.listxattr
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "listxattr", lambda p, *a, **k: ["system.posix_acl_access"] if str(p) == str(base)
+                      else real_listxattr(p, *a, **k))
+        with pytest.raises(UsageError, match="can be changed by others"):
+            _share_source(base / "proj")
+    assert _share_source(base / "proj") == (base / "proj", None)

@@ -36,18 +36,27 @@ STDERR_LIMIT = 64 * 1024
 VM_PATH = re.compile(r"([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?):(/.*)")
 
 
+#: The most read after the archive's end (a record is 10 KiB).
+DRAIN_LIMIT = 1 << 20
 #: The largest pax or GNU long-name header accepted from a guest (real ones are a few KB).
 EXTENDED_HEADER_LIMIT = 1 << 20
 
 
 class BoundedTarInfo(tarfile.TarInfo):
-    """A tar member whose extended header (read into memory whole by tarfile) has a size cap."""
+    """A tar member whose extended header (read into memory whole by tarfile) has a size cap,
+    and never a sparse one: tarfile reads a sparse map's blocks into a list for as long as
+    the stream goes on (a guest's endless stream grew the host's `cp` by GiBs)."""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in EXTENDED_TYPES and self.size > EXTENDED_HEADER_LIMIT:
             raise tarfile.ReadError(f"extended header of {self.size} bytes (more than {EXTENDED_HEADER_LIMIT})")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise tarfile.ReadError("a sparse file (no guest's own tar makes one for cp)")
         member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
         return member
+
+    def _proc_gnusparse_10(self, next: tarfile.TarInfo, pax_headers: object, tarfile_: object) -> None:
+        raise tarfile.ReadError("a sparse file (no guest's own tar makes one for cp)")
 
 
 EXTENDED_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
@@ -169,8 +178,10 @@ def _to_host(vm: VM, src: str, dest: str) -> None:
                     renamed = protocol.rename(member, new_top, archive=False)
                     if renamed is not None:  # links stay inside the new top entry, when there is one
                         guest_tar.extract(root_fd, tar, renamed, floor=0 if new_top is None else 1)
-                while feed.read(1 << 16):  # the end of the stream after the archive's end: the guest
-                    pass                   # writes it whole, and a closed pipe would fail a done copy
+                # the rest of the guest's last record (tar pads to 10 KiB), read so that a closed
+                # pipe does not fail a finished copy; more than a record's worth is not a tar's
+                if len(feed.read(DRAIN_LIMIT)) >= DRAIN_LIMIT:
+                    raise UsageError("the guest sent more after the end of the archive", hint="copy again")
         except BaseException as exc:
             failure.append(exc)
         finally:
