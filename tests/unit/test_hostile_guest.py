@@ -445,6 +445,15 @@ def test_cp_out_refuses_a_hard_link_to_a_link_and_sparse_files(monkeypatch: pyte
         _cp_out(monkeypatch, raw.getvalue(), tmp_path / "sp")
 
 
+def test_cp_out_reads_a_bounded_tail_after_the_archive(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A third review: after the archive's end `cp` read whatever followed, forever."""
+    whole = _guest_tar(("0644", "f", "x"))
+    _cp_out(monkeypatch, whole + b"\0" * 10240, tmp_path / "a")  # a record's padding: a finished copy
+    assert (tmp_path / "a" / "f").read_text() == "x"
+    with pytest.raises(UsageError, match="more after the end of the archive"):
+        _cp_out(monkeypatch, whole + b"\0" * (2 << 20), tmp_path / "b")
+
+
 def test_cp_out_of_a_link_and_of_a_long_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """`cp vm:/srv/current ./x` where current -> releases/7 copies the link; a 255-byte name
     of 3-byte characters leaves no room for a longer temporary name."""
