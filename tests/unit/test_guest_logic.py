@@ -1,6 +1,7 @@
 """Pure logic of the guest agent (runs on the host; the guest code is stdlib-only)."""
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -8,9 +9,8 @@ import pytest
 
 from mvm.guest import handover, protocol
 from mvm.guest.handover import hand_over
-from mvm.guest.handover import snapshot as snapshot_tree
 from mvm.guest.health import STARTING_NICE, next_state, probe_nice
-from mvm.guest.supervisor import BACKOFF_CAP, backoff_delay, should_restart
+from mvm.guest.supervisor import BACKOFF_CAP, Identity, backoff_delay, should_restart
 
 
 def test_backoff_is_exponential_and_capped() -> None:
@@ -90,14 +90,25 @@ def test_write_all_loops_past_short_writes() -> None:
     assert bytes(got) == data
 
 
-def test_hand_over_only_touches_new_paths(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def _prestart(mark: int, script: str, cwd: Path) -> None:
+    """What a preStart does, as PID 1 runs it: root, with the run's marker group only."""
+    subprocess.run(["sh", "-c", script], cwd=cwd, check=True, **Identity("root").marked(mark).popen_args())
+
+
+def test_hand_over_gives_the_prestarts_files_only(tmp_path: Path) -> None:
+    """What the preStart made, however deep; not what root had there (nor what a root
+    service or `exec` makes meanwhile: their group is root's)."""
     (tmp_path / "old").mkdir()
-    before = snapshot_tree([str(tmp_path)])
-    (tmp_path / "new" / "deep").mkdir(parents=True)
-    (tmp_path / "new" / "deep" / "f").write_text("x")
-    uid, gid = os.getuid(), os.getgid()
-    changed = hand_over([str(tmp_path)], before, uid, gid)
-    assert changed == 3
+    (tmp_path / "old" / "key").write_text("root's")
+    mark = handover.marker()
+    _prestart(mark, "mkdir -p new/deep && echo x > new/deep/f && ln -s /etc new/link", tmp_path)
+    (tmp_path / "root-service.log").write_text("a root service's, meanwhile")
+    assert hand_over([str(tmp_path)], mark, 12345, 12346) == 3
+    assert os.stat(tmp_path / "new" / "deep" / "f")[4:6] == (12345, 12346)
+    for kept in ("old", "old/key", "root-service.log"):
+        assert os.stat(tmp_path / kept).st_uid == 0, kept
+    assert os.lstat(tmp_path / "new" / "link").st_uid == 0  # links are left alone
+    assert hand_over([str(tmp_path)], handover.marker(), 12345, 12346) == 0  # another run's mark
 
 
 def test_hand_over_never_follows_a_link_swapped_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,119 +119,81 @@ def test_hand_over_never_follows_a_link_swapped_in(tmp_path: Path, monkeypatch: 
     volume, etc = tmp_path / "volume", tmp_path / "etc"
     volume.mkdir()
     etc.mkdir()
-    (etc / "f").write_text("root's")
-    before = snapshot_tree([str(volume)])
-    (volume / "logs").mkdir()  # what the preStart made
-    (volume / "logs" / "f").write_text("the service's")
-    real_chown, real_lchown = os.chown, os.lchown
+    mark = handover.marker()
+    _prestart(mark, f"echo \"root's\" > {etc}/f && mkdir logs && echo x > logs/f", volume)
+    real_chown = os.chown
 
-    def swap() -> None:
+    def chown(*args: Any, **kwargs: Any) -> None:
         if not (tmp_path / "moved").exists():
             os.rename(volume / "logs", tmp_path / "moved")
             os.symlink(etc, volume / "logs")
-
-    def chown(*args: Any, **kwargs: Any) -> None:
-        swap()
         real_chown(*args, **kwargs)
 
-    def lchown(*args: Any, **kwargs: Any) -> None:
-        swap()
-        real_lchown(*args, **kwargs)
-
     monkeypatch.setattr(os, "chown", chown)
-    monkeypatch.setattr(os, "lchown", lchown)
-    hand_over([str(volume)], before, 12345, 12345)
+    hand_over([str(volume)], mark, 12345, 12345)
     monkeypatch.undo()
     assert (volume / "logs").is_symlink()  # the race happened
     assert os.stat(etc / "f").st_uid == 0 and os.stat(etc).st_uid == 0
 
 
 def test_hand_over_leaves_hard_linked_files_and_needs_few_descriptors(tmp_path: Path) -> None:
-    """A review's findings: any guest user may hard-link a root file into /tmp during a
-    preStart (the hand-over would give the inode away); os.fwalk held one descriptor per
-    level without a bound, and a deep tree in /tmp ran PID 1 out of them."""
+    """A review's findings: a file with a second name may be another's (hard-linked into
+    /tmp); os.fwalk held one descriptor per level without a bound, and a deep tree in /tmp
+    ran PID 1 out of them."""
     import resource
 
-    before = snapshot_tree([str(tmp_path)])
-    (tmp_path / "conf").write_text("root's")
-    os.link(tmp_path / "conf", tmp_path / "linked")  # the same root file under a second name
-    deep = tmp_path
-    for _ in range(handover.MAX_DEPTH - 1):
-        deep = deep / "d"
-    deep.mkdir(parents=True)
+    mark = handover.marker()
+    depth = handover.MAX_DEPTH - 1
+    _prestart(mark, "echo x > conf && ln conf linked && mkdir -p " + "/".join(["d"] * depth), tmp_path)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (handover.MAX_DEPTH + 40, hard))
     try:
-        changed = hand_over([str(tmp_path)], before, 12345, 12345)
+        changed = hand_over([str(tmp_path)], mark, 12345, 12345)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert changed == handover.MAX_DEPTH - 1  # every new directory, to the bound
-    assert os.stat(tmp_path / "conf").st_uid == 0 and deep.stat().st_uid == 12345
+    assert changed == depth  # every directory, to the bound
+    assert os.stat(tmp_path / "conf").st_uid == 0
 
 
-def test_hand_over_gives_nothing_old_that_was_renamed(tmp_path: Path) -> None:
-    """A second review: new was decided by path, so a service that renamed a root directory
-    in a shared volume during another's preStart got everything in it (a root service's key)."""
+def test_old_files_are_never_given_away_however_they_are_moved(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reviews two to four: a path or inode comparison of the tree before and after the
+    preStart let a racing service get root's files (rename a root directory; exchange it with
+    the preStart's during the walk; refill a name while the snapshot read it). A file the
+    preStart did not make lacks its group, wherever it is moved."""
     (tmp_path / "db").mkdir()
     (tmp_path / "db" / "key").write_text("root's")
-    before = snapshot_tree([str(tmp_path)])
-    os.rename(tmp_path / "db", tmp_path / "db.mine")  # the racing service, during the preStart
-    (tmp_path / "made").write_text("the preStart's")
-    assert hand_over([str(tmp_path)], before, 12345, 12345) == 1
-    assert os.stat(tmp_path / "db.mine" / "key").st_uid == 0 and os.stat(tmp_path / "made").st_uid == 12345
-
-
-def test_a_tree_past_the_bounds_is_incomplete(tmp_path: Path) -> None:
-    """A snapshot that cannot see everything is not used (an entry it missed would count as
-    new, and be given away); a hand-over stops at its bound."""
-    before = snapshot_tree([str(tmp_path)])
-    deep = tmp_path
-    for _ in range(handover.MAX_DEPTH + 1):
-        deep = deep / "d"
-    deep.mkdir(parents=True)
-    with pytest.raises(handover.Incomplete, match="deeper than"):
-        snapshot_tree([str(tmp_path)])
-    with pytest.raises(handover.Incomplete, match="deeper than"):
-        hand_over([str(tmp_path)], before, 12345, 12345)
-
-
-def test_a_snapshot_that_misses_a_directory_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A third review: a service renaming a root directory back and forth while the snapshot
-    ran made it skip what was inside, which then counted as new and was given away."""
-    (tmp_path / "db").mkdir()
-    (tmp_path / "db" / "key").write_text("root's")
-    real_open = os.open
-
-    def racing_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if path == "db":
-            os.rename(tmp_path / "db", tmp_path / "db2")  # just before the walk descends
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", racing_open)
-    with pytest.raises(handover.Incomplete, match="changed while it was read"):
-        snapshot_tree([str(tmp_path)])
-
-
-def test_the_change_is_made_to_the_inode_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A third review: a check and a change by name let a service exchange the preStart's new
-    file with an old root file in between (renameat2 RENAME_EXCHANGE) and get the old one."""
-    (tmp_path / "old").write_text("root's key")
-    before = snapshot_tree([str(tmp_path)])
-    (tmp_path / "new").write_text("the preStart's")
+    mark = handover.marker()
+    _prestart(mark, "echo made > new", tmp_path)
+    os.rename(tmp_path / "db", tmp_path / "X")  # moved, as the racing service would
     real_open = os.open
 
     def exchanging_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if path == "new":  # after the walk checked `new`, before the hand-over opens it
+        if path == "new" and flags & os.O_PATH:  # after the walk checked `new`, before it is opened
             os.rename(tmp_path / "new", tmp_path / "tmp")
-            os.rename(tmp_path / "old", tmp_path / "new")
-            os.rename(tmp_path / "tmp", tmp_path / "old")
+            os.rename(tmp_path / "X" / "key", tmp_path / "new")
+            os.rename(tmp_path / "tmp", tmp_path / "X" / "key")
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", exchanging_open)
-    hand_over([str(tmp_path)], before, 12345, 12345)
+    hand_over([str(tmp_path)], mark, 12345, 12345)
     monkeypatch.undo()
-    assert (tmp_path / "new").read_text() == "root's key"  # the exchange happened
-    assert os.stat(tmp_path / "new").st_uid == 0  # the old root file, now named `new`, stays root's
+    assert (tmp_path / "new").read_text() == "root's"  # the exchange happened
+    assert os.stat(tmp_path / "new").st_uid == 0 and os.stat(tmp_path / "X").st_uid == 0
+
+
+def test_a_hand_over_stops_at_its_bounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fourth review: a listing was read whole before any bound (1M names, 255 MiB)."""
+    mark = handover.marker()
+    _prestart(mark, "mkdir -p " + "/".join(["d"] * (handover.MAX_DEPTH + 1)), tmp_path)
+    with pytest.raises(handover.Incomplete, match="deeper than"):
+        hand_over([str(tmp_path)], mark, 12345, 12345)
+    monkeypatch.setattr(handover, "MAX_ENTRIES", 10)
+    (tmp_path / "many").mkdir()
+    for i in range(50):
+        (tmp_path / "many" / str(i)).touch()
+    with pytest.raises(handover.Incomplete, match="more than 10 entries"):
+        hand_over([str(tmp_path / "many")], mark, 12345, 12345)
 
 
 def test_cp_destination_rules(tmp_path: Path) -> None:

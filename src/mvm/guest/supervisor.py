@@ -65,8 +65,14 @@ class Identity:
             {g for g in _supplementary_groups(user)} | {entry.pw_gid}
         )
 
+    def marked(self, group: int) -> Identity:
+        """This user with ``group`` as its only group (a preStart's mark: see handover)."""
+        other = Identity.__new__(Identity)  # not `copy`: one import fewer at boot
+        other.__dict__.update(self.__dict__, gid=group, groups=[])
+        return other
+
     def popen_args(self) -> dict[str, Any]:
-        if self.uid == 0:
+        if self.uid == 0 and self.gid == 0:
             return {}
         return {"user": self.uid, "group": self.gid, "extra_groups": self.groups}
 
@@ -163,15 +169,6 @@ class Service:
             ).start()
         return child
 
-    def _snapshot(self, roots: list[str]) -> set[tuple[int, int]] | None:
-        """What the hand-over roots hold before a preStart; None (nothing will be handed
-        over, the service starts all the same) unless all of it could be seen."""
-        try:
-            return handover.snapshot(roots)
-        except OSError as exc:
-            self.sup.events.emit("init", msg=f"{self.name}: preStart's files will not be handed over: {exc}")
-            return None
-
     def _run(self) -> None:
         for dep in self.spec.get("dependsOn") or []:
             self.sup.services[dep].started.wait()
@@ -184,16 +181,14 @@ class Service:
         pre = (self.spec.get("preStart") or "").strip()
         if pre and not self.sup.stopping.is_set():
             self._set_state("prestart")
-            roots = self.sup.handover_roots
-            # One preStart at a time: what appears meanwhile is this one's to hand over.
-            with self.sup.prestart_lock:
-                before = self._snapshot(roots)
-                code = self._spawn(pre, Identity("root"), "preStart").wait()
-                if user.uid != 0 and before is not None:
+            with self.sup.prestart_lock:  # one preStart at a time, as documented
+                mark = handover.marker()
+                code = self._spawn(pre, Identity("root").marked(mark), "preStart").wait()
+                if user.uid != 0:
                     try:
-                        handover.hand_over(roots, before, user.uid, user.gid)
-                    except OSError as exc:  # past a bound, say: the service starts all the same
-                        self.sup.events.emit("init", msg=f"{self.name}: preStart's files not handed over: {exc}")
+                        handover.hand_over(self.sup.handover_roots, mark, user.uid, user.gid)
+                    except Exception as exc:  # a bound, memory: say so, and start the service all the same
+                        self.sup.events.emit("init", msg=f"{self.name}: preStart's files not handed over: {exc!r}")
             if code != 0:
                 self.last_exit = code
                 self._set_state("failed", reason=f"preStart exited with {code}", exit=code)
