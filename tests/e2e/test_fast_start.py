@@ -164,8 +164,10 @@ def test_suspend_and_resume_keep_processes_and_tmp(cli: CLI, hello_image: dict[s
     port = free_port()
     cli("up", HELLO, "--name", "fz", "-p", f"{port}:8080")
     try:
+        # the counter is renamed into place: `echo > file` truncates first, and a read between
+        # the two saw an empty file (a CI run failed so)
         cli("exec", "fz", "--", "sh", "-c", "echo kept > /tmp/f; (i=0; while true; do i=$((i+1)); "
-            "echo $i > /tmp/counter; sleep 0.2; done) >/dev/null 2>&1 &")
+            "echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.2; done) >/dev/null 2>&1 &")
         before = int(wait_for(lambda: cli("exec", "fz", "--", "cat", "/tmp/counter", check=False).stdout.strip(),
                               10, "the counter to start"))
         cli("suspend", "fz")
