@@ -103,12 +103,12 @@ def test_hand_over_gives_the_prestarts_files_only(tmp_path: Path) -> None:
     mark = handover.marker()
     _prestart(mark, "mkdir -p new/deep && echo x > new/deep/f && ln -s /etc new/link", tmp_path)
     (tmp_path / "root-service.log").write_text("a root service's, meanwhile")
-    assert hand_over([str(tmp_path)], mark, 12345, 12346) == 3
+    assert hand_over([str(tmp_path)], mark, 12345, 12346) == (3, [])
     assert os.stat(tmp_path / "new" / "deep" / "f")[4:6] == (12345, 12346)
     for kept in ("old", "old/key", "root-service.log"):
         assert os.stat(tmp_path / kept).st_uid == 0, kept
     assert os.lstat(tmp_path / "new" / "link").st_uid == 0  # links are left alone
-    assert hand_over([str(tmp_path)], handover.marker(), 12345, 12346) == 0  # another run's mark
+    assert hand_over([str(tmp_path)], handover.marker(), 12345, 12346) == (0, [])  # another run's mark
 
 
 def test_hand_over_never_follows_a_link_swapped_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -148,7 +148,7 @@ def test_hand_over_leaves_hard_linked_files_and_needs_few_descriptors(tmp_path: 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (handover.MAX_DEPTH + 40, hard))
     try:
-        changed = hand_over([str(tmp_path)], mark, 12345, 12345)
+        changed, _ = hand_over([str(tmp_path)], mark, 12345, 12345)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert changed == depth  # every directory, to the bound
@@ -182,18 +182,33 @@ def test_old_files_are_never_given_away_however_they_are_moved(tmp_path: Path,
     assert os.stat(tmp_path / "new").st_uid == 0 and os.stat(tmp_path / "X").st_uid == 0
 
 
-def test_a_hand_over_stops_at_its_bounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fourth review: a listing was read whole before any bound (1M names, 255 MiB)."""
+def test_a_hand_over_leaves_out_what_is_past_its_bounds_and_says_so(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fourth review: a listing was read whole before any bound (1M names, 255 MiB); a
+    fifth: a bound that ended the whole hand-over let any user keep another service from
+    getting its files (a deep chain planted in /tmp, walked first)."""
     mark = handover.marker()
-    _prestart(mark, "mkdir -p " + "/".join(["d"] * (handover.MAX_DEPTH + 1)), tmp_path)
-    with pytest.raises(handover.Incomplete, match="deeper than"):
-        hand_over([str(tmp_path)], mark, 12345, 12345)
+    tmp, volume = tmp_path / "tmp", tmp_path / "volume"
+    tmp.mkdir()
+    volume.mkdir()
+    os.makedirs(tmp / "/".join(["d"] * (handover.MAX_DEPTH + 1)))  # planted by another user
+    _prestart(mark, "echo x > mine", volume)
+    changed, left_out = hand_over([str(tmp), str(volume)], mark, 12345, 12345)
+    assert changed == 1 and os.stat(volume / "mine").st_uid == 12345
+    assert left_out and "deeper than" in left_out[0]
     monkeypatch.setattr(handover, "MAX_ENTRIES", 10)
-    (tmp_path / "many").mkdir()
     for i in range(50):
-        (tmp_path / "many" / str(i)).touch()
-    with pytest.raises(handover.Incomplete, match="more than 10 entries"):
-        hand_over([str(tmp_path / "many")], mark, 12345, 12345)
+        (tmp / str(i)).touch()
+    assert "more than 10 entries" in hand_over([str(tmp)], mark, 12345, 12345)[1][0]
+
+
+def test_a_marker_is_random_and_never_twice_in_a_boot() -> None:
+    """A fifth review: markers counted up from the same number each boot, and volumes outlive
+    a boot: a root service's file left with boot 1's first mark went to whichever service drew
+    it in boot 2."""
+    marks = [handover.marker() for _ in range(1000)]
+    assert len(set(marks)) == 1000 and all(handover.MARKER_BASE <= m < 2**32 - 1 for m in marks)
+    assert marks != sorted(marks)
 
 
 def test_cp_destination_rules(tmp_path: Path) -> None:

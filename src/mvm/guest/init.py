@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import struct
 import sys
 import threading
@@ -104,6 +105,9 @@ def mount_volumes(volumes: list[dict[str, Any]], owner: Identity | None) -> list
                     for name in dirnames + filenames:
                         os.lchown(os.path.join(dirpath, name), owner.uid, owner.gid)
             os.chown(vol["target"], owner.uid, owner.gid)
+            # no setgid root (its owner could set it): a preStart's files below must keep the
+            # preStart's group, which is how the hand-over knows them (guest/handover.py)
+            os.chmod(vol["target"], stat.S_IMODE(os.stat(vol["target"]).st_mode) & ~stat.S_ISGID)
         if vol.get("secret"):
             os.chmod(vol["target"], 0o770)
     return writable

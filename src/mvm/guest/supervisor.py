@@ -169,6 +169,16 @@ class Service:
             ).start()
         return child
 
+    def _hand_over(self, mark: int, user: Identity) -> None:
+        """The preStart's files to the service's user (handover); what could not be handed
+        over is said on the event log, and the service starts all the same."""
+        try:
+            _, left_out = handover.hand_over(self.sup.handover_roots, mark, user.uid, user.gid)
+        except Exception as exc:  # the time bound, memory
+            left_out = [repr(exc)]
+        for what in left_out:
+            self.sup.events.emit("init", msg=f"{self.name}: preStart's files not handed over: {what}")
+
     def _run(self) -> None:
         for dep in self.spec.get("dependsOn") or []:
             self.sup.services[dep].started.wait()
@@ -182,13 +192,12 @@ class Service:
         if pre and not self.sup.stopping.is_set():
             self._set_state("prestart")
             with self.sup.prestart_lock:  # one preStart at a time, as documented
-                mark = handover.marker()
-                code = self._spawn(pre, Identity("root").marked(mark), "preStart").wait()
-                if user.uid != 0:
-                    try:
-                        handover.hand_over(self.sup.handover_roots, mark, user.uid, user.gid)
-                    except Exception as exc:  # a bound, memory: say so, and start the service all the same
-                        self.sup.events.emit("init", msg=f"{self.name}: preStart's files not handed over: {exc!r}")
+                if user.uid == 0:  # nothing to hand over: no mark to leave on its files
+                    code = self._spawn(pre, Identity("root"), "preStart").wait()
+                else:
+                    mark = handover.marker()
+                    code = self._spawn(pre, Identity("root").marked(mark), "preStart").wait()
+                    self._hand_over(mark, user)
             if code != 0:
                 self.last_exit = code
                 self._set_state("failed", reason=f"preStart exited with {code}", exit=code)
