@@ -59,6 +59,10 @@ def test_status_and_ls_show_services_and_health(cli: CLI, testbed_vm: dict[str, 
     assert row["health"] == "healthy"
     table = cli("status", "shared").stdout
     assert "web" in table and "healthy" in table
+    # the root preStart's files are the service's (marked with its run's group, then handed
+    # over); root's own /tmp entries and the preStart's mark do not show anywhere else
+    owners = cli("exec", "shared", "--", "stat", "-c", "%U:%G %n", "/tmp/www", "/tmp/www/index.html", "/tmp").stdout
+    assert owners.splitlines() == ["mvm:mvm /tmp/www", "mvm:mvm /tmp/www/index.html", "root:root /tmp"], owners
 
 
 def test_killed_service_is_restarted(cli: CLI, testbed_vm: dict[str, Any]) -> None:
