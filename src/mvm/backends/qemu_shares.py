@@ -99,7 +99,7 @@ def start_shares(spec: LaunchSpec, runner: Runner, helpers: list[subprocess.Pope
             fd = listener.fileno()
             with open(log_path, "ab") as log_file, signals_deferred():
                 helper = runner.spawn(virtiofsd_argv(virtiofsd, source, fd, as_owner=owner is not None),
-                                           stdout=log_file, cwd=spec.files.root, pass_fds=[fd], user=owner)
+                                      stdout=log_file, cwd=spec.files.root, pass_fds=[fd], user=owner)
                 helpers.append(helper)
         deadline = time.monotonic() + START_TIMEOUT
         while VIRTIOFSD_READY not in log_path.read_text(errors="replace"):

@@ -216,11 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
     word = _command_word(args)
-    if word is not None and word not in COMMANDS and word in OTHER_TOOLS_WORDS:
+    if word in OTHER_TOOLS_WORDS:  # none is an mvmctl command (a test says so)
+        from mvm import UsageError
+
         from . import output
 
-        output.err.print(f"[bold red]error:[/] mvmctl has no command {word!r}\n"
-                         f"[yellow]hint:[/] {OTHER_TOOLS_WORDS[word]}; `mvmctl --help` lists every command")
+        output.render_error(UsageError(f"mvmctl has no command {word!r}",
+                                       hint=f"{OTHER_TOOLS_WORDS[word]}; `mvmctl --help` lists every command"))
         raise SystemExit(EXIT_USAGE)
     command = _plain_arguments(typer.main.get_command(app_for(args)))
     usage_error = usage_error_class()

@@ -66,6 +66,23 @@ def marker() -> int:
             return mark
 
 
+def _reopen(dir_fd: int, name: str, flags: int, seen: os.stat_result) -> int | None:
+    """``name`` opened with ``flags`` if it is still the inode ``seen`` was, else None: the
+    name may have been swapped since it was looked at."""
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        now = os.fstat(fd)
+    except OSError:
+        now = None
+    if now is None or (now.st_dev, now.st_ino) != (seen.st_dev, seen.st_ino):
+        os.close(fd)
+        return None
+    return fd
+
+
 def _walk(roots: list[str], deadline: float,
           left_out: list[str]) -> Generator[tuple[int, str, os.stat_result]]:
     """(descriptor of its directory, name, lstat) of what can be seen under ``roots``, on
@@ -97,14 +114,11 @@ def _walk(roots: list[str], deadline: float,
             yield fd, name, st
             if not stat.S_ISDIR(st.st_mode):
                 continue
-            try:
-                sub = os.open(name, DIR_FLAGS, dir_fd=fd)
-            except OSError:
+            sub = _reopen(fd, name, DIR_FLAGS, st)
+            if sub is None:
                 continue
             try:
-                opened = os.fstat(sub)
-                if (opened.st_dev, opened.st_ino) == (st.st_dev, st.st_ino):
-                    yield from below(sub, root, f"{path}/{name}", depth + 1, count)
+                yield from below(sub, root, f"{path}/{name}", depth + 1, count)
             finally:
                 os.close(sub)
             if count[0] > MAX_ENTRIES:
@@ -138,13 +152,11 @@ def hand_over(roots: list[str], mark: int, uid: int, gid: int) -> tuple[int, lis
         for dir_fd, name, st in walk:
             if not _theirs(st, mark):
                 continue
-            try:
-                fd = os.open(name, ENTRY_FLAGS, dir_fd=dir_fd)
-            except OSError:
+            fd = _reopen(dir_fd, name, ENTRY_FLAGS, st)
+            if fd is None:
                 continue
             try:
-                now = os.fstat(fd)
-                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and _theirs(now, mark):
+                if _theirs(os.fstat(fd), mark):
                     os.chown(f"/proc/self/fd/{fd}", uid, gid)  # the inode checked, not a name
                     changed += 1
             except OSError:
