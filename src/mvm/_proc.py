@@ -3,12 +3,14 @@
 Every child process (mmdebstrap, mkfs.ext4, nix, qemu) goes through a :class:`Runner`, so
 logic above it can be unit-tested with a fake, and so every failure carries the same
 things: a human description of the step, the full argv, the exit code and the output tail.
-Nothing here ever goes through a shell: argv lists only.
+Nothing here ever goes through a shell: argv lists only. A missing tool is a
+:class:`~mvm.errors.ToolMissing` that says how to install it (:data:`INSTALL_HINTS`).
 
-Tools that parse what a guest wrote (e2fsck and resize2fs on a volume image) run
-:func:`confined`: when mvm runs as root they run as ``nobody``, with no capabilities and
-``no_new_privs``, in fresh PID, network and IPC namespaces (every process they leave behind
-dies with them), and reach only the one file lent to them.
+Besides: long-lived children (QEMU, its log shim, virtiofsd) started detached by
+:meth:`Runner.spawn`, optionally as another user; :func:`interactive` for a child on our
+terminal; and process identity: a recorded pid is only ours while its start time matches
+(:func:`alive`, :func:`terminate`). Running the tools that parse guest-written images
+unprivileged is :mod:`mvm._confine`'s job.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ INSTALL_HINTS: dict[str, str] = {
     "dpkg-deb": "apt-get install dpkg",
     "depmod": "apt-get install kmod",
     "lz4": "apt-get install lz4",
+    "zstd": "apt-get install zstd",
+    "lzop": "apt-get install lzop",
     "nix": "see https://nixos.org/download (Debian/Ubuntu: apt-get install nix-bin), or use "
     "`mvmctl dev`, which gives you a shell with nix in a microVM",
     "virtiofsd": "apt-get install qemu-system-common (Debian 12) or virtiofsd",

@@ -3,6 +3,10 @@
 
 Stdlib only, and runnable as a script, because the Nix front end (``nix/flake.nix``) runs
 this same file to build its initrd; both builders therefore produce the same boot path.
+So it cannot import mvm's process runner: a caller in mvm passes its ``Runner`` in
+(``runner=``), and the one tool run here (``zstd``, for ``.ko.zst`` modules) then runs
+through it, failing with mvm's errors (a missing tool with its install hint); without one
+(the script) it runs with :class:`ScriptRunner`.
 
 Distribution kernels build virtio-blk, virtio-net and virtio-console as modules, so the
 kernel cannot mount an ext4 root on /dev/vda by itself. The initrd holds a static busybox,
@@ -21,6 +25,10 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Protocol
 
 #: Modules the guest needs; any that are built in (or absent) are skipped. Debian's cloud
 #: kernel builds ext4 in; nixpkgs' kernels build it (and the crc32c it checksums with) as
@@ -101,12 +109,43 @@ def load_order(wanted: list[str], deps: dict[str, list[str]]) -> list[str]:
     return order
 
 
-def _module_bytes(path: str) -> bytes:
+class ToolRunner(Protocol):
+    """What this module needs of a runner: mvm's ``Runner`` is one, :class:`ScriptRunner`
+    another."""
+
+    def run(self, argv: Sequence[str], *, desc: str, hint: str | None = None) -> object: ...
+
+
+class ToolError(RuntimeError):
+    """A tool is missing or failed (only when run as a script: mvm's runner raises its own)."""
+
+
+class ScriptRunner:
+    """Runs a tool with the stdlib, for the script outside mvm (the Nix builder)."""
+
+    def run(self, argv: Sequence[str], *, desc: str, hint: str | None = None) -> object:
+        try:
+            proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, check=False)
+        except FileNotFoundError:
+            raise ToolError(f"{desc}: `{argv[0]}` is not installed or not on PATH") from None
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr).decode(errors="replace").strip()
+            raise ToolError(f"{desc} failed (exit code {proc.returncode})" + (f": {tail}" if tail else ""))
+        return proc
+
+
+def _module_bytes(path: str, runner: ToolRunner) -> bytes:
     if path.endswith(".xz"):
         with lzma.open(path) as f:
             return f.read()
     if path.endswith(".zst"):
-        return subprocess.run(["zstd", "-dc", path], check=True, capture_output=True).stdout
+        with tempfile.TemporaryDirectory(prefix="mvm-initrd-") as tmp:
+            dest = os.path.join(tmp, "module.ko")
+            runner.run(["zstd", "-d", "-q", path, "-o", dest],
+                       desc=f"decompressing kernel module {os.path.basename(path)}",
+                       hint=f"check the file with `zstd -t {path}`")
+            with open(dest, "rb") as f:
+                return f.read()
     if path.endswith(".gz"):
         import gzip
 
@@ -145,8 +184,11 @@ class CpioWriter:
         self._entry("TRAILER!!!", 0)
 
 
-def build_initrd(modules_dir: str, busybox: str, out: str, wanted: list[str] | None = None) -> list[str]:
-    """Write the initrd to ``out``; return the module paths it loads, in order."""
+def build_initrd(modules_dir: str, busybox: str, out: str, wanted: list[str] | None = None,
+                 runner: ToolRunner | None = None) -> list[str]:
+    """Write the initrd to ``out``; return the module paths it loads, in order. Tools run
+    through ``runner`` (a caller in mvm passes its own), else with the stdlib."""
+    runner = runner or ScriptRunner()
     dep_file = os.path.join(modules_dir, "modules.dep")
     with open(dep_file) as f:
         deps = parse_modules_dep(f.read())
@@ -168,7 +210,7 @@ def build_initrd(modules_dir: str, busybox: str, out: str, wanted: list[str] | N
                 cpio.file("bin/busybox", f.read(), 0o755)
             cpio.symlink("bin/sh", "busybox")
             for path, name in zip(order, flat, strict=True):
-                cpio.file(f"lib/modules/{version}/{name}", _module_bytes(os.path.join(modules_dir, path)))
+                cpio.file(f"lib/modules/{version}/{name}", _module_bytes(os.path.join(modules_dir, path), runner))
             cpio.file(f"lib/modules/{version}/modules.dep", ("\n".join(dep_lines) + "\n").encode())
             names = " ".join(module_name(p) for p in order)
             cpio.file("init", INIT_SCRIPT.replace("@MODULES@", names).encode(), 0o755)
@@ -189,7 +231,10 @@ def main() -> None:
     args = ap.parse_args()
     if not args.busybox:
         ap.error("no busybox found; pass --busybox")
-    build_initrd(args.modules, args.busybox, args.out, args.want)
+    try:
+        build_initrd(args.modules, args.busybox, args.out, args.want)
+    except ToolError as exc:
+        sys.exit(f"{ap.prog}: error: {exc}")
 
 
 if __name__ == "__main__":

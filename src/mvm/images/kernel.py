@@ -63,7 +63,7 @@ def initrd_digest() -> str:
 def ensure_initrd(kernel: Kernel, runner: Runner) -> None:
     if not kernel.initrd.is_file():  # build_initrd writes atomically itself
         busybox = arches.busybox(kernel.root, kernel.arch, runner)  # the guest's, never a foreign one
-        initrd.build_initrd(str(kernel.modules), busybox, str(kernel.initrd))
+        initrd.build_initrd(str(kernel.modules), busybox, str(kernel.initrd), runner=runner)
 
 
 def extract_vmlinux(bzimage: bytes, runner: Runner) -> bytes:

@@ -15,7 +15,7 @@ the kernel to boot. nixpkgs' x86_64 kernels are bzImages with ``CONFIG_PVH`` set
 The payload is found through the bzImage setup header (``payload_offset``,
 ``payload_length``). gzip, xz, lzma and bzip2 payloads are decompressed with the stdlib;
 zstd, lz4 and lzo with their command-line tools (``zstd``/``lz4``/``lzop`` on PATH), or with a
-caller's ``external`` function.
+caller's ``external`` function (mvm's, which runs them through its process runner).
 
 Usage (what mkGuest runs)::
 
@@ -85,7 +85,10 @@ def payload(bzimage: bytes) -> bytes:
 
 
 def run_tool(tool: str, data: bytes) -> bytes:
-    """Decompress with a command-line tool; its exit code is not trusted (lz4 exits 1 on the
+    """Decompress with a command-line tool, for the bare script only (mkGuest): this file
+    cannot import mvm's runner, so mvm passes ``external`` instead, which runs the tool
+    through its ``Runner`` (``kernel.extract_vmlinux``): a missing or failing tool is then an
+    mvm error, with the install hint. The exit code is not trusted (lz4 exits 1 on the
     kernel's legacy frame), the ELF check after it decides."""
     try:
         proc = subprocess.run([tool, "-d", "-c", "-q"], input=data, capture_output=True, check=False)

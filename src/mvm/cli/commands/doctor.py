@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from ..app import EXIT_ERROR
 from ..options import Json
 
 
@@ -22,7 +23,7 @@ def doctor(json: Json = False) -> None:
     report = mvm.doctor()
     if json:
         output.print_json(report)
-        raise typer.Exit(0 if report.ok else 1)
+        raise typer.Exit(0 if report.ok else EXIT_ERROR)
     marks = {True: "[green]ok[/]", False: "[red]no[/]", None: "[yellow]unknown[/]"}
     backends = Table(title="backends", title_justify="left", box=None, show_header=False, pad_edge=False)
     for b in report.backends:
@@ -46,7 +47,7 @@ def doctor(json: Json = False) -> None:
     state.add_row("free", output.human_bytes(d.free_bytes) + (f"  (fix: {d.fix})" if d.fix else ""))
     for section in (backends, archs, isolation, tools, state):
         output.out.print(section)
-    raise typer.Exit(0 if report.ok else 1)
+    raise typer.Exit(0 if report.ok else EXIT_ERROR)
 
 
 def register(app: typer.Typer) -> None:

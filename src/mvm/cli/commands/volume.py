@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..app import EXIT_ERROR
 from ..options import Json
 
 VolumeName = Annotated[
@@ -160,7 +161,7 @@ def rm(
         for row in targets:
             used = output.mib(row.used_mb)
             if not typer.confirm(f"delete volume {row.name} ({row.host}, {used} used) and its data?"):
-                raise typer.Exit(1)
+                raise typer.Exit(EXIT_ERROR)
     removed = []
     for row in targets:
         view = mvm.volume_rm(row.name)

@@ -1,0 +1,21 @@
+"""Exit codes are named in one place (``mvm.cli.app``): no command spells one as a number."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+COMMANDS = Path(__file__).parents[2] / "src" / "mvm" / "cli" / "commands"
+
+
+def test_no_command_exits_with_a_literal_error_code() -> None:
+    found = []
+    for path in sorted(COMMANDS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "Exit"):
+                continue
+            for arg in [*node.args, *(k.value for k in node.keywords)]:
+                found += [f"{path.name}:{c.lineno}: {ast.unparse(node)}" for c in ast.walk(arg)
+                          if isinstance(c, ast.Constant) and type(c.value) is int and c.value != 0]
+    assert not found, "use the exit codes of mvm.cli.app (EXIT_ERROR, ...):\n" + "\n".join(found)
+
