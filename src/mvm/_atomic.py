@@ -1,11 +1,14 @@
-"""Atomic JSON writes: every document mvm persists goes through here (but the pytest pool's
-ownership record: mvm.testing sees only the public API, and writes it the same way itself)."""
+"""Atomic writes and removals: every document mvm persists goes through here (but the pytest
+pool's ownership record: mvm.testing sees only the public API, and writes it the same way
+itself), and every store's entry is removed here, so no reader ever sees half of one."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,3 +27,20 @@ def write_json_atomic(path: Path, data: dict[str, Any], mode: int = 0o644) -> No
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_tree(path: Path, *, ignore_errors: bool = False) -> None:
+    """Remove a directory so that it is gone or intact, never half there: one rename to a
+    ``.trash-*`` name beside it (readers skip dot names), then the delete. A delete that
+    fails leaves only the trash, which ``mvmctl cleanup`` removes."""
+    trash = path.parent / f".trash-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=ignore_errors)
+
+
+def trash_in(root: Path) -> list[Path]:
+    """What :func:`remove_tree` left under ``root`` (a delete that failed, or was cut short)."""
+    return sorted(root.glob(".trash-*")) if root.is_dir() else []

@@ -98,7 +98,8 @@ class VMFiles:
 
     @property
     def lock(self) -> Path:
-        return self.root / "vm.lock"
+        """Beside the VM dirs, not in this one (see :meth:`mvm.runtime.registry.Registry.locked`)."""
+        return self.root.parent / ".locks" / f"{self.root.name}.lock"
 
     @property
     def qmp(self) -> Path:

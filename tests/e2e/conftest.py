@@ -146,14 +146,21 @@ def hello_image(cli: CLI) -> dict[str, Any]:
     return cli.json("build", str(EXAMPLES / "hello"))
 
 
+def _vm_entries(vms: Path) -> set[str]:
+    """The VM dirs, and beside them the VMs' lock files and any cut-short removal."""
+    entries = set(os.listdir(vms)) if vms.exists() else set()
+    entries |= {f".locks/{n}" for n in os.listdir(vms / ".locks")} if (vms / ".locks").exists() else set()
+    return entries - {".locks"}
+
+
 @pytest.fixture()
 def no_leaks(cli: CLI) -> Iterator[None]:
     """The test must leave no VM dir and no QEMU process of its own behind."""
-    before = set(os.listdir(cli.vms)) if cli.vms.exists() else set()
+    before = _vm_entries(cli.vms)
     pids_before = set(qemu_pids_under(cli.home))
     yield
-    after = set(os.listdir(cli.vms)) if cli.vms.exists() else set()
-    assert after <= before, f"VM dirs left behind: {after - before}"
+    after = _vm_entries(cli.vms)
+    assert after <= before, f"VM dirs, VM lock files or half-removed VMs left behind: {after - before}"
     assert set(qemu_pids_under(cli.home)) <= pids_before, "QEMU process left behind"
 
 FIXTURES = ROOT / "tests" / "fixtures"

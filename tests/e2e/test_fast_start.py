@@ -190,3 +190,40 @@ def test_suspend_and_resume_keep_processes_and_tmp(cli: CLI, hello_image: dict[s
 def test_cleanup_shows_templates_with_their_size(cli: CLI, template: dict[str, Any]) -> None:
     notes = cli("cleanup", "--dry-run").stderr
     assert re.search(rf"kept: template {template['key'][:12]} .*MB", notes)
+
+
+def test_a_save_that_fails_leaves_the_vm_running(no_leaks: None, mvm_vm: VMFactory,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A suspend whose save does not finish (here: its deadline, set to nothing) must let the
+    guest run on: it used to stay paused, listed as running, its agent silent."""
+    from mvm.backends import qemu
+    from mvm.errors import VMError
+
+    vm = mvm_vm(HELLO, ports=[8080], name="fs")
+    monkeypatch.setattr(qemu, "SAVE_TIMEOUT", 0.0)
+    with pytest.raises(VMError, match="saving the machine failed \\(timed out\\)"):
+        vm.suspend()
+    assert vm.info().status == "running"
+    assert vm.exec("echo", "alive").stdout == b"alive\n"  # not paused
+    assert http_get(vm.host_port(8080)) == "<h1>Hello from mvm!</h1>\n"
+    assert not list(vm.layout.vm_dir(vm.name).glob("saved*"))  # no partial state
+
+
+def test_a_suspended_clone_outlives_its_template(cli: CLI, hello_image: dict[str, Any], no_leaks: None) -> None:
+    """`template rm` (or a new `-e` state pushing out an old one) must not take the files a
+    suspended clone resumes from: the clone holds its own links to them. Last in the module:
+    it makes and removes a template of its own (the shared one stays for the tests above)."""
+    made = json.loads(cli("template", "create", HELLO, "--memory", "320", "--json").stdout)
+    port = free_port()
+    row = _up(cli, "--name", "fo", "--memory", "320", "-p", f"{port}:8080")
+    try:
+        assert row["start"] == "restored"
+        cli("exec", "fo", "--", "sh", "-c", "echo kept > /tmp/f")
+        cli("suspend", "fo")
+        cli("template", "rm", made["key"][:12])
+        assert not Path(made["path"]).exists()
+        cli("resume", "fo")
+        assert cli("exec", "fo", "--", "cat", "/tmp/f").stdout == "kept\n"
+        assert http_get(port) == "<h1>Hello from mvm!</h1>\n"
+    finally:
+        cli("down", "fo")

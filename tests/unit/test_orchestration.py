@@ -7,9 +7,12 @@ does is proven by the end-to-end tests.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import os
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 
@@ -41,7 +44,27 @@ from mvm.runtime.registry import Registry
 from mvm.runtime.templates import Template, TemplateStore
 from mvm.volumes.store import VolumeStore, volume_id
 
-STEPS = ["reserve", "attach_volumes", "write_boot_config", "start_machine", "wait_for_agent", "mark_running"]
+
+def launch_steps() -> list[str]:
+    """The steps ``Launch.run`` calls (``self.<step>(...)``), in order, read from its source:
+    a step added there is failed by the test below without anyone listing it."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(Launch.run)))
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    steps = [c.func.attr for c in sorted(calls, key=lambda c: (c.lineno, c.col_offset))
+             if isinstance(c.func, ast.Attribute) and isinstance(c.func.value, ast.Name) and c.func.value.id == "self"]
+    return list(dict.fromkeys(steps))
+
+
+STEPS = launch_steps()
+
+
+def test_the_steps_failed_in_turn_are_the_ones_the_architecture_doc_names() -> None:
+    """Checks the reading of ``Launch.run`` above (it found every step, in order), and that
+    docs/architecture.md's `up` chain says what the code does."""
+    doc = (Path(__file__).parents[2] / "docs" / "architecture.md").read_text()
+    chain = doc.split("→ `Launch.run()`:")[1].split("```")[1]
+    assert [step.strip() for step in chain.split("→")] == STEPS
+    assert {"create_root", "personalize", "open_forwards", "record_launch"} <= set(STEPS)
 
 
 def _up(layout: Layout, fake: FakeBackend, image: Image, **kwargs: object) -> mvm.VM:
@@ -49,7 +72,9 @@ def _up(layout: Layout, fake: FakeBackend, image: Image, **kwargs: object) -> mv
 
 
 def _nothing_left(layout: Layout, fake: FakeBackend) -> None:
-    assert not (layout.vms.exists() and list(layout.vms.iterdir())), "a VM dir was left behind"
+    # a VM's name never starts with "."; the VMs' lock files live in vms/.locks
+    assert not (layout.vms.exists() and [p for p in layout.vms.iterdir() if not p.name.startswith(".")]), \
+        "a VM dir was left behind"
     assert not [m for m in fake.machines.values() if m.running], "a machine was left running"
     assert mvm.ls(layout=layout) == []
 
@@ -104,19 +129,41 @@ def test_up_forward_exec_down(layout: Layout, fake: FakeBackend, image: Image,
         mvm.down("web", layout=layout)
 
 
+@pytest.mark.parametrize("boot", ["cold", "restored"])
 @pytest.mark.parametrize("step", STEPS)
-def test_a_failure_at_any_step_of_up_leaves_nothing(step: str, layout: Layout, fake: FakeBackend, image: Image,
-                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failure_at_any_step_of_up_leaves_nothing(step: str, boot: str, layout: Layout, fake: FakeBackend,
+                                                    image: Image, tmp_path: Path, request: pytest.FixtureRequest,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each step fails after doing its work. With a volume, -e and -p every step has work to do
+    (a restored clone's: ``personalize`` hot-plugs the volume and sends ``configure``)."""
+    template: Template | None = None
+    if boot == "restored":
+        from mvm.images.store import ImageStore
+
+        template = request.getfixturevalue("template")
+        monkeypatch.setattr(ImageStore, "get", lambda self, key: image if key == image.key else None)
     original = getattr(Launch, step)
+    done: list[str] = []
 
     def fail_after(self: Launch, *args: object) -> object:
         original(self, *args)
+        done.append(step)
         raise RuntimeError(f"injected after {step}")
 
     monkeypatch.setattr(Launch, step, fail_after)
     (tmp_path / "data").mkdir()
     with pytest.raises(RuntimeError, match="injected"):
-        _up(layout, fake, image, volumes=[f"{tmp_path}/data:/mnt/data:16"])
+        _up(layout, fake, image, volumes=[f"{tmp_path}/data:/mnt/data:16"], env=["MODE=x"], ports=["18085:8080"])
+    assert done == [step]
+    if STEPS.index(step) >= STEPS.index("start_machine"):
+        (machine,) = [m for m in fake.machines.values() if m.spec.name == "web"]  # not the template's
+        assert (machine.spec.incoming is not None) == (boot == "restored")
+        if step == "personalize" and boot == "restored":
+            assert machine.hotplugged and machine.guest.identity and machine.guest.identity["op"] == "configure"
+        if step == "open_forwards":
+            assert machine.forwards == [PortForward(18085, 8080)]
+    if template is not None:
+        assert template.path.exists()  # a failure of this VM is not the template's
     _nothing_left(layout, fake)
     store = VolumeStore(layout)
     vid = volume_id(tmp_path / "data")

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from .. import backends
+from .._atomic import remove_tree, trash_in
 from .._locks import held
 from .._proc import DEFAULT_RUNNER, Runner
 from ..errors import MvmError, StateError
@@ -76,10 +77,20 @@ def _leftovers(root: Path, what: str) -> list[CleanupItem]:
     return items
 
 
+def _vm_locks(layout: Layout) -> list[CleanupItem]:
+    """The locks of VM names no VM has now (a VM's lock lives beside the VM dirs)."""
+    locks = layout.vms / ".locks"
+    if not locks.is_dir():
+        return []
+    return [CleanupItem(kind="lock", path=str(lock), bytes=0, reason="lock of a VM that is gone")
+            for lock in sorted(locks.glob("*.lock"))
+            if not (layout.vms / lock.name[:-len(".lock")]).exists() and not held(lock)]
+
+
 def _remove(path: Path, runner: Runner) -> None:
     if path.is_dir() and not path.is_symlink():
         unmount_below(path, runner)  # an interrupted mmdebstrap may have left its chroot mounts
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
 
@@ -104,7 +115,10 @@ def cleanup(
                                      reason=f"logs of VM {kept.name}, which is down"))
 
     items += (_leftovers(layout.images, "image") + _leftovers(layout.layers, "package layer")
-              + _leftovers(layout.templates, "template"))
+              + _leftovers(layout.templates, "template") + _vm_locks(layout))
+    for root in (layout.vms, layout.images, layout.layers, layout.templates, layout.volumes):
+        items += [CleanupItem(kind="build", path=str(trash), bytes=disk_usage(trash),
+                              reason="the rest of a removal that was cut short") for trash in trash_in(root)]
     if layout.templates.is_dir():  # a maker deletes its file as it starts: this one never started
         for values in layout.templates.glob(".env-*.json"):
             if time.time() - values.stat().st_mtime > ENV_FILE_GRACE:

@@ -7,8 +7,7 @@ while a VM that runs (or is starting), or a suspended VM that resumes from it, u
 
 from __future__ import annotations
 
-import shutil
-
+from .._atomic import remove_tree
 from ..errors import MvmError, UsageError
 from ..images.store import Image, ImageStore
 from ..paths import Layout
@@ -75,7 +74,7 @@ def rmi(ref: str, *, layout: Layout | None = None) -> list[ImageInfo]:
     for img in found:
         lock = layout.images / f".{img.key}.lock"
         with FileLock(str(lock)):
-            shutil.rmtree(img.path)
+            remove_tree(img.path)
         lock.unlink(missing_ok=True)
         removed.append(image_info(img))
     return removed

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
+from contextlib import ExitStack
+from pathlib import Path
 
 from .. import backends
-from .._proc import DEFAULT_RUNNER, Runner
+from .._proc import DEFAULT_RUNNER, Runner, signals_deferred
 from ..backends.base import Backend, LaunchSpec, MachineRef, MachineRequest, Preflight
-from ..errors import BootError
+from ..errors import BootError, MvmError
 from ..paths import VMFiles
 from ..runtime import logs, machine_users, states
 from ..runtime.registry import VMRecord
 from ..runtime.states import VMStatus
 from .models import GuestStatus, MountInfo, PortInfo, VMInfo
+
+log = logging.getLogger(__name__)
 
 
 def backend_for(record: VMRecord, runner: Runner = DEFAULT_RUNNER) -> Backend:
@@ -49,6 +54,31 @@ def start_confined(backend: Backend, spec: LaunchSpec) -> MachineRef:
         return backend.start(dataclasses.replace(spec, run_as=lease.run_as, hold_fds=(*spec.hold_fds, lease.fd)))
     finally:
         lease.release()
+
+
+def start_undoable(backend: Backend, spec: LaunchSpec, undo: ExitStack, stop_timeout: float = 5.0) -> MachineRef:
+    """:func:`start_confined`, with the machine's stop put on ``undo`` in the same step: a
+    Ctrl-C as the start returns would otherwise leave a machine no undo knows (the signal
+    is acted on once the stop is armed)."""
+    with signals_deferred():
+        machine = start_confined(backend, spec)
+        undo.callback(stop_quietly, backend, spec.files, machine, stop_timeout)
+    return machine
+
+
+def stop_quietly(backend: Backend, files: VMFiles, machine: MachineRef, timeout: float) -> None:
+    """Stop a machine whose start failed. That failure is what the caller reports, so a stop
+    that fails too is only logged (its VM dir then stays, for ``down`` to retry)."""
+    try:
+        backend.stop(files, machine, timeout)
+    except MvmError as exc:
+        log.warning("%s", exc.message)
+
+
+def create_overlay(runner: Runner, backing: Path, backing_format: str, disk: Path, what: str) -> None:
+    """A qcow2 ``disk`` that writes over ``backing``, which is never written."""
+    runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", backing, disk],
+               desc=f"creating {what}")
 
 
 def machine_alive(record: VMRecord, backend: Backend) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import ExitStack
 
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import LAUNCH_SCHEMA, Incoming, LaunchSpec, spec_from_json
@@ -22,7 +23,7 @@ from ..runtime import agent
 from ..runtime.registry import ProcessRecord, Registry
 from ..runtime.states import VMStatus
 from ..volumes.store import Holder, VolumeStore
-from .machines import backend_for, start_confined, status_of
+from .machines import backend_for, start_undoable, status_of
 from .models import VMInfo
 from .vm import VM
 
@@ -50,7 +51,7 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
     layout = layout or Layout.default()
     registry = Registry(layout)
     store = VolumeStore(layout)
-    with registry.transaction(name) as (files, record):
+    with registry.transaction(name) as (files, record), ExitStack() as undo:
         if record.phase != "suspended" or not files.saved_state.is_file():
             raise VMError(name, f"VM {name!r} is not suspended", hint="see `mvmctl ls`")
         spec = _read_launch(name, files)
@@ -61,7 +62,7 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
         try:
             spec.hold_fds = tuple(lock.fd for lock in locks)
             backend = backend_for(record, runner)
-            machine = start_confined(backend, spec)
+            machine = start_undoable(backend, spec, undo, stop_timeout=2.0)  # stopped unless it comes back
             for v in record.volumes:
                 if v.volume is not None:
                     store.set_holder(v.volume, Holder(what=f"VM {name!r} (pid {machine.pid})", vm=name,
@@ -70,14 +71,11 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
         finally:
             for lock in locks:
                 lock.release()
-        try:
-            agent.wait_ready(files, name, 30.0, lambda: backend.alive(machine))  # and sets the clock
-        except VMError:
-            backend.stop(files, machine, 2.0)
-            raise
+        agent.wait_ready(files, name, 30.0, lambda: backend.alive(machine))  # and sets the clock
         os.unlink(files.saved_state)
         record.phase, record.machine = "running", ProcessRecord(pid=machine.pid, start_time=machine.start_time)
         record.started_at = time.time()
+        undo.pop_all()
     return VM(name, layout, runner).info(ask_guest=ask_guest)
 
 

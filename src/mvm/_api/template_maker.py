@@ -36,7 +36,7 @@ from ..runtime.templates import (
     TemplateStore,
     env_digest,
 )
-from .machines import preflight, start_confined
+from .machines import create_overlay, preflight, start_undoable
 from .models import GuestStatus
 from .progress import Progress, Quiet
 from .templates import identity, key_for
@@ -108,16 +108,14 @@ def _boot_and_save(image: Image, cpus: int, memory: int, key: str, staging: Path
     verdict = preflight(backend, MachineRequest(name=name, kernel=image.kernel, initrd=image.initrd,
                                                 probe_cache=layout.probes, arch=image.manifest.arch))
     root = staging / "root.qcow2"
-    runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.rootfs, root],
-               desc="creating the template's root disk")
+    create_overlay(runner, image.rootfs, "raw", root, "the template's root disk")
     ram = staging / "ram"
     _ram_file_for_vms(ram)
     spec = LaunchSpec(name=name, files=files, kernel=image.kernel, initrd=image.initrd, rootfs=root,
                       root_backing=(image.rootfs,), cpus=cpus, memory=memory, accel=verdict.accel,
                       arch=image.manifest.arch, memory_file=MemoryFile(ram, shared=True),
                       hotplug_slots=HOTPLUG_SLOTS, kernel_args=TEMPLATE_KERNEL_ARGS)
-    machine = start_confined(backend, spec)
-    running.callback(_stop_quietly, backend, files, machine)
+    machine = start_undoable(backend, spec, running, stop_timeout=2.0)
     agent.wait_ready(files, name, 90.0, lambda: backend.alive(machine))
     prog.stage("saving the template (agent ready)")
     backend.save(files, machine, staging / "agent.state")
@@ -139,14 +137,6 @@ def _boot_and_save(image: Image, cpus: int, memory: int, key: str, staging: Path
     for log_name in ("console.log", "events.log"):
         shutil.copyfile(files.root / log_name, staging / f"ready.{log_name}")
     return machine, ["agent", "ready"]
-
-
-def _stop_quietly(backend: Backend, files: VMFiles, machine: MachineRef) -> None:
-    """Stop a template machine whose making failed (the failure is what the caller reports)."""
-    try:
-        backend.stop(files, machine, 2.0)
-    except MvmError as exc:
-        log.warning("%s", exc.message)
 
 
 def _ram_file_for_vms(path: Path) -> None:
@@ -241,8 +231,7 @@ def _restore_and_configure(image: Image, template: Template, env: Mapping[str, s
                       arch=image.manifest.arch, memory_file=MemoryFile(staging / "ram", shared=True),
                       incoming=Incoming(template.state("agent"), ignore_shared=True),
                       hotplug_slots=template.meta.hotplug_slots, kernel_args=TEMPLATE_KERNEL_ARGS)
-    machine = start_confined(backend, spec)
-    running.callback(_stop_quietly, backend, files, machine)
+    machine = start_undoable(backend, spec, running, stop_timeout=2.0)
     agent.wait_ready(files, name, 20.0, lambda: backend.alive(machine))
     agent.request(files, name, "configure", timeout=CONFIGURE_TIMEOUT,
                   config={"vm": image.name, "env": dict(env), "volumes": []}, **identity(name, None))

@@ -40,7 +40,7 @@ from ..backends.base import (
     Share,
     spec_to_json,
 )
-from ..errors import AgentError, BootError, MvmError, StopFailed, UsageError, VMExists
+from ..errors import AgentError, BootError, MvmError, UsageError, VMError, VMExists
 from ..images.store import Image
 from ..names import MIN_MEMORY_MIB, check_vm_name
 from ..paths import Layout, VMFiles
@@ -51,7 +51,7 @@ from ..runtime.templates import CONFIGURE_TIMEOUT, TEMPLATE_KERNEL_ARGS, Templat
 from ..volumes import attach as volume_attach
 from . import templates
 from .build import build_image
-from .machines import backend_for, preflight, start_confined, status_of
+from .machines import backend_for, create_overlay, preflight, start_undoable, status_of
 from .options import check_host_cpus, parse_env, parse_port
 from .progress import Progress, Quiet
 from .vm import VM
@@ -200,6 +200,7 @@ class Launch:
         self.runner = runner
         self.progress = progress
         self.registry = Registry(layout)
+        self.clone: tuple[Path, Path] | None = None  # a clone's links to its template's root disk and RAM
 
     def run(self) -> None:
         with ExitStack() as undo:
@@ -213,8 +214,8 @@ class Launch:
             self.open_forwards(files, machine)
             self.record_launch(files)
             self.mark_running()
+            attached.booted()
             undo.pop_all()
-        attached.booted()
         shutil.rmtree(self.layout.retained_logs / self.plan.name, ignore_errors=True)  # replaced by this VM's
 
     def reserve(self, undo: ExitStack) -> VMFiles:
@@ -240,19 +241,19 @@ class Launch:
 
     def root_backing(self) -> tuple[Path, ...]:
         """What the VM's own root disk is a layer over, top down (LaunchSpec.root_backing)."""
-        restore = self.plan.restore
-        if restore is None:
+        if self.clone is None:
             return (self.plan.image.rootfs,)
-        return (restore.template.root(restore.stem), self.plan.image.rootfs)
+        return (self.clone[0], self.plan.image.rootfs)
 
     def create_root(self, files: VMFiles) -> None:
         """The VM's own copy-on-write layer over the image's root disk (or the template's);
         the cached image is never written. A clone also starts its logs with the template's."""
         restore = self.plan.restore
+        if restore is not None:  # the template's root disk and RAM, as long as this VM lives
+            self.clone = restore.template.link_for_clone(restore.stem, files.root)
         backing = self.root_backing()[0]
         fmt = "qcow2" if restore else "raw"
-        self.runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", backing, files.root_disk],
-                        desc="creating the VM's root disk")
+        create_overlay(self.runner, backing, fmt, files.root_disk, "the VM's root disk")
         os.chmod(files.root_disk, 0o600)  # like every file in the VM dir
         if restore is not None:
             for name in ("console.log", "events.log"):
@@ -275,15 +276,15 @@ class Launch:
             spec.config_disk, spec.disks = files.config_disk, attached.disks
             self.progress.stage(f"booting ({record.accel}{', emulated ' + record.arch if record.emulated else ''})")
         else:  # the template's device set: its hot-plug slots, its RAM (copy-on-write), its state
-            spec.memory_file = MemoryFile(restore.template.ram(restore.stem), shared=False)
+            assert self.clone is not None  # create_root linked it
+            spec.memory_file = MemoryFile(self.clone[1], shared=False)
             spec.incoming = Incoming(restore.template.state(restore.stem), ignore_shared=True)
             spec.hotplug_slots = restore.template.meta.hotplug_slots
             spec.kernel_args = TEMPLATE_KERNEL_ARGS
             spec.starts_services = restore.kind == "agent"
             self.progress.stage(f"restoring ({record.accel}, {restore.kind} template)")
         self.spec = spec
-        machine = start_confined(plan.backend, dataclasses.replace(spec, ports=[]))  # see open_forwards
-        undo.callback(self._stop_after_failure, files, machine)
+        machine = start_undoable(plan.backend, dataclasses.replace(spec, ports=[]), undo)  # see open_forwards
         attached.held_by(machine.pid, machine.start_time)
 
         def started(r: VMRecord) -> None:
@@ -345,12 +346,6 @@ class Launch:
         self.registry.update(self.plan.name, lambda r: setattr(r, "phase", "running"))
 
     # -- undo --------------------------------------------------------------------------------
-
-    def _stop_after_failure(self, files: VMFiles, machine: MachineRef) -> None:
-        try:
-            self.plan.backend.stop(files, machine, 5.0)
-        except StopFailed as exc:  # the VM stays listed (see _forget) so `down` can retry
-            log.warning("%s", exc.message)
 
     def _forget(self, files: VMFiles) -> None:
         """Remove the VM dir, unless a machine still runs in it (then `down` must see it)."""
@@ -420,9 +415,9 @@ def up(
     plan = plan_up(request, image, backend, planned, layout, boot_timeout)  # after the build: the KVM probe
     try:
         Launch(plan, layout, runner, prog).run()
-    except BootError as exc:
-        if plan.restore is None:
-            raise
+    except VMError as exc:  # the restore, or the clone's set-up (configure, a volume's hot-plug)
+        if plan.restore is None or Registry(layout).files(plan.name).root.exists():
+            raise  # not a restore, the name is taken, or the undo kept the attempt: a cold boot would hide why
         # Nothing of the attempt is left (its undo ran): say why, forget the template, boot.
         reason = f"restoring failed ({exc.message}); booted cold"
         prog.stage(reason)
@@ -431,10 +426,14 @@ def up(
         record = plan.record.model_copy(update={"start": "cold", "start_reason": reason, "start_warning": True})
         plan = dataclasses.replace(plan, restore=None, boot_timeout=boot_timeout, record=record)
         Launch(plan, layout, runner, prog).run()
-    started = templates.make_behind(image, cpus=plan.record.cpus, memory=plan.record.memory, restore=plan.restore,
-                                    env=request.env, volumes=bool(plan.volumes),
-                                    forced_cold=request.cold or bool(request.shares), backend=backend, layout=layout,
-                                    runner=runner)
+    try:  # the VM runs: a template that cannot be made now must not fail its `up`
+        started = templates.make_behind(image, cpus=plan.record.cpus, memory=plan.record.memory,
+                                        restore=plan.restore, env=request.env, volumes=bool(plan.volumes),
+                                        forced_cold=request.cold or bool(request.shares), backend=backend,
+                                        layout=layout, runner=runner)
+    except (MvmError, OSError) as exc:
+        started = f"no template made for the next `up`: {getattr(exc, 'message', exc)}"
+        log.warning("%s: %s", plan.name, started)
     if started:
         prog.note(started)
     vm = VM(plan.name, layout, runner)

@@ -8,6 +8,7 @@ QEMU's own words), liveness by pid and start time, forwards over QMP, and the st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -54,6 +55,8 @@ from .qmp import QMP
 
 START_TIMEOUT = 10.0
 RESTORE_TIMEOUT = 30.0
+#: Writing a machine's state (its RAM, at disk speed) takes longer than this only if something is wrong.
+SAVE_TIMEOUT = 300.0
 HOSTFWD_ERROR = re.compile(r"could not|unrecognized|invalid|error|failed", re.I)
 
 
@@ -211,23 +214,32 @@ class QemuBackend:
                                     hint="pick another host port with -p")
 
     def save(self, files: VMFiles, machine: MachineRef, state: Path) -> Saved:
+        """Pause the machine and write its state to ``state``. It stays paused once saved (the
+        caller stops or resumes it); if saving fails or is interrupted, it runs on as before
+        and no partial ``state`` is left."""
         started = time.monotonic()
         fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with QMP(files.qmp, files.root.name, timeout=60.0) as qmp:
                 shared = any(b.get("share") for b in _memory_backends(qmp))
                 qmp.command("stop")
-                qmp.command("migrate-set-capabilities", capabilities=[
-                    {"capability": "x-ignore-shared", "state": shared}])
-                qmp.send_fd(fd, "mvm-save")
-                qmp.command("migrate", uri="fd:mvm-save")
-                while (status := qmp.command("query-migrate").get("status")) not in ("completed", "failed",
-                                                                                   "cancelled"):
-                    time.sleep(0.005)
+                try:
+                    qmp.command("migrate-set-capabilities", capabilities=[
+                        {"capability": "x-ignore-shared", "state": shared}])
+                    qmp.send_fd(fd, "mvm-save")
+                    qmp.command("migrate", uri="fd:mvm-save")
+                    status = _migration_end(qmp, time.monotonic() + SAVE_TIMEOUT)
+                    if status != "completed":
+                        raise VMError(files.root.name, f"saving the machine failed ({status})",
+                                      output=tail_file(files.qemu_log))
+                except BaseException:
+                    _cancel_and_continue(qmp)
+                    raise
+        except BaseException:
+            state.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
-        if status != "completed":
-            raise VMError(files.root.name, f"saving the machine failed ({status})", output=tail_file(files.qemu_log))
         return Saved(bytes=state.stat().st_size, seconds=time.monotonic() - started)
 
     def resume(self, files: VMFiles, machine: MachineRef) -> None:
@@ -354,6 +366,24 @@ class QemuBackend:
 
 #: A host forward in ``info usernet``: ``TCP[HOST_FORWARD]  12  127.0.0.1 45637  10.0.2.15  8080 ...``
 USERNET_FORWARD = re.compile(r"^\s*(TCP|UDP)\[HOST_FORWARD\]\s+-?\d+\s+(\S+)\s+(\d+)\s+\S+\s+(\d+)", re.M)
+
+
+def _migration_end(qmp: QMP, deadline: float) -> str:
+    """Wait for the outgoing migration to end: its final status, or "timed out"."""
+    while (status := str(qmp.command("query-migrate").get("status"))) not in ("completed", "failed", "cancelled"):
+        if time.monotonic() > deadline:
+            return "timed out"
+        time.sleep(0.005)
+    return status
+
+
+def _cancel_and_continue(qmp: QMP) -> None:
+    """After a failed or interrupted save: end the migration, then let the guest run on.
+    Best effort: the error that got here is the one to report."""
+    with contextlib.suppress(Exception):
+        qmp.command("migrate_cancel")
+        _migration_end(qmp, time.monotonic() + 10.0)
+        qmp.command("cont")
 
 
 def _memory_backends(qmp: QMP) -> list[dict[str, Any]]:

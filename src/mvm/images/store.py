@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .._atomic import write_json_atomic
+from .._atomic import remove_tree, write_json_atomic
 from .._locks import held
 from ..errors import StateError
 from ..spec import GuestSpec
@@ -149,7 +149,7 @@ class ImageStore:
             if existing is not None:
                 return existing
             if _outdated(self._dir(key)):
-                shutil.rmtree(self._dir(key))
+                remove_tree(self._dir(key))
             staging = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=self.root))
             try:
                 started = time.monotonic()

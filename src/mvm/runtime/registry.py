@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .. import _proc
-from .._atomic import write_json_atomic
+from .._atomic import remove_tree, write_json_atomic
 from ..backends.base import MachineRef, PortForward
 from ..errors import StateError, VMExists, VMNotFound, check_free
 from ..paths import Layout, VMFiles
@@ -149,7 +148,11 @@ class Registry:
             raise VMExists(record.name, f"a VM named {record.name!r} already exists") from None
         record.created_at = time.time()
         record.owner = ProcessRecord(pid=os.getpid(), start_time=_proc.start_time(os.getpid()))
-        write_json_atomic(files.state, record.model_dump(mode="json"), mode=0o600)
+        try:
+            write_json_atomic(files.state, record.model_dump(mode="json"), mode=0o600)
+        except BaseException:  # a full disk, a Ctrl-C: the name must not stay taken by an empty dir
+            os.rmdir(files.root)
+            raise
         return files
 
     def load(self, name: str) -> VMRecord:
@@ -166,15 +169,25 @@ class Registry:
                              hint="list VMs with `mvmctl ls`") from None
 
     @contextmanager
-    def transaction(self, name: str) -> Iterator[tuple[VMFiles, VMRecord]]:
-        """The VM's record under its lock; written back (atomically) if the block succeeds."""
+    def locked(self, name: str) -> Iterator[VMFiles]:
+        """The VM's lock. It lives beside the VM dirs, not in one, so that removing a VM
+        (under this lock) cannot pull it from under a command waiting for it: that command
+        then finds the VM gone, instead of recreating its dir or locking a deleted file."""
         from filelock import FileLock
 
         files = self.files(name)
-        if not files.root.is_dir():
-            raise VMNotFound(name, f"no VM named {name!r}", hint="list VMs with `mvmctl ls`")
+        files.lock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with FileLock(str(files.lock), mode=0o600):
-            record = _read(files)
+            yield files
+
+    @contextmanager
+    def transaction(self, name: str) -> Iterator[tuple[VMFiles, VMRecord]]:
+        """The VM's record under its lock; written back (atomically) if the block succeeds.
+        :class:`~mvm.errors.VMNotFound` if the VM is gone, also if it went while waiting."""
+        if not self.files(name).root.is_dir():
+            raise VMNotFound(name, f"no VM named {name!r}", hint="list VMs with `mvmctl ls`")
+        with self.locked(name) as files:
+            record = self.load(name)
             yield files, record
             write_json_atomic(files.state, record.model_dump(mode="json"), mode=0o600)
 
@@ -186,7 +199,12 @@ class Registry:
     def names(self) -> list[str]:
         if not self.layout.vms.is_dir():
             return []
-        return sorted(p.name for p in self.layout.vms.iterdir() if p.is_dir())
+        return sorted(p.name for p in self.layout.vms.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def remove(self, name: str) -> None:
-        shutil.rmtree(self.files(name).root, ignore_errors=True)
+        """Forget the VM: its dir goes in one rename under its lock, and the lock file with it
+        (a command that waited for the lock finds no VM once it has it; ``cleanup`` removes
+        the lock file of a name no VM has, should one be left)."""
+        with self.locked(name) as files:
+            remove_tree(files.root, ignore_errors=True)
+            files.lock.unlink(missing_ok=True)

@@ -26,10 +26,10 @@ template that was written to, truncated or half-deleted since is reported as dam
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
-from .._atomic import write_json_atomic
+from .._atomic import remove_tree, write_json_atomic
 from ..paths import Layout
 
 TEMPLATE_SCHEMA = 1
@@ -116,6 +116,23 @@ class Template:
     def root(self, stem: str) -> Path:
         return self.path / f"{stem}.qcow2"
 
+    def link_for_clone(self, stem: str, clone_dir: Path) -> tuple[Path, Path]:
+        """The state's root disk and RAM file as a clone uses them: hard links in its own dir,
+        so that removing the template (``template rm``, a new ``-e`` state pushing out an old
+        one) cannot take them from a clone that still needs them (``resume`` opens them
+        again). Across file systems, where no link can be made, the template's own files."""
+        linked = []
+        for src in (self.root(stem), self.ram(stem)):
+            dest = clone_dir / f"template-{src.name.split('.')[-1]}"
+            try:
+                os.link(src, dest)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                dest = src
+            linked.append(dest)
+        return linked[0], linked[1]
+
     def log(self, stem: str, name: str) -> Path:
         """The console or event log of the boot up to the save (a clone's history)."""
         return self.path / f"{stem}.{name}"
@@ -156,7 +173,9 @@ def fingerprint(path: Path) -> list[int]:
 
 
 def _check(path: Path, recorded_files: dict[str, list[int]]) -> None:
-    """Raise :class:`Damaged` unless every file still has its recorded size and times."""
+    """Raise :class:`Damaged` unless every file still has its recorded size and mtime (not
+    its ctime, also recorded: a clone's hard link to the file changes that, see
+    :meth:`Template.link_for_clone`)."""
     for name, recorded in recorded_files.items():
         try:
             now = fingerprint(path / name)
@@ -164,7 +183,7 @@ def _check(path: Path, recorded_files: dict[str, list[int]]) -> None:
             raise Damaged(f"{name} is missing") from None
         if now[0] != recorded[0]:
             raise Damaged(f"{name} is {now[0]} bytes, not {recorded[0]} (truncated?)")
-        if now != recorded:
+        if now[:2] != recorded[:2]:
             raise Damaged(f"{name} was changed after the template was saved")
 
 
@@ -253,8 +272,4 @@ class TemplateStore:
         return Template(self.dir(meta.key), meta)
 
     def remove(self, key: str) -> None:
-        path = self.dir(key)
-        if path.exists():
-            trash = self.root / f".trash-{key}-{time.monotonic_ns()}"
-            os.rename(path, trash)  # one rename: no half-removed template is ever seen
-            shutil.rmtree(trash, ignore_errors=True)
+        remove_tree(self.dir(key), ignore_errors=True)  # no half-removed template is ever seen

@@ -26,15 +26,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .. import _proc
-from .._atomic import write_json_atomic
+from .._atomic import remove_tree, write_json_atomic
 from ..errors import StateError, VolumeError
 from ..paths import Layout
 
@@ -209,7 +207,5 @@ class VolumeStore:
     def remove(self, vid: str, lock: VolumeLock) -> None:
         """Delete the volume's dir (for ``managed`` volumes: its data) while holding its lock."""
         assert lock.volume == vid and lock.fd >= 0
-        victim = self.root / f".{vid}.removing-{os.getpid()}-{int(time.time())}"
-        os.rename(self.dir(vid), victim)  # atomic: the volume is gone or intact, never half
-        shutil.rmtree(victim)
+        remove_tree(self.dir(vid))  # the volume is gone or intact, never half
         self.lock_path(vid).unlink(missing_ok=True)

@@ -1,0 +1,105 @@
+"""The registry under concurrency and failure: a VM removed while another command waits for
+its lock, a reservation cut short, removals that leave nothing half there."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mvm import _atomic
+from mvm._api.cleanup import cleanup
+from mvm.errors import VMNotFound
+from mvm.paths import Layout
+from mvm.runtime import registry as registry_module
+from mvm.runtime.registry import Registry, VMRecord
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    return Layout(state=tmp_path / "state", cache=tmp_path / "cache")
+
+
+def test_a_command_waiting_while_the_vm_is_removed_finds_it_gone(layout: Layout) -> None:
+    """`down` removed the VM while `forward` waited for its lock: `forward` used to recreate
+    the VM dir (the lock file was in it) and then fail with a traceback, leaving a VM that
+    `ls` showed as broken and whose name `up` refused."""
+    registry = Registry(layout)
+    files = registry.reserve(VMRecord(name="web"))
+    outcome: list[BaseException | None] = []
+
+    def waiter() -> None:
+        try:
+            registry.update("web", lambda r: setattr(r, "phase", "running"))
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+            outcome.append(exc)
+
+    with registry.locked("web"):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.3)  # the waiter has seen the VM dir and waits for the lock
+        _atomic.remove_tree(files.root)  # what Registry.remove does under the lock
+    thread.join(10)
+    assert isinstance(outcome[0], VMNotFound)
+    assert not files.root.exists()
+    assert registry.names() == []
+
+
+def test_remove_takes_the_lock_and_leaves_no_dir(layout: Layout) -> None:
+    registry = Registry(layout)
+    files = registry.reserve(VMRecord(name="web"))
+    (files.root / "console.log").write_text("boot\n")
+    registry.remove("web")
+    assert not files.root.exists()
+    assert [p.name for p in layout.vms.iterdir()] == [".locks"]  # no trash left
+    with pytest.raises(VMNotFound):
+        registry.update("web", lambda r: None)
+    assert not files.root.exists()  # the failed update made nothing
+
+
+def test_a_reservation_cut_short_frees_the_name(layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = Registry(layout)
+
+    def interrupted(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry_module, "write_json_atomic", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        registry.reserve(VMRecord(name="web"))
+    assert registry.names() == []
+    monkeypatch.undo()
+    registry.reserve(VMRecord(name="web"))  # the name is free again
+    assert registry.names() == ["web"]
+
+
+def test_cleanup_removes_cut_short_removals_and_locks_of_gone_vms(layout: Layout) -> None:
+    registry = Registry(layout)
+    registry.reserve(VMRecord(name="web"))
+    registry.reserve(VMRecord(name="db"))
+    registry.update("web", lambda r: None)  # makes web's lock file
+    registry.update("db", lambda r: None)
+    registry.remove("web")
+    (layout.vms / ".locks" / "web.lock").touch()  # as a command cut short after remove leaves it
+    trash = layout.images / ".trash-abc-1-2"
+    (trash / "rootfs").mkdir(parents=True)
+    dry = cleanup(layout, dry_run=True)
+    paths = {item.path for item in dry.items}
+    assert str(trash) in paths
+    assert str(layout.vms / ".locks" / "web.lock") in paths
+    assert str(layout.vms / ".locks" / "db.lock") not in paths  # db still exists
+    cleanup(layout)
+    assert not trash.exists()
+    assert not (layout.vms / ".locks" / "web.lock").exists()
+    assert (layout.vms / ".locks" / "db.lock").exists()
+
+
+def test_remove_tree_is_one_rename_then_the_delete(tmp_path: Path) -> None:
+    victim = tmp_path / "img"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "sub" / "f").write_text("x")
+    _atomic.remove_tree(victim)
+    assert list(tmp_path.iterdir()) == []
+    _atomic.remove_tree(victim)  # already gone: nothing to do
