@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -12,7 +13,16 @@ from typing import Any
 import pytest
 
 from mvm._proc import signals_deferred
-from mvm.backends.base import Disk, Incoming, LaunchSpec, MemoryFile, PortForward
+from mvm.backends.base import (
+    Disk,
+    Incoming,
+    LaunchSpec,
+    MemoryFile,
+    PortForward,
+    Share,
+    spec_from_json,
+    spec_to_json,
+)
 from mvm.backends.qemu import check_ports_free
 from mvm.backends.qemu_argv import build_argv, kernel_cmdline, virtiofsd_argv
 from mvm.backends.qemu_handoff import Handoff
@@ -242,3 +252,22 @@ def test_a_share_is_served_as_its_owner_and_a_root_one_only_where_no_one_can_swa
         with pytest.raises(UsageError, match="can be changed by others"):
             _share_source(base / "proj")
     assert _share_source(base / "proj") == (base / "proj", None)
+
+
+def test_launch_json_records_every_field_a_resume_needs() -> None:
+    """launch.json is how `resume` starts the machine again: every LaunchSpec field but the
+    ones taken anew comes back as it was (a field added to LaunchSpec is recorded with it;
+    the hand-written reader this replaced had dropped `starts_services`)."""
+    files = VMFiles(Path("/state/vms/web"))
+    spec = LaunchSpec(name="web", files=files, kernel=Path("/k"), initrd=None, rootfs=Path("/r"), cpus=2,
+                      memory=320, accel="tcg", arch="aarch64",
+                      ports=[PortForward(host_port=1, guest_port=2, proto="udp")],
+                      disks=[Disk(Path("/d"), "vol1", True, 3)], config_disk=Path("/c"), hold_fds=(7,),
+                      shares=[Share("src", Path("/p"))], root_backing=(Path("/a"), Path("/b")),
+                      memory_file=MemoryFile(Path("/m"), False), hotplug_slots=2, kernel_args=("x=1",),
+                      log_limit=5, starts_services=False, incoming=Incoming(Path("/s"), True))
+    doc = json.loads(json.dumps(spec_to_json(spec)))
+    assert not {"files", "hold_fds", "incoming", "run_as"} & set(doc)
+    assert spec_from_json(doc, files) == dataclasses.replace(spec, hold_fds=(), incoming=None)
+    with pytest.raises(ValueError):
+        spec_from_json({**doc, "cpus": "two"}, files)

@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import backends
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import Backend, Incoming, LaunchSpec, MachineRef, MachineRequest, MemoryFile
-from ..errors import MvmError, check_free
+from ..errors import HealthTimeout, MvmError, StateError, check_free
 from ..images.store import Image, ImageStore
 from ..paths import Layout, VMFiles
 from ..runtime import agent, machine_users
@@ -190,7 +190,8 @@ def make_env_state(image: Image, *, cpus: int, memory: int, env: Mapping[str, st
     with FileLock(str(store.lock_path(key))):
         template = store.get(key)
         if template is None or "agent" not in template.meta.kinds:
-            raise MvmError(f"no template with an 'agent' state for {image.name} ({cpus} vCPU, {memory} MiB)")
+            raise StateError(f"no template with an 'agent' state for {image.name} ({cpus} vCPU, {memory} MiB)",
+                             hint="`mvmctl template create` makes one")
         existing = store.env_state(template, digest)
         if existing is not None:
             return existing
@@ -202,7 +203,7 @@ def make_env_state(image: Image, *, cpus: int, memory: int, env: Mapping[str, st
                                                  running)
                 name = f"template-{key[:8]}"
                 if not _healthy(files, name, image):
-                    raise MvmError(f"{image.name}'s services did not turn healthy with these -e values")
+                    raise HealthTimeout(name, f"{image.name}'s services did not turn healthy with these -e values")
                 backend.save(files, machine, staging / "state")
                 for log_name in ("console.log", "events.log"):
                     shutil.copyfile(files.root / log_name, staging / log_name)

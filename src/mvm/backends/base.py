@@ -18,12 +18,13 @@ machine profile per guest architecture is chosen from :attr:`LaunchSpec.arch`.
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from pydantic import TypeAdapter
 
 from .._proc import RunAs as RunAs
 from ..names import Arch as Arch
@@ -263,31 +264,25 @@ class Backend(Protocol):
 LAUNCH_SCHEMA = 2
 
 
+#: What a start takes anew each time, so launch.json leaves it out: the VM dir, the held
+#: descriptors, the saved state to restore, the user.
+_NOT_RECORDED = {"files", "hold_fds", "incoming", "run_as"}
+
+
+@functools.cache
+def _launch_adapter() -> TypeAdapter[LaunchSpec]:
+    return TypeAdapter(LaunchSpec)
+
+
 def spec_to_json(spec: LaunchSpec) -> dict[str, Any]:
-    """What is needed to start the same machine again (``resume``), as JSON. The held
-    descriptors and the user are not: they are taken again."""
-    doc = dataclasses.asdict(spec)
-    for key in ("files", "hold_fds", "incoming", "run_as"):
-        doc.pop(key)
-    result: dict[str, Any] = json.loads(json.dumps(doc, default=str))
-    return result
+    """What is needed to start the same machine again (``resume``), as JSON: every field of
+    :class:`LaunchSpec` but those in ``_NOT_RECORDED``."""
+    doc: dict[str, Any] = _launch_adapter().dump_python(spec, mode="json", exclude=_NOT_RECORDED)
+    return doc
 
 
 def spec_from_json(doc: dict[str, Any], files: VMFiles) -> LaunchSpec:
-    def path(value: str | None) -> Path | None:
-        return Path(value) if value is not None else None
-
-    memory = doc.get("memory_file")
-    return LaunchSpec(
-        name=doc["name"], files=files, kernel=Path(doc["kernel"]), initrd=path(doc.get("initrd")),
-        rootfs=Path(doc["rootfs"]), cpus=doc["cpus"], memory=doc["memory"], accel=doc["accel"], arch=doc["arch"],
-        ports=[PortForward(**p) for p in doc.get("ports") or []],
-        disks=[Disk(path=Path(d["path"]), serial=d["serial"], readonly=d["readonly"], slot=d.get("slot"))
-               for d in doc.get("disks") or []],
-        config_disk=path(doc.get("config_disk")),
-        shares=[Share(tag=s["tag"], path=Path(s["path"])) for s in doc.get("shares") or []],
-        root_backing=tuple(Path(p) for p in doc.get("root_backing") or ()),
-        memory_file=MemoryFile(Path(memory["path"]), memory["shared"]) if memory else None,
-        hotplug_slots=doc.get("hotplug_slots", 0), kernel_args=tuple(doc.get("kernel_args") or ()),
-        log_limit=doc.get("log_limit", 64 * 1024 * 1024),
-    )
+    """The :class:`LaunchSpec` ``doc`` records, in ``files``' VM dir. ValueError (pydantic's
+    ValidationError) if it is not one."""
+    return _launch_adapter().validate_python({**{k: v for k, v in doc.items() if k not in _NOT_RECORDED},
+                                              "files": files})

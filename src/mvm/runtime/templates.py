@@ -39,6 +39,7 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from .._atomic import remove_tree, write_json_atomic
+from ..errors import StateError
 from ..paths import Layout
 
 TEMPLATE_SCHEMA = 1
@@ -187,8 +188,17 @@ def _check(path: Path, recorded_files: dict[str, list[int]]) -> None:
             raise Damaged(f"{name} was changed after the template was saved")
 
 
-class Damaged(Exception):
-    """A template on disk that cannot be trusted (the message says why)."""
+class Damaged(StateError):
+    """A template on disk that cannot be trusted (the message says why). ``up`` boots cold
+    instead and removes it; where one reaches the user, the hint says how to get rid of it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"damaged template: {message}",
+                         hint="`mvmctl template rm KEY` or `mvmctl cleanup` removes it; the next `up` makes it again")
+        self.reason = message
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 class TemplateStore:
