@@ -8,28 +8,15 @@ docs/reliability.md this way).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mvm._locks import held
+
 from .conftest import qemu_pids_under
-
-
-def _held(lock: Path) -> bool:
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def find_leaks(home: Path, cache: Path, expected_vms: set[str] = frozenset()) -> dict[str, int]:  # type: ignore[assignment]
@@ -56,7 +43,7 @@ def find_leaks(home: Path, cache: Path, expected_vms: set[str] = frozenset()) ->
             for lock in root.rglob("*.lock"):
                 if lock.parent.name in expected_vms or (expected_vms and lock.parent.name == "volumes"):
                     continue
-                locks += _held(lock)
+                locks += held(lock)
     mounts = 0
     with open("/proc/self/mounts") as f:
         for line in f:

@@ -130,6 +130,13 @@ def test_console_gives_an_interactive_shell(cli: CLI, testbed_vm: dict[str, Any]
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def test_console_ends_when_its_input_does(cli: CLI, testbed_vm: dict[str, Any]) -> None:
+    """A script piped into `console` ends it, as Ctrl-D would (it used to hang for ever)."""
+    r = cli("console", "shared", input="echo piped-$((6*7))\n", timeout=60)
+    assert "piped-42" in r.stdout
+    assert cli("console", "shared", input="", timeout=60).returncode == 0
+
+
 def test_up_wait_returns_once_healthy_after_grace(cli: CLI, testbed_image: dict[str, Any]) -> None:
     started = time.monotonic()
     r = cli("up", str(FIXTURES / "testbed"), "--name", "slowstart", "-e", "WEB_DELAY=4", "--wait",

@@ -598,6 +598,46 @@ def test_suspend_and_resume(layout: Layout, fake: FakeBackend, image: Image, tmp
     _nothing_left(layout, fake)
 
 
+def test_a_suspended_vm_keeps_its_volumes(layout: Layout, fake: FakeBackend, image: Image, tmp_path: Path) -> None:
+    """A suspended guest has the volume's file system mounted, its writes partly in memory: a
+    second VM on the volume meanwhile had its changes overwritten by the resumed one (data
+    lost), and `volume rm` let `resume` fail on a missing disk with a traceback."""
+    (tmp_path / "data").mkdir()
+    volume = f"{tmp_path}/data:/mnt/data:16"
+    vm = _up(layout, fake, image, volumes=[volume])
+    vm.suspend()
+    with pytest.raises(mvm.VolumeError, match="belongs to suspended VM 'web'") as refused:
+        _up(layout, fake, image, name="other", volumes=[volume])
+    assert refused.value.hint is not None and "mvmctl resume web" in refused.value.hint
+    with pytest.raises(mvm.VolumeError, match="suspended VM 'web'"):
+        mvm.volume_rm(str(tmp_path / "data"), layout=layout)
+    with pytest.raises(mvm.VolumeError, match="suspended VM 'web'"):
+        mvm.volume_export(str(tmp_path / "data"), layout=layout)
+    (row,) = mvm.volume_ls(layout=layout)
+    assert row.held_by == "suspended VM 'web'"
+    with pytest.raises(mvm.VMError, match="is suspended: restarting it would discard its saved state"):
+        vm.restart()  # was down + up, the saved machine lost unasked
+    assert vm.files.saved_state.is_file()
+    vm.resume()  # its own resume takes them back
+    vm.down()
+    _up(layout, fake, image, name="other", volumes=[volume]).down()  # free once the VM is gone
+
+
+def test_resume_of_a_vm_whose_volume_was_removed_is_a_clear_error(layout: Layout, fake: FakeBackend, image: Image,
+                                                                  tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    vm = _up(layout, fake, image, volumes=[f"{tmp_path}/data:/mnt/data:16"])
+    vm.suspend()
+    (disk,) = layout.volumes.glob("data-*/disk.ext4")
+    disk.unlink()  # by hand: `volume rm` refuses
+    with pytest.raises(mvm.StateError, match="its volume .*data is gone") as gone:
+        vm.resume()
+    assert gone.value.hint is not None and "mvmctl down web" in gone.value.hint
+    assert not [m for m in fake.machines.values() if m.running]
+    mvm.down("web", layout=layout)
+    _nothing_left(layout, fake)
+
+
 def test_rmi_keeps_what_a_suspended_vm_resumes_from_and_refuses_an_ambiguous_prefix(
         layout: Layout, fake: FakeBackend, image: Image) -> None:
     from mvm.images.store import ImageStore, Manifest

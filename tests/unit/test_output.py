@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from mvm.cli import output
@@ -32,3 +37,16 @@ def test_sizes_given_in_mib_read_back_as_given() -> None:
     assert output.mib(12.44) == "12.4 MiB"  # a measured part of a volume
     assert output.mib(None) == "-"
     assert output.human_bytes(512 * 2**20) == "536.9 MB"  # measured byte counts stay decimal
+
+
+def test_a_reader_that_goes_away_is_exit_120_as_documented(tmp_path: Path) -> None:
+    """Rich's own handler exited 1, which a script cannot tell from an mvm error."""
+    env = {**os.environ, "MVM_HOME": str(tmp_path)}
+    for command in (["doctor"], ["ls"], ["images"]):
+        proc = subprocess.Popen([sys.executable, "-m", "mvm", *command], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
+        assert proc.stdout is not None
+        proc.stdout.close()  # the reader is gone before anything is written
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 120, (command, proc.returncode, err)
+        assert b"Traceback" not in err

@@ -67,6 +67,8 @@ def test_host_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("./c:/etc", "guest path /etc is reserved"),
         ("./c:/mnt/../etc", "contains '..'"),
         ("./d:/mnt/d:0", "size 0 MiB: a volume's size must be a positive number of MiB"),
+        ("./d:/mnt/d:64:secrets", "'secrets' is not an option"),  # was a plain writable volume
+        ("./d:/mnt/d:64:128", "'128' is not an option: give ro, or one size in MiB"),
         ("./d:/mnt/d:-5", "size -5 MiB: a volume's size must be a positive number of MiB"),
         ("./d:/mnt/d:abc", "'abc' is neither a size in MiB nor 'ro' or 'secret'"),
         ("./d:/mnt/d:1.5", "'1.5' is neither a size in MiB"),

@@ -101,7 +101,7 @@ def cp(src: str, dest: str, *, archive: bool = False, layout: Layout | None = No
 
 def _run(vm: VM, args: list[str], feed: IO[bytes] | None, sink: IO[bytes] | None) -> None:
     """Run the guest's copy with ``feed`` as its input and ``sink`` taking its output."""
-    vm._require_running()
+    vm.require_running()
     errors: list[bytes] = []
     with agent.AgentSession(vm.files, vm.name) as session:
         session.start("copy", args=args)

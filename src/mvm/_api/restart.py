@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import PortForward
-from ..errors import StateError
+from ..errors import StateError, VMError
 from ..images.store import ImageStore
 from ..paths import Layout
 from ..runtime.bootconfig import read_config_disk
@@ -28,6 +28,10 @@ def restart(name: str, *, wait: bool = False, wait_timeout: float = 120.0, layou
     layout = layout or Layout.default()
     registry = Registry(layout)
     record = registry.load(name)
+    if record.phase == "suspended":  # restart is down + up: the saved machine would be thrown away unasked
+        raise VMError(name, f"VM {name!r} is suspended: restarting it would discard its saved state",
+                      hint=f"`mvmctl resume {name}` brings it back as it was (restart it after that if you "
+                      f"want); to discard the saved state: `mvmctl down {name}`, then `mvmctl up {record.source}`")
     image = ImageStore(layout.images).get(record.image_key)
     if image is None:
         raise StateError(f"the image of {name!r} ({record.image_key[:12]}) is no longer in the store",

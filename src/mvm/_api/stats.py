@@ -13,7 +13,7 @@ from typing import Any
 from .._proc import DEFAULT_RUNNER, Runner
 from .._untrusted import as_float, as_int
 from ..backends.base import MachineUsage
-from ..errors import MvmError, VMNotRunning
+from ..errors import MvmError
 from ..paths import Layout
 from ..runtime import agent
 from ..runtime.registry import Registry
@@ -68,7 +68,7 @@ def stats(names: list[str] | None = None, *, interval: float = 1.0, layout: Layo
         if running:
             vms.append(VM(name, layout, runner))
         elif names:
-            raise VMNotRunning(name, f"VM {name!r} is not running")
+            VM(name, layout, runner).require_running()  # raises, with the hint its status calls for
     first = {vm.name: _sample(vm, runner) for vm in vms}
     time.sleep(interval)
     out = []

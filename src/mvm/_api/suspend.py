@@ -14,6 +14,7 @@ import json
 import os
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import LAUNCH_SCHEMA, Incoming, LaunchSpec, spec_from_json
@@ -41,6 +42,11 @@ def suspend(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT
                              hint=f"restart it once (`mvmctl restart {name}`); then it can be suspended")
         machine = record.machine.ref
         backend.save(files, machine, files.saved_state)
+        store = VolumeStore(layout)
+        for v in record.volumes:  # before the machine lets go of their locks: no other VM gets them
+            if v.volume is not None:
+                store.set_holder(v.volume, Holder(what=f"suspended VM {name!r}", vm=name, pid=0,
+                                                  since=time.time(), suspended=True))
         backend.stop(files, machine, 5.0)
         record.phase, record.machine, record.started_at = "suspended", None, None
     return VM(name, layout, runner).info()
@@ -57,7 +63,11 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
         spec = _read_launch(name, files)
         spec.incoming = Incoming(files.saved_state, ignore_shared=False)
         spec.starts_services = False  # they run already
-        locks = [store.lock(v.volume, f"{v.host} ({v.volume})", attaching=True)
+        gone = [v.host for v in record.volumes if v.image is not None and not Path(v.image).exists()]
+        if gone:
+            raise StateError(f"VM {name!r} cannot be resumed: its volume {gone[0]} is gone (removed by hand?)",
+                             hint=f"`mvmctl down {name}` discards the saved machine; `up` it again with the volume")
+        locks = [store.lock(v.volume, f"{v.host} ({v.volume})", attaching=True, resuming=name)
                  for v in record.volumes if v.volume is not None]
         try:
             spec.hold_fds = tuple(lock.fd for lock in locks)

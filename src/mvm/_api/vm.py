@@ -72,7 +72,9 @@ class VM:
         guest = self.guest_status() if status is VMStatus.RUNNING else None
         return VMDetails(**vm_info(record, self.files, status, guest).model_dump(), guest=guest)
 
-    def _require_running(self) -> VMRecord:
+    def require_running(self) -> VMRecord:
+        """The VM's record, or :class:`~mvm.errors.VMNotRunning` with the hint its status calls
+        for (``resume`` a suspended VM, read the ``logs`` of one that stopped)."""
         record = self.record()
         status = status_of(record, self.files, backend_for(record, self.runner))
         if status not in (VMStatus.RUNNING, VMStatus.STARTING):
@@ -83,12 +85,12 @@ class VM:
 
     def guest_status(self, timeout: float = 5.0) -> GuestStatus:
         """Services and health checks, as the guest agent reports them now."""
-        self._require_running()
+        self.require_running()
         return GuestStatus.from_agent(agent.request(self.files, self.name, "status", timeout=timeout), self.name)
 
     def ping(self, timeout: float = 5.0) -> float:
         """Seconds one agent round trip took (connection included)."""
-        self._require_running()
+        self.require_running()
         started = time.monotonic()
         agent.request(self.files, self.name, "ping", timeout=timeout)
         return time.monotonic() - started
@@ -96,7 +98,7 @@ class VM:
     def clock_offset(self) -> float:
         """Seconds the guest's clock is ahead of the host's (negative: behind), from one agent
         round trip (the guest's time against the midpoint of the host's send and receive)."""
-        self._require_running()
+        self.require_running()
         sent = time.time()
         reply = agent.request(self.files, self.name, "ping", timeout=5.0)
         received = time.time()
@@ -128,7 +130,7 @@ class VM:
         if not argv:
             raise UsageError("exec needs a command", hint="e.g. mvmctl exec NAME -- uname -a")
         environment = dict(env) if isinstance(env, dict) else parse_env(list(env or []))
-        self._require_running()
+        self.require_running()
         out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         request: dict[str, Any] = {"argv": list(argv), "user": user, "env": environment, "cwd": cwd}
         if timeout:
@@ -209,7 +211,7 @@ class VM:
     @contextmanager
     def _hotplug(self) -> Iterator[tuple[VMFiles, VMRecord, Backend, MachineRef]]:
         """The running VM's record under its lock (one change at a time), with its backend."""
-        self._require_running()
+        self.require_running()
         with Registry(self.layout).transaction(self.name) as (files, record):
             backend = backend_for(record, self.runner)
             if HOTPLUG_FORWARD not in backend.capabilities():
@@ -299,7 +301,7 @@ class VM:
         """An interactive shell on a guest pty: see :class:`~mvm._api.console.ConsoleSession`."""
         from .console import ConsoleSession
 
-        self._require_running()
+        self.require_running()
         return ConsoleSession(self.files, self.name, user=user, cwd=cwd, env=env or {})
 
     def restart(self, *, wait: bool = False, wait_timeout: float = 120.0, progress: Progress | None = None) -> VM:

@@ -43,11 +43,24 @@ def safe(text: str) -> str:
 
 
 @functools.cache
-def console(stderr: bool) -> Console:
-    """The console for stdout or stderr (``out`` and ``err``), made on first use."""
+def _console_class() -> type[Console]:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    class PipeConsole(Console):
+        """Rich exits with 1 when the reader of stdout goes away (`mvmctl ls | head`); mvm's
+        exit code for that is 120, set in one place (cli/app.py), so the error goes there."""
+
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError
+
+    return PipeConsole
+
+
+@functools.cache
+def console(stderr: bool) -> Console:
+    """The console for stdout or stderr (``out`` and ``err``), made on first use."""
+    return _console_class()(stderr=stderr, highlight=False, soft_wrap=True)
 
 
 def __getattr__(name: str) -> Console:
@@ -120,7 +133,6 @@ def table(columns: Sequence[Column[Row]], rows: Sequence[Row]) -> None:
     """A borderless table on stdout. In a pipe it is printed at its natural width (nothing
     cut off for ``grep`` or ``awk``); on a narrow terminal, wrapping columns fold and the
     others keep at least their header's width."""
-    from rich.console import Console
     from rich.measure import Measurement
     from rich.table import Table
 
@@ -138,7 +150,7 @@ def table(columns: Sequence[Column[Row]], rows: Sequence[Row]) -> None:
     # Console.print caps width at the console's (80 off a terminal): print through one as
     # wide as the table
     natural = Measurement.get(out, out.options.update_width(100_000), t).maximum
-    Console(file=out.file, width=natural, highlight=False, color_system=None).print(t, crop=False)
+    _console_class()(file=out.file, width=natural, highlight=False, color_system=None).print(t, crop=False)
 
 
 class StageProgress:

@@ -224,6 +224,14 @@ class StreamOp:
                 protocol.write_all(self.stdin_fd, base64.b64decode(msg.get("data") or ""))
             except OSError:
                 pass
+        elif kind == "eof" and self.pty_master is not None:
+            # The master stays open (it carries the output); end of input on a terminal is a
+            # Ctrl-D, as a user would type (closing a dup sent nothing, and `mvmctl console <
+            # script` never returned).
+            try:
+                protocol.write_all(self.pty_master, b"\x04")
+            except OSError:
+                pass
         elif kind == "eof":
             self._close_stdin()
         elif kind == "resize" and self.pty_master is not None:

@@ -119,6 +119,9 @@ def parse_volume(text: str, cwd: Path | None = None) -> VolumeArg:
     rest = [o for o in options if o not in ("secret", "ro")]
     if "ro" in options and rest:
         raise _usage(text, "a volume is either read-only (ro) or writable with a size, not both")
+    if len(rest) > 1:  # two sizes, or a misspelt option (`:64:secrets` made a plain writable volume)
+        odd = next((o for o in rest if not o.isdigit()), rest[1])
+        raise _usage(text, f"{odd!r} is not an option: give ro, or one size in MiB, and/or secret")
     size = parse_size(text, rest[0]) if rest else None
     mode: Mode = "rw" if size is not None else ("secret" if secret else "ro")
     host = ((cwd or Path.cwd()) / Path(host_text).expanduser()).resolve()

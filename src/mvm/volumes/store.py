@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .. import _proc
 from .._atomic import remove_tree, write_json_atomic
 from ..errors import StateError, VolumeError
-from ..paths import Layout
+from ..paths import Layout, VMFiles
 
 VOLUME_SCHEMA = 1
 IMAGE_NAME = "disk.ext4"
@@ -66,6 +66,10 @@ class Holder(BaseModel):
     pid: int
     pid_start: int | None = None
     since: float
+    #: Held by a suspended VM (``vm``): no process holds the lock, but the guest's memory has
+    #: the file system mounted, with writes not yet on disk. It holds while the VM's saved
+    #: state exists (until ``resume`` or ``down``).
+    suspended: bool = False
 
 
 def volume_id(host: Path) -> str:
@@ -90,6 +94,7 @@ class VolumeLock:
 class VolumeStore:
     def __init__(self, layout: Layout) -> None:
         self.root = layout.volumes
+        self.layout = layout
 
     # -- names ---------------------------------------------------------------------------
 
@@ -164,10 +169,21 @@ class VolumeStore:
             holder = Holder.model_validate_json(self.holder_path(vid).read_text())
         except (OSError, ValueError):
             return None
+        if holder.suspended:
+            return holder if holder.vm and VMFiles(self.layout.vm_dir(holder.vm)).saved_state.is_file() else None
         return holder if _proc.alive(holder.pid, holder.pid_start) else None
 
-    def lock(self, vid: str, label: str, *, attaching: bool = False) -> VolumeLock:
-        """Take the volume's lock without waiting, or raise a VolumeError naming the holder."""
+    def lock(self, vid: str, label: str, *, attaching: bool = False, resuming: str | None = None) -> VolumeLock:
+        """Take the volume's lock without waiting, or raise a VolumeError naming the holder. A
+        suspended VM holds its volumes too: only its own ``resume`` (``resuming``) takes them."""
+        lock = self._flock(vid, label, attaching=attaching)
+        holder = self.holder(vid)
+        if holder is not None and holder.suspended and holder.vm != resuming:
+            lock.release()
+            raise self.in_use_error(vid, label, attaching=attaching)
+        return lock
+
+    def _flock(self, vid: str, label: str, *, attaching: bool) -> VolumeLock:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.lock_path(vid)
         while True:
@@ -187,6 +203,12 @@ class VolumeStore:
 
     def in_use_error(self, vid: str, label: str, *, attaching: bool = False) -> VolumeError:
         holder = self.holder(vid)
+        if holder and holder.suspended:
+            return VolumeError(f"volume {label} belongs to suspended VM {holder.vm!r}: its guest has the file system "
+                               "mounted, with writes not yet on disk, and would overwrite changes made meanwhile",
+                               hint=f"`mvmctl resume {holder.vm}` then `mvmctl down {holder.vm}` frees it; "
+                               f"`mvmctl down {holder.vm}` alone discards the VM's saved state (and its unwritten "
+                               "changes)")
         if holder and holder.vm:
             hint = f"stop that VM first (`mvmctl down {holder.vm}`)"
             if attaching:
