@@ -103,3 +103,21 @@ def test_remove_tree_is_one_rename_then_the_delete(tmp_path: Path) -> None:
     _atomic.remove_tree(victim)
     assert list(tmp_path.iterdir()) == []
     _atomic.remove_tree(victim)  # already gone: nothing to do
+
+
+def test_a_full_disk_does_not_keep_a_vm_from_going(layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No room for the lock file (it is made on first use): the VM goes all the same."""
+    import errno
+    from contextlib import contextmanager
+
+    registry = Registry(layout)
+    files = registry.reserve(VMRecord(name="web"))
+
+    @contextmanager
+    def full(name: str):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+        yield
+
+    monkeypatch.setattr(registry, "locked", full)
+    registry.remove("web")
+    assert not files.root.exists()

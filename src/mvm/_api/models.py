@@ -228,8 +228,8 @@ class VMUsage(_Model):
     name: str
     cpu_percent: float  #: of one host core: the whole machine (vCPUs, devices, emulation)
     memory_bytes: int  #: resident on the host
-    guest_memory_total: int | None = None
-    guest_memory_used: int | None = None
+    guest_memory_total: int | None = None  #: bytes, as the guest sees them (MemTotal)
+    guest_memory_used: int | None = None  #: bytes (MemTotal - MemAvailable)
     services: list[ServiceUsage] = []
 
 

@@ -210,8 +210,7 @@ class QemuBackend:
             for fwd in spec.ports:
                 reply = qmp.hmp(f"hostfwd_add n0 {hostfwd_rule(fwd)}").strip()
                 if reply and HOSTFWD_ERROR.search(reply):
-                    raise PortInUse(f"host port in {fwd} could not be bound (taken by another process?): {reply}",
-                                    hint="pick another host port with -p")
+                    raise _port_taken(str(fwd), reply)
 
     def save(self, files: VMFiles, machine: MachineRef, state: Path) -> Saved:
         """Pause the machine and write its state to ``state``. It stays paused once saved (the
@@ -296,10 +295,7 @@ class QemuBackend:
         text = tail_file(files.qemu_log)
         match = re.search(r"Could not set up host forwarding rule '([^']+)'", text)
         if match:
-            raise PortInUse(
-                f"host port in {match.group(1)} could not be bound (taken by another process?)",
-                hint="pick another host port with -p",
-            )
+            raise _port_taken(match.group(1))
         if 'Failed to get "write" lock' in text:
             raise VolumeError(
                 "a volume image is in use by another process (QEMU could not lock it for writing)",
@@ -366,6 +362,15 @@ class QemuBackend:
 
 #: A host forward in ``info usernet``: ``TCP[HOST_FORWARD]  12  127.0.0.1 45637  10.0.2.15  8080 ...``
 USERNET_FORWARD = re.compile(r"^\s*(TCP|UDP)\[HOST_FORWARD\]\s+-?\d+\s+(\S+)\s+(\d+)\s+\S+\s+(\d+)", re.M)
+
+
+def _port_taken(forward: str, detail: str = "") -> PortInUse:
+    """A forward (``HOST_IP:PORT->GUEST/PROTO``, or QEMU's rule) whose host port could not be bound."""
+    port = re.search(r":(\d+)(?:->|-)", forward)
+    which = f"host port {port.group(1)}" if port else "a host port"
+    return PortInUse(f"{which} of forward {forward} could not be bound (another process has it?)"
+                     + (f": {detail}" if detail else ""),
+                     hint="`ss -ltnup` shows who has it; free it, or (for `up`) pick another host port with -p")
 
 
 def _migration_end(qmp: QMP, deadline: float) -> str:

@@ -9,6 +9,7 @@ started; whether that machine still runs is asked of its backend each time, so t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -205,6 +206,11 @@ class Registry:
         """Forget the VM: its dir goes in one rename under its lock, and the lock file with it
         (a command that waited for the lock finds no VM once it has it; ``cleanup`` removes
         the lock file of a name no VM has, should one be left)."""
-        with self.locked(name) as files:
-            remove_tree(files.root, ignore_errors=True)
-            files.lock.unlink(missing_ok=True)
+        try:
+            with self.locked(name) as files:
+                remove_tree(files.root, ignore_errors=True)
+                files.lock.unlink(missing_ok=True)
+        except OSError as exc:  # no room for a lock file: a full disk must not keep a VM from going
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            remove_tree(self.files(name).root, ignore_errors=True)
