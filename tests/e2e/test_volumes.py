@@ -127,7 +127,9 @@ def test_config_secrets_env_and_an_image_file(cli: CLI, config_image: dict[str, 
         assert r.returncode == 1
         assert "a volume image is in use by another process" in _error_line(r.stderr)
         assert "Failed to get \"write\" lock" in r.stderr
-        assert not qemu_pids_under(home2) and not list((home2 / "state" / "vms").iterdir())
+        vms = home2 / "state" / "vms"
+        assert not qemu_pids_under(home2) and not [p for p in vms.iterdir() if p.name != ".locks"]
+        assert not list((vms / ".locks").glob("*")), "a VM's lock file was left"
         assert not (home2 / "state" / "volumes").exists() or not list((home2 / "state" / "volumes").iterdir())
     finally:
         cli("down", "cfg")
