@@ -115,6 +115,16 @@ class VolumeError(MvmError):
     reference = "volume-error"
 
 
+class ExportConflicts(VolumeError):
+    """``volume export`` stopped before writing anything: these host paths (relative to
+    ``dest``) were changed both on the host and in the volume ``volume``, or are in the way."""
+
+    def __init__(self, message: str, *, volume: str, dest: str, conflicts: list[str], hint: str | None = None,
+                 output: str | None = None) -> None:
+        super().__init__(message, hint=hint, output=output)
+        self.volume, self.dest, self.conflicts = volume, dest, conflicts
+
+
 class VMError(MvmError):
     reference = "vm-error"
 
@@ -177,6 +187,7 @@ __all__ = [
     "CommandFailed",
     "DiskFull",
     "ExecTimeout",
+    "ExportConflicts",
     "HealthTimeout",
     "MvmError",
     "PortInUse",

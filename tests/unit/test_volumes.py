@@ -13,7 +13,7 @@ import pytest
 from mvm import _ext4 as ext4
 from mvm._api.volumes import volume_export, volume_ls, volume_rm
 from mvm._proc import DEFAULT_RUNNER
-from mvm.errors import UsageError, VolumeError
+from mvm.errors import ExportConflicts, UsageError, VolumeError
 from mvm.paths import Layout, VMFiles
 from mvm.volumes import attach as volumes
 from mvm.volumes.args import parse_volume, parse_volumes
@@ -328,6 +328,9 @@ def test_export_merges_three_ways_and_never_loses_a_host_edit(tmp_path: Path, la
     assert "nothing was written" in info.value.message
     assert "both-edit: changed both on the host and in the volume" in (info.value.output or "")
     assert (data / "guest-edits").read_text() == "v1" and not (data / "new-in-guest").exists()
+    # what `volume export --json` prints then (a script gets the list, not only the message)
+    assert isinstance(info.value, ExportConflicts) and info.value.volume == volume_id(data)
+    assert info.value.conflicts == ["both-edit: changed both on the host and in the volume"]
 
     (data / "both-edit").write_text("v1")  # the user reverts their edit: no conflict any more
     result = volume_export(str(data), layout=layout)

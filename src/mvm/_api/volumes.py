@@ -127,7 +127,7 @@ def volume_export(
         if ext4.read_superblock(image) is None:
             raise VolumeError(f"volume {label}: {image} is missing or not an ext4 image")
         ext4.replay_journal(image, runner)
-        result = export_image(image, dest, store.baseline_path(meta.id), force=force)
+        result = export_image(image, dest, store.baseline_path(meta.id), force=force, volume=meta.id)
     finally:
         store.clear_holder(meta.id)
         lock.release()

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import write_json_atomic
-from ..errors import VolumeError
+from ..errors import ExportConflicts, VolumeError
 from . import hostdir
 from .ext4read import Ext4Error, Ext4Image, hash_zeros
 from .ext4walk import Entry, walk
@@ -323,8 +323,10 @@ def export_image(
     baseline_path: Path,
     *,
     force: bool = False,
+    volume: str = "",
 ) -> ExportResult:
-    """Copy the files of an unmounted, locked volume image into ``dest`` (see module doc)."""
+    """Copy the files of an unmounted, locked volume image into ``dest`` (see module doc).
+    :class:`~mvm.errors.ExportConflicts` (naming ``volume``) if a conflict stops it."""
     dest = dest.expanduser().absolute()
     if dest.exists() and not dest.is_dir():
         raise VolumeError(f"{dest} exists and is not a directory", hint="export into a directory")
@@ -339,10 +341,10 @@ def export_image(
             if result.conflicts:
                 shown = "\n".join(result.conflicts[:20])
                 more = f"\n… and {len(result.conflicts) - 20} more" if len(result.conflicts) > 20 else ""
-                raise VolumeError(
+                raise ExportConflicts(
                     f"export into {dest} stopped: {len(result.conflicts)} host path(s) were changed both on the "
                     "host and in the volume since mvm last copied them, or are in the way; nothing was written",
-                    output=shown + more,
+                    output=shown + more, volume=volume, dest=str(dest), conflicts=result.conflicts,
                     hint="directories are never replaced; export into an empty directory with --to DIR"
                     if force else "export into an empty directory with --to DIR, or pass --force to overwrite the "
                     "changed files (directories are never replaced)",

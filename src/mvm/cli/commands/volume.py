@@ -119,7 +119,12 @@ def export(
 
     from .. import output
 
-    result = mvm.volume_export(volume, to=to, force=force)
+    try:
+        result = mvm.volume_export(volume, to=to, force=force)
+    except mvm.ExportConflicts as exc:  # a script gets the list too (nothing was written)
+        if json:
+            output.print_json(mvm.VolumeExport(volume=exc.volume, dest=exc.dest, conflicts=exc.conflicts))
+        raise
     if json:
         output.print_json(result)
         return
