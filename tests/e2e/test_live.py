@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
 import select
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -131,10 +133,30 @@ def test_console_gives_an_interactive_shell(cli: CLI, testbed_vm: dict[str, Any]
 
 
 def test_console_ends_when_its_input_does(cli: CLI, testbed_vm: dict[str, Any]) -> None:
-    """A script piped into `console` ends it, as Ctrl-D would (it used to hang for ever)."""
-    r = cli("console", "shared", input="echo piped-$((6*7))\n", timeout=60)
-    assert "piped-42" in r.stdout
+    """A script piped into `console` runs without a terminal, as over ssh, and its end ends
+    the shell (it used to hang for ever: the shell on a pseudo-terminal never saw the end)."""
+    r = cli("console", "shared", input="echo piped-$((6*7)); tty; exit 5\n", timeout=60, check=False)
+    assert r.returncode == 5 and r.stdout == "piped-42\nnot a tty\n", (r.returncode, r.stdout, r.stderr)
     assert cli("console", "shared", input="", timeout=60).returncode == 0
+
+
+def test_cp_both_ways_and_to_stdout(cli: CLI, testbed_vm: dict[str, Any], tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    (site / "css").mkdir(parents=True)
+    (site / "index.html").write_text("<h1>copied</h1>\n")
+    (site / "css" / "a.css").write_text("body {}\n")
+    os.chmod(site / "index.html", 0o640)
+    cli("cp", str(site), "shared:/tmp/")
+    assert cli("exec", "shared", "--", "stat", "-c", "%a %U %n", "/tmp/site/index.html").stdout == \
+        "640 root /tmp/site/index.html\n"
+    cli("cp", "shared:/tmp/site/.", str(tmp_path / "back"))
+    assert (tmp_path / "back" / "css" / "a.css").read_text() == "body {}\n"
+    assert (tmp_path / "back" / "index.html").stat().st_mode & 0o777 == 0o640
+    listing = subprocess.run([sys.executable, "-m", "mvm", "cp", "shared:/tmp/site", "-"], env=cli.env,
+                             capture_output=True, check=True, timeout=60).stdout
+    with tarfile.open(fileobj=io.BytesIO(listing)) as tar:
+        assert sorted(tar.getnames()) == ["site", "site/css", "site/css/a.css", "site/index.html"]
+    assert not (Path.cwd() / "-").exists()
 
 
 def test_up_wait_returns_once_healthy_after_grace(cli: CLI, testbed_image: dict[str, Any]) -> None:

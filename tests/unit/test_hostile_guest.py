@@ -522,3 +522,23 @@ def test_printable() -> None:
     assert printable("a\tb\nc\x00\x7f\x9b") == "a\tb\\x0ac\\x00\\x7f\\x9b"
     assert printable("x" * 50, 10).startswith("x" * 10 + "…")
     assert printable({"a": 1}) == "{'a': 1}"
+
+
+def test_cp_out_to_stdout_streams_the_tar_under_the_source_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cp VM:/x -` (docker cp's): the archive on stdout, its top entry named as the source
+    (the guest's names it by a placeholder), the guest's modes kept, nothing on the host."""
+    from mvm._api import copy
+
+    stream = _guest_tar(("dir", "d", None), ("0640", "d/f", "hello"))
+
+    def run(vm: object, args: list[str], feed: object, sink: io.BufferedWriter) -> None:
+        sink.write(stream)
+
+    monkeypatch.setattr(copy, "_run", run)
+    out = io.BytesIO()
+    copy._to_stream(type("FakeVM", (), {"name": "guest"})(), "/srv/site", out)  # type: ignore[arg-type]
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+        assert [m.name for m in tar.getmembers()] == ["site", "site/d", "site/d/f"]
+        assert tar.getmember("site/d/f").mode == 0o640
+        member = tar.extractfile("site/d/f")
+        assert member is not None and member.read() == b"hello"

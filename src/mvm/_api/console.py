@@ -27,12 +27,14 @@ class ConsoleSession:
     def run(self, stdin_fd: int, stdout_fd: int, *, cols: int = 80, rows: int = 24,
             term: str = "xterm") -> int:
         """Run the shell with ``stdin_fd`` as its input and ``stdout_fd`` as its output;
-        return its exit code. End of input on ``stdin_fd`` is passed on as EOF."""
+        return its exit code. On a pseudo-terminal in the guest when ``stdin_fd`` is a
+        terminal; otherwise (a script piped in) on pipes, as ssh does, so that the end of
+        the input ends the shell."""
         session = self._session
         session.open()
         try:
             session.start("console", user=self.user, rows=rows, cols=cols, term=term, cwd=self.cwd,
-                          env=self.env)
+                          env=self.env, tty=os.isatty(stdin_fd))
             self._started = True
             sock = session.fileno()
             stdin_open = True

@@ -14,10 +14,13 @@ memory whole, so those are capped (:class:`BoundedTarInfo`).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import sys
 import tarfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -80,7 +83,9 @@ def parse_endpoint(text: str, layout: Layout) -> Endpoint:
 
 
 def cp(src: str, dest: str, *, archive: bool = False, layout: Layout | None = None) -> None:
-    """Copy ``src`` to ``dest``; exactly one of them is ``NAME:/path``."""
+    """Copy ``src`` to ``dest``; exactly one of them is ``NAME:/path``. A ``dest`` of ``-``
+    writes a tar archive of ``src`` to stdout instead, as ``docker cp`` does (its top entry
+    named as ``src``, the guest's owners kept); ``./-`` is a file named ``-``."""
     layout = layout or Layout.default()
     a, b = parse_endpoint(src, layout), parse_endpoint(dest, layout)
     if a.vm is None and b.vm is None:
@@ -94,6 +99,10 @@ def cp(src: str, dest: str, *, archive: bool = False, layout: Layout | None = No
                          hint="e.g. mvmctl cp ./site hello:/srv/site, or mvmctl cp hello:/var/log/app.log .")
     if b.vm is not None:
         _to_guest(Path(a.path), src.endswith("/."), VM(b.vm, layout), b.path, archive)
+    elif dest == "-":
+        assert a.vm is not None
+        sys.stdout.flush()
+        _to_stream(VM(a.vm, layout), a.path, sys.stdout.buffer)
     else:
         assert a.vm is not None
         _to_host(VM(a.vm, layout), a.path, dest)
@@ -159,34 +168,63 @@ def _host_destination(dest: str) -> str:
     return path + "/" if dest.endswith("/") and path != "/" else path
 
 
+def _top_name(src: str) -> str:
+    return os.path.basename(src.rstrip("/.")) or "root"
+
+
+def _unpack(src: str, dest: str, tar: tarfile.TarFile) -> None:
+    """The guest's archive of ``src`` into the host path ``dest`` (docker cp's rules)."""
+    root_fd: int | None = None
+    try:
+        new_top = None
+        for member in tar:
+            if root_fd is None:
+                where, new_top = protocol.destination(_host_destination(dest), member.isdir(), _top_name(src),
+                                                      src.endswith("/."))
+                root_fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            renamed = protocol.rename(member, new_top, archive=False)
+            if renamed is not None:  # links stay inside the new top entry, when there is one
+                guest_tar.extract(root_fd, tar, renamed, floor=0 if new_top is None else 1)
+    finally:
+        if root_fd is not None:
+            os.close(root_fd)
+
+
+def _restream(src: str, out: IO[bytes], tar: tarfile.TarFile) -> None:
+    """The guest's archive of ``src`` on ``out``, entry by entry: the top entry named as
+    ``src`` (the guest's stream names it by a placeholder), nothing unpacked on the host."""
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar_out:
+        for member in tar:
+            renamed = protocol.rename(member, _top_name(src), archive=True)
+            assert renamed is not None  # a new top name keeps every entry
+            tar_out.addfile(renamed, tar.extractfile(member) if member.isreg() else None)
+    out.flush()
+
+
 def _to_host(vm: VM, src: str, dest: str) -> None:
+    _from_guest(vm, src, dest, functools.partial(_unpack, src, dest))
+
+
+def _to_stream(vm: VM, src: str, out: IO[bytes]) -> None:
+    _from_guest(vm, src, "-", functools.partial(_restream, src, out))
+
+
+def _from_guest(vm: VM, src: str, dest: str, consume: Callable[[tarfile.TarFile], None]) -> None:
+    """Run the guest's copy of ``src`` out, its tar stream read by ``consume`` (in a thread)."""
     read_fd, write_fd = os.pipe()
     failure: list[BaseException] = []
 
     def unpack() -> None:
-        root_fd: int | None = None
         try:
             with os.fdopen(read_fd, "rb") as feed, tarfile.open(fileobj=feed, mode="r|",
                                                                 tarinfo=BoundedTarInfo) as tar:
-                new_top = None
-                for member in tar:
-                    if root_fd is None:
-                        where, new_top = protocol.destination(_host_destination(dest), member.isdir(),
-                                                              os.path.basename(src.rstrip("/.")) or "root",
-                                                              src.endswith("/."))
-                        root_fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                    renamed = protocol.rename(member, new_top, archive=False)
-                    if renamed is not None:  # links stay inside the new top entry, when there is one
-                        guest_tar.extract(root_fd, tar, renamed, floor=0 if new_top is None else 1)
+                consume(tar)
                 # the rest of the guest's last record (tar pads to 10 KiB), read so that a closed
                 # pipe does not fail a finished copy; more than a record's worth is not a tar's
                 if len(feed.read(DRAIN_LIMIT)) >= DRAIN_LIMIT:
                     raise UsageError("the guest sent more after the end of the archive", hint="copy again")
         except BaseException as exc:
             failure.append(exc)
-        finally:
-            if root_fd is not None:
-                os.close(root_fd)
 
     unpacker = threading.Thread(target=unpack, daemon=True)
     unpacker.start()
@@ -202,6 +240,6 @@ def _to_host(vm: VM, src: str, dest: str) -> None:
         raise broken
     if failure:
         first = failure[0]
-        if isinstance(first, MvmError):
+        if isinstance(first, (MvmError, BrokenPipeError)):  # the latter: `cp NAME:/x - | head` (exit 120)
             raise first
         raise UsageError(f"could not copy {vm.name}:{src} to {dest}: {first}") from first

@@ -224,14 +224,6 @@ class StreamOp:
                 protocol.write_all(self.stdin_fd, base64.b64decode(msg.get("data") or ""))
             except OSError:
                 pass
-        elif kind == "eof" and self.pty_master is not None:
-            # The master stays open (it carries the output); end of input on a terminal is a
-            # Ctrl-D, as a user would type (closing a dup sent nothing, and `mvmctl console <
-            # script` never returned).
-            try:
-                protocol.write_all(self.pty_master, b"\x04")
-            except OSError:
-                pass
         elif kind == "eof":
             self._close_stdin()
         elif kind == "resize" and self.pty_master is not None:
@@ -404,7 +396,9 @@ class ControlServer:
         elif op in ("exec", "console", "copy"):
             if op == "console":
                 shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
-                req = {**req, "argv": [shell, "-l"], "tty": True}
+                # on a terminal unless the host's input is not one (`mvmctl console < script`):
+                # then, as ssh does, the shell reads the script from a pipe and ends with it
+                req = {**req, "argv": [shell, "-l"], "tty": req.get("tty", True) is not False}
             elif op == "copy":  # a tar stream in or out (mvm.guest.copy), as root, by the agent's Python
                 import sys
 

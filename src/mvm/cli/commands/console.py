@@ -27,7 +27,8 @@ def console(
     """Open an interactive shell in a running VM over the agent channel (no SSH, no network).
 
     The shell runs on a pseudo-terminal in the guest; window resizes are passed through.
-    Leave with Ctrl-D or `exit`.
+    Leave with Ctrl-D or `exit`. With input that is not a terminal (`mvmctl console web <
+    script.sh`), the shell reads it as a script, without a terminal, and ends with it.
     """
     import mvm
 

@@ -10,8 +10,8 @@ import typer
 def cp(
     src: Annotated[str, typer.Argument(metavar="SRC", help="A host path, or NAME:/path in a running VM.",
                                        show_default=False)],
-    dest: Annotated[str, typer.Argument(metavar="DEST", help="A host path, or NAME:/path in a running VM.",
-                                        show_default=False)],
+    dest: Annotated[str, typer.Argument(metavar="DEST", help="A host path, NAME:/path in a running VM, or - "
+                                        "(a tar archive of SRC on stdout).", show_default=False)],
     archive: Annotated[bool, typer.Option("--archive", "-a", help="Keep the host files' owners (uid/gid) "
                                           "when copying into the VM; by default they belong to root.")] = False,
 ) -> None:
@@ -22,7 +22,9 @@ def cp(
     contents); onto a missing path, it is created with that name. Modes are kept. Copied
     into the VM, files belong to root (or keep their owners with -a); copied out, they
     belong to you, and nothing the guest sends can land outside DEST (no absolute paths,
-    no '..', no links out, no device files, no setuid bits).
+    no '..', no links out, no device files, no setuid bits). DEST - writes a tar archive of
+    SRC to stdout instead (its top entry named as SRC, the guest's owners kept), to pipe
+    into `tar` or elsewhere; ./- is a file named -.
 
     \b
     Examples:
@@ -30,6 +32,7 @@ def cp(
       mvmctl cp ./config.json hello:/etc/app/
       mvmctl cp hello:/var/log/app.log .
       mvmctl cp hello:/srv/site/. ./backup
+      mvmctl cp hello:/var/log - | tar -tv
     """
     import mvm
 
