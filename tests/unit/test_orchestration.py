@@ -834,3 +834,22 @@ def test_cp_names_a_vm_that_is_not_there(layout: Layout, tmp_path: Path) -> None
         mvm.cp(str(tmp_path), "gone:/tmp", layout=layout)
     with pytest.raises(UsageError, match="give NAME:/path on one side"):  # two host paths
         mvm.cp(str(tmp_path), str(tmp_path / "y"), layout=layout)
+
+
+def test_rmi_takes_the_images_templates_with_it(template: Template, layout: Layout, fake: FakeBackend,
+                                                image: Image) -> None:
+    """They were left behind (hundreds of MB each), listed by `template ls` as of no image."""
+    from mvm.images.store import ImageStore, Manifest
+
+    def make(staging: Path) -> Manifest:
+        (staging / "rootfs.ext4").write_bytes(b"x")
+        return image.manifest
+
+    ImageStore(layout.images).publish(image.key, make)  # the store's copy of the fixture's image
+    vm = _up(layout, fake, image)  # restored: it links what it needs from the template
+    assert vm.info().start == "restored"
+    vm.suspend()
+    vm.down()
+    assert template.path.exists()
+    mvm.rmi(image.key, layout=layout)
+    assert not template.path.exists() and mvm.templates(layout=layout) == []

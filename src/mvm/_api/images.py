@@ -1,7 +1,8 @@
 """``images`` and ``rmi``: the content-addressed image store, listed and pruned by hand.
 
 An image is removed under its build lock (so a build of the same key waits), and never
-while a VM that runs (or is starting), or a suspended VM that resumes from it, uses it.
+while a VM that runs (or is starting), or a suspended VM that resumes from it, uses it. Its
+templates go with it (VMs restored from them keep their own links to what they need).
 ``cleanup`` prunes unused images by age.
 """
 
@@ -12,6 +13,7 @@ from ..errors import MvmError, UsageError
 from ..images.store import Image, ImageStore
 from ..paths import Layout
 from ..runtime.registry import Registry
+from ..runtime.templates import TemplateStore
 from .build import image_info
 from .machines import backend_for, status_of
 from .models import ImageInfo
@@ -71,10 +73,14 @@ def rmi(ref: str, *, layout: Layout | None = None) -> list[ImageInfo]:
                              hint=f"stop them first (a suspended VM's saved state goes too): "
                              f"mvmctl down {' '.join(needed)}")
     removed = []
+    templates = TemplateStore(layout)
     for img in found:
         lock = layout.images / f".{img.key}.lock"
         with FileLock(str(lock)):
             remove_tree(img.path)
         lock.unlink(missing_ok=True)
+        for key, template, _ in templates.all():  # of no use without their image (a clone keeps its own links)
+            if template is not None and template.meta.image_key == img.key:
+                templates.remove(key)
         removed.append(image_info(img))
     return removed

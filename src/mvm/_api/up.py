@@ -106,7 +106,8 @@ class UpRequest:
             check_host_cpus(cpus, f"--cpus {cpus}")
         if memory is not None and not MIN_MEMORY_MIB <= memory <= 65536:
             raise UsageError(f"--memory {memory}: must be between {MIN_MEMORY_MIB} and 65536 MiB",
-                             hint=f"a guest needs at least {MIN_MEMORY_MIB} MiB to boot its kernel and agent")
+                             hint=f"a guest needs at least {MIN_MEMORY_MIB} MiB to boot its kernel and agent"
+                             if memory < MIN_MEMORY_MIB else "64 GiB is the most mvm gives one VM")
         if name is not None:
             try:
                 check_vm_name(name)

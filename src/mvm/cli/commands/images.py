@@ -43,8 +43,9 @@ def rmi(
                                               show_default=False)],
     json: Json = False,
 ) -> None:
-    """Remove images from the store. Refused while a running or suspended VM uses one (a
-    suspended VM resumes from it), and for a key prefix that starts more than one key."""
+    """Remove images from the store, with their templates (fast start). Refused while a
+    running or suspended VM uses one (a suspended VM resumes from it), and for a key prefix
+    that starts more than one key."""
     import mvm
 
     from .. import output
