@@ -39,7 +39,9 @@ def build_image(
     ``arch`` overrides the spec's architecture (for a flake: picks ``packages.<arch>-linux.default``)."""
     prog = progress or Quiet()
     if arch is not None and arch not in ARCHES:
-        raise UsageError(f"--arch {arch}: mvm builds {' and '.join(ARCHES)} guests")
+        same = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(arch.lower())
+        raise UsageError(f"--arch {arch}: mvm builds {' and '.join(ARCHES)} guests",
+                         hint=f"did you mean --arch {same}? (mvm uses the kernel's names)" if same else None)
     if flake is None and nix_args:
         raise UsageError("--override-input and --nix-arg are for --flake builds")
     if flake is not None and pull:
