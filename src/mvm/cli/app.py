@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
         # interrupt apart from a guest command that exited 130.
         from . import output
 
-        output.err.print("[yellow]interrupted[/]: cleaned up what this command had started")
+        starts_nothing = word in ("logs", "ls", "status", "stats", "images", "doctor", "console")
+        output.err.print("[yellow]interrupted[/]"
+                         + ("" if starts_nothing else ": cleaned up what this command had started"))
         code = EXIT_INTERRUPTED
     raise SystemExit(code if isinstance(code, int) else 0)
