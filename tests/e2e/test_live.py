@@ -157,6 +157,11 @@ def test_cp_both_ways_and_to_stdout(cli: CLI, testbed_vm: dict[str, Any], tmp_pa
     with tarfile.open(fileobj=io.BytesIO(listing)) as tar:
         assert sorted(tar.getnames()) == ["site", "site/css", "site/css/a.css", "site/index.html"]
     assert not (Path.cwd() / "-").exists()
+    # /etc/os-release is a link out of /etc (../usr/lib/os-release): refused as sent, -L follows it
+    r = cli("cp", "shared:/etc/os-release", str(tmp_path / "os"), check=False)
+    assert r.returncode == 1 and "cp -L" in r.stderr, r.stderr
+    cli("cp", "-L", "shared:/etc/os-release", str(tmp_path / "os"))
+    assert "ID=debian" in (tmp_path / "os").read_text()
 
 
 def test_up_wait_returns_once_healthy_after_grace(cli: CLI, testbed_image: dict[str, Any]) -> None:

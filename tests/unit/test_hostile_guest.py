@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import socket
+import sys
 import tarfile
 import threading
 import time
@@ -542,3 +543,22 @@ def test_cp_out_to_stdout_streams_the_tar_under_the_source_name(monkeypatch: pyt
         assert tar.getmember("site/d/f").mode == 0o640
         member = tar.extractfile("site/d/f")
         assert member is not None and member.read() == b"hello"
+
+
+def test_the_guests_cp_sends_a_link_as_it_is_or_follows_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm.guest import copy as guest_copy
+
+    (tmp_path / "real").write_text("data")
+    (tmp_path / "link").symlink_to("real")
+
+    def sent(follow: bool) -> tarfile.TarInfo:
+        out = io.BytesIO()
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out))
+        guest_copy.copy_out(str(tmp_path / "link"), follow=follow)
+        with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+            (member,) = tar.getmembers()
+            return member
+
+    assert sent(False).issym()
+    followed = sent(True)
+    assert followed.isfile() and followed.name == guest_copy.TOP and followed.size == 4

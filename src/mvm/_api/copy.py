@@ -82,10 +82,12 @@ def parse_endpoint(text: str, layout: Layout) -> Endpoint:
     return Endpoint(text)
 
 
-def cp(src: str, dest: str, *, archive: bool = False, layout: Layout | None = None) -> None:
+def cp(src: str, dest: str, *, archive: bool = False, follow_link: bool = False,
+       layout: Layout | None = None) -> None:
     """Copy ``src`` to ``dest``; exactly one of them is ``NAME:/path``. A ``dest`` of ``-``
     writes a tar archive of ``src`` to stdout instead, as ``docker cp`` does (its top entry
-    named as ``src``, the guest's owners kept); ``./-`` is a file named ``-``."""
+    named as ``src``, the guest's owners kept); ``./-`` is a file named ``-``. ``follow_link``:
+    a ``src`` that is a symbolic link is followed (``cp -L``), else copied as the link."""
     layout = layout or Layout.default()
     a, b = parse_endpoint(src, layout), parse_endpoint(dest, layout)
     if a.vm is None and b.vm is None:
@@ -98,14 +100,15 @@ def cp(src: str, dest: str, *, archive: bool = False, layout: Layout | None = No
         raise UsageError("cp copies between the host and a VM: give NAME:/path on one side",
                          hint="e.g. mvmctl cp ./site hello:/srv/site, or mvmctl cp hello:/var/log/app.log .")
     if b.vm is not None:
-        _to_guest(Path(a.path), src.endswith("/."), VM(b.vm, layout), b.path, archive)
+        _to_guest(Path(a.path).resolve() if follow_link else Path(a.path), src.endswith("/."), VM(b.vm, layout),
+                  b.path, archive)
     elif dest == "-":
         assert a.vm is not None
         sys.stdout.flush()
-        _to_stream(VM(a.vm, layout), a.path, sys.stdout.buffer)
+        _to_stream(VM(a.vm, layout), a.path, sys.stdout.buffer, follow_link)
     else:
         assert a.vm is not None
-        _to_host(VM(a.vm, layout), a.path, dest)
+        _to_host(VM(a.vm, layout), a.path, dest, follow_link)
 
 
 def _run(vm: VM, args: list[str], feed: IO[bytes] | None, sink: IO[bytes] | None) -> None:
@@ -201,15 +204,15 @@ def _restream(src: str, out: IO[bytes], tar: tarfile.TarFile) -> None:
     out.flush()
 
 
-def _to_host(vm: VM, src: str, dest: str) -> None:
-    _from_guest(vm, src, dest, functools.partial(_unpack, src, dest))
+def _to_host(vm: VM, src: str, dest: str, follow: bool = False) -> None:
+    _from_guest(vm, src, dest, functools.partial(_unpack, src, dest), follow)
 
 
-def _to_stream(vm: VM, src: str, out: IO[bytes]) -> None:
-    _from_guest(vm, src, "-", functools.partial(_restream, src, out))
+def _to_stream(vm: VM, src: str, out: IO[bytes], follow: bool = False) -> None:
+    _from_guest(vm, src, "-", functools.partial(_restream, src, out), follow)
 
 
-def _from_guest(vm: VM, src: str, dest: str, consume: Callable[[tarfile.TarFile], None]) -> None:
+def _from_guest(vm: VM, src: str, dest: str, consume: Callable[[tarfile.TarFile], None], follow: bool) -> None:
     """Run the guest's copy of ``src`` out, its tar stream read by ``consume`` (in a thread)."""
     read_fd, write_fd = os.pipe()
     failure: list[BaseException] = []
@@ -231,7 +234,7 @@ def _from_guest(vm: VM, src: str, dest: str, consume: Callable[[tarfile.TarFile]
     broken: BrokenPipeError | None = None
     try:
         with os.fdopen(write_fd, "wb") as sink:
-            _run(vm, ["out", src], None, sink)
+            _run(vm, ["out", src, "1" if follow else "0"], None, sink)
     except BrokenPipeError as exc:  # the unpacker stopped reading: its reason, below, is the error
         broken = exc
     finally:

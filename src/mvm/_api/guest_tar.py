@@ -32,9 +32,10 @@ def _shown(name: str) -> str:
     return repr(printable(name, 160))
 
 
-def _refuse(member: tarfile.TarInfo, why: str) -> UsageError:
+def _refuse(member: tarfile.TarInfo, why: str, hint: str | None = None) -> UsageError:
     return UsageError(f"the guest sent {_shown(member.name)}, which {why}; nothing more was copied",
-                      hint="what the guest sends is untrusted: copy the files out another way if you trust them")
+                      hint=hint or "what the guest sends is untrusted: copy the files out another way if you "
+                      "trust them")
 
 
 def _parts(member: tarfile.TarInfo, name: str) -> list[str]:
@@ -51,12 +52,13 @@ def _inside(member: tarfile.TarInfo, parts: list[str], floor: int) -> None:
     chain of links can leave either (`a -> .`, then `b -> a/..` would)."""
     link = member.linkname
     floor = min(floor, len(parts) - 1)  # the top entry itself may point beside it, as tarfile's filter allows
+    hint = "SRC itself is a link: `mvmctl cp -L` copies what it points to" if len(parts) == 1 else None
     if link.startswith("/"):
-        raise _refuse(member, f"is a link to the absolute path {_shown(link)}")
+        raise _refuse(member, f"is a link to the absolute path {_shown(link)}", hint)
     names = [p for p in link.split("/") if p not in ("", ".")]
     ups = next((i for i, p in enumerate(names) if p != ".."), len(names))
     if len(parts) - 1 - ups < floor or ".." in names[ups:]:
-        raise _refuse(member, f"is a link that leaves the destination ({_shown(link)})")
+        raise _refuse(member, f"is a link that leaves the destination ({_shown(link)})", hint)
 
 
 def _clear(fd: int, name: str, member: tarfile.TarInfo) -> None:

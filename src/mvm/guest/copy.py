@@ -93,13 +93,19 @@ def copy_in(dest: str, src_is_dir: bool, src_name: str, contents_only: bool, arc
             tar.extract(member, where, set_attrs=True, numeric_owner=True, **extra)
 
 
-def copy_out(src: str) -> None:
+def copy_out(src: str, follow: bool = False) -> None:
+    """``src`` as a tar stream on stdout, its top entry named ``TOP``; ``follow``: a link
+    ``src`` is followed (``cp -L``), else sent as the link it is."""
     path = src.rstrip("/") if src not in ("/",) else src
     contents_only = src.endswith("/.")
     if contents_only:
         path = src[:-2] or "/"
     if not os.path.lexists(path):
         raise CopyError(f"{path} does not exist")
+    if follow:
+        path = os.path.realpath(path)
+        if not os.path.exists(path):
+            raise CopyError(f"{src} is a link to {path}, which does not exist")
     with tarfile.open(fileobj=sys.stdout.buffer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         tar.add(path, arcname=TOP)
 
@@ -107,7 +113,7 @@ def copy_out(src: str) -> None:
 def main(argv: list[str]) -> int:
     try:
         if argv[0] == "out":
-            copy_out(argv[1])
+            copy_out(argv[1], follow=argv[2:] == ["1"])
         else:
             _, dest, kind, name, contents, archive = argv
             copy_in(dest, kind == "dir", name, contents == "1", archive == "1")

@@ -14,6 +14,8 @@ def cp(
                                         "(a tar archive of SRC on stdout).", show_default=False)],
     archive: Annotated[bool, typer.Option("--archive", "-a", help="Keep the host files' owners (uid/gid) "
                                           "when copying into the VM; by default they belong to root.")] = False,
+    follow_link: Annotated[bool, typer.Option("--follow-link", "-L", help="If SRC is a symbolic link, copy "
+                                              "what it points to (by default, the link itself).")] = False,
 ) -> None:
     """Copy files and directories between the host and a running VM, as `docker cp` does.
 
@@ -36,7 +38,7 @@ def cp(
     """
     import mvm
 
-    mvm.cp(src, dest, archive=archive)
+    mvm.cp(src, dest, archive=archive, follow_link=follow_link)
 
 
 def register(app: typer.Typer) -> None:
