@@ -29,3 +29,23 @@ def held(lock: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def remove_unheld(lock: Path, guarded: Path) -> bool:
+    """Unlink ``lock`` if nobody holds it and what it guards (``guarded``) is still gone once
+    it is held here: True if removed. A command that opened the file just before may still
+    lock the unlinked file; it then finds ``guarded`` gone, as it would have anyway."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if guarded.exists():
+            return False
+        os.unlink(lock)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)

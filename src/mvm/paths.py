@@ -47,6 +47,14 @@ class Layout:
         return self.state / "vms"
 
     def vm_dir(self, name: str) -> Path:
+        """The VM's runtime dir. :class:`~mvm.errors.UsageError` for a ``name`` no VM can have
+        (``down ../images`` removed the image store; ``down .locks``, every VM's lock file)."""
+        from .errors import UsageError
+        from .names import NAME_RE
+
+        if not NAME_RE.fullmatch(name):
+            raise UsageError(f"{name!r} is not a VM name: VM names are 1-63 characters of a-z, 0-9 and '-', "
+                             "starting and ending with a letter or digit", hint="list VMs with `mvmctl ls`")
         return self.vms / name
 
     @property

@@ -147,10 +147,9 @@ def hello_image(cli: CLI) -> dict[str, Any]:
 
 
 def _vm_entries(vms: Path) -> set[str]:
-    """The VM dirs, and beside them the VMs' lock files and any cut-short removal."""
-    entries = set(os.listdir(vms)) if vms.exists() else set()
-    entries |= {f".locks/{n}" for n in os.listdir(vms / ".locks")} if (vms / ".locks").exists() else set()
-    return entries - {".locks"}
+    """The VM dirs and any cut-short removal beside them (the VMs' lock files in .locks stay
+    until `cleanup`, by design: faults.find_leaks counts those still held)."""
+    return (set(os.listdir(vms)) if vms.exists() else set()) - {".locks"}
 
 
 @pytest.fixture()
@@ -160,7 +159,7 @@ def no_leaks(cli: CLI) -> Iterator[None]:
     pids_before = set(qemu_pids_under(cli.home))
     yield
     after = _vm_entries(cli.vms)
-    assert after <= before, f"VM dirs, VM lock files or half-removed VMs left behind: {after - before}"
+    assert after <= before, f"VM dirs or half-removed VMs left behind: {after - before}"
     assert set(qemu_pids_under(cli.home)) <= pids_before, "QEMU process left behind"
 
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -129,7 +129,6 @@ def test_config_secrets_env_and_an_image_file(cli: CLI, config_image: dict[str, 
         assert "Failed to get \"write\" lock" in r.stderr
         vms = home2 / "state" / "vms"
         assert not qemu_pids_under(home2) and not [p for p in vms.iterdir() if p.name != ".locks"]
-        assert not list((vms / ".locks").glob("*")), "a VM's lock file was left"
         assert not (home2 / "state" / "volumes").exists() or not list((home2 / "state" / "volumes").iterdir())
     finally:
         cli("down", "cfg")

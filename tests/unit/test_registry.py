@@ -82,7 +82,7 @@ def test_cleanup_removes_cut_short_removals_and_locks_of_gone_vms(layout: Layout
     registry.update("web", lambda r: None)  # makes web's lock file
     registry.update("db", lambda r: None)
     registry.remove("web")
-    (layout.vms / ".locks" / "web.lock").touch()  # as a command cut short after remove leaves it
+    assert (layout.vms / ".locks" / "web.lock").exists()  # kept: unlinked, a waiter would lock a deleted file
     trash = layout.images / ".trash-abc-1-2"
     (trash / "rootfs").mkdir(parents=True)
     dry = cleanup(layout, dry_run=True)
@@ -121,3 +121,16 @@ def test_a_full_disk_does_not_keep_a_vm_from_going(layout: Layout, monkeypatch: 
     monkeypatch.setattr(registry, "locked", full)
     registry.remove("web")
     assert not files.root.exists()
+
+
+@pytest.mark.parametrize("name", ["../images", ".locks", "Web", "a/b", ""])
+def test_a_name_no_vm_can_have_is_refused_before_any_path_is_made(layout: Layout, name: str) -> None:
+    """`down ../images` removed the image store, and `down .locks` every VM's lock file."""
+    import mvm
+
+    (layout.images / "k").mkdir(parents=True)
+    with pytest.raises(mvm.UsageError, match="is not a VM name"):
+        mvm.down(name, layout=layout)
+    assert (layout.images / "k").is_dir()
+    (layout.vms / "Odd").mkdir(parents=True)  # made by hand: not listed, and `ls` still works
+    assert Registry(layout).names() == [] and mvm.ls(layout=layout) == []

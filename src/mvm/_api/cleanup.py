@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .. import backends
 from .._atomic import remove_tree, trash_in
-from .._locks import held
+from .._locks import held, remove_unheld
 from .._proc import DEFAULT_RUNNER, Runner
 from ..errors import MvmError, StateError
 from ..images.layer import unmount_below
@@ -75,6 +75,13 @@ def _leftovers(root: Path, what: str) -> list[CleanupItem]:
                 items.append(CleanupItem(kind="lock", path=str(lock), bytes=0,
                                          reason=f"stale lock of a {what} that is gone"))
     return items
+
+
+def _guarded(lock: Path) -> Path:
+    """What a lock file guards: ``vms/.locks/NAME.lock`` a VM dir, ``.KEY.lock`` a store's entry."""
+    if lock.parent.name == ".locks":
+        return lock.parent.parent / lock.name.removesuffix(".lock")
+    return lock.parent / lock.name[1:].removesuffix(".lock")
 
 
 def _vm_locks(layout: Layout) -> list[CleanupItem]:
@@ -167,12 +174,13 @@ def cleanup(
 
     if not dry_run:
         for item in items:
-            if item.kind != "vm":
-                _remove(Path(item.path), runner)
+            path = Path(item.path)
+            if item.kind == "lock":
+                remove_unheld(path, _guarded(path))
+            elif item.kind != "vm":
+                _remove(path, runner)
             if item.kind in ("image", "layer", "template"):  # and its lock, unless a build holds it now
-                lock = Path(item.path).parent / f".{Path(item.path).name}.lock"
-                if not held(lock):
-                    lock.unlink(missing_ok=True)
+                remove_unheld(path.parent / f".{path.name}.lock", path)
 
     if everything:
         if shutil.which("nix-collect-garbage"):

@@ -12,7 +12,8 @@ def complete_vm_names(incomplete: str) -> list[str]:
     import mvm
 
     try:
-        return sorted(p.name for p in mvm.paths.Layout.default().vms.iterdir() if p.name.startswith(incomplete))
+        return sorted(p.name for p in mvm.paths.Layout.default().vms.iterdir()
+                      if p.name.startswith(incomplete) and not p.name.startswith("."))
     except OSError:
         return []
 

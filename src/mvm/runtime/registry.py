@@ -23,6 +23,7 @@ from .. import _proc
 from .._atomic import remove_tree, write_json_atomic
 from ..backends.base import MachineRef, PortForward
 from ..errors import StateError, VMExists, VMNotFound, check_free
+from ..names import NAME_RE
 from ..paths import Layout, VMFiles
 from .states import Phase
 
@@ -200,16 +201,17 @@ class Registry:
     def names(self) -> list[str]:
         if not self.layout.vms.is_dir():
             return []
-        return sorted(p.name for p in self.layout.vms.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(p.name for p in self.layout.vms.iterdir() if p.is_dir() and NAME_RE.fullmatch(p.name))
 
     def remove(self, name: str) -> None:
-        """Forget the VM: its dir goes in one rename under its lock, and the lock file with it
-        (a command that waited for the lock finds no VM once it has it; ``cleanup`` removes
-        the lock file of a name no VM has, should one be left)."""
+        """Forget the VM: its dir goes in one rename under its lock (a command that waited for
+        the lock finds no VM once it has it). The lock file stays: unlinked while another
+        process waits on it, that process would lock a deleted file while a third locks a
+        new one (filelock's maintainers warn against it); ``cleanup`` removes the lock files
+        of names no VM has."""
         try:
             with self.locked(name) as files:
                 remove_tree(files.root, ignore_errors=True)
-                files.lock.unlink(missing_ok=True)
         except OSError as exc:  # no room for a lock file: a full disk must not keep a VM from going
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
