@@ -194,15 +194,23 @@ def test_cleanup_shows_templates_with_their_size(cli: CLI, template: dict[str, A
 
 def test_a_save_that_fails_leaves_the_vm_running(no_leaks: None, mvm_vm: VMFactory,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A suspend whose save does not finish (here: its deadline, set to nothing) must let the
-    guest run on: it used to stay paused, listed as running, its agent silent."""
+    """A suspend whose save does not finish (here: the first wait for it says "failed", while
+    QEMU is still writing) must let the guest run on: it used to stay paused, listed as
+    running, its agent silent."""
     from mvm.backends import qemu
     from mvm.errors import VMError
 
     vm = mvm_vm(HELLO, ports=[8080], name="fs")
-    monkeypatch.setattr(qemu, "SAVE_TIMEOUT", 0.0)
-    with pytest.raises(VMError, match="saving the machine failed \\(timed out\\)"):
+    real, calls = qemu._migration_end, []
+
+    def fails_first(qmp: Any, stall: float) -> str:
+        calls.append(stall)
+        return "failed" if len(calls) == 1 else real(qmp, stall)
+
+    monkeypatch.setattr(qemu, "_migration_end", fails_first)
+    with pytest.raises(VMError, match="saving the machine failed \\(failed\\)"):
         vm.suspend()
+    assert len(calls) == 2  # and then waited for the cancel
     assert vm.info().status == "running"
     assert vm.exec("echo", "alive").stdout == b"alive\n"  # not paused
     assert http_get(vm.host_port(8080)) == "<h1>Hello from mvm!</h1>\n"

@@ -623,6 +623,30 @@ def test_a_suspended_vm_keeps_its_volumes(layout: Layout, fake: FakeBackend, ima
     _up(layout, fake, image, name="other", volumes=[volume]).down()  # free once the VM is gone
 
 
+def test_a_resume_that_fails_leaves_the_volumes_to_the_suspended_vm(
+        layout: Layout, fake: FakeBackend, image: Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm._api import suspend as suspend_module
+
+    (tmp_path / "data").mkdir()
+    volume = f"{tmp_path}/data:/mnt/data:16"
+    vm = _up(layout, fake, image, volumes=[volume])
+    vm.suspend()
+
+    def silent(*_args: object, **_kwargs: object) -> None:
+        raise mvm.AgentTimeout("web", "the guest agent did not answer")
+
+    monkeypatch.setattr(suspend_module.agent, "wait_ready", silent)
+    with pytest.raises(mvm.AgentTimeout):
+        vm.resume()
+    assert not [m for m in fake.machines.values() if m.running]  # the machine it started is stopped
+    assert vm.info().status is mvm.VMStatus.SUSPENDED
+    with pytest.raises(mvm.VolumeError, match="belongs to suspended VM 'web'"):
+        _up(layout, fake, image, name="other", volumes=[volume])
+    monkeypatch.undo()
+    vm.resume()
+    vm.down()
+
+
 def test_resume_of_a_vm_whose_volume_was_removed_is_a_clear_error(layout: Layout, fake: FakeBackend, image: Image,
                                                                   tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()

@@ -42,7 +42,7 @@ def test_sizes_given_in_mib_read_back_as_given() -> None:
 def test_a_reader_that_goes_away_is_exit_120_as_documented(tmp_path: Path) -> None:
     """Rich's own handler exited 1, which a script cannot tell from an mvm error."""
     env = {**os.environ, "MVM_HOME": str(tmp_path)}
-    for command in (["doctor"], ["ls"], ["images"]):
+    for command in (["doctor"], ["ls"], ["images"], ["ls", "--json"], ["images", "--json"], ["doctor", "--json"]):
         proc = subprocess.Popen([sys.executable, "-m", "mvm", *command], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=env)
         assert proc.stdout is not None

@@ -29,10 +29,11 @@ from .. import backends
 from .._atomic import remove_tree, trash_in
 from .._locks import held, remove_unheld
 from .._proc import DEFAULT_RUNNER, Runner
+from ..backends.base import Backend
 from ..errors import MvmError, StateError
 from ..images.layer import unmount_below
 from ..images.store import Image, ImageStore, read_manifest
-from ..paths import Layout
+from ..paths import Layout, VMFiles
 from ..runtime.registry import Registry
 from ..runtime.templates import TemplateStore
 from .machines import backend_for, status_of
@@ -228,5 +229,14 @@ def _dead_vms(layout: Layout, dry_run: bool, runner: Runner, items: list[Cleanup
             if orphan_start:  # `up` died between starting its machine and recording it
                 for machine in backend.strays(files):
                     backend.stop(files, machine, 3.0)
-            registry.remove(name)
+
+            def still_dead(files: VMFiles, backend: Backend = backend) -> None:  # under its lock: not resumed since
+                if backend.strays(files):
+                    raise StateError(f"{files.root.name} runs again")
+
+            try:
+                registry.remove(name, still_dead)
+            except StateError:
+                items.pop()
+                notes.append(f"{name}: kept, it was started again while cleanup looked")
     return in_use

@@ -100,8 +100,7 @@ def cp(src: str, dest: str, *, archive: bool = False, follow_link: bool = False,
         raise UsageError("cp copies between the host and a VM: give NAME:/path on one side",
                          hint="e.g. mvmctl cp ./site hello:/srv/site, or mvmctl cp hello:/var/log/app.log .")
     if b.vm is not None:
-        _to_guest(Path(a.path).resolve() if follow_link else Path(a.path), src.endswith("/."), VM(b.vm, layout),
-                  b.path, archive)
+        _to_guest(Path(a.path), src.endswith("/."), VM(b.vm, layout), b.path, archive, follow_link)
     elif dest == "-":
         assert a.vm is not None
         sys.stdout.flush()
@@ -136,9 +135,11 @@ def _run(vm: VM, args: list[str], feed: IO[bytes] | None, sink: IO[bytes] | None
         raise VMError(vm.name, (text or final.error or "failed").removeprefix("mvm cp: "))
 
 
-def _to_guest(src: Path, contents_only: bool, vm: VM, dest: str, archive: bool) -> None:
+def _to_guest(src: Path, contents_only: bool, vm: VM, dest: str, archive: bool, follow: bool = False) -> None:
+    """``follow``: a link ``src`` is read through (it keeps its own name in the VM, as ``cp -L``)."""
     if not src.exists() and not src.is_symlink():
         raise UsageError(f"{src} does not exist")
+    read = src.resolve() if follow else src
     read_fd, write_fd = os.pipe()
     failure: list[BaseException] = []
 
@@ -146,13 +147,13 @@ def _to_guest(src: Path, contents_only: bool, vm: VM, dest: str, archive: bool) 
         try:
             with os.fdopen(write_fd, "wb") as out, tarfile.open(fileobj=out, mode="w|",
                                                                  format=tarfile.PAX_FORMAT) as tar:
-                tar.add(src, arcname=protocol.TOP)
+                tar.add(read, arcname=protocol.TOP)
         except BaseException as exc:  # reported after the guest side ends
             failure.append(exc)
 
     packer = threading.Thread(target=pack, daemon=True)
     packer.start()
-    kind = "dir" if src.is_dir() and not src.is_symlink() else "file"
+    kind = "dir" if read.is_dir() and not read.is_symlink() else "file"
     with os.fdopen(read_fd, "rb") as feed:
         _run(vm, ["in", dest, kind, src.resolve().name if contents_only else src.name,
                   "1" if contents_only else "0", "1" if archive else "0"], feed, None)
@@ -243,6 +244,6 @@ def _from_guest(vm: VM, src: str, dest: str, consume: Callable[[tarfile.TarFile]
         raise broken
     if failure:
         first = failure[0]
-        if isinstance(first, (MvmError, BrokenPipeError)):  # the latter: `cp NAME:/x - | head` (exit 120)
+        if isinstance(first, (MvmError, BrokenPipeError)):  # the latter: `cp NAME:/x - | head`
             raise first
         raise UsageError(f"could not copy {vm.name}:{src} to {dest}: {first}") from first

@@ -22,6 +22,7 @@ from ..errors import MvmError, StopFailed, VMError, VMNotFound
 from ..paths import Layout, VMFiles
 from ..runtime import agent, logs
 from ..runtime.registry import Registry, VMRecord
+from ..volumes.store import VolumeStore
 from .machines import backend_for, machine_alive
 from .models import DownResult
 
@@ -85,8 +86,11 @@ def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None 
         except (MvmError, OSError):
             pass  # unreadable state, or a full disk: stop the machine anyway
         how = _stop(name, files, backend, machine, timeout)
-    if backend.strays(files):  # a machine we could not see before (started meanwhile?)
-        raise StopFailed(name, f"a machine still runs in {files.root}", hint=f"run `mvmctl down {name}` again")
+    def no_machine(files: VMFiles) -> None:  # asked again under the VM's lock, just before it goes
+        if backend.strays(files):  # a machine we could not see before (a resume started it meanwhile?)
+            raise StopFailed(name, f"a machine still runs in {files.root}", hint=f"run `mvmctl down {name}` again")
+
+    no_machine(files)
     if keep_logs:
         try:
             logs.retain(files, layout.retained_logs / name)  # `mvmctl logs NAME` still works
@@ -94,5 +98,16 @@ def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None 
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             how += "; its logs were not kept (the disk is full)"  # a full disk must not keep a VM from going
-    registry.remove(name)
+    registry.remove(name, no_machine)
+    if record is not None and record.phase == "suspended":  # its volumes are free now, and stay free
+        _release_volumes(name, record, layout)  # (a new VM of this name, suspended later, must not own them)
     return DownResult(name=name, how=how)
+
+
+def _release_volumes(name: str, record: VMRecord, layout: Layout) -> None:
+    store = VolumeStore(layout)
+    for v in record.volumes:
+        if v.volume is not None:
+            holder = store.raw_holder(v.volume)
+            if holder is not None and holder.suspended and holder.vm == name:
+                store.clear_holder(v.volume)

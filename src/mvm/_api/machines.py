@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
 from .. import backends
-from .._proc import DEFAULT_RUNNER, Runner, signals_deferred
+from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import Backend, LaunchSpec, MachineRef, MachineRequest, Preflight
 from ..errors import BootError, MvmError
 from ..paths import VMFiles
@@ -38,12 +39,13 @@ def preflight(backend: Backend, request: MachineRequest) -> Preflight:
     return verdict
 
 
-def start_confined(backend: Backend, spec: LaunchSpec) -> MachineRef:
+def start_confined(backend: Backend, spec: LaunchSpec,
+                   on_started: Callable[[MachineRef], None] | None = None) -> MachineRef:
     """Start ``spec``, as a user of its own when mvm is root (:mod:`~mvm.runtime.machine_users`):
     the machine holds the lease on that user for as long as it runs."""
     lease = machine_users.lease(spec.name)
     if lease is None:
-        return backend.start(spec)
+        return backend.start(spec, on_started)
     if spec.accel == "kvm" and machine_users.kvm_group() is None:
         lease.release()
         raise BootError(spec.name, "KVM works for root here, but QEMU runs as a user of its own and /dev/kvm is "
@@ -51,19 +53,20 @@ def start_confined(backend: Backend, spec: LaunchSpec) -> MachineRef:
                         hint="give /dev/kvm to a group (`chgrp kvm /dev/kvm && chmod 660 /dev/kvm`, as udev "
                         "does on most distributions), or use --hypervisor qemu-tcg")
     try:
-        return backend.start(dataclasses.replace(spec, run_as=lease.run_as, hold_fds=(*spec.hold_fds, lease.fd)))
+        return backend.start(dataclasses.replace(spec, run_as=lease.run_as, hold_fds=(*spec.hold_fds, lease.fd)),
+                             on_started)
     finally:
         lease.release()
 
 
 def start_undoable(backend: Backend, spec: LaunchSpec, undo: ExitStack, stop_timeout: float = 5.0) -> MachineRef:
-    """:func:`start_confined`, with the machine's stop put on ``undo`` in the same step: a
-    Ctrl-C as the start returns would otherwise leave a machine no undo knows (the signal
-    is acted on once the stop is armed)."""
-    with signals_deferred():
-        machine = start_confined(backend, spec)
+    """:func:`start_confined`, with the machine's stop put on ``undo`` by the backend, as it
+    hands the machine over (``on_started``): a Ctrl-C as the start returns would otherwise
+    leave a machine no undo knows."""
+    def arm(machine: MachineRef) -> None:
         undo.callback(stop_quietly, backend, spec.files, machine, stop_timeout)
-    return machine
+
+    return start_confined(backend, spec, arm)
 
 
 def stop_quietly(backend: Backend, files: VMFiles, machine: MachineRef, timeout: float) -> None:

@@ -73,15 +73,15 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
             spec.hold_fds = tuple(lock.fd for lock in locks)
             backend = backend_for(record, runner)
             machine = start_undoable(backend, spec, undo, stop_timeout=2.0)  # stopped unless it comes back
-            for v in record.volumes:
-                if v.volume is not None:
-                    store.set_holder(v.volume, Holder(what=f"VM {name!r} (pid {machine.pid})", vm=name,
-                                                      pid=machine.pid, pid_start=machine.start_time,
-                                                      since=time.time()))
         finally:
             for lock in locks:
                 lock.release()
         agent.wait_ready(files, name, 30.0, lambda: backend.alive(machine))  # and sets the clock
+        # only now: a resume that fails leaves the volumes the suspended VM's (QEMU holds the locks)
+        for v in record.volumes:
+            if v.volume is not None:
+                store.set_holder(v.volume, Holder(what=f"VM {name!r} (pid {machine.pid})", vm=name,
+                                                  pid=machine.pid, pid_start=machine.start_time, since=time.time()))
         os.unlink(files.saved_state)
         record.phase, record.machine = "running", ProcessRecord(pid=machine.pid, start_time=machine.start_time)
         record.started_at = time.time()

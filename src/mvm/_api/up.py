@@ -40,7 +40,7 @@ from ..backends.base import (
     Share,
     spec_to_json,
 )
-from ..errors import AgentError, BootError, MvmError, UsageError, VMError, VMExists
+from ..errors import AgentError, AgentTimeout, BootError, MvmError, UsageError, VMError, VMExists
 from ..images.store import Image
 from ..names import MIN_MEMORY_MIB, check_vm_name
 from ..paths import Layout, VMFiles
@@ -416,8 +416,9 @@ def up(
     plan = plan_up(request, image, backend, planned, layout, boot_timeout)  # after the build: the KVM probe
     try:
         Launch(plan, layout, runner, prog).run()
-    except VMError as exc:  # the restore, or the clone's set-up (configure, a volume's hot-plug)
-        if plan.restore is None or Registry(layout).files(plan.name).root.exists():
+    except VMError as exc:  # the restore, or the clone's set-up (a volume's hot-plug, an agent that went quiet)
+        guest_said_no = isinstance(exc, AgentError) and not isinstance(exc, AgentTimeout)  # would say it cold too
+        if plan.restore is None or guest_said_no or Registry(layout).files(plan.name).root.exists():
             raise  # not a restore, the name is taken, or the undo kept the attempt: a cold boot would hide why
         # Nothing of the attempt is left (its undo ran): say why, forget the template, boot.
         reason = f"restoring failed ({exc.message}); booted cold"

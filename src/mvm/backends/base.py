@@ -19,7 +19,7 @@ machine profile per guest architecture is chosen from :attr:`LaunchSpec.arch`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -208,9 +208,11 @@ class Backend(Protocol):
         Called by ``up`` *after* the build: the KVM probe boots the built kernel."""
         ...
 
-    def start(self, spec: LaunchSpec) -> MachineRef:
+    def start(self, spec: LaunchSpec, on_started: Callable[[MachineRef], None] | None = None) -> MachineRef:
         """Start the machine in the background and return once it runs. Cleans up after
-        itself on failure (nothing of the attempt is left running)."""
+        itself on failure (nothing of the attempt is left running). ``on_started`` is called
+        with the machine before the start lets go of it, with SIGINT and SIGTERM held: the
+        caller arms its own undo there, so no interrupt falls between the two."""
         ...
 
     def alive(self, machine: MachineRef) -> bool:

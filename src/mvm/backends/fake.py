@@ -17,7 +17,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,7 +207,7 @@ class FakeBackend:
         emulated = None if request.arch == host_arch() else f"{request.arch} guest emulated (fake)"
         return Preflight("tcg", "the fake backend emulates nothing", emulated=emulated)
 
-    def start(self, spec: LaunchSpec) -> MachineRef:
+    def start(self, spec: LaunchSpec, on_started: Callable[[MachineRef], None] | None = None) -> MachineRef:
         if self.fail_start is not None:
             raise self.fail_start
         if not spec.kernel.is_file():
@@ -229,6 +229,8 @@ class FakeBackend:
         guest.start()
         ports = [dataclasses.replace(f, host_port=next(_PORTS)) if f.host_port == 0 else f for f in spec.ports]
         self.machines[ref.pid] = FakeMachine(spec, ref, guest, forwards=ports)
+        if on_started is not None:
+            on_started(ref)
         return ref
 
     def _power_off(self, pid: int) -> None:

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -55,8 +55,8 @@ from .qmp import QMP
 
 START_TIMEOUT = 10.0
 RESTORE_TIMEOUT = 30.0
-#: Writing a machine's state (its RAM, at disk speed) takes longer than this only if something is wrong.
-SAVE_TIMEOUT = 300.0
+#: A save that writes nothing for this long is stuck (a big guest's RAM may take minutes in all).
+SAVE_STALL = 60.0
 HOSTFWD_ERROR = re.compile(r"could not|unrecognized|invalid|error|failed", re.I)
 
 
@@ -155,7 +155,7 @@ class QemuBackend:
 
     # -- start ----------------------------------------------------------------------------
 
-    def start(self, spec: LaunchSpec) -> MachineRef:
+    def start(self, spec: LaunchSpec, on_started: Callable[[MachineRef], None] | None = None) -> MachineRef:
         qemu = require_tool(profile(spec.arch).binary)
         files = spec.files
         # Ports were checked by `up` before the build; one taken since then makes QEMU fail,
@@ -181,12 +181,16 @@ class QemuBackend:
             if spec.incoming is not None:
                 assert state_fd is not None
                 self._restore(proc, files, spec, state_fd)
-            undo.pop_all()
+            machine = MachineRef(proc.pid, _proc.start_time(proc.pid))
+            with signals_deferred():  # the caller's undo takes over from this one
+                if on_started is not None:
+                    on_started(machine)
+                undo.pop_all()
         if state_fd is not None:
             os.close(state_fd)
         for child in (proc, shim, *helpers):  # they run on after this call; reaped by pid
             _proc.detach(child)
-        return MachineRef(proc.pid, _proc.start_time(proc.pid))
+        return machine
 
     def _restore(self, proc: subprocess.Popen[bytes], files: VMFiles, spec: LaunchSpec, state_fd: int) -> None:
         """Feed the saved machine to QEMU (waiting in ``-incoming defer``), then run it."""
@@ -227,7 +231,7 @@ class QemuBackend:
                         {"capability": "x-ignore-shared", "state": shared}])
                     qmp.send_fd(fd, "mvm-save")
                     qmp.command("migrate", uri="fd:mvm-save")
-                    status = _migration_end(qmp, time.monotonic() + SAVE_TIMEOUT)
+                    status = _migration_end(qmp, SAVE_STALL)
                     if status != "completed":
                         raise VMError(files.root.name, f"saving the machine failed ({status})",
                                       output=tail_file(files.qemu_log))
@@ -373,21 +377,28 @@ def _port_taken(forward: str, detail: str = "") -> PortInUse:
                      hint="`ss -ltnup` shows who has it; free it, or (for `up`) pick another host port with -p")
 
 
-def _migration_end(qmp: QMP, deadline: float) -> str:
-    """Wait for the outgoing migration to end: its final status, or "timed out"."""
-    while (status := str(qmp.command("query-migrate").get("status"))) not in ("completed", "failed", "cancelled"):
-        if time.monotonic() > deadline:
-            return "timed out"
+def _migration_end(qmp: QMP, stall: float) -> str:
+    """Wait for the outgoing migration to end: its final status, or "stalled" once it has
+    moved no byte for ``stall`` seconds."""
+    moved, since = -1, time.monotonic()
+    while (reply := qmp.command("query-migrate")).get("status") not in ("completed", "failed", "cancelled"):
+        now = int((reply.get("ram") or {}).get("transferred") or 0)
+        if now != moved:
+            moved, since = now, time.monotonic()
+        elif time.monotonic() - since > stall:
+            return "stalled"
         time.sleep(0.005)
-    return status
+    return str(reply.get("status"))
 
 
 def _cancel_and_continue(qmp: QMP) -> None:
     """After a failed or interrupted save: end the migration, then let the guest run on.
-    Best effort: the error that got here is the one to report."""
+    Best effort, each step on its own: the error that got here is the one to report."""
     with contextlib.suppress(Exception):
         qmp.command("migrate_cancel")
-        _migration_end(qmp, time.monotonic() + 10.0)
+    with contextlib.suppress(Exception):
+        _migration_end(qmp, 10.0)
+    with contextlib.suppress(Exception):
         qmp.command("cont")
 
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import typer
 
+from .output import StdoutClosed
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_BUG = 3
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         code = EXIT_USAGE
     except (KeyboardInterrupt, typer.Abort):
         code = EXIT_INTERRUPTED
-    except BrokenPipeError:  # `mvmctl ls | head`
+    except (BrokenPipeError, StdoutClosed):  # `mvmctl ls | head`
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         code = EXIT_BROKEN_PIPE

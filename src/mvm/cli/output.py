@@ -30,6 +30,20 @@ if TYPE_CHECKING:
 _CONTROL = re.compile("[\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f\\u202a-\\u202e\\u2066-\\u2069]")
 
 
+class StdoutClosed(Exception):
+    """The reader of stdout went away (`mvmctl ls --json | head`): exit 120, in cli/app.py.
+    Not an OSError, which Typer turns into exit 1 when it comes from inside a command."""
+
+
+@contextmanager
+def stdout_guard() -> Iterator[None]:
+    """Writes to stdout in this block raise :class:`StdoutClosed` once nobody reads it."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise StdoutClosed from None
+
+
 def _shown(match: re.Match[str]) -> str:
     code = ord(match.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
@@ -52,7 +66,7 @@ def _console_class() -> type[Console]:
 
         def on_broken_pipe(self) -> None:
             self.quiet = True
-            raise BrokenPipeError
+            raise StdoutClosed
 
     return PipeConsole
 
@@ -83,21 +97,24 @@ def to_jsonable(data: Any) -> Any:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(to_jsonable(data), indent=2, sort_keys=True, default=str) + "\n")
-    sys.stdout.flush()
+    with stdout_guard():
+        sys.stdout.write(json.dumps(to_jsonable(data), indent=2, sort_keys=True, default=str) + "\n")
+        sys.stdout.flush()
 
 
 def print_json_line(data: Any) -> None:
     """One record of a stream (``logs --json``): compact, one per line, flushed at once."""
-    sys.stdout.write(json.dumps(to_jsonable(data), sort_keys=True, default=str) + "\n")
-    sys.stdout.flush()
+    with stdout_guard():
+        sys.stdout.write(json.dumps(to_jsonable(data), sort_keys=True, default=str) + "\n")
+        sys.stdout.flush()
 
 
 def write_stream(stream: str, data: bytes) -> None:
     """Pass a guest command's output through to our stdout or stderr, unbuffered."""
     target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
-    target.write(data)
-    target.flush()
+    with stdout_guard():
+        target.write(data)
+        target.flush()
 
 
 def info(message: str) -> None:

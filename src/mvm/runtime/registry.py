@@ -203,14 +203,18 @@ class Registry:
             return []
         return sorted(p.name for p in self.layout.vms.iterdir() if p.is_dir() and NAME_RE.fullmatch(p.name))
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str, check: Callable[[VMFiles], None] | None = None) -> None:
         """Forget the VM: its dir goes in one rename under its lock (a command that waited for
         the lock finds no VM once it has it). The lock file stays: unlinked while another
         process waits on it, that process would lock a deleted file while a third locks a
         new one (filelock's maintainers warn against it); ``cleanup`` removes the lock files
-        of names no VM has."""
+        of names no VM has. ``check`` runs under the lock first and may refuse by raising
+        (``down`` asks whether a machine runs in the dir: a ``resume`` may have started one
+        since it looked)."""
         try:
             with self.locked(name) as files:
+                if check is not None:
+                    check(files)
                 remove_tree(files.root, ignore_errors=True)
         except OSError as exc:  # no room for a lock file: a full disk must not keep a VM from going
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -121,14 +121,15 @@ class Template:
         """The state's root disk and RAM file as a clone uses them: hard links in its own dir,
         so that removing the template (``template rm``, a new ``-e`` state pushing out an old
         one) cannot take them from a clone that still needs them (``resume`` opens them
-        again). Across file systems, where no link can be made, the template's own files."""
+        again). Where no link can be made (another file system, one without hard links, a
+        file at its link limit), the template's own files."""
         linked = []
         for src in (self.root(stem), self.ram(stem)):
             dest = clone_dir / f"template-{src.name.split('.')[-1]}"
             try:
                 os.link(src, dest)
             except OSError as exc:
-                if exc.errno != errno.EXDEV:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP):
                     raise
                 dest = src
             linked.append(dest)

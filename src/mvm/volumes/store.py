@@ -163,11 +163,17 @@ class VolumeStore:
 
     # -- locking -------------------------------------------------------------------------
 
+    def raw_holder(self, vid: str) -> Holder | None:
+        """The holder recorded, alive or not (None: none, or unreadable)."""
+        try:
+            return Holder.model_validate_json(self.holder_path(vid).read_text())
+        except (OSError, ValueError):
+            return None
+
     def holder(self, vid: str) -> Holder | None:
         """Who holds the volume now (None if nobody does, or the recorded holder is dead)."""
-        try:
-            holder = Holder.model_validate_json(self.holder_path(vid).read_text())
-        except (OSError, ValueError):
+        holder = self.raw_holder(vid)
+        if holder is None:
             return None
         if holder.suspended:
             return holder if holder.vm and VMFiles(self.layout.vm_dir(holder.vm)).saved_state.is_file() else None

@@ -26,7 +26,9 @@ def cp(
     belong to you, and nothing the guest sends can land outside DEST (no absolute paths,
     no '..', no links out, no device files, no setuid bits). DEST - writes a tar archive of
     SRC to stdout instead (its top entry named as SRC, the guest's owners kept), to pipe
-    into `tar` or elsewhere; ./- is a file named -.
+    into `tar` or elsewhere; ./- is a file named -. That archive is passed on as the guest
+    made it: unpack it as you would any untrusted tar (GNU tar's defaults refuse absolute
+    names and '..'; do not unpack it as root with --same-owner).
 
     \b
     Examples:
@@ -38,7 +40,10 @@ def cp(
     """
     import mvm
 
-    mvm.cp(src, dest, archive=archive, follow_link=follow_link)
+    from .. import output
+
+    with output.stdout_guard():  # `cp NAME:/x - | head`
+        mvm.cp(src, dest, archive=archive, follow_link=follow_link)
 
 
 def register(app: typer.Typer) -> None:
