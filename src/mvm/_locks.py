@@ -1,8 +1,12 @@
-"""Whether someone holds one of mvm's lock files, without taking or making it.
+"""mvm's lock files beyond what ``filelock`` does: asking whether one is held, removing a
+stale one, and taking one as a bare descriptor.
 
-mvm locks with ``filelock`` (``flock`` on Unix). Cleanup and the background makers only ask
-whether a build or maker is at work: a probe that created a missing lock file would leave
-behind the very file cleanup reports as stale, so this one opens an existing file only.
+mvm locks with ``filelock`` (``flock`` on Unix) wherever a ``with`` block holds the lock.
+Cleanup and the background makers only ask whether a build or maker is at work
+(:func:`held`: a probe that created a missing lock file would leave behind the very file
+cleanup reports as stale, so it opens an existing file only); cleanup removes stale ones
+(:func:`remove_unheld`). A lock that outlives the block that took it, handed to QEMU or kept
+for a session, is a descriptor from :func:`try_flock`, the one other way mvm takes a lock.
 """
 
 from __future__ import annotations
@@ -48,4 +52,28 @@ def remove_unheld(lock: Path, guarded: Path) -> bool:
     except OSError:
         return False
     finally:
+        os.close(fd)
+
+
+def try_flock(path: Path, *, verify: bool = False) -> int | None:
+    """An open descriptor of ``path`` (made, mode 0600, if missing) that holds an exclusive
+    ``flock`` on it, or None at once when another holds it. For the locks filelock cannot
+    take: the ones handed to QEMU, which holds them for as long as it runs (a volume's, a
+    machine user's lease), and an agent port held for a session. ``verify``: the file may be
+    unlinked by whoever removes what it guards (``volume rm``) while this locks it; then
+    lock the file now at ``path`` instead."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not verify or os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except FileNotFoundError:  # unlinked as we locked it: try the new one
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(fd)

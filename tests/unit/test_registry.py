@@ -134,3 +134,20 @@ def test_a_name_no_vm_can_have_is_refused_before_any_path_is_made(layout: Layout
     assert (layout.images / "k").is_dir()
     (layout.vms / "Odd").mkdir(parents=True)  # made by hand: not listed, and `ls` still works
     assert Registry(layout).names() == [] and mvm.ls(layout=layout) == []
+
+
+def test_try_flock_is_exclusive_and_takes_the_file_at_the_path(tmp_path: Path) -> None:
+    import os
+
+    from mvm._locks import held, try_flock
+
+    path = tmp_path / "v.lock"
+    first = try_flock(path)
+    assert first is not None and held(path)
+    assert try_flock(path) is None  # another open file description: refused at once
+    os.unlink(path)  # what `volume rm` does while holding it
+    again = try_flock(path, verify=True)
+    assert again is not None and os.fstat(again).st_ino == os.stat(path).st_ino
+    os.close(first)
+    os.close(again)
+    assert not held(path)

@@ -18,7 +18,6 @@ a guest sends makes a client raise anything but an ``AgentError``.
 from __future__ import annotations
 
 import base64
-import fcntl
 import os
 import secrets
 import socket
@@ -29,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from .. import _unixsock as unixsock
+from .._locks import try_flock
 from .._untrusted import as_int, printable
 from ..errors import AgentError, AgentTimeout
 from ..guest import protocol
@@ -101,13 +101,10 @@ class AgentSession:
     def _try_port(self, index: int) -> bool:
         path = self.files.control_lock(index)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = try_flock(path)
         except OSError as exc:
             raise AgentError(self.vm, f"cannot open {path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        if fd is None:
             return False
         try:
             self._sock = unixsock.connect(self.files.control(index), self.timeout)

@@ -26,11 +26,11 @@ own user.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._locks import try_flock
 from ..backends.base import RunAs
 from ..errors import VMError
 
@@ -83,11 +83,8 @@ def lease(vm: str) -> Lease | None:
     LOCKS.mkdir(mode=0o700, parents=True, exist_ok=True)
     for slot in range(1, SLOTS + 1):
         uid = first + slot
-        fd = os.open(LOCKS / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = try_flock(LOCKS / f"{uid}.lock")
+        if fd is None:
             continue
         kvm = kvm_group()
         return Lease(RunAs(uid=uid, gid=uid, groups=(first,) if kvm is None else (first, kvm)), fd)

@@ -21,7 +21,6 @@ it, for error messages and ``volume ls``; the ``flock`` decides.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -33,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .. import _proc
 from .._atomic import remove_tree, write_json_atomic
+from .._locks import try_flock
 from ..errors import StateError, VolumeError
 from ..paths import Layout, VMFiles
 
@@ -191,21 +191,10 @@ class VolumeStore:
 
     def _flock(self, vid: str, label: str, *, attaching: bool) -> VolumeLock:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.lock_path(vid)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise self.in_use_error(vid, label, attaching=attaching) from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:  # not a lock file that `volume rm` unlinked while we opened it
-                return VolumeLock(fd, vid)
-            os.close(fd)
+        fd = try_flock(self.lock_path(vid), verify=True)  # `volume rm` unlinks the file it held
+        if fd is None:
+            raise self.in_use_error(vid, label, attaching=attaching)
+        return VolumeLock(fd, vid)
 
     def in_use_error(self, vid: str, label: str, *, attaching: bool = False) -> VolumeError:
         holder = self.holder(vid)
