@@ -222,7 +222,7 @@ def test_failed_up_removes_only_a_volume_no_guest_ran_on(tmp_path: Path, layout:
     vid = volume_id(tmp_path / "data")
     with pytest.raises(RuntimeError), ExitStack() as undo:
         a = _attach(layout, tmp_path, ["./data:/mnt/data:16"], undo)
-        assert store.load(vid) is not None and a.boot[0]["fresh"]
+        assert store.load(vid) is not None and a.boot[0].fresh
         raise RuntimeError("QEMU failed to start")
     assert store.load(vid) is None and store.ids() == []
     assert (tmp_path / "data" / "seed.txt").read_text() == "seed"  # the host dir is never touched
@@ -273,7 +273,7 @@ def test_grow_keeps_data_and_shrink_is_refused(tmp_path: Path, layout: Layout) -
     uuid = ext4.read_superblock(image).uuid  # type: ignore[union-attr]
     with ExitStack() as undo:
         a = _attach(layout, tmp_path, ["./data:/mnt/data:40"], undo)
-        assert not a.boot[0]["fresh"]  # the first boot already handed the files over
+        assert not a.boot[0].fresh  # the first boot already handed the files over
         a.held_by(DEAD_PID, None)
         a.booted()
         undo.pop_all()
@@ -368,7 +368,7 @@ def test_an_image_file_is_used_in_place_and_never_deleted(tmp_path: Path, layout
     store = VolumeStore(layout)
     with pytest.raises(RuntimeError), ExitStack() as undo:
         a = _attach(layout, tmp_path, ["./disk.img:/mnt/d:24"], undo)
-        assert a.disks[0].path == tmp_path / "disk.img" and not a.boot[0]["fresh"]
+        assert a.disks[0].path == tmp_path / "disk.img" and not a.boot[0].fresh
         a.held_by(DEAD_PID, None)
         raise RuntimeError("the guest never answered")
     assert store.ids() == []  # only metadata was made, and it went

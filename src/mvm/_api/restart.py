@@ -36,7 +36,8 @@ def restart(name: str, *, wait: bool = False, wait_timeout: float = 120.0, layou
     if image is None:
         raise StateError(f"the image of {name!r} ({record.image_key[:12]}) is no longer in the store",
                          hint=f"start it from its spec again: `mvmctl down {name}`, then `mvmctl up {record.source}`")
-    env = read_config_disk(registry.files(name).config_disk).get("env") or {}
+    config = read_config_disk(registry.files(name).config_disk)
+    env = config.env if config is not None else {}
     ports = [PortForward(p.host_port, p.guest_port, p.host_ip, p.proto) for p in record.ports]
     volumes = [v.as_arg() for v in record.volumes]
     # before `down`: a shape this host cannot run (a VM made elsewhere, or by an older mvm)

@@ -24,6 +24,7 @@ from ..errors import HealthTimeout, MvmError, StateError, check_free
 from ..images.store import Image, ImageStore
 from ..paths import Layout, VMFiles
 from ..runtime import agent, machine_users
+from ..runtime.bootconfig import BootConfig
 from ..runtime.templates import (
     CONFIGURE_TIMEOUT,
     HOTPLUG_SLOTS,
@@ -126,7 +127,7 @@ def _boot_and_save(image: Image, cpus: int, memory: int, key: str, staging: Path
         shutil.copyfile(files.root / log_name, staging / f"agent.{log_name}")
     backend.resume(files, machine)
     agent.request(files, name, "configure", timeout=CONFIGURE_TIMEOUT,
-                  config={"vm": image.name, "env": {}, "volumes": []}, **identity(name, None))
+                  config=BootConfig(vm=image.name).model_dump(mode="json"), **identity(name, None))
     prog.stage("waiting for the template's services")
     if not _healthy(files, name, image):
         return machine, ["agent"]
@@ -235,7 +236,7 @@ def _restore_and_configure(image: Image, template: Template, env: Mapping[str, s
     machine = start_undoable(backend, spec, running, stop_timeout=2.0)
     agent.wait_ready(files, name, 20.0, lambda: backend.alive(machine))
     agent.request(files, name, "configure", timeout=CONFIGURE_TIMEOUT,
-                  config={"vm": image.name, "env": dict(env), "volumes": []}, **identity(name, None))
+                  config=BootConfig(vm=image.name, env=dict(env)).model_dump(mode="json"), **identity(name, None))
     return machine
 
 

@@ -45,7 +45,7 @@ from ..images.store import Image
 from ..names import MIN_MEMORY_MIB, check_vm_name
 from ..paths import Layout, VMFiles
 from ..runtime import agent, logs
-from ..runtime.bootconfig import write_config_disk
+from ..runtime.bootconfig import BootConfig, write_config_disk
 from ..runtime.registry import PortRecord, ProcessRecord, Registry, VMRecord
 from ..runtime.templates import CONFIGURE_TIMEOUT, TEMPLATE_KERNEL_ARGS, TemplateStore
 from ..volumes import attach as volume_attach
@@ -237,8 +237,8 @@ class Launch:
         ``restart`` reads the ``-e`` values back from it."""
         write_config_disk(files.config_disk, self.boot_config(attached))
 
-    def boot_config(self, attached: volume_attach.Attached) -> dict[str, object]:
-        return {"vm": self.plan.name, "env": self.plan.request.env, "volumes": attached.boot}
+    def boot_config(self, attached: volume_attach.Attached) -> BootConfig:
+        return BootConfig(vm=self.plan.name, env=dict(self.plan.request.env), volumes=attached.boot)
 
     def root_backing(self) -> tuple[Path, ...]:
         """What the VM's own root disk is a layer over, top down (LaunchSpec.root_backing)."""
@@ -320,8 +320,8 @@ class Launch:
             self.plan.backend.attach_disk(files, machine, disk, slot)
             self.spec.disks.append(dataclasses.replace(disk, slot=slot))
         # replies once the clone's volumes are mounted and its services started
-        agent.request(files, self.plan.name, "configure", timeout=CONFIGURE_TIMEOUT, config=self.boot_config(attached),
-                      **who)
+        agent.request(files, self.plan.name, "configure", timeout=CONFIGURE_TIMEOUT,
+                      config=self.boot_config(attached).model_dump(mode="json"), **who)
 
     def open_forwards(self, files: VMFiles, machine: MachineRef) -> None:
         """The ``-p`` forwards, opened once the guest answers, never at the machine's start.

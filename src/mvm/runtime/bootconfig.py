@@ -8,10 +8,10 @@ the guest by its serial (``mvm-config``). A raw disk works on every backend.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import UsageError
 from ..guest import protocol
@@ -19,8 +19,30 @@ from ..guest import protocol
 SCHEMA = 1
 
 
-def write_config_disk(path: Path, doc: dict[str, Any]) -> None:
-    data = json.dumps({"schema_version": SCHEMA, **doc}, separators=(",", ":")).encode()
+class BootVolume(BaseModel):
+    """A volume the guest mounts: the disk with ``serial`` on ``target``."""
+
+    serial: str
+    target: str
+    readonly: bool
+    secret: bool = False
+    fresh: bool = False  #: made by this ``up``: the guest hands its files to the service user
+
+
+class BootConfig(BaseModel):
+    """What one boot is told, on the config disk or in a clone's ``configure`` (the guest's
+    init reads these keys: guest/init.py)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: int = SCHEMA
+    vm: str
+    env: dict[str, str] = {}
+    volumes: list[BootVolume] = []
+
+
+def write_config_disk(path: Path, config: BootConfig) -> None:
+    data = config.model_dump_json().encode()
     if len(data) >= protocol.CONFIG_DISK_BYTES:
         raise UsageError(
             f"the runtime config is {len(data)} bytes; at most {protocol.CONFIG_DISK_BYTES - 1} fit",
@@ -34,11 +56,9 @@ def write_config_disk(path: Path, doc: dict[str, Any]) -> None:
         raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
-def read_config_disk(path: Path) -> dict[str, Any]:
-    """What :func:`write_config_disk` wrote (``{}`` if the disk is missing or unreadable)."""
+def read_config_disk(path: Path) -> BootConfig | None:
+    """What :func:`write_config_disk` wrote (None if the disk is missing or unreadable)."""
     try:
-        raw = path.read_bytes()[: protocol.CONFIG_DISK_BYTES].split(b"\0", 1)[0]
-        doc = json.loads(raw) if raw.strip() else {}
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+        return BootConfig.model_validate_json(path.read_bytes()[: protocol.CONFIG_DISK_BYTES].split(b"\0", 1)[0])
+    except (OSError, ValidationError):
+        return None

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from .. import _ext4 as ext4
 from .. import _proc
@@ -26,6 +26,7 @@ from ..backends.base import Disk
 from ..errors import CommandFailed, DiskFull, VolumeError, check_free
 from ..names import DEFAULT_UID
 from ..paths import Layout, VMFiles
+from ..runtime.bootconfig import BootVolume
 from ..runtime.registry import VolumeRecord
 from .args import MIN_SIZE_MB, Mode, VolumeArg, parse_volumes
 from .store import IMAGE_NAME, Holder, VolumeLock, VolumeMeta, VolumeStore, volume_id
@@ -165,7 +166,7 @@ class Attached:
     store: VolumeStore
     vm: str
     disks: list[Disk] = field(default_factory=list)
-    boot: list[dict[str, Any]] = field(default_factory=list)
+    boot: list[BootVolume] = field(default_factory=list)
     locks: list[VolumeLock] = field(default_factory=list)
     fresh: list[str] = field(default_factory=list)
     started: bool = False
@@ -331,11 +332,6 @@ def attach(
             path = files.volumes / f"{p.serial}.ext4"
             build_readonly_image(p.arg, path, runner)
         attached.disks.append(Disk(path=path, serial=p.serial, readonly=not p.arg.writable))
-        attached.boot.append({
-            "serial": p.serial,
-            "target": p.arg.guest,
-            "readonly": not p.arg.writable,
-            "secret": p.arg.secret,
-            "fresh": p.vid in attached.fresh,
-        })
+        attached.boot.append(BootVolume(serial=p.serial, target=p.arg.guest, readonly=not p.arg.writable,
+                                        secret=p.arg.secret, fresh=p.vid in attached.fresh))
     return attached
