@@ -187,6 +187,30 @@ def test_suspend_and_resume_keep_processes_and_tmp(cli: CLI, hello_image: dict[s
     assert not (cli.vms / "fz").exists()
 
 
+def test_a_suspended_vm_keeps_its_volume(cli: CLI, hello_image: dict[str, Any], tmp_path: Path,
+                                         no_leaks: None) -> None:
+    """The suspended guest has the volume mounted, its writes partly in memory: a second VM on
+    it meanwhile had its files overwritten when the first resumed (found by a walkthrough)."""
+    volume = f"{tmp_path / 'data'}:/mnt/data:64"
+    cli("up", HELLO, "--name", "fv", "-v", volume)
+    try:
+        cli("exec", "fv", "--", "sh", "-c", "echo first > /mnt/data/f")
+        cli("suspend", "fv")
+        r = cli("up", HELLO, "--name", "fw", "-v", volume, check=False)
+        assert r.returncode == 1 and "belongs to suspended VM 'fv'" in r.stderr, r.stderr
+        r = cli("volume", "rm", str(tmp_path / "data"), "--yes", check=False)
+        assert r.returncode == 1 and "suspended VM 'fv'" in r.stderr, r.stderr
+        cli("resume", "fv")
+        assert cli("exec", "fv", "--", "cat", "/mnt/data/f").stdout == "first\n"
+    finally:
+        cli("down", "fv")
+    cli("up", HELLO, "--name", "fw", "-v", volume)  # free once the VM is gone
+    try:
+        assert cli("exec", "fw", "--", "cat", "/mnt/data/f").stdout == "first\n"
+    finally:
+        cli("down", "fw")
+
+
 def test_cleanup_shows_templates_with_their_size(cli: CLI, template: dict[str, Any]) -> None:
     notes = cli("cleanup", "--dry-run").stderr
     assert re.search(rf"kept: template {template['key'][:12]} .*MB", notes)
