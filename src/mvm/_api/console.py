@@ -42,6 +42,8 @@ class ConsoleSession:
             while True:
                 for msg in pending:
                     if isinstance(msg, Final):
+                        if not msg.ok and msg.error:  # not started (no such user), or refused
+                            os.write(2, f"mvm console: {msg.error}\r\n".encode())
                         return msg.exit
                     os.write(stdout_fd, msg.data)
                 watch = [sock] + ([stdin_fd] if stdin_open else [])

@@ -83,11 +83,13 @@ def parse_endpoint(text: str, layout: Layout) -> Endpoint:
 
 
 def cp(src: str, dest: str, *, archive: bool = False, follow_link: bool = False,
-       layout: Layout | None = None) -> None:
+       layout: Layout | None = None) -> list[str]:
     """Copy ``src`` to ``dest``; exactly one of them is ``NAME:/path``. A ``dest`` of ``-``
     writes a tar archive of ``src`` to stdout instead, as ``docker cp`` does (its top entry
     named as ``src``, the guest's owners kept); ``./-`` is a file named ``-``. ``follow_link``:
-    a ``src`` that is a symbolic link is followed (``cp -L``), else copied as the link."""
+    a ``src`` that is a symbolic link is followed (``cp -L``), else copied as the link.
+    Returns what a copy out of the VM left out, and why (``"path: reason"``): links that lead
+    out of the destination and device nodes, which the host never takes from a guest."""
     layout = layout or Layout.default()
     a, b = parse_endpoint(src, layout), parse_endpoint(dest, layout)
     if a.vm is None and b.vm is None:
@@ -101,13 +103,13 @@ def cp(src: str, dest: str, *, archive: bool = False, follow_link: bool = False,
                          hint="e.g. mvmctl cp ./site hello:/srv/site, or mvmctl cp hello:/var/log/app.log .")
     if b.vm is not None:
         _to_guest(Path(a.path), src.endswith("/."), VM(b.vm, layout), b.path, archive, follow_link)
-    elif dest == "-":
-        assert a.vm is not None
+        return []
+    assert a.vm is not None
+    if dest == "-":
         sys.stdout.flush()
         _to_stream(VM(a.vm, layout), a.path, sys.stdout.buffer, follow_link)
-    else:
-        assert a.vm is not None
-        _to_host(VM(a.vm, layout), a.path, dest, follow_link)
+        return []
+    return _to_host(VM(a.vm, layout), a.path, dest, follow_link)
 
 
 def _run(vm: VM, args: list[str], feed: IO[bytes] | None, sink: IO[bytes] | None) -> None:
@@ -176,8 +178,9 @@ def _top_name(src: str) -> str:
     return os.path.basename(src.rstrip("/.")) or "root"
 
 
-def _unpack(src: str, dest: str, tar: tarfile.TarFile) -> None:
-    """The guest's archive of ``src`` into the host path ``dest`` (docker cp's rules)."""
+def _unpack(src: str, dest: str, skipped: list[str], tar: tarfile.TarFile) -> None:
+    """The guest's archive of ``src`` into the host path ``dest`` (docker cp's rules); what
+    is left out goes to ``skipped``."""
     root_fd: int | None = None
     try:
         new_top = None
@@ -188,7 +191,9 @@ def _unpack(src: str, dest: str, tar: tarfile.TarFile) -> None:
                 root_fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             renamed = protocol.rename(member, new_top, archive=False)
             if renamed is not None:  # links stay inside the new top entry, when there is one
-                guest_tar.extract(root_fd, tar, renamed, floor=0 if new_top is None else 1)
+                why = guest_tar.extract(root_fd, tar, renamed, floor=0 if new_top is None else 1)
+                if why is not None:
+                    skipped.append(why)
     finally:
         if root_fd is not None:
             os.close(root_fd)
@@ -205,8 +210,10 @@ def _restream(src: str, out: IO[bytes], tar: tarfile.TarFile) -> None:
     out.flush()
 
 
-def _to_host(vm: VM, src: str, dest: str, follow: bool = False) -> None:
-    _from_guest(vm, src, dest, functools.partial(_unpack, src, dest), follow)
+def _to_host(vm: VM, src: str, dest: str, follow: bool = False) -> list[str]:
+    skipped: list[str] = []
+    _from_guest(vm, src, dest, functools.partial(_unpack, src, dest, skipped), follow)
+    return skipped
 
 
 def _to_stream(vm: VM, src: str, out: IO[bytes], follow: bool = False) -> None:

@@ -45,20 +45,20 @@ def _parts(member: tarfile.TarInfo, name: str) -> list[str]:
     return parts
 
 
-def _inside(member: tarfile.TarInfo, parts: list[str], floor: int) -> None:
-    """A symlink's target must stay in the destination (at least ``floor`` levels down), as
-    the ``data`` filter requires. ``..`` only leads: each one climbs a real directory (made
-    here, and a directory is never replaced by a link), and the rest only descends, so no
-    chain of links can leave either (`a -> .`, then `b -> a/..` would)."""
+def _leaves(member: tarfile.TarInfo, parts: list[str], floor: int) -> str | None:
+    """Why a symlink's target leaves the destination (None: it stays at least ``floor``
+    levels down, as the ``data`` filter requires). ``..`` only leads: each one climbs a real
+    directory (made here, and a directory is never replaced by a link), and the rest only
+    descends, so no chain of links can leave either (`a -> .`, then `b -> a/..` would)."""
     link = member.linkname
     floor = min(floor, len(parts) - 1)  # the top entry itself may point beside it, as tarfile's filter allows
-    hint = "SRC itself is a link: `mvmctl cp -L` copies what it points to" if len(parts) == 1 else None
     if link.startswith("/"):
-        raise _refuse(member, f"is a link to the absolute path {_shown(link)}", hint)
+        return f"a link to the absolute path {_shown(link)}"
     names = [p for p in link.split("/") if p not in ("", ".")]
     ups = next((i for i, p in enumerate(names) if p != ".."), len(names))
     if len(parts) - 1 - ups < floor or ".." in names[ups:]:
-        raise _refuse(member, f"is a link that leaves the destination ({_shown(link)})", hint)
+        return f"a link that leaves the destination ({_shown(link)})"
+    return None
 
 
 def _clear(fd: int, name: str, member: tarfile.TarInfo) -> None:
@@ -117,9 +117,12 @@ def _make_dir(fd: int, name: str, member: tarfile.TarInfo) -> None:
         os.close(sub)
 
 
-def extract(root_fd: int, tar: tarfile.TarFile, member: tarfile.TarInfo, floor: int = 0) -> None:
+def extract(root_fd: int, tar: tarfile.TarFile, member: tarfile.TarInfo, floor: int = 0) -> str | None:
     """Create ``member`` under the directory ``root_fd`` (a file's data read from ``tar``);
-    its links may point no higher than ``floor`` levels below it (1: inside the top entry)."""
+    its links may point no higher than ``floor`` levels below it (1: inside the top entry).
+    Returns why it was left out instead (a link leading out of the destination, a device
+    node or FIFO), as ``volume export`` leaves such entries out; an entry that could only
+    come from a crafted stream is refused (:class:`~mvm.errors.UsageError`)."""
     parts = _parts(member, member.name)
     try:
         fd = open_dir(root_fd, parts[:-1])
@@ -135,7 +138,11 @@ def extract(root_fd: int, tar: tarfile.TarFile, member: tarfile.TarInfo, floor: 
         elif member.isreg():
             _write_file(fd, name, tar, member)
         elif member.issym():
-            _inside(member, parts, floor)
+            why = _leaves(member, parts, floor)
+            if why is not None and len(parts) == 1:  # SRC itself: leaving it out would copy nothing
+                raise _refuse(member, f"is {why}", "SRC itself is a link: `mvmctl cp -L` copies what it points to")
+            if why is not None:
+                return f"{_shown(member.name)}: {why}"
             _clear(fd, name, member)
             os.symlink(member.linkname, name, dir_fd=fd)
         elif member.islnk():
@@ -146,7 +153,7 @@ def extract(root_fd: int, tar: tarfile.TarFile, member: tarfile.TarInfo, floor: 
                 raise _refuse(member, f"is a hard link through a non-directory ({_shown(member.linkname)})") from None
             try:
                 # a regular file only: a hard link to a symlink would put it at another depth,
-                # where its leading '..' climb further than _inside allowed
+                # where its leading '..' climb further than _leaves allowed
                 if not stat.S_ISREG(os.stat(target[-1], dir_fd=src, follow_symlinks=False).st_mode):
                     raise _refuse(member, f"is a hard link to something other than a file ({_shown(member.linkname)})")
                 _clear(fd, name, member)
@@ -154,6 +161,7 @@ def extract(root_fd: int, tar: tarfile.TarFile, member: tarfile.TarInfo, floor: 
             finally:
                 os.close(src)
         else:
-            raise _refuse(member, "is a device node, FIFO or other special file")
+            return f"{_shown(member.name)}: a device node, FIFO or other special file"
     finally:
         os.close(fd)
+    return None

@@ -11,12 +11,11 @@ rest of the VM dir.
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from .._proc import DEFAULT_RUNNER, Runner
+from .._proc import DEFAULT_RUNNER, Runner, signals_deferred
 from ..backends.base import LAUNCH_SCHEMA, Incoming, LaunchSpec, spec_from_json
 from ..errors import StateError, VMError, VMNotRunning
 from ..paths import Layout, VMFiles
@@ -77,15 +76,19 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
             for lock in locks:
                 lock.release()
         agent.wait_ready(files, name, 30.0, lambda: backend.alive(machine))  # and sets the clock
-        # only now: a resume that fails leaves the volumes the suspended VM's (QEMU holds the locks)
-        for v in record.volumes:
-            if v.volume is not None:
-                store.set_holder(v.volume, Holder(what=f"VM {name!r} (pid {machine.pid})", vm=name,
-                                                  pid=machine.pid, pid_start=machine.start_time, since=time.time()))
-        os.unlink(files.saved_state)
-        record.phase, record.machine = "running", ProcessRecord(pid=machine.pid, start_time=machine.start_time)
-        record.started_at = time.time()
-        undo.pop_all()
+        # It runs: the rest happens whole, an interrupt held until the record says so (one in
+        # between stopped the machine after its saved state was gone, the record "suspended").
+        with signals_deferred():
+            for v in record.volumes:  # only now: a resume that failed left them the suspended VM's
+                if v.volume is not None:
+                    store.set_holder(v.volume, Holder(what=f"VM {name!r} (pid {machine.pid})", vm=name,
+                                                      pid=machine.pid, pid_start=machine.start_time,
+                                                      since=time.time()))
+            record.phase, record.machine = "running", ProcessRecord(pid=machine.pid, start_time=machine.start_time)
+            record.started_at = time.time()
+            registry.write(files, record)
+            undo.pop_all()
+            files.saved_state.unlink(missing_ok=True)
     return VM(name, layout, runner).info(ask_guest=ask_guest)
 
 

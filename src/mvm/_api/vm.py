@@ -157,7 +157,7 @@ class VM:
             raise ExecTimeout(self.name, f"command {list(argv)!r} {final.error}",
                               hint="raise --timeout if it needs longer")
         code = final.exit
-        if not final.ok and code in (126, 127):  # it was not started (no such user or dir; not found)
+        if not final.ok and final.error:  # not started (no such user or dir; not found; 126, 127), or refused
             message = f"mvm exec: {final.error}\n".encode()
             if on_output:
                 on_output("stderr", message)

@@ -8,7 +8,8 @@
     3    a bug in mvm (traceback printed; please report it)
     120  stdout was closed early (e.g. `mvmctl ls | head`)
     124  `exec --timeout` expired
-    130  interrupted (Ctrl-C / SIGTERM); everything started so far is cleaned up
+    130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM: what the command had started and not
+         finished is undone (a VM whose start had finished keeps running)
     N    `exec` passes the guest command's exit code through
 """
 
@@ -149,7 +150,7 @@ def _root(
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
 
 
-_interrupted = False
+_interrupted = 0  #: the signal that interrupted the command, if one did
 
 
 def raise_or_report_bug(debug: bool) -> None:
@@ -168,7 +169,7 @@ def raise_or_report_bug(debug: bool) -> None:
 def _interrupt(signum: int, frame: object) -> None:
     """SIGINT and SIGTERM unwind like Ctrl-C, so every cleanup (ExitStack) runs."""
     global _interrupted
-    _interrupted = True
+    _interrupted = signum
     raise KeyboardInterrupt
 
 
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         from . import output
 
         starts_nothing = word in ("logs", "ls", "status", "stats", "images", "doctor", "console")
-        output.err.print("[yellow]interrupted[/]"
-                         + ("" if starts_nothing else ": cleaned up what this command had started"))
-        code = EXIT_INTERRUPTED
+        output.err.print("[yellow]interrupted[/]" + ("" if starts_nothing else ": what it had started and not "
+                                                    "finished is undone (`mvmctl ls` shows what runs)"))
+        code = 128 + _interrupted
     raise SystemExit(code if isinstance(code, int) else 0)

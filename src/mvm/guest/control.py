@@ -69,6 +69,9 @@ class StreamOp:
         self.stdin_fd: int | None = None
         self.pty_master: int | None = None
         self.timed_out = False
+        #: its host client is gone: its output and reply go nowhere (see ControlServer._dispatch)
+        self.abandoned = False
+        self.done = threading.Event()
         # Input can arrive before the process exists; it is held until then.
         self._input_lock = threading.Lock()
         self._started = False
@@ -104,6 +107,12 @@ class StreamOp:
 
     def _run(self) -> None:
         try:
+            self._start_and_finish()
+        finally:
+            self.done.set()
+
+    def _start_and_finish(self) -> None:
+        try:
             argv, kwargs = self._build()
             if self.req.get("tty"):
                 self._run_tty(argv, kwargs)
@@ -125,7 +134,8 @@ class StreamOp:
                 data = b""
             if not data:
                 break
-            self.conn.send({"event": name, "data": base64.b64encode(data).decode()}, self.rid)
+            if not self.abandoned:
+                self.conn.send({"event": name, "data": base64.b64encode(data).decode()}, self.rid)
         os.close(fd)
 
     def _run_pipes(self, argv: list[str], kwargs: dict[str, Any]) -> None:
@@ -182,6 +192,8 @@ class StreamOp:
             p.join(2)
         self._close_stdin()
         self.conn.active = None
+        if self.abandoned:
+            return
         if self.timed_out:
             self.conn.send({"ok": False, "exit": 124, "timed_out": True,
                             "error": f"timed out after {float(timeout or 0):g}s; process killed"}, self.rid)
@@ -196,6 +208,11 @@ class StreamOp:
                 pass
             self.stdin_fd = None
 
+    def abandon(self) -> None:
+        """Its host client went away: kill it, and send nothing more of it."""
+        self.abandoned = True
+        self.kill()
+
     def kill(self) -> None:
         if self.child is not None and not self.child.done:
             try:
@@ -204,6 +221,8 @@ class StreamOp:
                 pass
 
     def _mark_started(self) -> None:
+        if self.abandoned:  # abandoned while it was being started
+            self.kill()
         with self._input_lock:
             self._started = True
             early, self._early = self._early, []
@@ -326,7 +345,7 @@ class ControlServer:
                 # Host side closed (or never opened): drop the session, wait for a client.
                 buf.reset()
                 if conn.active is not None:
-                    conn.active.kill()
+                    conn.active.abandon()
                 # SIGIO wakes us when the host opens the port; the timeout is only a safety net
                 # (polling every 0.25 s on four ports was most of an idle guest's CPU).
                 wakeup.wait(5.0)
@@ -347,12 +366,20 @@ class ControlServer:
             conn.send({"ok": False, "error": "malformed request: not a JSON object"})
             return
         op, rid = req.get("op"), req.get("id")
-        if conn.active is not None:
-            if op in protocol.STREAM_INPUT:
-                conn.active.feed(req)
-            else:
-                conn.send({"ok": False, "error": f"{op!r} not allowed while a command runs"}, rid)
+        if conn.active is not None and op in protocol.STREAM_INPUT:
+            conn.active.feed(req)
             return
+        if conn.active is not None:
+            # One host client holds a port at a time (a lock on the host), and it starts a new
+            # request only once its command ended: so the running one's client went away, too
+            # quickly for the port to show it closed (a `| head` that ended `exec`). Its command
+            # is ended and its output dropped, so the new client gets only its own replies.
+            stale = conn.active
+            stale.abandon()
+            stale.done.wait(5.0)
+            if conn.active is not None:
+                conn.send({"ok": False, "error": f"{op!r} not allowed while a command runs"}, rid)
+                return
         if op not in protocol.OPS:
             conn.send({"ok": False, "error": f"unknown op {op!r}; allowed: {sorted(protocol.OPS)}"}, rid)
             return

@@ -191,7 +191,13 @@ class Registry:
         with self.locked(name) as files:
             record = self.load(name)
             yield files, record
-            write_json_atomic(files.state, record.model_dump(mode="json"), mode=0o600)
+            self.write(files, record)
+
+    @staticmethod
+    def write(files: VMFiles, record: VMRecord) -> None:
+        """Write the record now, inside a :meth:`transaction` (whose lock this needs), where a
+        step must be on disk before the next one (``resume``)."""
+        write_json_atomic(files.state, record.model_dump(mode="json"), mode=0o600)
 
     def update(self, name: str, change: Callable[[VMRecord], None]) -> VMRecord:
         with self.transaction(name) as (_, record):

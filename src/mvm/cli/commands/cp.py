@@ -24,7 +24,8 @@ def cp(
     contents); onto a missing path, it is created with that name. Modes are kept. Copied
     into the VM, files belong to root (or keep their owners with -a); copied out, they
     belong to you, and nothing the guest sends can land outside DEST (no absolute paths,
-    no '..', no links out, no device files, no setuid bits). DEST - writes a tar archive of
+    no '..', no setuid bits): symbolic links that lead out of DEST (a guest's /etc has
+    many) and device files are left out and listed, the rest copied. DEST - writes a tar archive of
     SRC to stdout instead (its top entry named as SRC, the guest's owners kept), to pipe
     into `tar` or elsewhere; ./- is a file named -. That archive is passed on as the guest
     made it: unpack it as you would any untrusted tar (GNU tar's defaults refuse absolute
@@ -43,7 +44,11 @@ def cp(
     from .. import output
 
     with output.stdout_guard():  # `cp NAME:/x - | head`
-        mvm.cp(src, dest, archive=archive, follow_link=follow_link)
+        skipped = mvm.cp(src, dest, archive=archive, follow_link=follow_link)
+    if skipped:
+        what = f"{len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'}"
+        output.info(f"[yellow]warning[/]: left out {what} the host never takes from a guest: "
+                    + output.safe("; ".join(skipped[:10])) + (" …" if len(skipped) > 10 else ""))
 
 
 def register(app: typer.Typer) -> None:
