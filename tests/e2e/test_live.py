@@ -167,10 +167,12 @@ def test_cp_both_ways_and_to_stdout(cli: CLI, testbed_vm: dict[str, Any], tmp_pa
 def test_an_exec_cut_short_does_not_hold_up_the_next(cli: CLI, testbed_vm: dict[str, Any]) -> None:
     """`exec ... | head` ended the client while the guest still ran its command on that agent
     port: the next exec got the old output and a refusal, and printed nothing (exit 1)."""
-    mvm = f"{sys.executable} -m mvm"
-    cut = subprocess.run(f"{mvm} exec shared -- seq 1 2000000 | head -c5", shell=True, env=cli.env,
-                         capture_output=True, text=True, timeout=60)
-    assert cut.stdout == "1\n2\n3"
+    exec_ = subprocess.Popen([sys.executable, "-m", "mvm", "exec", "shared", "--", "seq", "1", "2000000"],
+                             env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert exec_.stdout is not None
+    assert exec_.stdout.read(5) == b"1\n2\n3"
+    exec_.stdout.close()  # as `| head -c5` does
+    assert exec_.wait(timeout=60) == 120
     r = cli("exec", "shared", "--", "sh", "-c", "echo hello; exit 4", check=False)
     assert (r.returncode, r.stdout) == (4, "hello\n"), (r.returncode, r.stdout, r.stderr)
 

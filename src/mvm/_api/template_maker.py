@@ -83,7 +83,13 @@ def make_template(image: Image, *, cpus: int, memory: int, layout: Layout, runne
                 running.pop_all()
             shutil.rmtree(files.root)
             meta.create_secs = round(time.monotonic() - started, 2)
-            return store.publish(staging, meta)
+            # under the image's lock, which `rmi` removes it under (and then its templates):
+            # a template of an image removed meanwhile is of no use, and nothing would remove it
+            with FileLock(str(layout.images / f".{image.key}.lock")):
+                if not image.path.is_dir():  # rmi renames it away first
+                    raise StateError(f"image {image.key[:12]} was removed while its template was made",
+                                     hint="build it again; its next `up` makes a new template")
+                return store.publish(staging, meta)
 
 
 @contextlib.contextmanager
