@@ -66,3 +66,19 @@ def test_unchanged_spec_is_a_cache_hit(cli: CLI, hello_image: dict[str, Any]) ->
     assert result["guest"]["services"]["hello"]["command"].startswith("python3 -m http.server")
     manifest = json.loads((Path(result["path"]) / "manifest.json").read_text())
     assert manifest["schema_version"] == 2 and manifest["arch"] == "x86_64"
+
+
+def test_a_vm_records_its_own_spec_not_the_first_builders(cli: CLI, hello_image: dict[str, Any], tmp_path: Path,
+                                                          no_leaks: None) -> None:
+    """A copy of examples/hello is the same image (keys are by content): its VM used to record
+    examples/hello's path, and `restart`'s hints sent the user there."""
+    copy = tmp_path / "hello"
+    copy.mkdir()
+    for f in (EXAMPLES / "hello").iterdir():
+        if f.is_file():
+            (copy / f.name).write_bytes(f.read_bytes())
+    cli("up", str(copy), "--name", "hcopy")
+    try:
+        assert cli.json("status", "hcopy")["source"] == str(copy / "mvm.toml")
+    finally:
+        cli("down", "hcopy")

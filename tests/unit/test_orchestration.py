@@ -615,8 +615,10 @@ def test_a_suspended_vm_keeps_its_volumes(layout: Layout, fake: FakeBackend, ima
         mvm.volume_export(str(tmp_path / "data"), layout=layout)
     (row,) = mvm.volume_ls(layout=layout)
     assert row.held_by == "suspended VM 'web'"
-    with pytest.raises(mvm.VMError, match="is suspended: restarting it would discard its saved state"):
+    with pytest.raises(mvm.VMError, match="is suspended: restarting it would discard its saved state") as refused:
         vm.restart()  # was down + up, the saved machine lost unasked
+    # the way to start it afresh names it, and its volume (the hint had only the spec: a VM named after it)
+    assert refused.value.hint is not None and f"--name web -v {tmp_path}/data:/mnt/data:16" in refused.value.hint
     assert vm.files.saved_state.is_file()
     vm.resume()  # its own resume takes them back
     vm.down()

@@ -8,13 +8,15 @@ still be in the store: ``cleanup`` keeps images that VMs use.
 
 from __future__ import annotations
 
+import shlex
+
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import PortForward
 from ..errors import StateError, VMError
 from ..images.store import ImageStore
 from ..paths import Layout
 from ..runtime.bootconfig import read_config_disk
-from ..runtime.registry import Registry
+from ..runtime.registry import Registry, VMRecord
 from .down import down
 from .machines import backend_for
 from .options import check_host_cpus
@@ -31,11 +33,11 @@ def restart(name: str, *, wait: bool = False, wait_timeout: float = 120.0, layou
     if record.phase == "suspended":  # restart is down + up: the saved machine would be thrown away unasked
         raise VMError(name, f"VM {name!r} is suspended: restarting it would discard its saved state",
                       hint=f"`mvmctl resume {name}` brings it back as it was (restart it after that if you "
-                      f"want); to discard the saved state: `mvmctl down {name}`, then `mvmctl up {record.source}`")
+                      f"want); to discard the saved state: `mvmctl down {name}`, then `{_up_again(record)}`")
     image = ImageStore(layout.images).get(record.image_key)
     if image is None:
         raise StateError(f"the image of {name!r} ({record.image_key[:12]}) is no longer in the store",
-                         hint=f"start it from its spec again: `mvmctl down {name}`, then `mvmctl up {record.source}`")
+                         hint=f"start it from its spec again: `mvmctl down {name}`, then `{_up_again(record)}`")
     config = read_config_disk(registry.files(name).config_disk)
     env = config.env if config is not None else {}
     ports = [PortForward(p.host_port, p.guest_port, p.host_ip, p.proto) for p in record.ports]
@@ -43,9 +45,18 @@ def restart(name: str, *, wait: bool = False, wait_timeout: float = 120.0, layou
     # before `down`: a shape this host cannot run (a VM made elsewhere, or by an older mvm)
     # must not cost the VM
     check_host_cpus(record.cpus, f"{name} has {record.cpus} vCPUs",
-                    hint=f"restart keeps the shape: `mvmctl down {name}`, then `mvmctl up {record.source} --cpus N`")
+                    hint=f"restart keeps the shape: `mvmctl down {name}`, then `{_up_again(record)} --cpus N`")
     down(name, layout=layout, runner=runner)
     return up(image=image, name=name, cpus=record.cpus, memory=record.memory, ports=ports, env=env,
               volumes=volumes, hypervisor=record.hypervisor, log_limit_mb=record.log_limit_mb, wait=wait,
               wait_timeout=wait_timeout, layout=layout, runner=runner, progress=progress,
               backend=backend_for(record, runner))
+
+
+def _up_again(record: VMRecord) -> str:
+    """The `up` that starts the VM afresh as it was started: its spec, name, ports, volumes."""
+    words = ["mvmctl up", shlex.quote(record.source or "."), "--name", record.name]
+    words += [f"-p {p.host_ip + ':' if p.host_ip != '127.0.0.1' else ''}{p.host_port}:{p.guest_port}/{p.proto}"
+              for p in record.ports]
+    words += [f"-v {shlex.quote(v.as_arg())}" for v in record.volumes]
+    return " ".join(words)

@@ -48,6 +48,7 @@ from ..runtime import agent, logs
 from ..runtime.bootconfig import BootConfig, write_config_disk
 from ..runtime.registry import PortRecord, ProcessRecord, Registry, VMRecord
 from ..runtime.templates import CONFIGURE_TIMEOUT, TEMPLATE_KERNEL_ARGS, TemplateStore
+from ..spec import spec_file
 from ..volumes import attach as volume_attach
 from . import templates
 from .build import build_image
@@ -61,11 +62,8 @@ log = logging.getLogger(__name__)
 BOOT_TIMEOUT = 90.0
 #: A restored guest answers in well under a second; one that does not is broken.
 RESTORE_BOOT_TIMEOUT = 20.0
-HYPERVISORS: dict[str, tuple[str, AccelPreference]] = {
-    "auto": ("qemu", "auto"),
-    "qemu-kvm": ("qemu", "kvm"),
-    "qemu-tcg": ("qemu", "tcg"),
-}
+HYPERVISORS: dict[str, tuple[str, AccelPreference]] = {"auto": ("qemu", "auto"), "qemu-kvm": ("qemu", "kvm"),
+                                                       "qemu-tcg": ("qemu", "tcg")}
 
 
 @dataclass(frozen=True)
@@ -84,6 +82,7 @@ class UpRequest:
     cold: bool = False  #: boot, even where a template could be restored
     log_limit_mb: int | None = None  #: None: the spec's (logLimitMb, default 64)
     hypervisor: str = "auto"  #: as asked for (a HYPERVISORS key): what `restart` asks for again
+    source: str = ""  #: this up's spec file or flake (an identical spec elsewhere may have built the image)
 
     @classmethod
     def parse(
@@ -173,7 +172,7 @@ def plan_up(request: UpRequest, image: Image, backend: Backend, planned: list[vo
         image_key=image.key,
         image_path=str(image.path),
         frontend=image.manifest.frontend,
-        source=str(source.get("path") or source.get("flake") or ""),
+        source=request.source or str(source.get("path") or source.get("flake") or ""),
         cpus=cpus,
         memory=memory,
         ports=[PortRecord.of(f) for f in request.forwards],
@@ -395,13 +394,11 @@ def up(
     arch: str | None = None,
 ) -> VM:
     """Build if needed, boot, and return once the guest agent answers (or is healthy).
-
     ``volumes`` are ``-v`` values (see :mod:`mvm.volumes.attach`); they are all checked
     before anything is built or created. ``image`` boots an already-built image instead;
     ``shares`` are host directories the guest can mount live (``mvmctl dev`` shares the
     project directory this way). ``backend`` replaces the one ``hypervisor`` names. ``arch``
-    builds for that architecture instead of the spec's (a foreign one is emulated).
-    """
+    builds for that architecture instead of the spec's (a foreign one is emulated)."""
     layout = layout or Layout.default()
     prog = progress or Quiet()
     request = UpRequest.parse(name=name, cpus=cpus, memory=memory, ports=ports, env=env, volumes=volumes,
@@ -412,6 +409,7 @@ def up(
     if image is None:
         image, _ = build_image(path, flake=flake, nix_args=nix_args, arch=arch, layout=layout, runner=runner,
                                progress=prog)
+        request = dataclasses.replace(request, source=flake or str(spec_file(Path(path)).resolve()))
     prog.stage("choosing accelerator")
     plan = plan_up(request, image, backend, planned, layout, boot_timeout)  # after the build: the KVM probe
     try:
