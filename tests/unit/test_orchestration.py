@@ -594,7 +594,7 @@ def test_suspend_and_resume(layout: Layout, fake: FakeBackend, image: Image, tmp
     assert quiet.status is mvm.VMStatus.RUNNING and quiet.health == "unknown"
     assert "status" not in [m["op"] for m in machine.guest.requests]
     vm.suspend()
-    assert mvm.down("web", layout=layout).how == "not running"  # down of a suspended VM removes it
+    assert mvm.down("web", layout=layout).how == "not running; its saved state discarded"  # down of a suspended VM
     _nothing_left(layout, fake)
 
 
@@ -760,7 +760,7 @@ def test_a_damaged_launch_record_is_a_clear_error_and_down_still_works(layout: L
             vm.resume()
         assert "mvmctl down web" in (caught.value.hint or "")
         assert vm.info().status is mvm.VMStatus.SUSPENDED and vm.files.saved_state.is_file()
-    assert mvm.down("web", layout=layout).how == "not running"
+    assert mvm.down("web", layout=layout).how == "not running; its saved state discarded"
     _nothing_left(layout, fake)
 
 

@@ -142,6 +142,8 @@ def _to_guest(src: Path, contents_only: bool, vm: VM, dest: str, archive: bool, 
     if not src.exists() and not src.is_symlink():
         raise UsageError(f"{src} does not exist")
     read = src.resolve() if follow else src
+    if not read.exists() and not read.is_symlink():
+        raise UsageError(f"{src} is a link to {read}, which does not exist")
     read_fd, write_fd = os.pipe()
     failure: list[BaseException] = []
 

@@ -77,7 +77,7 @@ def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None 
         assert record.owner is not None
         raise VMError(name, f"VM {name!r} is being started by process {record.owner.pid}",
                       hint="wait for that `mvmctl up` to finish (or interrupt it), then run down")
-    how = "not running"
+    how = "not running" if record is None or record.phase != "suspended" else "not running; its saved state discarded"
     for machine in _machines(record, files, backend):
         if not backend.alive(machine):
             continue
