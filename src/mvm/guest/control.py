@@ -209,8 +209,7 @@ class StreamOp:
             self.stdin_fd = None
 
     def abandon(self) -> None:
-        """Its host client went away: kill it, and send nothing more of it."""
-        self.abandoned = True
+        self.abandoned = True  # its host client went away: send nothing more of it
         self.kill()
 
     def kill(self) -> None:
@@ -344,8 +343,9 @@ class ControlServer:
             if not data:
                 # Host side closed (or never opened): drop the session, wait for a client.
                 buf.reset()
-                if conn.active is not None:
-                    conn.active.abandon()
+                if conn.active is not None and self._stays_closed(poller, wakeup):
+                    # its client is gone: end its command (a new client's request would too)
+                    conn.active.kill()
                 # SIGIO wakes us when the host opens the port; the timeout is only a safety net
                 # (polling every 0.25 s on four ports was most of an idle guest's CPU).
                 wakeup.wait(5.0)
@@ -359,6 +359,16 @@ class ControlServer:
             for line in lines:
                 self._dispatch(conn, line)
 
+    @staticmethod
+    def _stays_closed(poller: select.poll, wakeup: threading.Event) -> bool:
+        """Whether the port is still closed a moment after it read as closed: that news travels
+        apart from the data, so it can come after the next client's request (whose command
+        must not be killed for it)."""
+        wakeup.wait(1.0)  # SIGIO: the host opened the port again
+        wakeup.clear()
+        events = poller.poll(0)
+        return bool(events) and not events[0][1] & select.POLLIN and bool(events[0][1] & select.POLLHUP)
+
     def _dispatch(self, conn: Connection, line: bytes) -> None:
         try:
             req = protocol.decode(line)
@@ -370,10 +380,9 @@ class ControlServer:
             conn.active.feed(req)
             return
         if conn.active is not None:
-            # One host client holds a port at a time (a lock on the host), and it starts a new
-            # request only once its command ended: so the running one's client went away, too
-            # quickly for the port to show it closed (a `| head` that ended `exec`). Its command
-            # is ended and its output dropped, so the new client gets only its own replies.
+            # One host client holds a port at a time (a host lock) and asks anew only once its
+            # command ended: this one's client went away (`exec ... | head`) before the port
+            # read as closed. It is ended, its output dropped: the new client gets its own only.
             stale = conn.active
             stale.abandon()
             stale.done.wait(5.0)
