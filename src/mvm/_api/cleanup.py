@@ -71,8 +71,7 @@ def _leftovers(root: Path, what: str) -> list[CleanupItem]:
                          reason=f"interrupted {what} build") for staging in ImageStore(root).stale_staging()]
     if root.is_dir():
         for lock in root.glob(".*.lock"):
-            key = lock.name[1:-len(".lock")]
-            if not (root / key).exists() and not held(lock):
+            if not _guarded(lock).exists() and not held(lock):
                 items.append(CleanupItem(kind="lock", path=str(lock), bytes=0,
                                          reason=f"stale lock of a {what} that is gone"))
     return items
@@ -92,7 +91,7 @@ def _vm_locks(layout: Layout) -> list[CleanupItem]:
         return []
     return [CleanupItem(kind="lock", path=str(lock), bytes=0, reason="lock of a VM that is gone")
             for lock in sorted(locks.glob("*.lock"))
-            if not (layout.vms / lock.name[:-len(".lock")]).exists() and not held(lock)]
+            if not _guarded(lock).exists() and not held(lock)]
 
 
 def _remove(path: Path, runner: Runner) -> None:

@@ -151,7 +151,7 @@ class Registry:
         record.created_at = time.time()
         record.owner = ProcessRecord(pid=os.getpid(), start_time=_proc.start_time(os.getpid()))
         try:
-            write_json_atomic(files.state, record.model_dump(mode="json"), mode=0o600)
+            self.write(files, record)
         except BaseException:  # a full disk, a Ctrl-C: the name must not stay taken by an empty dir
             os.rmdir(files.root)
             raise

@@ -182,17 +182,12 @@ class VolumeStore:
     def lock(self, vid: str, label: str, *, attaching: bool = False, resuming: str | None = None) -> VolumeLock:
         """Take the volume's lock without waiting, or raise a VolumeError naming the holder. A
         suspended VM holds its volumes too: only its own ``resume`` (``resuming``) takes them."""
-        lock = self._flock(vid, label, attaching=attaching)
-        holder = self.holder(vid)
-        if holder is not None and holder.suspended and holder.vm != resuming:
-            lock.release()
-            raise self.in_use_error(vid, label, attaching=attaching)
-        return lock
-
-    def _flock(self, vid: str, label: str, *, attaching: bool) -> VolumeLock:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = try_flock(self.lock_path(vid), verify=True)  # `volume rm` unlinks the file it held
-        if fd is None:
+        holder = self.holder(vid) if fd is not None else None
+        if fd is None or (holder is not None and holder.suspended and holder.vm != resuming):
+            if fd is not None:
+                os.close(fd)
             raise self.in_use_error(vid, label, attaching=attaching)
         return VolumeLock(fd, vid)
 
