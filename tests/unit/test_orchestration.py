@@ -15,14 +15,16 @@ import subprocess
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import mvm
 from mvm import backends
+from mvm._api.launch import Launch
+from mvm._api.models import CleanupItem
 from mvm._api.template_maker import make_template
 from mvm._api.templates import mode as templates_mode
-from mvm._api.up import Launch
 from mvm._proc import DEFAULT_RUNNER, Runner
 from mvm.backends.base import MachineRef, PortForward
 from mvm.backends.fake import FakeBackend
@@ -38,7 +40,7 @@ from mvm.errors import (
     VMExists,
     VMNotFound,
 )
-from mvm.images.store import Image
+from mvm.images.store import Image, ImageStore
 from mvm.paths import Layout, VMFiles
 from mvm.runtime.registry import Registry
 from mvm.runtime.templates import Template, TemplateStore
@@ -879,3 +881,54 @@ def test_rmi_takes_the_images_templates_with_it(template: Template, layout: Layo
     assert template.path.exists()
     mvm.rmi(image.key, layout=layout)
     assert not template.path.exists() and mvm.templates(layout=layout) == []
+
+
+def _stored(layout: Layout, image: Image) -> Image:
+    """The store's copy of the fixture's image (what a build gives `up`)."""
+    from mvm.images.store import ImageStore, Manifest
+
+    def make(staging: Path) -> Manifest:
+        for name in ("vmlinux", "rootfs.ext4"):
+            (staging / name).write_bytes(b"x")
+        return image.manifest
+
+    return ImageStore(layout.images).publish(image.key, make)
+
+
+def test_an_image_removed_before_up_took_it_fails_that_up_cleanly(layout: Layout, fake: FakeBackend,
+                                                                  image: Image) -> None:
+    """`rmi` (or `cleanup`) ran between the build and the VM's record: the `up` says so."""
+    stored = _stored(layout, image)
+    mvm.rmi(image.key, layout=layout)
+    with pytest.raises(StateError, match=f"image {image.key[:12]} of web was removed") as caught:
+        _up(layout, fake, stored)
+    assert "run the same `mvmctl up` again" in (caught.value.hint or "")
+    _nothing_left(layout, fake)
+
+
+def test_cleanup_keeps_an_image_an_up_took_while_it_looked(layout: Layout, fake: FakeBackend, image: Image,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cleanup picks the unused images, an `up` takes one, cleanup removes the others: the
+    `up`'s record, written under the image's lock, is what the removal checks under it."""
+    from mvm._api import cleanup as cleanup_module
+
+    stored = _stored(layout, image)
+    picked = cleanup_module._unused_images
+    vms: list[mvm.VM] = []
+
+    def up_meanwhile(*args: Any) -> list[CleanupItem]:
+        items = picked(*args)
+        assert [Path(i.path).name for i in items] == [image.key]  # unused when cleanup looked
+        vms.append(_up(layout, fake, stored))
+        return items
+
+    monkeypatch.setattr(cleanup_module, "_unused_images", up_meanwhile)
+    report = mvm.cleanup(layout, keep=0)
+    assert not [i for i in report.items if i.kind == "image"]
+    assert f"kept: image {image.key[:12]}, which web started using while cleanup looked" in report.notes
+    assert stored.path.is_dir() and vms[0].status == "running"
+    with pytest.raises(UsageError, match="used by running or suspended VM.*: web"):
+        mvm.rmi(image.key, layout=layout)
+    vms[0].down()
+    assert [i.key for i in mvm.rmi(image.key, layout=layout)] == [image.key]
+    assert not ImageStore(layout.images).lock_path(image.key).exists()

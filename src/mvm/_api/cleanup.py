@@ -36,6 +36,7 @@ from ..images.store import Image, ImageStore, read_manifest
 from ..paths import Layout, VMFiles
 from ..runtime.registry import Registry
 from ..runtime.templates import TemplateStore
+from .images import remove_unneeded
 from .machines import backend_for, status_of
 from .models import CleanupItem, CleanupReport
 
@@ -131,33 +132,12 @@ def cleanup(
             if time.time() - values.stat().st_mtime > ENV_FILE_GRACE:
                 items.append(CleanupItem(kind="build", path=str(values), bytes=disk_usage(values),
                                          reason="-e values left for a template maker that never started"))
+    images = _unused_images(layout, in_use, keep)
+    if not dry_run:
+        images = [item for item in images if _removed_image(layout, item, notes)]
+    items += images
+    removed_images = {Path(i.path).name for i in images}
     store = ImageStore(layout.images)
-    if layout.images.is_dir():
-        for entry in layout.images.iterdir():
-            if entry.name.startswith(".") or not entry.is_dir() or entry.name in in_use:
-                continue  # an image a VM uses stays, even one this mvm cannot read
-            try:
-                read_manifest(entry)
-            except StateError as exc:
-                items.append(CleanupItem(kind="image", path=str(entry), bytes=disk_usage(entry),
-                                         reason=f"broken or outdated image: {exc.message}"))
-    # an aarch64 build of a guest is no older version of its x86_64 build: each keeps its own
-    by_guest: dict[tuple[str, str], list[Image]] = {}
-    kept_layers: set[str] = set()
-    for img in store.all():  # oldest first
-        if img.key not in in_use:
-            by_guest.setdefault((img.name, img.manifest.arch), []).append(img)
-        else:
-            kept_layers.add(str(img.manifest.source.get("layer")))
-    for (name, arch), unused in sorted(by_guest.items()):
-        for i, img in enumerate(unused):
-            if i >= len(unused) - keep:
-                kept_layers.add(str(img.manifest.source.get("layer")))
-                continue
-            items.append(CleanupItem(kind="image", path=str(img.path), bytes=disk_usage(img.path),
-                                     reason=f"image {img.key[:12]} of {name} ({arch}) is unused and not among "
-                                     f"its newest {keep}"))
-    removed_images = {Path(i.path).name for i in items if i.kind == "image"}
     for key, template, damaged in TemplateStore(layout).all():
         path = layout.templates / key
         if template is None or template.meta.image_key in removed_images or store.get(template.meta.image_key) is None:
@@ -166,6 +146,7 @@ def cleanup(
         else:
             notes.append(f"kept: template {key[:12]} of {template.meta.image_key[:12]} "
                          f"({_size(disk_usage(path))}; `mvmctl template rm {key[:12]}` removes it)")
+    kept_layers = {str(img.manifest.source.get("layer")) for img in store.all() if img.key not in removed_images}
     if layout.layers.is_dir():
         for entry in sorted(layout.layers.iterdir()):
             if not entry.name.startswith(".") and entry.is_dir() and entry.name not in kept_layers:
@@ -177,9 +158,9 @@ def cleanup(
             path = Path(item.path)
             if item.kind == "lock":
                 remove_unheld(path, _guarded(path))
-            elif item.kind != "vm":
+            elif item.kind not in ("vm", "image"):  # those went already
                 _remove(path, runner)
-            if item.kind in ("image", "layer", "template"):  # and its lock, unless a build holds it now
+            if item.kind in ("layer", "template"):  # and its lock, unless a build holds it now
                 remove_unheld(path.parent / f".{path.name}.lock", path)
 
     if everything:
@@ -193,6 +174,41 @@ def cleanup(
         else:
             notes.append("Nix is not installed: nothing to collect")
     return CleanupReport(dry_run=dry_run, items=items, notes=notes)
+
+
+def _unused_images(layout: Layout, in_use: set[str], keep: int) -> list[CleanupItem]:
+    """The images no VM uses that are broken, outdated, or older than the newest ``keep`` of
+    their guest (by name and architecture: an aarch64 build is no older version of an x86_64 one)."""
+    items = []
+    if layout.images.is_dir():
+        for entry in layout.images.iterdir():
+            if entry.name.startswith(".") or not entry.is_dir() or entry.name in in_use:
+                continue  # an image a VM uses stays, even one this mvm cannot read
+            try:
+                read_manifest(entry)
+            except StateError as exc:
+                items.append(CleanupItem(kind="image", path=str(entry), bytes=disk_usage(entry),
+                                         reason=f"broken or outdated image: {exc.message}"))
+    by_guest: dict[tuple[str, str], list[Image]] = {}
+    for img in ImageStore(layout.images).all():  # oldest first
+        if img.key not in in_use:
+            by_guest.setdefault((img.name, img.manifest.arch), []).append(img)
+    for (name, arch), unused in sorted(by_guest.items()):
+        items += [CleanupItem(kind="image", path=str(img.path), bytes=disk_usage(img.path),
+                              reason=f"image {img.key[:12]} of {name} ({arch}) is unused and not among its "
+                              f"newest {keep}")
+                  for img in unused[:max(0, len(unused) - keep)]]
+    return items
+
+
+def _removed_image(layout: Layout, item: CleanupItem, notes: list[str]) -> bool:
+    """Remove an unused image unless an ``up`` took it since cleanup looked (see
+    :func:`~mvm._api.images.remove_unneeded`); False, with a note, if one did."""
+    taken_by = remove_unneeded(layout, Path(item.path).name)
+    if taken_by:
+        notes.append(f"kept: image {Path(item.path).name[:12]}, which {', '.join(taken_by)} started using "
+                     "while cleanup looked")
+    return not taken_by
 
 
 def _dead_vms(layout: Layout, dry_run: bool, runner: Runner, items: list[CleanupItem], notes: list[str]) -> set[str]:

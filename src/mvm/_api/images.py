@@ -9,6 +9,7 @@ templates go with it (VMs restored from them keep their own links to what they n
 from __future__ import annotations
 
 from .._atomic import remove_tree
+from .._locks import remove_unheld
 from ..errors import MvmError, UsageError
 from ..images.store import Image, ImageStore
 from ..paths import Layout
@@ -53,34 +54,51 @@ def _match(ref: str, store: ImageStore) -> list[Image]:
     return by_key or [img for img in everything if img.name == ref]
 
 
+def _needing(layout: Layout, key: str) -> list[str]:
+    """The VMs that need image ``key`` now: they run (or are starting), or are suspended."""
+    return [name for name, needs in _users(layout).get(key, []) if needs]
+
+
+def remove_unneeded(layout: Layout, key: str) -> list[str]:
+    """Remove image ``key`` unless a VM needs it, and return the VMs that do (then nothing is
+    removed). They are looked for under the image's lock, under which an ``up`` records the
+    VM that takes the image (:meth:`ImageStore.locked`): an ``up`` either is seen here or
+    finds the image gone. Its templates stay: the caller removes or reports them."""
+    store = ImageStore(layout.images)
+    with store.locked(key):
+        needed = _needing(layout, key)
+        if needed:
+            return needed
+        remove_tree(store.root / key, ignore_errors=True)
+    remove_unheld(store.lock_path(key), store.root / key)
+    return []
+
+
 def rmi(ref: str, *, layout: Layout | None = None) -> list[ImageInfo]:
     """Remove the image(s) ``ref`` names: a key (or a prefix of 4+ characters that starts
     no other key), or a guest name (all of its images). Refused while a running or
     suspended VM uses one."""
-    from filelock import FileLock
-
     layout = layout or Layout.default()
     store = ImageStore(layout.images)
     found = _match(ref, store)
     if not found:
         raise UsageError(f"no image {ref!r} (by key or guest name)", hint="list them with `mvmctl images`")
-    users = _users(layout)
-    for img in found:
-        needed = [n for n, needs in users.get(img.key, []) if needs]
-        if needed:
-            raise UsageError(f"image {img.key[:12]} ({img.name}) is used by running or suspended VM(s): "
-                             f"{', '.join(needed)}",
-                             hint=f"stop them first (a suspended VM's saved state goes too): "
-                             f"mvmctl down {' '.join(needed)}")
+    for img in found:  # all are checked before any goes; each again as it goes
+        _refuse_if_needed(img, _needing(layout, img.key))
     removed = []
     templates = TemplateStore(layout)
     for img in found:
-        lock = layout.images / f".{img.key}.lock"
-        with FileLock(str(lock)):
-            remove_tree(img.path)
-        lock.unlink(missing_ok=True)
+        _refuse_if_needed(img, remove_unneeded(layout, img.key))
         for key, template, _ in templates.all():  # of no use without their image (a clone keeps its own links)
             if template is not None and template.meta.image_key == img.key:
                 templates.remove(key)
         removed.append(image_info(img))
     return removed
+
+
+def _refuse_if_needed(img: Image, needed: list[str]) -> None:
+    if needed:
+        raise UsageError(f"image {img.key[:12]} ({img.name}) is used by running or suspended VM(s): "
+                         f"{', '.join(needed)}",
+                         hint=f"stop them first (a suspended VM's saved state goes too): "
+                         f"mvmctl down {' '.join(needed)}")

@@ -85,7 +85,7 @@ def make_template(image: Image, *, cpus: int, memory: int, layout: Layout, runne
             meta.create_secs = round(time.monotonic() - started, 2)
             # under the image's lock, which `rmi` removes it under (and then its templates):
             # a template of an image removed meanwhile is of no use, and nothing would remove it
-            with FileLock(str(layout.images / f".{image.key}.lock")):
+            with ImageStore(layout.images).locked(image.key):
                 if not image.path.is_dir():  # rmi renames it away first
                     raise StateError(f"image {image.key[:12]} was removed while its template was made",
                                      hint="build it again; its next `up` makes a new template")

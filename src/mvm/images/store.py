@@ -15,7 +15,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -119,6 +120,20 @@ class ImageStore:
     def _dir(self, key: str) -> Path:
         return self.root / key
 
+    def lock_path(self, key: str) -> Path:
+        return self.root / f".{key}.lock"
+
+    @contextmanager
+    def locked(self, key: str) -> Iterator[None]:
+        """The image's lock. Held to build it, to remove it, and by an ``up`` from the moment
+        it has the image until its VM's record names it: ``rmi`` and ``cleanup`` look for the
+        VMs using an image under this lock, so neither removes an image an ``up`` is taking."""
+        from filelock import FileLock
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.lock_path(key))):
+            yield
+
     def get(self, key: str) -> Image | None:
         """The image stored under ``key``; None if there is none, or only one written by an
         older mvm (its manifest schema), which the next :meth:`publish` replaces."""
@@ -141,10 +156,7 @@ class ImageStore:
 
     def publish(self, key: str, make: Callable[[Path], Manifest]) -> Image:
         """Build into a temp dir with ``make`` and rename it to ``images/<key>``."""
-        from filelock import FileLock
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.root / f".{key}.lock")):
+        with self.locked(key):
             existing = self.get(key)
             if existing is not None:
                 return existing
