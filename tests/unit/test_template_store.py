@@ -135,3 +135,43 @@ def test_cleanup_keeps_the_newest_images_of_each_architecture(tmp_path: Path) ->
     assert {Path(i.path) for i in report.items if i.kind == "image"} == {old_x86, old_arm}
     assert any("of hello (aarch64) is unused" in i.reason for i in report.items)
     assert new_x86.exists() and new_arm.exists()
+
+
+def test_cleanup_leaves_a_layer_a_build_holds_and_one_an_image_named_meanwhile(tmp_path: Path) -> None:
+    """A build holds its package layer's lock until its image is published (which then names
+    the layer): cleanup must not take the layer from under it, nor one named since it looked."""
+    from filelock import FileLock
+
+    import mvm
+    from mvm.images.store import ImageStore, Manifest
+    from mvm.spec import GuestSpec
+
+    layout = Layout(state=tmp_path / "state", cache=tmp_path / "cache")
+    for key in ("1" * 32, "2" * 32):
+        (layout.layers / key).mkdir(parents=True)
+    building, named_later = layout.layers / ("1" * 32), layout.layers / ("2" * 32)
+    assert {Path(i.path) for i in mvm.cleanup(layout, dry_run=True).items} == {building, named_later}
+
+    def make(staging: Path) -> Manifest:  # an image built from the second layer, after cleanup looked
+        (staging / "rootfs.ext4").write_bytes(b"x")
+        return Manifest(key="k" * 32, name="hello", frontend="toml", source={"layer": "2" * 32},
+                        guest=GuestSpec(name="hello"))
+
+    from mvm._api import cleanup as cleanup_module
+    from mvm._api.models import CleanupItem
+    looked = cleanup_module._unused_layers
+
+    def published_meanwhile(*args: object) -> list[CleanupItem]:
+        items = looked(*args)  # type: ignore[arg-type]
+        ImageStore(layout.images).publish("k" * 32, make)
+        return items
+
+    with FileLock(str(layout.layers / f".{'1' * 32}.lock")), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cleanup_module, "_unused_layers", published_meanwhile)
+        report = mvm.cleanup(layout)
+    assert [i for i in report.items if i.kind == "layer"] == []
+    assert f"kept: package layer {'1' * 12} (a build is using it)" in report.notes
+    assert f"kept: package layer {'2' * 12} (an image built since names it)" in report.notes
+    assert building.is_dir() and named_later.is_dir()
+    report = mvm.cleanup(layout)  # the build is over
+    assert [Path(i.path) for i in report.items if i.kind == "layer"] == [building] and not building.exists()

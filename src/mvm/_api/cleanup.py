@@ -31,7 +31,7 @@ from .._locks import held, remove_unheld
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import Backend
 from ..errors import MvmError, StateError
-from ..images.layer import unmount_below
+from ..images.layer import remove_unused, unmount_below
 from ..images.store import Image, ImageStore, read_manifest
 from ..paths import Layout, VMFiles
 from ..runtime.registry import Registry
@@ -146,19 +146,17 @@ def cleanup(
         else:
             notes.append(f"kept: template {key[:12]} of {template.meta.image_key[:12]} "
                          f"({_size(disk_usage(path))}; `mvmctl template rm {key[:12]}` removes it)")
-    kept_layers = {str(img.manifest.source.get("layer")) for img in store.all() if img.key not in removed_images}
-    if layout.layers.is_dir():
-        for entry in sorted(layout.layers.iterdir()):
-            if not entry.name.startswith(".") and entry.is_dir() and entry.name not in kept_layers:
-                items.append(CleanupItem(kind="layer", path=str(entry), bytes=disk_usage(entry),
-                                         reason="package layer of no image that is kept"))
+    layers = _unused_layers(layout, removed_images)
+    if not dry_run:
+        layers = [item for item in layers if _removed_layer(layout, item, notes, runner)]
+    items += layers
 
     if not dry_run:
         for item in items:
             path = Path(item.path)
             if item.kind == "lock":
                 remove_unheld(path, _guarded(path))
-            elif item.kind not in ("vm", "image"):  # those went already
+            elif item.kind not in ("vm", "image", "layer"):  # those went already
                 _remove(path, runner)
             if item.kind in ("layer", "template"):  # and its lock, unless a build holds it now
                 remove_unheld(path.parent / f".{path.name}.lock", path)
@@ -209,6 +207,32 @@ def _removed_image(layout: Layout, item: CleanupItem, notes: list[str]) -> bool:
         notes.append(f"kept: image {Path(item.path).name[:12]}, which {', '.join(taken_by)} started using "
                      "while cleanup looked")
     return not taken_by
+
+
+def _layers_named(layout: Layout, removed_images: set[str]) -> set[str]:
+    """The layers the images that stay were built from."""
+    return {str(img.manifest.source.get("layer")) for img in ImageStore(layout.images).all()
+            if img.key not in removed_images}
+
+
+def _unused_layers(layout: Layout, removed_images: set[str]) -> list[CleanupItem]:
+    """The package layers no image that stays was built from."""
+    if not layout.layers.is_dir():
+        return []
+    kept = _layers_named(layout, removed_images)
+    return [CleanupItem(kind="layer", path=str(entry), bytes=disk_usage(entry),
+                        reason="package layer of no image that is kept")
+            for entry in sorted(layout.layers.iterdir())
+            if not entry.name.startswith(".") and entry.is_dir() and entry.name not in kept]
+
+
+def _removed_layer(layout: Layout, item: CleanupItem, notes: list[str], runner: Runner) -> bool:
+    """Remove an unused layer unless a build took it since cleanup looked; False, with a note, if one did."""
+    key = Path(item.path).name
+    why_not = remove_unused(layout, key, lambda k: k in _layers_named(layout, set()), runner)
+    if why_not:
+        notes.append(f"kept: package layer {key[:12]} ({why_not})")
+    return why_not is None
 
 
 def _dead_vms(layout: Layout, dry_run: bool, runner: Runner, items: list[CleanupItem], notes: list[str]) -> set[str]:

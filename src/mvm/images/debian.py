@@ -28,7 +28,7 @@ from ..spec import GuestSpec, files_digest
 from . import arches, kernel
 from .aptsources import host_sources
 from .assemble import assemble, copy_image
-from .layer import Layer, ensure_layer
+from .layer import Layer, held_layer
 from .store import Image, ImageStore, Manifest, link_or_copy
 
 log = logging.getLogger(__name__)
@@ -68,31 +68,31 @@ def build(
     arch = arches.resolve(spec.arch)
     sources = host_sources()
     k = kernel.ensure_kernel(layout.kernels, runner, on_stage=stage, arch=arch)
-    layer = ensure_layer(spec.packages, arch=arches.debian(arch), sources=sources, layout=layout, runner=runner,
-                         pull=pull, on_stage=stage, on_line=on_line)
-    key = image_key(spec, source.parent, k.version, layer, arch)
-    store = ImageStore(layout.images)
-    hit = store.get(key)
-    if hit is not None:
-        return hit, False
+    with held_layer(spec.packages, arch=arches.debian(arch), sources=sources, layout=layout, runner=runner,
+                    pull=pull, on_stage=stage, on_line=on_line) as layer:  # cleanup waits for its image
+        key = image_key(spec, source.parent, k.version, layer, arch)
+        store = ImageStore(layout.images)
+        hit = store.get(key)
+        if hit is not None:
+            return hit, False
 
-    def make(staging: Path) -> Manifest:
-        stage("assembling the image")
-        rootfs = staging / "rootfs.ext4"
-        copy_image(layer.image, rootfs, runner)
-        assemble(rootfs, spec, spec.guest_json(frontend="toml"), base=source.parent, runner=runner)
-        link_or_copy(k.vmlinux, staging / KERNEL_FILE[arch])
-        link_or_copy(k.initrd, staging / "initrd")
-        return Manifest(
-            key=key,
-            name=spec.name,
-            frontend="toml",
-            source={"path": str(source), "spec_digest": spec.digest(), "suite": sources.suite,
-                    "mirror": sources.primary, "layer": layer.key, "packages": layer.id},
-            kernel=KERNEL_FILE[arch],
-            kernel_version=k.version,
-            arch=arch,
-            guest=spec,
-        )
+        def make(staging: Path) -> Manifest:
+            stage("assembling the image")
+            rootfs = staging / "rootfs.ext4"
+            copy_image(layer.image, rootfs, runner)
+            assemble(rootfs, spec, spec.guest_json(frontend="toml"), base=source.parent, runner=runner)
+            link_or_copy(k.vmlinux, staging / KERNEL_FILE[arch])
+            link_or_copy(k.initrd, staging / "initrd")
+            return Manifest(
+                key=key,
+                name=spec.name,
+                frontend="toml",
+                source={"path": str(source), "spec_digest": spec.digest(), "suite": sources.suite,
+                        "mirror": sources.primary, "layer": layer.key, "packages": layer.id},
+                kernel=KERNEL_FILE[arch],
+                kernel_version=k.version,
+                arch=arch,
+                guest=spec,
+            )
 
-    return store.publish(key, make), True
+        return store.publish(key, make), True

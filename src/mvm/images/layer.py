@@ -7,6 +7,10 @@ services and its users takes well under one. So the first is cached here, keyed 
 decides its contents (package list, architecture, suite, the apt sources, the agent), and
 an image is the layer's ext4 file copied and finished by :mod:`.assemble` with debugfs.
 
+A build holds the layer's lock from finding (or building) it until its image is published:
+``cleanup`` removes a layer only under that lock and only when no image names it, so it
+cannot take one from under a build whose image does not name it yet.
+
 The layer is refreshed only on request (``mvmctl build --pull``): a cached layer keeps an
 image's packages stable, and lets builds work offline. Its ``id`` is the digest of dpkg's
 status file, i.e. of the package versions it holds, and is part of every image key, so a
@@ -22,11 +26,12 @@ import shlex
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._atomic import write_json_atomic
+from .._atomic import remove_tree, write_json_atomic
 from .._proc import Runner, require_tool
 from ..errors import BuildError, SpecError
 from ..paths import Layout
@@ -113,7 +118,8 @@ def _read(path: Path) -> Layer | None:
     return None
 
 
-def ensure_layer(
+@contextmanager
+def held_layer(
     packages: list[str],
     *,
     arch: str,
@@ -123,8 +129,9 @@ def ensure_layer(
     pull: bool = False,
     on_stage: Callable[[str], None] = lambda _: None,
     on_line: Callable[[str], None] | None = None,
-) -> Layer:
-    """The cached layer for ``packages`` (built now if missing, or rebuilt with ``pull``)."""
+) -> Iterator[Layer]:
+    """The cached layer for ``packages`` (built now if missing, or rebuilt with ``pull``),
+    its lock held until the block ends (see the module docstring)."""
     from filelock import FileLock
 
     wanted = list(dict.fromkeys(BASE_PACKAGES + packages))
@@ -134,7 +141,8 @@ def ensure_layer(
     with FileLock(str(root / f".{key}.lock")):
         found = _read(root / key)
         if found is not None and not pull:
-            return found
+            yield found
+            return
         on_stage(f"installing packages ({', '.join(wanted)}) with mmdebstrap"
                  + arches.install_note(arches.from_debian(arch)))
         staging = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=root))
@@ -154,7 +162,24 @@ def ensure_layer(
             unmount_below(staging, runner)
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    return Layer(root / key, key, layer_id)
+        yield Layer(root / key, key, layer_id)
+
+
+def remove_unused(layout: Layout, key: str, named: Callable[[str], bool], runner: Runner) -> str | None:
+    """Remove layer ``key``, unless a build holds it or an image names it (``named``, asked
+    under its lock): None if removed, else why not."""
+    from filelock import FileLock, Timeout
+
+    path = layout.layers / key
+    try:
+        with FileLock(str(layout.layers / f".{key}.lock"), timeout=0):
+            if named(key):
+                return "an image built since names it"
+            unmount_below(path, runner)
+            remove_tree(path, ignore_errors=True)
+    except Timeout:
+        return "a build is using it"
+    return None
 
 
 def _build(staging: Path, packages: list[str], *, arch: str, sources: AptSources, layout: Layout,
