@@ -932,3 +932,16 @@ def test_cleanup_keeps_an_image_an_up_took_while_it_looked(layout: Layout, fake:
     vms[0].down()
     assert [i.key for i in mvm.rmi(image.key, layout=layout)] == [image.key]
     assert not ImageStore(layout.images).lock_path(image.key).exists()
+
+
+def test_template_rm_says_what_restored_vms_still_hold(template: Template, layout: Layout, fake: FakeBackend,
+                                                      image: Image) -> None:
+    """A clone links the template's root disk and RAM: removing the template frees them only
+    once the clone is down, and `template rm` must not claim otherwise."""
+    vm = _up(layout, fake, image)
+    assert vm.info().start == "restored"
+    [listed] = mvm.templates(layout=layout)
+    assert 0 < listed.bytes_shared < listed.bytes_on_disk  # its RAM and root disk, not its logs
+    info = mvm.template_rm(listed.key, layout=layout)
+    assert info.bytes_shared == listed.bytes_shared and not template.path.exists()
+    vm.down()

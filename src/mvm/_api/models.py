@@ -248,6 +248,9 @@ class TemplateInfo(_Model):
     created_at: float | None = None
     create_secs: float | None = None
     bytes_on_disk: int
+    #: of ``bytes_on_disk``, what VMs restored from it hold too (hard links): removing the
+    #: template frees it only once they are down
+    bytes_shared: int = 0
     damaged: str | None = None  #: why it cannot be used
 
 

@@ -212,14 +212,16 @@ def template_create(path: str | os.PathLike[str] = ".", *, flake: str | None = N
 def _info(key: str, template: Template | None, damaged: str | None, layout: Layout) -> TemplateInfo:
     if template is None:
         path = TemplateStore(layout).dir(key)
-        return TemplateInfo(key=key, path=str(path), bytes_on_disk=bytes_on_disk(path), damaged=damaged)
+        return TemplateInfo(key=key, path=str(path), bytes_on_disk=bytes_on_disk(path),
+                            bytes_shared=bytes_on_disk(path, shared_only=True), damaged=damaged)
     meta = template.meta
     image = ImageStore(layout.images).get(meta.image_key)
     return TemplateInfo(key=key, path=str(template.path), image=meta.image_key, name=image.name if image else None,
                         kinds=list(meta.kinds), env_states=len(template.env_states()), cpus=meta.shape.cpus,
                         memory=meta.shape.memory,
                         arch=meta.shape.arch, created_at=meta.created_at, create_secs=meta.create_secs,
-                        bytes_on_disk=template.bytes_on_disk)
+                        bytes_on_disk=template.bytes_on_disk,
+                        bytes_shared=bytes_on_disk(template.path, shared_only=True))
 
 
 def templates_list(*, layout: Layout | None = None) -> list[TemplateInfo]:

@@ -150,11 +150,13 @@ class Template:
         return bytes_on_disk(self.path)
 
 
-def bytes_on_disk(path: Path) -> int:
-    """What a template dir (flat: states, disks, logs) holds on disk; 0 if it is gone."""
+def bytes_on_disk(path: Path, *, shared_only: bool = False) -> int:
+    """What a template dir (flat: states, disks, logs) holds on disk; 0 if it is gone.
+    ``shared_only``: only its files that restored VMs link to too (:meth:`Template.link_for_clone`)."""
     if not path.is_dir():
         return 0
-    return sum(f.stat().st_blocks * 512 for f in path.iterdir() if f.is_file())
+    stats = [f.stat() for f in path.iterdir() if f.is_file()]
+    return sum(st.st_blocks * 512 for st in stats if st.st_nlink > 1 or not shared_only)
 
 
 def template_key(image_key: str, shape: Shape, qemu: str, version: str) -> str:

@@ -97,7 +97,10 @@ def rm(keys: Annotated[list[str], typer.Argument(metavar="KEY", help="Template k
         info = mvm.template_rm(key)
         removed.append(info)
         if not json:
-            output.info(f"removed template {info.key[:12]} ({output.human_bytes(info.bytes_on_disk)})")
+            freed = output.human_bytes(info.bytes_on_disk - info.bytes_shared)
+            held = (f"; {output.human_bytes(info.bytes_shared)} stay until the VMs restored from it are down"
+                    if info.bytes_shared else "")
+            output.info(f"removed template {info.key[:12]} (freed {freed}{held})")
     if json:
         output.print_json(removed)
 
