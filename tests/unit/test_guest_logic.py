@@ -312,3 +312,56 @@ def test_the_guest_checks_a_hostname_as_the_host_does() -> None:
         except ValueError:
             host_ok = False
         assert valid_hostname(name) == host_ok, name
+
+
+def _control_server(status: Any) -> Any:
+    from mvm.guest.control import ControlServer
+
+    class NoReaper:
+        def spawn(self, *args: object, **kwargs: object) -> None:
+            raise TypeError("a bug in the agent")
+
+    return ControlServer([], reaper=NoReaper(), status=status, shutdown=lambda: None,  # type: ignore[arg-type]
+                         configure=lambda config: None, env_overrides={}, path="/usr/bin:/bin",
+                         signals=None)  # type: ignore[arg-type]
+
+
+def _replies(sock: Any) -> list[dict[str, Any]]:
+    buf = protocol.LineBuffer()
+    out: list[dict[str, Any]] = []
+    sock.settimeout(5)
+    while not out or "ok" not in out[-1]:
+        out += [protocol.decode(line) for line in buf.feed(sock.recv(65536))]
+    return out
+
+
+def test_a_request_the_agent_fails_on_is_answered_and_the_port_keeps_working() -> None:
+    """An error no handler expected (a bug, an odd value) used to end the port's thread: that
+    port never answered again. Now the request gets an error and the next one its answer."""
+    import socket
+
+    from mvm.guest.execstream import Connection
+
+    def broken_status() -> dict[str, Any]:
+        raise RuntimeError("cannot read /proc")
+
+    host, guest = socket.socketpair()
+    server, conn = _control_server(broken_status), Connection(guest.fileno())
+    with host, guest:
+        _fail_and_go_on(server, conn, host)
+
+
+def _fail_and_go_on(server: Any, conn: Any, host: Any) -> None:
+    server._dispatch(conn, b'{"op": "stats", "id": 1}')
+    [reply] = _replies(host)
+    assert reply == {"ok": False, "id": 1,
+                     "error": "the guest agent failed on 'stats': RuntimeError('cannot read /proc')"}
+    server._dispatch(conn, b'{"op": "ping", "id": 2}')
+    assert _replies(host)[-1]["ok"] is True
+    server._dispatch(conn, b'{"op": "exec", "id": 3, "argv": ["true"]}')  # the command's thread fails
+    reply = _replies(host)[-1]
+    assert reply["ok"] is False and reply["exit"] == 127 and "a bug in the agent" in reply["error"]
+    assert conn.active is None or conn.active.done.wait(5)
+    server._dispatch(conn, b'{"op": "ping", "id": 4}')  # the port is not held by the dead command
+    reply = _replies(host)[-1]
+    assert reply["ok"] is True and reply["id"] == 4

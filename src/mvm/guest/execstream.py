@@ -1,0 +1,250 @@
+"""A command the host runs in the guest (``exec``, ``console``, ``copy``), streamed over one
+control port: its output as events, its input fed as it comes, its exit code as the reply.
+
+A :class:`Connection` is one port; the :class:`StreamOp` running on it owns the port until
+its command ends (:mod:`.control` decides what a request meanwhile means).
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import os
+import pty
+import signal
+import struct
+import subprocess
+import termios
+import threading
+
+TYPE_CHECKING = False  # not `from typing`: importing typing costs ~35 ms at boot under TCG
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .control import ControlServer
+
+from . import protocol
+from .reaper import Exit
+from .supervisor import Identity, base_env
+
+
+class CannotStart(Exception):
+    """The request names a user or directory the guest does not have: nothing was run."""
+
+
+class Connection:
+    """Serialises writes to one port; tracks the streaming op that owns it, if any."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lock = threading.Lock()
+        self.active: StreamOp | None = None
+
+    def send(self, msg: dict[str, Any], rid: Any = None) -> None:
+        if rid is not None:
+            msg = {**msg, "id": rid}
+        data = protocol.encode(msg)
+        with self.lock:
+            try:
+                protocol.write_all(self.fd, data)
+            except OSError:
+                pass
+
+
+class StreamOp:
+    """A running ``exec`` (optionally on a pty) that streams output back to the host."""
+
+    def __init__(self, conn: Connection, req: dict[str, Any], server: ControlServer) -> None:
+        self.conn = conn
+        self.req = req
+        self.rid = req.get("id")
+        self.server = server
+        self.child: Exit | None = None
+        self.stdin_fd: int | None = None
+        self.pty_master: int | None = None
+        self.timed_out = False
+        #: its host client is gone: its output and reply go nowhere (see ControlServer._dispatch)
+        self.abandoned = False
+        self.done = threading.Event()
+        # Input can arrive before the process exists; it is held until then.
+        self._input_lock = threading.Lock()
+        self._started = False
+        self._early: list[dict[str, Any]] = []
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="exec", daemon=True).start()
+
+    def _build(self) -> tuple[list[str], dict[str, Any]]:
+        req = self.req
+        argv = req.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError("argv must be a non-empty list of strings")
+        user = req.get("user") or "root"
+        try:
+            ident = Identity(user)
+        except KeyError:
+            raise CannotStart(f"no user {user!r} in the guest (not in its /etc/passwd)") from None
+        env = base_env(ident, self.server.path)
+        env.update(self.server.env_overrides)
+        extra = req.get("env") or {}
+        if not isinstance(extra, dict):
+            raise ValueError("env must be an object")
+        env.update({str(k): str(v) for k, v in extra.items()})
+        if req.get("tty"):
+            env.setdefault("TERM", str(req.get("term") or "xterm"))
+        cwd = req.get("cwd") or ident.home
+        if not os.path.isdir(cwd):
+            raise CannotStart(f"no directory {cwd!r} in the guest to run in")
+        kwargs: dict[str, Any] = {"env": env, "cwd": cwd, "start_new_session": True}
+        kwargs.update(ident.popen_args())
+        return argv, kwargs
+
+    def _run(self) -> None:
+        try:
+            self._start_and_finish()
+        except Exception as exc:  # a bug here must not leave the port held by a dead op
+            self.kill()
+            self._close_stdin()
+            self.conn.active = None
+            self.conn.send({"ok": False, "error": f"the guest agent failed running this: {exc!r}", "exit": 127},
+                           self.rid)
+        finally:
+            self.done.set()
+
+    def _start_and_finish(self) -> None:
+        try:
+            argv, kwargs = self._build()
+            if self.req.get("tty"):
+                self._run_tty(argv, kwargs)
+            else:
+                self._run_pipes(argv, kwargs)
+        except CannotStart as exc:  # as `docker exec`: 126, the command itself was not tried
+            self.conn.active = None
+            self.conn.send({"ok": False, "error": str(exc), "exit": 126}, self.rid)
+        except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+            self.conn.active = None
+            self.conn.send({"ok": False, "error": f"cannot run {self.req.get('argv')!r}: {exc}",
+                            "exit": 127}, self.rid)
+
+    def _pump(self, fd: int, name: str) -> None:
+        while True:
+            try:
+                data = os.read(fd, 32768)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            if not self.abandoned:
+                self.conn.send({"event": name, "data": base64.b64encode(data).decode()}, self.rid)
+        os.close(fd)
+
+    def _run_pipes(self, argv: list[str], kwargs: dict[str, Any]) -> None:
+        r_out, w_out = os.pipe()
+        r_err, w_err = os.pipe()
+        r_in, w_in = os.pipe()
+        try:
+            self.child = self.server.reaper.spawn(
+                argv, stdin=r_in, stdout=w_out, stderr=w_err, close_fds=True, **kwargs
+            )
+        finally:
+            os.close(w_out)
+            os.close(w_err)
+            os.close(r_in)
+        self.stdin_fd = w_in
+        self._mark_started()
+        pumps = [threading.Thread(target=self._pump, args=(r_out, "stdout"), daemon=True),
+                 threading.Thread(target=self._pump, args=(r_err, "stderr"), daemon=True)]
+        for p in pumps:
+            p.start()
+        self._finish(pumps)
+
+    def _run_tty(self, argv: list[str], kwargs: dict[str, Any]) -> None:
+        master, slave = pty.openpty()
+        rows, cols = int(self.req.get("rows") or 24), int(self.req.get("cols") or 80)
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+        def make_controlling_tty() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        try:
+            self.child = self.server.reaper.spawn(
+                argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                preexec_fn=make_controlling_tty, **kwargs,
+            )
+        finally:
+            os.close(slave)
+        self.pty_master = master
+        self.stdin_fd = os.dup(master)
+        self._mark_started()
+        pump = threading.Thread(target=self._pump, args=(master, "stdout"), daemon=True)
+        pump.start()
+        self._finish([pump])
+
+    def _finish(self, pumps: list[threading.Thread]) -> None:
+        assert self.child is not None
+        timeout = self.req.get("timeout")
+        code = self.child.wait(float(timeout) if timeout else None)
+        if code is None:
+            self.timed_out = True
+            self.kill()
+            code = self.child.wait(5)
+        for p in pumps:
+            p.join(2)
+        self._close_stdin()
+        self.conn.active = None
+        if self.abandoned:
+            return
+        if self.timed_out:
+            self.conn.send({"ok": False, "exit": 124, "timed_out": True,
+                            "error": f"timed out after {float(timeout or 0):g}s; process killed"}, self.rid)
+        else:
+            self.conn.send({"ok": True, "exit": code}, self.rid)
+
+    def _close_stdin(self) -> None:
+        if self.stdin_fd is not None:
+            try:
+                os.close(self.stdin_fd)
+            except OSError:
+                pass
+            self.stdin_fd = None
+
+    def abandon(self) -> None:
+        self.abandoned = True  # its host client went away: send nothing more of it
+        self.kill()
+
+    def kill(self) -> None:
+        if self.child is not None and not self.child.done:
+            try:
+                os.killpg(self.child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _mark_started(self) -> None:
+        if self.abandoned:  # abandoned while it was being started
+            self.kill()
+        with self._input_lock:
+            self._started = True
+            early, self._early = self._early, []
+        for msg in early:
+            self._apply(msg)
+
+    def feed(self, msg: dict[str, Any]) -> None:
+        with self._input_lock:
+            if not self._started:
+                self._early.append(msg)
+                return
+        self._apply(msg)
+
+    def _apply(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("op")
+        if kind == "stdin" and self.stdin_fd is not None:
+            try:
+                protocol.write_all(self.stdin_fd, base64.b64decode(msg.get("data") or ""))
+            except OSError:
+                pass
+        elif kind == "eof":
+            self._close_stdin()
+        elif kind == "resize" and self.pty_master is not None:
+            packed = struct.pack("HHHH", int(msg.get("rows", 24)), int(msg.get("cols", 80)), 0, 0)
+            fcntl.ioctl(self.pty_master, termios.TIOCSWINSZ, packed)
