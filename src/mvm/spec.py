@@ -95,6 +95,8 @@ class GuestSpec(_Model):
             parts = target.split("/")
             if not target.startswith("/") or ".." in parts or target.rstrip("/") == "":
                 raise ValueError(f"{target!r} must be an absolute guest path (not / and without '..')")
+            if any(ord(c) < 32 or c == "\x7f" for c in target):
+                raise ValueError(f"{target!r}: a guest path cannot hold a line break or another control character")
         return value
 
     @field_validator("packages")

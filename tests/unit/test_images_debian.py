@@ -93,3 +93,21 @@ def test_assembly_writes_the_guests_parts(tmp_path: Path) -> None:
     assert "User:  1001" in stat("/home/pg") and "Mode:  0750" in stat("/home/pg")
     out = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_name_with_a_line_break_is_refused_with_the_file_named(tmp_path: Path) -> None:
+    """debugfs reads its commands as lines: such a name crashed the build as a bug (exit 3)."""
+    import pytest
+    from pydantic import ValidationError
+
+    from mvm.errors import BuildError
+
+    with pytest.raises(ValidationError, match="cannot hold a line break"):
+        GuestSpec.model_validate({"name": "web", "files": {"/etc/a\nb": "app"}})
+    image = _fake_layer(tmp_path)
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "bad\nname").write_text("x")
+    spec = GuestSpec.model_validate({"name": "web", "files": {"/app": "app"}})
+    with pytest.raises(BuildError, match="files: '/app' = 'app': .*line break") as caught:
+        assemble(image, spec, spec.guest_json(frontend="toml"), base=tmp_path, runner=DEFAULT_RUNNER)
+    assert caught.value.hint and "rename the file" in caught.value.hint

@@ -45,7 +45,11 @@ def assemble(image: Path, spec: GuestSpec, guest: dict[str, Any], *, base: Path,
         (work / "guest.json").write_text(guestfiles.guest_json(guest))
         commands += _put_file(work / "guest.json", "/etc/mvm/guest.json", 0o644)
         for target, source in sorted(spec.files.items()):
-            commands += _put_tree(base / source, target)
+            try:
+                commands += _put_tree(base / source, target)
+            except ValueError as exc:  # debugfs_quote: its commands are lines
+                raise BuildError(f"files: {target!r} = {source!r}: {exc}; debugfs cannot write such a name",
+                                 hint="rename the file (or the link's target) without the line break") from None
         needed = sum(os.path.getsize(base / s) if (base / s).is_file() else ext4.tree_bytes(base / s)[0]
                      for s in spec.files.values())
         _make_room(image, needed + 4 * ext4.MIB, runner)
