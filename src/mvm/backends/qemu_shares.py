@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import pwd
-import socket
 import stat
 import subprocess
 import time
 from pathlib import Path
 
+from .. import _unixsock
 from .._proc import RunAs, Runner, require_tool, signals_deferred, tail_file
 from ..errors import BootError, UsageError
 from .base import LaunchSpec
@@ -93,9 +93,7 @@ def start_shares(spec: LaunchSpec, runner: Runner, helpers: list[subprocess.Pope
         source, owner = _share_source(share.path)
         # mvm binds the socket in the VM dir (root's) and lends it: the owner's virtiofsd
         # needs no directory of its own there, where it could swap the socket for a link
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-            listener.bind(str(spec.files.root / share_socket(i)))
-            listener.listen(1)
+        with _unixsock.listen(spec.files.root / share_socket(i)) as listener:  # a deep VM dir's too
             fd = listener.fileno()
             with open(log_path, "ab") as log_file, signals_deferred():
                 helper = runner.spawn(virtiofsd_argv(virtiofsd, source, fd, as_owner=owner is not None),
