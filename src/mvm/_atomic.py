@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json_atomic(path: Path, data: dict[str, Any], mode: int = 0o644) -> None:
-    """Temp file in the same dir, fsync, rename: readers see the old or the new file."""
+def write_json_atomic(path: Path, data: dict[str, Any], mode: int = 0o600) -> None:
+    """Temp file in the same dir, fsync, rename: readers see the old or the new file. Its
+    owner's only, as all of mvm's state (``mode``: where another user must read it)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

@@ -1,7 +1,8 @@
 """mvm's lock files beyond what ``filelock`` does: asking whether one is held, removing a
 stale one, and taking one as a bare descriptor.
 
-mvm locks with ``filelock`` (``flock`` on Unix) wherever a ``with`` block holds the lock.
+mvm locks with ``filelock`` (``flock`` on Unix) wherever a ``with`` block holds the lock,
+through :func:`locked` (one place for the lock file's mode and filelock's import).
 Cleanup and the background makers only ask whether a build or maker is at work
 (:func:`held`: a probe that created a missing lock file would leave behind the very file
 cleanup reports as stale, so it opens an existing file only); cleanup removes stale ones
@@ -14,6 +15,18 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from filelock import FileLock
+
+
+def locked(path: Path, *, wait: bool = True) -> FileLock:
+    """A lock to hold in a ``with`` block, on a file only its owner can open. ``wait=False``:
+    ``filelock.Timeout`` at once if another holds it."""
+    from filelock import FileLock  # not at import: most commands take no lock
+
+    return FileLock(str(path), mode=0o600, timeout=-1 if wait else 0)
 
 
 def held(lock: Path) -> bool:

@@ -192,7 +192,7 @@ class Launch:
 
     def record_launch(self, files: VMFiles) -> None:
         """How the machine runs now, so ``resume`` can start it the same way."""
-        write_json_atomic(files.launch, {"schema_version": LAUNCH_SCHEMA, "spec": spec_to_json(self.spec)}, mode=0o600)
+        write_json_atomic(files.launch, {"schema_version": LAUNCH_SCHEMA, "spec": spec_to_json(self.spec)})
 
     def mark_running(self) -> None:
         self.registry.update(self.plan.name, lambda r: setattr(r, "phase", "running"))

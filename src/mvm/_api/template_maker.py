@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .. import backends
+from .._locks import locked
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import Backend, Incoming, LaunchSpec, MachineRef, MachineRequest, MemoryFile
 from ..errors import HealthTimeout, MvmError, StateError, check_free
@@ -52,14 +53,12 @@ TEMPLATE_SPARE_BYTES = 256 << 20
 def make_template(image: Image, *, cpus: int, memory: int, layout: Layout, runner: Runner = DEFAULT_RUNNER,
                   backend: Backend | None = None, progress: Progress | None = None) -> Template:
     """Boot ``image`` once as a template and save it (see the module docstring)."""
-    from filelock import FileLock
-
     backend = backend or backends.get("qemu", runner)
     prog = progress or Quiet()
     store = TemplateStore(layout)
     key = key_for(image, cpus, memory, backend)
     store.root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(store.lock_path(key))):
+    with locked(store.lock_path(key)):
         try:
             existing = store.get(key)
         except Damaged:
@@ -188,13 +187,11 @@ def make_env_state(image: Image, *, cpus: int, memory: int, env: Mapping[str, st
                    runner: Runner = DEFAULT_RUNNER, backend: Backend | None = None) -> str:
     """Restore the template's ``agent`` state, configure it with ``env``, and save it once its
     services are healthy, as a ``ready`` state for exactly these values. Returns its stem."""
-    from filelock import FileLock
-
     backend = backend or backends.get("qemu", runner)
     store = TemplateStore(layout)
     key = key_for(image, cpus, memory, backend)
     digest = env_digest(env)
-    with FileLock(str(store.lock_path(key))):
+    with locked(store.lock_path(key)):
         template = store.get(key)
         if template is None or "agent" not in template.meta.kinds:
             raise StateError(f"no template with an 'agent' state for {image.name} ({cpus} vCPU, {memory} MiB)",

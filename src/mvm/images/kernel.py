@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._locks import locked
 from .._proc import Runner
 from ..errors import BuildError
 from ..names import Arch
@@ -141,9 +142,7 @@ def ensure_kernel(cache: Path, runner: Runner, on_stage: Callable[[str], None] |
     version = package.removeprefix("linux-image-")
     root = cache / arch
     root.mkdir(parents=True, exist_ok=True)
-    from filelock import FileLock
-
-    with FileLock(str(root / ".fetch.lock")):  # two first builds download it once
+    with locked(root / ".fetch.lock"):  # two first builds download it once
         kernel = Kernel(version, root / version, arch)
         if not kernel.vmlinux.is_file():
             _fetch(f"{package}:{arches.debian(arch)}", version, root, runner)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._atomic import remove_tree, write_json_atomic
+from .._locks import locked
 from .._proc import Runner, require_tool
 from ..errors import BuildError, SpecError
 from ..paths import Layout
@@ -132,13 +133,11 @@ def held_layer(
 ) -> Iterator[Layer]:
     """The cached layer for ``packages`` (built now if missing, or rebuilt with ``pull``),
     its lock held until the block ends (see the module docstring)."""
-    from filelock import FileLock
-
     wanted = list(dict.fromkeys(BASE_PACKAGES + packages))
     key = layer_key(wanted, arch, sources)
     root = layout.layers
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{key}.lock")):
+    with locked(root / f".{key}.lock"):
         found = _read(root / key)
         if found is not None and not pull:
             yield found
@@ -168,11 +167,11 @@ def held_layer(
 def remove_unused(layout: Layout, key: str, named: Callable[[str], bool], runner: Runner) -> str | None:
     """Remove layer ``key``, unless a build holds it or an image names it (``named``, asked
     under its lock): None if removed, else why not."""
-    from filelock import FileLock, Timeout
+    from filelock import Timeout
 
     path = layout.layers / key
     try:
-        with FileLock(str(layout.layers / f".{key}.lock"), timeout=0):
+        with locked(layout.layers / f".{key}.lock", wait=False):
             if named(key):
                 return "an image built since names it"
             unmount_below(path, runner)

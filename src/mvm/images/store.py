@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .._atomic import remove_tree, write_json_atomic
-from .._locks import held
+from .._locks import held, locked
 from ..errors import StateError
 from ..spec import GuestSpec
 
@@ -128,10 +128,8 @@ class ImageStore:
         """The image's lock. Held to build it, to remove it, and by an ``up`` from the moment
         it has the image until its VM's record names it: ``rmi`` and ``cleanup`` look for the
         VMs using an image under this lock, so neither removes an image an ``up`` is taking."""
-        from filelock import FileLock
-
         self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.lock_path(key))):
+        with locked(self.lock_path(key)):
             yield
 
     def get(self, key: str) -> Image | None:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .. import _proc
 from .._atomic import remove_tree, write_json_atomic
+from .._locks import locked
 from ..backends.base import MachineRef, PortForward
 from ..errors import StateError, VMExists, VMNotFound, check_free
 from ..names import NAME_RE
@@ -175,11 +176,9 @@ class Registry:
         """The VM's lock. It lives beside the VM dirs, not in one, so that removing a VM
         (under this lock) cannot pull it from under a command waiting for it: that command
         then finds the VM gone, instead of recreating its dir or locking a deleted file."""
-        from filelock import FileLock
-
         files = self.files(name)
         files.lock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with FileLock(str(files.lock), mode=0o600):
+        with locked(files.lock):
             yield files
 
     @contextmanager
@@ -197,7 +196,7 @@ class Registry:
     def write(files: VMFiles, record: VMRecord) -> None:
         """Write the record now, inside a :meth:`transaction` (whose lock this needs), where a
         step must be on disk before the next one (``resume``)."""
-        write_json_atomic(files.state, record.model_dump(mode="json"), mode=0o600)
+        write_json_atomic(files.state, record.model_dump(mode="json"))
 
     def update(self, name: str, change: Callable[[VMRecord], None]) -> VMRecord:
         with self.transaction(name) as (_, record):

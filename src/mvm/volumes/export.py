@@ -113,7 +113,7 @@ def read_baseline(path: Path, host_dir: Path) -> dict[str, str]:
 def write_baseline(path: Path, host_dir: Path, files: dict[str, str]) -> None:
     dirs = _read_all(path)
     dirs[str(host_dir)] = files
-    write_json_atomic(path, {"schema_version": BASELINE_SCHEMA, "dirs": dirs}, mode=0o600)
+    write_json_atomic(path, {"schema_version": BASELINE_SCHEMA, "dirs": dirs})
 
 
 @dataclass

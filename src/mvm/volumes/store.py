@@ -141,7 +141,7 @@ class VolumeStore:
 
     def save(self, meta: VolumeMeta, directory: Path | None = None) -> None:
         target = (directory or self.dir(meta.id)) / "volume.json"
-        write_json_atomic(target, meta.model_dump(mode="json"), mode=0o600)
+        write_json_atomic(target, meta.model_dump(mode="json"))
 
     def ids(self) -> list[str]:
         if not self.root.is_dir():
@@ -209,7 +209,7 @@ class VolumeStore:
                            hint="wait for it to finish, then try again")
 
     def set_holder(self, vid: str, holder: Holder) -> None:
-        write_json_atomic(self.holder_path(vid), holder.model_dump(mode="json"), mode=0o600)
+        write_json_atomic(self.holder_path(vid), holder.model_dump(mode="json"))
 
     def clear_holder(self, vid: str) -> None:
         self.holder_path(vid).unlink(missing_ok=True)
