@@ -8,17 +8,20 @@ then reaches neither the host's files nor the network.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pwd
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ._proc import require_tool
 from .errors import CommandFailed, ToolMissing
+
+log = logging.getLogger(__name__)
 
 #: Who runs the tools that parse guest-written filesystems when mvm runs as root.
 CONFINED_USER = "nobody"
@@ -78,8 +81,18 @@ def confined(path: Path, user: str = CONFINED_USER) -> Iterator[Confined]:
                   require_tool("setpriv"), f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
                   "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--"]
         yield Confined(prefix, staging, real.name)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.chown(real, st.st_uid, st.st_gid)
-            os.chmod(real, stat.S_IMODE(st.st_mode))
+    finally:  # each on its own: a chown refused must not leave the mode as lent
+        _give_back(os.chown, real, st.st_uid, st.st_gid)
+        _give_back(os.chmod, real, stat.S_IMODE(st.st_mode))
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _give_back(call: Callable[..., None], path: Path, *args: int) -> None:
+    """Undo what lending ``path`` changed; a failure is logged, never raised over the error
+    that ended the lending."""
+    try:
+        call(path, *args)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not give %s back its owner or mode: %s", path, exc)

@@ -163,7 +163,9 @@ def _to_guest(src: Path, contents_only: bool, vm: VM, dest: str, archive: bool, 
                   "1" if contents_only else "0", "1" if archive else "0"], feed, None)
     packer.join()
     if failure:
-        raise UsageError(f"could not read {src}: {failure[0]}")
+        if not isinstance(failure[0], (OSError, tarfile.TarError)):
+            raise failure[0]  # a bug, or Ctrl-C: not a file mvm could not read
+        raise UsageError(f"could not read {src}: {failure[0]}") from failure[0]
 
 
 def _host_destination(dest: str) -> str:
