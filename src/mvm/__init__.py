@@ -33,19 +33,26 @@ if TYPE_CHECKING:
     from ._api.images import images, rmi
     from ._api.listing import get, logs, ls
     from ._api.models import (
+        ArchCheck,
+        BackendCheck,
         BuildResult,
         CheckStatus,
+        CleanupItem,
         CleanupReport,
+        DiskCheck,
         DoctorReport,
         DownResult,
         ExecResult,
         ExportInfo,
         GuestStatus,
         ImageInfo,
+        IsolationCheck,
+        MountInfo,
         PortInfo,
         ServiceStatus,
         ServiceUsage,
         TemplateInfo,
+        ToolCheck,
         VMDetails,
         VMInfo,
         VMUsage,
@@ -77,9 +84,10 @@ _LAZY = {
     "VMStatus": ".runtime.states", "LogLine": ".runtime.logs",
     "GuestSpec": ".spec", "HealthCheck": ".spec", "Service": ".spec", "load_toml": ".spec",
 }
-_MODELS = ("BuildResult", "CheckStatus", "CleanupReport", "DoctorReport", "DownResult", "ExecResult",
-           "ExportInfo", "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "ServiceUsage", "TemplateInfo",
-           "VMDetails", "VMInfo", "VMUsage", "VolumeExport", "VolumeInfo")
+_MODELS = ("ArchCheck", "BackendCheck", "BuildResult", "CheckStatus", "CleanupItem", "CleanupReport", "DiskCheck",
+           "DoctorReport", "DownResult", "ExecResult", "ExportInfo", "GuestStatus", "ImageInfo", "IsolationCheck",
+           "MountInfo", "PortInfo", "ServiceStatus", "ServiceUsage", "TemplateInfo", "ToolCheck", "VMDetails",
+           "VMInfo", "VMUsage", "VolumeExport", "VolumeInfo")
 _LAZY.update(dict.fromkeys(_MODELS, "._api.models"))
 
 
@@ -99,15 +107,17 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+# A literal, for the type checker and linters; tests/unit/test_public_api.py checks that it
+# names what the lazy loader gives and the block above imports.
 __all__ = [  # the errors are appended below
     "build", "up", "down", "get", "ls", "logs", "cleanup", "doctor", "dev", "VM", "ConsoleSession", "images",
     "rmi", "parse_since", "parse_env", "cp", "stats", "template_create", "template_rm", "templates",
     "export_kubevirt",
     "volume_export", "volume_info", "volume_ls", "volume_rm",
-    "BuildResult", "CheckStatus", "CleanupReport", "DoctorReport", "DownResult", "ExecResult",
-    "ExportInfo", "GuestStatus", "ImageInfo", "PortInfo", "ServiceStatus", "ServiceUsage", "TemplateInfo",
-    "VMDetails", "VMInfo", "VMUsage",
-    "VolumeExport", "VolumeInfo", "VMStatus", "LogLine",
+    "ArchCheck", "BackendCheck", "BuildResult", "CheckStatus", "CleanupItem", "CleanupReport", "DiskCheck",
+    "DoctorReport", "DownResult", "ExecResult", "ExportInfo", "GuestStatus", "ImageInfo", "IsolationCheck",
+    "MountInfo", "PortInfo", "ServiceStatus", "ServiceUsage", "TemplateInfo", "ToolCheck", "VMDetails",
+    "VMInfo", "VMUsage", "VolumeExport", "VolumeInfo", "VMStatus", "LogLine",
     "GuestSpec", "HealthCheck", "Service", "load_toml",
     "paths",
 ]

@@ -1,4 +1,4 @@
-"""Exit codes are named in one place (``mvm.cli.app``): no command spells one as a number."""
+"""Exit codes are named in one place (``mvm.cli.exitcodes``): no command spells one as a number."""
 
 from __future__ import annotations
 
@@ -17,5 +17,5 @@ def test_no_command_exits_with_a_literal_error_code() -> None:
             for arg in [*node.args, *(k.value for k in node.keywords)]:
                 found += [f"{path.name}:{c.lineno}: {ast.unparse(node)}" for c in ast.walk(arg)
                           if isinstance(c, ast.Constant) and type(c.value) is int and c.value != 0]
-    assert not found, "use the exit codes of mvm.cli.app (EXIT_ERROR, ...):\n" + "\n".join(found)
+    assert not found, "use the exit codes of mvm.cli.exitcodes (EXIT_ERROR, ...):\n" + "\n".join(found)
 

@@ -50,3 +50,13 @@ def test_a_reader_that_goes_away_is_exit_120_as_documented(tmp_path: Path) -> No
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 120, (command, proc.returncode, err)
         assert b"Traceback" not in err
+
+
+def test_an_error_about_a_vm_names_it_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """`down a b c` stops at the first failure: the error must say which VM it was."""
+    from mvm.errors import AgentError, VMNotFound
+
+    output.render_error(AgentError("web-2", "lost the connection to the agent"))
+    output.render_error(VMNotFound("web", "no VM named 'web'"))
+    assert capsys.readouterr().err.splitlines() == ["error: web-2: lost the connection to the agent",
+                                                    "error: no VM named 'web'"]

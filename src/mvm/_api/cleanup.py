@@ -243,7 +243,7 @@ def _dead_vms(layout: Layout, dry_run: bool, runner: Runner, items: list[Cleanup
     for name in registry.names():
         files = registry.files(name)
         orphan_start = False
-        backend = backends.get("qemu", runner)  # the one that can run a VM whose record is unreadable
+        backend = backends.get(backends.DEFAULT, runner)  # the one that can run a VM whose record is unreadable
         try:
             record = registry.load(name)
             backend = backend_for(record, runner)

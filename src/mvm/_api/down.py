@@ -71,7 +71,7 @@ def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None 
         record: VMRecord | None = registry.load(name)
     except MvmError:
         record = None  # unreadable state: its machine is still found by the VM dir
-    backend = backend_for(record, runner) if record is not None else backends.get("qemu", runner)
+    backend = backend_for(record, runner) if record is not None else backends.get(backends.DEFAULT, runner)
     if (record is not None and record.phase == "starting" and not machine_alive(record, backend)
             and record.owner_alive):
         assert record.owner is not None

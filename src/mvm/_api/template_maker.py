@@ -53,7 +53,7 @@ TEMPLATE_SPARE_BYTES = 256 << 20
 def make_template(image: Image, *, cpus: int, memory: int, layout: Layout, runner: Runner = DEFAULT_RUNNER,
                   backend: Backend | None = None, progress: Progress | None = None) -> Template:
     """Boot ``image`` once as a template and save it (see the module docstring)."""
-    backend = backend or backends.get("qemu", runner)
+    backend = backend or backends.get(backends.DEFAULT, runner)
     prog = progress or Quiet()
     store = TemplateStore(layout)
     key = key_for(image, cpus, memory, backend)
@@ -187,7 +187,7 @@ def make_env_state(image: Image, *, cpus: int, memory: int, env: Mapping[str, st
                    runner: Runner = DEFAULT_RUNNER, backend: Backend | None = None) -> str:
     """Restore the template's ``agent`` state, configure it with ``env``, and save it once its
     services are healthy, as a ``ready`` state for exactly these values. Returns its stem."""
-    backend = backend or backends.get("qemu", runner)
+    backend = backend or backends.get(backends.DEFAULT, runner)
     store = TemplateStore(layout)
     key = key_for(image, cpus, memory, backend)
     digest = env_digest(env)

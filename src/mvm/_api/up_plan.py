@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .. import backends
 from ..backends.base import (
     AccelPreference,
     Backend,
@@ -41,7 +42,7 @@ class UpRequest:
     forwards: list[PortForward] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     volumes: list[str] = field(default_factory=list)
-    backend: str = "qemu"
+    backend: str = backends.DEFAULT
     accel: AccelPreference = "auto"
     shares: list[Share] = field(default_factory=list)
     cold: bool = False  #: boot, even where a template could be restored

@@ -22,7 +22,9 @@ def _qemu(runner: Runner) -> Backend:
     return QemuBackend(runner)
 
 
-_FACTORIES: dict[str, Factory] = {"qemu": _qemu}
+#: The backend of a VM whose record says none (or cannot be read), and of ``up`` by default.
+DEFAULT = "qemu"
+_FACTORIES: dict[str, Factory] = {DEFAULT: _qemu}
 
 
 def get(name: str, runner: Runner = DEFAULT_RUNNER) -> Backend:

@@ -30,6 +30,8 @@ from .base import AccelPreference, Preflight
 from .qemu_argv import profile
 
 PROBE_TIMEOUT = 6.0
+#: A cached verdict of another schema is probed again.
+PROBE_SCHEMA = 1
 MARKER = b"Run /init as init process"
 
 
@@ -104,12 +106,13 @@ def kvm_verdict(kernel: Path, initrd: Path | None, probes: Path,
     cache = probes / f"kvm-{_probe_key(kernel, initrd, qemu)}.json"
     try:
         data = json.loads(cache.read_text())
-        return bool(data["ok"]), str(data["reason"])
-    except (OSError, ValueError, KeyError):
+        if data.get("schema_version") == PROBE_SCHEMA:
+            return bool(data["ok"]), str(data["reason"])
+    except (OSError, ValueError, KeyError, AttributeError):
         pass
     ok, reason = run_probe(kernel, initrd, qemu, runner, arch=arch)
     probes.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cache, {"schema_version": 1, "ok": ok, "reason": reason, "at": time.time()})
+    write_json_atomic(cache, {"schema_version": PROBE_SCHEMA, "ok": ok, "reason": reason, "at": time.time()})
     return ok, reason
 
 

@@ -27,14 +27,8 @@ from typing import Any
 
 import typer
 
+from .exitcodes import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_USAGE
 from .output import StdoutClosed
-
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_BUG = 3
-EXIT_TIMEOUT = 124
-EXIT_BROKEN_PIPE = 120
-EXIT_INTERRUPTED = 130
 
 #: The command modules (in ``mvm.cli.commands``), in the order ``mvmctl --help`` lists their
 #: commands. Imported by name, when a command line needs one: a run imports only its own.

@@ -123,7 +123,10 @@ def info(message: str) -> None:
 
 def render_error(exc: MvmError, debug: bool = False) -> None:
     err = console(stderr=True)
-    err.print(f"[bold red]error:[/] {safe(exc.message)}")
+    vm = getattr(exc, "vm", None)  # a VMError's: which VM, where the message does not say (`down a b c`)
+    named = isinstance(vm, str) and (not vm or re.search(rf"\b{re.escape(vm)}\b", exc.message))
+    whose = "" if named or not isinstance(vm, str) else f"{safe(vm)}: "
+    err.print(f"[bold red]error:[/] {whose}{safe(exc.message)}")
     if exc.output:
         lines = exc.output.rstrip().splitlines()[-25:]
         err.print("[dim]" + safe("\n".join(f"  | {ln}" for ln in lines)) + "[/]")

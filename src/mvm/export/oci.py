@@ -42,7 +42,6 @@ REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 LAYER_MTIME = 0
 DIR_MODE = 0o755
 GZIP_LEVEL = 6
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)

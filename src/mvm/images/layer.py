@@ -41,6 +41,7 @@ from .aptsources import AptSources, proxy_options
 
 LAYER_VERSION = "layer-1"
 LAYER_JSON = "layer.json"
+LAYER_SCHEMA = 1
 IMAGE = "rootfs.ext4"
 #: Always installed: the agent's Python. The rest of the Essential set comes with the variant.
 BASE_PACKAGES = ["python3"]
@@ -112,7 +113,7 @@ def unmount_below(path: Path, runner: Runner) -> None:
 def _read(path: Path) -> Layer | None:
     try:
         doc = json.loads((path / LAYER_JSON).read_text())
-        if doc.get("schema_version") == 1 and (path / IMAGE).is_file():
+        if doc.get("schema_version") == LAYER_SCHEMA and (path / IMAGE).is_file():
             return Layer(path, str(doc["key"]), str(doc["id"]))
     except (OSError, ValueError, KeyError):
         pass
@@ -149,7 +150,7 @@ def held_layer(
             layer_id = _build(staging, wanted, arch=arch, sources=sources, layout=layout, runner=runner,
                               on_line=on_line)
             write_json_atomic(staging / LAYER_JSON, {
-                "schema_version": 1, "key": key, "id": layer_id, "packages": wanted, "arch": arch,
+                "schema_version": LAYER_SCHEMA, "key": key, "id": layer_id, "packages": wanted, "arch": arch,
                 "suite": sources.suite, "mirrors": sources.mirrors, "created_at": time.time(),
             })
             old = root / f".old-{key}-{os.getpid()}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ..app import EXIT_ERROR
+from ..exitcodes import EXIT_ERROR
 from ..options import Json
 
 

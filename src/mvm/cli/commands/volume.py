@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..app import EXIT_ERROR
+from ..exitcodes import EXIT_ERROR
 from ..options import Json
 
 VolumeName = Annotated[
@@ -166,6 +166,7 @@ def rm(
         for row in targets:
             used = output.mib(row.used_mb)
             if not typer.confirm(f"delete volume {row.name} ({row.host}, {used} used) and its data?"):
+                output.info("not confirmed: no volume was removed")
                 raise typer.Exit(EXIT_ERROR)
     removed = []
     for row in targets:

@@ -1,0 +1,29 @@
+"""The public names of ``mvm``: what ``__all__`` promises, the lazy loader gives and the type
+checker sees are the same names (they are listed apart: a name added to one list only would
+be missing for someone)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import mvm
+from mvm._api import models
+
+
+def test_every_public_name_loads_and_is_seen_by_the_type_checker() -> None:
+    for name in mvm.__all__:
+        assert getattr(mvm, name) is not None, name
+    assert set(mvm._LAZY) | {"templates", "dev", "paths"} == set(mvm.__all__) - set(mvm.errors.__all__)
+    tree = ast.parse((Path(mvm.__file__)).read_text())
+    checked = {alias.asname or alias.name
+               for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+               for imp in node.body if isinstance(imp, ast.ImportFrom) for alias in imp.names}
+    assert checked == set(mvm.__all__) - {"paths"} - set(mvm.errors.__all__)
+
+
+def test_every_result_model_is_public() -> None:
+    """A result's parts too (a CleanupReport's items, a DoctorReport's checks): a user types them."""
+    defined = {name for name, value in vars(models).items()
+               if isinstance(value, type) and value.__module__ == models.__name__ and not name.startswith("_")}
+    assert defined <= set(mvm.__all__), defined - set(mvm.__all__)
