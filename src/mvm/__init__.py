@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ._api.down import down
     from ._api.export import export_kubevirt
     from ._api.images import images, rmi
-    from ._api.listing import get, logs, ls
+    from ._api.listing import LogLine, get, logs, ls, vm_names
     from ._api.models import (
         ArchCheck,
         BackendCheck,
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
         ToolCheck,
         VMDetails,
         VMInfo,
+        VMStatus,
         VMUsage,
         VolumeExport,
         VolumeInfo,
@@ -66,14 +67,12 @@ if TYPE_CHECKING:
     from ._api.up import up
     from ._api.vm import VM
     from ._api.volumes import volume_export, volume_info, volume_ls, volume_rm
-    from .runtime.logs import LogLine
-    from .runtime.states import VMStatus
     from .spec import GuestSpec, HealthCheck, Service, load_toml
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "build": "._api.build", "up": "._api.up", "down": "._api.down", "get": "._api.listing",
+    "build": "._api.build", "up": "._api.up", "down": "._api.down", "get": "._api.listing", "vm_names": "._api.listing",
     "ls": "._api.listing", "logs": "._api.listing", "cleanup": "._api.cleanup", "doctor": "._api.doctor",
     "VM": "._api.vm",
     "parse_since": "._api.options", "parse_env": "._api.options", "cp": "._api.copy", "ConsoleSession": "._api.console",
@@ -81,7 +80,7 @@ _LAZY = {
     "template_create": "._api.templates", "template_rm": "._api.templates", "export_kubevirt": "._api.export",
     "volume_export": "._api.volumes", "volume_info": "._api.volumes", "volume_ls": "._api.volumes",
     "volume_rm": "._api.volumes",
-    "VMStatus": ".runtime.states", "LogLine": ".runtime.logs",
+    "VMStatus": "._api.models", "LogLine": "._api.listing",
     "GuestSpec": ".spec", "HealthCheck": ".spec", "Service": ".spec", "load_toml": ".spec",
 }
 _MODELS = ("ArchCheck", "BackendCheck", "BuildResult", "CheckStatus", "CleanupItem", "CleanupReport", "DiskCheck",
@@ -110,8 +109,8 @@ def __getattr__(name: str) -> Any:
 # A literal, for the type checker and linters; tests/unit/test_public_api.py checks that it
 # names what the lazy loader gives and the block above imports.
 __all__ = [  # the errors are appended below
-    "build", "up", "down", "get", "ls", "logs", "cleanup", "doctor", "dev", "VM", "ConsoleSession", "images",
-    "rmi", "parse_since", "parse_env", "cp", "stats", "template_create", "template_rm", "templates",
+    "build", "up", "down", "get", "vm_names", "ls", "logs", "cleanup", "doctor", "dev", "VM", "ConsoleSession",
+    "images", "rmi", "parse_since", "parse_env", "cp", "stats", "template_create", "template_rm", "templates",
     "export_kubevirt",
     "volume_export", "volume_info", "volume_ls", "volume_rm",
     "ArchCheck", "BackendCheck", "BuildResult", "CheckStatus", "CleanupItem", "CleanupReport", "DiskCheck",

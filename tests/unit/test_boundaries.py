@@ -7,7 +7,9 @@ below it, never one above):
     cli            mvm.cli.*, mvm.__main__          Typer/Rich; imports only `mvm` and mvm.cli
     public         mvm (the package's __init__)      the API users import
     orchestration  mvm._api.*                        sequences spec -> image -> backend -> registry
-    runtime        mvm.runtime.*, mvm.volumes.*, mvm.images.*, mvm.export.*
+    export         mvm.export.*                      KubeVirt and OCI documents of an image
+    runtime        mvm.runtime.*                     the VM registry, states, agent client, logs, templates
+    stores         mvm.volumes.*, mvm.images.*       the volume store and the builders and image store
     backends       mvm.backends.*                    own the machine; never import runtime
     leaf           mvm._proc, _atomic, _unixsock, _ext4, _untrusted, errors, paths, names, spec, guest.protocol,
                    guest.copy (the cp stream's rules, shared by both ends), guest.eventtext (how an
@@ -25,7 +27,7 @@ from pathlib import Path
 
 SRC = Path(__file__).parents[2] / "src" / "mvm"
 
-LAYERS = ["leaf", "backends", "runtime", "orchestration", "public", "cli", "pytest"]
+LAYERS = ["leaf", "backends", "stores", "runtime", "export", "orchestration", "public", "cli", "pytest"]
 LEAVES = {"mvm._proc", "mvm._confine", "mvm._locks", "mvm._atomic", "mvm._ext4", "mvm._logshim", "mvm._unixsock",
           "mvm._untrusted", "mvm.errors", "mvm.paths", "mvm.names", "mvm.spec", "mvm.guest.protocol", "mvm.guest.copy",
           "mvm.guest.eventtext"}
@@ -44,8 +46,8 @@ def layer(module: str) -> str:
     if module == "mvm":
         return "public"
     top = module.split(".")[1]
-    return {"cli": "cli", "__main__": "cli", "_api": "orchestration", "runtime": "runtime", "volumes": "runtime",
-            "images": "runtime", "export": "runtime", "backends": "backends",
+    return {"cli": "cli", "__main__": "cli", "_api": "orchestration", "runtime": "runtime", "volumes": "stores",
+            "images": "stores", "export": "export", "backends": "backends",
             "guest": "guest", "pytest_plugin": "pytest", "testing": "pytest"}.get(top, f"UNPLACED {module}")
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from mvm import _ext4 as ext4
+from mvm._api import volume_attach as volumes
+from mvm._api.volume_attach import plan
 from mvm._api.volumes import volume_export, volume_ls, volume_rm
 from mvm._proc import DEFAULT_RUNNER
 from mvm.errors import ExportConflicts, UsageError, VolumeError
 from mvm.paths import Layout, VMFiles
-from mvm.volumes import attach as volumes
 from mvm.volumes.args import parse_volume, parse_volumes
-from mvm.volumes.attach import plan
 from mvm.volumes.store import VolumeStore, volume_id
 
 DEAD_PID = 2**22 + 12345  # above pid_max's default: never a live process

@@ -28,8 +28,7 @@ from ..runtime import agent, logs
 from ..runtime.bootconfig import BootConfig, write_config_disk
 from ..runtime.registry import PortRecord, ProcessRecord, Registry, VMRecord
 from ..runtime.templates import CONFIGURE_TIMEOUT, TEMPLATE_KERNEL_ARGS
-from ..volumes import attach as volume_attach
-from . import templates
+from . import templates, volume_attach
 from .machines import backend_for, create_overlay, start_undoable, status_of
 from .progress import Progress
 from .up_plan import UpPlan

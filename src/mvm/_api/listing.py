@@ -9,11 +9,17 @@ from ..errors import MvmError, UsageError, VMNotFound
 from ..paths import Layout, VMFiles
 from ..runtime import agent
 from ..runtime import logs as logs_mod
+from ..runtime.logs import LogLine as LogLine  # public (mvm.LogLine): what logs() yields
 from ..runtime.registry import Registry
 from ..runtime.states import VMStatus
 from .machines import backend_for, broken_info, status_of, vm_info
 from .models import GuestStatus, VMInfo
 from .vm import VM
+
+
+def vm_names(*, layout: Layout | None = None) -> list[str]:
+    """The names of this host's VMs, none of them looked at (shell completion: cheap)."""
+    return Registry(layout or Layout.default()).names()
 
 
 def get(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER) -> VM:
@@ -56,7 +62,7 @@ def logs(
     service: str | None = None,
     since: float | None = None,
     layout: Layout | None = None,
-) -> Iterator[logs_mod.LogLine]:
+) -> Iterator[LogLine]:
     """A VM's logs (see :meth:`VM.logs`); for a VM that was brought down, the logs ``down``
     kept (until ``cleanup`` or a new ``up`` of the name)."""
     layout = layout or Layout.default()

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, computed_field
 
 from .._untrusted import printable
 from ..errors import AgentError
-from ..runtime.states import VMStatus
+from ..runtime.states import VMStatus as VMStatus  # public (mvm.VMStatus): what VMInfo.status holds
 from ..spec import GuestSpec
 
 #: A service restarted this often, and backing off again, is crash-looping.

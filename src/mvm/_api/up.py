@@ -36,8 +36,7 @@ from ..paths import Layout
 from ..runtime.registry import Registry
 from ..runtime.templates import TemplateStore
 from ..spec import spec_file
-from ..volumes import attach as volume_attach
-from . import templates
+from . import templates, volume_attach
 from .build import build_image
 from .launch import Launch
 from .progress import Progress, Quiet
@@ -73,7 +72,7 @@ def up(
     arch: str | None = None,
 ) -> VM:
     """Build if needed, boot, and return once the guest agent answers (or is healthy).
-    ``volumes`` are ``-v`` values (see :mod:`mvm.volumes.attach`); they are all checked
+    ``volumes`` are ``-v`` values (see :mod:`mvm._api.volume_attach`); they are all checked
     before anything is built or created. ``image`` boots an already-built image instead;
     ``shares`` are host directories the guest can mount live (``mvmctl dev`` shares the
     project directory this way). ``backend`` replaces the one ``hypervisor`` names. ``arch``

@@ -20,8 +20,7 @@ from ..images.store import Image
 from ..names import MIN_MEMORY_MIB, check_vm_name
 from ..paths import Layout
 from ..runtime.registry import PortRecord, VMRecord
-from ..volumes import attach as volume_attach
-from . import templates
+from . import templates, volume_attach
 from .machines import preflight
 from .options import check_host_cpus, parse_env, parse_port
 

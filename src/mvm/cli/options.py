@@ -8,13 +8,12 @@ import typer
 
 
 def complete_vm_names(incomplete: str) -> list[str]:
-    """Shell completion of VM names: the registry's dir names (no API import: fast)."""
+    """Shell completion of VM names."""
     import mvm
 
     try:
-        return sorted(p.name for p in mvm.paths.Layout.default().vms.iterdir()
-                      if p.name.startswith(incomplete) and not p.name.startswith("."))
-    except OSError:
+        return [name for name in mvm.vm_names() if name.startswith(incomplete)]
+    except (OSError, mvm.MvmError):
         return []
 
 

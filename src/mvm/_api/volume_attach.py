@@ -28,8 +28,8 @@ from ..names import DEFAULT_UID
 from ..paths import Layout, VMFiles
 from ..runtime.bootconfig import BootVolume
 from ..runtime.registry import VolumeRecord
-from .args import MIN_SIZE_MB, Mode, VolumeArg, parse_volumes
-from .store import IMAGE_NAME, Holder, VolumeLock, VolumeMeta, VolumeStore, volume_id
+from ..volumes.args import MIN_SIZE_MB, Mode, VolumeArg, parse_volumes
+from ..volumes.store import IMAGE_NAME, Holder, VolumeLock, VolumeMeta, VolumeStore, volume_id
 
 MIB = ext4.MIB
 #: Host disk space a new volume needs beyond its seed's files (journal, metadata), and margin.
@@ -236,7 +236,7 @@ def create_managed(store: VolumeStore, vid: str, arg: VolumeArg, runner: Runner)
                           seeded_from=str(seed) if seed else None, fs_uuid=sb.uuid if sb else "")
         store.save(meta, work)
         if seed is not None:
-            from . import export as volexport  # here: only a volume seeded from a directory needs it
+            from ..volumes import export as volexport  # here: only a volume seeded from a directory needs it
 
             volexport.write_baseline(work / "baseline.json", seed, volexport.scan_tree(seed))
         os.rename(work, store.dir(vid))
