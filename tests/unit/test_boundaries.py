@@ -28,9 +28,9 @@ from pathlib import Path
 SRC = Path(__file__).parents[2] / "src" / "mvm"
 
 LAYERS = ["leaf", "backends", "stores", "runtime", "export", "orchestration", "public", "cli", "pytest"]
-LEAVES = {"mvm._proc", "mvm._confine", "mvm._locks", "mvm._atomic", "mvm._ext4", "mvm._logshim", "mvm._unixsock",
-          "mvm._untrusted", "mvm.errors", "mvm.paths", "mvm.names", "mvm.spec", "mvm.guest.protocol", "mvm.guest.copy",
-          "mvm.guest.eventtext"}
+LEAVES = {"mvm._proc", "mvm._pids", "mvm._confine", "mvm._locks", "mvm._atomic", "mvm._ext4", "mvm._logshim",
+          "mvm._unixsock", "mvm._untrusted", "mvm.errors", "mvm.paths", "mvm.names", "mvm.spec", "mvm.guest.protocol",
+          "mvm.guest.copy", "mvm.guest.eventtext"}
 
 
 def module_name(path: Path) -> str:

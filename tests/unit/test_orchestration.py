@@ -772,29 +772,29 @@ def test_a_detached_child_outlives_its_popen_without_a_warning(tmp_path: Path) -
     import gc
     import warnings
 
-    from mvm import _proc
+    from mvm import _pids
 
     proc = DEFAULT_RUNNER.spawn(["sleep", "30"], stdout=subprocess.DEVNULL, cwd=tmp_path)
-    pid, started = proc.pid, _proc.start_time(proc.pid)
-    _proc.detach(proc)
+    pid, started = proc.pid, _pids.start_time(proc.pid)
+    _pids.detach(proc)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         del proc
         gc.collect()
-    assert _proc.alive(pid, started)
+    assert _pids.alive(pid, started)
     os.kill(pid, 9)
-    assert _proc.wait_gone(pid, started, 5.0)
+    assert _pids.wait_gone(pid, started, 5.0)
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left
     helper = DEFAULT_RUNNER.spawn(["true"], stdout=subprocess.DEVNULL, cwd=tmp_path)  # a helper that ends
-    _proc.detach(helper)
+    _pids.detach(helper)
     helper_pid = helper.pid
     del helper
     deadline = time.monotonic() + 5
-    while helper_pid in _proc._DETACHED and time.monotonic() < deadline:
-        _proc.reap_detached()
+    while helper_pid in _pids._DETACHED and time.monotonic() < deadline:
+        _pids.reap_detached()
         time.sleep(0.02)
-    assert helper_pid not in _proc._DETACHED and not Path(f"/proc/{helper_pid}").exists()
+    assert helper_pid not in _pids._DETACHED and not Path(f"/proc/{helper_pid}").exists()
 
 
 def test_kvm_for_a_qemu_user_of_its_own_needs_a_group_for_dev_kvm(layout: Layout, fake: FakeBackend,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from .. import _ext4 as ext4
-from .. import _proc
+from .. import _pids
 from .._proc import Runner
 from ..backends.base import Disk
 from ..errors import CommandFailed, DiskFull, VolumeError, check_free
@@ -283,7 +283,7 @@ def attach(
     attached = Attached(store=store, vm=vm)
     undo.callback(attached.release)
     me = Holder(what=f"mvmctl up of VM {vm!r} (pid {os.getpid()})", vm=vm, pid=os.getpid(),
-                pid_start=_proc.start_time(os.getpid()), since=time.time())
+                pid_start=_pids.start_time(os.getpid()), since=time.time())
     writable = sorted((p for p in planned if p.arg.writable), key=lambda p: p.vid or "")
     for p in writable:
         assert p.vid is not None

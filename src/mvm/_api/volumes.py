@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .. import _ext4 as ext4
-from .. import _proc
+from .. import _pids
 from .._proc import DEFAULT_RUNNER, Runner
 from ..errors import MvmError, VolumeError
 from ..paths import Layout
@@ -122,7 +122,7 @@ def volume_export(
     lock = store.lock(meta.id, label)
     try:
         store.set_holder(meta.id, Holder(what=f"mvmctl volume export (pid {os.getpid()})", pid=os.getpid(),
-                                         pid_start=_proc.start_time(os.getpid()), since=time.time()))
+                                         pid_start=_pids.start_time(os.getpid()), since=time.time()))
         image = Path(meta.image)
         if ext4.read_superblock(image) is None:
             raise VolumeError(f"volume {label}: {image} is missing or not an ext4 image")

@@ -20,7 +20,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from .. import _proc
+from .. import _pids
 from .._proc import DEFAULT_RUNNER, Runner, require_tool, signals_deferred, tail_file
 from ..errors import BootError, PortInUse, RestoreFailed, StopFailed, VMError, VolumeError
 from ..paths import VMFiles
@@ -181,7 +181,7 @@ class QemuBackend:
             if spec.incoming is not None:
                 assert state_fd is not None
                 self._restore(proc, files, spec, state_fd)
-            machine = MachineRef(proc.pid, _proc.start_time(proc.pid))
+            machine = MachineRef(proc.pid, _pids.start_time(proc.pid))
             with signals_deferred():  # the caller's undo takes over from this one
                 if on_started is not None:
                     on_started(machine)
@@ -189,7 +189,7 @@ class QemuBackend:
         if state_fd is not None:
             os.close(state_fd)
         for child in (proc, shim, *helpers):  # they run on after this call; reaped by pid
-            _proc.detach(child)
+            _pids.detach(child)
         return machine
 
     def _restore(self, proc: subprocess.Popen[bytes], files: VMFiles, spec: LaunchSpec, state_fd: int) -> None:
@@ -311,30 +311,30 @@ class QemuBackend:
     # -- a running machine ---------------------------------------------------------------
 
     def alive(self, machine: MachineRef) -> bool:
-        return _proc.alive(machine.pid, machine.start_time)
+        return _pids.alive(machine.pid, machine.start_time)
 
     def usage(self, machine: MachineRef) -> MachineUsage:
-        return MachineUsage(*_proc.usage(machine.pid))
+        return MachineUsage(*_pids.usage(machine.pid))
 
     def strays(self, files: VMFiles) -> list[MachineRef]:
         """QEMU runs with its VM dir as cwd, which finds it even without a record."""
-        return [MachineRef(pid, _proc.start_time(pid)) for pid in _proc.pids_with_cwd(files.root)]
+        return [MachineRef(pid, _pids.start_time(pid)) for pid in _pids.pids_with_cwd(files.root)]
 
     def stop(self, files: VMFiles, machine: MachineRef, timeout: float) -> str:
         """QMP ``quit``, then SIGTERM, then SIGKILL. Unsynced guest data is lost at this rung."""
         pid, started = machine.pid, machine.start_time
-        if not _proc.alive(pid, started):
+        if not _pids.alive(pid, started):
             return "gone"
         try:
             with QMP(files.qmp, files.root.name, timeout=2.0) as qmp:
                 qmp.command("quit")
         except VMError:
             pass  # no monitor (or no right to it): the signals decide
-        if _proc.wait_gone(pid, started, timeout):
+        if _pids.wait_gone(pid, started, timeout):
             return "quit"
         try:
-            return _proc.terminate(pid, started, timeout=3.0)
-        except _proc.StillRunning as exc:
+            return _pids.terminate(pid, started, timeout=3.0)
+        except _pids.StillRunning as exc:
             raise StopFailed(files.root.name, f"QEMU (pid {pid}) of VM {files.root.name!r} is still running: {exc}",
                              hint=f"stop it as a user allowed to (e.g. `sudo kill {pid}`), then "
                              f"`mvmctl down {files.root.name}` again") from None

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .. import _proc
+from .. import _pids
 from .._atomic import remove_tree, write_json_atomic
 from .._locks import locked
 from ..backends.base import MachineRef, PortForward
@@ -62,7 +62,7 @@ class VolumeRecord(BaseModel):
 
 
 class ProcessRecord(BaseModel):
-    """A process by identity: its pid and its start time (see :mod:`mvm._proc`)."""
+    """A process by identity: its pid and its start time (see :mod:`mvm._pids`)."""
 
     pid: int
     start_time: int | None = None
@@ -108,7 +108,7 @@ class VMRecord(BaseModel):
 
     @property
     def owner_alive(self) -> bool:
-        return self.owner is not None and _proc.alive(self.owner.pid, self.owner.start_time)
+        return self.owner is not None and _pids.alive(self.owner.pid, self.owner.start_time)
 
 
 def _read(files: VMFiles) -> VMRecord:
@@ -150,7 +150,7 @@ class Registry:
         except FileExistsError:
             raise VMExists(record.name, f"a VM named {record.name!r} already exists") from None
         record.created_at = time.time()
-        record.owner = ProcessRecord(pid=os.getpid(), start_time=_proc.start_time(os.getpid()))
+        record.owner = ProcessRecord(pid=os.getpid(), start_time=_pids.start_time(os.getpid()))
         try:
             self.write(files, record)
         except BaseException:  # a full disk, a Ctrl-C: the name must not stay taken by an empty dir

@@ -30,7 +30,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .. import _proc
+from .. import _pids
 from .._atomic import remove_tree, write_json_atomic
 from .._locks import try_flock
 from ..errors import StateError, VolumeError
@@ -177,7 +177,7 @@ class VolumeStore:
             return None
         if holder.suspended:
             return holder if holder.vm and VMFiles(self.layout.vm_dir(holder.vm)).saved_state.is_file() else None
-        return holder if _proc.alive(holder.pid, holder.pid_start) else None
+        return holder if _pids.alive(holder.pid, holder.pid_start) else None
 
     def lock(self, vid: str, label: str, *, attaching: bool = False, resuming: str | None = None) -> VolumeLock:
         """Take the volume's lock without waiting, or raise a VolumeError naming the holder. A
