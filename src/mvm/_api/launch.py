@@ -27,8 +27,8 @@ from ..paths import Layout, VMFiles
 from ..runtime import agent, logs
 from ..runtime.bootconfig import BootConfig, write_config_disk
 from ..runtime.registry import PortRecord, ProcessRecord, Registry, VMRecord
-from ..runtime.templates import CONFIGURE_TIMEOUT, TEMPLATE_KERNEL_ARGS
-from . import templates, volume_attach
+from ..runtime.templates import CONFIGURE_TIMEOUT, TEMPLATE_KERNEL_ARGS, identity
+from . import volume_attach
 from .machines import backend_for, create_overlay, start_undoable, status_of
 from .progress import Progress
 from .up_plan import UpPlan
@@ -162,7 +162,7 @@ class Launch:
         if restore is None:
             return
         guest = self.plan.image.manifest.guest
-        who = templates.identity(self.plan.name, guest.hostname or self.plan.name)
+        who = identity(self.plan.name, guest.hostname or self.plan.name)
         if restore.kind == "ready":
             agent.request(files, self.plan.name, "refresh", timeout=10.0, **who)
             return

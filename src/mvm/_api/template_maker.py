@@ -37,11 +37,12 @@ from ..runtime.templates import (
     TemplateMeta,
     TemplateStore,
     env_digest,
+    identity,
+    key_for,
 )
 from .machines import create_overlay, preflight, start_undoable
 from .models import GuestStatus
 from .progress import Progress, Quiet
-from .templates import identity, key_for
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ for those values, which the next ``up`` with exactly them restores (see
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -34,12 +33,11 @@ from ..runtime.templates import (
     HOTPLUG_SLOTS,
     Damaged,
     Kind,
-    Shape,
     Template,
     TemplateStore,
     bytes_on_disk,
     env_digest,
-    template_key,
+    key_for,
 )
 from .models import TemplateInfo
 from .options import check_host_cpus
@@ -47,7 +45,6 @@ from .progress import Progress
 
 log = logging.getLogger(__name__)
 
-VERSION = "template-1"  # the device set and the guest's template protocol
 NO_TEMPLATE = "no template yet for this image and shape"
 
 
@@ -62,11 +59,6 @@ def mode() -> str:
         raise UsageError(f"MVM_TEMPLATES={value!r} is not a templates mode",
                          hint="set it to auto (the default), restore or off, or unset it")
     return value
-
-
-def key_for(image: Image, cpus: int, memory: int, backend: Backend) -> str:
-    shape = Shape(cpus=cpus, memory=memory, arch=image.manifest.arch)
-    return template_key(image.key, shape, backend.machine_version(image.manifest.arch), VERSION)
 
 
 @dataclass(frozen=True)
@@ -163,11 +155,6 @@ def make_behind(image: Image, *, cpus: int, memory: int, restore: Restore | None
     make_in_background(image, cpus=cpus, memory=memory, layout=layout, backend=backend.name, runner=runner,
                        env=made_env)
     return f"{what} (`mvmctl template ls`)"
-
-
-def identity(seed_for: str, hostname: str | None) -> dict[str, object]:
-    """What makes a clone its own machine: fresh RNG bytes from the host, its hostname."""
-    return {"seed": base64.b64encode(os.urandom(64)).decode(), "hostname": hostname or seed_for}
 
 
 def env_state_missing(image: Image, *, cpus: int, memory: int, env: Mapping[str, str], backend: Backend,

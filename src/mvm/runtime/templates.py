@@ -26,6 +26,7 @@ template that was written to, truncated or half-deleted since is reported as dam
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import json
@@ -39,7 +40,9 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from .._atomic import remove_tree, write_json_atomic
+from ..backends.base import Backend
 from ..errors import StateError
+from ..images.store import Image
 from ..paths import Layout
 
 TEMPLATE_SCHEMA = 1
@@ -157,6 +160,21 @@ def bytes_on_disk(path: Path, *, shared_only: bool = False) -> int:
         return 0
     stats = [f.stat() for f in path.iterdir() if f.is_file()]
     return sum(st.st_blocks * 512 for st in stats if st.st_nlink > 1 or not shared_only)
+
+
+#: The device set and the guest's template protocol: part of every template key.
+VERSION = "template-1"
+
+
+def key_for(image: Image, cpus: int, memory: int, backend: Backend) -> str:
+    """The key of ``image``'s template in this shape, as ``backend`` makes one."""
+    shape = Shape(cpus=cpus, memory=memory, arch=image.manifest.arch)
+    return template_key(image.key, shape, backend.machine_version(image.manifest.arch), VERSION)
+
+
+def identity(seed_for: str, hostname: str | None) -> dict[str, object]:
+    """What makes a clone its own machine: fresh RNG bytes from the host, its hostname."""
+    return {"seed": base64.b64encode(os.urandom(64)).decode(), "hostname": hostname or seed_for}
 
 
 def template_key(image_key: str, shape: Shape, qemu: str, version: str) -> str:
