@@ -1,7 +1,7 @@
 """pytest plugin: real microVMs as test fixtures (docs/testing.md).
 
 Registered through the ``pytest11`` entry point, so pytest loads it wherever mvm is
-installed (``-p mvm.pytest_plugin`` loads it explicitly, ``-p no:mvm`` turns it off). It is
+installed (``-p mvm.pytest_plugin`` loads it explicitly, ``-p no:mvm.pytest_plugin`` turns it off). It is
 inert until a test asks for one of its fixtures: loading it imports only ``mvm``'s lazy
 package, and its hooks return at once while no VM was started.
 

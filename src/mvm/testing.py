@@ -290,16 +290,18 @@ class Pool:
         return self._images[key]
 
     def cold(self, image: mvm.BuildResult, path: str, flake: str | None, nix_args: Sequence[str],
-             cpus: int | None, memory: int | None) -> bool:
+             cpus: int | None, memory: int | None, health_timeout: float) -> bool:
         """Whether to boot cold: makes the template once per image and shape (MVM_TEMPLATES=auto),
-        and boots cold when none can be made (then no background maker is started either)."""
+        and boots cold when none can be made (then no background maker is started either).
+        The template waits for its services no longer than the test would (``health_timeout``):
+        a guest not healthy by then gets one without its services' state, and boots cold."""
         if (os.environ.get("MVM_TEMPLATES") or "auto") != "auto":
             return False  # off: up boots cold anyway; restore: up restores what exists; else up refuses it
         key = (image.key, cpus, memory)
         if key not in self._cold:
             try:
                 mvm.template_create(path, flake=flake, nix_args=nix_args, cpus=cpus, memory=memory,
-                                    layout=self.layout)
+                                    layout=self.layout, health_timeout=health_timeout)
                 self._cold[key] = False
             except mvm.MvmError as exc:
                 log.warning("no template for %s, booting cold: %s", image.name, exc.message)
@@ -392,7 +394,7 @@ class VMFactory:
         once every service runs and every health check is healthy."""
         path, flake = source(spec, flake)
         image = self.pool.image(path, flake, nix_args)
-        cold = self.pool.cold(image, path, flake, nix_args, cpus, memory)
+        cold = self.pool.cold(image, path, flake, nix_args, cpus, memory, health_timeout)
         vm = FixtureVM(self.pool.new_name(name or image.name), self.pool.layout)
         self.pool.claim(vm.name)
         self.vms.append(vm)

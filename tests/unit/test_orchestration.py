@@ -945,3 +945,14 @@ def test_template_rm_says_what_restored_vms_still_hold(template: Template, layou
     info = mvm.template_rm(listed.key, layout=layout)
     assert info.bytes_shared == listed.bytes_shared and not template.path.exists()
     vm.down()
+
+
+def test_a_template_waits_for_health_no_longer_than_asked(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    """The pytest fixture passes its test's health timeout: a guest not healthy as it is stalled
+    each new image's first test for the maker's 120 s, whatever the test asked for."""
+    started = time.monotonic()
+    template = make_template(image, cpus=1, memory=512, layout=layout, backend=fake, health_timeout=0.0)
+    assert template.meta.kinds == ["agent"] and time.monotonic() - started < 5.0
+    vm = _up(layout, fake, image)  # nothing healthy to restore: a cold boot, which says why
+    assert vm.info().start == "cold" and "no 'ready' state" in vm.info().start_reason
+    vm.down()

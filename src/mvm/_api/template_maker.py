@@ -47,13 +47,19 @@ from .progress import Progress, Quiet
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT = 120.0
+#: A ``ready`` state for ``-e`` values is made behind an ``up``, by a VM ``ls`` does not show:
+#: values its services are not healthy with by then get none (their ``up`` restores the
+#: ``agent`` state, and the next one tries again).
+ENV_STATE_HEALTH_TIMEOUT = 30.0
 #: Disk space a template needs beyond twice its RAM (root disk writes, saved state, logs).
 TEMPLATE_SPARE_BYTES = 256 << 20
 
 
 def make_template(image: Image, *, cpus: int, memory: int, layout: Layout, runner: Runner = DEFAULT_RUNNER,
-                  backend: Backend | None = None, progress: Progress | None = None) -> Template:
-    """Boot ``image`` once as a template and save it (see the module docstring)."""
+                  backend: Backend | None = None, progress: Progress | None = None,
+                  health_timeout: float = HEALTH_TIMEOUT) -> Template:
+    """Boot ``image`` once as a template and save it (see the module docstring). A guest not
+    healthy within ``health_timeout`` gets an ``agent`` state only (0: never wait)."""
     backend = backend or backends.get(backends.DEFAULT, runner)
     prog = progress or Quiet()
     store = TemplateStore(layout)
@@ -75,7 +81,7 @@ def make_template(image: Image, *, cpus: int, memory: int, layout: Layout, runne
             with contextlib.ExitStack() as running:  # stops the machine if anything below fails
                 prog.stage("booting the template")
                 machine, kinds = _boot_and_save(image, cpus, memory, key, staging, files, backend, runner, prog,
-                                                layout, running)
+                                                layout, running, health_timeout)
                 meta = TemplateMeta(key=key, image_key=image.key, shape=Shape(cpus=cpus, memory=memory,
                                     arch=image.manifest.arch), kinds=kinds, hotplug_slots=HOTPLUG_SLOTS,
                                     created_at=time.time(), create_secs=0.0, files={})
@@ -108,7 +114,7 @@ def _staging(store: TemplateStore, prefix: str) -> Iterator[tuple[Path, VMFiles]
 
 def _boot_and_save(image: Image, cpus: int, memory: int, key: str, staging: Path, files: VMFiles,
                    backend: Backend, runner: Runner, prog: Progress, layout: Layout,
-                   running: contextlib.ExitStack) -> tuple[MachineRef, list[Kind]]:
+                   running: contextlib.ExitStack, health_timeout: float) -> tuple[MachineRef, list[Kind]]:
     """Boot the template machine, save it once its agent is ready and again once its services
     are healthy (if they turn healthy). ``running`` stops the machine if this fails."""
     name = f"template-{key[:8]}"
@@ -135,7 +141,7 @@ def _boot_and_save(image: Image, cpus: int, memory: int, key: str, staging: Path
     agent.request(files, name, "configure", timeout=CONFIGURE_TIMEOUT,
                   config=BootConfig(vm=image.name).model_dump(mode="json"), **identity(name, None))
     prog.stage("waiting for the template's services")
-    if not _healthy(files, name, image):
+    if not _healthy(files, name, image, health_timeout):
         return machine, ["agent"]
     prog.stage("saving the template (services ready)")
     backend.save(files, machine, staging / "ready.state")
@@ -163,11 +169,11 @@ def _copy(src: Path, dest: Path, runner: Runner) -> None:
     runner.run(["cp", "--sparse=always", src, dest], desc=f"copying {src.name}")
 
 
-def _healthy(files: VMFiles, name: str, image: Image) -> bool:
+def _healthy(files: VMFiles, name: str, image: Image, timeout: float) -> bool:
     """Healthy as ``up --wait`` means it (VM.wait_healthy), and every service running, not
     between restarts: what is saved is what every clone starts from. No checks: the services
     running, and a moment for them to finish starting."""
-    deadline = time.monotonic() + HEALTH_TIMEOUT
+    deadline = time.monotonic() + timeout
     want_services, want_checks = image.manifest.guest.services, image.manifest.guest.health_checks
     while time.monotonic() < deadline:
         try:
@@ -207,8 +213,9 @@ def make_env_state(image: Image, *, cpus: int, memory: int, env: Mapping[str, st
                 machine = _restore_and_configure(image, template, env, staging, files, backend, runner, layout,
                                                  running)
                 name = f"template-{key[:8]}"
-                if not _healthy(files, name, image):
-                    raise HealthTimeout(name, f"{image.name}'s services did not turn healthy with these -e values")
+                if not _healthy(files, name, image, ENV_STATE_HEALTH_TIMEOUT):
+                    raise HealthTimeout(name, f"{image.name}'s services did not turn healthy with these -e values "
+                                        f"within {ENV_STATE_HEALTH_TIMEOUT:g}s")
                 backend.save(files, machine, staging / "state")
                 for log_name in ("console.log", "events.log"):
                     shutil.copyfile(files.root / log_name, staging / log_name)

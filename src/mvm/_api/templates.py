@@ -180,11 +180,12 @@ def env_state_missing(image: Image, *, cpus: int, memory: int, env: Mapping[str,
 def template_create(path: str | os.PathLike[str] = ".", *, flake: str | None = None, nix_args: Sequence[str] = (),
                     cpus: int | None = None, memory: int | None = None, arch: str | None = None,
                     layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER,
-                    progress: Progress | None = None) -> TemplateInfo:
+                    progress: Progress | None = None, health_timeout: float | None = None) -> TemplateInfo:
     """Build the image if needed and make its template for this shape now (an ``up`` of the
-    same image and shape then restores it)."""
+    same image and shape then restores it). A guest not healthy within ``health_timeout``
+    (default 120 s; 0: do not wait) gets a template whose clones start their services anew."""
     from .build import build_image
-    from .template_maker import make_template
+    from .template_maker import HEALTH_TIMEOUT, make_template
 
     layout = layout or Layout.default()
     image, _ = build_image(path, flake=flake, nix_args=nix_args, arch=arch, layout=layout, runner=runner,
@@ -192,7 +193,8 @@ def template_create(path: str | os.PathLike[str] = ".", *, flake: str | None = N
     guest = image.manifest.guest
     check_host_cpus(cpus or guest.cpus, f"--cpus {cpus}" if cpus else f"the spec's cpus = {guest.cpus}")
     template = make_template(image, cpus=cpus or guest.cpus, memory=memory or guest.memory, layout=layout,
-                             runner=runner, progress=progress)
+                             runner=runner, progress=progress,
+                             health_timeout=HEALTH_TIMEOUT if health_timeout is None else health_timeout)
     return _info(template.meta.key, template, None, layout)
 
 
