@@ -48,7 +48,7 @@ def arm_floor_rootfs(workdir: Path, busybox: Path) -> Path:
 
 def arm_busybox() -> Path:
     """The static arm64 busybox beside the newest cached arm64 kernel (the one mvm's initrds use)."""
-    from mvm.images.kernel import cached_kernels
+    from mvm.builders.kernel import cached_kernels
     from mvm.paths import Layout
 
     return cached_kernels(Layout.default().kernels, "aarch64")[-1].root / "busybox"

@@ -88,7 +88,7 @@ def main() -> None:
 
 
 def builds(cache: Path, runs: int) -> None:
-    from mvm.images.nix import host_system
+    from mvm.builders.nix import host_system
 
     system = host_system()
     kernel = nixfixture.ensure_standin_kernel(cache)
@@ -145,7 +145,7 @@ def up_to_first_200(env: dict[str, str], target: list[str]) -> tuple[float, dict
 
 
 def boots(cache: Path, runs: int, json_out: Path | None) -> None:
-    from mvm.images.nix import host_system
+    from mvm.builders.nix import host_system
 
     system = host_system()
     kernel = nixfixture.ensure_standin_kernel(cache)

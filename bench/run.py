@@ -213,7 +213,7 @@ def main() -> None:
         results["template_mb"] = summary([template.bytes_on_disk / 1e6])
         # the ready state for `-e K=V` that the first such `up` has made in the background
         from mvm._api.template_maker import make_env_state
-        from mvm.images.store import ImageStore
+        from mvm.builders.store import ImageStore
         from mvm.paths import Layout
 
         layout = Layout.default()

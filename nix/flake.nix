@@ -22,11 +22,11 @@
       };
       initrdScript = builtins.path {
         name = "mvm-initrd.py";
-        path = ../src/mvm/images/initrd.py;
+        path = ../src/mvm/builders/initrd.py;
       };
       vmlinuxScript = builtins.path {
         name = "mvm-vmlinux.py";
-        path = ../src/mvm/images/vmlinux.py;
+        path = ../src/mvm/builders/vmlinux.py;
       };
 
       mkGuestFor =

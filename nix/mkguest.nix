@@ -1,16 +1,16 @@
 # mkGuest: a guest description -> an mvm image directory
 #
 #   $out/vmlinux         the kernel: on x86_64 the ELF extracted from the kernel's bzImage
-#                        at build time (src/mvm/images/vmlinux.py), which QEMU boots at its
+#                        at build time (src/mvm/builders/vmlinux.py), which QEMU boots at its
 #                        PVH entry point; if it has no PVH note, the bzImage itself (and the
 #                        manifest's `kernel_note` says why); elsewhere the image as nixpkgs
 #                        builds it (`kernel.target`: Image on aarch64)
-#   $out/initrd          busybox + the virtio/ext4 modules, made by src/mvm/images/initrd.py
+#   $out/initrd          busybox + the virtio/ext4 modules, made by src/mvm/builders/initrd.py
 #   $out/rootfs.ext4     the closure of `packages` (and of every store path the services
 #                        name), the guest agent, a Python for it, /etc/mvm/guest.json, `files`
 #   $out/manifest.json   what `mvmctl build --flake` imports into its image store
 #
-# The rootfs has the same layout as the Debian builder's (src/mvm/images/guestfiles.py):
+# The rootfs has the same layout as the Debian builder's (src/mvm/builders/guestfiles.py):
 # /usr/lib/mvm/init is PID 1, the agent is /usr/lib/mvm/mvm/guest, services run as `mvm`
 # (uid 1000) unless they name a user. Package programs are linked into /usr/bin, busybox's
 # applets into /bin and /sbin (nixpkgs' busybox splits them: `sh` in bin/, `ip` in sbin/),
@@ -260,7 +260,7 @@ let
       --busybox ${busybox}/bin/busybox --out $out/initrd
   '';
 
-  # The kernel QEMU boots, chosen at build time by src/mvm/images/vmlinux.py (stdlib Python):
+  # The kernel QEMU boots, chosen at build time by src/mvm/builders/vmlinux.py (stdlib Python):
   # the ELF vmlinux inside the bzImage when it has the PVH note (QEMU's microvm then starts it
   # directly, skipping the in-guest decompression); otherwise the kernel image as built, with
   # the reason in kernel.json. nixpkgs compresses x86_64 kernels with zstd (KERNEL_ZSTD).

@@ -73,7 +73,7 @@ class Layout:
 
     @property
     def layers(self) -> Path:
-        """Package layers of mvm.toml images (see mvm.images.layer)."""
+        """Package layers of mvm.toml images (see mvm.builders.layer)."""
         return self.cache / "layers"
 
     @property

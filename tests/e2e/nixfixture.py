@@ -42,7 +42,7 @@ ROOT = Path(__file__).parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 NIXPKGS_FIXTURE = FIXTURES / "nixpkgs"
 #: The scripts nix/flake.nix runs inside its derivations (besides src/mvm/guest).
-FLAKE_SCRIPTS = ("src/mvm/images/initrd.py", "src/mvm/images/vmlinux.py")
+FLAKE_SCRIPTS = ("src/mvm/builders/initrd.py", "src/mvm/builders/vmlinux.py")
 
 NIX_CONFIG = "\n".join([
     "experimental-features = nix-command flakes",

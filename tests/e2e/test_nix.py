@@ -30,8 +30,8 @@ from typing import Any
 
 import pytest
 
-from mvm.images import guestfiles, vmlinux
-from mvm.images.nix import host_system
+from mvm.builders import guestfiles, vmlinux
+from mvm.builders.nix import host_system
 from mvm.spec import GuestSpec
 
 from . import nixfixture

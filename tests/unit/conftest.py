@@ -12,7 +12,7 @@ import pytest
 
 from mvm import backends
 from mvm.backends.fake import FakeBackend
-from mvm.images.store import Image, Manifest
+from mvm.builders.store import Image, Manifest
 from mvm.paths import Layout
 from mvm.spec import GuestSpec, HealthCheck, Service
 

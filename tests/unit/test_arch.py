@@ -18,10 +18,10 @@ from mvm._proc import Completed
 from mvm.backends import accel
 from mvm.backends.base import LaunchSpec, MemoryFile, PortForward
 from mvm.backends.qemu_argv import PROFILES, build_argv, kernel_cmdline
+from mvm.builders import arches, kernel, nix, nixerrors
+from mvm.builders.debian import image_key
+from mvm.builders.layer import Layer
 from mvm.errors import BuildError, SpecError, UsageError
-from mvm.images import arches, kernel, nix, nixerrors
-from mvm.images.debian import image_key
-from mvm.images.layer import Layer
 from mvm.paths import Layout, VMFiles
 from mvm.spec import GuestSpec, Service, parse_spec
 
@@ -391,7 +391,7 @@ def test_up_records_the_architecture_and_the_emulation(tmp_path: Path) -> None:
     import mvm
     from mvm import backends
     from mvm.backends.fake import FakeBackend
-    from mvm.images.store import Image, Manifest
+    from mvm.builders.store import Image, Manifest
 
     path = tmp_path / "image"
     path.mkdir()

@@ -9,7 +9,7 @@ below it, never one above):
     orchestration  mvm._api.*                        sequences spec -> image -> backend -> registry
     export         mvm.export.*                      KubeVirt and OCI documents of an image
     runtime        mvm.runtime.*                     the VM registry, states, agent client, logs, templates
-    stores         mvm.volumes.*, mvm.images.*       the volume store and the builders and image store
+    stores         mvm.volumes.*, mvm.builders.*       the volume store and the builders and image store
     backends       mvm.backends.*                    own the machine; never import runtime
     leaf           mvm._proc, _atomic, _unixsock, _ext4, _untrusted, errors, paths, names, spec, guest.protocol,
                    guest.copy (the cp stream's rules, shared by both ends), guest.eventtext (how an
@@ -47,7 +47,7 @@ def layer(module: str) -> str:
         return "public"
     top = module.split(".")[1]
     return {"cli": "cli", "__main__": "cli", "_api": "orchestration", "runtime": "runtime", "volumes": "stores",
-            "images": "stores", "export": "export", "backends": "backends",
+            "builders": "stores", "export": "export", "backends": "backends",
             "guest": "guest", "pytest_plugin": "pytest", "testing": "pytest"}.get(top, f"UNPLACED {module}")
 
 
@@ -107,7 +107,7 @@ def test_imports_point_down() -> None:
 
 def test_backends_never_import_runtime_or_images() -> None:
     for path in (SRC / "backends").glob("*.py"):
-        bad = [n for n in imports(path) if n.startswith(("mvm.runtime", "mvm.images", "mvm.volumes", "mvm._api"))]
+        bad = [n for n in imports(path) if n.startswith(("mvm.runtime", "mvm.builders", "mvm.volumes", "mvm._api"))]
         assert not bad, f"{path.name} imports {bad}"
 
 
@@ -156,9 +156,9 @@ def test_leaves_import_only_leaves() -> None:
             assert not bad, f"{module_name(path)} is a leaf but imports {bad}"
 
 
-def test_images_initrd_is_standalone() -> None:
+def test_builders_initrd_is_standalone() -> None:
     """nix/flake.nix runs images/initrd.py as a script with a bare python3."""
-    for name in imports(SRC / "images" / "initrd.py"):
+    for name in imports(SRC / "builders" / "initrd.py"):
         assert name.split(".")[0] in sys.stdlib_module_names or name == "__future__", name
 
 
@@ -169,13 +169,13 @@ def test_no_module_is_over_450_lines() -> None:
 
 def test_export_imports_only_leaves() -> None:
     """mvm.export reads image dirs (through the image store's manifest reader) and writes
-    files: it uses leaves and mvm.images.store, never the orchestration layer, the VM
+    files: it uses leaves and mvm.builders.store, never the orchestration layer, the VM
     runtime or the backends, so _api can call it."""
     third_party = {"yaml", "jsonschema", "referencing"}
     for path in (SRC / "export").glob("*.py"):
         for name in imports(path):
             if name.startswith("mvm"):
-                assert name.startswith("mvm.export") or name in LEAVES | {"mvm.images.store"}, \
+                assert name.startswith("mvm.export") or name in LEAVES | {"mvm.builders.store"}, \
                     f"{path.name} imports {name}"
             else:
                 top = name.split(".")[0]

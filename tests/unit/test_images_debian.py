@@ -9,10 +9,10 @@ from pathlib import Path
 
 from mvm import _ext4 as ext4
 from mvm._proc import DEFAULT_RUNNER
-from mvm.images import aptsources
-from mvm.images.assemble import assemble
-from mvm.images.debian import image_key
-from mvm.images.layer import Layer, layer_key
+from mvm.builders import aptsources
+from mvm.builders.assemble import assemble
+from mvm.builders.debian import image_key
+from mvm.builders.layer import Layer, layer_key
 from mvm.spec import GuestSpec, Service
 
 

@@ -1,7 +1,7 @@
 import io
 from pathlib import Path
 
-from mvm.images.initrd import CpioWriter, build_initrd, load_order, module_name, parse_modules_dep
+from mvm.builders.initrd import CpioWriter, build_initrd, load_order, module_name, parse_modules_dep
 
 DEP = """kernel/drivers/virtio/virtio_ring.ko:
 kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko

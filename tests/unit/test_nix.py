@@ -14,9 +14,9 @@ from typing import IO, Any
 import pytest
 
 from mvm._proc import Completed
+from mvm.builders import nix, nixerrors
 from mvm.cli.options import join_override_pairs, nix_args
 from mvm.errors import BuildError, SpecError, ToolMissing, UsageError
-from mvm.images import nix, nixerrors
 from mvm.paths import Layout
 from mvm.spec import GuestSpec, HealthCheck, Service, parse_spec
 
@@ -311,8 +311,8 @@ def test_the_flake_sees_every_file_it_needs() -> None:
     from a path: copy and fail for users of github:...?dir=nix."""
     try:
         untracked = subprocess.run(
-            ["git", "ls-files", "--others", "--exclude-standard", "nix", "src/mvm/guest", "src/mvm/images/initrd.py",
-             "src/mvm/images/vmlinux.py"],
+            ["git", "ls-files", "--others", "--exclude-standard", "nix", "src/mvm/guest", "src/mvm/builders/initrd.py",
+             "src/mvm/builders/vmlinux.py"],
             cwd=ROOT, capture_output=True, text=True, check=True,
         ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
@@ -410,7 +410,7 @@ def _bzimage(elf: bytes, fmt: str) -> bytes:
 
 @pytest.mark.parametrize("fmt", ["gzip", "xz", "bzip2", "zstd"])
 def test_vmlinux_is_extracted_from_each_payload_format(fmt: str) -> None:
-    from mvm.images import vmlinux
+    from mvm.builders import vmlinux
 
     if fmt == "zstd" and not shutil.which("zstd"):
         pytest.skip("zstd is not installed")
@@ -421,7 +421,7 @@ def test_vmlinux_is_extracted_from_each_payload_format(fmt: str) -> None:
 
 
 def test_vmlinux_rejects_what_it_cannot_boot() -> None:
-    from mvm.images import vmlinux
+    from mvm.builders import vmlinux
 
     with pytest.raises(vmlinux.KernelFormatError, match="not an x86 bzImage"):
         vmlinux.extract(b"MZ" + b"\0" * 4096)
@@ -435,7 +435,7 @@ def test_vmlinux_rejects_what_it_cannot_boot() -> None:
 
 
 def _choose(tmp_path: Path, name: str, data: bytes) -> tuple[dict[str, Any], Path]:
-    from mvm.images import vmlinux
+    from mvm.builders import vmlinux
 
     src = tmp_path / "kernel" / name
     src.parent.mkdir()
@@ -485,7 +485,7 @@ def test_vmlinux_py_runs_as_a_bare_script(tmp_path: Path) -> None:
     import ast
     import sys
 
-    path = ROOT / "src" / "mvm" / "images" / "vmlinux.py"
+    path = ROOT / "src" / "mvm" / "builders" / "vmlinux.py"
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             assert node.level == 0 and (node.module or "").split(".")[0] in sys.stdlib_module_names | {"__future__"}
@@ -500,7 +500,7 @@ def test_vmlinux_py_runs_as_a_bare_script(tmp_path: Path) -> None:
 
 def test_debian_kernel_extraction_delegates(tmp_path: Path) -> None:
     from mvm._proc import DEFAULT_RUNNER
-    from mvm.images.kernel import extract_vmlinux
+    from mvm.builders.kernel import extract_vmlinux
 
     assert extract_vmlinux(_bzimage(PVH_ELF, "xz"), DEFAULT_RUNNER) == PVH_ELF
     if shutil.which("zstd"):

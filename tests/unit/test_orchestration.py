@@ -28,6 +28,7 @@ from mvm._api.templates import mode as templates_mode
 from mvm._proc import DEFAULT_RUNNER, Runner
 from mvm.backends.base import MachineRef, PortForward
 from mvm.backends.fake import FakeBackend
+from mvm.builders.store import Image, ImageStore
 from mvm.errors import (
     BootError,
     HealthTimeout,
@@ -40,7 +41,6 @@ from mvm.errors import (
     VMExists,
     VMNotFound,
 )
-from mvm.images.store import Image, ImageStore
 from mvm.paths import Layout, VMFiles
 from mvm.runtime.registry import Registry
 from mvm.runtime.templates import Template, TemplateStore
@@ -140,7 +140,7 @@ def test_a_failure_at_any_step_of_up_leaves_nothing(step: str, boot: str, layout
     (a restored clone's: ``personalize`` hot-plugs the volume and sends ``configure``)."""
     template: Template | None = None
     if boot == "restored":
-        from mvm.images.store import ImageStore
+        from mvm.builders.store import ImageStore
 
         template = request.getfixturevalue("template")
         monkeypatch.setattr(ImageStore, "get", lambda self, key: image if key == image.key else None)
@@ -221,7 +221,7 @@ def test_up_with_guest_ports_alone_records_the_picked_host_ports(layout: Layout,
 
 def test_restart_keeps_ports_env_volumes_and_options(layout: Layout, fake: FakeBackend, image: Image,
                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mvm.images.store import ImageStore
+    from mvm.builders.store import ImageStore
 
     monkeypatch.setattr(ImageStore, "get", lambda self, key: image if key == image.key else None)
     asked: list[str] = []
@@ -525,7 +525,7 @@ def test_env_or_volumes_restore_the_agent_template_and_configure_it(template: Te
                                                                     fake: FakeBackend, image: Image,
                                                                     tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from mvm.images.store import ImageStore
+    from mvm.builders.store import ImageStore
 
     monkeypatch.setattr(ImageStore, "get", lambda self, key: image if key == image.key else None)
     (tmp_path / "data").mkdir()
@@ -668,7 +668,7 @@ def test_resume_of_a_vm_whose_volume_was_removed_is_a_clear_error(layout: Layout
 
 def test_rmi_keeps_what_a_suspended_vm_resumes_from_and_refuses_an_ambiguous_prefix(
         layout: Layout, fake: FakeBackend, image: Image) -> None:
-    from mvm.images.store import ImageStore, Manifest
+    from mvm.builders.store import ImageStore, Manifest
 
     store = ImageStore(layout.images)
 
@@ -737,7 +737,7 @@ def test_up_says_when_it_leaves_a_template_maker_running(layout: Layout, fake: F
 def test_restart_refuses_a_shape_the_host_cannot_run_before_it_stops_the_vm(layout: Layout, fake: FakeBackend,
                                                                               image: Image,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from mvm.images.store import ImageStore
+    from mvm.builders.store import ImageStore
 
     monkeypatch.setattr(ImageStore, "get", lambda self, key: image if key == image.key else None)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
@@ -867,7 +867,7 @@ def test_cp_names_a_vm_that_is_not_there(layout: Layout, tmp_path: Path) -> None
 def test_rmi_takes_the_images_templates_with_it(template: Template, layout: Layout, fake: FakeBackend,
                                                 image: Image) -> None:
     """They were left behind (hundreds of MB each), listed by `template ls` as of no image."""
-    from mvm.images.store import ImageStore, Manifest
+    from mvm.builders.store import ImageStore, Manifest
 
     def make(staging: Path) -> Manifest:
         (staging / "rootfs.ext4").write_bytes(b"x")
@@ -885,7 +885,7 @@ def test_rmi_takes_the_images_templates_with_it(template: Template, layout: Layo
 
 def _stored(layout: Layout, image: Image) -> Image:
     """The store's copy of the fixture's image (what a build gives `up`)."""
-    from mvm.images.store import ImageStore, Manifest
+    from mvm.builders.store import ImageStore, Manifest
 
     def make(staging: Path) -> Manifest:
         for name in ("vmlinux", "rootfs.ext4"):

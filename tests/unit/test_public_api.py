@@ -5,6 +5,7 @@ be missing for someone)."""
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import mvm
@@ -27,3 +28,13 @@ def test_every_result_model_is_public() -> None:
     defined = {name for name, value in vars(models).items()
                if isinstance(value, type) and value.__module__ == models.__name__ and not name.startswith("_")}
     assert defined <= set(mvm.__all__), defined - set(mvm.__all__)
+
+
+def test_no_public_name_is_also_a_module_of_mvm() -> None:
+    """Importing a submodule sets it as the package's attribute: `mvm.images()` was the
+    `mvm.images` package once a build had imported it ('module' object is not callable)."""
+    package = Path(mvm.__file__).parent
+    modules = {p.stem for p in package.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    assert modules & set(mvm.__all__) == {"paths"}  # the one module that is public as a module
+    importlib.import_module("mvm.builders.store")  # what a build imports
+    assert callable(mvm.images)

@@ -127,7 +127,7 @@ def test_values_of_the_wrong_type_are_refused_alike(data: dict, message: str) ->
 def test_a_stored_image_with_an_older_hostname_still_reads(tmp_path: Path) -> None:
     """The hostname rule is for specs coming in: an image built before it (`my_host`) stays
     readable (it was listed as broken, and `cleanup` deleted it under its VMs)."""
-    from mvm.images.store import ImageStore, Manifest, read_manifest
+    from mvm.builders.store import ImageStore, Manifest, read_manifest
 
     with pytest.raises(SpecError, match="not a valid hostname"):
         parse_spec({"name": "x", "hostname": "my_host"}, source="t")

@@ -116,7 +116,7 @@ def test_asking_whether_a_lock_is_held_neither_takes_nor_makes_it(tmp_path: Path
 
 def test_cleanup_keeps_the_newest_images_of_each_architecture(tmp_path: Path) -> None:
     import mvm
-    from mvm.images.store import ImageStore, Manifest
+    from mvm.builders.store import ImageStore, Manifest
     from mvm.spec import GuestSpec
 
     layout = Layout(state=tmp_path / "state", cache=tmp_path / "cache")
@@ -143,7 +143,7 @@ def test_cleanup_leaves_a_layer_a_build_holds_and_one_an_image_named_meanwhile(t
     from filelock import FileLock
 
     import mvm
-    from mvm.images.store import ImageStore, Manifest
+    from mvm.builders.store import ImageStore, Manifest
     from mvm.spec import GuestSpec
 
     layout = Layout(state=tmp_path / "state", cache=tmp_path / "cache")

@@ -12,7 +12,7 @@ import pytest
 
 import mvm
 from mvm.backends.fake import FakeBackend
-from mvm.images.store import Image
+from mvm.builders.store import Image
 from mvm.paths import Layout
 from mvm.testing import FixtureVM, Pool, VMFactory, sanitize, source
 
@@ -41,7 +41,7 @@ def test_names_and_sources(tmp_path: Path) -> None:
 
 def test_the_handle_gives_urls_and_spreads_argv(layout: Layout, fake: FakeBackend, image: Image,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from mvm.images.store import ImageStore
+    from mvm.builders.store import ImageStore
 
     monkeypatch.setattr(ImageStore, "get", lambda self, key: image if key == image.key else None)  # for restart
     vm = _vm(layout, fake, image, "web", ports=["8080", "5353/udp"])

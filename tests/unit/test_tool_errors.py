@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from mvm._proc import DEFAULT_RUNNER, INSTALL_HINTS, find_tool
+from mvm.builders import initrd, kernel, vmlinux
 from mvm.errors import BuildError, CommandFailed, MvmError, ToolMissing
-from mvm.images import initrd, kernel, vmlinux
 
 INITRD_PY = Path(initrd.__file__)
 

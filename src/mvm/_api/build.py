@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, Runner
+from ..builders.store import Image
 from ..errors import UsageError
-from ..images.store import Image
 from ..names import ARCHES
 from ..paths import Layout
 from .models import BuildResult, ImageInfo
@@ -47,7 +47,7 @@ def build_image(
     if flake is not None and pull:
         raise UsageError("--pull is for mvm.toml builds", hint="nix decides what a flake build fetches")
     if flake is not None:
-        from ..images import nix
+        from ..builders import nix
 
         if str(path) != ".":
             raise UsageError(f"give either a path ({path}) or --flake, not both")
@@ -59,7 +59,7 @@ def build_image(
         return nix.build(flake, nix_args=nix_args, layout=layout, runner=runner,
                          on_stage=prog.stage, on_line=prog.line)
     from .. import spec as spec_mod
-    from ..images import debian
+    from ..builders import debian
 
     source = Path(path)
     guest = spec_mod.load_toml(source)

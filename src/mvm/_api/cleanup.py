@@ -9,7 +9,7 @@ What it removes, and only that:
   never started;
 - images no VM uses, except the newest ``keep`` of each guest (by name and architecture),
   with their locks;
-- package layers (mvm.images.layer) that no remaining image was built from;
+- package layers (mvm.builders.layer) that no remaining image was built from;
 - templates (fast start) that are damaged or whose image is gone;
 - with ``everything``: also ``nix-collect-garbage`` when Nix is installed. That collects
   the user's whole Nix store, not only what mvm built: the CLI says so.
@@ -30,9 +30,9 @@ from .._atomic import remove_tree, trash_in
 from .._locks import held, remove_unheld
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import Backend
+from ..builders.layer import remove_unused, unmount_below
+from ..builders.store import Image, ImageStore, read_manifest
 from ..errors import MvmError, StateError
-from ..images.layer import remove_unused, unmount_below
-from ..images.store import Image, ImageStore, read_manifest
 from ..paths import Layout, VMFiles
 from ..runtime.registry import Registry
 from ..runtime.templates import TemplateStore

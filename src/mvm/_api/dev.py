@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Literal
 
 from .._proc import DEFAULT_RUNNER, Runner, interactive, require_tool
 from ..backends.base import Share
+from ..builders import debian, initrd, kernel
+from ..builders.store import Image, ImageStore, Manifest, link_or_copy
 from ..errors import BootError, UsageError
-from ..images import debian, initrd, kernel
-from ..images.store import Image, ImageStore, Manifest, link_or_copy
 from ..paths import Layout
 from ..spec import GuestSpec
 from .models import DownResult

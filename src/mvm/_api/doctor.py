@@ -67,7 +67,7 @@ def check_tools(runner: Runner = DEFAULT_RUNNER) -> list[ToolCheck]:
 
 def check_backends(layout: Layout) -> list[BackendCheck]:
     from ..backends import accel
-    from ..images import kernel as kernel_mod
+    from ..builders import kernel as kernel_mod
 
     qemu = QEMU.get(host_arch(), "qemu-system-x86_64")
     if not find_tool(qemu):
@@ -104,7 +104,7 @@ def foreign_architectures(runner: Runner) -> set[str]:
 
 
 def check_arch(arch: Arch, runner: Runner) -> ArchCheck:
-    from ..images import arches
+    from ..builders import arches
 
     native = arch == host_arch()
     qemu = QEMU[arch]

@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, Runner
+from ..builders.store import Image, ImageStore
 from ..errors import UsageError
 from ..export import kubevirt
-from ..images.store import Image, ImageStore
 from ..names import host_arch
 from ..paths import Layout
 from .build import build_image

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from .._atomic import remove_tree
 from .._locks import remove_unheld
+from ..builders.store import Image, ImageStore
 from ..errors import MvmError, UsageError
-from ..images.store import Image, ImageStore
 from ..paths import Layout
 from ..runtime.registry import Registry
 from ..runtime.templates import TemplateStore

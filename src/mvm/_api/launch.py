@@ -21,8 +21,8 @@ from ..backends.base import (
     MemoryFile,
     spec_to_json,
 )
+from ..builders.store import ImageStore
 from ..errors import AgentError, BootError, MvmError, StateError, VMExists
-from ..images.store import ImageStore
 from ..paths import Layout, VMFiles
 from ..runtime import agent, logs
 from ..runtime.bootconfig import BootConfig, write_config_disk

@@ -12,8 +12,8 @@ import shlex
 
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import PortForward
+from ..builders.store import ImageStore
 from ..errors import StateError, VMError
-from ..images.store import ImageStore
 from ..paths import Layout
 from ..runtime.bootconfig import read_config_disk
 from ..runtime.registry import Registry, VMRecord

@@ -21,8 +21,8 @@ from .. import backends
 from .._locks import locked
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import Backend, Incoming, LaunchSpec, MachineRef, MachineRequest, MemoryFile
+from ..builders.store import Image, ImageStore
 from ..errors import HealthTimeout, MvmError, StateError, check_free
-from ..images.store import Image, ImageStore
 from ..paths import Layout, VMFiles
 from ..runtime import agent, machine_users
 from ..runtime.bootconfig import BootConfig

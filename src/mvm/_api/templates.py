@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from .._locks import held
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import SAVE_RESTORE, Backend
+from ..builders.store import Image, ImageStore
 from ..errors import UsageError
-from ..images.store import Image, ImageStore
 from ..paths import Layout
 from ..runtime.templates import (
     HOTPLUG_SLOTS,

@@ -30,8 +30,8 @@ from ..backends.base import (
     PortForward,
     Share,
 )
+from ..builders.store import Image
 from ..errors import AgentError, AgentTimeout, MvmError, VMError
-from ..images.store import Image
 from ..paths import Layout
 from ..runtime.registry import Registry
 from ..runtime.templates import TemplateStore

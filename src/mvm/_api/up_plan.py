@@ -15,8 +15,8 @@ from ..backends.base import (
     PortForward,
     Share,
 )
+from ..builders.store import Image
 from ..errors import UsageError
-from ..images.store import Image
 from ..names import MIN_MEMORY_MIB, check_vm_name
 from ..paths import Layout
 from ..runtime.registry import PortRecord, VMRecord

@@ -113,7 +113,7 @@ def spec_from_image(
     ``name`` defaults to the image's name, as ``up --name`` does; when it differs and the
     spec sets no hostname, it becomes the guest's hostname, also as under ``up``.
     """
-    from ..images.store import read_manifest
+    from ..builders.store import read_manifest
 
     manifest = read_manifest(image_dir)  # StateError, with a hint, if it is not an image
     guest = manifest.guest

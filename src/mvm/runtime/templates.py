@@ -41,8 +41,8 @@ from pydantic import BaseModel, ValidationError
 
 from .._atomic import remove_tree, write_json_atomic
 from ..backends.base import Backend
+from ..builders.store import Image
 from ..errors import StateError
-from ..images.store import Image
 from ..paths import Layout
 
 TEMPLATE_SCHEMA = 1

@@ -10,7 +10,7 @@
    flake reference and the output path. The image then boots exactly like one from
    ``mvm.toml``.
 
-Nix's errors are condensed by :mod:`mvm.images.nixerrors`. The flags that enable flakes are
+Nix's errors are condensed by :mod:`mvm.builders.nixerrors`. The flags that enable flakes are
 passed on the command line, so a stock Nix (e.g. Debian's ``nix-bin``) needs no config.
 """
 
