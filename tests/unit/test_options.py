@@ -52,3 +52,33 @@ def test_parse_env() -> None:
 def test_parse_env_errors(item: str, fragment: str) -> None:
     with pytest.raises(UsageError, match=fragment):
         parse_env([item])
+
+
+@pytest.mark.parametrize(("env", "fragment"), [
+    ({"A=B": "y"}, "'A=B' is not a valid variable name"),  # the guest refused it, as its service never started
+    ({"1BAD": "x"}, "'1BAD' is not a valid variable name"),
+    ({"A": 1}, "the value 1 is not a string"),
+    ("A=1", "give a list of KEY=VALUE strings or a mapping"),
+])
+def test_the_apis_env_is_checked_as_the_clis(env: object, fragment: str) -> None:
+    with pytest.raises(UsageError, match=fragment):
+        parse_env(env)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    ({"memory": "512"}, "memory='512': must be a whole number"),
+    ({"cpus": 1.5}, "cpus=1.5: must be a whole number"),
+    ({"volumes": "/x:/data"}, "volumes='/x:/data': give a list"),
+    ({"ports": "8080:80"}, "ports='8080:80': give a list"),
+])
+def test_the_apis_up_refuses_wrong_types_by_name(kwargs: dict[str, object], fragment: str) -> None:
+    from mvm._api.up_plan import UpRequest
+
+    with pytest.raises(UsageError, match=fragment):
+        UpRequest.parse(**kwargs)  # type: ignore[arg-type]
+
+
+def test_an_int_port_is_a_guest_port() -> None:
+    from mvm._api.up_plan import UpRequest
+
+    assert UpRequest.parse(ports=[8080]).forwards == [parse_port("8080")]

@@ -956,3 +956,16 @@ def test_a_template_waits_for_health_no_longer_than_asked(layout: Layout, fake: 
     vm = _up(layout, fake, image)  # nothing healthy to restore: a cold boot, which says why
     assert vm.info().start == "cold" and "no 'ready' state" in vm.info().start_reason
     vm.down()
+
+
+def test_exec_refuses_a_string_command_and_a_zero_timeout(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    """`vm.exec("cat /etc/hostname")` ran 'c' 'a' 't'... (exit 127); a timeout of 0 meant none."""
+    vm = _up(layout, fake, image)
+    with pytest.raises(UsageError, match="give the command as a list") as caught:
+        vm.exec("cat /etc/hostname")
+    assert caught.value.hint and "['cat', '/etc/hostname']" in caught.value.hint
+    with pytest.raises(UsageError, match="timeout=0: must be more than 0"):
+        vm.exec(["true"], timeout=0)
+    with pytest.raises(UsageError, match="'A=B' is not a valid variable name"):
+        vm.exec(["true"], env={"A=B": "1"})
+    vm.down()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Mapping, Sequence
 
 from ..backends.base import PortForward
 from ..errors import UsageError
@@ -58,15 +59,26 @@ def parse_port(spec: str) -> PortForward:
     )
 
 
-def parse_env(items: list[str]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
+def parse_env(items: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
+    """``-e`` values, as ``KEY=VALUE`` strings or a mapping (the API's), each name and value
+    checked the same way: the guest would refuse them later, with less to say."""
+    if isinstance(items, str):
+        raise UsageError(f"env {items!r}: give a list of KEY=VALUE strings or a mapping, not one string")
+    pairs: list[tuple[str, object]] = []
+    for item in items or ():
+        if isinstance(items, Mapping):
+            pairs.append((str(item), items[item]))
+        elif "=" not in item:
             raise UsageError(f"-e {item!r}: expected KEY=VALUE", hint="e.g. -e LOG_LEVEL=debug")
+        else:
+            pairs.append(tuple(item.split("=", 1)))  # type: ignore[arg-type]
+    env: dict[str, str] = {}
+    for key, value in pairs:
         if not ENV_NAME_RE.fullmatch(key):
-            raise UsageError(f"-e {item!r}: {key!r} is not a valid variable name",
+            raise UsageError(f"-e {f'{key}={value}'!r}: {key!r} is not a valid variable name",
                              hint="names are letters, digits and _, not starting with a digit")
+        if not isinstance(value, str):
+            raise UsageError(f"-e {key}: the value {value!r} is not a string")
         if "\0" in value:
             raise UsageError(f"-e {key}: the value contains a NUL byte")
         env[key] = value

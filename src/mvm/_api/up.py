@@ -54,7 +54,7 @@ def up(
     name: str | None = None,
     cpus: int | None = None,
     memory: int | None = None,
-    ports: Sequence[str | PortForward] = (),
+    ports: Sequence[str | int | PortForward] = (),
     env: Mapping[str, str] | Sequence[str] | None = None,
     volumes: Sequence[str] = (),
     hypervisor: str = "auto",
@@ -72,7 +72,9 @@ def up(
     arch: str | None = None,
 ) -> VM:
     """Build if needed, boot, and return once the guest agent answers (or is healthy).
-    ``volumes`` are ``-v`` values (see :mod:`mvm._api.volume_attach`); they are all checked
+    ``ports`` are ``-p`` values (an int is a guest port, given a free host port), ``env`` a
+    mapping or ``KEY=VALUE`` strings, ``volumes`` ``-v`` values (see
+    :mod:`mvm._api.volume_attach`); they are all checked
     before anything is built or created. ``image`` boots an already-built image instead;
     ``shares`` are host directories the guest can mount live (``mvmctl dev`` shares the
     project directory this way). ``backend`` replaces the one ``hypervisor`` names. ``arch``

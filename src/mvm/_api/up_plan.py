@@ -56,7 +56,7 @@ class UpRequest:
         name: str | None = None,
         cpus: int | None = None,
         memory: int | None = None,
-        ports: Sequence[str | PortForward] = (),
+        ports: Sequence[str | int | PortForward] = (),
         env: Mapping[str, str] | Sequence[str] | None = None,
         volumes: Sequence[str] = (),
         hypervisor: str = "auto",
@@ -64,6 +64,12 @@ class UpRequest:
         cold: bool = False,
         log_limit_mb: int | None = None,
     ) -> UpRequest:
+        for what, value in (("cpus", cpus), ("memory", memory), ("log_limit_mb", log_limit_mb)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise UsageError(f"{what}={value!r}: must be a whole number")
+        for what, values in (("ports", ports), ("volumes", volumes)):
+            if isinstance(values, str):
+                raise UsageError(f"{what}={values!r}: give a list", hint=f"{what}=[{values!r}]")
         if cpus is not None and not 1 <= cpus <= 64:
             raise UsageError(f"--cpus {cpus}: must be between 1 and 64")
         if cpus is not None:
@@ -86,8 +92,8 @@ class UpRequest:
             name=name,
             cpus=cpus,
             memory=memory,
-            forwards=[parse_port(p) if isinstance(p, str) else p for p in ports],
-            env=dict(env) if isinstance(env, Mapping) else parse_env(list(env or [])),
+            forwards=[p if isinstance(p, PortForward) else parse_port(str(p)) for p in ports],  # 8080: a guest port
+            env=parse_env(env),
             volumes=list(volumes),
             backend=backend,
             accel=accel,

@@ -129,11 +129,16 @@ class VM:
         """
         if not argv:
             raise UsageError("exec needs a command", hint="e.g. mvmctl exec NAME -- uname -a")
-        environment = dict(env) if isinstance(env, dict) else parse_env(list(env or []))
+        if isinstance(argv, str):  # list("cat /x") would run 'c' 'a' 't'...
+            raise UsageError(f"exec {argv!r}: give the command as a list of arguments (no shell runs it)",
+                             hint=f"e.g. {argv.split()!r}, or ['sh', '-c', {argv!r}]")
+        if timeout is not None and timeout <= 0:
+            raise UsageError(f"timeout={timeout!r}: must be more than 0 seconds (None waits as long as it runs)")
+        environment = parse_env(env)
         self.require_running()
         out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         request: dict[str, Any] = {"argv": list(argv), "user": user, "env": environment, "cwd": cwd}
-        if timeout:
+        if timeout is not None:
             request["timeout"] = timeout
         with agent.AgentSession(self.files, self.name) as session:
             session.start("exec", **request)
