@@ -86,7 +86,12 @@ class FixtureVM(mvm.VM):
 
     def wait_healthy(self, timeout: float = HEALTH_TIMEOUT,
                      on_change: Callable[[mvm.GuestStatus], None] | None = None) -> mvm.GuestStatus:
-        return super().wait_healthy(timeout, on_change)
+        try:
+            return super().wait_healthy(timeout, on_change)
+        except (mvm.HealthTimeout, mvm.ServiceFailed) as exc:  # the VM goes at teardown, unlike `up --wait`'s
+            exc.hint = ("the fixture brings the VM down after the test; `pytest --mvm-keep` keeps a failed "
+                        "test's VMs running to inspect them")
+            raise
 
     def restart(self, *, wait: bool = True, wait_timeout: float = HEALTH_TIMEOUT,
                 progress: Any = None) -> FixtureVM:

@@ -322,6 +322,7 @@ def test_export_writes_a_valid_layout_and_vm_yaml(image: Path, tmp_path: Path) -
     index = json.loads((layout / "index.json").read_text())
     assert index["manifests"][0]["annotations"][oci.REF_NAME_ANNOTATION] == "v1"
     assert result.manifest_digest == index["manifests"][0]["digest"]
+    assert {p.stat().st_mode & 0o777 for p in (layout / "blobs" / "sha256").iterdir()} == {0o644}  # the layer too
 
     members = read_layer_members(layout)
     assert sorted(members) == ["boot", "boot/initrd", "boot/vmlinux", "disk", "disk/rootfs.qcow2"]

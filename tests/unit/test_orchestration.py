@@ -969,3 +969,14 @@ def test_exec_refuses_a_string_command_and_a_zero_timeout(layout: Layout, fake: 
     with pytest.raises(UsageError, match="'A=B' is not a valid variable name"):
         vm.exec(["true"], env={"A=B": "1"})
     vm.down()
+
+
+def test_export_of_a_vm_name_says_how_to_export_its_image(layout: Layout, fake: FakeBackend, image: Image,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # "web" is no directory here
+    vm = _up(layout, fake, image, ports=["8080:80"], env={"TOKEN": "x"})
+    with pytest.raises(UsageError, match="'web' is neither a spec directory nor an image") as caught:
+        mvm.export_kubevirt("web", out=tmp_path / "out", layout=layout)
+    assert caught.value.hint == (f"web is a VM; export its image, with what it was started with: "
+                                 f"mvmctl export {image.key[:12]} --name web -p 80 -e TOKEN=...")
+    vm.down()

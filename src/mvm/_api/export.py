@@ -9,10 +9,11 @@ from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, Runner
 from ..builders.store import Image, ImageStore
-from ..errors import UsageError
+from ..errors import MvmError, UsageError
 from ..export import kubevirt
 from ..names import host_arch
 from ..paths import Layout
+from ..runtime.registry import Registry
 from .build import build_image
 from .models import ExportInfo
 from .progress import Progress, Quiet
@@ -33,8 +34,21 @@ def _resolve(target: str, flake: str | None, nix_args: Sequence[str], layout: La
              or [i for i in named if i.manifest.arch == host_arch()] or named)  # this machine's, if built
     if not found:
         raise UsageError(f"{target!r} is neither a spec directory nor an image in the store",
-                         hint="give the directory holding mvm.toml, --flake REF, or a name from `mvmctl images`")
+                         hint=_vm_hint(target, layout) or "give the directory holding mvm.toml, --flake REF, or a "
+                         "name from `mvmctl images`")
     return found[-1]
+
+
+def _vm_hint(target: str, layout: Layout) -> str | None:
+    """A VM is not exported, its image is: say which, with what the VM was started with."""
+    try:
+        record = Registry(layout).load(target)
+    except MvmError:
+        return None
+    ports = "".join(f" -p {p.guest_port}" for p in record.ports if p.proto == "tcp")
+    env = "".join(f" -e {key}=..." for key in record.env_keys)
+    return (f"{target} is a VM; export its image, with what it was started with: "
+            f"mvmctl export {record.image_key[:12]} --name {target}{ports}{env}")
 
 
 def export_kubevirt(
@@ -61,7 +75,7 @@ def export_kubevirt(
     return ExportInfo(
         out_dir=str(result.out_dir), vm_yaml=str(result.vm_yaml),
         layout=str(result.layout) if result.layout else None, archive=str(result.archive) if result.archive else None,
-        image=result.image, manifest_digest=result.manifest_digest, ports=list(result.ports),
+        image=result.image, image_key=image.key, manifest_digest=result.manifest_digest, ports=list(result.ports),
         probe_from=result.probe_from, notes=list(result.notes),
         dropped=[f"{d.name}: {d.reason}" for d in result.dropped], commands=result.commands,
     )

@@ -262,6 +262,7 @@ class ExportInfo(_Model):
     layout: str | None = None  #: the OCI image layout dir
     archive: str | None = None  #: the oci-archive tar (``--archive``)
     image: str  #: the image reference vm.yaml points at
+    image_key: str = ""  #: the mvm image exported (a guest name picks its newest)
     manifest_digest: str
     ports: list[int] = []
     probe_from: str | None = None  #: the health check the readiness probe comes from

@@ -178,6 +178,7 @@ def _write_layer_blob(blobs: Path, files: Sequence[LayerFile]) -> tuple[Descript
                 uncompressed = _HashingWriter(gz)
                 write_layer_tar(uncompressed, files)
         digest = compressed.sha.hexdigest()
+        os.chmod(tmp, 0o644)  # as the layout's other blobs (mkstemp makes it 0600): skopeo may run as another user
         tmp.replace(blobs / digest)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -60,7 +60,8 @@ def export(
     if json:
         output.print_json(info)
         return
-    output.info(f"wrote {info.vm_yaml} and {info.layout or info.archive} (image {info.image})")
+    output.info(f"wrote {info.vm_yaml} and {info.layout or info.archive} (image {info.image}, "
+                f"from mvm image {info.image_key[:12]})")
     for note in info.notes:
         output.info(f"note: {note}")
     for dropped in info.dropped:
