@@ -156,7 +156,16 @@ class RestoreFailed(BootError):
 
 
 class AgentError(VMError):
+    """The guest agent failed or refused a request. Without a hint of its own, it points at
+    what says why: the VM's state and its logs (a stopping VM, a crashed guest)."""
+
     reference = "agent-error"
+
+    def __init__(
+        self, vm: str, message: str, *, hint: str | None = None, output: str | None = None
+    ) -> None:
+        super().__init__(vm, message, output=output,
+                         hint=hint or f"`mvmctl status {vm}` and `mvmctl logs {vm}` show what the VM is doing")
 
 
 class AgentTimeout(AgentError):

@@ -58,5 +58,7 @@ def test_an_error_about_a_vm_names_it_once(capsys: pytest.CaptureFixture[str]) -
 
     output.render_error(AgentError("web-2", "lost the connection to the agent"))
     output.render_error(VMNotFound("web", "no VM named 'web'"))
-    assert capsys.readouterr().err.splitlines() == ["error: web-2: lost the connection to the agent",
-                                                    "error: no VM named 'web'"]
+    assert capsys.readouterr().err.splitlines() == [
+        "error: web-2: lost the connection to the agent",
+        "hint: `mvmctl status web-2` and `mvmctl logs web-2` show what the VM is doing",  # an agent error's default
+        "error: no VM named 'web'"]
