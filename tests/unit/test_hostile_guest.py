@@ -570,3 +570,12 @@ def test_the_guests_cp_sends_a_link_as_it_is_or_follows_it(tmp_path: Path, monke
     assert sent(False).issym()
     followed = sent(True)
     assert followed.isfile() and followed.name == guest_copy.TOP and followed.size == 4
+
+
+def test_a_stats_reply_keeps_only_well_typed_values() -> None:
+    from mvm._api.stats import _GuestSample, _ServiceSample
+
+    sample = _GuestSample.of({"services": {"a": {"pid": "x", "cpu_seconds": 2.5, "memory_bytes": -5}, "b": 3},
+                              "memory_total": "big", "memory_available": 1024})
+    assert sample == _GuestSample({"a": _ServiceSample(pid=None, cpu_seconds=2.5, memory_bytes=0)}, None, 1024)
+    assert _GuestSample.of({"services": ["not", "a", "dict"]}) == _GuestSample()

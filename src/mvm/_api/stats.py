@@ -8,6 +8,7 @@ guest's from its agent (each service's session: the service and what it started)
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from .._proc import DEFAULT_RUNNER, Runner
@@ -22,28 +23,40 @@ from .models import ServiceUsage, VMUsage
 from .vm import VM
 
 
-def _sample(vm: VM, runner: Runner) -> tuple[float, MachineUsage, dict[str, Any]]:
+@dataclass(frozen=True)
+class _ServiceSample:
+    pid: int | None
+    cpu_seconds: float
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class _GuestSample:
+    """What the agent's ``stats`` says, only well-typed values kept (the guest is not trusted)."""
+
+    services: dict[str, _ServiceSample] = field(default_factory=dict)
+    memory_total: int | None = None
+    memory_available: int | None = None
+
+    @classmethod
+    def of(cls, reply: dict[str, Any]) -> _GuestSample:
+        raw = reply.get("services")
+        services = {str(name): _ServiceSample(pid=as_int(svc.get("pid"), 0) or None,
+                                              cpu_seconds=as_float(svc.get("cpu_seconds")) or 0.0,
+                                              memory_bytes=max(0, as_int(svc.get("memory_bytes"), 0)))
+                    for name, svc in (raw.items() if isinstance(raw, dict) else ()) if isinstance(svc, dict)}
+        return cls(services, _bytes(reply.get("memory_total")), _bytes(reply.get("memory_available")))
+
+
+def _sample(vm: VM, runner: Runner) -> tuple[float, MachineUsage, _GuestSample]:
     record = vm.record()
     assert record.machine is not None
     machine = backend_for(record, runner).usage(record.machine.ref)
     try:
-        guest = _guest_usage(agent.request(vm.files, vm.name, "stats", timeout=5.0))
+        guest = _GuestSample.of(agent.request(vm.files, vm.name, "stats", timeout=5.0))
     except MvmError:
-        guest = {}
+        guest = _GuestSample()
     return time.monotonic(), machine, guest
-
-
-def _guest_usage(reply: dict[str, Any]) -> dict[str, Any]:
-    """The agent's ``stats`` reply with only well-typed values kept (the guest is not trusted)."""
-    services: dict[str, dict[str, Any]] = {}
-    raw = reply.get("services")
-    for name, svc in (raw.items() if isinstance(raw, dict) else ()):
-        if isinstance(svc, dict):
-            services[str(name)] = {"pid": as_int(svc.get("pid"), 0) or None,
-                                   "cpu_seconds": as_float(svc.get("cpu_seconds")) or 0.0,
-                                   "memory_bytes": max(0, as_int(svc.get("memory_bytes"), 0))}
-    return {"services": services, "memory_total": _bytes(reply.get("memory_total")),
-            "memory_available": _bytes(reply.get("memory_available"))}
 
 
 def _bytes(value: object) -> int | None:
@@ -76,15 +89,13 @@ def stats(names: list[str] | None = None, *, interval: float = 1.0, layout: Layo
         t0, m0, g0 = first[vm.name]
         t1, m1, g1 = _sample(vm, runner)
         wall = max(t1 - t0, 1e-3)
-        before = g0.get("services") or {}
         services = []
-        for svc, now in sorted((g1.get("services") or {}).items()):
-            was = before.get(svc) or {}
-            same = was.get("pid") == now.get("pid")
-            cpu = (now.get("cpu_seconds", 0) - (was.get("cpu_seconds", 0) if same else 0)) / wall
-            services.append(ServiceUsage(name=svc, pid=now.get("pid"), cpu_percent=round(max(cpu, 0) * 100, 1),
-                                         memory_bytes=int(now.get("memory_bytes") or 0)))
-        total, available = g1.get("memory_total"), g1.get("memory_available")
+        for svc, now in sorted(g1.services.items()):
+            was = g0.services.get(svc)
+            cpu = (now.cpu_seconds - (was.cpu_seconds if was is not None and was.pid == now.pid else 0)) / wall
+            services.append(ServiceUsage(name=svc, pid=now.pid, cpu_percent=round(max(cpu, 0) * 100, 1),
+                                         memory_bytes=now.memory_bytes))
+        total, available = g1.memory_total, g1.memory_available
         out.append(VMUsage(
             name=vm.name,
             cpu_percent=round((m1.cpu_seconds - m0.cpu_seconds) / wall * 100, 1),
