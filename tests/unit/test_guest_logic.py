@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mvm.guest import handover, protocol
+from mvm.guest import handover, protocol, supervisor
 from mvm.guest.handover import hand_over
 from mvm.guest.health import STARTING_NICE, next_state, probe_nice
 from mvm.guest.supervisor import BACKOFF_CAP, Identity, backoff_delay, should_restart
@@ -26,6 +26,13 @@ def test_backoff_is_exponential_and_capped() -> None:
 )
 def test_restart_policy(policy: str, code: int, restart: bool) -> None:
     assert should_restart(policy, code) is restart
+
+
+def test_a_program_the_shell_cannot_run_is_not_restarted() -> None:
+    assert "command not found" in (supervisor.cannot_run(127, 0.2) or "")
+    assert "cannot be executed" in (supervisor.cannot_run(126, 3.0) or "")
+    assert supervisor.cannot_run(1, 0.2) is None
+    assert supervisor.cannot_run(127, supervisor.BACKOFF_RESET_AFTER) is None  # it ran: maybe luckier next time
 
 
 def test_probes_yield_the_cpu_only_while_their_check_is_starting() -> None:

@@ -62,3 +62,24 @@ def test_an_error_about_a_vm_names_it_once(capsys: pytest.CaptureFixture[str]) -
         "error: web-2: lost the connection to the agent",
         "hint: `mvmctl status web-2` and `mvmctl logs web-2` show what the VM is doing",  # an agent error's default
         "error: no VM named 'web'"]
+
+
+def test_a_long_build_line_leaves_the_elapsed_time_in_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from rich.text import Text
+
+    drawn: list[str] = []
+    prog = output.StageProgress("building")
+    prog._status = SimpleNamespace(console=SimpleNamespace(width=80), update=drawn.append)
+    monkeypatch.setattr(output.time, "monotonic", lambda: prog.started + 93)
+    prog.stage("installing packages (" + ", ".join(f"package{i}" for i in range(12)) + ") with mmdebstrap")
+    prog.line("Setting up libpython3.11-stdlib:arm64 (3.11.2-6+deb12u6) ... and a good deal more text")
+    for markup in drawn:
+        plain = Text.from_markup(markup).plain
+        assert len(plain) <= 77 and "(93s)" in plain, plain
+    prog.stage("fetching the guest kernel (arm64)")
+    prog.line("Setting up libpython3.11-stdlib:arm64 (3.11.2-6+deb12u6) ... and a good deal more text")
+    plain = Text.from_markup(drawn[-1]).plain
+    assert plain.startswith("building: fetching the guest kernel (arm64) (93s) Setting up") and plain.endswith("…")
+    assert len(plain) == 77

@@ -67,7 +67,7 @@ def build_image(
         guest = guest.model_copy(update={"arch": arch})
     prog.stage("resolving")
     return debian.build(guest, source=spec_mod.spec_file(source).resolve(), layout=layout, runner=runner,
-                        pull=pull, on_stage=prog.stage, on_line=prog.line)
+                        pull=pull, on_stage=prog.stage, on_line=prog.line, on_note=prog.note)
 
 
 def build(

@@ -19,7 +19,8 @@ class Progress(Protocol):
         ...
 
     def note(self, text: str) -> None:
-        """Something to know once the call is done (it left work running in the background)."""
+        """Something to keep in view, not just while a step runs: why a step is slow (an
+        emulated build), work left running in the background."""
         ...
 
 

@@ -81,10 +81,10 @@ def check_can_install(arch: Arch) -> None:
 
 
 def install_note(arch: Arch) -> str:
-    """What the package install stage adds for a foreign architecture (it is slow)."""
+    """What to say before installing packages for a foreign architecture (it is slow)."""
     if not foreign(arch):
         return ""
-    return f" for {debian(arch)}, emulated by qemu-user (about 4x slower than a native build)"
+    return f"installing {debian(arch)} packages emulated by qemu-user: about 4x slower than a native build"
 
 
 def fetch_busybox(dest: Path, arch: Arch, runner: Runner) -> Path:

@@ -61,6 +61,7 @@ def build(
     pull: bool = False,
     on_stage: Callable[[str], None] | None = None,
     on_line: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] = lambda _: None,
 ) -> tuple[Image, bool]:
     """Return (image, built): the cached image for ``spec``, building it if needed.
     ``pull`` rebuilds the package layer from the mirrors (newer packages)."""
@@ -68,8 +69,9 @@ def build(
     arch = arches.resolve(spec.arch)
     sources = host_sources()
     k = kernel.ensure_kernel(layout.kernels, runner, on_stage=stage, arch=arch)
+    # the layer stays held until the image is published: cleanup waits for it
     with held_layer(spec.packages, arch=arches.debian(arch), sources=sources, layout=layout, runner=runner,
-                    pull=pull, on_stage=stage, on_line=on_line) as layer:  # cleanup waits for its image
+                    pull=pull, on_stage=stage, on_line=on_line, on_note=on_note) as layer:
         key = image_key(spec, source.parent, k.version, layer, arch)
         store = ImageStore(layout.images)
         hit = store.get(key)

@@ -131,6 +131,7 @@ def held_layer(
     pull: bool = False,
     on_stage: Callable[[str], None] = lambda _: None,
     on_line: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] = lambda _: None,
 ) -> Iterator[Layer]:
     """The cached layer for ``packages`` (built now if missing, or rebuilt with ``pull``),
     its lock held until the block ends (see the module docstring)."""
@@ -143,8 +144,10 @@ def held_layer(
         if found is not None and not pull:
             yield found
             return
-        on_stage(f"installing packages ({', '.join(wanted)}) with mmdebstrap"
-                 + arches.install_note(arches.from_debian(arch)))
+        note = arches.install_note(arches.from_debian(arch))
+        if note:  # its own line: in the stage it would crowd out the elapsed time on a terminal
+            on_note(note)
+        on_stage(f"installing packages ({', '.join(wanted)}) with mmdebstrap")
         staging = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=root))
         try:
             layer_id = _build(staging, wanted, arch=arch, sources=sources, layout=layout, runner=runner,

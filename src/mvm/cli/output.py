@@ -195,9 +195,8 @@ class StageProgress:
 
     def stage(self, name: str) -> None:
         self._stage = name
-        elapsed = time.monotonic() - self.started
         if self._status is not None:
-            self._status.update(f"{self.title}: {name} [dim]({elapsed:.1f}s)[/]")
+            self._draw("")
         else:
             sys.stderr.write(f"{self.title}: {name}\n")
             sys.stderr.flush()
@@ -207,9 +206,20 @@ class StageProgress:
 
     def line(self, text: str) -> None:
         if self._status is not None and text.strip():
-            elapsed = time.monotonic() - self.started
-            short = safe(text.strip()[:90])
-            self._status.update(f"{self.title}: {self._stage} [dim]({elapsed:.0f}s) {short}[/]")
+            self._draw(text.strip())
+
+    def _draw(self, text: str) -> None:
+        """One terminal line: the step, the time it has taken, then as much of the step's
+        latest output line as fits. Shortened here, not cropped by the terminal, which would
+        take the elapsed time with it."""
+        step = f"{self.title}: {self._stage}"
+        elapsed = f"({time.monotonic() - self.started:.0f}s)"
+        room = self._status.console.width - 3  # the spinner and its gap
+        if len(step) + 1 + len(elapsed) > room:
+            step = step[:max(0, room - len(elapsed) - 2)] + "…"
+        room -= len(step) + 1 + len(elapsed)
+        shown = text if len(text) < room else (text[:room - 2] + "…" if room > 8 else "")
+        self._status.update(f"{safe(step)} [dim]{elapsed}" + (f" {safe(shown)}" if shown else "") + "[/]")
 
 
 @contextmanager

@@ -11,6 +11,9 @@ Rules (documented in docs/guest.md):
   the env from the spec, overridden by ``mvmctl up -e``.
 - ``restart``: ``always`` (default), ``on-failure`` (non-zero exit or signal) or ``no``.
   Delays grow 0.5 s, 1 s, 2 s ... up to 30 s, and reset once a run lasted 10 s.
+- A run that ends within those 10 s with the shell's "command not found" (127) or "cannot
+  execute" (126) fails the service for good, whatever the policy: the image will not grow the
+  program, so restarting would only hide the cause behind a crash loop.
 - A run the kernel's OOM killer ended (a SIGKILL the kernel log explains, :mod:`.oom`) says
   so in ``reason`` (status and the service event), and restarts like any other failure.
 """
@@ -42,6 +45,20 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 def backoff_delay(consecutive_failures: int) -> float:
     return float(min(BACKOFF_CAP, BACKOFF_BASE * (2 ** max(0, consecutive_failures - 1))))
+
+
+#: What ``sh -c`` exits with when it cannot run the program at all, and what to do about it.
+_SHELL_CANNOT_RUN = {
+    127: "command not found (exit 127): add the program's package to packages, or fix the path in command",
+    126: "command cannot be executed (exit 126): check the file's execute bit and interpreter",
+}
+
+
+def cannot_run(code: int, ran_for: float) -> str | None:
+    """Why a run that ended this way will fail again on every restart, or None. Only a short
+    run counts: a service that ran a while and then had a script of its own exit 127 may be
+    luckier next time."""
+    return _SHELL_CANNOT_RUN.get(code) if ran_for < BACKOFF_RESET_AFTER else None
 
 
 def should_restart(policy: str, code: int) -> bool:
@@ -200,7 +217,9 @@ class Service:
                     self._hand_over(mark, user)
             if code != 0:
                 self.last_exit = code
-                self._set_state("failed", reason=f"preStart exited with {code}", exit=code)
+                hopeless = cannot_run(code, 0.0) if code is not None else None
+                reason = f"preStart exited with {code}" + (f": {hopeless}" if hopeless else "")
+                self._set_state("failed", reason=reason, exit=code)
                 self.started.set()
                 return
         failures = 0
@@ -217,6 +236,10 @@ class Service:
             self.last_exit, self.pid, self.reason = code, None, killed
             if self.sup.stopping.is_set():
                 self._set_state("stopped", exit=code)
+                return
+            hopeless = None if killed else cannot_run(code, time.monotonic() - began)
+            if hopeless:
+                self._set_state("failed", exit=code, reason=hopeless)
                 return
             why = {"reason": killed} if killed else {}
             policy = self.spec.get("restart") or "always"
