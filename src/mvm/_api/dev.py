@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Literal
 
 from .._proc import DEFAULT_RUNNER, Runner, interactive, require_tool
 from ..backends.base import Share
-from ..builders import debian, initrd, kernel
+from ..builders import debian, initrd, kernel, nix
 from ..builders.store import Image, ImageStore, Manifest, link_or_copy
 from ..errors import BootError, UsageError
 from ..paths import Layout
@@ -51,7 +51,7 @@ SHARE_TAG = "mvm-project"
 GUEST_PROJECT = "/project"
 FLAKES = "experimental-features = nix-command flakes"
 #: In the VM, nix runs as root with no nixbld group (Debian's nix-bin creates none).
-VM_NIX_CONFIG = "\n".join([FLAKES, "build-users-group ="])
+VM_NIX_CONFIG = "\n".join([FLAKES, nix.NO_BUILD_USERS])
 
 
 def choose_mode(force_vm: bool = False) -> Mode:
@@ -61,30 +61,12 @@ def choose_mode(force_vm: bool = False) -> Mode:
 
 
 def host_env(environ: Mapping[str, str], *, root_without_build_users: bool | None = None) -> dict[str, str]:
-    """The environment for the host dev shell: the user's, with flakes switched on.
-
-    As root on a Nix without build users (Debian's nix-bin on its own), builds would fail
-    on the missing ``nixbld`` group, so the shell builds as root instead."""
+    """The environment for the host dev shell: the user's, with flakes switched on, and as
+    root on a Nix without build users, building as root (as ``mvmctl build --flake`` does)."""
     if root_without_build_users is None:
-        root_without_build_users = os.geteuid() == 0 and not _group_exists("nixbld")
-    env = dict(environ)
-    lines = [env["NIX_CONFIG"]] if env.get("NIX_CONFIG") else []
-    lines.append("extra-" + FLAKES)
-    if root_without_build_users:
-        lines.append("build-users-group =")
-    env["NIX_CONFIG"] = "\n".join(lines)
-    env["MVM_DEV"] = "host"
-    return env
-
-
-def _group_exists(name: str) -> bool:
-    import grp
-
-    try:
-        grp.getgrnam(name)
-    except KeyError:
-        return False
-    return True
+        root_without_build_users = nix.root_without_build_users()
+    extra = [nix.NO_BUILD_USERS] if root_without_build_users else []
+    return {**environ, **nix.config_env(environ, "extra-" + FLAKES, *extra), "MVM_DEV": "host"}
 
 
 def project_dir(path: str | os.PathLike[str]) -> Path:
@@ -134,7 +116,7 @@ def share_image(base: Image, layout: Layout, runner: Runner) -> Image:
 
 def build_image(layout: Layout, runner: Runner, progress: Progress) -> Image:
     base, _ = debian.build(dev_spec(), source=Path("<mvmctl dev>"), layout=layout, runner=runner,
-                           on_stage=progress.stage, on_line=progress.line)
+                           on_stage=progress.stage, on_line=progress.line, on_note=progress.note)
     return share_image(base, layout, runner)
 
 

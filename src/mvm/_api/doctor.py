@@ -136,6 +136,22 @@ def check_disk(layout: Layout) -> DiskCheck:
                      fix=None if ok else "free disk space, e.g. `mvmctl cleanup`")
 
 
+def group_exists(name: str) -> bool:
+    import grp
+
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def kvm_group_fix(have_kvm_group: bool) -> str:
+    """How to open /dev/kvm to a group (the machine users join the device's group)."""
+    fix = "chgrp kvm /dev/kvm && chmod 660 /dev/kvm (udev does this on most distributions)"
+    return fix if have_kvm_group else f"groupadd --system kvm && {fix}"
+
+
 def check_isolation() -> IsolationCheck:
     if not machine_users.confining():
         uid = os.geteuid()
@@ -150,7 +166,7 @@ def check_isolation() -> IsolationCheck:
     fix = None
     if kvm is None and os.path.exists("/dev/kvm"):
         reason += "; /dev/kvm is open to no group, so those users cannot use KVM (VMs run under TCG)"
-        fix = "chgrp kvm /dev/kvm && chmod 660 /dev/kvm (udev does this on most distributions)"
+        fix = kvm_group_fix(group_exists("kvm"))
     return IsolationCheck(qemu_user="per-vm", uid_range=[first, last], kvm_group=kvm, reason=reason, fix=fix)
 
 

@@ -11,16 +11,21 @@
    ``mvm.toml``.
 
 Nix's errors are condensed by :mod:`mvm.builders.nixerrors`. The flags that enable flakes are
-passed on the command line, so a stock Nix (e.g. Debian's ``nix-bin``) needs no config.
+passed on the command line, so a stock Nix (e.g. Debian's ``nix-bin``) needs no config. As
+root on a Nix without build users (Debian's ``nix-bin`` alone creates no ``nixbld`` group),
+nix is told to build as root (``build-users-group =``), as ``mvmctl dev`` does: otherwise
+every build fails on the missing group.
 """
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import json
 import logging
+import os
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,24 @@ BUILDER_VERSION = "nix-1"
 NIX_FLAGS = ["--extra-experimental-features", "nix-command flakes"]
 #: guest.json keys the Nix front end adds on top of GuestSpec's (and the free-form packages).
 NIX_GUEST_KEYS = ("schema_version", "frontend", "path", "packages")
+
+
+#: The nix.conf line that lets root build without the ``nixbld`` group's users.
+NO_BUILD_USERS = "build-users-group ="
+
+
+def root_without_build_users() -> bool:
+    """Root, and no ``nixbld`` group: nix's default build users do not exist."""
+    try:
+        grp.getgrnam("nixbld")
+    except KeyError:
+        return os.geteuid() == 0
+    return False
+
+
+def config_env(environ: Mapping[str, str], *lines: str) -> dict[str, str]:
+    """``NIX_CONFIG`` for a nix run: the caller's, then ``lines``."""
+    return {"NIX_CONFIG": "\n".join([*filter(None, [environ.get("NIX_CONFIG")]), *lines])}
 
 
 @dataclass(frozen=True)
@@ -108,8 +131,9 @@ def _run_nix(runner: Runner, argv: list[str], flake: FlakeRef, *, desc: str,
         if on_line:
             on_line(text)
 
+    env = config_env(os.environ, NO_BUILD_USERS) if root_without_build_users() else None
     try:
-        return runner.run(argv, desc=desc, on_line=line, error=BuildError).output
+        return runner.run(argv, desc=desc, on_line=line, error=BuildError, env=env).output
     except CommandFailed as exc:
         raise nixerrors.condense(
             "\n".join(seen) or exc.output or "", flake=flake.url, attr=flake.attr, system=host_system(),

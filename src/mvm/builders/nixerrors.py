@@ -15,6 +15,8 @@ import textwrap
 from dataclasses import dataclass, field
 
 from ..errors import BuildError, MvmError, SpecError
+from ..names import ARCHES
+from . import arches
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 STORE_SOURCE = re.compile(r"/nix/store/[a-z0-9]{32}-[^/\s:']+")
@@ -88,17 +90,21 @@ def _user_path(path: str) -> str:
 
 def foreign_system_hint(wanted: str, host: str, extra_platforms_set: bool = False) -> str:
     """Both ways out of "this machine cannot build for ``wanted``": build for the host, or
-    let nix emulate ``wanted`` (qemu-user through binfmt_misc), with the exact lines."""
+    let nix emulate ``wanted`` (qemu-user through binfmt_misc), with the exact lines: only
+    the steps still to do (the handler may be registered already, for mvm's Debian builds)."""
     fix = f"either build for this machine: in flake.nix set `system = \"{host}\";`"
-    arch = wanted.removesuffix("-linux")
-    if arch not in ("x86_64", "aarch64") or not host.endswith("-linux"):
+    arch = next((a for a in ARCHES if f"{a}-linux" == wanted), None)
+    if arch is None or not host.endswith("-linux"):
         return fix + f", or give nix a {wanted} builder (remote builders)"
     binfmt = (f"apt-get install qemu-user-static binfmt-support && update-binfmts --enable qemu-{arch}"
               " (scripts/setup.sh does this; again after a reboot)")
     if extra_platforms_set:
         return f"{fix}\nor register qemu-user's {arch} handler, which nix's emulation needs: {binfmt}"
-    return (f"{fix}\nor let nix emulate {wanted}: add to /etc/nix/nix.conf (or NIX_CONFIG; restart nix-daemon "
-            f"if one runs)\n    extra-platforms = {wanted}\nand register qemu-user's {arch} handler: {binfmt}")
+    lines = (f"{fix}\nor let nix emulate {wanted}: add to /etc/nix/nix.conf (or NIX_CONFIG; restart nix-daemon "
+             f"if one runs)\n    extra-platforms = {wanted}")
+    if arches.binfmt_enabled(arch):
+        return lines + f"\n(qemu-user's {arch} handler is registered already)"
+    return f"{lines}\nand register qemu-user's {arch} handler: {binfmt}"
 
 
 def condense(output: str, *, flake: str, attr: str, system: str,

@@ -1,0 +1,18 @@
+"""What ``doctor`` advises: fixes that work on this machine as it is."""
+
+from __future__ import annotations
+
+import pytest
+
+from mvm._api import doctor
+
+
+@pytest.mark.parametrize("have_group", [True, False])
+def test_the_kvm_fix_creates_the_group_only_where_there_is_none(have_group: bool) -> None:
+    fix = doctor.kvm_group_fix(have_group)
+    assert fix.endswith("chgrp kvm /dev/kvm && chmod 660 /dev/kvm (udev does this on most distributions)")
+    assert fix.startswith("groupadd --system kvm && ") is not have_group
+
+
+def test_a_group_is_looked_up_by_name() -> None:
+    assert doctor.group_exists("root") and not doctor.group_exists("no-such-group-mvm")
