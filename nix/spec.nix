@@ -66,7 +66,9 @@ let
       ranked = sort (x: y: x.d < y.d) (map (k: { inherit k; d = distance key k; }) known);
       best = head ranked;
     in
-    if ranked != [ ] && best.d <= max 2 (stringLength key / 3) then
+    if key == "arch" || key == "system" then
+      " (the architecture is the system the flake calls mkGuest for: mvm.lib.<system>.mkGuest)"
+    else if ranked != [ ] && best.d <= max 2 (stringLength key / 3) then
       " (did you mean '${best.k}'?)"
     else
       " (known attributes: ${concatStringsSep ", " known})";
@@ -87,7 +89,10 @@ let
       more = if rest == [ ] then "" else " (and also ${quoteList rest})";
     in
     if !isAttrs attrs then
-      fail where "expected an attribute set { ... }, got ${describe attrs}"
+      # `where` ends in the dot its attributes would follow ("services.web.")
+      fail (
+        if where == "" then "its argument" else substring 0 (stringLength where - 1) where
+      ) "expected an attribute set { ... }, got ${describe attrs}"
     else if unknown == [ ] then
       attrs
     else

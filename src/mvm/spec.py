@@ -28,7 +28,7 @@ INPUT = {"input": True}
 
 
 class _Model(BaseModel):
-    # strict: `cpus = "2"` is as wrong as `env = { PORT = 8080 }` (types are not coerced)
+    # strict: `cpus = "2"` is refused, not coerced (env's numbers are the one exception)
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, defer_build=True, strict=True)
 
 
@@ -43,6 +43,15 @@ class Service(_Model):
     depends_on: list[str] = Field(default_factory=list, alias="dependsOn")
 
     _check_env = field_validator("env")(check_env)
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_numbers(cls, value: Any) -> Any:
+        """``env = { PORT = 8080 }`` means the string ``"8080"``, as in mkGuest (which
+        converts numbers with toString); true/false are refused, as there."""
+        if not isinstance(value, dict):
+            return value
+        return {k: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for k, v in value.items()}
 
     @field_validator("user")
     @classmethod
@@ -198,7 +207,10 @@ def describe_error(err: dict[str, Any]) -> str:
     if kind in _TYPES:
         value = err.get("input")
         quoted = " (remove the quotes)" if isinstance(value, str) and _unquoted_fits(value, kind) else ""
-        return f"{loc}: must be {_TYPES[kind]}, not {type(value).__name__} {value!r}{quoted}"
+        wanted = _TYPES[kind]
+        if kind == "string_type" and isinstance(value, list):  # command = ["python3", "-m", ...]
+            wanted = "a string: one command line, run by sh -c (join the words with spaces)"
+        return f"{loc}: must be {wanted}, not {type(value).__name__} {value!r}{quoted}"
     msg = err["msg"].removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg  # a check of the whole spec has no one key
 

@@ -309,6 +309,8 @@ def test_files_and_users_in_the_rootfs(nix_env: NixEnv) -> None:
          "(did you mean 'healthIntervalSecs'?)", "mkGuest"),
         ("missing-command", 'command = "${pkgs.python3}/bin/python3 -m http.server 8080 --directory /tmp/www";',
          "", "mkGuest: services.hello.command: required attribute is missing", "mkGuest"),
+        ("arch", 'name = "hello";', 'name = "hello"; arch = "aarch64";',
+         "mkGuest: arch: unknown attribute (the architecture is the system the flake calls mkGuest for", "mkGuest"),
         ("files-target", 'name = "hello";', 'name = "hello"; files."app/server.py" = ./flake.nix;',
          "mkGuest: files.\"app/server.py\": 'app/server.py' must be an absolute guest path", "mkGuest"),
         ("files-source", 'name = "hello";', 'name = "hello"; files."/app/server.py" = "server.py";',

@@ -107,8 +107,11 @@ def test_a_trailing_newline_is_not_a_valid_name(data: dict) -> None:
     ("data", "message"),
     [
         ({"name": "x", "cpus": "2"}, "cpus: must be a whole number, not str '2' (remove the quotes)"),
-        ({"name": "x", "services": {"a": {"command": "x", "env": {"PORT": 8080}}}},
-         "services.a.env.PORT: must be a string (quote it), not int 8080"),
+        ({"name": "x", "services": {"a": {"command": "x", "env": {"DEBUG": True}}}},
+         "services.a.env.DEBUG: must be a string (quote it), not bool True"),
+        ({"name": "x", "services": {"a": {"command": ["python3", "-m", "http.server"]}}},
+         "services.a.command: must be a string: one command line, run by sh -c (join the words with spaces), "
+         "not list ['python3', '-m', 'http.server']"),
         ({"name": "x", "packages": "curl"}, "packages: must be a list, not str 'curl'"),
         ({"name": "x", "cpus": "two"}, "cpus: must be a whole number, not str 'two'"),
         ({"name": "x", "healthChecks": {"a": {"healthCmd": "x", "healthIntervalSecs": "30s"}}},
@@ -140,3 +143,9 @@ def test_a_stored_image_with_an_older_hostname_still_reads(tmp_path: Path) -> No
 
     image = store.publish("k" * 32, make)
     assert read_manifest(image.path).guest.hostname == "my_host"
+
+
+def test_env_numbers_are_strings_as_in_mkguest() -> None:
+    spec = parse_spec({"name": "x", "services": {"a": {"command": "x", "env": {"PORT": 8080, "RATIO": 0.5}}}},
+                      source="t")
+    assert spec.services["a"].env == {"PORT": "8080", "RATIO": "0.5"}
