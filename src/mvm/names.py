@@ -18,6 +18,8 @@ MIN_MEMORY_MIB = 128
 #: Guest CPU architectures, in the kernel's (and Nix's) spelling.
 Arch = Literal["x86_64", "aarch64"]
 ARCHES: tuple[Arch, ...] = ("x86_64", "aarch64")
+#: Other spellings of them (Debian's, Go's, Apple's): what ``uname -m`` may say, what a user may type.
+ARCH_ALIASES: dict[str, Arch] = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
 
 #: uid (and gid of group ``mvm``) of the default service user; further service users follow it.
 DEFAULT_UID = 1000
@@ -58,4 +60,4 @@ def check_env(env: dict[str, str]) -> dict[str, str]:
 def host_arch() -> str:
     """This machine's CPU architecture in the kernel's spelling (``x86_64``, ``aarch64``)."""
     machine = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    return ARCH_ALIASES.get(machine, machine)

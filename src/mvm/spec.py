@@ -18,7 +18,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import SpecError
-from .names import MIN_MEMORY_MIB, SERVICE_RE, USER_RE, Arch, check_env, check_hostname, check_vm_name
+from .names import (
+    ARCH_ALIASES,
+    MIN_MEMORY_MIB,
+    SERVICE_RE,
+    USER_RE,
+    Arch,
+    check_env,
+    check_hostname,
+    check_vm_name,
+)
 
 GUEST_JSON_SCHEMA = 1
 DEFAULT_USER = "mvm"
@@ -211,6 +220,14 @@ def describe_error(err: dict[str, Any]) -> str:
         if kind == "string_type" and isinstance(value, list):  # command = ["python3", "-m", ...]
             wanted = "a string: one command line, run by sh -c (join the words with spaces)"
         return f"{loc}: must be {wanted}, not {type(value).__name__} {value!r}{quoted}"
+    if kind == "literal_error":  # arch = "arm64", restart = "on_failure"
+        value = err.get("input")
+        allowed = re.findall(r"'([^']*)'", err["ctx"]["expected"])
+        alias: str | None = ARCH_ALIASES.get(value.lower()) if isinstance(value, str) else None
+        guess = alias or next(iter(difflib.get_close_matches(str(value), allowed, n=1)), None)
+        choices = [repr(a) for a in allowed]
+        either = " or ".join(choices) if len(choices) < 3 else f"{', '.join(choices[:-1])} or {choices[-1]}"
+        return f"{loc}: must be {either}, not {value!r}" + (f" (did you mean {guess!r}?)" if guess else "")
     msg = err["msg"].removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg  # a check of the whole spec has no one key
 

@@ -113,6 +113,9 @@ def test_a_trailing_newline_is_not_a_valid_name(data: dict) -> None:
          "services.a.command: must be a string: one command line, run by sh -c (join the words with spaces), "
          "not list ['python3', '-m', 'http.server']"),
         ({"name": "x", "packages": "curl"}, "packages: must be a list, not str 'curl'"),
+        ({"name": "x", "arch": "arm64"}, "arch: must be 'x86_64' or 'aarch64', not 'arm64' (did you mean 'aarch64'?)"),
+        ({"name": "x", "services": {"a": {"command": "x", "restart": "on_failure"}}},
+         "services.a.restart: must be 'always', 'on-failure' or 'no', not 'on_failure' (did you mean 'on-failure'?)"),
         ({"name": "x", "cpus": "two"}, "cpus: must be a whole number, not str 'two'"),
         ({"name": "x", "healthChecks": {"a": {"healthCmd": "x", "healthIntervalSecs": "30s"}}},
          "healthChecks.a.healthIntervalSecs: must be a number, not str '30s'"),

@@ -10,7 +10,7 @@ from pathlib import Path
 from .._proc import DEFAULT_RUNNER, Runner
 from ..builders.store import Image
 from ..errors import UsageError
-from ..names import ARCHES
+from ..names import ARCH_ALIASES, ARCHES
 from ..paths import Layout
 from .models import BuildResult, ImageInfo
 from .progress import Progress, Quiet
@@ -39,7 +39,7 @@ def build_image(
     ``arch`` overrides the spec's architecture (for a flake: picks ``packages.<arch>-linux.default``)."""
     prog = progress or Quiet()
     if arch is not None and arch not in ARCHES:
-        same = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(arch.lower())
+        same = ARCH_ALIASES.get(arch.lower())
         raise UsageError(f"--arch {arch}: mvm builds {' and '.join(ARCHES)} guests",
                          hint=f"did you mean --arch {same}? (mvm uses the kernel's names)" if same else None)
     if flake is None and nix_args:

@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from .._proc import Runner, require_tool
 from ..errors import BuildError, CommandFailed, SpecError, UsageError
+from ..names import host_arch
 from ..paths import Layout
 from ..spec import INPUT, GuestSpec, describe_error
 from . import arches, nixerrors
@@ -81,9 +82,7 @@ class FlakeRef:
 
 def host_system() -> str:
     """Nix's name for this machine's platform, e.g. ``x86_64-linux``."""
-    machine = platform.machine().lower()
-    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-    return f"{arch}-{platform.system().lower()}"
+    return f"{host_arch()}-{platform.system().lower()}"
 
 
 def parse_ref(ref: str, system: str | None = None) -> FlakeRef:
