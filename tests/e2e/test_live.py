@@ -31,7 +31,11 @@ def test_exec_exit_codes_streams_and_options(cli: CLI, testbed_vm: dict[str, Any
     assert r.stdout == "PIPED STDIN\n"
     # as docker exec: 127 for a command that is not there, 126 for a user or dir that is not
     r = cli("exec", "shared", "--", "no-such-command", check=False)
-    assert r.returncode == 127 and "no-such-command" in r.stderr
+    assert (r.returncode, r.stderr.strip()) == (127, "mvm exec: no-such-command: command not found (not on the "
+                                                "guest's PATH; is its package in the spec's packages?)")
+    r = cli("exec", "shared", "--", "/etc/hostname", check=False)
+    assert (r.returncode, r.stderr.strip()) == (126, "mvm exec: /etc/hostname: permission denied (is it "
+                                                "executable, and readable by the user?)")
     r = cli("exec", "shared", "--user", "nosuchuser", "--", "id", check=False)
     assert r.returncode == 126
     assert r.stderr.strip() == "mvm exec: no user 'nosuchuser' in the guest (not in its /etc/passwd)"

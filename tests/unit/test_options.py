@@ -82,3 +82,13 @@ def test_an_int_port_is_a_guest_port() -> None:
     from mvm._api.up_plan import UpRequest
 
     assert UpRequest.parse(ports=[8080]).forwards == [parse_port("8080")]
+
+
+def test_a_timeout_without_wait_is_refused_not_ignored() -> None:
+    from mvm.cli.options import DEFAULT_WAIT_TIMEOUT, wait_timeout
+
+    assert wait_timeout(True, None) == DEFAULT_WAIT_TIMEOUT and wait_timeout(True, 15) == 15
+    assert wait_timeout(False, None) == DEFAULT_WAIT_TIMEOUT  # unused, and not asked for
+    with pytest.raises(UsageError, match="--timeout 15 is how long --wait waits") as err:
+        wait_timeout(False, 15)
+    assert err.value.hint == "add --wait, or drop --timeout"

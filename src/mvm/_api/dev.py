@@ -141,7 +141,7 @@ def boot_vm(project: Path, *, memory: int | None = None, cpus: int | None = None
 
     layout = layout or Layout.default()
     prog: Progress = progress or Quiet()
-    prog.stage("building the dev image")
+    prog.stage("looking up the dev image (built on first use)")
     image = build_image(layout, runner, prog)
     name = f"dev-{os.getpid()}"
     vm = up(image=image, name=name, memory=memory, cpus=cpus, layout=layout, runner=runner,

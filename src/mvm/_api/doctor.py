@@ -35,7 +35,6 @@ TOOLS: list[tuple[str, list[str], str]] = [
     ("lz4", ["--version"], "unpacking the Debian kernel"),
     ("apt-get", ["--version"], "fetching the Debian kernel"),
     ("nix", ["--version"], "the Nix front end (--flake) and `mvmctl dev`"),
-    ("firecracker", ["--version"], "the Firecracker backend (not implemented yet)"),
 ]
 MIN_FREE_BYTES = 2 * 1024**3
 
@@ -57,8 +56,6 @@ def check_tools(runner: Runner = DEFAULT_RUNNER) -> list[ToolCheck]:
     for name, args, purpose in TOOLS:
         path = find_tool(name)
         hint = INSTALL_HINTS.get(name)
-        if name == "firecracker":
-            hint = "not packaged for Debian; mvm's Firecracker backend is not implemented yet"
         rows.append(ToolCheck(tool=name, purpose=purpose, found=path is not None, path=path,
                               version=tool_version(path, args, runner) if path else None,
                               fix=None if path else hint))

@@ -101,6 +101,23 @@ NixArg = Annotated[
 ]
 
 
+#: How long ``--wait`` waits when no ``--timeout`` is given.
+DEFAULT_WAIT_TIMEOUT = 120.0
+WaitTimeout = Annotated[float | None, typer.Option(
+    "--timeout", metavar="SECONDS", min=0, show_default=False,
+    help=f"Seconds --wait waits for health (default {DEFAULT_WAIT_TIMEOUT:.0f}); only with --wait.")]
+
+
+def wait_timeout(wait: bool, timeout: float | None) -> float:
+    """--timeout's value; refused without --wait, where it would silently mean nothing."""
+    from mvm import UsageError
+
+    if timeout is not None and not wait:
+        raise UsageError(f"--timeout {timeout:g} is how long --wait waits for health, and --wait is not given",
+                         hint="add --wait, or drop --timeout")
+    return DEFAULT_WAIT_TIMEOUT if timeout is None else timeout
+
+
 def join_override_pairs(args: list[str]) -> list[str]:
     """Nix spells it ``--override-input NAME URL``; the option parser takes one value, so
     the pair becomes ``NAME=URL`` before parsing (``nix_args`` splits it again)."""

@@ -124,8 +124,20 @@ class StreamOp:
             self.conn.send({"ok": False, "error": str(exc), "exit": 126}, self.rid)
         except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
             self.conn.active = None
-            self.conn.send({"ok": False, "error": f"cannot run {self.req.get('argv')!r}: {exc}",
-                            "exit": 127}, self.rid)
+            self.conn.send({"ok": False, "error": self._why_not(exc), "exit": 126 if isinstance(
+                exc, PermissionError) else 127}, self.rid)
+
+    def _why_not(self, exc: BaseException) -> str:
+        """Why the program did not start, in a shell's words (the codes are a shell's too)."""
+        argv = self.req.get("argv")
+        program = argv[0] if isinstance(argv, list) and argv and isinstance(argv[0], str) else None
+        if program and getattr(exc, "filename", None) == program:
+            if isinstance(exc, FileNotFoundError):
+                where = "no such file" if "/" in program else "not on the guest's PATH"
+                return f"{program}: command not found ({where}; is its package in the spec's packages?)"
+            if isinstance(exc, PermissionError):
+                return f"{program}: permission denied (is it executable, and readable by the user?)"
+        return f"cannot run {argv!r}: {exc}"
 
     def _pump(self, fd: int, name: str) -> None:
         while True:

@@ -6,14 +6,13 @@ from typing import Annotated
 
 import typer
 
-from ..options import Json, VMName
+from ..options import Json, VMName, WaitTimeout, wait_timeout
 
 
 def restart(
     name: VMName,
     wait: Annotated[bool, typer.Option("--wait", help="Return only once every health check is healthy.")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", min=0, help="Seconds --wait waits for "
-                                           "health.")] = 120.0,
+    timeout: WaitTimeout = None,
     json: Json = False,
 ) -> None:
     """Stop a VM and start it again: the same image, ports, volumes, -e values, vCPUs, memory,
@@ -26,8 +25,9 @@ def restart(
 
     from .. import output
 
+    seconds = wait_timeout(wait, timeout)
     with output.progress(f"restarting {name}") as prog:
-        vm = mvm.get(name).restart(wait=wait, wait_timeout=timeout, progress=prog)
+        vm = mvm.get(name).restart(wait=wait, wait_timeout=seconds, progress=prog)
     info = vm.info(ask_guest=json)  # only --json prints health
     if json:
         output.print_json(info)

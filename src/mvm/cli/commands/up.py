@@ -6,7 +6,20 @@ from typing import Annotated
 
 import typer
 
-from ..options import Arch, Env, Flake, Json, NixArg, OverrideInput, Ports, SpecPath, Volumes, nix_args
+from ..options import (
+    Arch,
+    Env,
+    Flake,
+    Json,
+    NixArg,
+    OverrideInput,
+    Ports,
+    SpecPath,
+    Volumes,
+    WaitTimeout,
+    nix_args,
+    wait_timeout,
+)
 
 
 def up(
@@ -31,8 +44,7 @@ def up(
                                                   show_default=False)] = None,
     cold: Annotated[bool, typer.Option("--cold", help="Boot, even where a saved template could be restored "
                                        "(see `mvmctl template --help`).")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", min=0,
-                                           help="Seconds --wait waits for health.")] = 120.0,
+    timeout: WaitTimeout = None,
     json: Json = False,
     arch: Arch = None,
     flake: Flake = None,
@@ -59,10 +71,11 @@ def up(
 
     from .. import output
 
+    seconds = wait_timeout(wait, timeout)
     with output.progress("starting") as prog:
         vm = mvm.up(path, flake=flake, nix_args=nix_args(override_input, nix_arg), name=name,
                     cpus=cpus, memory=memory, ports=port or [], env=env or [], volumes=volume or [],
-                    hypervisor=hypervisor, wait=wait, wait_timeout=timeout, progress=prog, cold=cold,
+                    hypervisor=hypervisor, wait=wait, wait_timeout=seconds, progress=prog, cold=cold,
                     log_limit_mb=log_limit, arch=arch)
     info = vm.info(ask_guest=json)  # only --json prints health
     if json:
