@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -276,18 +277,28 @@ def spec_file(path: Path) -> Path:
 def load_toml(path: Path) -> GuestSpec:
     file = spec_file(path)
     try:
-        data = tomllib.loads(file.read_text())
+        data = tomllib.loads(file.read_bytes().decode())
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise SpecError(f"{file}: not UTF-8 text (byte {exc.object[exc.start]:#04x} on line {line})",
+                        hint="TOML files are UTF-8: save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{file}: not valid TOML: {exc}") from None
     except OSError as exc:
         raise SpecError(f"{file}: cannot read: {exc.strerror}") from None
     spec = parse_spec(data, source=str(file))
     for target, source in spec.files.items():
-        if not (file.parent / source).exists():
+        where = file.parent / source
+        try:
+            mode = where.stat().st_mode
+        except OSError:
             raise SpecError(
                 f"{file}: files.{target!r}: {source!r} does not exist (paths are relative to mvm.toml)",
-                hint=f"create {file.parent / source} or fix the path",
-            )
+                hint=f"create {where} or fix the path",
+            ) from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO would hang the build reading it
+            raise SpecError(f"{file}: files.{target!r}: {source!r} is not a regular file or a directory",
+                            hint="files copies files and directories into the image")
     return spec
 
 

@@ -53,7 +53,7 @@ def test_hello_build_up_get_ls_logs_down(cli: CLI, hello_image: dict[str, Any], 
     assert not Path(f"/proc/{pid}").exists() or pid not in qemu_pids_under(cli.home)
     assert _digest(rootfs) == before
     again = cli("down", "hello")  # idempotent
-    assert again.returncode == 0 and "already down" in again.stderr
+    assert again.returncode == 0 and "not found (nothing to stop)" in again.stderr
 
 
 def test_unchanged_spec_is_a_cache_hit(cli: CLI, hello_image: dict[str, Any]) -> None:

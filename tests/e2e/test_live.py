@@ -33,9 +33,15 @@ def test_exec_exit_codes_streams_and_options(cli: CLI, testbed_vm: dict[str, Any
     r = cli("exec", "shared", "--", "no-such-command", check=False)
     assert (r.returncode, r.stderr.strip()) == (127, "mvm exec: no-such-command: command not found (not on the "
                                                 "guest's PATH; is its package in the spec's packages?)")
-    r = cli("exec", "shared", "--", "/etc/hostname", check=False)
-    assert (r.returncode, r.stderr.strip()) == (126, "mvm exec: /etc/hostname: permission denied (is it "
+    r = cli("exec", "shared", "--", "/etc/passwd", check=False)
+    assert (r.returncode, r.stderr.strip()) == (126, "mvm exec: /etc/passwd: permission denied (is it "
                                                 "executable, and readable by the user?)")
+    cli("exec", "shared", "--", "sh", "-c", "echo text > /tmp/notaprog && chmod +x /tmp/notaprog")
+    r = cli("exec", "shared", "--", "/tmp/notaprog", check=False)
+    assert r.returncode == 126 and "/tmp/notaprog: cannot execute: not a program" in r.stderr, r.stderr
+    # files the guest rewrites at boot have their own mode, whatever the build host's copies had
+    r = cli("exec", "shared", "--", "stat", "-c", "%a", "/etc/hostname", "/etc/resolv.conf", "/etc/hosts")
+    assert r.stdout.split() == ["644", "644", "644"]
     r = cli("exec", "shared", "--user", "nosuchuser", "--", "id", check=False)
     assert r.returncode == 126
     assert r.stderr.strip() == "mvm exec: no user 'nosuchuser' in the guest (not in its /etc/passwd)"

@@ -84,6 +84,42 @@ def test_down_json_says_how_each_vm_went(tmp_path: Path) -> None:
     assert r.stderr == ""
 
 
+def _mvmctl(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mvm", *args], capture_output=True, text=True,
+                          env={**os.environ, "MVM_HOME": str(tmp_path), **env})
+
+
+def test_every_name_is_tried_and_a_bad_one_is_reported_then_exit_1(tmp_path: Path) -> None:
+    """As `docker rm a b c`: one bad name does not stop the rest, nor lose their report."""
+    r = _mvmctl(tmp_path, "down", "--json", "ghost", "Bad/Name", "other")
+    assert r.returncode == 1
+    assert json.loads(r.stdout) == [{"name": "ghost", "how": "not found"}, {"name": "other", "how": "not found"}]
+    assert "'Bad/Name'" in r.stderr and r.stderr.count("error:") == 1
+    for command in (["rmi", "nosuch-a", "nosuch-b"], ["template", "rm", "0000aaaa", "1111bbbb"]):
+        r = _mvmctl(tmp_path, *command)
+        assert r.returncode == 1 and r.stderr.count("error:") == 2, r.stderr
+
+
+def test_down_all_with_names_is_refused(tmp_path: Path) -> None:
+    r = _mvmctl(tmp_path, "down", "--all", "ghost")
+    assert r.returncode == 1 and "--all stops every VM" in r.stderr and "either --all or the names" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected", "debug"),
+    [
+        (["ls", "--json", "--debug"], {}, ["--debug", "ls", "--json"], True),
+        (["exec", "vm", "--", "sh", "--debug"], {}, ["exec", "vm", "--", "sh", "--debug"], False),
+        (["ls"], {"MVM_DEBUG": "0"}, ["ls"], False),
+        (["ls"], {"MVM_DEBUG": "false"}, ["ls"], False),
+        (["ls"], {"MVM_DEBUG": "1"}, ["--debug", "ls"], True),
+    ],
+)
+def test_debug_is_taken_anywhere_before_the_guest_command(args: list[str], env: dict[str, str],
+                                                         expected: list[str], debug: bool) -> None:
+    assert app.debug_first(args, env) == (expected, debug)
+
+
 def test_help_names_arguments_without_python_types(capsys: pytest.CaptureFixture[str]) -> None:
     """`NAME  VMs to stop.`, not Typer 0.29's `NAME <list[str]>`, in every command's help; a
     required argument bare in the usage line (`exec [OPTIONS] NAME COMMAND...`)."""

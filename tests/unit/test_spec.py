@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,19 @@ def test_invalid_values_are_named(data: dict, fragment: str) -> None:
 def test_bad_toml_syntax(tmp_path: Path) -> None:
     (tmp_path / "mvm.toml").write_text("name = \n")
     with pytest.raises(SpecError, match="not valid TOML"):
+        load_toml(tmp_path)
+
+
+def test_a_spec_that_is_not_utf8_is_named_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "mvm.toml").write_bytes(b'name = "x"\n# caf\xe9\n')
+    with pytest.raises(SpecError, match=r"mvm.toml: not UTF-8 text \(byte 0xe9 on line 2\)$"):
+        load_toml(tmp_path)
+
+
+def test_files_that_are_not_files_or_directories_are_refused(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")  # reading it would hang the build
+    (tmp_path / "mvm.toml").write_text('name = "x"\nfiles = { "/app/p" = "pipe" }\n')
+    with pytest.raises(SpecError, match="files.'/app/p': 'pipe' is not a regular file or a directory"):
         load_toml(tmp_path)
 
 

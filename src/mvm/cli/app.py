@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -199,6 +200,17 @@ def _plain_arguments(command: Any) -> Any:
     return command
 
 
+def debug_first(args: list[str], environ: Mapping[str, str]) -> tuple[list[str], bool]:
+    """``--debug`` anywhere before ``--`` (``mvmctl ls --json --debug`` too), moved to where
+    the parser takes it; or MVM_DEBUG set to anything but empty, 0, false or no."""
+    end = args.index("--") if "--" in args else len(args)
+    given = "--debug" in args[:end]
+    rest = [a for a in args[:end] if a != "--debug"] + args[end:]
+    from_env = environ.get("MVM_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    debug = given or from_env
+    return (["--debug", *rest] if debug else rest), debug
+
+
 def main(argv: list[str] | None = None) -> None:
     from mvm import DiskFull, ExecTimeout, MvmError
 
@@ -207,8 +219,11 @@ def main(argv: list[str] | None = None) -> None:
     # Nothing mvm writes (state, cache, kernels, locks) is writable by other users, whatever
     # umask the caller had (a umask of 000 left the cached kernels world-writable).
     os.umask(os.umask(0o022) | 0o022)
-    args = join_override_pairs(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args or bool(os.environ.get("MVM_DEBUG"))
+    args, debug = debug_first(join_override_pairs(sys.argv[1:] if argv is None else argv), os.environ)
+    if debug:
+        from . import output
+
+        output.debug = True
     signal.signal(signal.SIGTERM, _interrupt)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
@@ -230,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     except MvmError as exc:
         from . import output
 
-        output.render_error(exc, debug)
+        output.render_error(exc)
         code = EXIT_TIMEOUT if isinstance(exc, ExecTimeout) else EXIT_ERROR
     except typer.Exit as exc:
         code = exc.exit_code
@@ -255,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
             from . import output
 
             where = f" writing {exc.filename}" if exc.filename else ""
-            output.render_error(DiskFull(f"the disk is full ({exc.strerror}){where}"), debug)
+            output.render_error(DiskFull(f"the disk is full ({exc.strerror}){where}"))
             code = EXIT_ERROR
     except Exception:
         raise_or_report_bug(debug)

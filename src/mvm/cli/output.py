@@ -14,7 +14,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
@@ -85,6 +85,8 @@ def __getattr__(name: str) -> Console:
 
 
 Row = TypeVar("Row")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def to_jsonable(data: Any) -> Any:
@@ -121,7 +123,11 @@ def info(message: str) -> None:
     console(stderr=True).print(message)
 
 
-def render_error(exc: MvmError, debug: bool = False) -> None:
+#: ``--debug`` or MVM_DEBUG, as :func:`mvm.cli.app.main` found it: errors add their kind.
+debug = False
+
+
+def render_error(exc: MvmError) -> None:
     err = console(stderr=True)
     vm = getattr(exc, "vm", None)  # a VMError's: which VM, where the message does not say (`down a b c`)
     named = isinstance(vm, str) and (not vm or re.search(rf"\b{re.escape(vm)}\b", exc.message))
@@ -136,6 +142,21 @@ def render_error(exc: MvmError, debug: bool = False) -> None:
         err.print(f"[dim]error kind: {exc.reference}[/]")
         if getattr(exc, "argv", None):
             err.print(f"[dim]command: {safe(' '.join(exc.argv))}[/]")  # type: ignore[attr-defined]
+
+
+def each(targets: Iterable[T], action: Callable[[T], R]) -> tuple[list[R], bool]:
+    """``action`` on every target, as ``docker rm a b c`` does: a target that fails is
+    reported at once and the rest are still tried. Returns the results and whether any
+    failed (the command then prints what it did and exits 1)."""
+    results: list[R] = []
+    failed = False
+    for target in targets:
+        try:
+            results.append(action(target))
+        except MvmError as exc:
+            render_error(exc)
+            failed = True
+    return results, failed
 
 
 @dataclass

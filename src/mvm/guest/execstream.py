@@ -8,6 +8,7 @@ its command ends (:mod:`.control` decides what a request meanwhile means).
 from __future__ import annotations
 
 import base64
+import errno
 import fcntl
 import os
 import pty
@@ -124,20 +125,24 @@ class StreamOp:
             self.conn.send({"ok": False, "error": str(exc), "exit": 126}, self.rid)
         except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
             self.conn.active = None
-            self.conn.send({"ok": False, "error": self._why_not(exc), "exit": 126 if isinstance(
-                exc, PermissionError) else 127}, self.rid)
+            why, code = self._why_not(exc)
+            self.conn.send({"ok": False, "error": why, "exit": code}, self.rid)
 
-    def _why_not(self, exc: BaseException) -> str:
-        """Why the program did not start, in a shell's words (the codes are a shell's too)."""
+    def _why_not(self, exc: BaseException) -> tuple[str, int]:
+        """Why the program did not start, and the exit code, in a shell's words: 127 for one
+        that is not there, 126 for one that is there and cannot be run."""
         argv = self.req.get("argv")
         program = argv[0] if isinstance(argv, list) and argv and isinstance(argv[0], str) else None
         if program and getattr(exc, "filename", None) == program:
             if isinstance(exc, FileNotFoundError):
                 where = "no such file" if "/" in program else "not on the guest's PATH"
-                return f"{program}: command not found ({where}; is its package in the spec's packages?)"
+                return f"{program}: command not found ({where}; is its package in the spec's packages?)", 127
             if isinstance(exc, PermissionError):
-                return f"{program}: permission denied (is it executable, and readable by the user?)"
-        return f"cannot run {argv!r}: {exc}"
+                return f"{program}: permission denied (is it executable, and readable by the user?)", 126
+            if getattr(exc, "errno", None) == errno.ENOEXEC:
+                return (f"{program}: cannot execute: not a program for this guest (a script needs a #! line; "
+                        "a binary, the guest's architecture)", 126)
+        return f"cannot run {argv!r}: {exc}", 127
 
     def _pump(self, fd: int, name: str) -> None:
         while True:

@@ -18,6 +18,8 @@ import os
 import socket
 import struct
 
+from .system import overwrite
+
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 SIOCSIFADDR = 0x8916
@@ -80,8 +82,7 @@ def resolv_conf(nameservers: list[str], search: list[str]) -> str:
 
 def _write_resolv_conf(text: str) -> None:
     try:
-        with open("/etc/resolv.conf", "w") as f:
-            f.write(text)
+        overwrite("/etc/resolv.conf", text.encode())
     except OSError:
         pass
 

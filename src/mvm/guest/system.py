@@ -125,8 +125,11 @@ def overwrite(path: str, data: bytes, mode: int = 0o644) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, mode)
     try:
         os.pwrite(fd, data, 0)
-        if os.fstat(fd).st_size != len(data):
+        st = os.fstat(fd)
+        if st.st_size != len(data):
             os.ftruncate(fd, len(data))
+        if st.st_mode & 0o7777 != mode:  # the build host's copy (mmdebstrap's) may have had any mode
+            os.fchmod(fd, mode)
     finally:
         os.close(fd)
 

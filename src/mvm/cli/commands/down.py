@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..exitcodes import EXIT_ERROR
 from ..options import Json
 
 
@@ -24,7 +25,8 @@ def down(
     example a QEMU this user may not signal), down exits 1 and the VM stays listed. A
     suspended VM is removed with its saved state (it cannot be resumed after). Volumes are
     never touched. With --json: one {name, how} per VM, `how` as printed (`not found` for a
-    VM that was not there).
+    VM that was not there). Every VM named is tried: one that cannot be stopped is reported
+    and the rest are stopped all the same; down then exits 1.
 
     \b
     Examples:
@@ -35,26 +37,33 @@ def down(
 
     from .. import output
 
+    if all_ and names:
+        raise mvm.UsageError(f"--all stops every VM: naming VMs too ({', '.join(names)}) is ambiguous",
+                             hint="give either --all or the names")
     if all_:
         targets = [row.name for row in mvm.ls(health=False)]
     elif names:
         targets = list(names)
     else:
         raise mvm.UsageError("name a VM to stop, or pass --all", hint="see `mvmctl ls`")
-    results = []
-    for name in targets:
+
+    def stop(name: str) -> mvm.DownResult:
         try:
             result = mvm.down(name, timeout=timeout)
         except mvm.VMNotFound:
             result = mvm.DownResult(name=name, how="not found")
             if not json:
-                output.info(f"{name}: not found (already down)")
+                output.info(f"{name}: not found (nothing to stop)")
         else:
             if not json:
                 output.info(f"{name}: down ({result.how})")
-        results.append(result)
+        return result
+
+    results, failed = output.each(targets, stop)
     if json:
         output.print_json(results)
+    if failed:
+        raise typer.Exit(EXIT_ERROR)
 
 
 def register(app: typer.Typer) -> None:

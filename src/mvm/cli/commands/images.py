@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ..exitcodes import EXIT_ERROR
 from ..options import Json
 
 if TYPE_CHECKING:
@@ -45,17 +46,24 @@ def rmi(
 ) -> None:
     """Remove images from the store, with their templates (fast start). Refused while a
     running or suspended VM uses one (a suspended VM resumes from it), and for a key prefix
-    that starts more than one key."""
+    that starts more than one key. Every IMAGE is tried; if one could not be removed, rmi
+    says why and exits 1."""
     import mvm
 
     from .. import output
 
-    removed = [img for ref in refs for img in mvm.rmi(ref)]
+    def remove(ref: str) -> list[mvm.ImageInfo]:
+        gone = mvm.rmi(ref)
+        if not json:
+            for img in gone:
+                output.info(f"removed image {img.key[:12]} ({img.name})")
+        return gone
+
+    removed, failed = output.each(refs, remove)
     if json:
-        output.print_json(removed)
-        return
-    for img in removed:
-        output.info(f"removed image {img.key[:12]} ({img.name})")
+        output.print_json([img for gone in removed for img in gone])
+    if failed:
+        raise typer.Exit(EXIT_ERROR)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ..exitcodes import EXIT_ERROR
 from ..options import Arch, Flake, Json, NixArg, OverrideInput, SpecPath, nix_args
 
 if TYPE_CHECKING:
@@ -87,22 +88,26 @@ def ls(json: Json = False) -> None:
 @app.command("rm")
 def rm(keys: Annotated[list[str], typer.Argument(metavar="KEY", help="Template keys (4+ first characters).",
                                                  show_default=False)], json: Json = False) -> None:
-    """Remove templates (the next `up` of their image boots cold and makes a new one)."""
+    """Remove templates (the next `up` of their image boots cold and makes a new one). Every
+    KEY is tried; if one could not be removed, rm says why and exits 1."""
     import mvm
 
     from .. import output
 
-    removed = []
-    for key in keys:
+    def remove(key: str) -> mvm.TemplateInfo:
         info = mvm.template_rm(key)
-        removed.append(info)
         if not json:
             freed = output.human_bytes(info.bytes_on_disk - info.bytes_shared)
             held = (f"; {output.human_bytes(info.bytes_shared)} stay until the VMs restored from it are down"
                     if info.bytes_shared else "")
             output.info(f"removed template {info.key[:12]} (freed {freed}{held})")
+        return info
+
+    removed, failed = output.each(keys, remove)
     if json:
         output.print_json(removed)
+    if failed:
+        raise typer.Exit(EXIT_ERROR)
 
 
 def register(root: typer.Typer) -> None:
