@@ -100,9 +100,16 @@ def test_every_name_is_tried_and_a_bad_one_is_reported_then_exit_1(tmp_path: Pat
         assert r.returncode == 1 and r.stderr.count("error:") == 2, r.stderr
 
 
+@pytest.mark.parametrize("args", [["down"], ["forward", "ghost"], ["export", "."], ["export", ".", "--kubevirt"]])
+def test_a_command_line_missing_what_the_command_needs_exits_2(tmp_path: Path, args: list[str]) -> None:
+    """As README says: 2 when the command line lacks something, with the usage line."""
+    r = _mvmctl(tmp_path, *args)
+    assert r.returncode == 2 and r.stderr.startswith("Usage: mvmctl "), r.stderr
+
+
 def test_down_all_with_names_is_refused(tmp_path: Path) -> None:
     r = _mvmctl(tmp_path, "down", "--all", "ghost")
-    assert r.returncode == 1 and "--all stops every VM" in r.stderr and "either --all or the names" in r.stderr
+    assert r.returncode == 2 and "--all stops every VM: give either --all or the names" in r.stderr
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from typing import Any
 import typer
 
 from .exitcodes import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_USAGE
+from .options import click_exceptions
 from .output import StdoutClosed
 
 #: The command modules (in ``mvm.cli.commands``), in the order ``mvmctl --help`` lists their
@@ -169,16 +170,9 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def usage_error_class() -> type[Exception]:
-    """The base of the usage errors of the click that parses our command line. Typer 0.2x
-    bundles its own copy (``typer._click``), whose exceptions are not ``click``'s: catching
-    ``click``'s would turn every usage error into a traceback. (``typer.Exit`` and
-    ``typer.Abort`` are the right classes under every version.)"""
-    module: ModuleType
-    try:
-        module = importlib.import_module("typer._click.exceptions")
-    except ImportError:
-        module = importlib.import_module("click.exceptions")
-    cls: type[Exception] = module.ClickException
+    """The base of the usage errors of the click that parses our command line (see
+    :func:`mvm.cli.options.click_exceptions`)."""
+    cls: type[Exception] = click_exceptions().ClickException
     return cls
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Annotated
 
 import typer
@@ -99,6 +101,25 @@ NixArg = Annotated[
         show_default=False,
     ),
 ]
+
+
+def click_exceptions() -> ModuleType:
+    """The exceptions of the click that parses our command line. Typer 0.2x bundles its own
+    copy (``typer._click``), whose exceptions are not ``click``'s: catching or raising
+    ``click``'s would turn a usage error into a traceback. (``typer.Exit`` and
+    ``typer.Abort`` are the right classes under every version.)"""
+    try:
+        return importlib.import_module("typer._click.exceptions")
+    except ImportError:
+        return importlib.import_module("click.exceptions")
+
+
+def missing(what: str) -> Exception:
+    """A command line that lacks what the command needs (or asks two contradicting things):
+    exit 2 with the usage line, as for any argument the parser itself finds missing (README's
+    exit codes)."""
+    cls: type[Exception] = click_exceptions().UsageError
+    return cls(what)
 
 
 #: How long ``--wait`` waits when no ``--timeout`` is given.

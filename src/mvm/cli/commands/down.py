@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ..exitcodes import EXIT_ERROR
-from ..options import Json
+from ..options import Json, missing
 
 
 def down(
@@ -38,14 +38,13 @@ def down(
     from .. import output
 
     if all_ and names:
-        raise mvm.UsageError(f"--all stops every VM: naming VMs too ({', '.join(names)}) is ambiguous",
-                             hint="give either --all or the names")
+        raise missing(f"--all stops every VM: give either --all or the names, not both ({', '.join(names)})")
     if all_:
         targets = [row.name for row in mvm.ls(health=False)]
     elif names:
         targets = list(names)
     else:
-        raise mvm.UsageError("name a VM to stop, or pass --all", hint="see `mvmctl ls`")
+        raise missing("name a VM to stop, or pass --all (`mvmctl ls` lists them)")
 
     def stop(name: str) -> mvm.DownResult:
         try:

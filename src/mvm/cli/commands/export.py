@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import Env, Flake, Json, NixArg, OverrideInput, nix_args
+from ..options import Env, Flake, Json, NixArg, OverrideInput, missing, nix_args
 
 
 def export(
@@ -50,9 +50,9 @@ def export(
     from .. import output
 
     if not kubevirt:
-        raise mvm.UsageError("say which target: --kubevirt", hint="e.g. mvmctl export . --kubevirt -o out")
+        raise missing("say which target: --kubevirt (e.g. mvmctl export . --kubevirt -o out)")
     if not out:
-        raise mvm.UsageError("--output DIR is required", hint="e.g. mvmctl export . --kubevirt -o out")
+        raise missing("--output DIR is required (e.g. mvmctl export . --kubevirt -o out)")
     with output.progress(f"exporting {flake or target}") as prog:
         info = mvm.export_kubevirt(target, out=out, flake=flake, nix_args=nix_args(override_input, nix_arg),
                                    image_ref=image, name=name, ports=port or [], env=mvm.parse_env(env or []),

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import Json, Ports, VMName
+from ..options import Json, Ports, VMName, missing
 
 
 def forward(
@@ -31,7 +31,7 @@ def forward(
     from .. import output
 
     if not port:
-        raise mvm.UsageError("give at least one -p HOST:GUEST", hint="e.g. mvmctl forward NAME -p 9090:9090")
+        raise missing("give at least one -p HOST:GUEST (e.g. mvmctl forward NAME -p 9090:9090)")
     vm = mvm.get(name)
     changed = [vm.unforward(p) if rm else vm.forward(p) for p in port]
     if json:
