@@ -188,6 +188,11 @@ _TYPES = {"int_type": "a whole number", "float_type": "a number", "string_type":
           "bool_type": "true or false", "list_type": "a list", "dict_type": "a table", "model_type": "a table"}
 
 
+#: pydantic's bound errors: the bound's key in its context, and how the spec says it
+_BOUNDS = {"greater_than_equal": {"ge": "at least"}, "greater_than": {"gt": "more than"},
+           "less_than_equal": {"le": "at most"}, "less_than": {"lt": "less than"}}
+
+
 def _unquoted_fits(value: str, kind: str) -> bool:
     """Whether ``value`` without its quotes is what ``kind`` wants (``"2"`` for a number,
     ``"true"`` for a flag): only then is removing the quotes the fix."""
@@ -221,6 +226,13 @@ def describe_error(err: dict[str, Any]) -> str:
         if kind == "string_type" and isinstance(value, list):  # command = ["python3", "-m", ...]
             wanted = "a string: one command line, run by sh -c (join the words with spaces)"
         return f"{loc}: must be {wanted}, not {type(value).__name__} {value!r}{quoted}"
+    if kind in _BOUNDS:  # memory = 64
+        (bound, word), = ((err["ctx"][k], w) for k, w in _BOUNDS[kind].items())
+        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+        unit = " MiB" if loc == "memory" else ""
+        return f"{loc}: must be {word} {bound}{unit}, not {err.get('input')!r}"
+    if kind == "string_too_short":
+        return f"{loc}: must not be empty"
     if kind == "literal_error":  # arch = "arm64", restart = "on_failure"
         value = err.get("input")
         allowed = re.findall(r"'([^']*)'", err["ctx"]["expected"])
@@ -249,14 +261,18 @@ def parse_spec(data: dict[str, Any], *, source: str) -> GuestSpec:
         return GuestSpec.model_validate(data, context=INPUT)
     except ValidationError as exc:
         errors = exc.errors()
-        # an unknown key first: a misspelt one also makes its right spelling "missing"
+        # an unknown key first; a misspelt one also makes its right spelling "missing": not said twice
+        unknown = {(e["loc"][:-1], str(e["loc"][-1])) for e in errors if e["type"] == "extra_forbidden"}
+        errors = [e for e in errors if not (e["type"] == "missing" and any(
+            parent == e["loc"][:-1] and difflib.get_close_matches(str(e["loc"][-1]), [key], n=1)
+            for parent, key in unknown))]
         errors = sorted(errors, key=lambda e: e["type"] != "extra_forbidden")
         problems = [describe_error(e) for e in errors]  # type: ignore[arg-type]
         first, rest = problems[0], problems[1:]
-        more = f" (and {len(rest)} more: {'; '.join(rest)})" if rest else ""
         raise SpecError(
-            f"{source}: {first}{more}",
+            f"{source}: {first}" + (f" (and {len(rest)} more, below)" if rest else ""),
             hint="fix the key in the spec; see examples/hello/mvm.toml for the format",
+            output="\n".join(rest) or None,
         ) from None
 
 

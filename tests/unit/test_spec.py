@@ -53,8 +53,11 @@ def test_service_without_command() -> None:
                                     "b": {"command": "y", "dependsOn": ["c"]},
                                     "c": {"command": "z", "dependsOn": ["a"]}}}, r"^t: .*loop \(a -> b -> c -> a\)"),
         ({"name": "x", "services": {"a": {"command": "x", "dependsOn": ["a"]}}}, r"loop \(a -> a\)"),
-        ({"name": "x", "healthChecks": {"a": {"healthCmd": "x", "healthIntervalSecs": 0}}}, "greater than 0"),
-        ({"name": "x", "memory": 1}, "memory"),
+        ({"name": "x", "healthChecks": {"a": {"healthCmd": "x", "healthIntervalSecs": 0}}},
+         "healthChecks.a.healthIntervalSecs: must be more than 0, not 0$"),
+        ({"name": "x", "memory": 1}, "memory: must be at least 128 MiB, not 1$"),
+        ({"name": "x", "cpus": 65}, "cpus: must be at most 64, not 65$"),
+        ({"name": "x", "services": {"a": {"command": ""}}}, "services.a.command: must not be empty$"),
     ],
 )
 def test_invalid_values_are_named(data: dict, fragment: str) -> None:
@@ -160,6 +163,14 @@ def test_a_stored_image_with_an_older_hostname_still_reads(tmp_path: Path) -> No
 
     image = store.publish("k" * 32, make)
     assert read_manifest(image.path).guest.hostname == "my_host"
+
+
+def test_each_problem_is_said_once_on_its_own_line() -> None:
+    with pytest.raises(SpecError) as err:
+        parse_spec({"name": "x", "cpus": 0, "services": {"a": {"comand": "x"}}}, source="t")
+    # the misspelt key first, and not again as its right spelling "missing"
+    assert err.value.message == "t: services.a.comand: unknown key (did you mean 'command'?) (and 1 more, below)"
+    assert err.value.output == "cpus: must be at least 1, not 0"
 
 
 def test_env_numbers_are_strings_as_in_mkguest() -> None:
