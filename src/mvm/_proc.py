@@ -31,7 +31,7 @@ from typing import IO, Protocol
 
 from . import _pids
 from ._untrusted import printable
-from .errors import CommandFailed, DiskFull, ToolMissing
+from .errors import CommandFailed, DiskFull, MvmError, ToolMissing
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,18 @@ def require_tool(name: str) -> str:
             hint=f"install it: {hint}" if hint else None,
         )
     return found
+
+
+def start_failed(args: Sequence[str], exc: OSError, cwd: Path | None) -> MvmError:
+    """Why a child did not start, as an mvm error: its directory missing or unreadable, or
+    the program missing or not runnable (with how to install it)."""
+    if cwd is not None and exc.filename is not None and os.fspath(exc.filename) == os.fspath(cwd):
+        return MvmError(f"cannot run {os.path.basename(args[0])} in {cwd}: {exc.strerror}",
+                        hint="the directory must exist and be readable by the user mvm runs it as")
+    name = os.path.basename(args[0])
+    hint = INSTALL_HINTS.get(name)
+    return ToolMissing(f"`{args[0]}` could not be started: {exc.strerror}",
+                       hint=f"reinstall it: {hint}" if hint else "check that it is an executable program")
 
 
 @dataclass(frozen=True)
@@ -184,8 +196,8 @@ class SubprocessRunner:
                 env=full_env,
                 process_group=0,  # so an interrupt can stop the child and all it started
             )
-        except FileNotFoundError as exc:
-            raise ToolMissing(f"`{args[0]}` could not be started: {exc.strerror}") from exc
+        except OSError as exc:
+            raise start_failed(args, exc, cwd) from exc
         lines: list[str] = []
         tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
         try:
@@ -235,6 +247,15 @@ class SubprocessRunner:
         args = [os.fspath(a) for a in argv]
         args[0] = require_tool(args[0]) if "/" not in args[0] else args[0]
         log.debug("spawn: %s", args)
+        try:
+            return self._popen_detached(args, stdout=stdout, cwd=cwd, env=env, pass_fds=pass_fds, user=user)
+        except OSError as exc:
+            raise start_failed(args, exc, cwd) from exc
+
+    @staticmethod
+    def _popen_detached(args: list[str], *, stdout: IO[bytes] | int, cwd: Path | None,
+                        env: Mapping[str, str] | None, pass_fds: Sequence[int],
+                        user: RunAs | None) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
@@ -289,8 +310,8 @@ def interactive(argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
     log.debug("interactive: %s", args)
     try:
         return subprocess.call(args, cwd=cwd, env=None if env is None else dict(env))
-    except FileNotFoundError as exc:
-        raise ToolMissing(f"`{args[0]}` could not be started: {exc.strerror}") from exc
+    except OSError as exc:
+        raise start_failed(args, exc, cwd) from exc
 
 
 def tail_file(path: Path, lines: int = 30) -> str:

@@ -129,3 +129,15 @@ def test_a_kernel_whose_zstd_fails_is_a_build_error(bare_path: Path) -> None:
     with pytest.raises(BuildError) as caught:
         kernel.extract_vmlinux(_bzimage_with_zstd_payload(), DEFAULT_RUNNER)
     assert caught.value.returncode == 2 and "unsupported format" in (caught.value.output or "")
+
+
+def test_a_child_that_cannot_start_is_an_mvm_error_that_says_why(tmp_path: Path) -> None:
+    """Not only a missing program: one that is not executable, or a missing directory to run in."""
+    script = tmp_path / "tool"
+    script.write_text("#!/bin/sh\necho hi\n")  # no execute bit
+    with pytest.raises(ToolMissing, match="could not be started: Permission denied") as err:
+        DEFAULT_RUNNER.run([str(script)], desc="a tool")
+    assert err.value.hint == "check that it is an executable program"
+    with pytest.raises(MvmError, match=f"cannot run true in {tmp_path / 'gone'}: No such file") as gone:
+        DEFAULT_RUNNER.spawn(["true"], stdout=subprocess.DEVNULL, cwd=tmp_path / "gone")
+    assert not isinstance(gone.value, ToolMissing)

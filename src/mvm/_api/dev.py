@@ -105,7 +105,7 @@ def share_image(base: Image, layout: Layout, runner: Runner) -> Image:
     def make(staging: Path) -> Manifest:
         link_or_copy(base.kernel, staging / base.manifest.kernel)
         link_or_copy(base.rootfs, staging / base.manifest.rootfs)
-        initrd.build_initrd(str(k.modules), require_tool("busybox"), str(staging / "initrd"), wanted)
+        kernel.write_initrd(k, staging / "initrd", runner, wanted)
         manifest = base.manifest.model_copy(deep=True)
         manifest.initrd = "initrd"
         manifest.source = {**base.manifest.source, "dev_base": base.key, "initrd_modules": wanted}

@@ -63,8 +63,14 @@ def initrd_digest() -> str:
 
 def ensure_initrd(kernel: Kernel, runner: Runner) -> None:
     if not kernel.initrd.is_file():  # build_initrd writes atomically itself
-        busybox = arches.busybox(kernel.root, kernel.arch, runner)  # the guest's, never a foreign one
-        initrd.build_initrd(str(kernel.modules), busybox, str(kernel.initrd), runner=runner)
+        write_initrd(kernel, kernel.initrd, runner)
+
+
+def write_initrd(kernel: Kernel, out: Path, runner: Runner, modules: list[str] | None = None) -> None:
+    """An initrd for ``kernel`` that loads ``modules`` (default: the usual ones), with the
+    busybox of the kernel's architecture (never a foreign one) and tools run by ``runner``."""
+    busybox = arches.busybox(kernel.root, kernel.arch, runner)
+    initrd.build_initrd(str(kernel.modules), busybox, str(out), modules, runner=runner)
 
 
 def extract_vmlinux(bzimage: bytes, runner: Runner) -> bytes:
