@@ -14,19 +14,30 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from filelock import FileLock
 
 
-def locked(path: Path, *, wait: bool = True) -> FileLock:
-    """A lock to hold in a ``with`` block, on a file only its owner can open. ``wait=False``:
-    ``filelock.Timeout`` at once if another holds it."""
-    from filelock import FileLock  # not at import: most commands take no lock
+class Busy(Exception):
+    """Another holds the lock that :func:`locked` was told not to wait for."""
 
-    return FileLock(str(path), mode=0o600, timeout=-1 if wait else 0)
+
+@contextmanager
+def locked(path: Path, *, wait: bool = True) -> Iterator[None]:
+    """A lock held for the ``with`` block, on a file only its owner can open. ``wait=False``:
+    :class:`Busy` at once if another holds it."""
+    from filelock import FileLock, Timeout  # not at import: most commands take no lock
+
+    lock = FileLock(str(path), mode=0o600, timeout=-1 if wait else 0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise Busy(str(path)) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def held(lock: Path) -> bool:

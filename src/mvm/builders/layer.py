@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._atomic import remove_tree, write_json_atomic
-from .._locks import locked
+from .._locks import Busy, locked
 from .._proc import Runner, require_tool
 from ..errors import BuildError, SpecError
 from ..paths import Layout
@@ -156,11 +156,8 @@ def held_layer(
                 "schema_version": LAYER_SCHEMA, "key": key, "id": layer_id, "packages": wanted, "arch": arch,
                 "suite": sources.suite, "mirrors": sources.mirrors, "created_at": time.time(),
             })
-            old = root / f".old-{key}-{os.getpid()}"
-            if (root / key).exists():
-                os.rename(root / key, old)
+            remove_tree(root / key, ignore_errors=True)  # a --pull's old layer; we hold its lock
             os.rename(staging, root / key)
-            shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             unmount_below(staging, runner)
             shutil.rmtree(staging, ignore_errors=True)
@@ -171,8 +168,6 @@ def held_layer(
 def remove_unused(layout: Layout, key: str, named: Callable[[str], bool], runner: Runner) -> str | None:
     """Remove layer ``key``, unless a build holds it or an image names it (``named``, asked
     under its lock): None if removed, else why not."""
-    from filelock import Timeout
-
     path = layout.layers / key
     try:
         with locked(layout.layers / f".{key}.lock", wait=False):
@@ -180,7 +175,7 @@ def remove_unused(layout: Layout, key: str, named: Callable[[str], bool], runner
                 return "an image built since names it"
             unmount_below(path, runner)
             remove_tree(path, ignore_errors=True)
-    except Timeout:
+    except Busy:
         return "a build is using it"
     return None
 
