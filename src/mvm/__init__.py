@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from ._api.up import up
     from ._api.vm import VM
     from ._api.volumes import volume_export, volume_info, volume_ls, volume_rm
+    from .names import HEALTH_TIMEOUT
     from .spec import GuestSpec, HealthCheck, Service, load_toml
 
 __version__ = "0.1.0"
@@ -82,6 +83,7 @@ _LAZY = {
     "volume_rm": "._api.volumes",
     "VMStatus": "._api.models", "LogLine": "._api.listing",
     "GuestSpec": ".spec", "HealthCheck": ".spec", "Service": ".spec", "load_toml": ".spec",
+    "HEALTH_TIMEOUT": ".names",
 }
 _MODELS = ("ArchCheck", "BackendCheck", "BuildResult", "CheckStatus", "CleanupItem", "CleanupReport", "DiskCheck",
            "DoctorReport", "DownResult", "ExecResult", "ExportInfo", "GuestStatus", "ImageInfo", "IsolationCheck",
@@ -118,6 +120,7 @@ __all__ = [  # the errors are appended below
     "MountInfo", "PortInfo", "ServiceStatus", "ServiceUsage", "TemplateInfo", "ToolCheck", "VMDetails",
     "VMInfo", "VMUsage", "VolumeExport", "VolumeInfo", "VMStatus", "LogLine",
     "GuestSpec", "HealthCheck", "Service", "load_toml",
+    "HEALTH_TIMEOUT",
     "paths",
 ]
 __all__ += _errors_all

@@ -15,6 +15,10 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: run out of memory at boot (measured: docs/performance.md).
 MIN_MEMORY_MIB = 128
 
+#: Seconds a wait for health waits unless told otherwise: ``up --wait``, ``restart --wait``,
+#: ``template create``, the pytest fixtures.
+HEALTH_TIMEOUT = 120.0
+
 #: Guest CPU architectures, in the kernel's (and Nix's) spelling.
 Arch = Literal["x86_64", "aarch64"]
 ARCHES: tuple[Arch, ...] = ("x86_64", "aarch64")

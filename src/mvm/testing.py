@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 #: Guest names and labels become VM names: at most this many characters of them are kept.
 LABEL_MAX = 24
-HEALTH_TIMEOUT = 120.0
+HEALTH_TIMEOUT = mvm.HEALTH_TIMEOUT
 OWNERS_DIR = "pytest"
 #: The format of a pool's ownership record (``<token>.json`` in OWNERS_DIR); a sweep reads
 #: only its ``vms``, ``pid`` and ``worker``, so older records are still understood.

@@ -85,10 +85,11 @@ def test_an_int_port_is_a_guest_port() -> None:
 
 
 def test_a_timeout_without_wait_is_refused_not_ignored() -> None:
-    from mvm.cli.options import DEFAULT_WAIT_TIMEOUT, wait_timeout
+    from mvm import HEALTH_TIMEOUT
+    from mvm.cli.options import wait_timeout
 
-    assert wait_timeout(True, None) == DEFAULT_WAIT_TIMEOUT and wait_timeout(True, 15) == 15
-    assert wait_timeout(False, None) == DEFAULT_WAIT_TIMEOUT  # unused, and not asked for
+    assert wait_timeout(True, None) == HEALTH_TIMEOUT and wait_timeout(True, 15) == 15
+    assert wait_timeout(False, None) == HEALTH_TIMEOUT  # unused, and not asked for
     with pytest.raises(UsageError, match="--timeout 15 is how long --wait waits") as err:
         wait_timeout(False, 15)
     assert err.value.hint == "add --wait, or drop --timeout"

@@ -14,6 +14,7 @@ from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import PortForward
 from ..builders.store import ImageStore
 from ..errors import StateError, VMError
+from ..names import HEALTH_TIMEOUT
 from ..paths import Layout
 from ..runtime.bootconfig import read_config_disk
 from ..runtime.registry import Registry, VMRecord
@@ -25,7 +26,7 @@ from .up import up
 from .vm import VM
 
 
-def restart(name: str, *, wait: bool = False, wait_timeout: float = 120.0, layout: Layout | None = None,
+def restart(name: str, *, wait: bool = False, wait_timeout: float = HEALTH_TIMEOUT, layout: Layout | None = None,
             runner: Runner = DEFAULT_RUNNER, progress: Progress | None = None) -> VM:
     layout = layout or Layout.default()
     registry = Registry(layout)

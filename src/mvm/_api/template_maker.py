@@ -23,6 +23,7 @@ from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import Backend, Incoming, LaunchSpec, MachineRef, MachineRequest, MemoryFile
 from ..builders.store import Image, ImageStore
 from ..errors import HealthTimeout, MvmError, StateError, check_free
+from ..names import HEALTH_TIMEOUT
 from ..paths import Layout, VMFiles
 from ..runtime import agent, machine_users
 from ..runtime.bootconfig import BootConfig
@@ -46,7 +47,6 @@ from .progress import Progress, Quiet
 
 log = logging.getLogger(__name__)
 
-HEALTH_TIMEOUT = 120.0
 #: A ``ready`` state for ``-e`` values is made behind an ``up``, by a VM ``ls`` does not show:
 #: values its services are not healthy with by then get none (their ``up`` restores the
 #: ``agent`` state, and the next one tries again).

@@ -184,8 +184,9 @@ def template_create(path: str | os.PathLike[str] = ".", *, flake: str | None = N
     """Build the image if needed and make its template for this shape now (an ``up`` of the
     same image and shape then restores it). A guest not healthy within ``health_timeout``
     (default 120 s; 0: do not wait) gets a template whose clones start their services anew."""
+    from ..names import HEALTH_TIMEOUT
     from .build import build_image
-    from .template_maker import HEALTH_TIMEOUT, make_template
+    from .template_maker import make_template
 
     layout = layout or Layout.default()
     image, _ = build_image(path, flake=flake, nix_args=nix_args, arch=arch, layout=layout, runner=runner,

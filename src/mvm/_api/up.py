@@ -32,6 +32,7 @@ from ..backends.base import (
 )
 from ..builders.store import Image
 from ..errors import AgentError, AgentTimeout, MvmError, VMError
+from ..names import HEALTH_TIMEOUT
 from ..paths import Layout
 from ..runtime.registry import Registry
 from ..runtime.templates import TemplateStore
@@ -59,7 +60,7 @@ def up(
     volumes: Sequence[str] = (),
     hypervisor: str = "auto",
     wait: bool = False,
-    wait_timeout: float = 120.0,
+    wait_timeout: float = HEALTH_TIMEOUT,
     boot_timeout: float = BOOT_TIMEOUT,
     layout: Layout | None = None,
     backend: Backend | None = None,

@@ -13,6 +13,7 @@ from .._proc import DEFAULT_RUNNER, Runner, tail_file
 from .._untrusted import as_float
 from ..backends.base import HOTPLUG_FORWARD, Backend, MachineRef, PortForward
 from ..errors import AgentError, ExecTimeout, HealthTimeout, MvmError, ServiceFailed, UsageError, VMNotRunning
+from ..names import HEALTH_TIMEOUT
 from ..paths import Layout, VMFiles
 from ..runtime import agent, logs
 from ..runtime.registry import PortRecord, Registry, VMRecord
@@ -309,7 +310,8 @@ class VM:
         self.require_running()
         return ConsoleSession(self.files, self.name, user=user, cwd=cwd, env=env or {})
 
-    def restart(self, *, wait: bool = False, wait_timeout: float = 120.0, progress: Progress | None = None) -> VM:
+    def restart(self, *, wait: bool = False, wait_timeout: float = HEALTH_TIMEOUT,
+                progress: Progress | None = None) -> VM:
         """Stop the VM and start it again with the same image, ports, volumes and ``-e``."""
         from .restart import restart
 

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+import mvm
+
 
 def complete_vm_names(incomplete: str) -> list[str]:
     """Shell completion of VM names."""
@@ -122,11 +124,9 @@ def missing(what: str) -> Exception:
     return cls(what)
 
 
-#: How long ``--wait`` waits when no ``--timeout`` is given.
-DEFAULT_WAIT_TIMEOUT = 120.0
 WaitTimeout = Annotated[float | None, typer.Option(
     "--timeout", metavar="SECONDS", min=0, show_default=False,
-    help=f"Seconds --wait waits for health (default {DEFAULT_WAIT_TIMEOUT:.0f}); only with --wait.")]
+    help=f"Seconds --wait waits for health (default {mvm.HEALTH_TIMEOUT:.0f}); only with --wait.")]
 
 
 def wait_timeout(wait: bool, timeout: float | None) -> float:
@@ -136,7 +136,7 @@ def wait_timeout(wait: bool, timeout: float | None) -> float:
     if timeout is not None and not wait:
         raise UsageError(f"--timeout {timeout:g} is how long --wait waits for health, and --wait is not given",
                          hint="add --wait, or drop --timeout")
-    return DEFAULT_WAIT_TIMEOUT if timeout is None else timeout
+    return mvm.HEALTH_TIMEOUT if timeout is None else timeout
 
 
 def join_override_pairs(args: list[str]) -> list[str]:
