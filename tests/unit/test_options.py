@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from mvm._api.options import parse_env, parse_port
@@ -93,3 +95,20 @@ def test_a_timeout_without_wait_is_refused_not_ignored() -> None:
     with pytest.raises(UsageError, match="--timeout 15 is how long --wait waits") as err:
         wait_timeout(False, 15)
     assert err.value.hint == "add --wait, or drop --timeout"
+
+
+def test_cp_names_the_vm_that_is_not_there_and_a_relative_guest_path(tmp_path: Path) -> None:
+    from mvm._api.copy import cp, parse_endpoint
+    from mvm.errors import VMNotFound
+    from mvm.paths import Layout
+    from mvm.runtime.registry import Registry
+
+    layout = Layout(state=tmp_path / "state", cache=tmp_path / "cache")
+    for src in ("ghost:relative", "ghost:", "ghost:/x"):
+        with pytest.raises(VMNotFound, match=f"no VM named 'ghost' \\(in '{src}'\\)"):
+            cp(src, str(tmp_path), layout=layout)
+    Registry(layout).files("web").root.mkdir(parents=True)
+    with pytest.raises(UsageError, match="'web:tmp/x': the path in the VM must be absolute"):
+        parse_endpoint("web:tmp/x", layout)
+    assert parse_endpoint("web:/tmp/x", layout).vm == "web"
+    assert parse_endpoint("./web:/tmp/x", layout).vm is None  # a host path may hold a colon

@@ -28,6 +28,7 @@ from typing import IO
 from .._untrusted import printable
 from ..errors import MvmError, UsageError, VMError, VMNotFound
 from ..guest import copy as protocol
+from ..names import NAME_RE
 from ..paths import Layout
 from ..runtime import agent
 from ..runtime.registry import Registry
@@ -36,7 +37,8 @@ from .vm import VM
 
 #: How much of the guest side's error output is kept for the error message.
 STDERR_LIMIT = 64 * 1024
-VM_PATH = re.compile(r"([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?):(/.*)")
+#: ``NAME:path`` (NAME a VM's name, by its rule): a path in a VM, if NAME is one
+VM_PATH = re.compile(rf"({NAME_RE.pattern.removeprefix('^').removesuffix('$')}):(.*)", re.DOTALL)
 
 
 #: The most read after the archive's end (a record is 10 KiB).
@@ -76,9 +78,10 @@ def parse_endpoint(text: str, layout: Layout) -> Endpoint:
     """``NAME:/path`` when NAME is a VM (a host path may contain ``:`` too), else a host path."""
     match = VM_PATH.fullmatch(text)
     if match and Registry(layout).files(match.group(1)).root.is_dir():
+        if not match.group(2).startswith("/"):
+            raise UsageError(f"{text!r}: the path in the VM must be absolute",
+                             hint=f"e.g. {match.group(1)}:/tmp/x")
         return Endpoint(match.group(2), match.group(1))
-    if re.fullmatch(r"[a-z0-9-]+:[^/].*", text) and Registry(layout).files(text.split(":")[0]).root.is_dir():
-        raise UsageError(f"{text!r}: the path in the VM must be absolute", hint=f"e.g. {text.split(':')[0]}:/tmp/x")
     return Endpoint(text)
 
 
@@ -93,7 +96,7 @@ def cp(src: str, dest: str, *, archive: bool = False, follow_link: bool = False,
     layout = layout or Layout.default()
     a, b = parse_endpoint(src, layout), parse_endpoint(dest, layout)
     if a.vm is None and b.vm is None:
-        for text in (src, dest):  # NAME:/path of a VM that is not there (and no such host path)
+        for text in (src, dest):  # NAME:path of a VM that is not there (and no such host path)
             match = VM_PATH.fullmatch(text)
             if match and not os.path.lexists(text):
                 raise VMNotFound(match.group(1), f"no VM named {match.group(1)!r} (in {text!r})",

@@ -20,6 +20,7 @@ import yaml
 
 from ..errors import UsageError
 from ..guest.protocol import INIT_PATH
+from ..names import ENV_NAME_RE
 from .probes import HttpGet, Probe, Recognised, Unsupported, recognise
 
 #: The uid/gid of the ``qemu`` user in virt-launcher; kernelBoot and containerDisk files
@@ -50,7 +51,6 @@ _IMAGE_REF = re.compile(
     r"(?P<repo>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
     r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?$"
 )
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -153,8 +153,9 @@ def kernel_args(spec: KubevirtSpec) -> str:
     if spec.hostname:
         args.append(_kernel_value("mvm.hostname", spec.hostname))
     for key, value in sorted(spec.env.items()):
-        if not _ENV_NAME.fullmatch(key):
-            raise UsageError(f"{key!r} is not a valid environment variable name")
+        if not ENV_NAME_RE.fullmatch(key):
+            raise UsageError(f"{key!r} is not a valid environment variable name",
+                             hint="letters, digits and _, not starting with a digit (-e NAME=VALUE)")
         args.append(_kernel_value(f"mvm.env.{key}", value))
     args += spec.extra_kernel_args
     line = " ".join(args)

@@ -32,16 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-SUPERBLOCK_OFFSET = 1024
-EXT4_MAGIC = 0xEF53
+from .._ext4 import EXT4_MAGIC, INCOMPAT_64BIT, INCOMPAT_RECOVER, SUPERBLOCK_OFFSET
+
 ROOT_INO = 2
 
 COMPAT_SPARSE_SUPER2 = 0x200
 INCOMPAT_FILETYPE = 0x2
-INCOMPAT_RECOVER = 0x4
 INCOMPAT_JOURNAL_DEV = 0x8
 INCOMPAT_META_BG = 0x10
-INCOMPAT_64BIT = 0x80
 INCOMPAT_INLINE_DATA = 0x8000
 INCOMPAT_DIRDATA = 0x1000
 #: incompatible features this reader refuses (the rest do not change how files are found)
