@@ -4,7 +4,9 @@
   block use and whether the journal needs replaying. No child process, so ``volume ls`` and
   the "is this file an ext4 image?" check are cheap.
 - :func:`format_new` runs ``mkfs.ext4`` on a file that *this process just created* and
-  that is still all zeros; it refuses anything else. It is the only place mvm formats.
+  that is still all zeros; it refuses anything else. It is the only place mvm formats a
+  volume (a Debian build's root filesystem is made by mkfs.ext4 in mmdebstrap's hook, on
+  a file of the build's own: :mod:`mvm.builders.layer`).
 - :func:`grow` checks (``e2fsck -p``, which only fixes what is safe) and grows a
   filesystem offline with ``resize2fs``; nothing here ever shrinks one.
 - :func:`set_tree_owner` rewrites owners and modes inside an image with ``debugfs``, because

@@ -15,6 +15,7 @@ The CLI renders them and maps them to exit codes in exactly one place (``mvm.cli
     ├── DiskFull             the host's disk has no room for what a command must write
     ├── PortInUse            a host port cannot be bound
     ├── VolumeError          a -v volume is unusable or would lose data
+    │   └── ExportConflicts  `volume export` would overwrite what is in its destination
     └── VMError              something about one named VM
         ├── VMNotFound
         ├── VMExists

@@ -236,13 +236,6 @@ def test_kernels_are_cached_per_architecture(tmp_path: Path) -> None:
     assert kernel.cached_kernels(tmp_path)[0].arch == HOST
 
 
-def test_kernels_cached_before_the_split_are_adopted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _kernel_dir(tmp_path, "6.1.0-56-cloud-amd64")
-    monkeypatch.setattr(kernel, "ensure_initrd", lambda k, runner: None)
-    found = kernel.ensure_kernel(tmp_path, AptRunner(), arch="x86_64")  # type: ignore[arg-type]
-    assert found.root == tmp_path / "x86_64" / "6.1.0-56-cloud-amd64"
-
-
 def test_a_foreign_initrd_gets_a_busybox_of_its_own_architecture(tmp_path: Path) -> None:
     fetched: list[list[str]] = []
 

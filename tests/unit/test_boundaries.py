@@ -25,6 +25,8 @@ import ast
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).parents[2] / "src" / "mvm"
 
 LAYERS = ["leaf", "backends", "stores", "runtime", "export", "orchestration", "public", "cli", "pytest"]
@@ -156,9 +158,10 @@ def test_leaves_import_only_leaves() -> None:
             assert not bad, f"{module_name(path)} is a leaf but imports {bad}"
 
 
-def test_builders_initrd_is_standalone() -> None:
-    """nix/flake.nix runs images/initrd.py as a script with a bare python3."""
-    for name in imports(SRC / "builders" / "initrd.py"):
+@pytest.mark.parametrize("script", ["initrd.py", "vmlinux.py"])
+def test_the_builders_nix_runs_as_scripts_are_standalone(script: str) -> None:
+    """nix/flake.nix runs builders/initrd.py and builders/vmlinux.py as scripts with a bare python3."""
+    for name in imports(SRC / "builders" / script):
         assert name.split(".")[0] in sys.stdlib_module_names or name == "__future__", name
 
 

@@ -382,7 +382,7 @@ def test_build_users_error_has_a_hint() -> None:
     assert "build-users-group =" in (err.hint or "")
 
 
-# --- the kernel QEMU boots: images/vmlinux.py ------------------------------------------------
+# --- the kernel QEMU boots: builders/vmlinux.py ----------------------------------------------
 
 def _elf(*notes: tuple[bytes, int, bytes]) -> bytes:
     """A minimal ELF64 (x86_64) whose one PT_NOTE segment holds ``notes`` (name, type, desc)."""

@@ -291,6 +291,16 @@ def test_two_ups_of_one_name(layout: Layout, fake: FakeBackend, image: Image) ->
     vm.down()
 
 
+def test_a_vm_in_a_with_block_is_down_when_it_ends(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    with pytest.raises(RuntimeError), _up(layout, fake, image) as vm:
+        assert vm.status is mvm.VMStatus.RUNNING
+        raise RuntimeError("the block fails")
+    _nothing_left(layout, fake)
+    with _up(layout, fake, image) as vm:
+        vm.down()  # brought down in the block: the end of the block finds it gone, and says nothing
+    _nothing_left(layout, fake)
+
+
 def test_down_of_a_machine_that_will_not_die_keeps_the_vm(layout: Layout, fake: FakeBackend, image: Image) -> None:
     vm = _up(layout, fake, image)
     fake.unkillable = True

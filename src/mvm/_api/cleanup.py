@@ -11,7 +11,7 @@ What it removes, and only that:
   with their locks;
 - package layers (mvm.builders.layer) that no remaining image was built from;
 - templates (fast start) that are damaged or whose image is gone;
-- with ``everything``: also ``nix-collect-garbage`` when Nix is installed. That collects
+- with ``nix_gc``: also ``nix-collect-garbage`` when Nix is installed. That collects
   the user's whole Nix store, not only what mvm built: the CLI says so.
 
 It never touches a running VM, and never a volume: volumes live elsewhere and are only
@@ -107,7 +107,7 @@ def cleanup(
     layout: Layout | None = None,
     *,
     dry_run: bool = False,
-    everything: bool = False,
+    nix_gc: bool = False,
     keep: int = 3,
     runner: Runner = DEFAULT_RUNNER,
 ) -> CleanupReport:
@@ -161,7 +161,7 @@ def cleanup(
             if item.kind in ("layer", "template"):  # and its lock, unless a build holds it now
                 remove_unheld(path.parent / f".{path.name}.lock", path)
 
-    if everything:
+    if nix_gc:
         if shutil.which("nix-collect-garbage"):
             if dry_run:
                 notes.append("would run nix-collect-garbage (the whole Nix store of this user, not only mvm's)")

@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING, Any
 from .._proc import DEFAULT_RUNNER, Runner, tail_file
 from .._untrusted import as_float
 from ..backends.base import HOTPLUG_FORWARD, Backend, MachineRef, PortForward
-from ..errors import AgentError, ExecTimeout, HealthTimeout, MvmError, ServiceFailed, UsageError, VMNotRunning
+from ..errors import (
+    AgentError,
+    ExecTimeout,
+    HealthTimeout,
+    MvmError,
+    ServiceFailed,
+    UsageError,
+    VMNotFound,
+    VMNotRunning,
+)
 from ..names import HEALTH_TIMEOUT
 from ..paths import Layout, VMFiles
 from ..runtime import agent, logs
@@ -330,6 +339,16 @@ class VM:
         from .suspend import resume
 
         return resume(self.name, layout=self.layout, runner=self.runner, ask_guest=ask_guest)
+
+    def __enter__(self) -> VM:
+        """``with mvm.up(...) as vm:``: the VM is brought down when the block ends, however it ends."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.down()
+        except VMNotFound:
+            pass  # brought down inside the block already
 
     def down(self, timeout: float | None = None, *, keep_logs: bool = True) -> DownResult:
         """Stop the VM and forget it (see :func:`mvm.down`); its logs are kept unless ``keep_logs`` is false."""

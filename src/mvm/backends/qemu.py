@@ -357,7 +357,8 @@ class QemuBackend:
         with QMP(files.qmp, files.root.name) as qmp:
             reply = qmp.hmp(f"hostfwd_remove n0 {forward.proto}:{forward.host_ip}:{forward.host_port}").strip()
         if "removed" not in reply:
-            raise PortInUse(f"QEMU could not remove the forward {forward}: {reply or 'no answer'}")
+            raise VMError(files.root.name, f"QEMU could not remove the forward {forward}: {reply or 'no answer'}",
+                          hint=f"`mvmctl ls` shows the VM's forwards; `mvmctl logs {files.root.name}` what it did")
 
     def forwards(self, files: VMFiles, machine: MachineRef) -> list[PortForward]:
         with QMP(files.qmp, files.root.name) as qmp:

@@ -74,7 +74,7 @@ def write_initrd(kernel: Kernel, out: Path, runner: Runner, modules: list[str] |
 
 
 def extract_vmlinux(bzimage: bytes, runner: Runner) -> bytes:
-    """Unpack the kernel payload embedded in an x86 bzImage (see images/vmlinux.py, which
+    """Unpack the kernel payload embedded in an x86 bzImage (see builders/vmlinux.py, which
     mkGuest also runs as a script)."""
     try:
         return vmlinux.extract(bzimage, external=lambda tool, data: _decompress_with(runner, tool, data))
@@ -123,21 +123,11 @@ def cached_kernels(cache: Path, arch: Arch | None = None) -> list[Kernel]:
     return found
 
 
-def _adopt_unsorted(cache: Path) -> None:
-    """Kernels cached before the cache was split per architecture were all amd64 ones."""
-    for entry in cache.glob("*-amd64"):
-        if (entry / "vmlinux").is_file():
-            (cache / "x86_64").mkdir(exist_ok=True)
-            os.replace(entry, cache / "x86_64" / entry.name)
-
-
 def ensure_kernel(cache: Path, runner: Runner, on_stage: Callable[[str], None] | None = None,
                   arch: Arch | None = None) -> Kernel:
     """The newest cached kernel of ``arch`` (default: the host's), or fetch and prepare one
     (once per version)."""
     arch = arches.resolve(arch)
-    if arch == "x86_64" and cache.is_dir():
-        _adopt_unsorted(cache)
     have = cached_kernels(cache, arch)
     if have:
         ensure_initrd(have[-1], runner)

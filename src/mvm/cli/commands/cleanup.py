@@ -13,7 +13,6 @@ def cleanup(
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Only list what would be removed.")] = False,
     nix_gc: Annotated[bool, typer.Option("--nix-gc", help="Also run nix-collect-garbage when Nix is installed. "
                                          "It collects your whole Nix store, not only what mvm built.")] = False,
-    old_all: Annotated[bool, typer.Option("--all", hidden=True, help="The old name of --nix-gc.")] = False,
     keep: Annotated[int, typer.Option("--keep", metavar="N", min=0,
                                       help="Unused images to keep per guest and architecture (newest first).")] = 3,
     json: Json = False,
@@ -36,10 +35,7 @@ def cleanup(
 
     from .. import output
 
-    if old_all:
-        output.info("[yellow]note[/]: --all is now --nix-gc (it collects your whole Nix store); "
-                    "--all will go in a later release")
-    report = mvm.cleanup(dry_run=dry_run, everything=nix_gc or old_all, keep=keep)
+    report = mvm.cleanup(dry_run=dry_run, nix_gc=nix_gc, keep=keep)
     if json:
         output.print_json(report)
         return
