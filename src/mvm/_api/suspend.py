@@ -35,7 +35,8 @@ def suspend(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT
         backend = backend_for(record, runner)
         status = status_of(record, files, backend)
         if status is not VMStatus.RUNNING or record.machine is None:
-            raise VMNotRunning(name, f"VM {name!r} is {status}: only a running VM can be suspended")
+            raise VMNotRunning(name, f"VM {name!r} is {status}: only a running VM can be suspended",
+                               hint=f"`mvmctl ls` shows it; a suspended one goes on with `mvmctl resume {name}`")
         if not files.launch.is_file():
             raise StateError(f"{name} was started by an mvm that does not record how (no {files.launch.name})",
                              hint=f"restart it once (`mvmctl restart {name}`); then it can be suspended")

@@ -71,7 +71,9 @@ def _check_readonly_source(arg: VolumeArg) -> None:
                           "from a directory's files",
                           hint="put the file in a directory and mount that")
     if not os.access(arg.host, os.R_OK | os.X_OK):
-        raise VolumeError(f"-v {arg.text!r}: {arg.host} is not readable by this user")
+        raise VolumeError(f"-v {arg.text!r}: {arg.host} is not readable by this user",
+                          hint=f"give this user read and search permission on it (chmod u+rx {arg.host}), "
+                          "or run mvmctl as a user who has it")
 
 
 def _resolve_writable(plan: Planned, store: VolumeStore) -> None:

@@ -125,7 +125,8 @@ def volume_export(
                                          pid_start=_pids.start_time(os.getpid()), since=time.time()))
         image = Path(meta.image)
         if ext4.read_superblock(image) is None:
-            raise VolumeError(f"volume {label}: {image} is missing or not an ext4 image")
+            raise VolumeError(f"volume {label}: {image} is missing or not an ext4 image",
+                              hint="its data cannot be read back; `mvmctl volume ls` shows what is left")
         ext4.replay_journal(image, runner)
         result = export_image(image, dest, store.baseline_path(meta.id), force=force, volume=meta.id)
     finally:

@@ -176,7 +176,8 @@ def read_output(out: Path, flake: FlakeRef) -> dict[str, Any]:
     try:
         doc = json.loads((out / "manifest.json").read_text())
     except (OSError, ValueError) as exc:
-        raise BuildError(f"{out}/manifest.json is unreadable: {exc}") from None
+        raise BuildError(f"{out}/manifest.json is unreadable: {exc}",
+                         hint=f"the build output is damaged: `nix store repair {out}`, then build again") from None
     if not isinstance(doc, dict) or doc.get("frontend") != "nix" or not isinstance(doc.get("guest"), dict):
         raise not_image
     if doc.get("schema_version") != 1:
@@ -190,7 +191,8 @@ def read_output(out: Path, flake: FlakeRef) -> dict[str, Any]:
         if key == "initrd" and name is None:
             continue
         if not isinstance(name, str) or not (out / name).is_file():
-            raise BuildError(f"{flake.installable}: the image has no {key} file ({name!r})")
+            raise BuildError(f"{flake.installable}: the image has no {key} file ({name!r})",
+                             hint="is it an mkGuest output? (mvm.lib.<system>.mkGuest makes the files mvm boots)")
     return doc
 
 
