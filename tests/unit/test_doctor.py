@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mvm._api import doctor
@@ -16,3 +18,14 @@ def test_the_kvm_fix_creates_the_group_only_where_there_is_none(have_group: bool
 
 def test_a_group_is_looked_up_by_name() -> None:
     assert doctor.group_exists("root") and not doctor.group_exists("no-such-group-mvm")
+
+
+def test_a_state_dir_mvm_cannot_use_is_reported(tmp_path: Path) -> None:
+    from mvm.paths import Layout
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    disk = doctor.check_disk(Layout(state=afile / "state", cache=tmp_path / "cache"))
+    assert not disk.ok and disk.fix is not None and f"{afile} is not a directory" in disk.fix
+    fine = doctor.check_disk(Layout(state=tmp_path / "new" / "state", cache=tmp_path / "cache"))
+    assert fine.free_bytes > 0 and "MVM_STATE" not in (fine.fix or "")  # made when first needed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, INSTALL_HINTS, Runner, find_tool
 from ..errors import MvmError
@@ -123,7 +124,24 @@ def check_arch(arch: Arch, runner: Runner) -> ArchCheck:
                      fix=arches.setup_fix(arch) if problem else None)
 
 
+def unusable_dir(path: Path) -> str | None:
+    """Why mvm could not keep its files under ``path`` (None: it can, or can create it)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    return None
+
+
 def check_disk(layout: Layout) -> DiskCheck:
+    problems = [why for where in (layout.state, layout.cache) if (why := unusable_dir(where))]
+    if problems:
+        return DiskCheck(state_dir=str(layout.state), cache_dir=str(layout.cache), free_bytes=0, ok=False,
+                         fix="; ".join(problems) + ": point MVM_STATE / MVM_CACHE (or MVM_HOME) at a directory "
+                         "this user can write")
     probe = layout.state
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

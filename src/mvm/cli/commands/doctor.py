@@ -44,7 +44,9 @@ def doctor(json: Json = False) -> None:
     state = Table(title="state", title_justify="left", box=None, show_header=False, pad_edge=False)
     state.add_row("state dir", d.state_dir)
     state.add_row("cache dir", d.cache_dir)
-    state.add_row("free", output.human_bytes(d.free_bytes) + (f"  (fix: {d.fix})" if d.fix else ""))
+    state.add_row("free", output.human_bytes(d.free_bytes) if d.free_bytes else "-")
+    if d.fix:
+        state.add_row("[red]fix[/]", d.fix)
     for section in (backends, archs, isolation, tools, state):
         output.out.print(section)
     raise typer.Exit(0 if report.ok else EXIT_ERROR)
