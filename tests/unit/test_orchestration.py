@@ -957,6 +957,22 @@ def test_template_rm_says_what_restored_vms_still_hold(template: Template, layou
     vm.down()
 
 
+def test_template_rm_takes_a_guest_name_and_says_why_not(template: Template, layout: Layout,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm._api import templates
+
+    [listed] = mvm.templates(layout=layout)
+    with pytest.raises(UsageError, match="no template 'abc' .* needs at least 4 characters"):
+        mvm.template_rm("abc", layout=layout)
+    # the image fixture is not in the store, so the listing cannot name its guest: name it
+    named = listed.model_copy(update={"name": "web"})
+    monkeypatch.setattr(templates, "templates_list", lambda layout: [named])
+    assert mvm.template_rm("web", layout=layout).key == listed.key and not template.path.exists()
+    monkeypatch.setattr(templates, "templates_list", lambda layout: [named, named.model_copy(update={"key": "f" * 32})])
+    with pytest.raises(UsageError, match="'web' names 2 templates"):
+        mvm.template_rm("web", layout=layout)
+
+
 def test_a_template_waits_for_health_no_longer_than_asked(layout: Layout, fake: FakeBackend, image: Image) -> None:
     """The pytest fixture passes its test's health timeout: a guest not healthy as it is stalled
     each new image's first test for the maker's 120 s, whatever the test asked for."""

@@ -82,7 +82,8 @@ def rmi(ref: str, *, layout: Layout | None = None) -> list[ImageInfo]:
     store = ImageStore(layout.images)
     found = _match(ref, store)
     if not found:
-        raise UsageError(f"no image {ref!r} (by key or guest name)", hint="list them with `mvmctl images`")
+        short = " (a key prefix needs at least 4 characters)" if len(ref) < 4 else ""
+        raise UsageError(f"no image {ref!r} (by key or guest name){short}", hint="list them with `mvmctl images`")
     for img in found:  # all are checked before any goes; each again as it goes
         _refuse_if_needed(img, _needing(layout, img.key))
     removed = []

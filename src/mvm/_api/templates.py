@@ -221,11 +221,20 @@ def templates_list(*, layout: Layout | None = None) -> list[TemplateInfo]:
 
 
 def template_rm(key: str, *, layout: Layout | None = None) -> TemplateInfo:
-    """Remove a template (by key, or its first 4+ characters)."""
+    """Remove a template (by key, its first 4+ characters, or the guest name of its image
+    when that guest has one template)."""
     layout = layout or Layout.default()
-    matches = [info for info in templates_list(layout=layout) if len(key) >= 4 and info.key.startswith(key)]
-    if len(matches) != 1:
-        raise UsageError(f"{'no' if not matches else 'more than one'} template {key!r}",
+    everything = templates_list(layout=layout)
+    matches = ([info for info in everything if len(key) >= 4 and info.key.startswith(key)]
+               or [info for info in everything if info.name == key])
+    if not matches:
+        short = " (a key prefix needs at least 4 characters)" if len(key) < 4 else ""
+        raise UsageError(f"no template {key!r} (by key or guest name){short}",
                          hint="list them with `mvmctl template ls`")
+    if len(matches) > 1:
+        raise UsageError(f"{key!r} names {len(matches)} templates: "
+                         + ", ".join(f"{info.key[:12]} ({info.name}, {info.cpus} vCPU, {info.memory} MiB)"
+                                     for info in matches),
+                         hint="give one's key (`mvmctl template ls` lists them)")
     TemplateStore(layout).remove(matches[0].key)
     return matches[0]

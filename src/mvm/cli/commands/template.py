@@ -86,7 +86,8 @@ def ls(json: Json = False) -> None:
 
 
 @app.command("rm")
-def rm(keys: Annotated[list[str], typer.Argument(metavar="KEY", help="Template keys (4+ first characters).",
+def rm(keys: Annotated[list[str], typer.Argument(metavar="KEY", help="Template keys (4+ first characters), or "
+                                                 "a guest name that has one template.",
                                                  show_default=False)], json: Json = False) -> None:
     """Remove templates (the next `up` of their image boots cold and makes a new one). Every
     KEY is tried; if one could not be removed, rm says why and exits 1."""
