@@ -107,6 +107,15 @@ def test_a_command_line_missing_what_the_command_needs_exits_2(tmp_path: Path, a
     assert r.returncode == 2 and r.stderr.startswith("Usage: mvmctl "), r.stderr
 
 
+@pytest.mark.parametrize(("line", "cword", "expected"), [
+    ("mvmctl up --hypervisor q", "3", ["qemu-kvm", "qemu-tcg"]),
+    ("mvmctl build --arch a", "3", ["aarch64"]),
+])
+def test_options_with_fixed_choices_complete(tmp_path: Path, line: str, cword: str, expected: list[str]) -> None:
+    r = _mvmctl(tmp_path, _MVMCTL_COMPLETE="complete_bash", COMP_WORDS=line, COMP_CWORD=cword)
+    assert r.stdout.split() == expected, r.stderr
+
+
 def test_down_all_with_names_is_refused(tmp_path: Path) -> None:
     r = _mvmctl(tmp_path, "down", "--all", "ghost")
     assert r.returncode == 2 and "--all stops every VM: give either --all or the names" in r.stderr

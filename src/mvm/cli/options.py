@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Annotated
 
@@ -19,6 +20,43 @@ def complete_vm_names(incomplete: str) -> list[str]:
         return [name for name in mvm.vm_names() if name.startswith(incomplete)]
     except (OSError, mvm.MvmError):
         return []
+
+
+def _completing(names: Callable[[], Iterable[str]], incomplete: str) -> list[str]:
+    """The names that start with what was typed; none when they cannot be read."""
+    import mvm
+
+    try:
+        return sorted({name for name in names() if name.startswith(incomplete)})
+    except (OSError, mvm.MvmError):
+        return []
+
+
+def complete_images(incomplete: str) -> list[str]:
+    """Shell completion of what ``rmi`` takes: guest names and image keys."""
+    import mvm
+
+    return _completing(lambda: [n for img in mvm.images() for n in (img.name, img.key)], incomplete)
+
+
+def complete_templates(incomplete: str) -> list[str]:
+    import mvm
+
+    return _completing(lambda: [t.key for t in mvm.templates()], incomplete)
+
+
+def complete_volumes(incomplete: str) -> list[str]:
+    import mvm
+
+    return _completing(lambda: [v.name for v in mvm.volume_ls()], incomplete)
+
+
+def complete_arches(incomplete: str) -> list[str]:
+    return [a for a in ("x86_64", "aarch64") if a.startswith(incomplete)]
+
+
+def complete_hypervisors(incomplete: str) -> list[str]:
+    return [h for h in ("auto", "qemu-kvm", "qemu-tcg") if h.startswith(incomplete)]
 
 
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
@@ -68,6 +106,7 @@ Arch = Annotated[
     typer.Option(
         "--arch",
         metavar="x86_64|aarch64",
+        autocompletion=complete_arches,
         help="Build the guest for this CPU architecture instead of the spec's `arch` (default: this "
         "host's). Another architecture than the host's is emulated (slower). With --flake: builds "
         "packages.<arch>-linux.default.",

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ..exitcodes import EXIT_ERROR
-from ..options import Json
+from ..options import Json, complete_images
 
 if TYPE_CHECKING:
     from mvm import ImageInfo
@@ -41,7 +41,7 @@ def images(json: Json = False) -> None:
 def rmi(
     refs: Annotated[list[str], typer.Argument(metavar="IMAGE", help="An image key (or 4+ of its first "
                                               "characters), or a guest name: all of its images.",
-                                              show_default=False)],
+                                              show_default=False, autocompletion=complete_images)],
     json: Json = False,
 ) -> None:
     """Remove images from the store, with their templates (fast start). Refused while a

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ..exitcodes import EXIT_ERROR
-from ..options import Arch, Flake, Json, NixArg, OverrideInput, SpecPath, nix_args
+from ..options import Arch, Flake, Json, NixArg, OverrideInput, SpecPath, complete_templates, nix_args
 
 if TYPE_CHECKING:
     from mvm import TemplateInfo
@@ -88,7 +88,8 @@ def ls(json: Json = False) -> None:
 @app.command("rm")
 def rm(keys: Annotated[list[str], typer.Argument(metavar="KEY", help="Template keys (4+ first characters), or "
                                                  "a guest name that has one template.",
-                                                 show_default=False)], json: Json = False) -> None:
+                                                 show_default=False, autocompletion=complete_templates)],
+       json: Json = False) -> None:
     """Remove templates (the next `up` of their image boots cold and makes a new one). Every
     KEY is tried; if one could not be removed, rm says why and exits 1."""
     import mvm

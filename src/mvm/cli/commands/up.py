@@ -17,6 +17,7 @@ from ..options import (
     SpecPath,
     Volumes,
     WaitTimeout,
+    complete_hypervisors,
     nix_args,
     wait_timeout,
 )
@@ -34,7 +35,7 @@ def up(
     env: Env = None,
     volume: Volumes = None,
     hypervisor: Annotated[str, typer.Option(
-        "--hypervisor", metavar="auto|qemu-kvm|qemu-tcg",
+        "--hypervisor", metavar="auto|qemu-kvm|qemu-tcg", autocompletion=complete_hypervisors,
                         help="auto (KVM only if a probe proves it boots, else TCG), qemu-kvm or qemu-tcg."
     )] = "auto",
     wait: Annotated[bool, typer.Option("--wait", help="Return only once every health check is healthy.")] = False,

@@ -8,13 +8,13 @@ from typing import Annotated
 import typer
 
 from ..exitcodes import EXIT_ERROR
-from ..options import Json
+from ..options import Json, complete_volumes
 
 VolumeName = Annotated[
     str,
     typer.Argument(metavar="VOLUME",
                    help="The volume: its name from `mvmctl volume ls` (e.g. data-1a2b3c4d) or the HOST path "
-                   "it was created for (e.g. ./data).", show_default=False),
+                   "it was created for (e.g. ./data).", show_default=False, autocompletion=complete_volumes),
 ]
 
 app = typer.Typer(
@@ -149,7 +149,8 @@ def export(
 def rm(
     volumes: Annotated[list[str], typer.Argument(metavar="VOLUME", help="Volumes to remove: names from "
                                                  "`mvmctl volume ls` or HOST "
-                                                 "paths.", show_default=False)],
+                                                 "paths.", show_default=False,
+                                                 autocompletion=complete_volumes)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     json: Json = False,
 ) -> None:
