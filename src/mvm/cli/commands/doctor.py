@@ -13,7 +13,13 @@ def doctor(json: Json = False) -> None:
     build here (native, or emulated), who QEMU runs as (a user of its own per VM when mvm
     runs as root), which tools are installed (with versions), and the state dir with its
     free space. Each problem comes with the command
-    that fixes it. Exits 1 if something mvm needs is missing."""
+    that fixes it. Exits 1 if something mvm needs is missing.
+
+    \b
+    Examples:
+      mvmctl doctor
+      mvmctl doctor --json | jq '.backends'
+    """
     from rich.table import Table
 
     import mvm

@@ -16,7 +16,13 @@ if TYPE_CHECKING:
 
 def images(json: Json = False) -> None:
     """List the images in the store: guest name, key, front end, size, age, and the VMs
-    that use each one. Remove one with `mvmctl rmi`; `mvmctl cleanup` prunes unused ones."""
+    that use each one. Remove one with `mvmctl rmi`; `mvmctl cleanup` prunes unused ones.
+
+    \b
+    Examples:
+      mvmctl images
+      mvmctl images --json | jq -r '.[].key'
+    """
     import mvm
 
     from .. import output
@@ -47,7 +53,13 @@ def rmi(
     """Remove images from the store, with their templates (fast start). Refused while a
     running or suspended VM uses one (a suspended VM resumes from it), and for a key prefix
     that starts more than one key. Every IMAGE is tried; if one could not be removed, rmi
-    says why and exits 1."""
+    says why and exits 1.
+
+    \b
+    Examples:
+      mvmctl rmi hello           # every image of the guest hello
+      mvmctl rmi 5caa9de9        # one image, by the start of its key
+    """
     import mvm
 
     from .. import output

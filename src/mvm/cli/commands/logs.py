@@ -36,6 +36,11 @@ def logs(
     the oldest dropped first. --service and --since leave out the console (it has neither
     a service nor times). With --json: one JSON object per line (JSON Lines, also with
     --follow): {source, time, service, check, text}, see docs/json.md.
+
+    \b
+    Examples:
+      mvmctl logs hello -f
+      mvmctl logs hello -s web --since 10m -n 50
     """
     import mvm
 

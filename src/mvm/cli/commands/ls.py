@@ -29,6 +29,11 @@ def ls(json: Json = False) -> None:
     clean power-off), with the reason in --json's exit_reason. HEALTH is the health checks'
     verdict, followed by any service that failed for good or keeps crashing. The states are described in
     docs/architecture.md; the --json keys in docs/json.md.
+
+    \b
+    Examples:
+      mvmctl ls
+      mvmctl ls --json | jq -r '.[] | select(.health != "healthy") | .name'
     """
     import mvm
 

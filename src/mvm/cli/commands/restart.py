@@ -20,6 +20,11 @@ def restart(
 
     The guest boots afresh (its root filesystem is new, volumes keep their data). A host
     port that was picked for `-p GUEST` is asked for again by number.
+
+    \b
+    Examples:
+      mvmctl restart hello
+      mvmctl restart hello --wait --timeout 60
     """
     import mvm
 

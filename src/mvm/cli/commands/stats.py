@@ -19,7 +19,13 @@ def stats(
     """Show what running VMs use: CPU (% of one host core) and memory of each VM's QEMU
     process on the host, the guest's own memory use, and each service's CPU and memory
     inside the guest (a service counts with every process it started). Prints once, as
-    `docker stats --no-stream` does; `watch mvmctl stats` repeats it."""
+    `docker stats --no-stream` does; `watch mvmctl stats` repeats it.
+
+    \b
+    Examples:
+      mvmctl stats
+      mvmctl stats hello --json
+    """
     import mvm
 
     from .. import output

@@ -10,7 +10,13 @@ from ..options import Json, VMName
 def status(name: VMName, json: Json = False) -> None:
     """Show one VM in detail: each service (state, pid, restarts, last exit, uptime, and the
     reason it failed or was last killed, e.g. out of memory) and each health check (state,
-    last exit code, last output)."""
+    last exit code, last output).
+
+    \b
+    Examples:
+      mvmctl status hello
+      mvmctl status hello --json | jq '.guest.checks'
+    """
     import mvm
 
     from .. import output

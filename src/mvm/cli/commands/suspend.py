@@ -13,6 +13,11 @@ def suspend(name: VMName, json: Json = False) -> None:
 
     While suspended it holds no volume (another VM could take one, and resume would then be
     refused). `mvmctl down` of a suspended VM removes it with its saved state.
+
+    \b
+    Examples:
+      mvmctl suspend hello
+      mvmctl resume hello
     """
     import mvm
 
@@ -26,7 +31,12 @@ def suspend(name: VMName, json: Json = False) -> None:
 
 
 def resume(name: VMName, json: Json = False) -> None:
-    """Bring a suspended VM back as it was (its clock is set to now)."""
+    """Bring a suspended VM back as it was (its clock is set to now).
+
+    \b
+    Example:
+      mvmctl resume hello
+    """
     import mvm
 
     from .. import output

@@ -45,7 +45,13 @@ def create(
     override_input: OverrideInput = None,
     nix_arg: NixArg = None,
 ) -> None:
-    """Build if needed, then boot the image once and save its template now."""
+    """Build if needed, then boot the image once and save its template now.
+
+    \b
+    Examples:
+      mvmctl template create examples/hello
+      mvmctl template create . --cpus 2 --memory 1024   (the shape `up` will ask for)
+    """
     import mvm
 
     from .. import output
@@ -62,7 +68,12 @@ def create(
 
 @app.command("ls")
 def ls(json: Json = False) -> None:
-    """List templates: image, shape, states, disk use, age (damaged ones say why)."""
+    """List templates: image, shape, states, disk use, age (damaged ones say why).
+
+    \b
+    Example:
+      mvmctl template ls --json
+    """
     import mvm
 
     from .. import output
@@ -91,7 +102,13 @@ def rm(keys: Annotated[list[str], typer.Argument(metavar="KEY", help="Template k
                                                  show_default=False, autocompletion=complete_templates)],
        json: Json = False) -> None:
     """Remove templates (the next `up` of their image boots cold and makes a new one). Every
-    KEY is tried; if one could not be removed, rm says why and exits 1."""
+    KEY is tried; if one could not be removed, rm says why and exits 1.
+
+    \b
+    Examples:
+      mvmctl template rm hello
+      mvmctl template rm 7241b52e
+    """
     import mvm
 
     from .. import output
