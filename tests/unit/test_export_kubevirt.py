@@ -527,3 +527,21 @@ def extract_layer_file(layout: Path, member: str, dest: Path) -> None:
             raise KeyError(f"{member} is not a regular file in the layer")
         with src, open(dest, "wb") as out:
             shutil.copyfileobj(src, out, 1024 * 1024)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"image_ref": "Bad Ref"}, "not an image reference"),
+    ({"name": "Bad_Name"}, "Bad_Name"),
+    ({"ports": [70000]}, "port 70000 is out of range"),
+])
+def test_export_checks_what_it_was_given_before_building(tmp_path: Path, kwargs: dict[str, Any],
+                                                         message: str) -> None:
+    """A bad --image, --name or -p is refused at once, not after minutes of building the image
+    (the target here does not even exist: resolving it would fail differently)."""
+    import mvm
+    from mvm.paths import Layout
+
+    with pytest.raises(UsageError, match=message):
+        mvm.export_kubevirt(str(tmp_path / "no-such-project"), out=tmp_path / "out",
+                            layout=Layout(state=tmp_path / "s", cache=tmp_path / "c"), **kwargs)
+    assert not (tmp_path / "out").exists()

@@ -68,10 +68,12 @@ def export_kubevirt(
     progress: Progress | None = None,
 ) -> ExportInfo:
     prog = progress or Quiet()
+    dest = Path(out).expanduser().absolute()
+    kubevirt.check_inputs(dest, name=name, image=image_ref, ports=ports, force=force)  # before a build
     image = _resolve(target, flake, nix_args, layout or Layout.default(), runner, prog)
     spec = kubevirt.spec_from_image(image.path, name=name, image=image_ref, ports=ports, env=env)
     prog.stage("writing the OCI image and vm.yaml")
-    result = kubevirt.export(spec, Path(out).expanduser().absolute(), archive=archive, force=force, runner=runner)
+    result = kubevirt.export(spec, dest, archive=archive, force=force, runner=runner)
     return ExportInfo(
         out_dir=str(result.out_dir), vm_yaml=str(result.vm_yaml),
         layout=str(result.layout) if result.layout else None, archive=str(result.archive) if result.archive else None,

@@ -168,6 +168,18 @@ def _layer_files(spec: KubevirtSpec, qcow2: Path) -> list[oci.LayerFile]:
     return files
 
 
+def check_inputs(out_dir: Path, *, name: str | None, image: str | None, ports: Sequence[int], force: bool) -> None:
+    """What the caller gave, checked before anything slow (a build, the conversion) runs."""
+    if name is not None:
+        check_name(name)
+    if image is not None:
+        parse_image_ref(image)
+    for port in ports:
+        if not 0 < port < 65536:
+            raise UsageError(f"port {port} is out of range", hint="ports are 1-65535")
+    _check_out_dir(out_dir, force)
+
+
 def _check_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} exists and is not a directory", hint="pick another -o")
@@ -199,15 +211,10 @@ def export(
     end, so a failed or interrupted export leaves no half-written layout behind (and an
     earlier export, replaced with ``force``, stays until the new one is complete).
     """
-    check_name(spec.name)
-    if spec.image is not None:
-        parse_image_ref(spec.image)
+    check_inputs(out_dir, name=spec.name, image=spec.image, ports=spec.ports, force=force)
     for path in (spec.kernel, spec.rootfs, *([spec.initrd] if spec.initrd else [])):
         if not path.is_file():
             raise StateError(f"{path} is missing", hint="rebuild the image: mvmctl build")
-    for port in spec.ports:
-        if not 0 < port < 65536:
-            raise UsageError(f"port {port} is out of range", hint="ports are 1-65535")
     plan = plan_probe(spec.health_checks)
     notes = list(plan.notes)
     ports = tuple(dict.fromkeys(spec.ports))
@@ -220,7 +227,6 @@ def export(
     if not ports:
         notes.append("no ports: no Service, and the VM's interface forwards every port")
     kernel_args(spec)  # fail on a bad command line before the slow part
-    _check_out_dir(out_dir, force)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".mvm-export-", dir=out_dir) as tmp_name:
         tmp = Path(tmp_name)

@@ -18,7 +18,9 @@ def export(
                                      "OCI image.", show_default=False)] = "",
     image: Annotated[str | None, typer.Option("--image", metavar="REF", help="The image reference vm.yaml "
                                               "points at (where you will push it), e.g. "
-                                              "registry.example.com/team/hello:1.", show_default=False)] = None,
+                                              "registry.example.com/team/hello:1 (default: "
+                                              "localhost:5000/NAME:<12 hex of the manifest digest>).",
+                                              show_default=False)] = None,
     name: Annotated[str | None, typer.Option("--name", metavar="NAME", help="The VirtualMachine's name "
                                              "(default: the guest's).", show_default=False)] = None,
     port: Annotated[list[int] | None, typer.Option("--port", "-p", metavar="PORT", help="A guest port the "
