@@ -189,7 +189,7 @@ class ImageInfo(_Model):
     kernel_version: str
     sizes: dict[str, int]
     created_at: float
-    build_secs: float
+    build_secs: float  #: assembling the image (not the package layer or kernel it reused)
     guest: GuestSpec
     vms: list[str] = []  #: VMs (any status) whose record points at this image (``images`` only)
 
