@@ -29,3 +29,12 @@ def test_a_state_dir_mvm_cannot_use_is_reported(tmp_path: Path) -> None:
     assert not disk.ok and disk.fix is not None and f"{afile} is not a directory" in disk.fix
     fine = doctor.check_disk(Layout(state=tmp_path / "new" / "state", cache=tmp_path / "cache"))
     assert fine.free_bytes > 0 and "MVM_STATE" not in (fine.fix or "")  # made when first needed
+
+
+def test_doctor_lists_what_each_registered_backend_says_of_itself(tmp_path: Path, fake: object) -> None:
+    from mvm.paths import Layout
+
+    rows = doctor.check_backends(Layout(state=tmp_path / "s", cache=tmp_path / "c"))
+    names = [row.backend for row in rows]
+    assert "fake" in names and "qemu-tcg" in names and "qemu-kvm" in names  # the fake's row, QEMU's two
+    assert next(r for r in rows if r.backend == "fake").reason.startswith("machines in this process's memory")

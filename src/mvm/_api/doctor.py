@@ -14,13 +14,13 @@ import shutil
 from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, INSTALL_HINTS, Runner, find_tool
+from ..backends.qemu_argv import PROFILES
 from ..errors import MvmError
 from ..names import ARCHES, Arch, host_arch
 from ..paths import Layout
 from ..runtime import machine_users
 from .models import ArchCheck, BackendCheck, DiskCheck, DoctorReport, IsolationCheck, ToolCheck
 
-QEMU = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}
 TOOLS: list[tuple[str, list[str], str]] = [
     # (executable, version argv, what mvm uses it for)
     ("qemu-system-x86_64", ["--version"], "x86_64 guests (KVM on an x86_64 host, else TCG)"),
@@ -63,30 +63,17 @@ def check_tools(runner: Runner = DEFAULT_RUNNER) -> list[ToolCheck]:
     return rows
 
 
-def check_backends(layout: Layout) -> list[BackendCheck]:
-    from ..backends import accel
+def check_backends(layout: Layout, runner: Runner = DEFAULT_RUNNER) -> list[BackendCheck]:
+    """Each backend's own account of the ways it runs machines here (the KVM probe boots the
+    newest cached kernel of the host's architecture)."""
+    from .. import backends
+    from ..backends.base import ProbeKernel
     from ..builders import kernel as kernel_mod
 
-    qemu = QEMU.get(host_arch(), "qemu-system-x86_64")
-    if not find_tool(qemu):
-        fix = INSTALL_HINTS[qemu]
-        return [BackendCheck(backend=b, usable=False, reason="QEMU is not installed", fix=fix)
-                for b in ("qemu-tcg", "qemu-kvm")]
-    rows = [BackendCheck(backend="qemu-tcg", usable=True, reason="software emulation always works")]
     kernels = kernel_mod.cached_kernels(layout.kernels) if host_arch() in ARCHES else []
-    if not os.path.exists("/dev/kvm"):
-        rows.append(BackendCheck(backend="qemu-kvm", usable=False,
-                                 reason="/dev/kvm does not exist (no hardware virtualisation here)",
-                                 fix="enable VT-x/AMD-V, or load kvm_intel/kvm_amd; TCG works meanwhile"))
-    elif not kernels:
-        rows.append(BackendCheck(backend="qemu-kvm", usable=None,
-                                 reason="/dev/kvm exists; not probed yet (no kernel cached)",
-                                 fix="run `mvmctl build` once; the first `up` probes KVM"))
-    else:
-        k = kernels[-1]
-        ok, reason = accel.kvm_verdict(k.vmlinux, k.initrd, layout.probes, arch=k.arch)
-        rows.append(BackendCheck(backend="qemu-kvm", usable=ok, reason=reason,
-                                 fix=None if ok else "nothing to fix for mvm: TCG is used automatically"))
+    probe = ProbeKernel(kernels[-1].vmlinux, kernels[-1].initrd, kernels[-1].arch) if kernels else None
+    rows = [BackendCheck(backend=d.name, usable=d.usable, reason=d.reason, fix=d.fix)
+            for name in backends.names() for d in backends.get(name, runner).diagnose(probe, layout.probes)]
     rows.append(BackendCheck(backend="firecracker", usable=False,
                              reason="not implemented (the binary is not packaged here and cannot boot "
                              "under nested PVM)"))
@@ -105,7 +92,7 @@ def check_arch(arch: Arch, runner: Runner) -> ArchCheck:
     from ..builders import arches
 
     native = arch == host_arch()
-    qemu = QEMU[arch]
+    qemu = PROFILES[arch].binary
     if not find_tool(qemu):
         return ArchCheck(arch=arch, native=native, boots=False, builds=False, reason=f"{qemu} is not installed",
                          fix=INSTALL_HINTS[qemu])
@@ -190,8 +177,9 @@ def doctor(layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER) -> Doc
     layout = layout or Layout.default()
     tools = check_tools(runner)
     disk = check_disk(layout)
-    required = {QEMU.get(host_arch(), "qemu-system-x86_64"), "mmdebstrap", "mkfs.ext4", "busybox", "depmod", "lz4",
+    host_qemu = next((p.binary for a, p in PROFILES.items() if a == host_arch()), PROFILES["x86_64"].binary)
+    required = {host_qemu, "mmdebstrap", "mkfs.ext4", "busybox", "depmod", "lz4",
                 "apt-get"}
     ok = all(t.found for t in tools if t.tool in required) and disk.ok
-    return DoctorReport(ok=ok, backends=check_backends(layout), arches=[check_arch(a, runner) for a in ARCHES],
+    return DoctorReport(ok=ok, backends=check_backends(layout, runner), arches=[check_arch(a, runner) for a in ARCHES],
                         tools=tools, disk=disk, isolation=check_isolation())

@@ -35,6 +35,11 @@ def get(name: str, runner: Runner = DEFAULT_RUNNER) -> Backend:
     return factory(runner)
 
 
+def names() -> list[str]:
+    """The backends this mvm has (the registered ones included)."""
+    return sorted(_FACTORIES)
+
+
 def register(name: str, factory: Factory) -> None:
     _FACTORIES[name] = factory
 

@@ -183,8 +183,34 @@ class LaunchSpec:
     starts_services: bool = True
 
 
+@dataclass(frozen=True)
+class ProbeKernel:
+    """A built kernel a backend may boot to find out whether an accelerator works here."""
+
+    vmlinux: Path
+    initrd: Path | None
+    arch: Arch
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """One way a backend runs machines (QEMU: under TCG, under KVM), as it fares on this
+    host: ``usable`` None when it cannot tell yet; ``fix`` what to do about it."""
+
+    name: str
+    usable: bool | None
+    reason: str
+    fix: str | None = None
+
+
 class Backend(Protocol):
     name: str
+
+    def diagnose(self, kernel: ProbeKernel | None, probes: Path) -> list[Diagnosis]:
+        """For ``doctor``: each way this backend runs machines, whether it works here and
+        why not. ``kernel``: a built one to probe with (None: none built yet); ``probes``:
+        where verdicts are cached."""
+        ...
 
     def capabilities(self) -> frozenset[str]:
         """What this backend can do beyond start and stop (the constants above)."""

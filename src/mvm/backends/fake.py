@@ -33,6 +33,7 @@ from .base import (
     SAVE_RESTORE,
     VOLUMES,
     Arch,
+    Diagnosis,
     Disk,
     LaunchSpec,
     MachineRef,
@@ -40,6 +41,7 @@ from .base import (
     MachineUsage,
     PortForward,
     Preflight,
+    ProbeKernel,
     Saved,
 )
 
@@ -192,6 +194,9 @@ class FakeBackend:
 
     def capabilities(self) -> frozenset[str]:
         return frozenset({HOTPLUG_FORWARD, VOLUMES, SAVE_RESTORE, HOTPLUG_DISK})
+
+    def diagnose(self, kernel: ProbeKernel | None, probes: Path) -> list[Diagnosis]:
+        return [Diagnosis("fake", True, "machines in this process's memory (unit tests)")]
 
     def machine_version(self, arch: Arch) -> str:
         return f"fake-{arch}"

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import _pids
-from .._proc import DEFAULT_RUNNER, Runner, require_tool, signals_deferred, tail_file
+from .._proc import DEFAULT_RUNNER, INSTALL_HINTS, Runner, find_tool, require_tool, signals_deferred, tail_file
 from ..errors import BootError, PortInUse, RestoreFailed, StopFailed, VMError, VolumeError
+from ..names import host_arch
 from ..paths import VMFiles
 from . import accel
 from .base import (
@@ -32,6 +33,7 @@ from .base import (
     SHARES,
     VOLUMES,
     Arch,
+    Diagnosis,
     Disk,
     LaunchSpec,
     MachineRef,
@@ -39,9 +41,11 @@ from .base import (
     MachineUsage,
     PortForward,
     Preflight,
+    ProbeKernel,
     Saved,
 )
 from .qemu_argv import (
+    PROFILES,
     build_argv,
     disk_node,
     hostfwd_rule,
@@ -137,6 +141,22 @@ class QemuBackend:
 
     def capabilities(self) -> frozenset[str]:
         return frozenset({HOTPLUG_FORWARD, VOLUMES, SHARES, SAVE_RESTORE, HOTPLUG_DISK})
+
+    def diagnose(self, kernel: ProbeKernel | None, probes: Path) -> list[Diagnosis]:
+        # the host's own architecture's QEMU (x86_64's where mvm boots no guest of the host's)
+        qemu = next((p for a, p in PROFILES.items() if a == host_arch()), PROFILES["x86_64"]).binary
+        if not find_tool(qemu):
+            return [Diagnosis(d, False, "QEMU is not installed", INSTALL_HINTS[qemu]) for d in ("qemu-tcg", "qemu-kvm")]
+        tcg = Diagnosis("qemu-tcg", True, "software emulation always works")
+        if not os.path.exists("/dev/kvm"):
+            return [tcg, Diagnosis("qemu-kvm", False, "/dev/kvm does not exist (no hardware virtualisation here)",
+                                   "enable VT-x/AMD-V, or load kvm_intel/kvm_amd; TCG works meanwhile")]
+        if kernel is None:
+            return [tcg, Diagnosis("qemu-kvm", None, "/dev/kvm exists; not probed yet (no kernel cached)",
+                                   "run `mvmctl build` once; the first `up` probes KVM")]
+        ok, reason = accel.kvm_verdict(kernel.vmlinux, kernel.initrd, probes, self.runner, arch=kernel.arch)
+        return [tcg, Diagnosis("qemu-kvm", ok, reason, None if ok else "nothing to fix for mvm: TCG is used "
+                               "automatically")]
 
     def machine_version(self, arch: Arch) -> str:
         prof = profile(arch)
