@@ -116,6 +116,16 @@ def test_options_with_fixed_choices_complete(tmp_path: Path, line: str, cword: s
     assert r.stdout.split() == expected, r.stderr
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    (["up", "--cpus", "abc"], "Invalid value for '--cpus': 'abc' is not a whole number"),
+    (["logs", "x", "-n", "-1"], "'-1' must be at least 0"),
+    (["stats", "--interval=0"], "Invalid value for '--interval': '0' must be at least 0.1"),
+])
+def test_a_refused_option_value_is_named_in_mvms_words(tmp_path: Path, args: list[str], expected: str) -> None:
+    r = _mvmctl(tmp_path, *args)
+    assert r.returncode == 2 and expected in r.stderr and "Input should be" not in r.stderr, r.stderr
+
+
 def test_down_all_with_names_is_refused(tmp_path: Path) -> None:
     r = _mvmctl(tmp_path, "down", "--all", "ghost")
     assert r.returncode == 2 and "--all stops every VM: give either --all or the names" in r.stderr

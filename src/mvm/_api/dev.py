@@ -132,6 +132,13 @@ class DevVM:
     def down(self) -> DownResult:
         return self.vm.down()
 
+    def __enter__(self) -> DevVM:
+        """``with mvm.dev.boot_vm(...) as session:``: the VM stops when the block ends."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
 
 def boot_vm(project: Path, *, memory: int | None = None, cpus: int | None = None,
             layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER,

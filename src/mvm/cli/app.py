@@ -20,6 +20,7 @@ import functools
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Mapping
@@ -68,6 +69,36 @@ def _command_word(args: list[str]) -> str | None:
 
 #: exec's options that take a value: the word after one is not the VM's name.
 _EXEC_VALUED = frozenset({"-u", "--user", "-w", "--workdir", "-e", "--env", "--timeout"})
+
+
+#: The parser's words for a value it refused (pydantic's, under Typer 0.29), and mvm's.
+_REFUSALS = [
+    (re.compile(r"Input should be a valid integer.*"), "is not a whole number"),
+    (re.compile(r"Input should be a valid number.*"), "is not a number"),
+    (re.compile(r"Input should be greater than or equal to (\S+)"), r"must be at least \1"),
+    (re.compile(r"Input should be less than or equal to (\S+)"), r"must be at most \1"),
+    (re.compile(r"Input should be greater than (\S+)"), r"must be more than \1"),
+    (re.compile(r"Input should be less than (\S+)"), r"must be less than \1"),
+]
+
+
+def plain_refusal(message: str, opts: list[str], args: list[str]) -> str:
+    """``Input should be a valid integer, ...`` as ``'abc' is not a whole number`` (click
+    names the option before it): the value given (found in ``args``) and the rule, in the
+    words of mvm's own errors."""
+    for pattern, words in _REFUSALS:
+        if pattern.fullmatch(message):
+            rule = pattern.sub(words, message)
+            break
+    else:
+        return message
+    for i, arg in enumerate(args):
+        for opt in opts:
+            if arg == opt and i + 1 < len(args):
+                return f"{args[i + 1]!r} {rule}"
+            if arg.startswith(f"{opt}=") and opt.startswith("--"):
+                return f"{arg.split('=', 1)[1]!r} {rule}"
+    return f"the value {rule}"
 
 
 def usage_hint(args: list[str]) -> str | None:
@@ -244,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as exc:
         code = exc.exit_code
     except usage_error as exc:
+        param = getattr(exc, "param", None)
+        if param is not None and isinstance(getattr(exc, "message", None), str):
+            exc.message = plain_refusal(exc.message, list(param.opts), args)  # type: ignore[attr-defined]
         exc.show()  # type: ignore[attr-defined]
         if hint := usage_hint(args):
             from . import output

@@ -44,7 +44,7 @@ def dev(
 
     with output.progress("dev VM") as prog:
         session = devlib.boot_vm(project, memory=memory, cpus=cpus, progress=prog)
-    try:
+    with session:
         if command:
             code = session.vm.exec(command, cwd=session.cwd, env=session.env,
                                    on_output=output.write_stream).exit_code
@@ -54,8 +54,6 @@ def dev(
             output.info(f"mvm dev VM {session.vm.name}: {project} is at {session.cwd}, nix has flakes on; "
                         "exit to stop the VM")
             code = run_on_terminal(session.vm.console(cwd=session.cwd, env=session.env))
-    finally:
-        session.down()
     raise typer.Exit(code)
 
 
