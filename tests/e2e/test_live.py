@@ -69,6 +69,8 @@ def test_status_and_ls_show_services_and_health(cli: CLI, testbed_vm: dict[str, 
     assert check(st, "sick")["state"] == "healthy"
     row = next(r for r in cli.json("ls") if r["name"] == "shared")
     assert row["health"] == "healthy"
+    assert "shared" in cli("ls", "-q").stdout.splitlines()  # names alone, for scripts
+    assert row["image"] in cli("images", "-q").stdout.splitlines()
     table = cli("status", "shared").stdout
     assert "web" in table and "healthy" in table
     # the root preStart's files are the service's (marked with its run's group, then handed

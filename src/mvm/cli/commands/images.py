@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ..exitcodes import EXIT_ERROR
-from ..options import Json, complete_images
+from ..options import Json, Quiet, complete_images
 
 if TYPE_CHECKING:
     from mvm import ImageInfo
 
 
-def images(json: Json = False) -> None:
+def images(json: Json = False, quiet: Quiet = False) -> None:
     """List the images in the store: guest name, key, front end, size, age, and the VMs
     that use each one. Remove one with `mvmctl rmi`; `mvmctl cleanup` prunes unused ones.
 
@@ -22,6 +22,7 @@ def images(json: Json = False) -> None:
     Examples:
       mvmctl images
       mvmctl images --json | jq -r '.[].key'
+      mvmctl rmi $(mvmctl images -q)   # every image no VM needs (the others are refused)
     """
     import mvm
 
@@ -29,6 +30,10 @@ def images(json: Json = False) -> None:
     from ..output import Column
 
     rows = mvm.images()
+    if quiet:  # the full keys
+        for row in rows:
+            output.out.print(row.key, highlight=False, markup=False)
+        return
     if json:
         output.print_json(rows)
         return

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from ..options import Json
+from ..options import Json, Quiet
 
 if TYPE_CHECKING:
     from mvm import VMInfo
@@ -21,7 +21,7 @@ def _health(vm: VMInfo) -> str:
     return ", ".join([vm.health, *(f"{s} failing" for s in vm.failing)])
 
 
-def ls(json: Json = False) -> None:
+def ls(json: Json = False, quiet: Quiet = False) -> None:
     """List VMs: status, health, backend, architecture, size, forwarded ports and uptime.
 
     STATUS is derived from the live machine (its process id and start time), never trusted
@@ -34,11 +34,17 @@ def ls(json: Json = False) -> None:
     Examples:
       mvmctl ls
       mvmctl ls --json | jq -r '.[] | select(.health != "healthy") | .name'
+      mvmctl ls -q
     """
     import mvm
 
     from .. import output
     from ..output import Column
+
+    if quiet:  # names only: no machine or guest is asked anything
+        for name in mvm.vm_names():
+            output.out.print(name, highlight=False, markup=False)
+        return
 
     rows = mvm.ls()
     if json:
