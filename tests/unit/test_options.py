@@ -92,9 +92,10 @@ def test_a_timeout_without_wait_is_refused_not_ignored() -> None:
 
     assert wait_timeout(True, None) == HEALTH_TIMEOUT and wait_timeout(True, 15) == 15
     assert wait_timeout(False, None) == HEALTH_TIMEOUT  # unused, and not asked for
-    with pytest.raises(UsageError, match="--timeout 15 is how long --wait waits") as err:
+    with pytest.raises(Exception, match="--timeout 15 is how long --wait waits .*: add --wait, or drop --timeout") \
+            as err:
         wait_timeout(False, 15)
-    assert err.value.hint == "add --wait, or drop --timeout"
+    assert type(err.value).__name__ == "UsageError"  # click's: exit 2 with the usage line
 
 
 def test_cp_names_the_vm_that_is_not_there_and_a_relative_guest_path(tmp_path: Path) -> None:

@@ -172,11 +172,9 @@ WaitTimeout = Annotated[float | None, typer.Option(
 
 def wait_timeout(wait: bool, timeout: float | None) -> float:
     """--timeout's value; refused without --wait, where it would silently mean nothing."""
-    from mvm import UsageError
-
     if timeout is not None and not wait:
-        raise UsageError(f"--timeout {timeout:g} is how long --wait waits for health, and --wait is not given",
-                         hint="add --wait, or drop --timeout")
+        raise missing(f"--timeout {timeout:g} is how long --wait waits for health, and --wait is not given: "
+                      "add --wait, or drop --timeout")
     return mvm.HEALTH_TIMEOUT if timeout is None else timeout
 
 
