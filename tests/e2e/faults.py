@@ -53,7 +53,6 @@ def find_leaks(home: Path, cache: Path, expected_vms: set[str] = frozenset()) ->
     for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
         if backing.read_text().strip().startswith((str(home), str(cache))):
             loops += 1
-    taps = sum(1 for n in os.listdir("/sys/class/net") if n.startswith(("tap", "mvm")))
     builds = len(list((cache / "images").glob(".build-*")))
     strays = 0  # any process but a running VM's QEMU and log shim that inherited MVM_HOME
     marker = f"MVM_HOME={home}".encode()
@@ -79,7 +78,6 @@ def find_leaks(home: Path, cache: Path, expected_vms: set[str] = frozenset()) ->
         "held_locks": locks,
         "mounts": mounts,
         "loop_devices": loops,
-        "tap_devices": taps,
         "build_leftovers": builds,
         "stray_processes": strays,
     }
@@ -120,7 +118,7 @@ class Recorder:
                else "no data scenario in this run**."),
             "",
             "Leaks counted after every scenario: QEMU processes, runtime dirs, sockets, held locks, "
-            "mounts, loop and tap devices, half-built images, stray mmdebstrap processes. A long life "
+            "mounts, loop devices, half-built images, stray processes. A long life "
             "(hundreds of up/down cycles) is in [soak.md](soak.md), the threat model in "
             "[SECURITY.md](../SECURITY.md).",
             "",

@@ -81,11 +81,13 @@ def test_unknown_debian_package(cli: CLI, tmp_path: Path, hello_image: dict[str,
 def test_name_clash_with_running_vm(cli: CLI, hello_image: dict[str, Any], no_leaks: None) -> None:
     cli("up", str(EXAMPLES / "hello"), "--name", "clash")
     try:
+        first = next(row for row in cli.json("ls") if row["name"] == "clash")
         r = cli("up", str(EXAMPLES / "hello"), "--name", "clash", "-p", f"{free_port()}:8080", check=False)
         assert r.returncode == 1
         assert "a VM named 'clash' already exists (running)" in _error_line(r.stderr)
         assert "mvmctl down clash" in r.stderr
-        assert cli.json("ls")[0]["status"] == "running"  # the first VM is untouched
+        after = next(row for row in cli.json("ls") if row["name"] == "clash")
+        assert (after["status"], after["pid"], after["ports"]) == ("running", first["pid"], first["ports"])  # untouched
     finally:
         cli("down", "clash")
 

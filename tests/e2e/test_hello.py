@@ -33,6 +33,12 @@ def test_hello_build_up_get_ls_logs_down(cli: CLI, hello_image: dict[str, Any], 
     assert row["status"] == "running"
     assert row["ports"] == [{"host_ip": "127.0.0.1", "host_port": port, "guest_port": 8080, "proto": "tcp"}]
     assert row["accel"] in ("tcg", "kvm") and row["backend"] == "qemu"
+    # KVM only where its probe proved it boots: doctor's verdict (the probe's cached one) and
+    # the accelerator up chose agree
+    doctor = json.loads(cli("doctor", "--json", check=False).stdout)
+    kvm = next(b for b in doctor["backends"] if b["backend"] == "qemu-kvm")
+    if kvm["usable"] is not True:
+        assert row["accel"] == "tcg", (row["accel"], kvm)
     table = cli("ls").stdout
     assert "hello" in table and "running" in table and f"{port}->8080" in table
 

@@ -305,7 +305,14 @@ def test_the_guest_clock_stays_with_the_host_next_to_a_busy_vm(cli: CLI, testbed
     try:
         cli("exec", "busy", "--", "sh", "-c", "(while :; do :; done) >/dev/null 2>&1 &")
         time.sleep(60)
-        offsets = [shared.clock_offset() for _ in range(3)]
-        assert max(abs(o) for o in offsets) < 0.1, offsets
+        # one round trip's offset is uncertain by half of it (a loaded host delays some): the
+        # sample with the shortest round trip counts, allowed that uncertainty on top
+        samples = []
+        for _ in range(5):
+            began = time.monotonic()
+            offset = shared.clock_offset()
+            samples.append((time.monotonic() - began, offset))
+        rtt, offset = min(samples)
+        assert abs(offset) < 0.1 + rtt / 2, samples
     finally:
         cli("down", "busy")

@@ -26,7 +26,8 @@ def keys(model: type[BaseModel]) -> set[str]:
 
 
 def test_every_key_is_documented() -> None:
-    documented = set(re.findall(r"`([a-z_]+)`", DOC)) | set(re.findall(r"\b([a-z_]+)\b", DOC))
+    # a key counts as documented inside a code span: `key`, or `{key, other}` for a nested object
+    documented = {word for span in re.findall(r"`([^`]+)`", DOC) for word in re.findall(r"[a-z_]+", span)}
     missing = {m.__name__: sorted(keys(m) - documented) for m in MODELS}
     assert not {k: v for k, v in missing.items() if v}, f"document these keys in docs/json.md: {missing}"
 
