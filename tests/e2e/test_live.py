@@ -316,3 +316,61 @@ def test_the_guest_clock_stays_with_the_host_next_to_a_busy_vm(cli: CLI, testbed
         assert abs(offset) < 0.1 + rtt / 2, samples
     finally:
         cli("down", "busy")
+
+
+def test_forward_rm_closes_the_port(cli: CLI, testbed_vm: dict[str, Any]) -> None:
+    import socket
+
+    port = free_port()
+    cli("forward", "shared", "-p", f"{port}:8080")
+    assert http_get(port) == "testbed\n"
+    cli("forward", "shared", "--rm", "-p", f"{port}:8080")
+    row = next(r for r in cli.json("ls") if r["name"] == "shared")
+    assert port not in {p["host_port"] for p in row["ports"]}
+    with socket.socket() as s:  # nothing listens there any more
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+    with socket.socket() as s:  # and the port can be had again (the old connection may sit in TIME_WAIT)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+    assert http_get(testbed_vm["port"]) == "testbed\n"  # the VM's own forward stays
+
+
+def test_stats_measure_the_vm_and_its_services(cli: CLI, testbed_vm: dict[str, Any]) -> None:
+    [usage] = cli.json("stats", "shared", "--interval", "0.5")
+    assert usage["name"] == "shared"
+    assert 50 << 20 < usage["memory_bytes"] < 4 << 30  # QEMU's resident memory: a booted guest's, at least
+    assert 0 <= usage["cpu_percent"] <= 100 * (os.cpu_count() or 1)
+    assert 0 < usage["guest_memory_used"] < usage["guest_memory_total"] <= 512 << 20
+    web = next(s for s in usage["services"] if s["name"] == "web")
+    assert web["memory_bytes"] > 5 << 20 and web["pid"] == service(_status(cli, "shared"), "web")["pid"]
+
+
+def test_logs_since_leaves_out_what_came_before(cli: CLI, testbed_vm: dict[str, Any]) -> None:
+    everything = cli("logs", "shared", "--since", "1h").stdout
+    assert "[service web] running" in everything
+    time.sleep(1.5)
+    assert "[service web]" not in cli("logs", "shared", "--since", "1s").stdout
+
+
+def test_cold_up_restart_power_off_and_logs_after_down(cli: CLI, testbed_image: dict[str, Any]) -> None:
+    """`up --cold` boots; `restart` keeps ports and -e values; a power-off from inside the
+    guest shows as exited (not crashed); `logs` still reads the VM after `down`."""
+    port = free_port()
+    info = cli.json("up", str(FIXTURES / "testbed"), "--name", "life", "--cold", "-e", "SICK=",
+                    "-e", "WEB_DELAY=0", "-p", f"{port}:8080", "--wait", "--timeout", "120")
+    try:
+        assert info["start"] == "cold" and info["start_reason"]
+        first_pid = info["pid"]
+        restarted = cli.json("restart", "life", "--wait", "--timeout", "120")
+        assert restarted["pid"] != first_pid and sorted(restarted["env_keys"]) == ["SICK", "WEB_DELAY"]
+        assert [p["host_port"] for p in restarted["ports"]] == [port]
+        assert http_get(port) == "testbed\n"
+        cli("exec", "life", "--", "sh", "-c", "kill -TERM 1")  # what busybox poweroff asks of PID 1
+        row = wait_for(lambda: (r := next(x for x in cli.json("ls") if x["name"] == "life"))["status"] != "running"
+                       and r, 60, "the guest to power off")
+        assert row["status"] == "exited", row
+    finally:
+        cli("down", "life")
+    kept = cli("logs", "life").stdout
+    assert "[service web] running" in kept and "powering off" in kept
