@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +62,9 @@ def test_hello_build_up_get_ls_logs_down(cli: CLI, hello_image: dict[str, Any], 
 
 
 def test_unchanged_spec_is_a_cache_hit(cli: CLI, hello_image: dict[str, Any]) -> None:
-    started = time.monotonic()
-    result = cli.json("build", str(EXAMPLES / "hello"))
+    result = cli.json("build", str(EXAMPLES / "hello"))  # how fast, bench/run.py measures (warm build)
     assert result["built"] is False
     assert result["key"] == hello_image["key"]
-    assert time.monotonic() - started < 5  # generous: the benchmark holds the real target
     assert set(result["sizes"]) == {"vmlinux", "initrd", "rootfs.ext4"}
     assert result["guest"]["services"]["hello"]["command"].startswith("python3 -m http.server")
     manifest = json.loads((Path(result["path"]) / "manifest.json").read_text())

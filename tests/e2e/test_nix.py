@@ -180,15 +180,10 @@ def test_seed_hello_flake_builds_boots_and_serves(nix_env: NixEnv, hello_flake: 
 
 
 def test_unchanged_flake_is_a_cache_hit(nix_env: NixEnv, hello_flake: Path, hello_build: dict[str, Any]) -> None:
-    timings = []
-    for _ in range(3):
-        started = time.monotonic()
-        again = json.loads(nix_env.build(hello_flake, "--json").stdout)
-        timings.append(time.monotonic() - started)
-        assert again["built"] is False
-        assert again["key"] == hello_build["key"]
-    # the benchmark holds the real target (1.5 s); this machine is shared, so allow slack
-    assert min(timings) < 3.0, timings
+    # how fast a hit is, bench/nix_build.py measures
+    again = json.loads(nix_env.build(hello_flake, "--json").stdout)
+    assert again["built"] is False
+    assert again["key"] == hello_build["key"]
 
 
 def test_the_guides_stack_with_files_answers_through_redis(nix_env: NixEnv, no_leaks: None) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -105,12 +104,7 @@ def test_a_passing_and_a_failing_test_leave_nothing(inner: Inner) -> None:
     result.stdout.fnmatch_lines(["*mvm VM hello-*-2 (last 40 log lines)*"])  # the failed test's report:
     assert "[service hello] running" in result.stdout.str()  # its VM's log (from its template's boot on)
     inner.assert_nothing_left()
-    # Fast start: after the template (made once per cache), a VM costs about 0.3 s start to
-    # end on a quiet machine (docs/testing.md); the bound leaves room for a loaded one.
-    durations = [re.fullmatch(r"([\d.]+)s (setup|call|teardown) +test_user.py::test_fails", line)
-                 for line in result.outlines]
-    spent = {m[2]: float(m[1]) for m in durations if m}
-    assert spent.get("setup", 0) + spent["call"] + spent["teardown"] < 5.0, spent
+    # fast start is test_passes' `start == "restored"`; its speed is bench/'s to measure
 
 
 def test_an_interrupted_run_cleans_up(inner: Inner) -> None:
