@@ -374,3 +374,38 @@ def test_cold_up_restart_power_off_and_logs_after_down(cli: CLI, testbed_image: 
         cli("down", "life")
     kept = cli("logs", "life").stdout
     assert "[service web] running" in kept and "powering off" in kept
+
+
+def test_a_port_refuses_at_once_until_the_guest_answers(cli: CLI, testbed_image: dict[str, Any]) -> None:
+    """README: -p forwards open once the guest answers; a connection made while it boots is
+    refused at once, never left hanging in QEMU's user network."""
+    import socket
+
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "mvm", "up", str(FIXTURES / "testbed"), "--name", "early",
+                           "--cold", "-p", f"{port}:8080"], env=cli.env, cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    refused = 0
+    try:
+        while up.poll() is None:
+            with socket.socket() as s:
+                s.settimeout(5)
+                began = time.monotonic()
+                try:
+                    s.connect(("127.0.0.1", port))
+                except ConnectionRefusedError:
+                    assert time.monotonic() - began < 1.0, "a refusal that took its time"
+                    refused += 1
+                    time.sleep(0.05)
+                    continue
+                except TimeoutError:
+                    raise AssertionError("a connection made while the guest booted hung") from None
+            break  # connected: the forward is open, so the guest has answered
+        _, err = up.communicate(timeout=120)
+        assert up.returncode == 0, err
+        assert refused > 0, "no connection was tried before the forward opened: the check saw nothing"
+        assert http_get(port) == "testbed\n"
+    finally:
+        if up.poll() is None:
+            up.wait(timeout=120)
+        cli("down", "early")
