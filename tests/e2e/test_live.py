@@ -360,7 +360,7 @@ def test_cold_up_restart_power_off_and_logs_after_down(cli: CLI, testbed_image: 
     info = cli.json("up", str(FIXTURES / "testbed"), "--name", "life", "--cold", "-e", "SICK=",
                     "-e", "WEB_DELAY=0", "-p", f"{port}:8080", "--wait", "--timeout", "120")
     try:
-        assert info["start"] == "cold" and info["start_reason"]
+        assert (info["start"], info["start_reason"]) == ("cold", "--cold")
         first_pid = info["pid"]
         restarted = cli.json("restart", "life", "--wait", "--timeout", "120")
         assert restarted["pid"] != first_pid and sorted(restarted["env_keys"]) == ["SICK", "WEB_DELAY"]
@@ -409,3 +409,17 @@ def test_a_port_refuses_at_once_until_the_guest_answers(cli: CLI, testbed_image:
         if up.poll() is None:
             up.wait(timeout=120)
         cli("down", "early")
+
+
+def test_down_all_stops_every_vm_of_its_home(cli: CLI, testbed_image: dict[str, Any], tmp_path: Path) -> None:
+    """In a home of its own (`--all` here would take the module's shared VM along)."""
+    own = {"MVM_HOME": str(tmp_path / "home")}
+    for name in ("all-a", "all-b"):
+        cli("up", str(FIXTURES / "testbed"), "--name", name, env=own)
+    try:
+        stopped = json.loads(cli("down", "--all", "--json", env=own).stdout)
+        assert sorted(r["name"] for r in stopped) == ["all-a", "all-b"]
+        assert all(r["how"] != "not found" for r in stopped), stopped
+        assert json.loads(cli("ls", "--json", env=own).stdout) == []
+    finally:
+        cli("down", "all-a", "all-b", env=own)
