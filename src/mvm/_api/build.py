@@ -65,7 +65,7 @@ def build_image(
     guest = spec_mod.load_toml(source)
     if arch is not None:
         guest = guest.model_copy(update={"arch": arch})
-    prog.stage("resolving")
+    prog.stage(f"resolving guest {guest.name}" + (f" ({guest.arch})" if guest.arch else ""))
     return debian.build(guest, source=spec_mod.spec_file(source).resolve(), layout=layout, runner=runner,
                         pull=pull, on_stage=prog.stage, on_line=prog.line, on_note=prog.note)
 
