@@ -20,6 +20,25 @@ def test_a_group_is_looked_up_by_name() -> None:
     assert doctor.group_exists("root") and not doctor.group_exists("no-such-group-mvm")
 
 
+@pytest.mark.parametrize(("shown", "missing"), [
+    ("build-users-group = nixbld-mvm-none\nsandbox = true\n", "nixbld-mvm-none"),
+    ("build-users-group = root\n", None),  # exists
+    ("build-users-group = \n", None),  # builds as root, as configured
+])
+def test_nix_build_users_that_do_not_exist_are_found(monkeypatch: pytest.MonkeyPatch, shown: str,
+                                                     missing: str | None) -> None:
+    from mvm._proc import Completed
+    from mvm.builders import nix
+
+    class Shows:
+        def run(self, argv: list[str], **kw: object) -> Completed:
+            assert argv[-1] == "show-config"
+            return Completed(argv, 0, shown)
+
+    monkeypatch.setattr(nix.os, "geteuid", lambda: 0)
+    assert nix.missing_build_group("nix", Shows()) == missing  # type: ignore[arg-type]
+
+
 def test_a_state_dir_mvm_cannot_use_is_reported(tmp_path: Path) -> None:
     from mvm.paths import Layout
 

@@ -162,7 +162,6 @@ class FakeNix:
         self.out = out
         self.fail = fail
         self.calls: list[list[str]] = []
-        self.envs: list[Mapping[str, str] | None] = []
 
     def run(self, argv: Sequence[str | os.PathLike[str]], *, desc: str, env: Mapping[str, str] | None = None,
             cwd: Path | None = None, input: bytes | None = None, timeout: float | None = None,
@@ -170,7 +169,6 @@ class FakeNix:
             hint: str | None = None, ok_codes: Sequence[int] = (0,)) -> Completed:
         args = [os.fspath(a) for a in argv]
         self.calls.append(args)
-        self.envs.append(env)
         assert args[1:3] == ["--extra-experimental-features", "nix-command flakes"]
         if self.fail:
             for line in self.fail.splitlines():
@@ -359,22 +357,6 @@ def test_shares_add_virtiofs_devices_and_shared_memory(tmp_path: Path) -> None:
     plain = build_argv(LaunchSpec(name="d", files=VMFiles(tmp_path), kernel=tmp_path / "k", initrd=None,
                                   rootfs=tmp_path / "r", cpus=1, memory=768, accel="tcg"), NamingHandoff(), "qemu")
     assert not any("memory-backend" in a for a in plain)
-
-
-@pytest.mark.parametrize("root_alone", [True, False])
-def test_root_without_build_users_builds_as_root(tmp_path: Path, with_nix: None, monkeypatch: pytest.MonkeyPatch,
-                                                 root_alone: bool) -> None:
-    # as `mvmctl dev` does: otherwise nix-bin alone, as root, fails every build on the missing nixbld group
-    monkeypatch.setattr(nix, "root_without_build_users", lambda: root_alone)
-    monkeypatch.setenv("NIX_CONFIG", "substituters =")
-    runner = FakeNix(_nix_output(tmp_path))
-    nix.build(".", layout=Layout(state=tmp_path / "state", cache=tmp_path / "cache"), runner=runner)
-    assert len(runner.envs) == 2
-    for env in runner.envs:
-        if root_alone:
-            assert env is not None and env["NIX_CONFIG"].splitlines() == ["substituters =", "build-users-group ="]
-        else:
-            assert env is None  # the caller's environment, untouched
 
 
 def test_build_users_error_has_a_hint() -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, INSTALL_HINTS, Runner, find_tool
 from ..backends.qemu_argv import PROFILES
+from ..builders import nix as nix_builds
+from ..builders.nix import group_exists
 from ..errors import MvmError
 from ..names import ARCHES, Arch, host_arch
 from ..paths import Layout
@@ -57,9 +59,13 @@ def check_tools(runner: Runner = DEFAULT_RUNNER) -> list[ToolCheck]:
     for name, args, purpose in TOOLS:
         path = find_tool(name)
         hint = INSTALL_HINTS.get(name)
+        fix = None if path else hint
+        if name == "nix" and path and (group := nix_builds.missing_build_group(path, runner)):
+            fix = (f"as root, nix builds as the users of group {group!r}, which does not exist, so every "
+                   "`build --flake` fails: apt-get install nix-setup-systemd (makes them), or set "
+                   "`build-users-group =` in /etc/nix/nix.conf (builds then run as root)")
         rows.append(ToolCheck(tool=name, purpose=purpose, found=path is not None, path=path,
-                              version=tool_version(path, args, runner) if path else None,
-                              fix=None if path else hint))
+                              version=tool_version(path, args, runner) if path else None, fix=fix))
     return rows
 
 
@@ -136,16 +142,6 @@ def check_disk(layout: Layout) -> DiskCheck:
     ok = free >= MIN_FREE_BYTES
     return DiskCheck(state_dir=str(layout.state), cache_dir=str(layout.cache), free_bytes=free, ok=ok,
                      fix=None if ok else "free disk space, e.g. `mvmctl cleanup`")
-
-
-def group_exists(name: str) -> bool:
-    import grp
-
-    try:
-        grp.getgrnam(name)
-    except KeyError:
-        return False
-    return True
 
 
 def kvm_group_fix(have_kvm_group: bool) -> str:

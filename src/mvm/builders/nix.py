@@ -11,10 +11,11 @@
    ``mvm.toml``.
 
 Nix's errors are condensed by :mod:`mvm.builders.nixerrors`. The flags that enable flakes are
-passed on the command line, so a stock Nix (e.g. Debian's ``nix-bin``) needs no config. As
-root on a Nix without build users (Debian's ``nix-bin`` alone creates no ``nixbld`` group),
-nix is told to build as root (``build-users-group =``), as ``mvmctl dev`` does: otherwise
-every build fails on the missing group.
+passed on the command line, so a stock Nix (e.g. Debian's ``nix-bin``) needs no config. Who
+nix builds as stays nix.conf's to say: as root on a Nix whose build users do not exist
+(Debian's ``nix-bin`` alone creates no ``nixbld`` group), every build fails, and mvm says
+why (``doctor`` before, the build's error after) rather than building as root behind the
+user's back: a builder running as root owns the store it builds into.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import logging
 import os
 import platform
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .._proc import Runner, require_tool
-from ..errors import BuildError, CommandFailed, SpecError, UsageError
+from ..errors import BuildError, CommandFailed, MvmError, SpecError, UsageError
 from ..names import host_arch
 from ..paths import Layout
 from ..spec import INPUT, GuestSpec, describe_error
@@ -49,17 +51,37 @@ NIX_FLAGS = ["--extra-experimental-features", "nix-command flakes"]
 NIX_GUEST_KEYS = ("schema_version", "frontend", "path", "packages")
 
 
-#: The nix.conf line that lets root build without the ``nixbld`` group's users.
+#: The nix.conf line that lets root build without build users (as root: the dev VM, and
+#: ``mvmctl dev`` on such a host, where the user runs nix by hand).
 NO_BUILD_USERS = "build-users-group ="
+
+
+def group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def root_without_build_users() -> bool:
     """Root, and no ``nixbld`` group: nix's default build users do not exist."""
+    return os.geteuid() == 0 and not group_exists("nixbld")
+
+
+def missing_build_group(nix: str, runner: Runner) -> str | None:
+    """As root: the build users' group nix is configured with (nix.conf, NIX_CONFIG) when it
+    does not exist, so that every build would fail; None when it exists, is unset, or mvm is
+    not root (a daemon or the user builds then)."""
+    if os.geteuid() != 0:
+        return None
     try:
-        grp.getgrnam("nixbld")
-    except KeyError:
-        return os.geteuid() == 0
-    return False
+        shown = runner.run([nix, *NIX_FLAGS, "show-config"], desc="asking nix for its settings").output
+    except MvmError:
+        return None
+    found = re.search(r"^build-users-group = (\S*)$", shown, re.M)
+    group = found[1] if found else ""
+    return group if group and not group_exists(group) else None
 
 
 def config_env(environ: Mapping[str, str], *lines: str) -> dict[str, str]:
@@ -130,9 +152,8 @@ def _run_nix(runner: Runner, argv: list[str], flake: FlakeRef, *, desc: str,
         if on_line:
             on_line(text)
 
-    env = config_env(os.environ, NO_BUILD_USERS) if root_without_build_users() else None
     try:
-        return runner.run(argv, desc=desc, on_line=line, error=BuildError, env=env).output
+        return runner.run(argv, desc=desc, on_line=line, error=BuildError).output
     except CommandFailed as exc:
         raise nixerrors.condense(
             "\n".join(seen) or exc.output or "", flake=flake.url, attr=flake.attr, system=host_system(),
