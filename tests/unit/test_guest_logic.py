@@ -28,7 +28,7 @@ def test_restart_policy(policy: str, code: int, restart: bool) -> None:
     assert should_restart(policy, code) is restart
 
 
-def test_a_program_the_shell_cannot_run_is_not_restarted() -> None:
+def test_a_program_the_shell_cannot_run_is_told_apart() -> None:
     assert "command not found" in (supervisor.cannot_run(127, 0.2) or "")
     assert "cannot be executed" in (supervisor.cannot_run(126, 3.0) or "")
     assert supervisor.cannot_run(1, 0.2) is None

@@ -256,6 +256,13 @@ def test_wait_fails_fast_when_a_service_failed_for_good(layout: Layout, fake: Fa
     fake.status["services"] = {"svc": {"state": "backoff", "restarts": 7, "last_exit": 2}}
     with pytest.raises(ServiceFailed, match="keeps failing: crash-looping"):
         mvm.get("web", layout=layout).wait_healthy(60)
+    # a program the shell could not find: failing from its first run, not its fifth
+    fake.status["services"] = {"svc": {"state": "backoff", "restarts": 0, "last_exit": 127,
+                                       "reason": "command not found (exit 127): add the program's package"}}
+    with pytest.raises(ServiceFailed, match="service svc keeps failing: command not found"):
+        mvm.get("web", layout=layout).wait_healthy(60)
+    fake.status["services"] = {"svc": {"state": "backoff", "restarts": 0, "last_exit": 127}}  # a long run's 127
+    assert mvm.get("web", layout=layout).guest_status().failing() is None
     mvm.down("web", layout=layout)
 
 

@@ -253,7 +253,7 @@ class VM:
                 return status
             svc = status.failing()
             if svc is not None:  # no health will come: say why now, not after the whole timeout
-                why = svc.reason if svc.state == "failed" else f"crash-looping ({svc.restarts} restarts)"
+                why = svc.reason or f"crash-looping ({svc.restarts} restarts)"
                 raise ServiceFailed(
                     self.name, f"service {svc.name} {'failed' if svc.state == 'failed' else 'keeps failing'}: {why}",
                     hint=f"the VM is left running for inspection: `mvmctl logs {self.name}`; "

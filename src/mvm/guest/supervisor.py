@@ -12,8 +12,9 @@ Rules (documented in docs/guest.md):
 - ``restart``: ``always`` (default), ``on-failure`` (non-zero exit or signal) or ``no``.
   Delays grow 0.5 s, 1 s, 2 s ... up to 30 s, and reset once a run lasted 10 s.
 - A run that ends within those 10 s with the shell's "command not found" (127) or "cannot
-  execute" (126) fails the service for good, whatever the policy: the image will not grow the
-  program, so restarting would only hide the cause behind a crash loop.
+  execute" (126) says so in ``reason`` (status and the service event), so that the host can
+  tell at once that no health will come; the service restarts per its policy all the same
+  (the program may yet arrive: a ``cp``, another service's preStart).
 - A run the kernel's OOM killer ended (a SIGKILL the kernel log explains, :mod:`.oom`) says
   so in ``reason`` (status and the service event), and restarts like any other failure.
 """
@@ -55,9 +56,9 @@ _SHELL_CANNOT_RUN = {
 
 
 def cannot_run(code: int, ran_for: float) -> str | None:
-    """Why a run that ended this way will fail again on every restart, or None. Only a short
-    run counts: a service that ran a while and then had a script of its own exit 127 may be
-    luckier next time."""
+    """Why a run that ended this way is likely to fail again on every restart, or None. Only
+    a short run counts: a service that ran a while and then had a script of its own exit 127
+    may be luckier next time."""
     return _SHELL_CANNOT_RUN.get(code) if ran_for < BACKOFF_RESET_AFTER else None
 
 
@@ -233,15 +234,13 @@ class Service:
             code = self.child.wait()
             assert code is not None
             killed = None if self.sup.stopping.is_set() else oom_kill_of(self.child.pid, user.uid, code, began)
-            self.last_exit, self.pid, self.reason = code, None, killed
+            self.last_exit, self.pid = code, None
             if self.sup.stopping.is_set():
                 self._set_state("stopped", exit=code)
                 return
-            hopeless = None if killed else cannot_run(code, time.monotonic() - began)
-            if hopeless:
-                self._set_state("failed", exit=code, reason=hopeless)
-                return
-            why = {"reason": killed} if killed else {}
+            ended = killed or cannot_run(code, time.monotonic() - began)
+            why = {"reason": ended} if ended else {}
+            self.reason = ended
             policy = self.spec.get("restart") or "always"
             if not should_restart(policy, code):
                 self._set_state("exited" if code == 0 else "failed", exit=code, **why)
