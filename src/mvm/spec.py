@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 import stat
 import tomllib
@@ -57,11 +58,12 @@ class Service(_Model):
     @field_validator("env", mode="before")
     @classmethod
     def _env_numbers(cls, value: Any) -> Any:
-        """``env = { PORT = 8080 }`` means the string ``"8080"``, as in mkGuest (which
-        converts numbers with toString); true/false are refused, as there."""
+        """``env = { PORT = 8080 }`` means the string ``"8080"``, as in mkGuest (which converts
+        numbers with toString). Whole numbers only: a float's text differs between the two
+        (toString 0.1 is "0.100000"), so it is refused with "quote it", as true/false are."""
         if not isinstance(value, dict):
             return value
-        return {k: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for k, v in value.items()}
+        return {k: str(v) if type(v) is int else v for k, v in value.items()}
 
     @field_validator("user")
     @classmethod
@@ -315,7 +317,21 @@ def load_toml(path: Path) -> GuestSpec:
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO would hang the build reading it
             raise SpecError(f"{file}: files.{target!r}: {source!r} is not a regular file or a directory",
                             hint="files copies files and directories into the image")
+        if stat.S_ISDIR(mode) and (odd := _first_special(where)):
+            raise SpecError(f"{file}: files.{target!r}: {odd} is not a regular file, directory or symlink",
+                            hint="files copies files, directories and symlinks; remove it from "
+                            f"{source!r} (a FIFO would hang the build reading it)")
     return spec
+
+
+def _first_special(root: Path) -> Path | None:
+    """The first entry under ``root`` that is a FIFO, socket or device (not followed: links)."""
+    for parent, dirs, names in os.walk(root):
+        for name in sorted([*dirs, *names]):
+            mode = os.lstat(os.path.join(parent, name)).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+                return Path(parent, name)
+    return None
 
 
 def files_digest(spec: GuestSpec, base: Path) -> str:

@@ -82,6 +82,14 @@ def test_files_that_are_not_files_or_directories_are_refused(tmp_path: Path) -> 
     (tmp_path / "mvm.toml").write_text('name = "x"\nfiles = { "/app/p" = "pipe" }\n')
     with pytest.raises(SpecError, match="files.'/app/p': 'pipe' is not a regular file or a directory"):
         load_toml(tmp_path)
+    (tmp_path / "site" / "deep").mkdir(parents=True)
+    (tmp_path / "site" / "index.html").write_text("hi")
+    (tmp_path / "site" / "link").symlink_to("index.html")
+    (tmp_path / "mvm.toml").write_text('name = "x"\nfiles = { "/srv" = "site" }\n')
+    assert load_toml(tmp_path).files == {"/srv": "site"}  # files, directories and links are fine
+    os.mkfifo(tmp_path / "site" / "deep" / "pipe")  # and one inside a directory is found too
+    with pytest.raises(SpecError, match="site/deep/pipe is not a regular file, directory or symlink"):
+        load_toml(tmp_path)
 
 
 def test_missing_spec_file(tmp_path: Path) -> None:
@@ -174,6 +182,7 @@ def test_each_problem_is_said_once_on_its_own_line() -> None:
 
 
 def test_env_numbers_are_strings_as_in_mkguest() -> None:
-    spec = parse_spec({"name": "x", "services": {"a": {"command": "x", "env": {"PORT": 8080, "RATIO": 0.5}}}},
-                      source="t")
-    assert spec.services["a"].env == {"PORT": "8080", "RATIO": "0.5"}
+    spec = parse_spec({"name": "x", "services": {"a": {"command": "x", "env": {"PORT": 8080}}}}, source="t")
+    assert spec.services["a"].env == {"PORT": "8080"}
+    with pytest.raises(SpecError, match="env.RATIO: must be a string \\(quote it\\), not float 0.5"):
+        parse_spec({"name": "x", "services": {"a": {"command": "x", "env": {"RATIO": 0.5}}}}, source="t")
