@@ -16,6 +16,7 @@ terminal. Process identity (a recorded pid is only ours while its start time mat
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -91,16 +92,23 @@ def require_tool(name: str) -> str:
     return found
 
 
-def start_failed(args: Sequence[str], exc: OSError, cwd: Path | None) -> MvmError:
-    """Why a child did not start, as an mvm error: its directory missing or unreadable, or
-    the program missing or not runnable (with how to install it)."""
-    if cwd is not None and exc.filename is not None and os.fspath(exc.filename) == os.fspath(cwd):
-        return MvmError(f"cannot run {os.path.basename(args[0])} in {cwd}: {exc.strerror}",
-                        hint="the directory must exist and be readable by the user mvm runs it as")
+def start_failed(args: Sequence[str], exc: OSError, cwd: Path | None, user: RunAs | None = None) -> MvmError:
+    """Why a child did not start, as an mvm error: its directory missing or unreadable; the
+    program gone (with how to install it) or not runnable by the user it runs as; or what
+    the kernel said (too many open files, arguments too long)."""
     name = os.path.basename(args[0])
-    hint = INSTALL_HINTS.get(name)
-    return ToolMissing(f"`{args[0]}` could not be started: {exc.strerror}",
-                       hint=f"reinstall it: {hint}" if hint else "check that it is an executable program")
+    if cwd is not None and exc.filename is not None and os.fspath(exc.filename) == os.fspath(cwd):
+        return MvmError(f"cannot run {name} in {cwd}: {exc.strerror}",
+                        hint="the directory must exist and be readable by the user mvm runs it as")
+    if exc.errno == errno.ENOENT:
+        hint = INSTALL_HINTS.get(name)
+        return ToolMissing(f"`{args[0]}` could not be started: {exc.strerror}",
+                           hint=f"reinstall it: {hint}" if hint else "is it installed, and its interpreter too?")
+    if exc.errno in (errno.EACCES, errno.ENOEXEC):
+        who = f"uid {user.uid}" if user is not None else "this user"
+        return MvmError(f"`{args[0]}` could not be started: {exc.strerror}",
+                        hint=f"it must be an executable program that {who} may read and run")
+    return MvmError(f"`{args[0]}` could not be started: {exc.strerror}")
 
 
 @dataclass(frozen=True)
@@ -250,7 +258,7 @@ class SubprocessRunner:
         try:
             return self._popen_detached(args, stdout=stdout, cwd=cwd, env=env, pass_fds=pass_fds, user=user)
         except OSError as exc:
-            raise start_failed(args, exc, cwd) from exc
+            raise start_failed(args, exc, cwd, user) from exc
 
     @staticmethod
     def _popen_detached(args: list[str], *, stdout: IO[bytes] | int, cwd: Path | None,

@@ -86,3 +86,21 @@ def test_a_long_build_line_leaves_the_elapsed_time_in_view(monkeypatch: pytest.M
     plain = Text.from_markup(drawn[-1]).plain
     assert plain.startswith("building: fetching the guest kernel (arm64) (93s) Setting up") and plain.endswith("…")
     assert len(plain) == 77
+
+
+def test_each_tries_every_target_and_reports_each_failure(capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm.errors import VMNotFound
+
+    monkeypatch.setattr(output, "debug", False)
+
+    def act(name: str) -> str:
+        if name == "b":
+            raise VMNotFound("b", "no VM named 'b'")
+        if name == "c":
+            raise PermissionError(13, "Permission denied", "/state/vms/c")
+        return name.upper()
+
+    assert output.each(["a", "b", "c", "d"], act) == (["A", "D"], True)
+    assert capsys.readouterr().err.splitlines() == [
+        "error: no VM named 'b'", "error: c: Permission denied (/state/vms/c)"]

@@ -156,6 +156,9 @@ def each(targets: Iterable[T], action: Callable[[T], R]) -> tuple[list[R], bool]
         except MvmError as exc:
             render_error(exc)
             failed = True
+        except OSError as exc:  # reported as the others are: what was done is still printed
+            render_error(MvmError(f"{target}: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")))
+            failed = True
     return results, failed
 
 
