@@ -57,3 +57,18 @@ def test_doctor_lists_what_each_registered_backend_says_of_itself(tmp_path: Path
     names = [row.backend for row in rows]
     assert "fake" in names and "qemu-tcg" in names and "qemu-kvm" in names  # the fake's row, QEMU's two
     assert next(r for r in rows if r.backend == "fake").reason.startswith("machines in this process's memory")
+
+
+def test_a_backend_that_cannot_be_asked_is_a_row_not_the_end_of_doctor(tmp_path: Path, fake: object,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm.errors import MvmError
+    from mvm.paths import Layout
+
+    def broken(*args: object) -> list[object]:
+        raise MvmError("its probe cache is read-only")
+
+    monkeypatch.setattr(type(fake), "diagnose", broken)
+    rows = doctor.check_backends(Layout(state=tmp_path / "s", cache=tmp_path / "c"))
+    row = next(r for r in rows if r.backend == "fake")
+    assert row.usable is None and row.reason == "could not be asked: its probe cache is read-only"
+    assert "qemu-tcg" in [r.backend for r in rows]  # the others still answer

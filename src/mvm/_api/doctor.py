@@ -78,8 +78,14 @@ def check_backends(layout: Layout, runner: Runner = DEFAULT_RUNNER) -> list[Back
 
     kernels = kernel_mod.cached_kernels(layout.kernels) if host_arch() in ARCHES else []
     probe = ProbeKernel(kernels[-1].vmlinux, kernels[-1].initrd, kernels[-1].arch) if kernels else None
-    rows = [BackendCheck(backend=d.name, usable=d.usable, reason=d.reason, fix=d.fix)
-            for name in backends.names() for d in backends.get(name, runner).diagnose(probe, layout.probes)]
+    rows = []
+    for name in backends.names():
+        try:
+            found = backends.get(name, runner).diagnose(probe, layout.probes)
+        except (MvmError, OSError, AttributeError) as exc:  # one backend's failure is its row, not doctor's end
+            rows.append(BackendCheck(backend=name, usable=None, reason=f"could not be asked: {exc}"))
+            continue
+        rows += [BackendCheck(backend=d.name, usable=d.usable, reason=d.reason, fix=d.fix) for d in found]
     rows.append(BackendCheck(backend="firecracker", usable=False,
                              reason="not implemented (the binary is not packaged here and cannot boot "
                              "under nested PVM)"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import select
@@ -28,6 +29,8 @@ from ..errors import UsageError
 from ..names import Arch, host_arch
 from .base import AccelPreference, Preflight
 from .qemu_argv import profile
+
+log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 6.0
 #: A cached verdict of another schema is probed again.
@@ -111,8 +114,11 @@ def kvm_verdict(kernel: Path, initrd: Path | None, probes: Path,
     except (OSError, ValueError, KeyError, AttributeError):
         pass
     ok, reason = run_probe(kernel, initrd, qemu, runner, arch=arch)
-    probes.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cache, {"schema_version": PROBE_SCHEMA, "ok": ok, "reason": reason, "at": time.time()})
+    try:
+        probes.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cache, {"schema_version": PROBE_SCHEMA, "ok": ok, "reason": reason, "at": time.time()})
+    except OSError as exc:  # a cache this user cannot write (shared, read-only): probe again next time
+        log.info("KVM verdict not cached (%s): %s", cache, exc)
     return ok, reason
 
 

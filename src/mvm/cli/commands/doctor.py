@@ -25,6 +25,7 @@ def doctor(json: Json = False) -> None:
     import mvm
 
     from .. import output
+    from ..output import safe
 
     report = mvm.doctor()
     if json:
@@ -33,26 +34,27 @@ def doctor(json: Json = False) -> None:
     marks = {True: "[green]ok[/]", False: "[red]no[/]", None: "[yellow]unknown[/]"}
     backends = Table(title="backends", title_justify="left", box=None, show_header=False, pad_edge=False)
     for b in report.backends:
-        backends.add_row(marks[b.usable], b.backend, b.reason + (f"\nfix: {b.fix}" if b.fix and not b.usable else ""))
+        backends.add_row(marks[b.usable], safe(b.backend),
+                         safe(b.reason + (f"\nfix: {b.fix}" if b.fix and not b.usable else "")))
     archs = Table(title="guest architectures", title_justify="left", box=None, show_header=False, pad_edge=False)
     for a in report.arches:
         what = ("boots, builds" if a.builds else "boots, cannot build") if a.boots else "cannot boot"
-        archs.add_row(marks[a.boots and a.builds], a.arch, what, a.reason + (f"\nfix: {a.fix}" if a.fix else ""))
+        archs.add_row(marks[a.boots and a.builds], a.arch, what, safe(a.reason + (f"\nfix: {a.fix}" if a.fix else "")))
     tools = Table(title="tools", title_justify="left", box=None, show_header=False, pad_edge=False)
     for t in report.tools:
-        tools.add_row("[green]ok[/]" if t.found else "[red]missing[/]", t.tool, t.version or "",
-                      t.purpose + (f"\nfix: {t.fix}" if t.fix else ""))
+        tools.add_row("[green]ok[/]" if t.found else "[red]missing[/]", t.tool, safe(t.version or ""),
+                      safe(t.purpose + (f"\nfix: {t.fix}" if t.fix else "")))
     iso = report.isolation
     isolation = Table(title="isolation", title_justify="left", box=None, show_header=False, pad_edge=False)
     isolation.add_row("[green]ok[/]" if iso.qemu_user == "per-vm" else "[yellow]--[/]",
-                      iso.reason + (f"\nfix: {iso.fix}" if iso.fix else ""))
+                      safe(iso.reason + (f"\nfix: {iso.fix}" if iso.fix else "")))
     d = report.disk
     state = Table(title="state", title_justify="left", box=None, show_header=False, pad_edge=False)
-    state.add_row("state dir", d.state_dir)
-    state.add_row("cache dir", d.cache_dir)
+    state.add_row("state dir", safe(d.state_dir))  # paths from the environment: never markup
+    state.add_row("cache dir", safe(d.cache_dir))
     state.add_row("free", output.human_bytes(d.free_bytes) if d.free_bytes else "-")
     if d.fix:
-        state.add_row("[red]fix[/]", d.fix)
+        state.add_row("[red]fix[/]", safe(d.fix))
     for section in (backends, archs, isolation, tools, state):
         output.out.print(section)
     raise typer.Exit(0 if report.ok else EXIT_ERROR)
