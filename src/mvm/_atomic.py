@@ -42,6 +42,24 @@ def remove_tree(path: Path, *, ignore_errors: bool = False) -> None:
     shutil.rmtree(trash, ignore_errors=ignore_errors)
 
 
+def replace_tree(new: Path, path: Path) -> None:
+    """Put directory ``new`` at ``path``, whose old tree (if any) goes to the trash only once
+    ``new`` is in place: an interruption leaves the old one or the new one there, never
+    neither (the old one is put back if the rename in fails)."""
+    trash = path.parent / f".trash-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        os.rename(new, path)
+        return
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(trash, path)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)  # what is left of it, cleanup removes
+
+
 def trash_in(root: Path) -> list[Path]:
     """What :func:`remove_tree` left under ``root`` (a delete that failed, or was cut short)."""
     return sorted(root.glob(".trash-*")) if root.is_dir() else []

@@ -105,6 +105,32 @@ def test_remove_tree_is_one_rename_then_the_delete(tmp_path: Path) -> None:
     _atomic.remove_tree(victim)  # already gone: nothing to do
 
 
+def test_replace_tree_never_leaves_neither(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old, new = tmp_path / "layer", tmp_path / ".build-1"
+    old.mkdir()
+    (old / "v").write_text("old")
+    new.mkdir()
+    (new / "v").write_text("new")
+    real_rename = _atomic.os.rename
+
+    def failing_second(src: object, dst: object) -> None:
+        if src == new:
+            raise OSError(5, "I/O error")
+        real_rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_atomic.os, "rename", failing_second)
+    with pytest.raises(OSError):
+        _atomic.replace_tree(new, old)
+    assert (old / "v").read_text() == "old" and not _atomic.trash_in(tmp_path)  # the old one is back
+    monkeypatch.setattr(_atomic.os, "rename", real_rename)
+    _atomic.replace_tree(new, old)
+    assert (old / "v").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["layer"]
+    fresh = tmp_path / ".build-2"
+    fresh.mkdir()
+    _atomic.replace_tree(fresh, tmp_path / "other")  # nothing there before
+    assert (tmp_path / "other").is_dir()
+
+
 def test_a_full_disk_does_not_keep_a_vm_from_going(layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
     """No room for the lock file (it is made on first use): the VM goes all the same."""
     import errno

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 import shutil
 import tempfile
@@ -31,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._atomic import remove_tree, write_json_atomic
+from .._atomic import remove_tree, replace_tree, write_json_atomic
 from .._locks import Busy, locked
 from .._proc import Runner, require_tool
 from ..errors import BuildError, SpecError
@@ -156,8 +155,8 @@ def held_layer(
                 "schema_version": LAYER_SCHEMA, "key": key, "id": layer_id, "packages": wanted, "arch": arch,
                 "suite": sources.suite, "mirrors": sources.mirrors, "created_at": time.time(),
             })
-            remove_tree(root / key, ignore_errors=True)  # a --pull's old layer; we hold its lock
-            os.rename(staging, root / key)
+            unmount_below(root / key, runner)  # a --pull's old layer (we hold its lock): nothing mounted in it
+            replace_tree(staging, root / key)
         except BaseException:
             unmount_below(staging, runner)
             shutil.rmtree(staging, ignore_errors=True)
