@@ -69,6 +69,11 @@ def host_env(environ: Mapping[str, str], *, root_without_build_users: bool | Non
     return {**environ, **nix.config_env(environ, "extra-" + FLAKES, *extra), "MVM_DEV": "host"}
 
 
+def builds_as_root() -> bool:
+    """Whether the host dev shell tells nix to build as root (see :func:`host_env`)."""
+    return nix.root_without_build_users()
+
+
 def project_dir(path: str | os.PathLike[str]) -> Path:
     project = Path(path).expanduser().resolve()
     if not project.is_dir():

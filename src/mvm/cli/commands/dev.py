@@ -40,6 +40,9 @@ def dev(
     if devlib.choose_mode(vm) == "host":
         if not command:
             output.info(f"mvm dev: nix with flakes, in {project} (exit to leave)")
+        if devlib.builds_as_root():
+            output.info("[yellow]note[/]: nix has no build users here (no nixbld group), so in this shell it "
+                        "builds as root (build-users-group =); `apt-get install nix-setup-systemd` adds them")
         raise typer.Exit(devlib.run_on_host(project, command))
 
     with output.progress("dev VM") as prog:
