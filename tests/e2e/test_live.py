@@ -425,3 +425,21 @@ def test_down_all_stops_every_vm_of_its_home(cli: CLI, testbed_image: dict[str, 
         assert json.loads(cli("ls", "--json", env=own).stdout) == []
     finally:
         cli("down", "all-a", "all-b", env=own)
+
+
+def test_input_left_over_by_an_exec_does_not_reach_the_next(cli: CLI, testbed_vm: dict[str, Any]) -> None:
+    """`yes | exec -i ... head -1` ends while its stdin still flows: the next command on the
+    port must get its own answers (it got 'unknown op' errors for the leftover input)."""
+    yes = subprocess.Popen(["yes"], stdout=subprocess.PIPE)
+    try:
+        r = subprocess.run([sys.executable, "-m", "mvm", "exec", "-i", "shared", "--", "head", "-1"],
+                           stdin=yes.stdout, env=cli.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        yes.kill()
+        yes.wait()
+        assert yes.stdout is not None
+        yes.stdout.close()
+    assert (r.returncode, r.stdout) == (0, "y\n"), r.stderr
+    for _ in range(3):
+        assert cli("exec", "shared", "--", "echo", "hi").stdout == "hi\n"
+    assert service(_status(cli, "shared"), "web")["state"] == "running"

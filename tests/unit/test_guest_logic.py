@@ -372,3 +372,21 @@ def _fail_and_go_on(server: Any, conn: Any, host: Any) -> None:
     server._dispatch(conn, b'{"op": "ping", "id": 4}')  # the port is not held by the dead command
     reply = _replies(host)[-1]
     assert reply["ok"] is True and reply["id"] == 4
+
+
+def test_input_for_a_command_that_has_ended_is_dropped_without_a_reply() -> None:
+    """`yes | mvmctl exec -i VM -- head -1`: the host keeps sending stdin after head ended.
+    Each piece used to get an 'unknown op' reply, a flood the next client then read."""
+    import socket
+
+    from mvm.guest.execstream import Connection
+
+    host, guest = socket.socketpair()
+    server, conn = _control_server(lambda: {}), Connection(guest.fileno())
+    with host, guest:
+        for _ in range(3):
+            server._dispatch(conn, b'{"op": "stdin", "id": "gone", "data": "eQo="}')
+        server._dispatch(conn, b'{"op": "eof", "id": "gone"}')
+        server._dispatch(conn, b'{"op": "ping", "id": "next"}')
+        [reply] = _replies(host)  # the next client's answer, and nothing before it
+        assert reply["id"] == "next" and reply["ok"] is True

@@ -124,8 +124,12 @@ class ControlServer:
             return
         op, rid = req.get("op"), req.get("id")
         try:
-            if conn.active is not None and op in protocol.STREAM_INPUT:
-                conn.active.feed(req)
+            if op in protocol.STREAM_INPUT:
+                # input for the command running now; any other is the tail of a command that
+                # has ended (`yes | exec -i ... head -1`): dropped without a word, since an
+                # answer to each would flood the next client with replies not its own
+                if conn.active is not None and rid == conn.active.rid:
+                    conn.active.feed(req)
                 return
             if conn.active is not None:
                 # One host client holds a port at a time (a host lock) and asks anew only once its
