@@ -295,6 +295,10 @@ def test_two_ups_of_one_name(layout: Layout, fake: FakeBackend, image: Image) ->
         _up(layout, fake, image)
     assert "mvmctl down web" in (exc.value.hint or "")
     assert len([m for m in fake.machines.values() if m.running]) == 1
+    # its ports are the running VM's too: the name is said first, not "port not available"
+    fake.taken_ports = {18000}
+    with pytest.raises(VMExists, match=r"already exists \(running\)"):
+        _up(layout, fake, image, name="web", ports=["18000:8080"])
     vm.down()
 
 

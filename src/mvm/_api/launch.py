@@ -73,7 +73,7 @@ class Launch:
             try:
                 files = self.registry.reserve(self.plan.record)
             except VMExists:
-                raise self._exists_error() from None
+                raise exists_error(self.plan.name, self.registry, self.runner) from None
         undo.callback(self._forget, files)
         return files
 
@@ -203,17 +203,19 @@ class Launch:
         if not self.plan.backend.strays(files):
             self.registry.remove(self.plan.name)
 
-    def _exists_error(self) -> VMExists:
-        name = self.plan.name
-        try:
-            record = self.registry.load(name)
-            status = str(status_of(record, self.registry.files(name), backend_for(record, self.runner)))
-        except MvmError:
-            status = "broken"
-        if status in ("running", "starting", "stopping"):
-            hint = f"stop it first (`mvmctl down {name}`) or pick another --name"
-        elif status == "suspended":
-            hint = f"resume it (`mvmctl resume {name}`), remove it (`mvmctl down {name}`) or pick another --name"
-        else:
-            hint = f"it is {status}: inspect it with `mvmctl logs {name}`, then remove it with `mvmctl down {name}`"
-        return VMExists(name, f"a VM named {name!r} already exists ({status})", hint=hint)
+
+
+def exists_error(name: str, registry: Registry, runner: Runner) -> VMExists:
+    """The VM named ``name`` is there already: what it is doing, and what to do about it."""
+    try:
+        record = registry.load(name)
+        status = str(status_of(record, registry.files(name), backend_for(record, runner)))
+    except MvmError:
+        status = "broken"
+    if status in ("running", "starting", "stopping"):
+        hint = f"stop it first (`mvmctl down {name}`) or pick another --name"
+    elif status == "suspended":
+        hint = f"resume it (`mvmctl resume {name}`), remove it (`mvmctl down {name}`) or pick another --name"
+    else:
+        hint = f"it is {status}: inspect it with `mvmctl logs {name}`, then remove it with `mvmctl down {name}`"
+    return VMExists(name, f"a VM named {name!r} already exists ({status})", hint=hint)

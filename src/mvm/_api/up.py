@@ -39,7 +39,7 @@ from ..runtime.templates import TemplateStore
 from ..spec import spec_file
 from . import templates, volume_attach
 from .build import build_image
-from .launch import Launch
+from .launch import Launch, exists_error
 from .progress import Progress, Quiet
 from .up_plan import BOOT_TIMEOUT, UpRequest, plan_up
 from .vm import VM
@@ -85,6 +85,9 @@ def up(
     request = UpRequest.parse(name=name, cpus=cpus, memory=memory, ports=ports, env=env, volumes=volumes,
                               hypervisor=hypervisor, shares=shares, cold=cold, log_limit_mb=log_limit_mb)
     backend = backend or backends.get(request.backend, runner)
+    registry = Registry(layout)
+    if request.name is not None and registry.files(request.name).root.exists():
+        raise exists_error(request.name, registry, runner)  # said first: its ports are taken by it, too
     backend.check_ports(request.forwards)  # before the build: a taken port fails fast
     planned = volume_attach.plan(request.volumes, layout)
     if image is None:

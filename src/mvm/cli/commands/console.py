@@ -46,7 +46,7 @@ def run_on_terminal(session: ConsoleSession) -> int:
 
     try:
         if saved is not None:
-            tty.setraw(stdin_fd)
+            tty.setraw(stdin_fd, termios.TCSANOW)  # not the default TCSAFLUSH: what was typed ahead is kept
         signal.signal(signal.SIGWINCH, on_resize)
         return session.run(stdin_fd, sys.stdout.fileno(), cols=cols, rows=rows,
                            term=os.environ.get("TERM", "xterm"))
