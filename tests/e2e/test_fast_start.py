@@ -170,6 +170,8 @@ def test_suspend_and_resume_keep_processes_and_tmp(cli: CLI, hello_image: dict[s
             "echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.2; done) >/dev/null 2>&1 &")
         before = int(wait_for(lambda: cli("exec", "fz", "--", "cat", "/tmp/counter", check=False).stdout.strip(),
                               10, "the counter to start"))
+        added = free_port()
+        cli("forward", "fz", "-p", f"{added}:8080")  # after its up: resumed with it all the same
         cli("suspend", "fz")
         row = next(x for x in cli.json("ls") if x["name"] == "fz")
         assert row["status"] == "suspended" and not qemu_pids_under(cli.home)
@@ -181,6 +183,7 @@ def test_suspend_and_resume_keep_processes_and_tmp(cli: CLI, hello_image: dict[s
         time.sleep(1.0)
         assert int(cli("exec", "fz", "--", "cat", "/tmp/counter").stdout) > after
         assert http_get(port) == "<h1>Hello from mvm!</h1>\n"
+        assert http_get(added) == "<h1>Hello from mvm!</h1>\n"
         cli("suspend", "fz")
     finally:
         cli("down", "fz")

@@ -611,11 +611,13 @@ def test_suspend_and_resume(layout: Layout, fake: FakeBackend, image: Image, tmp
     (machine,) = [m for m in fake.machines.values() if m.running]
     assert machine.spec.incoming is not None and machine.spec.hold_fds  # restored, holding the volume lock
     assert not machine.spec.starts_services  # they were running when it was saved
+    vm.forward(PortForward(18123, 9090))  # added after its `up`: resumed with it
     vm.suspend()
     quiet = vm.resume(ask_guest=False)  # `mvmctl resume` without --json: no status round trip
     (machine,) = [m for m in fake.machines.values() if m.running]
     assert quiet.status is mvm.VMStatus.RUNNING and quiet.health == "unknown"
     assert "status" not in [m["op"] for m in machine.guest.requests]
+    assert PortForward(18123, 9090) in machine.spec.ports
     vm.suspend()
     assert mvm.down("web", layout=layout).how == "not running; its saved state discarded"  # down of a suspended VM
     _nothing_left(layout, fake)

@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, Runner, signals_deferred
-from ..backends.base import LAUNCH_SCHEMA, Incoming, LaunchSpec, spec_from_json
+from ..backends.base import LAUNCH_SCHEMA, Incoming, LaunchSpec, PortForward, spec_from_json
 from ..errors import StateError, VMError, VMNotRunning
 from ..paths import Layout, VMFiles
 from ..runtime import agent
@@ -63,6 +63,8 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
         spec = _read_launch(name, files)
         spec.incoming = Incoming(files.saved_state, ignore_shared=False)
         spec.starts_services = False  # they run already
+        # the forwards of now, not of its `up`: `forward` may have added or removed some since
+        spec.ports = [PortForward(p.host_port, p.guest_port, p.host_ip, p.proto) for p in record.ports]
         gone = [v.host for v in record.volumes if v.image is not None and not Path(v.image).exists()]
         if gone:
             raise StateError(f"VM {name!r} cannot be resumed: its volume {gone[0]} is gone (removed by hand?)",
