@@ -359,6 +359,15 @@ def test_status_follows_the_machine(layout: Layout, fake: FakeBackend, image: Im
     assert vm.status is mvm.VMStatus.EXITED and vm.info().exit_reason == "powered off"
     vm.down()
 
+    vm = _up(layout, fake, image)  # its kernel powers off, init bypassed (sysrq o, poweroff -f)
+    (machine,) = [m for m in fake.machines.values() if m.running]
+    with open(vm.files.console_log, "ab") as console:
+        console.write(b"[   42.1] reboot: Power down\n")
+    fake.crash(machine.ref)
+    assert vm.status is mvm.VMStatus.EXITED
+    assert vm.info().exit_reason == "powered off by its kernel (the services were not stopped first)"
+    vm.down()
+
 
 def test_backend_for_uses_the_recorded_backend_and_passes_the_runner_on(layout: Layout, image: Image) -> None:
     given: list[Runner] = []

@@ -341,8 +341,12 @@ def prune(root: Path, cap: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def clean_poweroff(files: VMFiles) -> bool:
-    """The guest said it was powering off (as opposed to QEMU being killed, or a panic)."""
+#: The guest kernel's last word when it powers the machine off (``poweroff -f``, sysrq o).
+KERNEL_POWER_DOWN = "reboot: Power down"
+
+
+def _init_powered_off(files: VMFiles) -> bool:
+    """mvm's init said it was powering off, having stopped the services first."""
     try:
         with open(files.events_log, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -353,11 +357,20 @@ def clean_poweroff(files: VMFiles) -> bool:
     return '"msg":"powering off"' in tail
 
 
+def clean_poweroff(files: VMFiles) -> bool:
+    """The guest powered the machine off (as opposed to QEMU being killed, or a panic): its
+    init said so, or its kernel did (a power-off that bypassed init)."""
+    return _init_powered_off(files) or KERNEL_POWER_DOWN in _read_tail(files.console_log, 2048).decode(
+        errors="replace")
+
+
 def exit_reason(files: VMFiles) -> str:
     """A short human reason for a VM that is no longer running."""
-    if clean_poweroff(files):
+    if _init_powered_off(files):
         return "powered off"
     console = _read_tail(files.console_log, 8192).decode(errors="replace")
+    if KERNEL_POWER_DOWN in console[-2048:]:
+        return "powered off by its kernel (the services were not stopped first)"
     if "Kernel panic" in console:
         line = next((ln for ln in console.splitlines() if "Kernel panic" in ln), "kernel panic")
         return printable(line.split("] ", 1)[-1].strip(), 300)
