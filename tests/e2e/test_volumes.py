@@ -162,6 +162,15 @@ def test_data_survives_down_kill_and_growth(cli: CLI, config_image: dict[str, An
         df64 = _df_mb(cli, "data", "/mnt/data")
         first = write("/mnt/data/first.bin")
 
+        # a copy that does not fit says so, at once, and the next command gets its own answer
+        big = tmp_path / "big.bin"
+        with open(big, "wb") as f:
+            f.truncate(80 << 20)
+        r = cli("cp", str(big), "data:/mnt/data/", check=False)
+        assert r.returncode == 1 and "No space left on device (the file system there is full)" in r.stderr, r.stderr
+        cli("exec", "data", "--", "rm", "-f", "/mnt/data/big.bin")
+        assert cli("exec", "data", "--", "echo", "still answers").stdout == "still answers\n"
+
         # one VM at a time: a second VM asking for the same volume is refused
         r = up(64, name="other", check=False)
         assert r.returncode == 1

@@ -17,6 +17,7 @@ kept. Copied out, owners are the host user's (the host does that, not this side)
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import tarfile
@@ -117,7 +118,12 @@ def main(argv: list[str]) -> int:
         else:
             _, dest, kind, name, contents, archive = argv
             copy_in(dest, kind == "dir", name, contents == "1", archive == "1")
-    except (CopyError, OSError, tarfile.TarError) as exc:
+    except OSError as exc:  # in a shell's words, not Python's ("[Errno 28] ...")
+        where = f"{exc.filename}: " if exc.filename else ""
+        full = " (the file system there is full)" if exc.errno == errno.ENOSPC else ""
+        print(f"mvm cp: {where}{exc.strerror or exc}{full}", file=sys.stderr)
+        return 1
+    except (CopyError, tarfile.TarError) as exc:
         print(f"mvm cp: {exc}", file=sys.stderr)
         return 1
     return 0
