@@ -995,6 +995,26 @@ def test_template_rm_takes_a_guest_name_and_says_why_not(template: Template, lay
         mvm.template_rm("web", layout=layout)
 
 
+def test_a_template_gives_up_on_a_check_that_keeps_failing_and_says_so(layout: Layout, fake: FakeBackend,
+                                                                       image: Image) -> None:
+    """A check failing probe after probe will not turn healthy in time to be worth a VM (the
+    maker's used to run its full 120 s); `template create` says why it has no ready state."""
+    fake.status["health"] = {"check": {"state": "unhealthy", "failures": 3, "last_exit": 1}}
+    notes: list[str] = []
+
+    class Notes:
+        def stage(self, name: str) -> None: ...
+        def line(self, text: str) -> None: ...
+        def note(self, text: str) -> None:
+            notes.append(text)
+
+    started = time.monotonic()
+    template = make_template(image, cpus=1, memory=512, layout=layout, backend=fake, progress=Notes())
+    assert template.meta.kinds == ["agent"] and time.monotonic() - started < 10
+    assert notes == ["no ready state: check check failed 3 probes in a row (last exit 1); its clones start their "
+                     "services anew"]
+
+
 def test_a_template_waits_for_health_no_longer_than_asked(layout: Layout, fake: FakeBackend, image: Image) -> None:
     """The pytest fixture passes its test's health timeout: a guest not healthy as it is stalled
     each new image's first test for the maker's 120 s, whatever the test asked for."""

@@ -141,7 +141,8 @@ def _boot_and_save(image: Image, cpus: int, memory: int, key: str, staging: Path
     agent.request(files, name, "configure", timeout=CONFIGURE_TIMEOUT,
                   config=BootConfig(vm=image.name).model_dump(mode="json"), **identity(name, None))
     prog.stage("waiting for the template's services")
-    if not _healthy(files, name, image, health_timeout):
+    if (why := _unhealthy(files, name, image, health_timeout)) is not None:
+        prog.note(f"no ready state: {why}; its clones start their services anew")
         return machine, ["agent"]
     prog.stage("saving the template (services ready)")
     backend.save(files, machine, staging / "ready.state")
@@ -169,25 +170,34 @@ def _copy(src: Path, dest: Path, runner: Runner) -> None:
     runner.run(["cp", "--sparse=always", src, dest], desc=f"copying {src.name}")
 
 
-def _healthy(files: VMFiles, name: str, image: Image, timeout: float) -> bool:
-    """Healthy as ``up --wait`` means it (VM.wait_healthy), and every service running, not
-    between restarts: what is saved is what every clone starts from. No checks: the services
-    running, and a moment for them to finish starting."""
+#: A check that failed this many probes in a row after its grace is not waited for any longer:
+#: a template of a guest that is not healthy has no ``ready`` state, and the wait costs a VM.
+GIVE_UP_FAILURES = 3
+
+
+def _unhealthy(files: VMFiles, name: str, image: Image, timeout: float) -> str | None:
+    """None once healthy as ``up --wait`` means it (VM.wait_healthy), every service running,
+    not between restarts: what is saved is what every clone starts from (no checks: the
+    services running, and a moment for them to finish starting). Else why not: a service
+    failing, a check failing again and again, or the time."""
     deadline = time.monotonic() + timeout
     want_services, want_checks = image.manifest.guest.services, image.manifest.guest.health_checks
     while time.monotonic() < deadline:
         try:
             status = GuestStatus.from_agent(agent.request(files, name, "status", timeout=5.0), name)
-        except MvmError:
-            return False
-        if status.failing() is not None:
-            return False
+        except MvmError as exc:
+            return f"the agent did not answer ({exc.message})"
+        if (svc := status.failing()) is not None:
+            return f"service {svc.name} is failing ({svc.reason or svc.state})"
+        if (check := next((c for c in status.checks if c.state == "unhealthy"
+                           and c.failures >= GIVE_UP_FAILURES), None)) is not None:
+            return f"check {check.name} failed {check.failures} probes in a row (last exit {check.last_exit})"
         if status.healthy_with(want_services, want_checks) and all(s.state == "running" for s in status.services):
             if not want_checks:
                 time.sleep(1.0)  # no checks: give the services a moment to finish starting
-            return True
+            return None
         time.sleep(0.2)
-    return False
+    return f"not healthy within {timeout:g}s"
 
 
 def make_env_state(image: Image, *, cpus: int, memory: int, env: Mapping[str, str], layout: Layout,
@@ -213,9 +223,9 @@ def make_env_state(image: Image, *, cpus: int, memory: int, env: Mapping[str, st
                 machine = _restore_and_configure(image, template, env, staging, files, backend, runner, layout,
                                                  running)
                 name = f"template-{key[:8]}"
-                if not _healthy(files, name, image, ENV_STATE_HEALTH_TIMEOUT):
-                    raise HealthTimeout(name, f"{image.name}'s services did not turn healthy with these -e values "
-                                        f"within {ENV_STATE_HEALTH_TIMEOUT:g}s")
+                if (why := _unhealthy(files, name, image, ENV_STATE_HEALTH_TIMEOUT)) is not None:
+                    raise HealthTimeout(name, f"{image.name}'s services did not turn healthy with these -e values: "
+                                        f"{why}")
                 backend.save(files, machine, staging / "state")
                 for log_name in ("console.log", "events.log"):
                     shutil.copyfile(files.root / log_name, staging / log_name)
