@@ -42,6 +42,7 @@ def test_exec_exit_codes_streams_and_options(cli: CLI, testbed_vm: dict[str, Any
     # files the guest rewrites at boot have their own mode, whatever the build host's copies had
     r = cli("exec", "shared", "--", "stat", "-c", "%a", "/etc/hostname", "/etc/resolv.conf", "/etc/hosts")
     assert r.stdout.split() == ["644", "644", "644"]
+    assert cli("exec", "shared", "-u", "1000", "--", "id", "-un").stdout == "mvm\n"  # a uid, as docker exec -u
     r = cli("exec", "shared", "--user", "nosuchuser", "--", "id", check=False)
     assert r.returncode == 126
     assert r.stderr.strip() == "mvm exec: no user 'nosuchuser' in the guest (not in its /etc/passwd)"

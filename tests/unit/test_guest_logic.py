@@ -390,3 +390,9 @@ def test_input_for_a_command_that_has_ended_is_dropped_without_a_reply() -> None
         server._dispatch(conn, b'{"op": "ping", "id": "next"}')
         [reply] = _replies(host)  # the next client's answer, and nothing before it
         assert reply["id"] == "next" and reply["ok"] is True
+
+
+def test_a_user_is_found_by_name_or_by_uid() -> None:
+    assert Identity("root").uid == 0 and Identity("0").name == "root"  # exec -u 0, as docker exec -u takes
+    with pytest.raises(KeyError):
+        Identity("4294967")  # no such uid: exec says "no user" (126)

@@ -71,10 +71,12 @@ def should_restart(policy: str, code: int) -> bool:
 
 
 class Identity:
-    """Who a process runs as, resolved from /etc/passwd."""
+    """Who a process runs as, resolved from /etc/passwd: by name, or by uid (``exec -u 1000``,
+    as ``docker exec -u`` takes one; KeyError when the guest has no such user)."""
 
     def __init__(self, user: str) -> None:
-        entry = pwd.getpwnam(user)
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        user = entry.pw_name
         self.name = user
         self.uid = entry.pw_uid
         self.gid = entry.pw_gid

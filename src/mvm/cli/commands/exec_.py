@@ -22,7 +22,7 @@ def exec_(
     command: Annotated[list[str], typer.Argument(metavar="COMMAND", help="The command and its arguments (after --).",
                                                  show_default=False)],
     user: Annotated[str | None, typer.Option("--user", "-u", metavar="USER",
-                                             help="Run as this guest user (default root).",
+                                             help="Run as this guest user, by name or uid (default root).",
                                              show_default=False)] = None,
     env: ExecEnv = None,
     workdir: Annotated[str | None, typer.Option("--workdir", "-w", metavar="DIR",
