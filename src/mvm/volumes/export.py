@@ -221,6 +221,8 @@ def _plan(fs: Ext4Image, root_fd: int | None, baseline: dict[str, str], force: b
             elif have != kind or kind != "dir":
                 result.conflicts.append(f"{rel}: a {have} on the host, a {kind} in the volume")
                 blocked.append(rel)
+            else:  # counted as a new one is, so that an export and its repeat add up alike
+                result.unchanged.append(rel + "/")
             continue
         theirs = None
         if have is not None:

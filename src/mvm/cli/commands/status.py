@@ -32,8 +32,11 @@ def status(name: VMName, json: Json = False) -> None:
     if details.emulated:
         output.out.print(f"  {details.emulated}")
     guest = details.guest
-    if guest is None:
-        output.out.print(f"  {output.safe(details.exit_reason or '')}")
+    if guest is None:  # not running: why (exited, crashed), or what to do (suspended)
+        why = details.exit_reason or (f"suspended: `mvmctl resume {name}` brings it back"
+                                      if details.status == "suspended" else None)
+        if why:
+            output.out.print(f"  {output.safe(why)}")
         return
     if guest.services:
         output.out.print("\n[bold]services[/]")
