@@ -175,6 +175,28 @@ def test_cp_both_ways_and_to_stdout(cli: CLI, testbed_vm: dict[str, Any], tmp_pa
     assert r.returncode == 1 and "cp -L" in r.stderr, r.stderr
     cli("cp", "-L", "shared:/etc/os-release", str(tmp_path / "os"))
     assert "ID=debian" in (tmp_path / "os").read_text()
+    # and a tar archive from stdin, as `docker cp -` takes one
+    packed = io.BytesIO()
+    with tarfile.open(fileobj=packed, mode="w") as tar:
+        for name, data in (("fromtar/a.txt", b"a\n"), ("/fromtar/b.txt", b"b\n")):
+            info = tarfile.TarInfo(name)
+            info.size, info.uid = len(data), 4242
+            tar.addfile(info, io.BytesIO(data))
+    cli("exec", "shared", "--", "mkdir", "-p", "/tmp/in")
+    r = subprocess.run([sys.executable, "-m", "mvm", "cp", "-", "shared:/tmp/in"], input=packed.getvalue(),
+                       env=cli.env, cwd=ROOT, capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = cli("exec", "shared", "--", "sh", "-c", "cat /tmp/in/fromtar/a.txt /tmp/in/fromtar/b.txt; "
+              "stat -c %u /tmp/in/fromtar/a.txt").stdout
+    assert got == "a\nb\n0\n"  # the leading / dropped; owned by root without -a
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w") as tar:
+        info = tarfile.TarInfo("../escaped.txt")
+        tar.addfile(info, io.BytesIO(b""))
+    r = subprocess.run([sys.executable, "-m", "mvm", "cp", "-", "shared:/tmp/in"], input=evil.getvalue(),
+                       env=cli.env, cwd=ROOT, capture_output=True, timeout=120)
+    assert r.returncode == 1 and b"would land outside /tmp/in" in r.stderr, r.stderr
+    assert cli("exec", "shared", "--", "ls", "/tmp/escaped.txt", check=False).returncode != 0
 
 
 def test_an_exec_cut_short_does_not_hold_up_the_next(cli: CLI, testbed_vm: dict[str, Any]) -> None:

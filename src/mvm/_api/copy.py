@@ -89,7 +89,8 @@ def cp(src: str, dest: str, *, archive: bool = False, follow_link: bool = False,
        layout: Layout | None = None) -> list[str]:
     """Copy ``src`` to ``dest``; exactly one of them is ``NAME:/path``. A ``dest`` of ``-``
     writes a tar archive of ``src`` to stdout instead, as ``docker cp`` does (its top entry
-    named as ``src``, the guest's owners kept); ``./-`` is a file named ``-``. ``follow_link``:
+    named as ``src``, the guest's owners kept); ``./-`` is a file named ``-``. A ``src`` of
+    ``-`` extracts the tar archive on stdin into the directory ``dest``. ``follow_link``:
     a ``src`` that is a symbolic link is followed (``cp -L``), else copied as the link.
     Returns what a copy out of the VM left out, and why (``"path: reason"``): links that lead
     out of the destination and device nodes, which the host never takes from a guest."""
@@ -104,6 +105,9 @@ def cp(src: str, dest: str, *, archive: bool = False, follow_link: bool = False,
     if (a.vm is None) == (b.vm is None):
         raise UsageError("cp copies between the host and a VM: give NAME:/path on one side",
                          hint="e.g. mvmctl cp ./site hello:/srv/site, or mvmctl cp hello:/var/log/app.log .")
+    if b.vm is not None and src == "-":  # a tar archive on stdin, as `docker cp -` takes one
+        _run(VM(b.vm, layout), ["untar", b.path, "1" if archive else "0"], sys.stdin.buffer, None)
+        return []
     if b.vm is not None:
         _to_guest(Path(a.path), src.endswith("/."), VM(b.vm, layout), b.path, archive, follow_link)
         return []

@@ -13,6 +13,10 @@ becomes, as ``docker cp`` does:
 
 Copied in, files belong to root unless ``--archive`` keeps the host's owners; modes are
 kept. Copied out, owners are the host user's (the host does that, not this side).
+
+``mvmctl cp - NAME:DIR`` (``untar``) extracts a tar archive the user piped in into the
+directory DIR, as ``docker cp -`` does: its entries as they are named (a leading ``/``
+dropped, none may reach outside DIR), owners kept only with ``--archive``.
 """
 
 from __future__ import annotations
@@ -79,10 +83,13 @@ def rename(member: tarfile.TarInfo, new_top: str | None, archive: bool) -> tarfi
     return member
 
 
+#: The host sent the stream, from the user's files (the checks this side needs are made by
+#: the callers): extracted as told (the data filter of Pythons that have one would drop owners).
+_TRUSTED: dict[str, Any] = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+
+
 def copy_in(dest: str, src_is_dir: bool, src_name: str, contents_only: bool, archive: bool) -> None:
     where, new_top = destination(dest, src_is_dir, src_name, contents_only)
-    # The host sent this stream: it is trusted (the guest data filter would drop owners).
-    extra: dict[str, Any] = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
     with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
         for original in tar:
             member = rename(original, new_top, archive)
@@ -91,7 +98,26 @@ def copy_in(dest: str, src_is_dir: bool, src_name: str, contents_only: bool, arc
             target = os.path.join(where, member.name)
             if member.isfile() and os.path.lexists(target) and not os.path.isdir(target):
                 os.unlink(target)  # replace, even a file we may not write
-            tar.extract(member, where, set_attrs=True, numeric_owner=True, **extra)
+            tar.extract(member, where, set_attrs=True, numeric_owner=True, **_TRUSTED)
+
+
+def untar(dest: str, archive: bool) -> None:
+    """Extract the tar archive on stdin into the existing directory ``dest``."""
+    if not os.path.isdir(dest):
+        raise CopyError(f"{dest} is not a directory in the guest (cp - extracts an archive into a directory)")
+    root = os.path.realpath(dest)
+    with tarfile.open(fileobj=sys.stdin.buffer, mode="r|*") as tar:
+        for member in tar:
+            member.name = member.name.lstrip("/")
+            target = os.path.realpath(os.path.join(root, member.name))
+            if target != root and not target.startswith(root + os.sep):
+                raise CopyError(f"{member.name!r} in the archive would land outside {dest}")
+            if member.islnk():  # a hard link names another entry of the archive, also under dest
+                member.linkname = member.linkname.lstrip("/")
+            if not archive:
+                member.uid = member.gid = 0
+                member.uname = member.gname = "root"
+            tar.extract(member, root, set_attrs=True, numeric_owner=True, **_TRUSTED)
 
 
 def copy_out(src: str, follow: bool = False) -> None:
@@ -115,6 +141,8 @@ def main(argv: list[str]) -> int:
     try:
         if argv[0] == "out":
             copy_out(argv[1], follow=argv[2:] == ["1"])
+        elif argv[0] == "untar":
+            untar(argv[1], archive=argv[2:] == ["1"])
         else:
             _, dest, kind, name, contents, archive = argv
             copy_in(dest, kind == "dir", name, contents == "1", archive == "1")

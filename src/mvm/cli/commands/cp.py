@@ -8,7 +8,8 @@ import typer
 
 
 def cp(
-    src: Annotated[str, typer.Argument(metavar="SRC", help="A host path, or NAME:/path in a running VM.",
+    src: Annotated[str, typer.Argument(metavar="SRC", help="A host path, NAME:/path in a running VM, or - (a "
+                                       "tar archive on stdin, extracted into the directory DEST).",
                                        show_default=False)],
     dest: Annotated[str, typer.Argument(metavar="DEST", help="A host path, NAME:/path in a running VM, or - "
                                         "(a tar archive of SRC on stdout).", show_default=False)],
@@ -29,7 +30,9 @@ def cp(
     SRC to stdout instead (its top entry named as SRC, the guest's owners kept), to pipe
     into `tar` or elsewhere; ./- is a file named -. That archive is passed on as the guest
     made it: unpack it as you would any untrusted tar (GNU tar's defaults refuse absolute
-    names and '..'; do not unpack it as root with --same-owner).
+    names and '..'; do not unpack it as root with --same-owner). SRC - extracts the tar
+    archive on stdin into the VM directory DEST, as `docker cp -` does (a leading / of its
+    names dropped, nothing outside DEST).
 
     \b
     Examples:
@@ -38,6 +41,7 @@ def cp(
       mvmctl cp hello:/var/log/app.log .
       mvmctl cp hello:/srv/site/. ./backup
       mvmctl cp hello:/var/log - | tar -tv
+      tar -c site | mvmctl cp - hello:/srv
     """
     import mvm
 
