@@ -235,6 +235,20 @@ def test_failed_up_removes_only_a_volume_no_guest_ran_on(tmp_path: Path, layout:
     assert meta is not None and not meta.guest_owned
 
 
+def test_mvms_own_image_of_a_volume_is_named_by_its_host_path(tmp_path: Path, layout: Layout) -> None:
+    """Its image given as HOST would be a second volume on the same file, its lock another one
+    (QEMU's own lock was all that kept a second VM off it)."""
+    (tmp_path / "data").mkdir()
+    with ExitStack() as undo:
+        a = _attach(layout, tmp_path, ["./data:/mnt/data:16"], undo)
+        a.held_by(DEAD_PID, None)
+        undo.pop_all()
+    image = VolumeStore(layout).managed_image(volume_id(tmp_path / "data"))
+    with pytest.raises(VolumeError, match="is mvm's own image of a volume") as err:
+        plan([f"{image}:/mnt/x:16"], layout, cwd=tmp_path)
+    assert err.value.hint == f"name the volume by what it was made for: -v {tmp_path / 'data'}:/mnt/x:SIZE_MB"
+
+
 def test_lock_refuses_a_second_holder_and_names_it(tmp_path: Path, layout: Layout) -> None:
     import os
 

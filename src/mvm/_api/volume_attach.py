@@ -88,6 +88,12 @@ def _resolve_writable(plan: Planned, store: VolumeStore) -> None:
         raise VolumeError(f"volume id {vid} already belongs to {meta.host}",
                           hint="move one of the two host paths")
     host_is_file = arg.host.is_file()
+    if host_is_file and arg.host.resolve().is_relative_to(store.root.resolve()):
+        owner = store.load(arg.host.resolve().relative_to(store.root.resolve()).parts[0])
+        raise VolumeError(f"-v {arg.text!r}: {arg.host} is mvm's own image of a volume"
+                          + (f" ({owner.id}, for {owner.host})" if owner else ""),
+                          hint=f"name the volume by what it was made for: -v {owner.host}:{arg.guest}:SIZE_MB"
+                          if owner else "name the volume by the host path it was made for (`mvmctl volume ls`)")
     if (meta is not None and meta.kind == "image") or (meta is None and host_is_file):
         plan.kind = "image"
         if not host_is_file:
