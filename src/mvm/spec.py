@@ -191,8 +191,8 @@ _TYPES = {"int_type": "a whole number", "float_type": "a number", "string_type":
 
 
 #: pydantic's bound errors: the bound's key in its context, and how the spec says it
-_BOUNDS = {"greater_than_equal": {"ge": "at least"}, "greater_than": {"gt": "more than"},
-           "less_than_equal": {"le": "at most"}, "less_than": {"lt": "less than"}}
+_BOUNDS = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "more than"),
+           "less_than_equal": ("le", "at most"), "less_than": ("lt", "less than")}
 
 
 def _unquoted_fits(value: str, kind: str) -> bool:
@@ -229,7 +229,8 @@ def describe_error(err: dict[str, Any]) -> str:
             wanted = "a string: one command line, run by sh -c (join the words with spaces)"
         return f"{loc}: must be {wanted}, not {type(value).__name__} {value!r}{quoted}"
     if kind in _BOUNDS:  # memory = 64
-        (bound, word), = ((err["ctx"][k], w) for k, w in _BOUNDS[kind].items())
+        key, word = _BOUNDS[kind]
+        bound = err["ctx"][key]
         bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
         unit = " MiB" if loc == "memory" else ""
         return f"{loc}: must be {word} {bound}{unit}, not {err.get('input')!r}"

@@ -32,6 +32,7 @@ def test_a_program_the_shell_cannot_run_is_told_apart() -> None:
     assert "command not found" in (supervisor.cannot_run(127, 0.2) or "")
     assert "cannot be executed" in (supervisor.cannot_run(126, 3.0) or "")
     assert supervisor.cannot_run(1, 0.2) is None
+    assert set(supervisor._SHELL_CANNOT_RUN) == protocol.SHELL_CANNOT_RUN  # what the host counts as failing
     assert supervisor.cannot_run(127, supervisor.BACKOFF_RESET_AFTER) is None  # it ran: maybe luckier next time
 
 

@@ -62,7 +62,8 @@ def choose_mode(force_vm: bool = False) -> Mode:
 
 def host_env(environ: Mapping[str, str], *, root_without_build_users: bool | None = None) -> dict[str, str]:
     """The environment for the host dev shell: the user's, with flakes switched on, and as
-    root on a Nix without build users, building as root (as ``mvmctl build --flake`` does)."""
+    root on a Nix without build users, building as root (the shell says so when it starts;
+    ``mvmctl build --flake`` never does this)."""
     if root_without_build_users is None:
         root_without_build_users = nix.root_without_build_users()
     extra = [nix.NO_BUILD_USERS] if root_without_build_users else []

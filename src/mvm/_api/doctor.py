@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, INSTALL_HINTS, Runner, find_tool
-from ..backends.qemu_argv import PROFILES
+from ..backends.qemu_argv import PROFILES, host_profile
 from ..builders import nix as nix_builds
 from ..builders.nix import group_exists
 from ..errors import MvmError
@@ -123,11 +123,16 @@ def check_arch(arch: Arch, runner: Runner) -> ArchCheck:
                      fix=arches.setup_fix(arch) if problem else None)
 
 
+def _existing(path: Path) -> Path:
+    """``path``, or its nearest ancestor that exists (mvm makes the rest when first needed)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def unusable_dir(path: Path) -> str | None:
     """Why mvm could not keep its files under ``path`` (None: it can, or can create it)."""
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = _existing(path)
     if not probe.is_dir():
         return f"{probe} is not a directory"
     if not os.access(probe, os.W_OK | os.X_OK):
@@ -141,10 +146,7 @@ def check_disk(layout: Layout) -> DiskCheck:
         return DiskCheck(state_dir=str(layout.state), cache_dir=str(layout.cache), free_bytes=0, ok=False,
                          fix="; ".join(problems) + ": point MVM_STATE / MVM_CACHE (or MVM_HOME) at a directory "
                          "this user can write")
-    probe = layout.state
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(_existing(layout.state)).free
     ok = free >= MIN_FREE_BYTES
     return DiskCheck(state_dir=str(layout.state), cache_dir=str(layout.cache), free_bytes=free, ok=ok,
                      fix=None if ok else "free disk space, e.g. `mvmctl cleanup`")
@@ -179,8 +181,7 @@ def doctor(layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER) -> Doc
     layout = layout or Layout.default()
     tools = check_tools(runner)
     disk = check_disk(layout)
-    host_qemu = next((p.binary for a, p in PROFILES.items() if a == host_arch()), PROFILES["x86_64"].binary)
-    required = {host_qemu, "mmdebstrap", "mkfs.ext4", "busybox", "depmod", "lz4",
+    required = {host_profile().binary, "mmdebstrap", "mkfs.ext4", "busybox", "depmod", "lz4",
                 "apt-get"}
     ok = all(t.found for t in tools if t.tool in required) and disk.ok
     return DoctorReport(ok=ok, backends=check_backends(layout, runner), arches=[check_arch(a, runner) for a in ARCHES],

@@ -15,15 +15,12 @@ from pydantic import BaseModel, ConfigDict, computed_field
 
 from .._untrusted import printable
 from ..errors import AgentError
+from ..guest import protocol
 from ..runtime.states import VMStatus as VMStatus  # public (mvm.VMStatus): what VMInfo.status holds
 from ..spec import GuestSpec
 
 #: A service restarted this often, and backing off again, is crash-looping.
 CRASH_LOOP_RESTARTS = 5
-#: What ``sh -c`` exits with when it cannot find (127) or run (126) the program: a service
-#: backing off from a short run that ended so (the guest says why in ``reason``) is failing
-#: from its first run, not its fifth.
-SHELL_CANNOT_RUN = (126, 127)
 #: One word for all of a VM's health checks: the worst state wins.
 Health = Literal["healthy", "unhealthy", "starting", "none", "unknown"]
 
@@ -103,7 +100,8 @@ class ServiceStatus(_Model):
         """Failed for good, or crash-looping: restarted again and again, or backing off from a
         program the shell could not find or run."""
         return self.state == "failed" or (self.state == "backoff" and (
-            self.restarts >= CRASH_LOOP_RESTARTS or (self.last_exit in SHELL_CANNOT_RUN and self.reason is not None)))
+            self.restarts >= CRASH_LOOP_RESTARTS or (self.last_exit in protocol.SHELL_CANNOT_RUN
+                                                     and self.reason is not None)))
 
 
 class CheckStatus(_Model):

@@ -23,7 +23,6 @@ from typing import Any
 from .. import _pids
 from .._proc import DEFAULT_RUNNER, INSTALL_HINTS, Runner, find_tool, require_tool, signals_deferred, tail_file
 from ..errors import BootError, PortInUse, RestoreFailed, StopFailed, VMError, VolumeError
-from ..names import host_arch
 from ..paths import VMFiles
 from . import accel
 from .base import (
@@ -45,9 +44,9 @@ from .base import (
     Saved,
 )
 from .qemu_argv import (
-    PROFILES,
     build_argv,
     disk_node,
+    host_profile,
     hostfwd_rule,
     hotplug_node,
     hotplug_port,
@@ -144,7 +143,7 @@ class QemuBackend:
 
     def diagnose(self, kernel: ProbeKernel | None, probes: Path) -> list[Diagnosis]:
         # the host's own architecture's QEMU (x86_64's where mvm boots no guest of the host's)
-        qemu = next((p for a, p in PROFILES.items() if a == host_arch()), PROFILES["x86_64"]).binary
+        qemu = host_profile().binary
         if not find_tool(qemu):
             return [Diagnosis(d, False, "QEMU is not installed", INSTALL_HINTS[qemu]) for d in ("qemu-tcg", "qemu-kvm")]
         tcg = Diagnosis("qemu-tcg", True, "software emulation always works")

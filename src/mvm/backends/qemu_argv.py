@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from ..guest import protocol
+from ..names import host_arch
 from .base import Accel, Arch, Disk, LaunchSpec, PortForward
 from .qemu_handoff import Handoff
 
@@ -108,6 +109,11 @@ PROFILES: dict[Arch, Profile] = {
 
 def profile(arch: Arch) -> Profile:
     return PROFILES[arch]
+
+
+def host_profile() -> Profile:
+    """The profile of the host's own architecture (x86_64's on a host mvm boots no guest of)."""
+    return next((p for a, p in PROFILES.items() if a == host_arch()), PROFILES["x86_64"])
 
 
 @functools.cache

@@ -14,8 +14,6 @@ import mvm
 
 def complete_vm_names(incomplete: str) -> list[str]:
     """Shell completion of VM names."""
-    import mvm
-
     try:
         return [name for name in mvm.vm_names() if name.startswith(incomplete)]
     except (OSError, mvm.MvmError):
@@ -24,8 +22,6 @@ def complete_vm_names(incomplete: str) -> list[str]:
 
 def _completing(names: Callable[[], Iterable[str]], incomplete: str) -> list[str]:
     """The names that start with what was typed; none when they cannot be read."""
-    import mvm
-
     try:
         return sorted({name for name in names() if name.startswith(incomplete)})
     except (OSError, mvm.MvmError):
@@ -34,20 +30,14 @@ def _completing(names: Callable[[], Iterable[str]], incomplete: str) -> list[str
 
 def complete_images(incomplete: str) -> list[str]:
     """Shell completion of what ``rmi`` takes: guest names and image keys."""
-    import mvm
-
     return _completing(lambda: [n for img in mvm.images() for n in (img.name, img.key)], incomplete)
 
 
 def complete_templates(incomplete: str) -> list[str]:
-    import mvm
-
     return _completing(lambda: [t.key for t in mvm.templates()], incomplete)
 
 
 def complete_volumes(incomplete: str) -> list[str]:
-    import mvm
-
     return _completing(lambda: [v.name for v in mvm.volume_ls()], incomplete)
 
 

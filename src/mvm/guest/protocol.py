@@ -43,6 +43,9 @@ PROTOCOL_VERSION = 1
 OPS = frozenset({"ping", "status", "stats", "shutdown", "exec", "console", "copy", "configure", "refresh"})
 #: Messages a client may send while a streaming op runs.
 STREAM_INPUT = frozenset({"stdin", "eof", "resize"})
+#: What ``sh -c`` exits with when it cannot find (127) or run (126) the program: a service's
+#: short run ending so carries a reason, and the host counts it failing from that run on.
+SHELL_CANNOT_RUN = frozenset({126, 127})
 
 
 def encode(msg: dict[str, Any]) -> bytes:
