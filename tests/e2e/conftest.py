@@ -147,14 +147,16 @@ def hello_image(cli: CLI) -> dict[str, Any]:
 
 
 def _vm_entries(vms: Path) -> set[str]:
-    """The VM dirs and any cut-short removal beside them (the VMs' lock files in .locks stay
-    until `cleanup`, by design: faults.find_leaks counts those still held)."""
-    return (set(os.listdir(vms)) if vms.exists() else set()) - {".locks"}
+    """The VM dirs, any cut-short removal beside them, and the VMs' lock files (a VM that
+    is gone takes its lock file with it)."""
+    entries = (set(os.listdir(vms)) if vms.exists() else set()) - {".locks"}
+    locks = vms / ".locks"
+    return entries | ({f".locks/{name}" for name in os.listdir(locks)} if locks.exists() else set())
 
 
 @pytest.fixture()
 def no_leaks(cli: CLI) -> Iterator[None]:
-    """The test must leave no VM dir and no QEMU process of its own behind."""
+    """The test must leave no VM dir, lock file or QEMU process of its own behind."""
     before = _vm_entries(cli.vms)
     pids_before = set(qemu_pids_under(cli.home))
     yield

@@ -23,10 +23,11 @@ def find_leaks(home: Path, cache: Path, expected_vms: set[str] = frozenset()) ->
     """Counts of what mvm left behind; VMs in ``expected_vms`` (still running) are allowed
     their own dir, QEMU and the locks it holds on its volumes."""
     vms = home / "state" / "vms"
-    # VM dirs and cut-short removals (the VMs' lock files in .locks stay until `cleanup`; a held
-    # one is counted below)
+    # VM dirs and cut-short removals; the lock files of VMs that are gone
     names = (set(os.listdir(vms)) if vms.exists() else set()) - {".locks"}
     unexpected = names - set(expected_vms)
+    lock_files = sum(1 for lock in (vms / ".locks").glob("*.lock")
+                     if lock.name.removesuffix(".lock") not in names | set(expected_vms))
     qemu = 0
     for pid in qemu_pids_under(home):
         try:
@@ -76,6 +77,7 @@ def find_leaks(home: Path, cache: Path, expected_vms: set[str] = frozenset()) ->
         "runtime_dirs": len(unexpected),
         "sockets": sockets,
         "held_locks": locks,
+        "lock_files": lock_files,
         "mounts": mounts,
         "loop_devices": loops,
         "build_leftovers": builds,
@@ -118,6 +120,7 @@ class Recorder:
                else "no data scenario in this run**."),
             "",
             "Leaks counted after every scenario: QEMU processes, runtime dirs, sockets, held locks, "
+            "lock files of gone VMs, "
             "mounts, loop devices, half-built images, stray processes. A long life "
             "(hundreds of up/down cycles) is in [soak.md](soak.md), the threat model in "
             "[SECURITY.md](../SECURITY.md).",

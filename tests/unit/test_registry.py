@@ -55,9 +55,49 @@ def test_remove_takes_the_lock_and_leaves_no_dir(layout: Layout) -> None:
     registry.remove("web")
     assert not files.root.exists()
     assert [p.name for p in layout.vms.iterdir()] == [".locks"]  # no trash left
+    assert list((layout.vms / ".locks").iterdir()) == []  # nor its lock file
     with pytest.raises(VMNotFound):
         registry.update("web", lambda r: None)
     assert not files.root.exists()  # the failed update made nothing
+
+
+_WAITER = """
+import sys, time
+from pathlib import Path
+from mvm.paths import Layout
+from mvm.runtime.registry import Registry
+registry = Registry(Layout(state=Path(sys.argv[1]), cache=Path(sys.argv[2])))
+print("waiting", flush=True)
+with registry.locked("web"):  # as `up web` claims the name
+    print("locked", flush=True)
+    time.sleep(30)
+"""
+
+
+def test_a_lock_file_unlinked_by_remove_is_not_held_by_its_waiter(layout: Layout) -> None:
+    """`remove` unlinks the VM's lock file while it holds it. A command of another process
+    waiting for it (`up web` claiming the name) must then hold the file now at the path,
+    not the unlinked one, or a third command (another `up web`) would run beside it."""
+    import subprocess
+    import sys
+
+    from mvm._locks import held
+
+    registry = Registry(layout)
+    files = registry.reserve(VMRecord(name="web"))
+    with subprocess.Popen([sys.executable, "-c", _WAITER, str(layout.state), str(layout.cache)],
+                          stdout=subprocess.PIPE, text=True) as waiter:
+        assert waiter.stdout is not None
+        try:
+            with registry.locked("web"):
+                assert waiter.stdout.readline() == "waiting\n"
+                time.sleep(0.5)  # it has opened the lock file and waits in flock
+                _atomic.remove_tree(files.root)  # what Registry.remove does under the lock
+                files.lock.unlink()
+            assert waiter.stdout.readline() == "locked\n"
+            assert files.lock.exists() and held(files.lock)
+        finally:
+            waiter.kill()
 
 
 def test_a_reservation_cut_short_frees_the_name(layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,7 +122,8 @@ def test_cleanup_removes_cut_short_removals_and_locks_of_gone_vms(layout: Layout
     registry.update("web", lambda r: None)  # makes web's lock file
     registry.update("db", lambda r: None)
     registry.remove("web")
-    assert (layout.vms / ".locks" / "web.lock").exists()  # kept: unlinked, a waiter would lock a deleted file
+    assert not (layout.vms / ".locks" / "web.lock").exists()
+    (layout.vms / ".locks" / "web.lock").touch()  # as a VM killed by a power cut leaves it
     trash = layout.images / ".trash-abc-1-2"
     (trash / "rootfs").mkdir(parents=True)
     dry = cleanup(layout, dry_run=True)

@@ -111,7 +111,7 @@ def test_asking_whether_a_lock_is_held_neither_takes_nor_makes_it(tmp_path: Path
     assert not held(lock) and not lock.exists()  # a probe must not leave a lock file behind
     with FileLock(str(lock)):
         assert held(lock)
-    assert lock.exists() and not held(lock)
+    assert not held(lock)
 
 
 def test_cleanup_keeps_the_newest_images_of_each_architecture(tmp_path: Path) -> None:
@@ -175,3 +175,18 @@ def test_cleanup_leaves_a_layer_a_build_holds_and_one_an_image_named_meanwhile(t
     assert building.is_dir() and named_later.is_dir()
     report = mvm.cleanup(layout)  # the build is over
     assert [Path(i.path) for i in report.items if i.kind == "layer"] == [building] and not building.exists()
+    assert not (layout.layers / f".{'1' * 32}.lock").exists()  # a removed layer leaves no lock file
+
+
+def test_a_removed_template_takes_its_lock_file_unless_a_maker_holds_it(tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    store = TemplateStore(Layout(state=tmp_path / "state", cache=tmp_path / "cache"))
+    for key in ("a" * 32, "b" * 32):
+        store.dir(key).mkdir(parents=True)
+        store.lock_path(key).touch()
+    store.remove("a" * 32)
+    assert not store.dir("a" * 32).exists() and not store.lock_path("a" * 32).exists()
+    with FileLock(str(store.lock_path("b" * 32))):  # a maker replacing a damaged template
+        store.remove("b" * 32)
+        assert not store.dir("b" * 32).exists() and store.lock_path("b" * 32).exists()

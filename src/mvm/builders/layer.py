@@ -174,6 +174,7 @@ def remove_unused(layout: Layout, key: str, named: Callable[[str], bool], runner
                 return "an image built since names it"
             unmount_below(path, runner)
             remove_tree(path, ignore_errors=True)
+            (layout.layers / f".{key}.lock").unlink(missing_ok=True)  # held: see Registry.remove
     except Busy:
         return "a build is using it"
     return None

@@ -210,17 +210,19 @@ class Registry:
 
     def remove(self, name: str, check: Callable[[VMFiles], None] | None = None) -> None:
         """Forget the VM: its dir goes in one rename under its lock (a command that waited for
-        the lock finds no VM once it has it). The lock file stays: unlinked while another
-        process waits on it, that process would lock a deleted file while a third locks a
-        new one (filelock's maintainers warn against it); ``cleanup`` removes the lock files
-        of names no VM has. ``check`` runs under the lock first and may refuse by raising
-        (``down`` asks whether a machine runs in the dir: a ``resume`` may have started one
-        since it looked)."""
+        the lock finds no VM once it has it), then its lock file, still held here, so that a
+        gone VM leaves no lock behind. A command waiting for the lock polls it, opening the
+        path afresh each time, so it next locks a new file there; one that opened the old
+        file just before the unlink sees it unlinked once locked and tries again (filelock
+        checks ``st_nlink``, from 3.21). ``check`` runs under the lock first and
+        may refuse by raising (``down`` asks whether a machine runs in the dir: a ``resume``
+        may have started one since it looked)."""
         try:
             with self.locked(name) as files:
                 if check is not None:
                     check(files)
                 remove_tree(files.root, ignore_errors=True)
+                files.lock.unlink(missing_ok=True)
         except OSError as exc:  # no room for a lock file: a full disk must not keep a VM from going
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise

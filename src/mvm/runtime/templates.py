@@ -40,6 +40,7 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from .._atomic import remove_tree, write_json_atomic
+from .._locks import remove_unheld
 from ..backends.base import Backend
 from ..builders.store import Image
 from ..errors import StateError
@@ -303,4 +304,7 @@ class TemplateStore:
         return Template(self.dir(meta.key), meta)
 
     def remove(self, key: str) -> None:
+        """The template, then its lock file unless a maker holds it (a maker replacing a
+        damaged template calls this under its lock)."""
         remove_tree(self.dir(key), ignore_errors=True)  # no half-removed template is ever seen
+        remove_unheld(self.lock_path(key), self.dir(key))
