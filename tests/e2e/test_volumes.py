@@ -166,9 +166,13 @@ def test_data_survives_down_kill_and_growth(cli: CLI, config_image: dict[str, An
         big = tmp_path / "big.bin"
         with open(big, "wb") as f:
             f.truncate(80 << 20)
-        r = cli("cp", str(big), "data:/mnt/data/", check=False)
-        assert r.returncode == 1 and "No space left on device (the file system there is full)" in r.stderr, r.stderr
-        cli("exec", "data", "--", "rm", "-f", "/mnt/data/big.bin")
+        listing = cli("exec", "data", "--", "ls", "-A", "/mnt/data").stdout
+        r = cli("cp", str(big), "data:/mnt/data/first.bin", check=False)
+        assert r.returncode == 1, r.stderr
+        assert "/mnt/data/first.bin: No space left on device (the file system there is full)" in r.stderr, r.stderr
+        # ... and loses nothing: the file it was to replace is whole, no part of the new one left
+        assert _sha256(cli, "data", "/mnt/data/first.bin") == first
+        assert cli("exec", "data", "--", "ls", "-A", "/mnt/data").stdout == listing
         assert cli("exec", "data", "--", "echo", "still answers").stdout == "still answers\n"
 
         # one VM at a time: a second VM asking for the same volume is refused

@@ -238,6 +238,36 @@ def test_cp_destination_rules(tmp_path: Path) -> None:
             destination(*args)  # type: ignore[arg-type]
 
 
+def test_a_cp_cut_short_leaves_no_partial_file_and_the_old_one_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream that ends inside a file (as a full disk or a dropped connection ends a copy):
+    the file it was to replace keeps its bytes and no part of the new one is left."""
+    import io
+    import tarfile
+    import types
+
+    from mvm.guest.copy import TOP, copy_in
+
+    payload = b"new" * 100_000
+    stream = io.BytesIO()
+    with tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(TOP)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    target = tmp_path / "data.bin"
+    target.write_bytes(b"old")
+
+    def copy(data: bytes) -> None:
+        monkeypatch.setattr("sys.stdin", types.SimpleNamespace(buffer=io.BytesIO(data)))
+        copy_in(str(target), False, "data.bin", False, False)
+
+    with pytest.raises(tarfile.ReadError):
+        copy(stream.getvalue()[:150_000])
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
+    copy(stream.getvalue())  # whole: replaces it
+    assert target.read_bytes() == payload and sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
+
+
 def test_cp_rename_refuses_entries_outside_the_stream() -> None:
     import tarfile
 

@@ -12,7 +12,10 @@ becomes, as ``docker cp`` does:
   onto a missing path, it is created with that name; onto a file, it is refused.
 
 Copied in, files belong to root unless ``--archive`` keeps the host's owners; modes are
-kept. Copied out, owners are the host user's (the host does that, not this side).
+kept. Copied out, owners are the host user's (the host does that, not this side). A file
+is written beside its target under a temporary name and renamed onto it once complete: a
+copy cut short (a full disk, a broken stream) leaves no partial file, and a file it was
+to replace as it was.
 
 ``mvmctl cp - NAME:DIR`` (``untar``) extracts a tar archive the user piped in into the
 directory DIR, as ``docker cp -`` does: its entries as they are named (a leading ``/``
@@ -88,6 +91,33 @@ def rename(member: tarfile.TarInfo, new_top: str | None, archive: bool) -> tarfi
 _TRUSTED: dict[str, Any] = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
 
 
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> None:
+    """``member`` into ``where``; a regular file through a temporary name beside its target,
+    renamed onto it (replacing a file, even one root may not write) once all of it is there."""
+    if not member.isfile():
+        tar.extract(member, where, set_attrs=True, numeric_owner=True, **_TRUSTED)
+        return
+    final = member.name
+    if os.path.isdir(os.path.join(where, final)):
+        raise CopyError(f"cannot copy a file onto the directory {os.path.join(where, final)}")
+    head, tail = os.path.split(final)
+    member.name = os.path.join(head, f".{tail}.mvm-cp-{os.getpid()}")
+    partial = os.path.join(where, member.name)
+    try:
+        tar.extract(member, where, set_attrs=True, numeric_owner=True, **_TRUSTED)
+        os.replace(partial, os.path.join(where, final))
+    except BaseException as exc:
+        try:
+            os.unlink(partial)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and exc.filename in (None, partial):  # a write names no file
+            exc.filename = os.path.join(where, final)  # the user's name, in the error they see
+        raise
+    finally:
+        member.name = final  # a later hard link to it names it so
+
+
 def copy_in(dest: str, src_is_dir: bool, src_name: str, contents_only: bool, archive: bool) -> None:
     where, new_top = destination(dest, src_is_dir, src_name, contents_only)
     with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
@@ -95,10 +125,7 @@ def copy_in(dest: str, src_is_dir: bool, src_name: str, contents_only: bool, arc
             member = rename(original, new_top, archive)
             if member is None:
                 continue
-            target = os.path.join(where, member.name)
-            if member.isfile() and os.path.lexists(target) and not os.path.isdir(target):
-                os.unlink(target)  # replace, even a file we may not write
-            tar.extract(member, where, set_attrs=True, numeric_owner=True, **_TRUSTED)
+            _extract(tar, member, where)
 
 
 def untar(dest: str, archive: bool) -> None:
@@ -117,7 +144,7 @@ def untar(dest: str, archive: bool) -> None:
             if not archive:
                 member.uid = member.gid = 0
                 member.uname = member.gname = "root"
-            tar.extract(member, root, set_attrs=True, numeric_owner=True, **_TRUSTED)
+            _extract(tar, member, root)
 
 
 def copy_out(src: str, follow: bool = False) -> None:
