@@ -286,7 +286,33 @@ def test_wait_is_not_fooled_by_a_guest_that_reports_nothing_yet(layout: Layout, 
         vm.wait_healthy(0.3)
     assert "svc | bind: address in use" in (caught.value.output or "")
     fake.status.update(healthy)
+    # every check healthy, but a service not started yet (its preStart still runs): not ready
+    fake.status.update(services={"svc": {"state": "prestart"}})
+    with pytest.raises(HealthTimeout, match="not healthy after 0.3s: service svc is prestart"):
+        vm.wait_healthy(0.3)
+    fake.status.update(services={"svc": {"state": "exited", "last_exit": 0}})  # a one-shot that finished
+    assert vm.wait_healthy(5).health == "healthy"
+    fake.status.update(healthy)
     vm.down()
+
+
+def test_wait_without_health_checks_waits_for_the_services(layout: Layout, fake: FakeBackend,
+                                                           image: Image) -> None:
+    """`up --wait` of a guest with services and no checks returned at once, and said the VM
+    was up while its one service crash-looped on a program that was not there."""
+    image.manifest.guest = image.manifest.guest.model_copy(update={"health_checks": {}})
+    fake.status.update(health={}, services={"svc": {"state": "backoff", "restarts": 0, "last_exit": 127,
+                                                    "reason": "command not found (exit 127)"}})
+    with pytest.raises(ServiceFailed, match="service svc keeps failing: command not found"):
+        _up(layout, fake, image, wait=True, wait_timeout=60)
+    mvm.down("web", layout=layout)
+    fake.status.update(services={"svc": {"state": "pending"}})
+    with pytest.raises(HealthTimeout, match="service svc is pending"):
+        _up(layout, fake, image, wait=True, wait_timeout=0.5)
+    mvm.down("web", layout=layout)
+    fake.status.update(services={"svc": {"state": "running", "pid": 7}})
+    assert _up(layout, fake, image, wait=True, wait_timeout=60).guest_status().services[0].state == "running"
+    mvm.down("web", layout=layout)
 
 
 def test_two_ups_of_one_name(layout: Layout, fake: FakeBackend, image: Image) -> None:

@@ -134,10 +134,12 @@ class GuestStatus(_Model):
         return "healthy"
 
     def healthy_with(self, services: Iterable[str], checks: Iterable[str]) -> bool:
-        """Every one of these services and checks is reported, and every check is healthy.
-        (A clone restored from an ``agent`` template reports none until its services start:
-        an empty report is not "healthy".)"""
-        return (set(services) <= {s.name for s in self.services} and set(checks) <= {c.name for c in self.checks}
+        """Every one of these services has started (running, or exited 0 as a one-shot does)
+        and every one of these checks is reported healthy, as ``up --wait`` means it. (A clone
+        restored from an ``agent`` template reports none until its services start: an empty
+        report is not "healthy".)"""
+        started = {s.name for s in self.services if s.state in ("running", "exited")}
+        return (set(services) <= started and set(checks) <= {c.name for c in self.checks}
                 and all(c.state == "healthy" for c in self.checks))
 
     def failing(self) -> ServiceStatus | None:

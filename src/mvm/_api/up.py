@@ -121,8 +121,8 @@ def up(
     if started:
         prog.note(started)
     vm = VM(plan.name, layout, runner)
-    if wait and plan.record.checks:
-        prog.stage("waiting for health checks")
+    if wait and (plan.record.checks or plan.record.services):
+        prog.stage("waiting for health checks" if plan.record.checks else "waiting for the services to start")
         try:
             vm.wait_healthy(wait_timeout)  # a timeout keeps the VM for inspection (the error says so)
         except KeyboardInterrupt:

@@ -236,8 +236,8 @@ class VM:
             yield files, record, backend, record.machine.ref
 
     def wait_healthy(self, timeout: float, on_change: Callable[[GuestStatus], None] | None = None) -> GuestStatus:
-        """Block until the guest reports every service and health check of the VM and every
-        check is healthy. (A clone restored from an ``agent`` template reports none until its
+        """Block until every service of the VM has started and every health check is healthy
+        (:meth:`GuestStatus.healthy_with`). (A clone restored from an ``agent`` template reports none until its
         config is applied and its services start: an empty report is not "healthy".) Raise
         ServiceFailed as soon as a service fails for good (or crash-loops), HealthTimeout
         naming the checks when time runs out."""
@@ -261,13 +261,16 @@ class VM:
                     output=logs.service_tail(self.files, svc.name),
                 )
             if time.monotonic() > deadline:
-                detail = "; ".join(
-                    f"{c.name} is {c.state} ("
-                    + ("no probe has finished yet" if c.last_exit is None else f"last exit {c.last_exit}")
-                    + (f", output: {c.last_output!r}" if c.last_output else "")
-                    + ")"
-                    for c in status.checks if c.state != "healthy"
-                ) or f"the guest has not reported {', '.join(sorted(set(record.checks) | set(record.services)))} yet"
+                states = {s.name: s.state for s in status.services}
+                detail = "; ".join([
+                    *(f"{c.name} is {c.state} ("
+                      + ("no probe has finished yet" if c.last_exit is None else f"last exit {c.last_exit}")
+                      + (f", output: {c.last_output!r}" if c.last_output else "")
+                      + ")"
+                      for c in status.checks if c.state != "healthy"),
+                    *(f"service {name} is {states[name]}" for name in record.services
+                      if states.get(name) not in (None, "running", "exited")),
+                ]) or f"the guest has not reported {', '.join(sorted(set(record.checks) | set(record.services)))} yet"
                 raise HealthTimeout(
                     self.name,
                     f"not healthy after {timeout:g}s: {detail}",

@@ -38,7 +38,8 @@ def up(
         "--hypervisor", metavar="auto|qemu-kvm|qemu-tcg", autocompletion=complete_hypervisors,
                         help="auto (KVM only if a probe proves it boots, else TCG), qemu-kvm or qemu-tcg."
     )] = "auto",
-    wait: Annotated[bool, typer.Option("--wait", help="Return only once every health check is healthy.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Return only once every service has started and every "
+                                             "health check is healthy; fail at once if a service fails.")] = False,
     log_limit: Annotated[int | None, typer.Option("--log-limit", metavar="MIB", help="The most the VM's console "
                                                   "and service logs take on this host; older output is dropped "
                                                   "first (default: the spec's logLimitMb, else 64).",
@@ -86,7 +87,8 @@ def up(
     output.info(
         f"[green]{info.name}[/] is running "
         f"({how}; {info.accel}, {info.arch}, {info.cpus} vCPU, {output.mib(info.memory)})"
-        + (" and healthy" if wait and info.checks else "")
+        + ((" and healthy" if info.checks else " with its services started" if info.services else "")
+           if wait else "")
     )
     if info.emulated:
         output.info(f"note: {info.emulated}")
