@@ -59,6 +59,8 @@ def test_exec_timeout_kills_the_guest_process(cli: CLI, testbed_vm: dict[str, An
     assert elapsed < 10
     ps = cli("exec", "shared", "--", "ps", "-eo", "args").stdout
     assert "sleep 30" not in ps
+    # 0 is no limit, as for timeout(1) (it was refused with "must be more than 0 seconds")
+    assert cli("exec", "shared", "--timeout", "0", "--", "sh", "-c", "sleep 1.5; echo done").stdout == "done\n"
 
 
 def test_status_and_ls_show_services_and_health(cli: CLI, testbed_vm: dict[str, Any]) -> None:

@@ -3,9 +3,10 @@ brought back with its processes, ``/tmp`` and volumes as they were.
 
 The machine is saved whole (its RAM too) into the VM dir, and started again the way it
 ran (``launch.json``), restoring the saved state instead of booting. While suspended it
-holds no volume: its writable volumes are locked again at ``resume``, which is refused if
-another VM took one meanwhile. ``down`` of a suspended VM removes the saved state with the
-rest of the VM dir.
+keeps its writable volumes: each records the suspended VM as its holder before the machine
+lets go of its lock, and only that VM's ``resume`` takes it again (its guest has the file
+system mounted, with writes not yet on disk). ``down`` of a suspended VM removes the saved
+state with the rest of the VM dir.
 """
 
 from __future__ import annotations

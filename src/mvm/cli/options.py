@@ -50,8 +50,8 @@ def complete_hypervisors(incomplete: str) -> list[str]:
 
 
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only what names each one (a VM's name, an "
-                                     "image's key), one per line, for scripts.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the names (ls: VM names; images: "
+                                     "full image keys), one per line, for scripts.")]
 VMName = Annotated[str, typer.Argument(metavar="NAME", help="The VM's name (see `mvmctl ls`).",
                                        show_default=False, autocompletion=complete_vm_names)]
 Ports = Annotated[

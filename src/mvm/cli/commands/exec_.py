@@ -42,9 +42,9 @@ def exec_(
     command's stdin is empty (it reads end of input at once). There is no terminal (no -t):
     for an interactive shell use `mvmctl console NAME`.
 
-    Exit code: the command's own, as a shell reports it: 127 if it cannot be started (not
-    found), 126 if the --user or -w directory does not exist in the guest, 128+N if signal
-    N killed it, 124 if --timeout killed it.
+    Exit code: the command's own, as a shell reports it: 127 if the program is not found,
+    126 if it cannot be run (not executable, another architecture's) or the --user or the -w
+    DIR does not exist in the guest, 128+N if signal N killed it, 124 if --timeout killed it.
 
     
     Examples:
@@ -57,7 +57,8 @@ def exec_(
     from ..output import write_stream
 
     vm = mvm.get(name)
-    result = vm.exec(command, user=user, env=env or [], cwd=workdir, timeout=timeout,
+    result = vm.exec(command, user=user, env=env or [], cwd=workdir,
+                     timeout=timeout or None,  # 0: no limit, as for timeout(1)
                      stdin=_stdin_chunks() if interactive else None, on_output=write_stream)
     raise typer.Exit(result.exit_code)
 

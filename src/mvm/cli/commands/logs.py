@@ -14,7 +14,7 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the VM stops "
                                          "(or Ctrl-C).")] = False,
     lines: Annotated[int | None, typer.Option("-n", "--lines", "--tail", metavar="N", min=0,
-                                              help="Show only the last N lines of each part.",
+                                              help="Show only the last N console lines and the last N service lines.",
                                               show_default=False)] = None,
     service: Annotated[str | None, typer.Option("--service", "-s", metavar="SERVICE",
                                                 help="Only this service's output and state changes.",
@@ -31,7 +31,8 @@ def logs(
     """Show a VM's boot console and its services' logs (stdout/stderr, restarts, health).
 
     Logs are files on the host, so they can be read after the VM crashed, and after `down`:
-    down keeps a VM's logs (under $MVM_HOME/state/logs/NAME) until `mvmctl cleanup` or the
+    down keeps a VM's logs (in the state dir's logs/NAME, by default
+    ~/.local/state/mvm/logs/NAME) until `mvmctl cleanup` or the
     next `up` of the same name; the retained logs of all VMs are capped at 256 MB in total,
     the oldest dropped first. --service and --since leave out the console (it has neither
     a service nor times). With --json: one JSON object per line (JSON Lines, also with
@@ -40,7 +41,7 @@ def logs(
     \b
     Examples:
       mvmctl logs hello -f
-      mvmctl logs hello -s web --since 10m -n 50
+      mvmctl logs hello -s hello --since 10m -n 50
     """
     import mvm
 

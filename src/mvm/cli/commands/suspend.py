@@ -11,8 +11,10 @@ def suspend(name: VMName, json: Json = False) -> None:
     """Save a running VM to disk and stop its machine: it uses no CPU and no memory until
     `mvmctl resume` brings it back, with its processes, /tmp and volumes as they were.
 
-    While suspended it holds no volume (another VM could take one, and resume would then be
-    refused). `mvmctl down` of a suspended VM removes it with its saved state.
+    While suspended it keeps its writable volumes: `up`, `volume rm` and `volume export` of
+    them are refused (its guest has them mounted, with writes not yet on disk). `mvmctl
+    resume` then `mvmctl down` frees them; `mvmctl down` alone removes the VM with its saved
+    state and the guest's unwritten changes.
 
     \b
     Examples:
