@@ -427,3 +427,44 @@ def test_a_user_is_found_by_name_or_by_uid() -> None:
     assert Identity("root").uid == 0 and Identity("0").name == "root"  # exec -u 0, as docker exec -u takes
     with pytest.raises(KeyError):
         Identity("4294967")  # no such uid: exec says "no user" (126)
+
+
+def test_input_sent_while_held_input_is_written_waits_behind_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Input that arrives before the command exists is held, then written once it starts.
+    Input arriving while the held input was being written went straight to the command,
+    ahead of it: `mvmctl cp` of a 20 MB file reached the guest with 64 KiB chunks swapped."""
+    import base64
+    import threading
+    import time
+
+    from mvm.guest import execstream, protocol
+
+    op = execstream.StreamOp(conn=None, req={"id": 1}, server=None)  # type: ignore[arg-type]
+    r, w = os.pipe()
+    written = protocol.write_all
+    first = threading.Event()
+
+    def slow_write(fd: int, data: bytes) -> None:
+        if not first.is_set():  # the first held chunk takes a while (a full pipe, a busy vCPU)
+            first.set()
+            time.sleep(0.3)
+        written(fd, data)
+
+    monkeypatch.setattr(protocol, "write_all", slow_write)
+
+    def chunk(n: int) -> dict[str, Any]:
+        return {"op": "stdin", "data": base64.b64encode(bytes([n]) * 100).decode()}
+
+    for n in range(3):
+        op.feed(chunk(n))  # before the command exists: held
+    op.stdin_fd = w
+    starting = threading.Thread(target=op._mark_started)
+    starting.start()
+    assert first.wait(5)
+    for n in range(3, 6):
+        op.feed(chunk(n))  # while the held input is being written
+    starting.join(5)
+    op.feed({"op": "eof"})
+    with os.fdopen(r, "rb") as f:
+        got = f.read()
+    assert got == b"".join(bytes([n]) * 100 for n in range(6))

@@ -238,20 +238,23 @@ class StreamOp:
                 pass
 
     def _mark_started(self) -> None:
+        """Apply the input held until now, then let :meth:`feed` apply its own. All under the
+        one lock: input that arrives while the held input is written waits behind it (it
+        used to overtake it, and a `cp` of a large file arrived with its chunks reordered)."""
         if self.abandoned:  # abandoned while it was being started
             self.kill()
         with self._input_lock:
+            for msg in self._early:
+                self._apply(msg)
+            self._early = []
             self._started = True
-            early, self._early = self._early, []
-        for msg in early:
-            self._apply(msg)
 
     def feed(self, msg: dict[str, Any]) -> None:
         with self._input_lock:
-            if not self._started:
+            if self._started:
+                self._apply(msg)
+            else:
                 self._early.append(msg)
-                return
-        self._apply(msg)
 
     def _apply(self, msg: dict[str, Any]) -> None:
         kind = msg.get("op")
