@@ -45,6 +45,9 @@ class QMP:
 
         from qemu.qmp import QMPClient
 
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            # qemu.qmp logs each failure it raises at ERROR; mvm reports it (a VMError), once
+            logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
         self._loop = asyncio.new_event_loop()
         try:
             sock = unixsock.connect(self.path, self.timeout)
@@ -86,17 +89,25 @@ class QMP:
         return str(self.command("human-monitor-command", **{"command-line": command_line}))
 
     def close(self) -> None:
-        if self._client is not None and self._loop is not None:
+        """Disconnect and close the loop. A step cut short (Ctrl-C in the middle of the
+        greeting) leaves its task pending: it is cancelled and collected first, or its
+        failure would print as "Task exception was never retrieved" with a traceback."""
+        if self._loop is not None:
             import asyncio
 
             try:
-                self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 2.0))
+                if pending := asyncio.all_tasks(self._loop):
+                    for task in pending:
+                        task.cancel()
+                    self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                if self._client is not None:
+                    self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 2.0))
             except Exception:  # closing a broken session must not mask the real error
                 log.debug("closing QMP session failed", exc_info=True)
+            finally:
+                self._loop.close()
         self._client = None
-        if self._loop is not None:
-            self._loop.close()
-            self._loop = None
+        self._loop = None
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
