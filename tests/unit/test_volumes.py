@@ -249,6 +249,23 @@ def test_mvms_own_image_of_a_volume_is_named_by_its_host_path(tmp_path: Path, la
     assert err.value.hint == f"name the volume by what it was made for: -v {tmp_path / 'data'}:/mnt/x:SIZE_MB"
 
 
+def test_a_read_only_mount_of_a_volumes_host_dir_says_the_volume_is_not_mounted(tmp_path: Path,
+                                                                                layout: Layout) -> None:
+    """`-v ./data:/mnt/data` after `-v ./data:/mnt/data:64` (the size forgotten) showed the
+    guest the host dir's files, read-only, and the volume's data looked lost."""
+    (tmp_path / "data").mkdir()
+    assert volumes.hidden_volumes(plan(["./data:/mnt/data"], layout, cwd=tmp_path), layout) == []
+    with ExitStack() as undo:
+        a = _attach(layout, tmp_path, ["./data:/mnt/data:64"], undo)
+        a.held_by(DEAD_PID, None)
+        undo.pop_all()
+    vid = volume_id(tmp_path / "data")
+    [note] = volumes.hidden_volumes(plan(["./data:/mnt/data", "./data:/mnt/d2:64"], layout, cwd=tmp_path), layout)
+    assert note == (f"{tmp_path / 'data'} -> /mnt/data is a read-only copy of the directory; its persistent volume "
+                    f"{vid} (64 MiB, with the data the guest wrote) is not mounted: to mount it, add its size: "
+                    f"-v {tmp_path / 'data'}:/mnt/data:64")
+
+
 def test_lock_refuses_a_second_holder_and_names_it(tmp_path: Path, layout: Layout) -> None:
     import os
 

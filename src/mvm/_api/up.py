@@ -90,6 +90,8 @@ def up(
         raise exists_error(request.name, registry, runner)  # said first: its ports are taken by it, too
     backend.check_ports(request.forwards)  # before the build: a taken port fails fast
     planned = volume_attach.plan(request.volumes, layout)
+    for note in volume_attach.hidden_volumes(planned, layout):
+        prog.note(note)
     if image is None:
         image, _ = build_image(path, flake=flake, nix_args=nix_args, arch=arch, layout=layout, runner=runner,
                                progress=prog)

@@ -158,6 +158,23 @@ def plan(texts: Sequence[str], layout: Layout, *, cwd: Path | None = None) -> li
     return planned
 
 
+def hidden_volumes(planned: Sequence[Planned], layout: Layout) -> list[str]:
+    """A note for each read-only ``-v HOST:GUEST`` whose HOST has a persistent volume: the
+    guest sees HOST's files, not the volume's data, which looks lost to a user who only
+    forgot ``:SIZE_MB`` (``docker run -v`` mounts read-write without one)."""
+    store = VolumeStore(layout)
+    notes = []
+    for p in planned:
+        if p.arg.writable:
+            continue
+        meta = store.load(volume_id(p.arg.host))
+        if meta is not None and meta.host == str(p.arg.host):
+            notes.append(f"{p.arg.host} -> {p.arg.guest} is a read-only copy of the directory; its persistent "
+                         f"volume {meta.id} ({meta.size_mb} MiB, with the data the guest wrote) is not mounted: "
+                         f"to mount it, add its size: -v {p.arg.host}:{p.arg.guest}:{meta.size_mb}")
+    return notes
+
+
 def records(planned: Sequence[Planned], layout: Layout) -> list[VolumeRecord]:
     """What the VM's ``vm.json`` says about its volumes."""
     store = VolumeStore(layout)
