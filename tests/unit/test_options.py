@@ -46,6 +46,26 @@ def test_parse_port_errors_name_the_value(text: str, fragment: str) -> None:
     assert err.value.hint
 
 
+@pytest.mark.parametrize(("text", "mib"), [("512", 512), ("512m", 512), ("2g", 2048), ("1.5G", 1536),
+                                          ("512MiB", 512), ("1GB", 1024), (" 768 ", 768)])
+def test_memory_takes_mib_or_dockers_units(text: str, mib: int) -> None:
+    from mvm.cli.options import memory_mib
+
+    assert memory_mib(text) == mib
+
+
+@pytest.mark.parametrize(("text", "fragment"), [("12k", "is not a size"), ("1.3m", "not a whole number of MiB"),
+                                                ("-5", "is not a size"), ("lots", "is not a size")])
+def test_memory_errors_name_the_value(text: str, fragment: str) -> None:
+    import typer
+
+    from mvm.cli.options import memory_mib
+
+    with pytest.raises(typer.BadParameter, match=fragment) as caught:
+        memory_mib(text)
+    assert repr(text) in str(caught.value)
+
+
 def test_parse_env() -> None:
     assert parse_env(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
 

@@ -205,6 +205,13 @@ def test_checks_before_the_build_and_the_preflight_create_nothing(layout: Layout
     with pytest.raises(UsageError, match=f"--cpus {over}: this host has {over - 1} CPU") as caught:
         _up(layout, fake, image, cpus=over)
     assert caught.value.hint == f"use --cpus {over - 1} or fewer"
+    from mvm._api.options import host_memory_mib
+    total = host_memory_mib()
+    assert total is not None and total > 128
+    if total < 65536:  # QEMU refused more than the host has, after the build and with no hint
+        with pytest.raises(UsageError, match=f"--memory {total + 1}: this host has {total} MiB") as caught:
+            _up(layout, fake, image, memory=total + 1)
+        assert caught.value.hint == f"use --memory {total} or less"
     with pytest.raises(UsageError, match="unknown hypervisor"):
         _up(layout, fake, image, hypervisor="xen")
     _nothing_left(layout, fake)

@@ -107,6 +107,25 @@ def parse_since(text: str, now: float | None = None) -> float:
                          hint="e.g. --since 10m, --since 2h, --since 2026-11-30T14:05:00") from None
 
 
+def check_host_memory(memory: int, where: str, hint: str | None = None) -> None:
+    """No more guest memory than the host has with its swap: QEMU failed on that at start-up
+    ("cannot set up guest memory: Cannot allocate memory"), after the build and with no hint."""
+    total = host_memory_mib()
+    if total is not None and memory > total:
+        raise UsageError(f"{where}: this host has {total} MiB of memory and swap, and a VM gets at most as much",
+                         hint=hint or f"use --memory {total} or less")
+
+
+def host_memory_mib() -> int | None:
+    """MemTotal plus SwapTotal of /proc/meminfo in MiB; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return (int(fields["MemTotal"].split()[0]) + int(fields.get("SwapTotal", "0 kB").split()[0])) // 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def check_host_cpus(cpus: int, where: str, hint: str | None = None) -> None:
     """As ``docker run --cpus``: no more vCPUs than the host has CPUs (each is a host thread;
     more would only make the guest crawl: 64 on 2 cores did not boot in 90 s under TCG)."""

@@ -20,7 +20,7 @@ from ..runtime.bootconfig import read_config_disk
 from ..runtime.registry import Registry, VMRecord
 from .down import down
 from .machines import backend_for
-from .options import check_host_cpus
+from .options import check_host_cpus, check_host_memory
 from .progress import Progress
 from .up import up
 from .vm import VM
@@ -47,6 +47,8 @@ def restart(name: str, *, wait: bool = False, wait_timeout: float = HEALTH_TIMEO
     # must not cost the VM
     check_host_cpus(record.cpus, f"{name} has {record.cpus} vCPUs",
                     hint=f"restart keeps the shape: `mvmctl down {name}`, then `{_up_again(record)} --cpus N`")
+    check_host_memory(record.memory, f"{name} has {record.memory} MiB of memory",
+                      hint=f"restart keeps the shape: `mvmctl down {name}`, then `{_up_again(record)} --memory N`")
     down(name, layout=layout, runner=runner)
     return up(image=image, name=name, cpus=record.cpus, memory=record.memory, ports=ports, env=env,
               volumes=volumes, hypervisor=record.hypervisor, log_limit_mb=record.log_limit_mb, wait=wait,

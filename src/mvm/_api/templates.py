@@ -40,7 +40,7 @@ from ..runtime.templates import (
     key_for,
 )
 from .models import TemplateInfo
-from .options import check_host_cpus
+from .options import check_host_cpus, check_host_memory
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,7 @@ def template_create(path: str | os.PathLike[str] = ".", *, flake: str | None = N
                            progress=progress)
     guest = image.manifest.guest
     check_host_cpus(cpus or guest.cpus, f"--cpus {cpus}" if cpus else f"the spec's cpus = {guest.cpus}")
+    check_host_memory(memory or guest.memory, f"--memory {memory}" if memory else f"the spec's memory = {guest.memory}")
     template = make_template(image, cpus=cpus or guest.cpus, memory=memory or guest.memory, layout=layout,
                              runner=runner, progress=progress,
                              health_timeout=HEALTH_TIMEOUT if health_timeout is None else health_timeout)

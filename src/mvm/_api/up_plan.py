@@ -4,6 +4,7 @@ image is built (the accelerator, a template to restore, the VM's record)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from ..paths import Layout
 from ..runtime.registry import PortRecord, VMRecord
 from . import templates, volume_attach
 from .machines import preflight
-from .options import check_host_cpus, parse_env, parse_port
+from .options import check_host_cpus, check_host_memory, parse_env, parse_port
 
 BOOT_TIMEOUT = 90.0
 #: A restored guest answers in well under a second; one that does not is broken.
@@ -71,13 +72,16 @@ class UpRequest:
             if isinstance(values, str):
                 raise UsageError(f"{what}={values!r}: give a list", hint=f"{what}=[{values!r}]")
         if cpus is not None and not 1 <= cpus <= 64:
-            raise UsageError(f"--cpus {cpus}: must be between 1 and 64")
+            raise UsageError(f"--cpus {cpus}: must be between 1 and 64",
+                             hint=f"this host has {os.cpu_count() or 1}: give 1 to that many")
         if cpus is not None:
             check_host_cpus(cpus, f"--cpus {cpus}")
         if memory is not None and not MIN_MEMORY_MIB <= memory <= 65536:
             raise UsageError(f"--memory {memory}: must be between {MIN_MEMORY_MIB} and 65536 MiB",
                              hint=f"a guest needs at least {MIN_MEMORY_MIB} MiB to boot its kernel and agent"
                              if memory < MIN_MEMORY_MIB else "64 GiB is the most mvm gives one VM")
+        if memory is not None:
+            check_host_memory(memory, f"--memory {memory}")
         if name is not None:
             try:
                 check_vm_name(name)
@@ -133,6 +137,8 @@ def plan_up(request: UpRequest, image: Image, backend: Backend, planned: list[vo
     cpus, memory = request.cpus or guest.cpus, request.memory or guest.memory
     if not request.cpus:
         check_host_cpus(cpus, f"the spec's cpus = {cpus}")
+    if not request.memory:
+        check_host_memory(memory, f"the spec's memory = {memory}")
     choice = templates.choose(image, cpus=cpus, memory=memory, env=request.env, volumes=len(planned),
                               shares=bool(request.shares), cold=request.cold, backend=backend, layout=layout)
     restore = choice.restore

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Annotated
@@ -10,6 +11,18 @@ from typing import Annotated
 import typer
 
 import mvm
+
+
+def memory_mib(text: str) -> int:
+    """``--memory``: MiB as a number (512), or with a unit as ``docker run -m`` takes it
+    (512m, 2g, 1.5G, 512MiB)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(?:([mMgG])(?:i?[bB])?)?", text.strip())
+    if match is None:
+        raise typer.BadParameter(f"{text!r} is not a size: give MiB (512) or a size with m or g (512m, 2g)")
+    mib = float(match.group(1)) * (1024 if (match.group(2) or "m") in "gG" else 1)
+    if not mib.is_integer():
+        raise typer.BadParameter(f"{text!r} is not a whole number of MiB")
+    return int(mib)
 
 
 def complete_vm_names(incomplete: str) -> list[str]:
@@ -47,6 +60,12 @@ def complete_arches(incomplete: str) -> list[str]:
 
 def complete_hypervisors(incomplete: str) -> list[str]:
     return [h for h in ("auto", "qemu-kvm", "qemu-tcg") if h.startswith(incomplete)]
+
+
+def Memory(default_help: str) -> object:
+    """The ``--memory``/``-m`` option, with what its default is."""
+    return typer.Option("--memory", "-m", metavar="SIZE", parser=memory_mib, show_default=False,
+                        help=f"Memory, in MiB or with a unit (512, 512m, 2g; default: {default_help}).")
 
 
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]

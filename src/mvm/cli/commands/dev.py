@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from ..options import Memory
+
 
 def dev(
     command: Annotated[list[str] | None, typer.Argument(
@@ -16,8 +18,7 @@ def dev(
     vm: Annotated[bool, typer.Option("--vm", help="Use the dev microVM even when nix is installed here.")] = False,
     cpus: Annotated[int | None, typer.Option("--cpus", metavar="N", help="vCPUs of the dev VM (default 1).",
                                              show_default=False)] = None,
-    memory: Annotated[int | None, typer.Option("--memory", "-m", metavar="MIB", help="Memory of the dev VM in MiB "
-                                               "(default 1024; /nix is a tmpfs in it).", show_default=False)] = None,
+    memory: Annotated[int | None, Memory("1024; /nix is a tmpfs in the dev VM")] = None,
 ) -> None:
     """A shell where `nix` works (flakes enabled), in your project directory.
 

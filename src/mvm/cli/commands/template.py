@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ..exitcodes import EXIT_ERROR
-from ..options import Arch, Flake, Json, NixArg, OverrideInput, SpecPath, complete_templates, nix_args
+from ..options import Arch, Flake, Json, Memory, NixArg, OverrideInput, SpecPath, complete_templates, nix_args
 
 if TYPE_CHECKING:
     from mvm import TemplateInfo
@@ -37,8 +37,7 @@ def create(
     path: SpecPath = ".",
     cpus: Annotated[int | None, typer.Option("--cpus", metavar="N", help="vCPUs (default: the spec's, else 1).",
                                              show_default=False)] = None,
-    memory: Annotated[int | None, typer.Option("--memory", "-m", metavar="MIB", help="Memory in MiB (default: "
-                                               "the spec's, else 512).", show_default=False)] = None,
+    memory: Annotated[int | None, Memory("the spec's, else 512")] = None,
     json: Json = False,
     arch: Arch = None,
     flake: Flake = None,

@@ -11,6 +11,7 @@ from ..options import (
     Env,
     Flake,
     Json,
+    Memory,
     NixArg,
     OverrideInput,
     Ports,
@@ -29,8 +30,7 @@ def up(
                                              show_default=False)] = None,
     cpus: Annotated[int | None, typer.Option("--cpus", metavar="N", help="vCPUs (default: the spec's, else 1).",
                                              show_default=False)] = None,
-    memory: Annotated[int | None, typer.Option("--memory", "-m", metavar="MIB", help="Memory in MiB (default: the "
-                                               "spec's, else 512).", show_default=False)] = None,
+    memory: Annotated[int | None, Memory("the spec's, else 512")] = None,
     port: Ports = None,
     env: Env = None,
     volume: Volumes = None,
