@@ -479,8 +479,31 @@ def test_only_x86_64_images_export(tmp_path: Path) -> None:
     image = _image_dir(tmp_path)
     manifest = json.loads((image / "manifest.json").read_text())
     (image / "manifest.json").write_text(json.dumps({**manifest, "arch": "aarch64"}))
-    with pytest.raises(UsageError, match="aarch64"):
+    with pytest.raises(UsageError, match="aarch64") as caught:
         kubevirt.spec_from_image(image)
+    assert "--arch x86_64" in (caught.value.hint or "")
+
+
+def test_export_picks_the_image_of_the_architecture_asked_for(tmp_path: Path) -> None:
+    """`export hello --arch x86_64` where hello was built for both: that one, not the newest."""
+    from mvm._api.export import _resolve
+    from mvm._api.progress import Quiet
+    from mvm._proc import DEFAULT_RUNNER
+    from mvm.builders.store import ImageStore, Manifest
+    from mvm.paths import Layout
+    from mvm.spec import GuestSpec
+
+    layout = Layout(state=tmp_path / "state", cache=tmp_path / "cache")
+    for key, arch in (("a" * 32, "x86_64"), ("b" * 32, "aarch64")):  # aarch64 newest
+        def make(staging: Path, arch: str = arch) -> Manifest:
+            (staging / "rootfs.ext4").write_bytes(b"x")
+            return Manifest(key="", name="hello", frontend="toml", source={}, guest=GuestSpec(name="hello"),
+                            arch=arch)  # type: ignore[arg-type]
+        ImageStore(layout.images).publish(key, make)
+    for arch in ("x86_64", "aarch64"):
+        assert _resolve("hello", None, (), arch, layout, DEFAULT_RUNNER, Quiet()).manifest.arch == arch
+    with pytest.raises(UsageError, match="neither a spec directory nor an image"):
+        _resolve("hello", None, (), "riscv64", layout, DEFAULT_RUNNER, Quiet())
 
 
 def test_a_broken_image_dir_is_a_state_error(tmp_path: Path) -> None:

@@ -19,17 +19,17 @@ from .models import ExportInfo
 from .progress import Progress, Quiet
 
 
-def _resolve(target: str, flake: str | None, nix_args: Sequence[str], layout: Layout, runner: Runner,
-             progress: Progress) -> Image:
-    """A spec path or flake is built (or found in the cache); otherwise ``target`` names an
-    image in the store: a key (4+ first characters) or a guest name (its newest image for
-    this host's architecture, else its newest)."""
+def _resolve(target: str, flake: str | None, nix_args: Sequence[str], arch: str | None, layout: Layout,
+             runner: Runner, progress: Progress) -> Image:
+    """A spec path or flake is built (or found in the cache), for ``arch`` if given;
+    otherwise ``target`` names an image in the store: a key (4+ first characters) or a guest
+    name (its newest image for ``arch``, else for this host's architecture, else its newest)."""
     if flake is not None or Path(target).exists():
-        image, _ = build_image(target if flake is None else ".", flake=flake, nix_args=nix_args, layout=layout,
-                               runner=runner, progress=progress)
+        image, _ = build_image(target if flake is None else ".", flake=flake, nix_args=nix_args, arch=arch,
+                               layout=layout, runner=runner, progress=progress)
         return image
     everything = ImageStore(layout.images).all()
-    named = [i for i in everything if i.name == target]
+    named = [i for i in everything if i.name == target and arch in (None, i.manifest.arch)]
     found = ([i for i in everything if len(target) >= 4 and i.key.startswith(target)]
              or [i for i in named if i.manifest.arch == host_arch()] or named)  # this machine's, if built
     if not found:
@@ -61,6 +61,7 @@ def export_kubevirt(
     name: str | None = None,
     ports: Sequence[int] = (),
     env: Mapping[str, str] | None = None,
+    arch: str | None = None,
     archive: bool = False,
     force: bool = False,
     layout: Layout | None = None,
@@ -70,7 +71,7 @@ def export_kubevirt(
     prog = progress or Quiet()
     dest = Path(out).expanduser().absolute()
     kubevirt.check_inputs(dest, name=name, image=image_ref, ports=ports, force=force)  # before a build
-    image = _resolve(target, flake, nix_args, layout or Layout.default(), runner, prog)
+    image = _resolve(target, flake, nix_args, arch, layout or Layout.default(), runner, prog)
     spec = kubevirt.spec_from_image(image.path, name=name, image=image_ref, ports=ports, env=env)
     prog.stage("writing the OCI image and vm.yaml")
     result = kubevirt.export(spec, dest, archive=archive, force=force, runner=runner)

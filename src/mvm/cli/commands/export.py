@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import Env, Flake, Json, NixArg, OverrideInput, missing, nix_args
+from ..options import Arch, Env, Flake, Json, NixArg, OverrideInput, missing, nix_args
 
 
 def export(
@@ -27,6 +27,7 @@ def export(
                                                    "Service exposes. Repeatable (default: the health "
                                                    "check's).", show_default=False)] = None,
     env: Env = None,
+    arch: Arch = None,
     archive: Annotated[bool, typer.Option("--archive", help="Write one oci-archive tar instead of an OCI "
                                           "layout dir.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in DIR.")] = False,
@@ -58,7 +59,7 @@ def export(
     with output.progress(f"exporting {flake or target}") as prog:
         info = mvm.export_kubevirt(target, out=out, flake=flake, nix_args=nix_args(override_input, nix_arg),
                                    image_ref=image, name=name, ports=port or [], env=mvm.parse_env(env or []),
-                                   archive=archive, force=force, progress=prog)
+                                   arch=arch, archive=archive, force=force, progress=prog)
     if json:
         output.print_json(info)
         return
