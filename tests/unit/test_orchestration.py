@@ -606,9 +606,18 @@ def test_env_or_volumes_restore_the_agent_template_and_configure_it(template: Te
 
 
 def test_cold_and_damaged_templates_boot_cold_and_say_why(template: Template, layout: Layout,
-                                                          fake: FakeBackend, image: Image) -> None:
+                                                          fake: FakeBackend, image: Image,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm.builders.store import ImageStore
+
+    monkeypatch.setattr(ImageStore, "get", lambda self, key: image if key == image.key else None)
     vm = _up(layout, fake, image, cold=True)
     assert (vm.info().start, vm.info().start_reason) == ("cold", "--cold")
+    vm = vm.restart()  # keeps --cold (it restored from the template)
+    assert (vm.info().start, vm.info().start_reason) == ("cold", "--cold")
+    vm.down()
+    vm = _up(layout, fake, image).restart()
+    assert vm.info().start == "restored"
     vm.down()
     with open(template.ram("ready"), "r+b") as ram:  # bytes flipped in the middle of the saved RAM
         ram.seek(256 * 1024 * 1024)

@@ -22,6 +22,7 @@ from .down import down
 from .machines import backend_for
 from .options import check_host_cpus, check_host_memory
 from .progress import Progress
+from .templates import COLD_FORCED
 from .up import up
 from .vm import VM
 
@@ -52,6 +53,7 @@ def restart(name: str, *, wait: bool = False, wait_timeout: float = HEALTH_TIMEO
     down(name, layout=layout, runner=runner)
     return up(image=image, name=name, cpus=record.cpus, memory=record.memory, ports=ports, env=env,
               volumes=volumes, hypervisor=record.hypervisor, log_limit_mb=record.log_limit_mb, wait=wait,
+              cold=record.start_reason == COLD_FORCED,
               wait_timeout=wait_timeout, layout=layout, runner=runner, progress=progress,
               backend=backend_for(record, runner))
 

@@ -46,6 +46,7 @@ from .progress import Progress
 log = logging.getLogger(__name__)
 
 NO_TEMPLATE = "no template yet for this image and shape"
+COLD_FORCED = "--cold"  #: the start reason of a VM started with --cold, which restart keeps
 
 
 MODES = ("auto", "restore", "off")
@@ -83,7 +84,7 @@ def choose(image: Image, *, cpus: int, memory: int, env: Mapping[str, str], volu
            cold: bool, backend: Backend, layout: Layout) -> Choice:
     """A template to restore this ``up`` from, or the reason for a cold boot."""
     if cold:
-        return Choice(None, "--cold")
+        return Choice(None, COLD_FORCED)
     if mode() == "off":
         return Choice(None, "templates are off (MVM_TEMPLATES=off)")
     if SAVE_RESTORE not in backend.capabilities():

@@ -11,15 +11,17 @@ from ..options import Json, VMName, WaitTimeout, wait_timeout
 
 def restart(
     name: VMName,
-    wait: Annotated[bool, typer.Option("--wait", help="Return only once every health check is healthy.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Return only once every service has started and every "
+                                       "health check is healthy; fail at once if a service fails.")] = False,
     timeout: WaitTimeout = None,
     json: Json = False,
 ) -> None:
     """Stop a VM and start it again: the same image, ports, volumes, -e values, vCPUs, memory,
-    --hypervisor and --log-limit.
+    --hypervisor, --log-limit and --cold.
 
-    The guest boots afresh (its root filesystem is new, volumes keep their data). A host
-    port that was picked for `-p GUEST` is asked for again by number.
+    The guest starts afresh, as `up` starts it: restored from the image's template, or booted
+    if it was started with --cold (its root filesystem is new, volumes keep their data). A
+    host port that was picked for `-p GUEST` is asked for again by number.
 
     \b
     Examples:
