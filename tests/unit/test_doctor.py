@@ -72,3 +72,32 @@ def test_a_backend_that_cannot_be_asked_is_a_row_not_the_end_of_doctor(tmp_path:
     row = next(r for r in rows if r.backend == "fake")
     assert row.usable is None and row.reason == "could not be asked: its probe cache is read-only"
     assert "qemu-tcg" in [r.backend for r in rows]  # the others still answer
+
+
+def test_a_tool_that_is_there_but_needs_a_fix_is_not_shown_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """nix's row said "ok" next to "every build --flake fails" (no nixbld group)."""
+    import signal
+
+    import mvm
+    from mvm._api.models import ToolCheck
+    from mvm.cli import app
+    from mvm.paths import Layout
+
+    report = doctor.doctor(Layout(state=tmp_path / "s", cache=tmp_path / "c"))
+    tools = [ToolCheck(tool="nix", purpose="the Nix front end", found=True, version="2.8.0",
+                       fix="as root, nix builds as the users of group 'nixbld', which does not exist"),
+             ToolCheck(tool="lz4", purpose="initrd", found=True, version="1.9")]
+    report = report.model_copy(update={"tools": tools})
+    monkeypatch.setattr(mvm, "doctor", lambda: report)
+    monkeypatch.setenv("COLUMNS", "200")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit):
+            app.main(["doctor"])
+    finally:
+        for sig, handler in handlers.items():  # main() installs the CLI's own
+            signal.signal(sig, handler)
+    rows = {line.split()[1]: line.split()[0] for line in capsys.readouterr().out.splitlines()
+            if line.split()[1:2] in (["nix"], ["lz4"])}
+    assert rows == {"nix": "fix", "lz4": "ok"}

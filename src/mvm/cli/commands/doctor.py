@@ -42,7 +42,8 @@ def doctor(json: Json = False) -> None:
         archs.add_row(marks[a.boots and a.builds], a.arch, what, safe(a.reason + (f"\nfix: {a.fix}" if a.fix else "")))
     tools = Table(title="tools", title_justify="left", box=None, show_header=False, pad_edge=False)
     for t in report.tools:
-        tools.add_row("[green]ok[/]" if t.found else "[red]missing[/]", t.tool, safe(t.version or ""),
+        mark = "[red]missing[/]" if not t.found else "[yellow]fix[/]" if t.fix else "[green]ok[/]"
+        tools.add_row(mark, t.tool, safe(t.version or ""),
                       safe(t.purpose + (f"\nfix: {t.fix}" if t.fix else "")))
     iso = report.isolation
     isolation = Table(title="isolation", title_justify="left", box=None, show_header=False, pad_edge=False)
