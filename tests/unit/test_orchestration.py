@@ -806,6 +806,12 @@ def test_up_says_when_it_leaves_a_template_maker_running(layout: Layout, fake: F
     assert first.notes == ["making the image's template in the background (a VM of 512 MiB for a few seconds, "
                            "not listed by `mvmctl ls`); the next `up` of this image and shape restores it "
                            "(`mvmctl template ls`)"]
+    # an `up --wait` that fails (or is interrupted) starts none: it would outlive the undone `up`
+    fake.status["services"] = {"svc": {"state": "failed", "restarts": 0, "last_exit": 1, "reason": "exited 1"}}
+    with pytest.raises(ServiceFailed):
+        _up(layout, fake, image, name="c", progress=Notes(), wait=True)
+    mvm.down("c", layout=layout)
+    assert started == [512]
 
 
 def test_restart_refuses_a_shape_the_host_cannot_run_before_it_stops_the_vm(layout: Layout, fake: FakeBackend,

@@ -112,7 +112,17 @@ def up(
         record = plan.record.model_copy(update={"start": "cold", "start_reason": reason, "start_warning": True})
         plan = dataclasses.replace(plan, restore=None, boot_timeout=boot_timeout, record=record)
         Launch(plan, layout, runner, prog).run()
-    try:  # the VM runs: a template that cannot be made now must not fail its `up`
+    vm = VM(plan.name, layout, runner)
+    if wait and (plan.record.checks or plan.record.services):
+        prog.stage("waiting for health checks" if plan.record.checks else "waiting for the services to start")
+        try:
+            vm.wait_healthy(wait_timeout)  # a timeout keeps the VM for inspection (the error says so)
+        except KeyboardInterrupt:
+            vm.down()  # Ctrl-C aborts the whole `up`
+            raise
+    # Only now, the VM up (and healthy, with --wait): a maker started before the wait took the
+    # cores from it, and outlived a Ctrl-C or a failed wait that had undone the rest.
+    try:  # a template that cannot be made now must not fail the `up`
         started = templates.make_behind(image, cpus=plan.record.cpus, memory=plan.record.memory,
                                         restore=plan.restore, env=request.env, volumes=bool(plan.volumes),
                                         forced_cold=request.cold or bool(request.shares), backend=backend,
@@ -122,13 +132,5 @@ def up(
         log.warning("%s: %s", plan.name, started)
     if started:
         prog.note(started)
-    vm = VM(plan.name, layout, runner)
-    if wait and (plan.record.checks or plan.record.services):
-        prog.stage("waiting for health checks" if plan.record.checks else "waiting for the services to start")
-        try:
-            vm.wait_healthy(wait_timeout)  # a timeout keeps the VM for inspection (the error says so)
-        except KeyboardInterrupt:
-            vm.down()  # Ctrl-C aborts the whole `up`
-            raise
     return vm
 
