@@ -131,10 +131,23 @@ def test_cleanup_keeps_the_newest_images_of_each_architecture(tmp_path: Path) ->
 
     old_x86, old_arm, new_x86, new_arm = (build(k * 32, a) for k, a in
                                           (("a", "x86_64"), ("b", "aarch64"), ("c", "x86_64"), ("d", "aarch64")))
+    templates = TemplateStore(layout)
+    for image_key, key in (("a" * 32, "t" * 32), ("c" * 32, "u" * 32)):  # one of an old image, one of a new
+        staging = templates.root / f".build-{key}"
+        staging.mkdir(parents=True)
+        (staging / "ready.ram").write_bytes(b"r" * 8192)
+        templates.publish(staging, TemplateMeta(key=key, image_key=image_key, shape=Shape(cpus=1, memory=512,
+                          arch="x86_64"), kinds=["ready"], hotplug_slots=4, created_at=0.0, create_secs=0.0, files={}))
     report = mvm.cleanup(layout, dry_run=True, keep=1)
     assert {Path(i.path) for i in report.items if i.kind == "image"} == {old_x86, old_arm}
     assert any("of hello (aarch64) is unused" in i.reason for i in report.items)
     assert new_x86.exists() and new_arm.exists()
+    # the old image's template goes with it, said so (not "an image that is gone": it is there), and its
+    # size is what removing it frees, as `template rm` counts it
+    [template] = [i for i in report.items if i.kind == "template"]
+    assert template.reason == f"template of image {'a' * 12}, removed with it"
+    assert template.bytes == templates.get("t" * 32).bytes_on_disk  # type: ignore[union-attr]
+    assert any(n.startswith(f"kept: template {'u' * 12} of {'c' * 12}") for n in report.notes)
 
 
 def test_cleanup_leaves_a_layer_a_build_holds_and_one_an_image_named_meanwhile(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from ..builders.store import Image, ImageStore, read_manifest
 from ..errors import MvmError, StateError
 from ..paths import Layout, VMFiles
 from ..runtime.registry import Registry
-from ..runtime.templates import TemplateStore
+from ..runtime.templates import TemplateStore, bytes_on_disk
 from .images import remove_unneeded
 from .machines import backend_for, status_of
 from .models import CleanupItem, CleanupReport
@@ -140,12 +140,19 @@ def cleanup(
     store = ImageStore(layout.images)
     for key, template, damaged in TemplateStore(layout).all():
         path = layout.templates / key
-        if template is None or template.meta.image_key in removed_images or store.get(template.meta.image_key) is None:
-            why = f"damaged template ({damaged})" if template is None else "template of an image that is gone"
-            items.append(CleanupItem(kind="template", path=str(path), bytes=disk_usage(path), reason=why))
+        own = bytes_on_disk(path) - bytes_on_disk(path, shared_only=True)  # what removing it frees, as template rm
+        if template is None:
+            items.append(CleanupItem(kind="template", path=str(path), bytes=own,
+                                     reason=f"damaged template ({damaged})"))
+        elif template.meta.image_key in removed_images:
+            items.append(CleanupItem(kind="template", path=str(path), bytes=own,
+                                     reason=f"template of image {template.meta.image_key[:12]}, removed with it"))
+        elif store.get(template.meta.image_key) is None:
+            items.append(CleanupItem(kind="template", path=str(path), bytes=own,
+                                     reason="template of an image that is gone"))
         else:
             notes.append(f"kept: template {key[:12]} of {template.meta.image_key[:12]} "
-                         f"({_size(disk_usage(path))}; `mvmctl template rm {key[:12]}` removes it)")
+                         f"({_size(own)}; `mvmctl template rm {key[:12]}` removes it)")
     layers = _unused_layers(layout, removed_images)
     if not dry_run:
         layers = [item for item in layers if _removed_layer(layout, item, notes, runner)]
