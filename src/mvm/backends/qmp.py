@@ -33,12 +33,18 @@ class QMP:
         self.timeout = timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
+        self._cut_short = False
 
     def _run(self, step: Awaitable[T]) -> T:
         import asyncio  # here, not at the top: `status` and `ls` import this module but never speak QMP
 
         assert self._loop is not None
-        return self._loop.run_until_complete(asyncio.wait_for(step, self.timeout))
+        try:
+            return self._loop.run_until_complete(asyncio.wait_for(step, self.timeout))
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # Ctrl-C: the step's task is left pending (see close)
+                self._cut_short = True
+            raise
 
     def __enter__(self) -> QMP:
         import asyncio
@@ -91,12 +97,13 @@ class QMP:
     def close(self) -> None:
         """Disconnect and close the loop. A step cut short (Ctrl-C in the middle of the
         greeting) leaves its task pending: it is cancelled and collected first, or its
-        failure would print as "Task exception was never retrieved" with a traceback."""
+        failure would print as "Task exception was never retrieved" with a traceback. (Not
+        otherwise: cancelling qemu.qmp's own reader would leave its stream unclosed.)"""
         if self._loop is not None:
             import asyncio
 
             try:
-                if pending := asyncio.all_tasks(self._loop):
+                if self._cut_short and (pending := asyncio.all_tasks(self._loop)):
                     for task in pending:
                         task.cancel()
                     self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
