@@ -336,7 +336,7 @@ def _guest_tar(*entries: tuple[str, str, object]) -> bytes:
         for kind, name, extra in entries:
             info = tarfile.TarInfo(f"{TOP}/{name}")
             if kind == "dir":
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                info.type, info.mode = tarfile.DIRTYPE, int(str(extra), 8) if extra else 0o755
                 tar.addfile(info)
             elif kind in ("sym", "hard"):
                 info.type = tarfile.SYMTYPE if kind == "sym" else tarfile.LNKTYPE
@@ -393,6 +393,21 @@ def test_cp_out_never_writes_through_a_link(monkeypatch: pytest.MonkeyPatch, tmp
     assert (tmp_path / "victim").read_text() == "host data"
     f = dest / "x" / "f"
     assert not f.is_symlink() and f.read_text() == "from the guest" and f.stat().st_mode & 0o7777 == 0o755
+
+
+def test_cp_out_keeps_the_modes_of_the_directories_it_makes(monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    """A guest's 0700 directory came out 0755 (readable by every user of the host); the
+    modes a file loses (group and others' write) a directory loses too."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "x").mkdir(mode=0o750)  # there already: keeps its own mode, as `cp -r` leaves it
+    _cp_out(monkeypatch, _guest_tar(("dir", "private", "700"), ("dir", "shared", "775"),
+                                    ("0600", "private/key", "k")), tmp_path / "new")
+    modes = {p.name: p.stat().st_mode & 0o7777 for p in (tmp_path / "new").iterdir()}
+    assert modes == {"private": 0o700, "shared": 0o755}
+    _cp_out(monkeypatch, _guest_tar(("dir", "private", "700")), dest)
+    assert (dest / "x").stat().st_mode & 0o7777 == 0o750 and (dest / "x" / "private").stat().st_mode & 0o777 == 0o700
 
 
 @pytest.mark.parametrize(("entry", "refusal", "whole"), [

@@ -105,13 +105,21 @@ def _write_file(fd: int, name: str, tar: tarfile.TarFile, member: tarfile.TarInf
 
 
 def _make_dir(fd: int, name: str, member: tarfile.TarInfo) -> None:
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(name, 0o755, dir_fd=fd)
+    """The directory, with the guest's mode as files get theirs (group and others' write
+    dropped, the owner's rwx kept so that its contents can be copied in) when it is made
+    here; an existing one keeps its own mode, as ``cp -r`` leaves it."""
+    try:
+        os.mkdir(name, 0o700, dir_fd=fd)
+        made = True
+    except FileExistsError:
+        made = False
     try:
         sub = open_dir(fd, [name])
     except (Blocked, NotADirectoryError):
         raise UsageError(f"cannot copy {_shown(member.name)}: a file of that name is in the way") from None
     try:
+        if made:
+            os.fchmod(sub, member.mode & 0o755 | 0o700)  # a 0700 guest dir stayed 0755 here
         _times(sub, member)
     finally:
         os.close(sub)
