@@ -28,7 +28,7 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,28 +61,6 @@ class FixtureVM(mvm.VM):
     def url(self, guest_port: int, path: str = "") -> str:
         """``http://127.0.0.1:<host port>`` (plus ``path``) for a guest's TCP port."""
         return f"http://127.0.0.1:{self.host_port(guest_port)}{path}"
-
-    def exec(
-        self,
-        *argv: str | Sequence[str],
-        user: str | None = None,
-        env: dict[str, str] | Sequence[str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | Iterable[bytes] | None = None,
-        on_output: Callable[[str, bytes], None] | None = None,
-    ) -> mvm.ExecResult:
-        """Run a command in the guest, no shell: ``vm.exec("ls", "-l", "/tmp")`` or
-        ``vm.exec(["ls", "-l", "/tmp"])``. Returns ``exit_code``, ``stdout`` and ``stderr``
-        (bytes); see :meth:`mvm.VM.exec` for the rest."""
-        if len(argv) == 1 and not isinstance(argv[0], str):
-            command = list(argv[0])
-        elif all(isinstance(a, str) for a in argv):
-            command = [a for a in argv if isinstance(a, str)]
-        else:
-            raise TypeError("exec takes the command's words (exec('ls', '-l')) or one list of them")
-        return super().exec(command, user=user, env=env, cwd=cwd, timeout=timeout, stdin=stdin,
-                            on_output=on_output)
 
     def wait_healthy(self, timeout: float = HEALTH_TIMEOUT,
                      on_change: Callable[[mvm.GuestStatus], None] | None = None) -> mvm.GuestStatus:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 COMMANDS = Path(__file__).parents[2] / "src" / "mvm" / "cli" / "commands"
 
 
@@ -19,3 +21,17 @@ def test_no_command_exits_with_a_literal_error_code() -> None:
                           if isinstance(c, ast.Constant) and type(c.value) is int and c.value != 0]
     assert not found, "use the exit codes of mvm.cli.exitcodes (EXIT_ERROR, ...):\n" + "\n".join(found)
 
+
+
+def test_a_second_interrupt_while_undoing_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two SIGINTs (`timeout -s INT` signals the process and its group; an impatient Ctrl-C):
+    the second, raised while the first's undo ran or "interrupted" was printed, ended in a
+    traceback and exit -2, the undo cut short."""
+    from mvm.cli import app
+
+    monkeypatch.setattr(app, "_interrupted", 0)
+    with pytest.raises(KeyboardInterrupt):
+        app._interrupt(2, None)
+    app._interrupt(2, None)  # no KeyboardInterrupt: the undo goes on
+    app._interrupt(15, None)
+    assert app._interrupted == 2  # the exit code stays the first signal's (130)

@@ -322,7 +322,7 @@ def test_wait_without_health_checks_waits_for_the_services(layout: Layout, fake:
     mvm.down("web", layout=layout)
 
 
-def test_two_ups_of_one_name(layout: Layout, fake: FakeBackend, image: Image) -> None:
+def test_two_ups_of_one_name(layout: Layout, fake: FakeBackend, image: Image, tmp_path: Path) -> None:
     vm = _up(layout, fake, image)
     with pytest.raises(VMExists, match=r"already exists \(running\)") as exc:
         _up(layout, fake, image)
@@ -332,6 +332,15 @@ def test_two_ups_of_one_name(layout: Layout, fake: FakeBackend, image: Image) ->
     fake.taken_ports = {18000}
     with pytest.raises(VMExists, match=r"already exists \(running\)"):
         _up(layout, fake, image, name="web", ports=["18000:8080"])
+    # ... also when the name is the spec's, known before the build only from its mvm.toml
+    spec = tmp_path / "spec"
+    spec.mkdir()
+    (spec / "mvm.toml").write_text('name = "web"\n')
+    with pytest.raises(VMExists, match=r"already exists \(running\)"):
+        mvm.up(spec, ports=["18000:8080"], layout=layout, backend=fake)
+    (spec / "mvm.toml").write_text('name = "other"\n')
+    with pytest.raises(mvm.PortInUse):  # another name: the port is the cause
+        mvm.up(spec, ports=["18000:8080"], layout=layout, backend=fake)
     vm.down()
 
 
@@ -1075,11 +1084,13 @@ def test_a_template_waits_for_health_no_longer_than_asked(layout: Layout, fake: 
 
 
 def test_exec_refuses_a_string_command_and_a_zero_timeout(layout: Layout, fake: FakeBackend, image: Image) -> None:
-    """`vm.exec("cat /etc/hostname")` ran 'c' 'a' 't'... (exit 127); a timeout of 0 meant none."""
+    """`vm.exec("cat /etc/hostname")` ran 'c' 'a' 't'... (exit 127); a timeout of 0 meant none.
+    Its words or one list of them are the command, as the pytest fixture's VM takes it."""
     vm = _up(layout, fake, image)
-    with pytest.raises(UsageError, match="give the command as a list") as caught:
+    with pytest.raises(UsageError, match="give the command as separate words") as caught:
         vm.exec("cat /etc/hostname")
-    assert caught.value.hint and "['cat', '/etc/hostname']" in caught.value.hint
+    assert caught.value.hint and "exec('cat', '/etc/hostname')" in caught.value.hint
+    assert vm.exec("echo", "hi").stdout == vm.exec(["echo", "hi"]).stdout == b"echo hi\n"  # the fake echoes
     with pytest.raises(UsageError, match="timeout=0: must be more than 0"):
         vm.exec(["true"], timeout=0)
     with pytest.raises(UsageError, match="'A=B' is not a valid variable name"):

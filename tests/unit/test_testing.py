@@ -52,8 +52,8 @@ def test_the_handle_gives_urls_and_spreads_argv(layout: Layout, fake: FakeBacken
         vm.url(9090)
     assert vm.exec("echo", "hi").stdout == b"echo hi\n"  # the fake agent echoes its argv
     assert vm.exec(["echo", "hi"]).stdout == b"echo hi\n"
-    with pytest.raises(TypeError):
-        vm.exec("echo", ["hi"])  # type: ignore[arg-type]
+    with pytest.raises(mvm.UsageError, match="the command's words"):
+        vm.exec("echo", ["hi"])
     assert vm.wait_healthy().health == "healthy" and vm.status is mvm.VMStatus.RUNNING
     assert vm.restart() is vm and vm.status is mvm.VMStatus.RUNNING and vm.host_port(8080) == port
     vm.down()

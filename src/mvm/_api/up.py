@@ -31,12 +31,12 @@ from ..backends.base import (
     Share,
 )
 from ..builders.store import Image
-from ..errors import AgentError, AgentTimeout, MvmError, VMError
+from ..errors import AgentError, AgentTimeout, MvmError, PortInUse, VMError
 from ..names import HEALTH_TIMEOUT
 from ..paths import Layout
 from ..runtime.registry import Registry
 from ..runtime.templates import TemplateStore
-from ..spec import spec_file
+from ..spec import load_toml, spec_file
 from . import templates, volume_attach
 from .build import build_image
 from .launch import Launch, exists_error
@@ -88,7 +88,13 @@ def up(
     registry = Registry(layout)
     if request.name is not None and registry.files(request.name).root.exists():
         raise exists_error(request.name, registry, runner)  # said first: its ports are taken by it, too
-    backend.check_ports(request.forwards)  # before the build: a taken port fails fast
+    try:
+        backend.check_ports(request.forwards)  # before the build: a taken port fails fast
+    except PortInUse:
+        taken = _spec_name(path) if request.name is None and image is None and flake is None else None
+        if taken is not None and registry.files(taken).root.exists():
+            raise exists_error(taken, registry, runner) from None  # its ports are taken by it: the real cause
+        raise
     planned = volume_attach.plan(request.volumes, layout)
     for note in volume_attach.hidden_volumes(planned, layout):
         prog.note(note)
@@ -134,3 +140,11 @@ def up(
         prog.note(started)
     return vm
 
+
+def _spec_name(path: str | os.PathLike[str]) -> str | None:
+    """The name ``mvm.toml`` at ``path`` gives its VM, or None where it cannot be read now
+    (the build will say why)."""
+    try:
+        return load_toml(spec_file(Path(path))).name
+    except (MvmError, OSError):
+        return None

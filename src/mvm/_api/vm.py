@@ -119,8 +119,7 @@ class VM:
 
     def exec(
         self,
-        argv: Sequence[str],
-        *,
+        *argv: str | Sequence[str],
         user: str | None = None,
         env: dict[str, str] | Sequence[str] | None = None,
         cwd: str | None = None,
@@ -128,7 +127,8 @@ class VM:
         stdin: bytes | Iterable[bytes] | None = None,
         on_output: Callable[[str, bytes], None] | None = None,
     ) -> ExecResult:
-        """Run ``argv`` in the guest (no shell) and return its exit code and output.
+        """Run a command in the guest (no shell) and return its exit code and output: its
+        words (``vm.exec("ls", "-l", "/tmp")``) or one list of them (``vm.exec(["ls", "-l"])``).
 
         Exit codes follow the shell and ``docker exec``: 127 when the command cannot be started,
         126 when the user or working directory does not exist in the guest, 128+N when a
@@ -137,17 +137,15 @@ class VM:
         ``on_output(stream, data)`` is given, which then gets it as it arrives. Raises
         :class:`ExecTimeout` once ``timeout`` expires (the guest process is killed).
         """
-        if not argv:
+        command = _words(argv)
+        if not command:
             raise UsageError("exec needs a command", hint="e.g. mvmctl exec NAME -- uname -a")
-        if isinstance(argv, str):  # list("cat /x") would run 'c' 'a' 't'...
-            raise UsageError(f"exec {argv!r}: give the command as a list of arguments (no shell runs it)",
-                             hint=f"e.g. {argv.split()!r}, or ['sh', '-c', {argv!r}]")
         if timeout is not None and timeout <= 0:
             raise UsageError(f"timeout={timeout!r}: must be more than 0 seconds (None waits as long as it runs)")
         environment = parse_env(env)
         self.require_running()
         out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-        request: dict[str, Any] = {"argv": list(argv), "user": user, "env": environment, "cwd": cwd}
+        request: dict[str, Any] = {"argv": command, "user": user, "env": environment, "cwd": cwd}
         if timeout is not None:
             request["timeout"] = timeout
         with agent.AgentSession(self.files, self.name) as session:
@@ -169,7 +167,7 @@ class VM:
                 else:
                     final = msg
         if final.timed_out:
-            raise ExecTimeout(self.name, f"command {list(argv)!r} {final.error}",
+            raise ExecTimeout(self.name, f"command {command!r} {final.error}",
                               hint="raise --timeout if it needs longer")
         code = final.exit
         if not final.ok and final.error:  # not started (no such user or dir; not found; 126, 127), or refused
@@ -368,3 +366,16 @@ def _feed_stdin(session: agent.AgentSession, stdin: bytes | Iterable[bytes]) -> 
         session.send_input("eof")
     except (AgentError, OSError):
         pass  # the command ended (or the VM went away) before it read all its input
+
+
+def _words(argv: tuple[str | Sequence[str], ...]) -> list[str]:
+    """exec's command from its words or one list of them. One string with a space in it is
+    refused: no shell splits it, so it would run as one program name."""
+    words = list(argv[0]) if len(argv) == 1 and not isinstance(argv[0], str) else list(argv)
+    strings = [w for w in words if isinstance(w, str)]
+    if len(strings) != len(words):
+        raise UsageError("exec takes the command's words (exec('ls', '-l')) or one list of them")
+    if len(strings) == 1 and any(c.isspace() for c in strings[0]):
+        raise UsageError(f"exec {strings[0]!r}: give the command as separate words (no shell runs it)",
+                         hint=f"e.g. exec{tuple(strings[0].split())!r}, or exec('sh', '-c', {strings[0]!r})")
+    return strings

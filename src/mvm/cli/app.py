@@ -194,8 +194,14 @@ def raise_or_report_bug(debug: bool) -> None:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    """SIGINT and SIGTERM unwind like Ctrl-C, so every cleanup (ExitStack) runs."""
+    """SIGINT and SIGTERM unwind like Ctrl-C, so every cleanup (ExitStack) runs. A second
+    one while that runs is ignored: raised in the middle of the undo (or of printing
+    "interrupted"), it cut the undo short and ended in a traceback (`timeout -s INT` sends
+    SIGINT to the process and its group: two). Every undo step has a time limit; SIGKILL
+    still ends mvmctl at once."""
     global _interrupted
+    if _interrupted:
+        return
     _interrupted = signum
     raise KeyboardInterrupt
 
@@ -241,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from .options import join_override_pairs
 
+    global _interrupted
+    _interrupted = 0  # a signal of an earlier main() in this process (the tests') is not this one's
     # Nothing mvm writes (state, cache, kernels, locks) is writable by other users, whatever
     # umask the caller had (a umask of 000 left the cached kernels world-writable).
     os.umask(os.umask(0o022) | 0o022)
