@@ -173,6 +173,12 @@ def test_cp_both_ways_and_to_stdout(cli: CLI, testbed_vm: dict[str, Any], tmp_pa
     with tarfile.open(fileobj=io.BytesIO(listing)) as tar:
         assert sorted(tar.getnames()) == ["site", "site/css", "site/css/a.css", "site/index.html"]
     assert not (Path.cwd() / "-").exists()
+    # into a guest directory that is not there: said, with how to make it
+    r = cli("cp", str(site / "index.html"), "shared:/nonexist/dir/", check=False)
+    assert r.returncode == 1 and "/nonexist/dir/ does not exist" in r.stderr, r.stderr
+    assert "hint: make it first: mvmctl exec shared -- mkdir -p /nonexist/dir" in r.stderr
+    r = cli("cp", str(site / "index.html"), "shared:/nonexist/a.html", check=False)
+    assert r.returncode == 1 and "hint: make it first: mvmctl exec shared -- mkdir -p /nonexist" in r.stderr
     # /etc/os-release is a link out of /etc (../usr/lib/os-release): refused as sent, -L follows it
     r = cli("cp", "shared:/etc/os-release", str(tmp_path / "os"), check=False)
     assert r.returncode == 1 and "cp -L" in r.stderr, r.stderr

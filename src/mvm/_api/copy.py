@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shlex
 import sys
 import tarfile
 import threading
@@ -141,7 +142,10 @@ def _run(vm: VM, args: list[str], feed: IO[bytes] | None, sink: IO[bytes] | None
                 errors.append(msg.data)
     if final.exit != 0:
         text = printable(b"".join(errors)[:STDERR_LIMIT].decode(errors="replace").strip(), newlines=True)
-        raise VMError(vm.name, (text or final.error or "failed").removeprefix("mvm cp: "))
+        message = (text or final.error or "failed").removeprefix("mvm cp: ")
+        missing = re.match(r"(/.*?)/? does not exist\b", message) if args[0] == "in" else None  # DEST's dir
+        raise VMError(vm.name, message, hint=f"make it first: mvmctl exec {vm.name} -- mkdir -p "
+                      f"{shlex.quote(missing.group(1))}" if missing else None)
 
 
 def _to_guest(src: Path, contents_only: bool, vm: VM, dest: str, archive: bool, follow: bool = False) -> None:
