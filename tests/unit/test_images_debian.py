@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -12,7 +13,7 @@ from mvm._proc import DEFAULT_RUNNER
 from mvm.builders import aptsources
 from mvm.builders.assemble import assemble
 from mvm.builders.debian import image_key
-from mvm.builders.layer import Layer, layer_key
+from mvm.builders.layer import Layer, layer_key, miss_reason
 from mvm.spec import GuestSpec, Service
 
 
@@ -46,6 +47,29 @@ def test_layer_and_image_keys() -> None:
     base = Path("/nonexistent")
     newer = Layer(Path("/x"), "k", "id2")  # the same layer key, pulled: newer packages
     assert image_key(spec, base, "6.1", layer) != image_key(spec, base, "6.1", newer)
+
+
+def test_a_layer_missed_for_the_same_packages_says_why(tmp_path: Path) -> None:
+    """A second install of the same packages (a minute or more under emulation) names its
+    cause: a cached layer of another mvm version or other apt sources; a first one is silent."""
+    s = aptsources.AptSources("bookworm", ["deb http://deb.debian.org/debian bookworm main"])
+    wanted = ["python3", "curl"]
+    key = layer_key(wanted, "arm64", s)
+    assert miss_reason(tmp_path, key, wanted, "arm64", s) is None
+
+    def cached(name: str, **doc: object) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "layer.json").write_text(json.dumps(
+            {"packages": wanted, "arch": "arm64", "suite": "bookworm", "mirrors": s.mirrors} | doc))
+
+    cached("other-arch", arch="amd64")
+    cached(key)  # this key's own, image missing: not a reason
+    assert miss_reason(tmp_path, key, wanted, "arm64", s) is None
+    cached("older-mvm", agent="0" * 64, packages=["curl", "python3"])
+    assert "another version of mvm" in (miss_reason(tmp_path, key, wanted, "arm64", s) or "")
+    other = aptsources.AptSources("trixie", ["deb http://deb.debian.org/debian trixie main"])
+    why = miss_reason(tmp_path, layer_key(wanted, "arm64", other), wanted, "arm64", other) or ""
+    assert "other apt sources (Debian bookworm)" in why and "from trixie" in why
 
 
 def _fake_layer(tmp_path: Path) -> Path:

@@ -119,6 +119,28 @@ def _read(path: Path) -> Layer | None:
     return None
 
 
+def miss_reason(root: Path, key: str, packages: list[str], arch: str, sources: AptSources) -> str | None:
+    """Why no cached layer fits, when one for the same packages exists: a build that
+    installs packages again (a minute or more for a foreign architecture) should not look
+    like a cache that forgot. None when no other cached layer has these packages for ``arch``."""
+    for doc_path in sorted(root.glob(f"*/{LAYER_JSON}")):
+        if doc_path.parent.name == key:
+            continue
+        try:
+            doc = json.loads(doc_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if sorted(doc.get("packages") or []) != sorted(packages) or doc.get("arch") != arch:
+            continue
+        if doc.get("suite") != sources.suite or doc.get("mirrors") != sources.mirrors:
+            return (f"the cached {arch} layer with these packages came from other apt sources "
+                    f"(Debian {doc.get('suite')}); installing them again from {sources.suite}")
+        return (f"the cached {arch} layer with these packages was made by another version of mvm "
+                "(its guest agent or layer format changed); installing them again (`mvmctl cleanup` "
+                "removes the old layer once no image uses it)")
+    return None
+
+
 @contextmanager
 def held_layer(
     packages: list[str],
@@ -143,9 +165,11 @@ def held_layer(
         if found is not None and not pull:
             yield found
             return
-        note = arches.install_note(arches.from_debian(arch))
-        if note:  # its own line: in the stage it would crowd out the elapsed time on a terminal
-            on_note(note)
+        why = "--pull: rebuilding it with the mirrors' current packages" if found is not None else \
+            miss_reason(root, key, wanted, arch, sources)
+        for note in (why, arches.install_note(arches.from_debian(arch))):
+            if note:  # its own line: in the stage it would crowd out the elapsed time on a terminal
+                on_note(note)
         on_stage(f"installing packages ({', '.join(wanted)}) with mmdebstrap")
         staging = Path(tempfile.mkdtemp(prefix=f".build-{key[:12]}-", dir=root))
         try:
@@ -153,7 +177,8 @@ def held_layer(
                               on_line=on_line)
             write_json_atomic(staging / LAYER_JSON, {
                 "schema_version": LAYER_SCHEMA, "key": key, "id": layer_id, "packages": wanted, "arch": arch,
-                "suite": sources.suite, "mirrors": sources.mirrors, "created_at": time.time(),
+                "suite": sources.suite, "mirrors": sources.mirrors, "agent": guestfiles.agent_digest(),
+                "created_at": time.time(),
             })
             unmount_below(root / key, runner)  # a --pull's old layer (we hold its lock): nothing mounted in it
             replace_tree(staging, root / key)
