@@ -302,8 +302,9 @@ def test_arch_flag_for_a_flake_picks_its_system(tmp_path: Path) -> None:
 class SystemsNix:
     """A Runner standing in for nix: the flake has only ``packages.aarch64-linux.default``."""
 
-    def __init__(self, out: Path, systems: list[str]) -> None:
+    def __init__(self, out: Path, systems: list[str], broken: tuple[str, ...] = ()) -> None:
         self.out, self.systems, self.calls = out, systems, []  # type: list[list[str]]
+        self.broken = broken  #: systems whose default fails to evaluate (a typo in the flake)
 
     def run(self, argv: Sequence[str | os.PathLike[str]], *, desc: str, on_line: Callable[[str], None] | None = None,
             error: type[Any] = BuildError, env: Mapping[str, str] | None = None, **kw: Any) -> Completed:
@@ -313,8 +314,9 @@ class SystemsNix:
             return Completed(args, 0, json.dumps(self.systems))
         installable = next(a for a in args if "#" in a)
         wanted = installable.split("#")[1].split(".")[1]
-        if wanted not in self.systems:
-            text = f"error: flake 'path:/f' does not provide attribute '{installable.split('#')[1]}'"
+        if wanted not in self.systems or wanted in self.broken:
+            text = (f"error: flake 'path:/f' does not provide attribute '{installable.split('#')[1]}'"
+                    if wanted not in self.systems else "error: attribute 'pyhton3' missing")
             if on_line:
                 on_line(text)
             raise error("nix failed", argv=args, returncode=1, output=text)
@@ -351,6 +353,11 @@ def test_a_flake_for_the_other_system_only_builds_that(tmp_path: Path, monkeypat
     neither = SystemsNix(tmp_path, ["riscv64-linux"])
     with pytest.raises(SpecError, match="has no output"):
         nix.build(".", layout=layout, runner=neither)  # type: ignore[arg-type]
+    # both systems, this host's with a typo: its error, not a silent emulated build of the other
+    both = SystemsNix(tmp_path, ["x86_64-linux", "aarch64-linux"], broken=("x86_64-linux",))
+    with pytest.raises(SpecError, match="pyhton3"):
+        nix.build(".", layout=layout, runner=both)  # type: ignore[arg-type]
+    assert not any("aarch64-linux" in " ".join(c) for c in both.calls)
 
 
 WRONG_SYSTEM = ("error: a 'aarch64-linux' with features {} is required to build "
@@ -377,6 +384,9 @@ def test_nix_that_cannot_build_the_system_gives_both_fixes(monkeypatch: pytest.M
     err = nixerrors.condense(NO_BINFMT, flake=".", attr="packages.aarch64-linux.default", system="x86_64-linux")
     assert err.message == "nix could not run a build program for aarch64-linux here (busybox: Exec format error)"
     assert "update-binfmts --enable qemu-aarch64" in (err.hint or "") and "extra-platforms" not in (err.hint or "")
+    unnamed = nixerrors.condense(NO_BINFMT, flake=".", attr="hello", system="x86_64-linux")
+    assert "another architecture here" in unnamed.message and "a another" not in (unnamed.hint or "")
+    assert "qemu-user-static binfmt-support" in (unnamed.hint or "")
     darwin = nixerrors.condense(WRONG_SYSTEM.replace("aarch64-linux", "aarch64-darwin"), flake=".",
                                 attr="packages.aarch64-darwin.default", system="x86_64-linux")
     assert "remote builders" in (darwin.hint or "")

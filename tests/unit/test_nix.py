@@ -61,6 +61,17 @@ BUILDER = """building '/nix/store/fby0ahfy8xixadyznn1m3jl46izqyd30-mvm-hello-roo
 mvm-hello-rootfs> mkfs.ext4: No space left on device
 error: builder for '/nix/store/fby0ahfy8xixadyznn1m3jl46izqyd30-mvm-hello-rootfs.drv' failed with exit code 1
 """
+#: the same two failures in newer nix's words (DerivationBuildingGoal, colours as on a terminal)
+WRONG_SYSTEM_NEW = ("error: Cannot build '\x1b[35;1m/nix/store/vpb9cgrgh7bx7sfk7bdknhxpqy7fyad1-linux-6.1.drv\x1b[0m'.\n"
+                    "       Reason: \x1b[31;1mrequired system or feature not available\x1b[0m\n"
+                    "       Required system: 'aarch64-linux' with features {}\n"
+                    "       Current system: 'x86_64-linux' with features {benchmark, big-parallel, kvm, nixos-test}\n")
+BUILDER_NEW = """mvm-hello-rootfs> mkfs.ext4: No space left on device
+error: Cannot build '/nix/store/fby0ahfy8xixadyznn1m3jl46izqyd30-mvm-hello-rootfs.drv'.
+       Reason: builder failed with exit code 1.
+       Output paths:
+         /nix/store/0m5lrxw0q7nbq4yqnmhlx4v3mm0xhk0y-mvm-hello-rootfs
+"""
 OFFLINE = "error: unable to download 'https://github.com/NixOS/nixpkgs/archive/x.tar.gz': " \
           "Couldn't resolve host name (6)\n"
 
@@ -110,6 +121,11 @@ def test_wrong_system_and_offline_and_builder_failures() -> None:
     assert isinstance(offline, BuildError) and "--override-input" in (offline.hint or "")
     built = _condense(BUILDER)
     assert built.message == "nix could not build mvm-hello-rootfs with exit code 1"
+    assert "No space left on device" in built.output
+    new = _condense(WRONG_SYSTEM_NEW)
+    assert new.message == "this machine (x86_64-linux) cannot build for aarch64-linux" and "extra-platforms" in new.hint
+    built = _condense(BUILDER_NEW)
+    assert built.message == "nix could not build mvm-hello-rootfs: builder failed with exit code 1"
     assert "No space left on device" in built.output
 
 

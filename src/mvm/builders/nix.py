@@ -120,7 +120,8 @@ SYSTEMS = ("x86_64-linux", "aarch64-linux")
 
 def other_system(ref: str, flake: FlakeRef, *, nix: str, nix_args: Sequence[str], runner: Runner) -> FlakeRef | None:
     """For ``ref`` without ``#ATTR`` whose flake has no default for this host: its default
-    for the one other system it builds (the seed guide's flake is ``aarch64-linux``)."""
+    for the one other system it builds (the seed guide's flake is ``aarch64-linux``). None
+    when the flake has this host's default, whose evaluation then failed for its own reason."""
     if "#" in ref:
         return None
     apply = "ps: builtins.filter (s: ps.${s} ? default) (builtins.attrNames ps)"
@@ -130,6 +131,8 @@ def other_system(ref: str, flake: FlakeRef, *, nix: str, nix_args: Sequence[str]
         found = json.loads(out.strip().splitlines()[-1])
     except (CommandFailed, ValueError, IndexError):
         return None
+    if not isinstance(found, list) or flake.attr.split(".")[1] in found:
+        return None  # this host's default exists: its own error stands (a typo is not a reason to emulate)
     others = [parse_ref(ref, system) for system in SYSTEMS if system in found]
     return next((o for o in others if o.attr != flake.attr), None)
 

@@ -100,11 +100,23 @@ def foreign_system_hint(wanted: str, host: str, extra_platforms_set: bool = Fals
               " (scripts/setup.sh does this; again after a reboot)")
     if extra_platforms_set:
         return f"{fix}\nor register qemu-user's {arch} handler, which nix's emulation needs: {binfmt}"
-    lines = (f"{fix}\nor let nix emulate {wanted}: add to /etc/nix/nix.conf (or NIX_CONFIG; restart nix-daemon "
-             f"if one runs)\n    extra-platforms = {wanted}")
+    lines = (f"{fix}\nor let nix emulate {wanted}: add to /etc/nix/nix.conf (then restart nix-daemon if one "
+             f"runs; NIX_CONFIG works only without a daemon)\n    extra-platforms = {wanted}")
     if arches.binfmt_enabled(arch):
         return lines + f"\n(qemu-user's {arch} handler is registered already)"
     return f"{lines}\nand register qemu-user's {arch} handler: {binfmt}"
+
+
+def _failed_build(err: NixError) -> str | None:
+    """``NAME[: why]`` of a derivation whose builder failed, in old nix's words (``builder for
+    '….drv' failed with exit code 1``) or newer nix's (``Cannot build '….drv'.`` with a
+    ``Reason:`` line below); None for any other error."""
+    m = re.match(r"builder for '/nix/store/[a-z0-9]{32}-([^']+)\.drv' failed(.*)", err.headline)
+    if m:
+        return m[1] + m[2].rstrip(";")
+    m = re.match(r"Cannot build '/nix/store/[a-z0-9]{32}-([^']+)\.drv'\.", err.headline)
+    reason = next((ln.removeprefix("Reason:").strip() for ln in err.detail if ln.startswith("Reason:")), None)
+    return f"{m[1]}: {reason.rstrip('.')}" if m and reason else None
 
 
 def condense(output: str, *, flake: str, attr: str, system: str,
@@ -179,16 +191,23 @@ def condense(output: str, *, flake: str, attr: str, system: str,
                          hint="pass the directory that holds flake.nix: --flake DIR")
 
     m = re.search(r"a '([^']+)' with features \{[^}]*\} is required to build '[^']+', but I am a '([^']+)'", head)
-    if m:
+    if not m:  # nix >= 2.25 or so: "Cannot build '….drv'." / "Required system: '…'" / "Current system: '…'"
+        m = re.search(r"^Required system: '([^']+)'.*^Current system: '([^']+)'", "\n".join(err.detail), re.M | re.S)
+    if m and m[1] != m[2]:
         return SpecError(f"this machine ({m[2]}) cannot build for {m[1]}", hint=foreign_system_hint(m[1], m[2]))
 
     m = EXEC_FORMAT.search(strip_ansi(output))
     if m:
         named = SYSTEM_IN_ATTR.search(attr)
-        other = named[0] if named and named[0] != system else "another architecture"
+        other = named[0] if named and named[0] != system else None
+        hint = foreign_system_hint(other, system, extra_platforms_set=True) if other else (
+            "the build runs a program of another architecture, which this kernel cannot run: register "
+            "qemu-user's handlers (apt-get install qemu-user-static binfmt-support), or build for "
+            f"this machine ({system})")
         return BuildError(
-            f"nix could not run a build program for {other} here ({m[1].rsplit('/', 1)[-1]}: Exec format error)",
-            argv=argv, returncode=returncode, hint=foreign_system_hint(other, system, extra_platforms_set=True),
+            f"nix could not run a build program for {other or 'another architecture'} here "
+            f"({m[1].rsplit('/', 1)[-1]}: Exec format error)",
+            argv=argv, returncode=returncode, hint=hint,
         )
 
     if re.search(r"the group '[^']+' specified in 'build-users-group' does not exist", head):
@@ -208,11 +227,11 @@ def condense(output: str, *, flake: str, attr: str, system: str,
             "--override-input NAME path:/some/dir",
         )
 
-    m = re.match(r"builder for '/nix/store/[a-z0-9]{32}-([^']+)\.drv' failed(.*)", head)
-    if m:
+    failed = _failed_build(err)
+    if failed:
         tail = "\n".join(ln for ln in strip_ansi(output).splitlines()[-25:] if ln.strip())
         return BuildError(
-            f"nix could not build {m[1]}{m[2].rstrip(';')}",
+            f"nix could not build {failed}",
             argv=argv, returncode=returncode, output=tail,
             hint="the build's own output is above; `nix log` on the .drv shows all of it",
         )
