@@ -62,7 +62,8 @@ mvm-hello-rootfs> mkfs.ext4: No space left on device
 error: builder for '/nix/store/fby0ahfy8xixadyznn1m3jl46izqyd30-mvm-hello-rootfs.drv' failed with exit code 1
 """
 #: the same two failures in newer nix's words (DerivationBuildingGoal, colours as on a terminal)
-WRONG_SYSTEM_NEW = ("error: Cannot build '\x1b[35;1m/nix/store/vpb9cgrgh7bx7sfk7bdknhxpqy7fyad1-linux-6.1.drv\x1b[0m'.\n"
+WRONG_SYSTEM_NEW = ("error: Cannot build "
+                    "'\x1b[35;1m/nix/store/vpb9cgrgh7bx7sfk7bdknhxpqy7fyad1-linux-6.1.drv\x1b[0m'.\n"
                     "       Reason: \x1b[31;1mrequired system or feature not available\x1b[0m\n"
                     "       Required system: 'aarch64-linux' with features {}\n"
                     "       Current system: 'x86_64-linux' with features {benchmark, big-parallel, kvm, nixos-test}\n")
