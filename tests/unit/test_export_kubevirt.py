@@ -502,8 +502,16 @@ def test_export_picks_the_image_of_the_architecture_asked_for(tmp_path: Path) ->
         ImageStore(layout.images).publish(key, make)
     for arch in ("x86_64", "aarch64"):
         assert _resolve("hello", None, (), arch, layout, DEFAULT_RUNNER, Quiet()).manifest.arch == arch
-    with pytest.raises(UsageError, match="neither a spec directory nor an image"):
-        _resolve("hello", None, (), "riscv64", layout, DEFAULT_RUNNER, Quiet())
+        assert _resolve("a" * 8 if arch == "x86_64" else "b" * 8, None, (), arch, layout, DEFAULT_RUNNER,
+                        Quiet()).manifest.arch == arch
+    # no --arch: the x86_64 one (what the export writes), though the aarch64 one is newer
+    assert _resolve("hello", None, (), None, layout, DEFAULT_RUNNER, Quiet()).manifest.arch == "x86_64"
+    with pytest.raises(UsageError, match="--arch arm64: mvm builds") as alias:
+        _resolve("hello", None, (), "arm64", layout, DEFAULT_RUNNER, Quiet())
+    assert "did you mean --arch aarch64" in (alias.value.hint or "")
+    with pytest.raises(UsageError, match="no aarch64 image of 'aaaaaaaa' .only x86_64.") as caught:
+        _resolve("a" * 8, None, (), "aarch64", layout, DEFAULT_RUNNER, Quiet())  # a key of another arch
+    assert "--arch aarch64" in (caught.value.hint or "")
 
 
 def test_a_broken_image_dir_is_a_state_error(tmp_path: Path) -> None:

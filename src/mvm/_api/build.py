@@ -24,6 +24,15 @@ def image_info(image: Image) -> ImageInfo:
                      build_secs=m.build_secs, guest=m.guest)
 
 
+def check_arch_option(arch: str | None) -> None:
+    """``--arch`` names one of mvm's architectures, by the kernel's name (``arm64`` gets a
+    did-you-mean)."""
+    if arch is not None and arch not in ARCHES:
+        same = ARCH_ALIASES.get(arch.lower())
+        raise UsageError(f"--arch {arch}: mvm builds {' and '.join(ARCHES)} guests",
+                         hint=f"did you mean --arch {same}? (mvm uses the kernel's names)" if same else None)
+
+
 def build_image(
     path: str | os.PathLike[str] = ".",
     *,
@@ -38,10 +47,7 @@ def build_image(
     """The image for ``path``'s mvm.toml (or ``flake``), and whether it was built now.
     ``arch`` overrides the spec's architecture (for a flake: picks ``packages.<arch>-linux.default``)."""
     prog = progress or Quiet()
-    if arch is not None and arch not in ARCHES:
-        same = ARCH_ALIASES.get(arch.lower())
-        raise UsageError(f"--arch {arch}: mvm builds {' and '.join(ARCHES)} guests",
-                         hint=f"did you mean --arch {same}? (mvm uses the kernel's names)" if same else None)
+    check_arch_option(arch)
     if flake is None and nix_args:
         raise UsageError("--override-input and --nix-arg are for --flake builds")
     if flake is not None and pull:

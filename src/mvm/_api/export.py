@@ -11,10 +11,9 @@ from .._proc import DEFAULT_RUNNER, Runner
 from ..builders.store import Image, ImageStore
 from ..errors import MvmError, UsageError
 from ..export import kubevirt
-from ..names import host_arch
 from ..paths import Layout
 from ..runtime.registry import Registry
-from .build import build_image
+from .build import build_image, check_arch_option
 from .models import ExportInfo
 from .progress import Progress, Quiet
 
@@ -23,20 +22,26 @@ def _resolve(target: str, flake: str | None, nix_args: Sequence[str], arch: str 
              runner: Runner, progress: Progress) -> Image:
     """A spec path or flake is built (or found in the cache), for ``arch`` if given;
     otherwise ``target`` names an image in the store: a key (4+ first characters) or a guest
-    name (its newest image for ``arch``, else for this host's architecture, else its newest)."""
+    name, of ``arch`` if given. Of several, the newest x86_64 one (what the export writes)."""
+    check_arch_option(arch)
     if flake is not None or Path(target).exists():
         image, _ = build_image(target if flake is None else ".", flake=flake, nix_args=nix_args, arch=arch,
                                layout=layout, runner=runner, progress=progress)
         return image
     everything = ImageStore(layout.images).all()
-    named = [i for i in everything if i.name == target and arch in (None, i.manifest.arch)]
-    found = ([i for i in everything if len(target) >= 4 and i.key.startswith(target)]
-             or [i for i in named if i.manifest.arch == host_arch()] or named)  # this machine's, if built
+    found = [i for i in everything if len(target) >= 4 and i.key.startswith(target)] or \
+        [i for i in everything if i.name == target]
+    fits = [i for i in found if arch in (None, i.manifest.arch)]
     if not found:
         raise UsageError(f"{target!r} is neither a spec directory nor an image in the store",
                          hint=_vm_hint(target, layout) or "give the directory holding mvm.toml, --flake REF, or a "
                          "name from `mvmctl images`")
-    return found[-1]
+    if not fits:
+        have = ", ".join(sorted({i.manifest.arch for i in found}))
+        raise UsageError(f"the store has no {arch} image of {target!r} (only {have})",
+                         hint=f"build one: mvmctl export SPEC_DIR --arch {arch} "
+                         f"(or mvmctl build SPEC_DIR --arch {arch})")
+    return ([i for i in fits if i.manifest.arch == "x86_64"] or fits)[-1]
 
 
 def _vm_hint(target: str, layout: Layout) -> str | None:

@@ -130,8 +130,8 @@ def spec_from_image(
     if manifest.arch != "x86_64":
         raise UsageError(f"{image_name} is an {manifest.arch} image; the KubeVirt export writes x86_64 (amd64) "
                          "images only",
-                         hint="export an x86_64 build of the guest: add --arch x86_64 (it builds one from the "
-                         "spec, or picks that image of the name)")
+                         hint="export an x86_64 build of the guest: mvmctl export SPEC_DIR --arch x86_64 "
+                         "builds one from the spec (or --flake REF --arch x86_64)")
     vm_name = name or image_name
     hostname = vm_name if vm_name != image_name and not guest.hostname else None
     return KubevirtSpec(
