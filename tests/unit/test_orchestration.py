@@ -1107,3 +1107,19 @@ def test_export_of_a_vm_name_says_how_to_export_its_image(layout: Layout, fake: 
     assert caught.value.hint == (f"web is a VM; export its image, with what it was started with: "
                                  f"mvmctl export {image.key[:12]} --name web -p 80 -e TOKEN=...")
     vm.down()
+
+
+def test_restarts_up_again_hint_starts_the_vm_as_it_was_started() -> None:
+    """The hint of a restart that cannot keep its VM: a flake VM's `up` names the flake, and an
+    emulated VM's its architecture (`up .` would build ./mvm.toml for this host)."""
+    from mvm._api.restart import _up_again
+    from mvm.names import host_arch
+    from mvm.runtime.registry import VMRecord
+
+    other = "aarch64" if host_arch() == "x86_64" else "x86_64"
+    toml = VMRecord(name="web", source="/srv/app/mvm.toml", arch=other)
+    assert _up_again(toml) == f"mvmctl up /srv/app/mvm.toml --name web --arch {other}"
+    flake = VMRecord(name="web", frontend="nix", source="path:/srv/my app", arch=host_arch())
+    assert _up_again(flake) == "mvmctl up --flake 'path:/srv/my app' --name web"
+    named = VMRecord(name="web", frontend="nix", source=f".#packages.{other}-linux.default", arch=other)
+    assert _up_again(named) == f"mvmctl up --flake '.#packages.{other}-linux.default' --name web"

@@ -14,7 +14,7 @@ from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import PortForward
 from ..builders.store import ImageStore
 from ..errors import StateError, VMError
-from ..names import HEALTH_TIMEOUT
+from ..names import HEALTH_TIMEOUT, host_arch
 from ..paths import Layout
 from ..runtime.bootconfig import read_config_disk
 from ..runtime.registry import Registry, VMRecord
@@ -59,9 +59,13 @@ def restart(name: str, *, wait: bool = False, wait_timeout: float = HEALTH_TIMEO
 
 
 def _up_again(record: VMRecord) -> str:
-    """The `up` that starts the VM afresh as it was started: its spec, name, ports, volumes."""
-    words = ["mvmctl up", shlex.quote(record.source or "."), "--name", record.name]
+    """The `up` that starts the VM afresh as it was started: its spec (or flake) and
+    architecture, name, ports, volumes."""
+    flake = record.frontend == "nix"
+    words = ["mvmctl up", "--flake" if flake else "", shlex.quote(record.source or "."), "--name", record.name]
+    if record.arch != host_arch() and not (flake and "#" in record.source):  # a flake's #ATTR names it
+        words += ["--arch", record.arch]
     words += [f"-p {p.host_ip + ':' if p.host_ip != '127.0.0.1' else ''}{p.host_port}:{p.guest_port}/{p.proto}"
               for p in record.ports]
     words += [f"-v {shlex.quote(v.as_arg())}" for v in record.volumes]
-    return " ".join(words)
+    return " ".join(w for w in words if w)
