@@ -101,3 +101,26 @@ def test_a_tool_that_is_there_but_needs_a_fix_is_not_shown_ok(tmp_path: Path, mo
     rows = {line.split()[1]: line.split()[0] for line in capsys.readouterr().out.splitlines()
             if line.split()[1:2] in (["nix"], ["lz4"])}
     assert rows == {"nix": "fix", "lz4": "ok"}
+
+
+def test_building_and_booting_are_separate_verdicts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing QEMU system emulator stops boots, not builds (mmdebstrap and binfmt build),
+    and each missing part has its own fix."""
+    from mvm._proc import DEFAULT_RUNNER
+    from mvm.builders import arches
+    from mvm.names import host_arch
+
+    other = "aarch64" if host_arch() == "x86_64" else "x86_64"
+    monkeypatch.setattr(doctor, "find_tool",
+                        lambda name: None if name.startswith("qemu-system") else f"/usr/bin/{name}")
+    monkeypatch.setattr(arches, "emulation_problem", lambda arch: None)
+    monkeypatch.setattr(doctor, "foreign_architectures", lambda runner: {arches.debian(other)})
+    for arch in (host_arch(), other):
+        row = doctor.check_arch(arch, DEFAULT_RUNNER)  # type: ignore[arg-type]
+        assert (row.boots, row.builds) == (False, True)
+        assert "cannot boot" in row.reason and "apt-get install qemu-system-" in (row.fix or "")
+    monkeypatch.setattr(doctor, "find_tool", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(doctor, "foreign_architectures", lambda runner: set())
+    row = doctor.check_arch(other, DEFAULT_RUNNER)  # type: ignore[arg-type]
+    assert (row.boots, row.builds) == (True, False) and "apt does not fetch" in row.reason
+    assert "qemu-system" not in (row.fix or "") and "dpkg --add-architecture" in (row.fix or "")

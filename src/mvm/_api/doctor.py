@@ -105,22 +105,25 @@ def check_arch(arch: Arch, runner: Runner) -> ArchCheck:
 
     native = arch == host_arch()
     qemu = PROFILES[arch].binary
-    if not find_tool(qemu):
-        return ArchCheck(arch=arch, native=native, boots=False, builds=False, reason=f"{qemu} is not installed",
-                         fix=INSTALL_HINTS[qemu])
+    boots = find_tool(qemu) is not None
     if native:
-        builds = find_tool("mmdebstrap") is not None
-        return ArchCheck(arch=arch, native=True, boots=True, builds=builds,
-                         reason="the host's architecture: KVM where the probe proves it (see backends), else TCG",
-                         fix=None if builds else INSTALL_HINTS["mmdebstrap"])
-    problem = arches.emulation_problem(arch)
-    if problem is None and arches.debian(arch) not in foreign_architectures(runner):
-        problem = f"apt does not fetch {arches.debian(arch)} packages (the kernel and busybox come from apt)"
-    how = "emulated (TCG, no KVM across architectures: CPU-bound work runs several times slower)"
-    return ArchCheck(arch=arch, native=False, boots=True, builds=problem is None,
-                     reason=how + (f"; images cannot be built: {problem}" if problem else
-                                   "; images build under qemu-user (about 4x slower than native)"),
-                     fix=arches.setup_fix(arch) if problem else None)
+        problem = None if find_tool("mmdebstrap") else "mmdebstrap is not installed"
+        fix = INSTALL_HINTS["mmdebstrap"]
+        how = "the host's architecture: KVM where the probe proves it (see backends), else TCG"
+    else:
+        problem = arches.emulation_problem(arch)
+        if problem is None and arches.debian(arch) not in foreign_architectures(runner):
+            problem = f"apt does not fetch {arches.debian(arch)} packages (the kernel and busybox come from apt)"
+        fix = arches.setup_fix(arch)
+        how = "emulated (TCG, no KVM across architectures: CPU-bound work runs several times slower)" + (
+            "" if problem else "; images build under qemu-user (about 4x slower than native)")
+    # booting needs the system emulator, building does not: each its own verdict and fix
+    reasons = [how] if boots else [f"cannot boot: {qemu} is not installed"]
+    if problem:
+        reasons.append(f"images cannot be built: {problem}")
+    fixes = [f for f, needed in ((INSTALL_HINTS[qemu], not boots), (fix, problem is not None)) if needed]
+    return ArchCheck(arch=arch, native=native, boots=boots, builds=problem is None, reason="; ".join(reasons),
+                     fix="; ".join(fixes) or None)
 
 
 def _existing(path: Path) -> Path:
