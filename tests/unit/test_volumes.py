@@ -414,3 +414,36 @@ def test_an_image_file_is_used_in_place_and_never_deleted(tmp_path: Path, layout
         volume_export(row.name, layout=layout)
     volume_rm(str(tmp_path / "disk.img"), layout=layout)
     assert store.ids() == [] and (tmp_path / "disk.img").is_file()
+
+
+def test_volume_rm_of_several_removes_the_free_ones_and_lists_them(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`volume rm --json a b` with b in use: a is removed and listed, b reported, exit 1 (it
+    removed a and printed nothing, so a script could not tell a was gone)."""
+    import json
+    import signal
+
+    import mvm
+    from mvm.cli import app
+
+    def info(name: str) -> mvm.VolumeInfo:
+        return mvm.VolumeInfo(name=name, host=f"/data/{name}", kind="managed", image=f"/v/{name}.ext4",
+                              exists=True, size_mb=64, used_mb=1, allocated_mb=2)
+
+    def rm(name: str) -> mvm.VolumeInfo:
+        if name == "held":
+            raise mvm.StateError(f"volume {name} is in use by VM 'data'")
+        return info(name)
+
+    monkeypatch.setattr(mvm, "volume_info", info)
+    monkeypatch.setattr(mvm, "volume_rm", rm)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as exited:
+            app.main(["volume", "rm", "--yes", "--json", "held", "free"])
+    finally:
+        for sig, handler in handlers.items():  # main() installs the CLI's own
+            signal.signal(sig, handler)
+    out, err = capsys.readouterr()
+    assert exited.value.code == 1 and "in use by VM 'data'" in err, err
+    assert [row["name"] for row in json.loads(out)] == ["free"]

@@ -64,7 +64,8 @@ RM_HELP = (
     "Delete volumes and the data in them. Refused while a VM holds the volume.\n\n"
     "Asks for confirmation unless --yes is given (without a terminal, --yes is required). For a volume that is "
     "an ext4 image file you gave as HOST, only mvm's record of it is removed: the file itself is never "
-    "deleted. To keep a managed volume's data, run `mvmctl volume export` first."
+    "deleted. To keep a managed volume's data, run `mvmctl volume export` first. Every volume named is tried: "
+    "one in use is reported and the rest are removed all the same; the command then exits 1."
 )
 
 
@@ -169,15 +170,19 @@ def rm(
             if not typer.confirm(f"delete volume {row.name} ({row.host}, {used} used) and its data?"):
                 output.info("not confirmed: no volume was removed")
                 raise typer.Exit(EXIT_ERROR)
-    removed = []
-    for row in targets:
+
+    def remove(row: mvm.VolumeInfo) -> mvm.VolumeInfo:
         view = mvm.volume_rm(row.name)
-        removed.append(view)
         kept = f"; the image file {view.image} was kept" if view.kind == "image" else ""
         if not json:
             output.info(f"removed volume {view.name} ({view.host}){kept}")
+        return view
+
+    removed, failed = output.each(targets, remove)  # one in use is reported; the rest still go
     if json:
         output.print_json(removed)
+    if failed:
+        raise typer.Exit(EXIT_ERROR)
 
 
 def register(root: typer.Typer) -> None:
