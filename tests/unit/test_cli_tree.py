@@ -162,6 +162,23 @@ def test_help_names_arguments_without_python_types(capsys: pytest.CaptureFixture
         assert "{" not in shown.splitlines()[0], shown  # `NAME`, not Typer 0.29's `{NAME}`
 
 
+def test_help_examples_paste_into_a_shell(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every `mvmctl ...` example line in a help text is a command a shell runs as shown: a
+    remark after it is a `# comment` (a `(remark)` was a syntax error when pasted)."""
+    commands = [[name] for name in app.COMMANDS if name not in ("volume", "template")]
+    commands += [["volume", sub] for sub in ("ls", "export", "rm")]
+    commands += [["template", sub] for sub in ("create", "ls", "rm")]
+    examples = []
+    for words in commands:
+        with pytest.raises(SystemExit):
+            app.main([*words, "--help"])
+        examples += [ln.strip() for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("mvmctl ")]
+    assert len(examples) > 20
+    for line in examples:
+        check = subprocess.run(["bash", "-n", "-c", line], capture_output=True, text=True)
+        assert check.returncode == 0, (line, check.stderr)
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["rm", "web"], "`mvmctl down NAME` stops a VM and removes it"),
     (["--debug", "ps"], "`mvmctl ls` lists VMs"),

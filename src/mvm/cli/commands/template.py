@@ -49,7 +49,7 @@ def create(
     \b
     Examples:
       mvmctl template create examples/hello
-      mvmctl template create . --cpus 2 --memory 1024   (the shape `up` will ask for)
+      mvmctl template create . --cpus 2 --memory 1024   # the shape `up` will ask for
     """
     import mvm
 

@@ -67,7 +67,7 @@ def up(
       mvmctl up . --name api2 -p 127.0.0.1:9000:8080 -e LOG_LEVEL=debug --wait
       mvmctl up . -v ./config:/mnt/config -v ./data:/mnt/data:1024
       mvmctl up --flake . --cpus 2 --memory 1024 -p 8080:8080
-      mvmctl up examples/hello --arch aarch64 -p 8080:8080   (emulated on an x86_64 host)
+      mvmctl up examples/hello --arch aarch64 -p 8080:8080   # emulated on an x86_64 host
     """
     import mvm
 
