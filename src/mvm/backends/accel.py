@@ -137,7 +137,8 @@ def choose(requested: AccelPreference, kernel: Path, initrd: Path | None, probes
         if requested == "kvm":
             raise UsageError(f"KVM cannot run an {arch} guest on this {host_arch()} host",
                              hint="use --hypervisor auto or qemu-tcg (emulated, slower), or build the guest for "
-                             f"{host_arch()} (arch = \"{host_arch()}\" in mvm.toml)")
+                             f"{host_arch()} (--arch {host_arch()}, arch = \"{host_arch()}\" in mvm.toml, or a "
+                             f"flake's system = \"{host_arch()}-linux\")")
         return Preflight("tcg", f"TCG: {arch} is not this host's architecture", emulated=emulated)
     if requested == "tcg":
         return Preflight("tcg", "TCG requested (--hypervisor qemu-tcg)")
