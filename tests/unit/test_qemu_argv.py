@@ -271,3 +271,16 @@ def test_launch_json_records_every_field_a_resume_needs() -> None:
     assert spec_from_json(doc, files) == dataclasses.replace(spec, hold_fds=(), incoming=None)
     with pytest.raises(ValueError):
         spec_from_json({**doc, "cpus": "two"}, files)
+
+
+def test_the_tsc_rate_is_the_tsc_s_not_the_core_clock_of_the_moment() -> None:
+    """A laptop's core at 3.4 GHz of a 2.6 GHz TSC: the guest is told 2.6 GHz (bogomips / 2),
+    else its clock runs fast; no TSC, no rate."""
+    from mvm.backends.qemu_argv import tsc_khz_of
+
+    laptop = ("processor\t: 0\ncpu MHz\t\t: 3400.012\nflags\t\t: fpu tsc constant_tsc\nbogomips\t: 5192.30\n\n"
+              "processor\t: 1\ncpu MHz\t\t: 800.000\nbogomips\t: 5192.30\n")
+    assert tsc_khz_of(laptop) == 2596150
+    assert tsc_khz_of("cpu MHz\t\t: 2596.150\nflags\t\t: fpu tsc\n") == 2596150  # no bogomips line
+    assert tsc_khz_of("cpu MHz\t\t: 2596.150\nflags\t\t: fpu\nbogomips\t: 5192.30\n") is None
+    assert tsc_khz_of("") is None

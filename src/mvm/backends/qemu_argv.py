@@ -121,12 +121,30 @@ def tsc_khz() -> int | None:
     """The host TSC rate; under TCG the guest TSC runs at it."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("cpu MHz"):
-                    return int(float(line.split(":")[1]) * 1000)
-    except (OSError, ValueError):
-        pass
-    return None
+            return tsc_khz_of(f.read())
+    except OSError:
+        return None
+
+
+def tsc_khz_of(cpuinfo: str) -> int | None:
+    """The TSC rate in /proc/cpuinfo's words: half the first CPU's ``bogomips`` (x86 Linux
+    calibrates its delay loop on the TSC: bogomips = 2 x tsc_khz / 1000), not ``cpu MHz``,
+    which is that core's clock of the moment where the frequency scales (a laptop): a guest
+    told that rate would keep time wrongly. None without a TSC or either line."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first CPU's block only
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "tsc" not in fields.get("flags", "").split():
+        return None
+    try:
+        if "bogomips" in fields:
+            return round(float(fields["bogomips"]) * 500)
+        return round(float(fields["cpu MHz"]) * 1000)
+    except (KeyError, ValueError):
+        return None
 
 
 def kernel_cmdline(spec: LaunchSpec) -> str:
