@@ -49,6 +49,18 @@ class MvmError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    @property
+    def hint(self) -> str | None:
+        """What to do next: the CLI prints it under the message. It is also the error's one
+        note (PEP 678), so a traceback, and pytest's report of a test that raised it, shows it
+        too, where ``str(exc)`` stays the message alone."""
+        return self._hint
+
+    @hint.setter
+    def hint(self, hint: str | None) -> None:
+        self._hint = hint
+        self.__notes__ = [f"hint: {hint}"] if hint else []
+
 
 class SpecError(MvmError):
     reference = "invalid-spec"

@@ -38,3 +38,19 @@ def test_no_public_name_is_also_a_module_of_mvm() -> None:
     assert modules & set(mvm.__all__) == {"paths"}  # the one module that is public as a module
     importlib.import_module("mvm.builders.store")  # what a build imports
     assert callable(mvm.images)
+
+
+def test_an_errors_hint_shows_in_its_traceback() -> None:
+    """pytest's report of a test that raised an mvm error (and any traceback) shows its hint,
+    also one set after the error was made (the pytest fixture's); str() stays the message."""
+    import traceback
+
+    import mvm
+
+    err = mvm.HealthTimeout("web", "not healthy after 8s: web is unhealthy", hint="first")
+    err.hint = "pytest --mvm-keep keeps a failed test's VMs running"
+    shown = "".join(traceback.format_exception(err))
+    assert "hint: pytest --mvm-keep keeps" in shown and "hint: first" not in shown
+    assert str(err).endswith("not healthy after 8s: web is unhealthy") and "hint" not in str(err)
+    err.hint = None
+    assert "hint:" not in "".join(traceback.format_exception(err))

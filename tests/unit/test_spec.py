@@ -61,7 +61,7 @@ def test_service_without_command() -> None:
     ],
 )
 def test_invalid_values_are_named(data: dict, fragment: str) -> None:
-    with pytest.raises(SpecError, match=fragment):
+    with pytest.raises(SpecError, match="(?m)" + fragment):  # $: the message's end (its hint is a note below)
         parse_spec(data, source="t")
 
 
@@ -73,7 +73,7 @@ def test_bad_toml_syntax(tmp_path: Path) -> None:
 
 def test_a_spec_that_is_not_utf8_is_named_not_a_traceback(tmp_path: Path) -> None:
     (tmp_path / "mvm.toml").write_bytes(b'name = "x"\n# caf\xe9\n')
-    with pytest.raises(SpecError, match=r"mvm.toml: not UTF-8 text \(byte 0xe9 on line 2\)$"):
+    with pytest.raises(SpecError, match=r"(?m)mvm.toml: not UTF-8 text \(byte 0xe9 on line 2\)$"):
         load_toml(tmp_path)
 
 
@@ -93,7 +93,7 @@ def test_files_that_are_not_files_or_directories_are_refused(tmp_path: Path) -> 
 
 
 def test_missing_spec_file(tmp_path: Path) -> None:
-    with pytest.raises(SpecError, match=f"no mvm.toml in {tmp_path}$"):
+    with pytest.raises(SpecError, match=f"(?m)no mvm.toml in {tmp_path}$"):
         load_toml(tmp_path)
     with pytest.raises(SpecError, match=f"{tmp_path / 'nosuch'} does not exist"):
         load_toml(tmp_path / "nosuch")
