@@ -110,7 +110,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for factory in [v for v in getattr(item, "funcargs", {}).values() if isinstance(v, testing.VMFactory)]:
             factory.failed = True
             for vm in factory.vms:
-                report.sections.append((f"mvm VM {vm.name} (last {LOG_LINES} log lines)", _tail(vm)))
+                tail = _tail(vm)
+                if tail is not None:
+                    report.sections.append((f"mvm VM {vm.name} (last {LOG_LINES} lines of its console and services)",
+                                             tail))
     pool = item.config.stash.get(_POOL, None)
     if pool is not None and report.when == "teardown":
         report.user_properties.extend((PROPERTY, note) for note in pool.notes)
@@ -139,10 +142,13 @@ class _Summary:
                 terminalreporter.line(line)
 
 
-def _tail(vm: FixtureVM) -> str:
+def _tail(vm: FixtureVM) -> str | None:
+    """Its last log lines; None for a VM that never started (its ``up`` refused the input)."""
     try:
         return vm.log_tail(LOG_LINES) or "(nothing logged)"
-    except mvm.MvmError as exc:  # it never started, or is gone
+    except mvm.VMNotFound:
+        return None
+    except mvm.MvmError as exc:
         return f"(no logs: {exc.message})"
 
 

@@ -82,8 +82,9 @@ class FixtureVM(mvm.VM):
         return self
 
     def log_tail(self, lines: int = 40) -> str:
-        """The last ``lines`` of the console and of the services' logs, as text."""
-        return "\n".join(line.text for line in self.logs(lines=lines))
+        """The last ``lines`` of the console and of the services' logs, as text; of a VM the
+        test brought down itself, the logs its ``down`` kept."""
+        return "\n".join(line.text for line in mvm.logs(self.name, lines=lines, layout=self.layout))
 
 
 @dataclass(frozen=True)

@@ -93,16 +93,25 @@ def test_passes(mvm_vm):
 
 def test_fails(mvm_vm):
     vm = mvm_vm(HELLO, ports=[8080])
-    assert vm.exec("sh", "-c", "echo oops; exit 3").exit_code == 0
+    result = vm.exec("sh", "-c", "echo oops; exit 3")
+    vm.down()  # the test's own down: the report still shows its logs, and teardown drops them
+    assert result.exit_code == 0
+
+def test_refused_input(mvm_vm):
+    mvm_vm(HELLO, ports=["80800"])  # refused before any VM starts: no VM log section, the hint shown
 """
 
 
 def test_a_passing_and_a_failing_test_leave_nothing(inner: Inner) -> None:
     inner.write(USER_TESTS)
     result = inner.run("--durations=0", "-vv")
-    result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*mvm VM hello-*-2 (last 40 log lines)*"])  # the failed test's report:
-    assert "[service hello] running" in result.stdout.str()  # its VM's log (from its template's boot on)
+    result.assert_outcomes(passed=1, failed=2)
+    # the failed test's report: its VM's log (from its template's boot on)
+    result.stdout.fnmatch_lines(["*mvm VM hello-*-2 (last 40 lines of its console and services)*"])
+    out = result.stdout.str()
+    assert "[service hello] running" in out
+    assert out.count("mvm VM hello-") == 1 and "(no logs:" not in out  # none for a VM that never started
+    result.stdout.fnmatch_lines(["E * hint: *"])  # the UsageError's hint, under its message
     inner.assert_nothing_left()
     # fast start is test_passes' `start == "restored"`; its speed is bench/'s to measure
 

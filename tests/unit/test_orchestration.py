@@ -1123,3 +1123,21 @@ def test_restarts_up_again_hint_starts_the_vm_as_it_was_started() -> None:
     assert _up_again(flake) == "mvmctl up --flake 'path:/srv/my app' --name web"
     named = VMRecord(name="web", frontend="nix", source=f".#packages.{other}-linux.default", arch=other)
     assert _up_again(named) == f"mvmctl up --flake '.#packages.{other}-linux.default' --name web"
+
+
+def test_down_without_logs_of_a_gone_vm_drops_the_logs_a_down_kept(tmp_path: Path) -> None:
+    """The pytest plugin's `down(keep_logs=False)` at teardown, after the test's own `vm.down()`
+    kept its logs: nothing of the VM stays. With keep_logs (the CLI's) the kept logs stay."""
+    import mvm
+
+    layout = Layout(state=tmp_path / "state", cache=tmp_path / "cache")
+    kept = layout.retained_logs / "web"
+    kept.mkdir(parents=True)
+    (kept / "console.log").write_text("boot\n")
+    with pytest.raises(mvm.VMNotFound):
+        mvm.down("web", layout=layout)
+    assert (kept / "console.log").exists()
+    assert [line.text for line in mvm.logs("web", layout=layout)] == ["boot"]
+    with pytest.raises(mvm.VMNotFound):
+        mvm.down("web", layout=layout, keep_logs=False)
+    assert not kept.exists() and not list(layout.retained_logs.iterdir())

@@ -16,6 +16,7 @@ import errno
 import time
 
 from .. import backends
+from .._atomic import remove_tree
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import Backend, MachineRef
 from ..errors import MvmError, StopFailed, VMError, VMNotFound
@@ -61,11 +62,13 @@ def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None 
     reports that and exits 0, so ``mvmctl down`` can be repeated safely), StopFailed when
     the machine cannot be stopped (the VM is then kept). ``keep_logs=False`` drops the VM's
     logs with its dir instead of keeping them for ``mvmctl logs`` (the pytest plugin's
-    throwaway VMs)."""
+    throwaway VMs), and the logs an earlier ``down`` of the name kept, if it is gone."""
     layout = layout or Layout.default()
     registry = Registry(layout)
     files = registry.files(name)
     if not files.root.exists():
+        if not keep_logs:  # brought down before, its logs kept: "nothing of it stays" holds for those too
+            remove_tree(layout.retained_logs / name, ignore_errors=True)
         raise VMNotFound(name, f"no VM named {name!r}", hint="list VMs with `mvmctl ls`")
     try:
         record: VMRecord | None = registry.load(name)

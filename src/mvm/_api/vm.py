@@ -297,7 +297,9 @@ class VM:
     ) -> Iterator[logs.LogLine]:
         """The boot console and the guest's service logs and health transitions; with
         ``follow``, new lines as they come until the VM stops. ``service`` keeps one
-        service's lines, ``since`` (Unix time) the newer ones; either leaves out the console."""
+        service's lines, ``since`` (Unix time) the newer ones; either leaves out the console.
+        ``lines``: the last that many of each part (the console's, then the services'), as
+        ``mvmctl logs -n`` shows them, so up to twice that many in all."""
         record = self.record()
         if service is not None and service not in record.services:
             raise UsageError(f"{self.name} has no service {service!r}",
