@@ -291,6 +291,20 @@ def test_a_missing_program_fails_the_service_at_once(cli: CLI, testbed_image: di
         cli("down", "noprog")
 
 
+def test_a_missing_program_fails_up_wait_without_health_checks(cli: CLI, tmp_path: Path) -> None:
+    """No health check to fail: `sh -c` is "running" before it finds its program missing, and
+    `up --wait` called the VM up (hands-on: 4 of 4 API ups, and a pytest fixture that passed)."""
+    (tmp_path / "mvm.toml").write_text('name = "nocheck"\npackages = ["python3", "curl"]\n'
+                                       '[services.web]\ncommand = "no-such-prog --serve"\n')
+    r = cli("up", str(tmp_path), "--wait", "--timeout", "60", check=False)
+    try:
+        assert r.returncode == 1, r.stderr
+        assert "service web keeps failing: command not found (exit 127)" in r.stderr, r.stderr
+    finally:
+        cli("down", "nocheck")
+    cli("rmi", "nocheck")
+
+
 def test_stack_example_serves_data_through_redis(cli: CLI) -> None:
     port = free_port()
     cli("up", str(EXAMPLES / "stack"), "-p", f"{port}:8080", "--wait", "--timeout", "120")

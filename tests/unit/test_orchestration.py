@@ -317,7 +317,13 @@ def test_wait_without_health_checks_waits_for_the_services(layout: Layout, fake:
     with pytest.raises(HealthTimeout, match="service svc is pending"):
         _up(layout, fake, image, wait=True, wait_timeout=0.5)
     mvm.down("web", layout=layout)
-    fake.status.update(services={"svc": {"state": "running", "pid": 7}})
+    # "running" the moment its `sh -c` started, before the shell finds its program missing:
+    # not started until it has run START_SECS (the 127 is then caught as above)
+    fake.status.update(services={"svc": {"state": "running", "pid": 7, "uptime": 0.2}})
+    with pytest.raises(HealthTimeout, match="service svc is running"):
+        _up(layout, fake, image, wait=True, wait_timeout=0.5)
+    mvm.down("web", layout=layout)
+    fake.status.update(services={"svc": {"state": "running", "pid": 7, "uptime": 1.5}})
     assert _up(layout, fake, image, wait=True, wait_timeout=60).guest_status().services[0].state == "running"
     mvm.down("web", layout=layout)
 

@@ -22,6 +22,10 @@ from ..spec import GuestSpec
 
 #: A service restarted this often, and backing off again, is crash-looping.
 CRASH_LOOP_RESTARTS = 5
+#: Without health checks, a service counts as started once it has run this long (supervisord's
+#: ``startsecs``): a command run through ``sh -c`` is "running" before the shell finds out that
+#: its program is not there (exit 127), and `up --wait` must not call that VM up.
+START_SECS = 1.0
 #: One word for all of a VM's health checks: the worst state wins.
 Health = Literal["healthy", "unhealthy", "starting", "none", "unknown"]
 
@@ -96,6 +100,13 @@ class ServiceStatus(_Model):
     restart: str | None = None
     reason: str | None = None  #: why it failed
 
+    def started(self, *, checked: bool) -> bool:
+        """Running (or exited 0, as a one-shot does), as ``up --wait`` means it: where no
+        health check is ``checked``, running for :data:`START_SECS` at least."""
+        if self.state == "exited":
+            return True
+        return self.state == "running" and (checked or self.uptime is None or self.uptime >= START_SECS)
+
     @property
     def failing(self) -> bool:
         """Failed for good, or crash-looping: restarted again and again, or backing off from a
@@ -135,11 +146,11 @@ class GuestStatus(_Model):
         return "healthy"
 
     def healthy_with(self, services: Iterable[str], checks: Iterable[str]) -> bool:
-        """Every one of these services has started (running, or exited 0 as a one-shot does)
-        and every one of these checks is reported healthy, as ``up --wait`` means it. (A clone
+        """Every one of these services has started (:meth:`ServiceStatus.started`) and every
+        one of these checks is reported healthy, as ``up --wait`` means it. (A clone
         restored from an ``agent`` template reports none until its services start: an empty
         report is not "healthy".)"""
-        started = {s.name for s in self.services if s.state in ("running", "exited")}
+        started = {s.name for s in self.services if s.started(checked=bool(checks))}
         return (set(services) <= started and set(checks) <= {c.name for c in self.checks}
                 and all(c.state == "healthy" for c in self.checks))
 

@@ -259,15 +259,15 @@ class VM:
                     output=logs.service_tail(self.files, svc.name),
                 )
             if time.monotonic() > deadline:
-                states = {s.name: s.state for s in status.services}
+                services = {s.name: s for s in status.services}
                 detail = "; ".join([
                     *(f"{c.name} is {c.state} ("
                       + ("no probe has finished yet" if c.last_exit is None else f"last exit {c.last_exit}")
                       + (f", output: {c.last_output!r}" if c.last_output else "")
                       + ")"
                       for c in status.checks if c.state != "healthy"),
-                    *(f"service {name} is {states[name]}" for name in record.services
-                      if states.get(name) not in (None, "running", "exited")),
+                    *(f"service {name} is {services[name].state}" for name in record.services
+                      if name in services and not services[name].started(checked=bool(record.checks))),
                 ]) or f"the guest has not reported {', '.join(sorted(set(record.checks) | set(record.services)))} yet"
                 raise HealthTimeout(
                     self.name,
