@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mvm._locks import held
+from mvm.builders.store import ImageStore
 
 from .conftest import qemu_pids_under
 
@@ -36,6 +37,13 @@ def find_leaks(home: Path, cache: Path, expected_vms: set[str] = frozenset()) ->
             continue
         if vm not in expected_vms:
             qemu += 1
+    # a template maker's QEMU runs in the cache; one whose maker died (its staging dir stale) leaks
+    stale = set(ImageStore(cache / "templates").stale_staging())
+    for pid in qemu_pids_under(cache / "templates"):
+        try:
+            qemu += Path(os.readlink(f"/proc/{pid}/cwd")).parent in stale
+        except OSError:
+            continue
     sockets = sum(len(list((vms / n).glob("*.sock"))) for n in unexpected)
     locks = 0
     for root in (home / "state", cache / "images"):

@@ -7,6 +7,8 @@ import json
 import os
 import re
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from mvm.runtime.templates import env_digest
 from mvm.testing import VMFactory
 
 from .conftest import CLI, EXAMPLES, free_port, http_get, qemu_pids_under, wait_for
+from .faults import find_leaks
 
 HELLO = str(EXAMPLES / "hello")
 RESTORE = {"MVM_TEMPLATES": "restore"}
@@ -217,6 +220,40 @@ def test_a_suspended_vm_keeps_its_volume(cli: CLI, hello_image: dict[str, Any], 
 def test_cleanup_shows_templates_with_their_size(cli: CLI, template: dict[str, Any]) -> None:
     notes = cli("cleanup", "--dry-run").stderr
     assert re.search(rf"kept: template {template['key'][:12]} .*MB", notes)
+
+
+def test_a_killed_template_maker_leaves_no_machine(cli: CLI, hello_image: dict[str, Any]) -> None:
+    """A template maker killed outright (SIGKILL, the OOM killer) left its QEMU running for
+    good, holding its RAM and the files cleanup then "freed" (hands-on). `cleanup` stops it,
+    and so does the next maker of that template, which then makes it."""
+    templates = Path(cli.env["MVM_CACHE"]) / "templates"
+
+    def gone(pid: int) -> bool:  # or a zombie: stopped, its reaper (init, for an orphan) not yet there
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    def killed_maker() -> int:
+        maker = subprocess.Popen([sys.executable, "-m", "mvm", "template", "create", HELLO, "--memory", "544"],
+                                 env=cli.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            (pid,) = wait_for(lambda: qemu_pids_under(templates), 120, "the template's QEMU")
+        finally:
+            maker.kill()
+            maker.wait()
+        time.sleep(0.5)
+        assert not gone(pid), "the machine went with its maker: nothing to test"
+        return pid
+
+    pid = killed_maker()
+    assert "interrupted template build" in cli("cleanup").stdout
+    assert gone(pid) and not list(templates.glob(".build-*"))
+    pid = killed_maker()
+    made = json.loads(cli("template", "create", HELLO, "--memory", "544", "--json").stdout)
+    assert gone(pid) and not list(templates.glob(".build-*"))
+    cli("template", "rm", made["key"])
+    assert find_leaks(cli.home, Path(cli.env["MVM_CACHE"]))["qemu_processes"] == 0
 
 
 def test_a_save_that_fails_leaves_the_vm_running(no_leaks: None, mvm_vm: VMFactory,

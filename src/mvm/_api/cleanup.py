@@ -4,7 +4,8 @@ What it removes, and only that:
 - runtime dirs of VMs that are not running (exited, crashed, broken state, or a start that
   was interrupted hard), after killing any QEMU still running in such a dir;
 - the logs ``down`` kept of VMs that are down;
-- leftovers of interrupted builds (``.build-*`` staging dirs whose build is not running),
+- leftovers of interrupted builds (``.build-*`` staging dirs whose build is not running, after
+  stopping the machine a killed template maker left running in one),
   image-store lock files nobody holds, and ``-e`` values left for a template maker that
   never started;
 - images no VM uses, except the newest ``keep`` of each guest (by name and architecture),
@@ -39,6 +40,7 @@ from ..runtime.templates import TemplateStore, bytes_on_disk
 from .images import remove_unneeded
 from .machines import backend_for, status_of
 from .models import CleanupItem, CleanupReport
+from .template_maker import stop_staged_machine
 
 #: A template maker deletes its ``-e`` values file as it starts; one older than this never did.
 ENV_FILE_GRACE = 600.0
@@ -164,6 +166,8 @@ def cleanup(
             if item.kind == "lock":
                 remove_unheld(path, _guarded(path))
             elif item.kind not in ("vm", "image", "layer"):  # those went already
+                if item.kind == "build" and path.parent == layout.templates:  # a killed maker's machine
+                    stop_staged_machine(path, backends.get(backends.DEFAULT, runner))
                 _remove(path, runner)
             if item.kind in ("layer", "template"):  # and its lock, unless a build holds it now
                 remove_unheld(path.parent / f".{path.name}.lock", path)

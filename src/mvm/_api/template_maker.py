@@ -76,6 +76,9 @@ def make_template(image: Image, *, cpus: int, memory: int, layout: Layout, runne
         # (QEMU dies of SIGBUS when a file-backed RAM page finds no room on disk)
         check_free(store.root, 2 * memory * 2**20 + TEMPLATE_SPARE_BYTES,
                    f"saving a template of a {memory} MiB machine")
+        for dead in store.root.glob(f".build-{key[:12]}-*"):  # we hold the key's lock: its maker died
+            stop_staged_machine(dead, backend)
+            shutil.rmtree(dead, ignore_errors=True)
         started = time.monotonic()
         with _staging(store, f".build-{key[:12]}-") as (staging, files):
             with contextlib.ExitStack() as running:  # stops the machine if anything below fails
@@ -96,6 +99,14 @@ def make_template(image: Image, *, cpus: int, memory: int, layout: Layout, runne
                     raise StateError(f"image {image.key[:12]} was removed while its template was made",
                                      hint="build it again; its next `up` makes a new template")
                 return store.publish(staging, meta)
+
+
+def stop_staged_machine(staging: Path, backend: Backend) -> None:
+    """Stop the machine a template maker killed outright (SIGKILL, out of memory) left running
+    in its staging dir: nothing else would, and it holds its RAM and the dir's deleted files."""
+    files = VMFiles(staging / "vm")
+    for machine in backend.strays(files):
+        backend.stop(files, machine, 3.0)
 
 
 @contextlib.contextmanager
