@@ -279,8 +279,9 @@ def parse_spec(data: dict[str, Any], *, source: str) -> GuestSpec:
         ) from None
 
 
-def spec_file(path: Path) -> Path:
+def spec_file(path: str | os.PathLike[str]) -> Path:
     """Accept either a directory holding mvm.toml or the file itself."""
+    path = Path(path)
     candidate = path / "mvm.toml" if path.is_dir() else path
     if not path.exists():
         raise SpecError(f"{path.absolute()} does not exist",
@@ -293,7 +294,7 @@ def spec_file(path: Path) -> Path:
     return candidate
 
 
-def load_toml(path: Path) -> GuestSpec:
+def load_toml(path: str | os.PathLike[str]) -> GuestSpec:
     file = spec_file(path)
     try:
         data = tomllib.loads(file.read_bytes().decode())

@@ -514,6 +514,12 @@ def test_export_picks_the_image_of_the_architecture_asked_for(tmp_path: Path) ->
     assert "--arch aarch64" in (caught.value.hint or "")
 
 
+def test_an_out_dir_the_file_system_refuses_is_a_usage_error(tmp_path: Path) -> None:
+    """/proc passes the write check for root; its mkdir's refusal is an error, not a traceback."""
+    with pytest.raises(UsageError, match="-o /proc/mvm-x: cannot create it"):
+        kubevirt.export(kubevirt.spec_from_image(_image_dir(tmp_path)), Path("/proc/mvm-x"))
+
+
 def test_a_broken_image_dir_is_a_state_error(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="manifest.json is unreadable"):
         kubevirt.spec_from_image(tmp_path)

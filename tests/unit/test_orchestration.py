@@ -110,8 +110,8 @@ def test_up_forward_exec_down(layout: Layout, fake: FakeBackend, image: Image,
     assert 7070 not in [p.guest_port for p in vm.info().ports]
     with pytest.raises(UsageError, match="no forward from host port"):
         vm.unforward("1:2")
-    picked = vm.forward("7070")
-    assert vm.unforward("7070").host_port == picked.host_port  # as `-p 7070` added it: by guest port
+    picked = vm.forward(7070)  # an int, as up's ports take it
+    assert vm.unforward(7070).host_port == picked.host_port  # as `-p 7070` added it: by guest port
     with pytest.raises(UsageError, match="no forward to guest port 7070/tcp"):
         vm.unforward("7070")
     vm.forward("17071:7071")

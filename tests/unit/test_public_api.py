@@ -8,8 +8,11 @@ import ast
 import importlib
 from pathlib import Path
 
+import pytest
+
 import mvm
 from mvm._api import models
+from mvm.paths import Layout
 
 
 def test_every_public_name_loads_and_is_seen_by_the_type_checker() -> None:
@@ -54,3 +57,26 @@ def test_an_errors_hint_shows_in_its_traceback() -> None:
     assert str(err).endswith("not healthy after 8s: web is unhealthy") and "hint" not in str(err)
     err.hint = None
     assert "hint:" not in "".join(traceback.format_exception(err))
+
+
+def test_the_api_takes_the_forms_its_siblings_take_and_names_bad_input(tmp_path: Path) -> None:
+    """Input one call accepts, its siblings accept too (a str path, an int or "8080" port,
+    KEY=VALUE strings); input none accepts is a UsageError naming it, not a TypeError."""
+    import mvm
+
+    (tmp_path / "mvm.toml").write_text('name = "web"\n[services.web]\ncommand = "true"\n')
+    assert mvm.load_toml(str(tmp_path)).name == "web"
+    with pytest.raises(mvm.UsageError, match="ports=8080: give a list"):
+        mvm.up(str(tmp_path), ports=8080)  # type: ignore[arg-type]
+    out = tmp_path / "out"
+    layout = Layout(state=tmp_path / "s", cache=tmp_path / "c")
+    for bad, match in (({"ports": ["80x"]}, "port '80x' is not a port number"),
+                       ({"ports": 8080}, "give a list of guest ports"),
+                       ({"env": ['Q="x"']}, "mvm.env.Q cannot be passed on the kernel command line"),
+                       ({"env": ["NOEQUALS"]}, "expected KEY=VALUE"),
+                       ({"arch": "aarch64"}, "writes x86_64 .amd64. images only")):
+        with pytest.raises(mvm.UsageError, match=match):  # all before a build (there is no spec here)
+            mvm.export_kubevirt("nosuch", out=out, layout=layout, **bad)  # type: ignore[arg-type]
+    with pytest.raises(mvm.UsageError, match="-o /etc/hostname/x: /etc/hostname is not a directory this user can"):
+        mvm.export_kubevirt("nosuch", out="/etc/hostname/x", layout=layout, ports=["8080"], env=["A=1"])
+    assert not out.exists()

@@ -15,6 +15,7 @@ from ..paths import Layout
 from ..runtime.registry import Registry
 from .build import build_image, check_arch_option
 from .models import ExportInfo
+from .options import parse_env
 from .progress import Progress, Quiet
 
 
@@ -64,8 +65,8 @@ def export_kubevirt(
     nix_args: Sequence[str] = (),
     image_ref: str | None = None,
     name: str | None = None,
-    ports: Sequence[int] = (),
-    env: Mapping[str, str] | None = None,
+    ports: Sequence[int | str] = (),
+    env: Mapping[str, str] | Sequence[str] | None = None,
     arch: str | None = None,
     archive: bool = False,
     force: bool = False,
@@ -75,9 +76,15 @@ def export_kubevirt(
 ) -> ExportInfo:
     prog = progress or Quiet()
     dest = Path(out).expanduser().absolute()
-    kubevirt.check_inputs(dest, name=name, image=image_ref, ports=ports, force=force)  # before a build
+    values = parse_env(env)
+    numbers = kubevirt.check_inputs(dest, name=name, image=image_ref, ports=ports, env=values,
+                                    force=force)  # before a build
+    if arch is not None and arch != "x86_64":
+        check_arch_option(arch)
+        raise UsageError(f"--arch {arch}: the KubeVirt export writes x86_64 (amd64) images only",
+                         hint="drop --arch, or give --arch x86_64")
     image = _resolve(target, flake, nix_args, arch, layout or Layout.default(), runner, prog)
-    spec = kubevirt.spec_from_image(image.path, name=name, image=image_ref, ports=ports, env=env)
+    spec = kubevirt.spec_from_image(image.path, name=name, image=image_ref, ports=numbers, env=values)
     prog.stage("writing the OCI image and vm.yaml")
     result = kubevirt.export(spec, dest, archive=archive, force=force, runner=runner)
     return ExportInfo(

@@ -69,7 +69,7 @@ class UpRequest:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise UsageError(f"{what}={value!r}: must be a whole number")
         for what, values in (("ports", ports), ("volumes", volumes)):
-            if isinstance(values, str):
+            if isinstance(values, (str, int)):
                 raise UsageError(f"{what}={values!r}: give a list", hint=f"{what}=[{values!r}]")
         if cpus is not None and not 1 <= cpus <= 64:
             raise UsageError(f"--cpus {cpus}: must be between 1 and 64",

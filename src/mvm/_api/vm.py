@@ -180,10 +180,11 @@ class VM:
             code = 128 - code
         return ExecResult(code, b"".join(out["stdout"]), b"".join(out["stderr"]))
 
-    def forward(self, port: str | PortForward) -> PortInfo:
+    def forward(self, port: str | int | PortForward) -> PortInfo:
         """Add a host→guest port forward to the running VM and record it. A host port of 0
-        (``"8080"`` alone) picks a free one; the result says which."""
-        fwd = parse_port(port) if isinstance(port, str) else port
+        (``"8080"`` or ``8080`` alone: a guest port, as ``up``'s ``ports``) picks a free one;
+        the result says which."""
+        fwd = port if isinstance(port, PortForward) else parse_port(str(port))
         with self._hotplug() as (files, record, backend, machine):
             for existing in record.ports:
                 if fwd.host_port and existing.host_port == fwd.host_port and existing.proto == fwd.proto:
@@ -197,10 +198,10 @@ class VM:
         return PortInfo(host_ip=added.host_ip, host_port=added.host_port, guest_port=added.guest_port,
                         proto=added.proto)
 
-    def unforward(self, port: str | PortForward) -> PortInfo:
+    def unforward(self, port: str | int | PortForward) -> PortInfo:
         """Remove a forward and forget it: ``HOST:GUEST`` (the host side decides), or ``GUEST``
         alone, as ``-p GUEST`` added it (the one forward to that guest port)."""
-        fwd = parse_port(port) if isinstance(port, str) else port
+        fwd = port if isinstance(port, PortForward) else parse_port(str(port))
         with self._hotplug() as (files, record, backend, machine):
             if fwd.host_port == 0:
                 to_guest = [p for p in record.ports if p.guest_port == fwd.guest_port and p.proto == fwd.proto]

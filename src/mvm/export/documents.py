@@ -142,6 +142,12 @@ def _kernel_value(key: str, value: str) -> str:
     return f"{key}={value}" if _UNQUOTED.fullmatch(value) else f'{key}="{value}"'
 
 
+def check_env(env: Mapping[str, str]) -> None:
+    """``-e`` values that can ride the kernel command line (checked before a build)."""
+    for key, value in env.items():
+        _kernel_value(f"mvm.env.{key}", value)
+
+
 def kernel_args(spec: KubevirtSpec) -> str:
     """The guest's kernel command line under KubeVirt: nothing host-specific, standalone
     mode on, per-boot settings (hostname, env overrides) as ``mvm.*`` parameters."""

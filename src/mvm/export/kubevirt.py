@@ -24,6 +24,7 @@ and returns the ``skopeo copy`` and ``kubectl apply`` lines to run next.
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import tempfile
@@ -44,6 +45,7 @@ from .documents import (
     HealthCheckInput,
     KubevirtSpec,
     ProbePlan,
+    check_env,
     check_name,
     kernel_args,
     parse_image_ref,
@@ -170,16 +172,26 @@ def _layer_files(spec: KubevirtSpec, qcow2: Path) -> list[oci.LayerFile]:
     return files
 
 
-def check_inputs(out_dir: Path, *, name: str | None, image: str | None, ports: Sequence[int], force: bool) -> None:
-    """What the caller gave, checked before anything slow (a build, the conversion) runs."""
+def check_inputs(out_dir: Path, *, name: str | None, image: str | None, ports: Sequence[int | str],
+                 env: Mapping[str, str], force: bool) -> list[int]:
+    """What the caller gave, checked before anything slow (a build, the conversion) runs;
+    returns the ports as numbers (the API takes ``8080`` or ``"8080"``, as ``up`` does)."""
     if name is not None:
         check_name(name)
     if image is not None:
         parse_image_ref(image)
+    if isinstance(ports, (str, int)):
+        raise UsageError(f"ports {ports!r}: give a list of guest ports, e.g. [8080]")
+    numbers = []
     for port in ports:
-        if not 0 < port < 65536:
+        if isinstance(port, bool) or not (isinstance(port, int) or (isinstance(port, str) and port.isdigit())):
+            raise UsageError(f"port {port!r} is not a port number", hint="ports are guest ports, 1-65535 (-p 8080)")
+        if not 0 < int(port) < 65536:
             raise UsageError(f"port {port} is out of range", hint="ports are 1-65535")
+        numbers.append(int(port))
+    check_env(env)
     _check_out_dir(out_dir, force)
+    return numbers
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:
@@ -187,6 +199,12 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
         raise UsageError(f"{out_dir} exists and is not a directory", hint="pick another -o")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise UsageError(f"{out_dir} is not empty", hint="pick another -o, or pass --force to replace an export")
+    parent = out_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {out_dir}: {parent} is not a directory this user can write in",
+                         hint="pick an -o in a directory of yours, e.g. -o ./out")
 
 
 def _remove_previous(out_dir: Path) -> None:
@@ -213,7 +231,7 @@ def export(
     end, so a failed or interrupted export leaves no half-written layout behind (and an
     earlier export, replaced with ``force``, stays until the new one is complete).
     """
-    check_inputs(out_dir, name=spec.name, image=spec.image, ports=spec.ports, force=force)
+    check_inputs(out_dir, name=spec.name, image=spec.image, ports=spec.ports, env=spec.env, force=force)
     for path in (spec.kernel, spec.rootfs, *([spec.initrd] if spec.initrd else [])):
         if not path.is_file():
             raise StateError(f"{path} is missing", hint="rebuild the image: mvmctl build")
@@ -229,7 +247,10 @@ def export(
     if not ports:
         notes.append("no ports: no Service, and the VM's interface forwards every port")
     kernel_args(spec)  # fail on a bad command line before the slow part
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # checked before the build; a file system may still refuse (read-only, /proc)
+        raise UsageError(f"-o {out_dir}: cannot create it ({exc.strerror})", hint="pick another -o") from None
     with tempfile.TemporaryDirectory(prefix=".mvm-export-", dir=out_dir) as tmp_name:
         tmp = Path(tmp_name)
         qcow2 = tmp / "rootfs.qcow2"
