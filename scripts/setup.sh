@@ -47,8 +47,15 @@ fi
 # The kernel runs the other architecture's programs through qemu-user once this handler is
 # registered. Nothing registers it without systemd, and a reboot drops it: done on every run.
 if [ -n "$FOREIGN_QEMU" ] && ! head -n1 "/proc/sys/fs/binfmt_misc/$FOREIGN_QEMU" 2>/dev/null | grep -qx enabled; then
-  echo "setup: update-binfmts --enable $FOREIGN_QEMU"
-  $SUDO update-binfmts --enable "$FOREIGN_QEMU" || echo "setup: could not register $FOREIGN_QEMU (guests of the other architecture will not build; see mvmctl doctor)"
+  if [ -f "/usr/lib/binfmt.d/$FOREIGN_QEMU.conf" ]; then  # Debian 13: the register line, for systemd-binfmt
+    echo "setup: registering /usr/lib/binfmt.d/$FOREIGN_QEMU.conf"
+    $SUDO sh -c "cat /usr/lib/binfmt.d/$FOREIGN_QEMU.conf > /proc/sys/fs/binfmt_misc/register" || true
+  else
+    echo "setup: update-binfmts --enable $FOREIGN_QEMU"
+    $SUDO update-binfmts --enable "$FOREIGN_QEMU" || true
+  fi
+  head -n1 "/proc/sys/fs/binfmt_misc/$FOREIGN_QEMU" 2>/dev/null | grep -qx enabled ||
+    echo "setup: could not register $FOREIGN_QEMU (guests of the other architecture will not build; see mvmctl doctor)"
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -259,11 +259,17 @@ def test_a_foreign_initrd_gets_a_busybox_of_its_own_architecture(tmp_path: Path)
 
 def test_foreign_builds_need_the_binfmt_handler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(arches, "BINFMT", tmp_path)
+    monkeypatch.setattr(arches, "BINFMT_D", tmp_path / "binfmt.d")
     assert arches.emulation_problem("x86_64") is None
     assert "qemu-aarch64 is not registered" in (arches.emulation_problem("aarch64") or "")
     with pytest.raises(BuildError) as info:
         arches.check_can_install("aarch64")
     assert "update-binfmts --enable qemu-aarch64" in (info.value.hint or "")
+    # Debian 13: qemu-user-binfmt's register line for systemd-binfmt; update-binfmts has no entry
+    (tmp_path / "binfmt.d").mkdir()
+    (tmp_path / "binfmt.d" / "qemu-aarch64.conf").write_text(":qemu-aarch64:M::\\x7fELF:...:/usr/bin/qemu:FCP\n")
+    assert arches.register_command("aarch64") == f"cat {tmp_path}/binfmt.d/qemu-aarch64.conf > {tmp_path}/register"
+    assert "update-binfmts" not in arches.setup_fix("aarch64")
     (tmp_path / "qemu-aarch64").write_text("enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\n")
     monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")
     assert arches.emulation_problem("aarch64") is None
@@ -370,9 +376,10 @@ NO_BINFMT = ("\x05\x00\x00\x00\x00\x00\x00\x00Error\x00executing '/nix/store/"
 
 
 @pytest.mark.parametrize("registered", [False, True])
-def test_nix_that_cannot_build_the_system_gives_both_fixes(monkeypatch: pytest.MonkeyPatch,
+def test_nix_that_cannot_build_the_system_gives_both_fixes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                            registered: bool) -> None:
     monkeypatch.setattr(arches, "binfmt_enabled", lambda arch: registered and arch == "aarch64")
+    monkeypatch.setattr(arches, "BINFMT_D", tmp_path)  # Debian 12's way: update-binfmts
     err = nixerrors.condense(WRONG_SYSTEM, flake=".", attr="packages.aarch64-linux.default", system="x86_64-linux")
     assert err.message == "this machine (x86_64-linux) cannot build for aarch64-linux"
     hint = err.hint or ""

@@ -4,7 +4,8 @@ architecture that is not the host's needs, and a kernel file's architecture from
 A Debian build for another architecture (arm64 on an x86_64 host) runs the guest's own
 programs while it installs them: dpkg's maintainer scripts and the byte-compilation run as
 arm64 binaries. The kernel hands those to ``qemu-aarch64`` (qemu-user-static) through a
-``binfmt_misc`` handler, which must be registered (``update-binfmts --enable qemu-aarch64``;
+``binfmt_misc`` handler, which must be registered (``update-binfmts --enable qemu-aarch64`` on
+Debian 12; Debian 13's systemd-binfmt does it from /usr/lib/binfmt.d at boot; without systemd,
 a reboot drops it) and mmdebstrap checks for it with ``arch-test``. It works, about 4x
 slower than a native build (docs/platforms.md). The initrd needs a busybox of the guest's
 architecture too: the host's would make the guest kernel panic (``No working init found``).
@@ -47,10 +48,23 @@ def foreign(arch: Arch) -> bool:
     return arch != host_arch()
 
 
+#: Where Debian 13's qemu-user-binfmt puts its handlers, for systemd-binfmt (binfmt-support and
+#: its update-binfmts no longer register qemu there); Debian 12 registers them with update-binfmts.
+BINFMT_D = Path("/usr/lib/binfmt.d")
+
+
+def register_command(arch: Arch) -> str:
+    """The command that registers qemu-user's ``arch`` handler on this host (as root)."""
+    conf = BINFMT_D / f"qemu-{arch}.conf"
+    if conf.is_file():  # the file holds the kernel's own register line: no systemd needed
+        return f"cat {conf} > {BINFMT / 'register'}"
+    return f"update-binfmts --enable qemu-{arch}"
+
+
 def setup_fix(arch: Arch) -> str:
     """The commands that let this host build for ``arch`` (what scripts/setup.sh runs)."""
     return (f"apt-get install qemu-user-static binfmt-support arch-test && "
-            f"dpkg --add-architecture {debian(arch)} && apt-get update && update-binfmts --enable qemu-{arch} "
+            f"dpkg --add-architecture {debian(arch)} && apt-get update && {register_command(arch)} "
             "(scripts/setup.sh does all of it; the last step again after every reboot)")
 
 

@@ -96,7 +96,7 @@ def foreign_system_hint(wanted: str, host: str, extra_platforms_set: bool = Fals
     arch = next((a for a in ARCHES if f"{a}-linux" == wanted), None)
     if arch is None or not host.endswith("-linux"):
         return fix + f", or give nix a {wanted} builder (remote builders)"
-    binfmt = (f"apt-get install qemu-user-static binfmt-support && update-binfmts --enable qemu-{arch}"
+    binfmt = (f"apt-get install qemu-user-static binfmt-support && {arches.register_command(arch)}"
               " (scripts/setup.sh does this; again after a reboot)")
     if extra_platforms_set:
         return f"{fix}\nor register qemu-user's {arch} handler, which nix's emulation needs: {binfmt}"
