@@ -47,9 +47,12 @@ fi
 # The kernel runs the other architecture's programs through qemu-user once this handler is
 # registered. Nothing registers it without systemd, and a reboot drops it: done on every run.
 if [ -n "$FOREIGN_QEMU" ] && ! head -n1 "/proc/sys/fs/binfmt_misc/$FOREIGN_QEMU" 2>/dev/null | grep -qx enabled; then
-  if [ -f "/usr/lib/binfmt.d/$FOREIGN_QEMU.conf" ]; then  # Debian 13: the register line, for systemd-binfmt
+  if [ -e "/proc/sys/fs/binfmt_misc/$FOREIGN_QEMU" ]; then  # registered, but disabled
+    echo "setup: enabling $FOREIGN_QEMU"
+    $SUDO sh -c "echo 1 > /proc/sys/fs/binfmt_misc/$FOREIGN_QEMU" || true
+  elif [ -f "/usr/lib/binfmt.d/$FOREIGN_QEMU.conf" ]; then  # Debian 13: the register line, for systemd-binfmt
     echo "setup: registering /usr/lib/binfmt.d/$FOREIGN_QEMU.conf"
-    $SUDO sh -c "cat /usr/lib/binfmt.d/$FOREIGN_QEMU.conf > /proc/sys/fs/binfmt_misc/register" || true
+    $SUDO sh -c "grep -v '^[#;]' /usr/lib/binfmt.d/$FOREIGN_QEMU.conf > /proc/sys/fs/binfmt_misc/register" || true
   else
     echo "setup: update-binfmts --enable $FOREIGN_QEMU"
     $SUDO update-binfmts --enable "$FOREIGN_QEMU" || true

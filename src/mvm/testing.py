@@ -47,8 +47,9 @@ OWNER_SCHEMA = 1
 
 
 class FixtureVM(mvm.VM):
-    """The library's :class:`mvm.VM`, with what a test reaches for: ``url``, ``host_port``
-    and ``exec`` with argv spread (``vm.exec("cat", "/etc/hostname")``)."""
+    """The library's :class:`mvm.VM`, with what a test reaches for: ``url`` and
+    ``host_port``; a health wait whose error points at ``--mvm-keep``; a ``restart`` that
+    keeps its host ports and waits."""
 
     def host_port(self, guest_port: int, proto: str = "tcp") -> int:
         """The host port that forwards to ``guest_port`` (picked free when the VM started)."""

@@ -268,8 +268,12 @@ def test_foreign_builds_need_the_binfmt_handler(tmp_path: Path, monkeypatch: pyt
     # Debian 13: qemu-user-binfmt's register line for systemd-binfmt; update-binfmts has no entry
     (tmp_path / "binfmt.d").mkdir()
     (tmp_path / "binfmt.d" / "qemu-aarch64.conf").write_text(":qemu-aarch64:M::\\x7fELF:...:/usr/bin/qemu:FCP\n")
-    assert arches.register_command("aarch64") == f"cat {tmp_path}/binfmt.d/qemu-aarch64.conf > {tmp_path}/register"
+    assert arches.register_command("aarch64") == \
+        f"grep -v '^[#;]' {tmp_path}/binfmt.d/qemu-aarch64.conf > {tmp_path}/register"
     assert "update-binfmts" not in arches.setup_fix("aarch64")
+    (tmp_path / "qemu-aarch64").write_text("disabled\n")  # registered, switched off: on again
+    assert arches.register_command("aarch64") == f"echo 1 > {tmp_path}/qemu-aarch64"
+    (tmp_path / "qemu-aarch64").unlink()
     (tmp_path / "qemu-aarch64").write_text("enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\n")
     monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")
     assert arches.emulation_problem("aarch64") is None
@@ -380,6 +384,7 @@ def test_nix_that_cannot_build_the_system_gives_both_fixes(monkeypatch: pytest.M
                                                            registered: bool) -> None:
     monkeypatch.setattr(arches, "binfmt_enabled", lambda arch: registered and arch == "aarch64")
     monkeypatch.setattr(arches, "BINFMT_D", tmp_path)  # Debian 12's way: update-binfmts
+    monkeypatch.setattr(arches, "BINFMT", tmp_path)  # no handler registered, enabled or not
     err = nixerrors.condense(WRONG_SYSTEM, flake=".", attr="packages.aarch64-linux.default", system="x86_64-linux")
     assert err.message == "this machine (x86_64-linux) cannot build for aarch64-linux"
     hint = err.hint or ""

@@ -582,3 +582,32 @@ def test_export_checks_what_it_was_given_before_building(tmp_path: Path, kwargs:
         mvm.export_kubevirt(str(tmp_path / "no-such-project"), out=tmp_path / "out",
                             layout=Layout(state=tmp_path / "s", cache=tmp_path / "c"), **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_spec_builds_for_x86_64_and_refuses_a_spec_that_says_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spec that says arch = "aarch64" was built (minutes, emulated) and then refused; on an
+    aarch64 host a spec that says nothing was built for the host, and refused too."""
+    from mvm._api import export as export_api
+    from mvm._api.progress import Quiet
+    from mvm._proc import DEFAULT_RUNNER
+    from mvm.paths import Layout
+
+    asked: list[str | None] = []
+
+    def build_image(*args: object, arch: str | None = None, **kwargs: object) -> tuple[None, bool]:
+        asked.append(arch)  # the architecture the export would build for
+        return None, False
+
+    monkeypatch.setattr(export_api, "build_image", build_image)
+    layout = Layout(state=tmp_path / "s", cache=tmp_path / "c")
+    (tmp_path / "mvm.toml").write_text('name = "web"\n[services.web]\ncommand = "true"\n')
+    export_api._resolve(str(tmp_path), None, (), None, layout, DEFAULT_RUNNER, Quiet())
+    assert asked == ["x86_64"]
+    (tmp_path / "mvm.toml").write_text('name = "web"\narch = "aarch64"\n[services.web]\ncommand = "true"\n')
+    with pytest.raises(UsageError, match='the spec says arch = "aarch64"') as caught:
+        export_api._resolve(str(tmp_path), None, (), None, layout, DEFAULT_RUNNER, Quiet())
+    assert "--arch x86_64" in (caught.value.hint or "") and asked == ["x86_64"]  # no build
+    export_api._resolve(str(tmp_path), None, (), "x86_64", layout, DEFAULT_RUNNER, Quiet())
+    export_api._resolve(".", ".#hello", (), None, layout, DEFAULT_RUNNER, Quiet())  # #ATTR names the system
+    assert asked == ["x86_64", "x86_64", None]

@@ -1097,6 +1097,8 @@ def test_exec_refuses_a_string_command_and_a_zero_timeout(layout: Layout, fake: 
         vm.exec("cat /etc/hostname")
     assert caught.value.hint and "exec('cat', '/etc/hostname')" in caught.value.hint
     assert vm.exec("echo", "hi").stdout == vm.exec(["echo", "hi"]).stdout == b"echo hi\n"  # the fake echoes
+    # one word with a space, in a list: what it says (mvmctl exec VM -- "/opt/My App/run" passes this)
+    assert vm.exec(["/opt/My App/run"]).stdout == b"/opt/My App/run\n"
     with pytest.raises(UsageError, match="timeout=0: must be more than 0"):
         vm.exec(["true"], timeout=0)
     with pytest.raises(UsageError, match="'A=B' is not a valid variable name"):

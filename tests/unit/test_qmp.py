@@ -33,3 +33,24 @@ def test_ctrl_c_during_the_greeting_prints_no_traceback(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", _INTERRUPTED_GREETING, str(tmp_path / "qmp.sock")],
                        capture_output=True, text=True, timeout=30)
     assert (r.stdout, r.stderr) == ("interrupted\n", "")
+
+
+def test_qemu_qmp_logs_are_quiet_only_while_a_session_is_open(tmp_path: Path) -> None:
+    """mvm reports QMP failures itself, so qemu.qmp's own ERROR lines are muted, but only
+    during a session: an application's level for that logger comes back after it."""
+    import logging
+
+    import pytest
+
+    from mvm.backends.qmp import QMP
+    from mvm.errors import VMError
+
+    qmp_log = logging.getLogger("qemu.qmp")
+    qmp_log.setLevel(logging.INFO)
+    try:
+        with pytest.raises(VMError, match="cannot talk to QEMU's monitor"), QMP(tmp_path / "none.sock", "web",
+                                                                                timeout=0.5):
+            pass
+        assert qmp_log.level == logging.INFO
+    finally:
+        qmp_log.setLevel(logging.NOTSET)

@@ -46,6 +46,7 @@ def test_a_command_waiting_while_the_vm_is_removed_finds_it_gone(layout: Layout)
     assert isinstance(outcome[0], VMNotFound)
     assert not files.root.exists()
     assert registry.names() == []
+    assert not files.lock.exists()  # the file its lock wait made (or kept) goes with the VM
 
 
 def test_remove_takes_the_lock_and_leaves_no_dir(layout: Layout) -> None:

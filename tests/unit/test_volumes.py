@@ -264,6 +264,9 @@ def test_a_read_only_mount_of_a_volumes_host_dir_says_the_volume_is_not_mounted(
     assert note == (f"{tmp_path / 'data'} -> /mnt/data is a read-only copy of the directory; its persistent volume "
                     f"{vid} (64 MiB, with the data the guest wrote) is not mounted: to mount it, add its size: "
                     f"-v {tmp_path / 'data'}:/mnt/data:64")
+    meta = VolumeStore(layout).meta_path(vid)
+    meta.write_text("{not json")  # a damaged record: `volume ls` says so; the read-only up goes on
+    assert volumes.hidden_volumes(plan(["./data:/mnt/data"], layout, cwd=tmp_path), layout) == []
 
 
 def test_lock_refuses_a_second_holder_and_names_it(tmp_path: Path, layout: Layout) -> None:

@@ -13,6 +13,7 @@ from ..errors import MvmError, UsageError
 from ..export import kubevirt
 from ..paths import Layout
 from ..runtime.registry import Registry
+from ..spec import load_toml
 from .build import build_image, check_arch_option
 from .models import ExportInfo
 from .options import parse_env
@@ -21,11 +22,21 @@ from .progress import Progress, Quiet
 
 def _resolve(target: str, flake: str | None, nix_args: Sequence[str], arch: str | None, layout: Layout,
              runner: Runner, progress: Progress) -> Image:
-    """A spec path or flake is built (or found in the cache), for ``arch`` if given;
+    """A spec path or flake is built (or found in the cache), for ``arch`` if given, else for
+    x86_64 (the only architecture the export writes; a spec that says another is refused);
     otherwise ``target`` names an image in the store: a key (4+ first characters) or a guest
     name, of ``arch`` if given. Of several, the newest x86_64 one (what the export writes)."""
     check_arch_option(arch)
     if flake is not None or Path(target).exists():
+        if arch is None:  # what the export writes, whatever this host is
+            if flake is None:
+                declared = load_toml(target).arch
+                if declared not in (None, "x86_64"):
+                    raise UsageError(f"{target}: the spec says arch = \"{declared}\"; the KubeVirt export writes "
+                                     "x86_64 (amd64) images only",
+                                     hint="add --arch x86_64 to build the guest for x86_64 and export that")
+            if flake is None or "#" not in flake:
+                arch = "x86_64"
         image, _ = build_image(target if flake is None else ".", flake=flake, nix_args=nix_args, arch=arch,
                                layout=layout, runner=runner, progress=progress)
         return image

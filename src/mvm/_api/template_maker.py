@@ -203,9 +203,8 @@ def _unhealthy(files: VMFiles, name: str, image: Image, timeout: float) -> str |
         if (check := next((c for c in status.checks if c.state == "unhealthy"
                            and c.failures >= GIVE_UP_FAILURES), None)) is not None:
             return f"check {check.name} failed {check.failures} probes in a row (last exit {check.last_exit})"
+        # (without checks, healthy_with waits until the services have run START_SECS)
         if status.healthy_with(want_services, want_checks) and all(s.state == "running" for s in status.services):
-            if not want_checks:
-                time.sleep(1.0)  # no checks: give the services a moment to finish starting
             return None
         time.sleep(0.2)
     return f"not healthy within {timeout:g}s"

@@ -372,13 +372,15 @@ def _feed_stdin(session: agent.AgentSession, stdin: bytes | Iterable[bytes]) -> 
 
 
 def _words(argv: tuple[str | Sequence[str], ...]) -> list[str]:
-    """exec's command from its words or one list of them. One string with a space in it is
-    refused: no shell splits it, so it would run as one program name."""
-    words = list(argv[0]) if len(argv) == 1 and not isinstance(argv[0], str) else list(argv)
+    """exec's command from its words or one list of them. One bare string with a space in it
+    is refused: no shell splits it, so it would run as one program name. In a list it is what
+    it says, one word (``["/opt/My App/run"]``, as ``mvmctl exec VM -- "/opt/My App/run"``)."""
+    listed = len(argv) == 1 and not isinstance(argv[0], str)
+    words = list(argv[0]) if listed else list(argv)
     strings = [w for w in words if isinstance(w, str)]
     if len(strings) != len(words):
         raise UsageError("exec takes the command's words (exec('ls', '-l')) or one list of them")
-    if len(strings) == 1 and any(c.isspace() for c in strings[0]):
+    if not listed and len(strings) == 1 and any(c.isspace() for c in strings[0]):
         raise UsageError(f"exec {strings[0]!r}: give the command as separate words (no shell runs it)",
                          hint=f"e.g. exec{tuple(strings[0].split())!r}, or exec('sh', '-c', {strings[0]!r})")
     return strings

@@ -23,7 +23,7 @@ from .. import _ext4 as ext4
 from .. import _pids
 from .._proc import Runner
 from ..backends.base import Disk
-from ..errors import CommandFailed, DiskFull, VolumeError, check_free
+from ..errors import CommandFailed, DiskFull, StateError, VolumeError, check_free
 from ..names import DEFAULT_UID
 from ..paths import Layout, VMFiles
 from ..runtime.bootconfig import BootVolume
@@ -167,7 +167,10 @@ def hidden_volumes(planned: Sequence[Planned], layout: Layout) -> list[str]:
     for p in planned:
         if p.arg.writable:
             continue
-        meta = store.load(volume_id(p.arg.host))
+        try:
+            meta = store.load(volume_id(p.arg.host))
+        except StateError:  # a damaged volume record: `volume ls` says so; a note must not fail the up
+            continue
         if meta is not None and meta.host == str(p.arg.host):
             notes.append(f"{p.arg.host} -> {p.arg.guest} is a read-only copy of the directory; its persistent "
                          f"volume {meta.id} ({meta.size_mb} MiB, with the data the guest wrote) is not mounted: "

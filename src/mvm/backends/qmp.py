@@ -11,6 +11,7 @@ QEMU that accepts the connection but never speaks (frozen, stopped, wedged) must
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Awaitable
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +25,29 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+_quiet_lock = threading.Lock()
+_quiet_sessions = 0
+_level_before = logging.NOTSET
+
+
+def _quiet_qmp_logs(entering: bool) -> None:
+    """qemu.qmp logs each failure it raises at ERROR; mvm reports it (a VMError), once. So
+    while any session is open (and the root logger is not at DEBUG, as ``--debug`` sets it)
+    its logger is quiet, and its own level comes back when the last one closes: an
+    application that configures qemu.qmp's logging keeps what it set."""
+    global _quiet_sessions, _level_before
+    qmp_log = logging.getLogger("qemu.qmp")
+    with _quiet_lock:
+        if entering:
+            if _quiet_sessions == 0 and not logging.getLogger().isEnabledFor(logging.DEBUG):
+                _level_before = qmp_log.level
+                qmp_log.setLevel(logging.CRITICAL)
+            _quiet_sessions += 1
+        else:
+            _quiet_sessions -= 1
+            if _quiet_sessions == 0 and qmp_log.level == logging.CRITICAL:
+                qmp_log.setLevel(_level_before)
 
 
 class QMP:
@@ -51,9 +75,7 @@ class QMP:
 
         from qemu.qmp import QMPClient
 
-        if not logging.getLogger().isEnabledFor(logging.DEBUG):
-            # qemu.qmp logs each failure it raises at ERROR; mvm reports it (a VMError), once
-            logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+        _quiet_qmp_logs(True)
         self._loop = asyncio.new_event_loop()
         try:
             sock = unixsock.connect(self.path, self.timeout)
@@ -113,6 +135,7 @@ class QMP:
                 log.debug("closing QMP session failed", exc_info=True)
             finally:
                 self._loop.close()
+                _quiet_qmp_logs(False)
         self._client = None
         self._loop = None
 

@@ -56,8 +56,10 @@ BINFMT_D = Path("/usr/lib/binfmt.d")
 def register_command(arch: Arch) -> str:
     """The command that registers qemu-user's ``arch`` handler on this host (as root)."""
     conf = BINFMT_D / f"qemu-{arch}.conf"
-    if conf.is_file():  # the file holds the kernel's own register line: no systemd needed
-        return f"cat {conf} > {BINFMT / 'register'}"
+    if (BINFMT / f"qemu-{arch}").exists():  # registered, but disabled
+        return f"echo 1 > {BINFMT / f'qemu-{arch}'}"
+    if conf.is_file():  # the kernel's own register line (and comments): no systemd needed
+        return f"grep -v '^[#;]' {conf} > {BINFMT / 'register'}"
     return f"update-binfmts --enable qemu-{arch}"
 
 

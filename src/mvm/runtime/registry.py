@@ -188,6 +188,9 @@ class Registry:
         if not self.files(name).root.is_dir():
             raise VMNotFound(name, f"no VM named {name!r}", hint="list VMs with `mvmctl ls`")
         with self.locked(name) as files:
+            if not files.root.is_dir():  # it went while we waited: the lock file we made goes too
+                files.lock.unlink(missing_ok=True)
+                raise VMNotFound(name, f"no VM named {name!r}", hint="list VMs with `mvmctl ls`")
             record = self.load(name)
             yield files, record
             self.write(files, record)
