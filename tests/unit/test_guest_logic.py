@@ -266,6 +266,9 @@ def test_a_cp_cut_short_leaves_no_partial_file_and_the_old_one_whole(
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
     copy(stream.getvalue())  # whole: replaces it
     assert target.read_bytes() == payload and sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
+    target = tmp_path / ("n" * 250)  # a name near the 255-byte limit: its temporary name must fit too
+    copy(stream.getvalue())
+    assert target.read_bytes() == payload
 
 
 def test_cp_rename_refuses_entries_outside_the_stream() -> None:
@@ -468,3 +471,36 @@ def test_input_sent_while_held_input_is_written_waits_behind_it(monkeypatch: pyt
     with os.fdopen(r, "rb") as f:
         got = f.read()
     assert got == b"".join(bytes([n]) * 100 for n in range(6))
+
+
+_HELD_INPUT_TO_CAT = """
+import base64, socket, sys, threading
+from mvm.guest.control import ControlServer
+from mvm.guest.execstream import Connection, StreamOp
+from mvm.guest.reaper import Reaper
+reaper = Reaper()
+threading.Thread(target=reaper.loop, daemon=True).start()
+server = ControlServer([], reaper=reaper, status=dict, shutdown=lambda: None, configure=lambda c: None,
+                       env_overrides={}, path="/usr/bin:/bin", signals=None)
+host, guest = socket.socketpair()
+threading.Thread(target=lambda: [None for _ in iter(lambda: host.recv(65536), b"")], daemon=True).start()
+conn = Connection(guest.fileno())
+op = StreamOp(conn, {"id": 1, "argv": ["cat"], "user": "root", "cwd": "/"}, server)
+conn.active = op
+for _ in range(16):  # 512 KiB, held: the command does not exist yet
+    op.feed({"op": "stdin", "data": base64.b64encode(b"x" * 32768).decode()})
+op.feed({"op": "eof"})
+op.start()
+print("done" if op.done.wait(20) else "hung", flush=True)
+"""
+
+
+def test_held_input_larger_than_a_pipe_reaches_a_command_that_echoes_it() -> None:
+    """`exec -i VM -- tee /x < big` (and cp of a large file): the input held before the command
+    started was written before its output was read, so `cat` filled its stdout pipe, stopped
+    reading, and the write (with the agent's reader behind its lock) hung for good."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _HELD_INPUT_TO_CAT], capture_output=True, text=True, timeout=60)
+    assert r.stdout == "done\n", r.stderr

@@ -15,7 +15,8 @@ Copied in, files belong to root unless ``--archive`` keeps the host's owners; mo
 kept. Copied out, owners are the host user's (the host does that, not this side). A file
 is written beside its target under a temporary name and renamed onto it once complete: a
 copy cut short (a full disk, a broken stream) leaves no partial file, and a file it was
-to replace as it was.
+to replace as it was. (A copy killed outright, as when its host client goes away, can leave
+its hidden ``.mvm-cp-PID`` file.)
 
 ``mvmctl cp - NAME:DIR`` (``untar``) extracts a tar archive the user piped in into the
 directory DIR, as ``docker cp -`` does: its entries as they are named (a leading ``/``
@@ -100,8 +101,8 @@ def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> None:
     final = member.name
     if os.path.isdir(os.path.join(where, final)):
         raise CopyError(f"cannot copy a file onto the directory {os.path.join(where, final)}")
-    head, tail = os.path.split(final)
-    member.name = os.path.join(head, f".{tail}.mvm-cp-{os.getpid()}")
+    head = os.path.dirname(final)
+    member.name = os.path.join(head, f".mvm-cp-{os.getpid()}")  # short: a name of 255 bytes leaves no room
     partial = os.path.join(where, member.name)
     try:
         tar.extract(member, where, set_attrs=True, numeric_owner=True, **_TRUSTED)

@@ -169,11 +169,11 @@ class StreamOp:
             os.close(w_err)
             os.close(r_in)
         self.stdin_fd = w_in
-        self._mark_started()
         pumps = [threading.Thread(target=self._pump, args=(r_out, "stdout"), daemon=True),
                  threading.Thread(target=self._pump, args=(r_err, "stderr"), daemon=True)]
-        for p in pumps:
+        for p in pumps:  # before the held input goes in: a command that echoes it must not block
             p.start()
+        self._mark_started()
         self._finish(pumps)
 
     def _run_tty(self, argv: list[str], kwargs: dict[str, Any]) -> None:
@@ -193,9 +193,9 @@ class StreamOp:
             os.close(slave)
         self.pty_master = master
         self.stdin_fd = os.dup(master)
-        self._mark_started()
         pump = threading.Thread(target=self._pump, args=(master, "stdout"), daemon=True)
-        pump.start()
+        pump.start()  # before the held input, as for pipes
+        self._mark_started()
         self._finish([pump])
 
     def _finish(self, pumps: list[threading.Thread]) -> None:
