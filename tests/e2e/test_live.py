@@ -222,6 +222,11 @@ def test_large_input_reaches_the_guest_byte_for_byte(cli: CLI, testbed_vm: dict[
     piped = subprocess.run([sys.executable, "-m", "mvm", "exec", "-i", "shared", "--", "sha256sum"],
                            input=blob.read_bytes()[: 4 << 20], env=cli.env, capture_output=True, timeout=120)
     assert piped.stdout.split()[0].decode() == hashlib.sha256(blob.read_bytes()[: 4 << 20]).hexdigest()
+    # a command that echoes its input: the input held before it started must not block on its
+    # full stdout (it hung the port for good)
+    echoed = subprocess.run([sys.executable, "-m", "mvm", "exec", "-i", "shared", "--timeout", "60", "--", "cat"],
+                            input=blob.read_bytes()[: 4 << 20], env=cli.env, capture_output=True, timeout=120)
+    assert echoed.returncode == 0 and echoed.stdout == blob.read_bytes()[: 4 << 20], echoed.stderr
 
 
 def test_an_exec_cut_short_does_not_hold_up_the_next(cli: CLI, testbed_vm: dict[str, Any]) -> None:
