@@ -93,8 +93,16 @@ def test_passes(mvm_vm):
 
 def test_fails(mvm_vm):
     vm = mvm_vm(HELLO, ports=[8080])
+    assert vm.exec("sh", "-c", "echo oops; exit 3").exit_code == 0
+"""
+
+#: two more failures: a VM the test brought down itself, and one whose up refused its input
+MORE_FAILURES = """
+
+def test_fails_after_its_own_down(mvm_vm):
+    vm = mvm_vm(HELLO, ports=[8080])
     result = vm.exec("sh", "-c", "echo oops; exit 3")
-    vm.down()  # the test's own down: the report still shows its logs, and teardown drops them
+    vm.down()  # the report still shows its logs (those down kept), and teardown drops them
     assert result.exit_code == 0
 
 def test_refused_input(mvm_vm):
@@ -103,14 +111,15 @@ def test_refused_input(mvm_vm):
 
 
 def test_a_passing_and_a_failing_test_leave_nothing(inner: Inner) -> None:
-    inner.write(USER_TESTS)
+    inner.write(USER_TESTS + MORE_FAILURES)
     result = inner.run("--durations=0", "-vv")
-    result.assert_outcomes(passed=1, failed=2)
-    # the failed test's report: its VM's log (from its template's boot on)
-    result.stdout.fnmatch_lines(["*mvm VM hello-*-2 (last 40 lines of its console and services)*"])
+    result.assert_outcomes(passed=1, failed=3)
+    # the failed tests' reports: their VMs' logs (from the template's boot on)
+    result.stdout.fnmatch_lines(["*mvm VM hello-*-2 (last 40 lines of its console and services)*",
+                                 "*mvm VM hello-*-3 (last 40 lines of its console and services)*"])
     out = result.stdout.str()
-    assert "[service hello] running" in out
-    assert out.count("mvm VM hello-") == 1 and "(no logs:" not in out  # none for a VM that never started
+    assert out.count("[service hello] running") >= 2
+    assert out.count("mvm VM hello-") == 2 and "(no logs:" not in out  # none for a VM that never started
     result.stdout.fnmatch_lines(["E * hint: *"])  # the UsageError's hint, under its message
     inner.assert_nothing_left()
     # fast start is test_passes' `start == "restored"`; its speed is bench/'s to measure

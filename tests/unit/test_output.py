@@ -31,6 +31,15 @@ def test_guest_text_cannot_drive_or_reorder_the_terminal() -> None:
     assert shown == "a\\x1b[2Jb\\u202egnp.exe\\[bold]\tc"
 
 
+def test_emoji_codes_in_text_print_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    """A request for /:fire:/ in a guest's log, a dir named a:fire:b, -v ...:secret:64: Rich
+    turned the codes into emoji, rewriting guest text, paths and the user's own words."""
+    output.out.print(output.safe('"GET /:fire:/:secret: HTTP/1.1" 200'))
+    output.table([Column[str]("HOST", lambda r: r)], ["/tmp/a:fire:b"])
+    shown = capsys.readouterr().out
+    assert '"GET /:fire:/:secret: HTTP/1.1" 200' in shown and "/tmp/a:fire:b" in shown
+
+
 def test_sizes_given_in_mib_read_back_as_given() -> None:
     # `--memory 512` and `-v ./d:/mnt/d:1024` are MiB: ls, status, up and volume ls print them so
     assert output.mib(512) == "512 MiB"

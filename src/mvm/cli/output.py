@@ -74,7 +74,7 @@ def _console_class() -> type[Console]:
 @functools.cache
 def console(stderr: bool) -> Console:
     """The console for stdout or stderr (``out`` and ``err``), made on first use."""
-    return _console_class()(stderr=stderr, highlight=False, soft_wrap=True)
+    return _console_class()(stderr=stderr, highlight=False, emoji=False, soft_wrap=True)  # ":fire:" stays text
 
 
 def __getattr__(name: str) -> Console:
@@ -194,7 +194,7 @@ def table(columns: Sequence[Column[Row]], rows: Sequence[Row]) -> None:
     # Console.print caps width at the console's (80 off a terminal): print through one as
     # wide as the table
     natural = Measurement.get(out, out.options.update_width(100_000), t).maximum
-    _console_class()(file=out.file, width=natural, highlight=False, color_system=None).print(t, crop=False)
+    _console_class()(file=out.file, width=natural, highlight=False, emoji=False, color_system=None).print(t, crop=False)
 
 
 class StageProgress:
