@@ -685,6 +685,12 @@ def test_suspend_and_resume(layout: Layout, fake: FakeBackend, image: Image, tmp
     assert "status" not in [m["op"] for m in machine.guest.requests]
     assert PortForward(18123, 9090) in machine.spec.ports
     vm.suspend()
+    # its image removed meanwhile (rmi in another MVM_HOME sharing the cache): an error, not a traceback
+    (image.path / "rootfs.ext4").rename(image.path / "gone")
+    with pytest.raises(StateError, match="cannot be resumed: its image is gone"):
+        vm.resume()
+    (image.path / "gone").rename(image.path / "rootfs.ext4")
+    assert vm.info(ask_guest=False).status is mvm.VMStatus.SUSPENDED  # still there to resume
     assert mvm.down("web", layout=layout).how == "not running; its saved state discarded"  # down of a suspended VM
     _nothing_left(layout, fake)
 
@@ -1149,3 +1155,23 @@ def test_down_without_logs_of_a_gone_vm_drops_the_logs_a_down_kept(tmp_path: Pat
     with pytest.raises(mvm.VMNotFound):
         mvm.down("web", layout=layout, keep_logs=False)
     assert not kept.exists() and not list(layout.retained_logs.iterdir())
+
+
+def test_a_guest_refusal_whose_start_was_undone_does_not_send_the_user_to_the_vm(
+        layout: Layout, fake: FakeBackend, image: Image, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clone whose guest refused its config (a -v over /usr/lib): the start is undone, and
+    the hint said `mvmctl status web` and `mvmctl logs web` (no such VM; another run's logs)."""
+    from mvm.errors import AgentError
+
+    request.getfixturevalue("template")
+    monkeypatch.setattr(ImageStore, "get", lambda self, key: image if key == image.key else None)
+
+    def refuse(self: Launch, *args: object) -> None:
+        raise AgentError(self.plan.name, "the guest refused 'configure': No module named 'mvm.guest.health'")
+
+    monkeypatch.setattr(Launch, "personalize", refuse)
+    with pytest.raises(AgentError) as caught:
+        _up(layout, fake, image)
+    assert "nothing of web was kept" in (caught.value.hint or "") and "mvmctl status" not in (caught.value.hint or "")
+    _nothing_left(layout, fake)

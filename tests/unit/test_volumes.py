@@ -65,6 +65,8 @@ def test_host_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("./c:/dev/shm", "guest path /dev/shm is reserved"),
         ("./c:/usr/lib/mvm", "is reserved"),
         ("./c:/etc", "guest path /etc is reserved"),
+        ("./c:/usr/lib", "guest path /usr/lib is reserved: the volume would hide /usr/lib"),  # and /usr/lib/mvm
+        ("./c:/usr/bin/", "guest path /usr/bin is reserved"),  # merged /usr: the services' /bin/sh
         ("./c:/mnt/../etc", "contains '..'"),
         ("./d:/mnt/d:0", "size 0 MiB: a volume's size must be a positive number of MiB"),
         ("./d:/mnt/d:64:secrets", "'secrets' is not an option"),  # was a plain writable volume
@@ -260,10 +262,13 @@ def test_a_read_only_mount_of_a_volumes_host_dir_says_the_volume_is_not_mounted(
         a.held_by(DEAD_PID, None)
         undo.pop_all()
     vid = volume_id(tmp_path / "data")
-    [note] = volumes.hidden_volumes(plan(["./data:/mnt/data", "./data:/mnt/d2:64"], layout, cwd=tmp_path), layout)
+    [note] = volumes.hidden_volumes(plan(["./data:/mnt/data"], layout, cwd=tmp_path), layout)
     assert note == (f"{tmp_path / 'data'} -> /mnt/data is a read-only copy of the directory; its persistent volume "
                     f"{vid} (64 MiB, with the data the guest wrote) is not mounted: to mount it, add its size: "
                     f"-v {tmp_path / 'data'}:/mnt/data:64")
+    # the same HOST also mounted with its size in this up: the volume is mounted (there)
+    assert volumes.hidden_volumes(plan(["./data:/mnt/data:64", "./data:/mnt/ro"], layout, cwd=tmp_path),
+                                  layout) == []
     meta = VolumeStore(layout).meta_path(vid)
     meta.write_text("{not json")  # a damaged record: `volume ls` says so; the read-only up goes on
     assert volumes.hidden_volumes(plan(["./data:/mnt/data"], layout, cwd=tmp_path), layout) == []

@@ -108,7 +108,11 @@ def up(
         Launch(plan, layout, runner, prog).run()
     except VMError as exc:  # the restore, or the clone's set-up (a volume's hot-plug, an agent that went quiet)
         guest_said_no = isinstance(exc, AgentError) and not isinstance(exc, AgentTimeout)  # would say it cold too
-        if plan.restore is None or guest_said_no or Registry(layout).files(plan.name).root.exists():
+        kept = Registry(layout).files(plan.name).root.exists()
+        if plan.restore is None or guest_said_no or kept:
+            if isinstance(exc, AgentError) and not kept:  # its hint sends the user to the VM: there is none
+                exc.hint = (f"nothing of {plan.name} was kept (its start was undone): fix what the guest says "
+                            "above, then run up again (--debug shows every step)")
             raise  # not a restore, the name is taken, or the undo kept the attempt: a cold boot would hide why
         # Nothing of the attempt is left (its undo ran): say why, forget the template, boot.
         reason = f"restoring failed ({exc.message}); booted cold"

@@ -164,8 +164,9 @@ def hidden_volumes(planned: Sequence[Planned], layout: Layout) -> list[str]:
     forgot ``:SIZE_MB`` (``docker run -v`` mounts read-write without one)."""
     store = VolumeStore(layout)
     notes = []
+    mounted = {p.arg.host for p in planned if p.arg.writable}  # this up mounts those volumes itself
     for p in planned:
-        if p.arg.writable:
+        if p.arg.writable or p.arg.host in mounted:
             continue
         try:
             meta = store.load(volume_id(p.arg.host))

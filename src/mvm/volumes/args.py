@@ -29,7 +29,9 @@ FORMS = ("HOSTDIR:/guest/path (read-only), HOSTDIR:/guest/path:secret, "
 #: Guest paths that cannot be volumes, with everything below them.
 RESERVED_TREES = ("/proc", "/sys", "/dev", "/usr/lib/mvm", "/etc/mvm")
 #: Guest paths that cannot be volumes themselves (the guest needs what is in them).
-RESERVED_EXACT = ("/", "/bin", "/boot", "/etc", "/lib", "/lib64", "/sbin", "/usr")
+RESERVED_EXACT = ("/", "/bin", "/boot", "/etc", "/lib", "/lib64", "/sbin", "/usr",
+                  # merged /usr (Debian 12 on): /bin is /usr/bin, and so on
+                  "/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib64", "/usr/libexec")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ def normalize_guest_path(text: str, guest: str) -> str:
         if path == tree or path.startswith(tree + "/"):
             raise _usage(text, f"guest path {path} is reserved: mounting on {tree} would break the guest",
                          hint="pick a path such as /mnt/NAME or /srv/NAME")
+        if tree.startswith(path + "/") and path not in RESERVED_EXACT:  # it would hide the tree
+            raise _usage(text, f"guest path {path} is reserved: the volume would hide {tree}, which the guest "
+                         "needs", hint="pick a path such as /mnt/NAME or /srv/NAME")
     if path in RESERVED_EXACT:
         what = "the root filesystem" if path == "/" else f"{path}, which the guest needs"
         raise _usage(text, f"guest path {path} is reserved: the volume would hide {what}",
