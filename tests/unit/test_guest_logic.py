@@ -504,3 +504,33 @@ def test_held_input_larger_than_a_pipe_reaches_a_command_that_echoes_it() -> Non
 
     r = subprocess.run([sys.executable, "-c", _HELD_INPUT_TO_CAT], capture_output=True, text=True, timeout=60)
     assert r.stdout == "done\n", r.stderr
+
+
+def test_a_service_whose_shell_cannot_start_is_reported_not_hung() -> None:
+    """`-v ./cfg:/usr/bin` hid /bin/sh: Popen raised in the service's thread, which died, and
+    the service stayed 'prestart' for good, no reason given, up --wait waiting it out."""
+    import time
+
+    from mvm.guest.supervisor import Supervisor
+
+    class NoShell:
+        def spawn(self, *args: object, **kwargs: object) -> None:
+            raise FileNotFoundError(2, "No such file or directory", "/bin/sh")
+
+    class Events:
+        def emit(self, kind: str, **fields: object) -> None:
+            pass
+
+    sup = Supervisor({"pre": {"command": "true", "preStart": "mkdir /x", "user": "root"},
+                      "web": {"command": "serve", "user": "root"}},
+                     reaper=NoShell(), events=Events(), env_overrides={}, handover_roots=[])  # type: ignore[arg-type]
+    sup.start()
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sup.status()["web"]["state"] != "backoff":
+            time.sleep(0.05)
+        web, pre = sup.status()["web"], sup.status()["pre"]
+        assert web["state"] == "backoff" and web["last_exit"] == 127 and "/bin/sh" in web["reason"], web
+        assert pre["state"] == "failed" and "preStart could not start" in pre["reason"], pre
+    finally:
+        sup.stopping.set()

@@ -113,16 +113,19 @@ class Check:
         env = base_env(ident, self.mon.path)
         env.update(svc.get("env") or {})
         env.update(self.mon.env_overrides)
-        child = self.mon.reaper.spawn(
-            ["/bin/sh", "-c", self.spec["healthCmd"]],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ident.home,
-            start_new_session=True,
-            **ident.popen_args(),
-        )
+        try:
+            child = self.mon.reaper.spawn(
+                ["/bin/sh", "-c", self.spec["healthCmd"]],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ident.home,
+                start_new_session=True,
+                **ident.popen_args(),
+            )
+        except OSError as exc:  # no /bin/sh (a volume over it), no memory to fork: a failed probe
+            return 127, f"cannot start the probe: {exc}"
         out: list[bytes] = []
         assert child.proc.stdout is not None
         reader = threading.Thread(target=_read_tail, args=(child.proc.stdout, out), daemon=True)

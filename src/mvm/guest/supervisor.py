@@ -211,13 +211,18 @@ class Service:
         pre = (self.spec.get("preStart") or "").strip()
         if pre and not self.sup.stopping.is_set():
             self._set_state("prestart")
-            with self.sup.prestart_lock:  # one preStart at a time, as documented
-                if user.uid == 0:  # nothing to hand over: no mark to leave on its files
-                    code = self._spawn(pre, Identity("root"), "preStart").wait()
-                else:
-                    mark = handover.marker()
-                    code = self._spawn(pre, Identity("root").marked(mark), "preStart").wait()
-                    self._hand_over(mark, user)
+            try:
+                with self.sup.prestart_lock:  # one preStart at a time, as documented
+                    if user.uid == 0:  # nothing to hand over: no mark to leave on its files
+                        code = self._spawn(pre, Identity("root"), "preStart").wait()
+                    else:
+                        mark = handover.marker()
+                        code = self._spawn(pre, Identity("root").marked(mark), "preStart").wait()
+                        self._hand_over(mark, user)
+            except OSError as exc:  # no /bin/sh, no memory to fork: the thread must not die with it
+                self._set_state("failed", reason=f"preStart could not start: {exc}", exit=127)
+                self.started.set()
+                return
             if code != 0:
                 self.last_exit = code
                 hopeless = cannot_run(code, 0.0) if code is not None else None
@@ -227,7 +232,18 @@ class Service:
                 return
         failures = 0
         while not self.sup.stopping.is_set():
-            self.child = self._spawn(self.spec["command"], user, "service")
+            try:
+                self.child = self._spawn(self.spec["command"], user, "service")
+            except OSError as exc:  # as a run that could not start (127): backed off and tried again
+                self.last_exit, self.reason = 127, f"could not start: {exc}"
+                self.started.set()
+                failures += 1
+                self._set_state("backoff", exit=127, delay=backoff_delay(failures), reason=self.reason)
+                if self.sup.stopping.wait(backoff_delay(failures)):
+                    self._set_state("stopped", exit=127)
+                    return
+                self.restarts += 1
+                continue
             self.pid = self.child.pid
             self.started_at = time.monotonic()  # not the wall clock: a restored clone's jumps to the host's
             began = time.monotonic()
