@@ -455,3 +455,26 @@ def test_on_an_aarch64_host_the_roles_swap(tmp_path: Path, monkeypatch: pytest.M
         system="aarch64-linux")
     assert err.message == "this machine (aarch64-linux) cannot build for x86_64-linux"
     assert "extra-platforms = x86_64-linux" in (err.hint or "") and "qemu-x86_64" in (err.hint or "")
+
+
+def test_kvm_for_a_foreign_guest_is_refused_before_the_build(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`up --arch aarch64 --hypervisor qemu-kvm` rebuilt the arm64 package layer (minutes under
+    qemu-user) and only then said KVM cannot run it; a spec that says so, the same."""
+    import mvm
+    from mvm._api import up as up_api
+    from mvm.names import host_arch
+
+    other = "aarch64" if host_arch() == "x86_64" else "x86_64"
+
+    def no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("built before refusing")
+
+    monkeypatch.setattr(up_api, "build_image", no_build)
+    layout = Layout(state=tmp_path / "s", cache=tmp_path / "c")
+    (tmp_path / "mvm.toml").write_text('name = "web"\n[services.web]\ncommand = "true"\n')
+    with pytest.raises(mvm.UsageError, match=f"KVM cannot run an {other} guest"):
+        mvm.up(str(tmp_path), arch=other, hypervisor="qemu-kvm", layout=layout)
+    (tmp_path / "mvm.toml").write_text(f'name = "web"\narch = "{other}"\n[services.web]\ncommand = "true"\n')
+    with pytest.raises(mvm.UsageError, match=f"KVM cannot run an {other} guest"):
+        mvm.up(str(tmp_path), hypervisor="qemu-kvm", layout=layout)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .. import backends
 from .._proc import DEFAULT_RUNNER, Runner
+from ..backends.accel import refuse_kvm
 from ..backends.base import (
     Backend,
     PortForward,
@@ -32,13 +33,13 @@ from ..backends.base import (
 )
 from ..builders.store import Image
 from ..errors import AgentError, AgentTimeout, MvmError, PortInUse, VMError
-from ..names import HEALTH_TIMEOUT
+from ..names import HEALTH_TIMEOUT, host_arch
 from ..paths import Layout
 from ..runtime.registry import Registry
 from ..runtime.templates import TemplateStore
 from ..spec import load_toml, spec_file
 from . import templates, volume_attach
-from .build import build_image
+from .build import build_image, check_arch_option
 from .launch import Launch, exists_error
 from .progress import Progress, Quiet
 from .up_plan import BOOT_TIMEOUT, UpRequest, plan_up
@@ -98,6 +99,12 @@ def up(
     planned = volume_attach.plan(request.volumes, layout)
     for note in volume_attach.hidden_volumes(planned, layout):
         prog.note(note)
+    if request.accel == "kvm":  # a foreign guest: refused now, not after its minutes-long build
+        check_arch_option(arch)
+        wanted = image.manifest.arch if image is not None else arch or (
+            _spec_arch(path) if flake is None else None)
+        if wanted is not None:
+            refuse_kvm(wanted)
     if image is None:
         image, _ = build_image(path, flake=flake, nix_args=nix_args, arch=arch, layout=layout, runner=runner,
                                progress=prog)
@@ -150,5 +157,14 @@ def _spec_name(path: str | os.PathLike[str]) -> str | None:
     (the build will say why)."""
     try:
         return load_toml(spec_file(Path(path))).name
+    except (MvmError, OSError):
+        return None
+
+
+def _spec_arch(path: str | os.PathLike[str]) -> str | None:
+    """The architecture ``mvm.toml`` at ``path`` asks for (the host's if it names none), or
+    None where it cannot be read now (the build will say why)."""
+    try:
+        return load_toml(spec_file(Path(path))).arch or host_arch()
     except (MvmError, OSError):
         return None

@@ -130,15 +130,22 @@ def emulation(arch: Arch) -> str | None:
     return f"{arch} guest on an {host} host: emulated by QEMU (TCG), {EMULATION_COST}"
 
 
+def refuse_kvm(arch: str) -> None:
+    """``--hypervisor qemu-kvm`` for a guest of another architecture than the host's: refused
+    (asked before a build too, which for a foreign guest takes minutes)."""
+    if arch != host_arch():
+        raise UsageError(f"KVM cannot run an {arch} guest on this {host_arch()} host",
+                         hint="use --hypervisor auto or qemu-tcg (emulated, slower), or build the guest for "
+                         f"{host_arch()} (--arch {host_arch()}, arch = \"{host_arch()}\" in mvm.toml, or a "
+                         f"flake's system = \"{host_arch()}-linux\")")
+
+
 def choose(requested: AccelPreference, kernel: Path, initrd: Path | None, probes: Path,
            runner: Runner = DEFAULT_RUNNER, arch: Arch = "x86_64") -> Preflight:
     emulated = emulation(arch)
     if emulated is not None:
         if requested == "kvm":
-            raise UsageError(f"KVM cannot run an {arch} guest on this {host_arch()} host",
-                             hint="use --hypervisor auto or qemu-tcg (emulated, slower), or build the guest for "
-                             f"{host_arch()} (--arch {host_arch()}, arch = \"{host_arch()}\" in mvm.toml, or a "
-                             f"flake's system = \"{host_arch()}-linux\")")
+            refuse_kvm(arch)
         return Preflight("tcg", f"TCG: {arch} is not this host's architecture", emulated=emulated)
     if requested == "tcg":
         return Preflight("tcg", "TCG requested (--hypervisor qemu-tcg)")
