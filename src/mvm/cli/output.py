@@ -205,11 +205,12 @@ class StageProgress:
         self.started = time.monotonic()
         self._status: Any = None
         self._stage = ""
+        self._text = ""  #: the step's latest output line
 
     def __enter__(self) -> StageProgress:
         # Off a terminal, Rich is not imported for plain lines: ~20 ms sooner to the machine.
         if sys.stderr.isatty() and (err := console(stderr=True)).is_terminal:
-            self._status = err.status(self.title)
+            self._status = err.status(self)  # drawn through __rich__ on every refresh
             self._status.__enter__()
         return self
 
@@ -218,10 +219,8 @@ class StageProgress:
             self._status.__exit__(*exc)
 
     def stage(self, name: str) -> None:
-        self._stage = name
-        if self._status is not None:
-            self._draw("")
-        else:
+        self._stage, self._text = name, ""
+        if self._status is None:
             sys.stderr.write(f"{self.title}: {name}\n")
             sys.stderr.flush()
 
@@ -229,21 +228,25 @@ class StageProgress:
         info(f"note: {text}")  # above the spinner, and kept
 
     def line(self, text: str) -> None:
-        if self._status is not None and text.strip():
-            self._draw(text.strip())
+        if text.strip():
+            self._text = text.strip()
 
-    def _draw(self, text: str) -> None:
-        """One terminal line: the step, the time it has taken, then as much of the step's
-        latest output line as fits. Shortened here, not cropped by the terminal, which would
-        take the elapsed time with it."""
+    def __rich__(self) -> str:
+        """One terminal line, made again on each of the spinner's refreshes (so the elapsed
+        time moves while a step prints nothing): the step, the time it has taken, then as
+        much of the step's latest output line as fits. Shortened here, not cropped by the
+        terminal, which would take the elapsed time with it."""
+        if not self._stage:
+            return safe(self.title)
         step = f"{self.title}: {self._stage}"
         elapsed = f"({time.monotonic() - self.started:.0f}s)"
-        room = self._status.console.width - 3  # the spinner and its gap
+        room = (self._status.console.width if self._status is not None else 80) - 3  # the spinner and its gap
         if len(step) + 1 + len(elapsed) > room:
             step = step[:max(0, room - len(elapsed) - 2)] + "…"
         room -= len(step) + 1 + len(elapsed)
+        text = self._text
         shown = text if len(text) < room else (text[:room - 2] + "…" if room > 8 else "")
-        self._status.update(f"{safe(step)} [dim]{elapsed}" + (f" {safe(shown)}" if shown else "") + "[/]")
+        return f"{safe(step)} [dim]{elapsed}" + (f" {safe(shown)}" if shown else "") + "[/]"
 
 
 @contextmanager
