@@ -132,10 +132,11 @@ def miss_reason(root: Path, key: str, packages: list[str], arch: str, sources: A
             continue
         if sorted(doc.get("packages") or []) != sorted(packages) or doc.get("arch") != arch:
             continue
+        shown = arches.from_debian(arch)  # the user's word for it (x86_64, not amd64)
         if doc.get("suite") != sources.suite or doc.get("mirrors") != sources.mirrors:
-            return (f"the cached {arch} layer with these packages came from other apt sources "
+            return (f"the cached {shown} package layer with these packages came from other apt sources "
                     f"(Debian {doc.get('suite')}); installing them again from {sources.suite}")
-        return (f"the cached {arch} layer with these packages was made by another version of mvm "
+        return (f"the cached {shown} package layer with these packages was made by another version of mvm "
                 "(its guest agent or layer format changed); installing them again (`mvmctl cleanup` "
                 "removes the old layer once no image uses it)")
     return None
