@@ -19,7 +19,7 @@ The guest wrote every byte of the volume, so the image is read as hostile input,
 
 - a name that no file system makes (``/`` or NUL in it, ``.``, ``..``), a directory reached
   twice, device nodes, FIFOs and sockets, symlinks whose target is absolute or leaves the
-  export, and regular files that claim to be larger than the whole volume are *skipped*
+  export, and regular files that claim more than 64 times the whole volume are *skipped*
   (listed, with the reason); hard links become separate copies;
 - every path under ``dest`` is opened one component at a time, relative to ``dest`` and
   with ``O_NOFOLLOW``: a symlink on the host (left by an earlier export, say) is never
@@ -152,6 +152,12 @@ def _link_escapes(rel: str, target: str) -> bool:
     return resolved == ".." or resolved.startswith("../")
 
 
+#: A regular file may claim more bytes than its volume holds (a sparse file: `truncate -s 2G`),
+#: up to this many times: the export writes only its data, but reads its holes as zeros to
+#: compare it with the host's copy, so a crafted size of petabytes must not get that far.
+SPARSE_FACTOR = 64
+
+
 def _exportable(fs: Ext4Image, entries: Iterator[Entry]) -> Iterator[tuple[Entry, str | None]]:
     """The volume's entries that can be exported, each with its reason to be skipped (None:
     exported) and, for symlinks, the target."""
@@ -163,9 +169,10 @@ def _exportable(fs: Ext4Image, entries: Iterator[Entry]) -> Iterator[tuple[Entry
             what = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO",
                     stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(entry.inode.mode), "of no known type")
             yield entry, f"{what}: only files, directories and symlinks are exported"
-        elif entry.kind == "file" and entry.inode.size > volume_bytes:
-            yield entry, (f"claims {entry.inode.size} bytes, more than the whole volume ({volume_bytes}): "
-                          "a crafted size")
+        elif entry.kind == "file" and entry.inode.size > SPARSE_FACTOR * volume_bytes:
+            yield entry, (f"claims {entry.inode.size} bytes, more than {SPARSE_FACTOR} times the whole volume "
+                          f"({volume_bytes}): a crafted size, or a sparse file too large to export (its holes "
+                          "are read to compare it): copy it out with `mvmctl cp`")
         elif entry.kind == "link":
             try:
                 raw = fs.read_link(entry.inode)
