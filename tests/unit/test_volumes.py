@@ -385,6 +385,11 @@ def test_export_merges_three_ways_and_never_loses_a_host_edit(tmp_path: Path, la
         volume_export(vid, layout=layout)
     forced = volume_export(vid, layout=layout, force=True)
     assert forced.overwritten == ["host-edits"] and (data / "host-edits").read_text() == "guest again"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "untouched").write_text("someone else's")  # there before any copy
+    with pytest.raises(ExportConflicts) as elsewhere:
+        volume_export(vid, to=tmp_path / "other", layout=layout)
+    assert elsewhere.value.conflicts == ["untouched: already on the host, and different from the volume's"]
     copy = volume_export(vid, to=tmp_path / "copy", layout=layout)
     assert sorted(copy.new) == sorted(["both-edit", "guest-edits", "host-edits", "new-in-guest", "untouched"])
     assert not list(tmp_path.rglob(".mvm-export-*")), "the export's staging dir was left behind"

@@ -246,6 +246,9 @@ def _plan(fs: Ext4Image, root_fd: int | None, baseline: dict[str, str], force: b
                 continue
             elif force and have in ("file", "link"):
                 bucket = "overwritten"
+            elif rel not in baseline:  # mvm never copied it here: not a change of either side
+                result.conflicts.append(f"{rel}: already on the host, and different from the volume's")
+                continue
             else:
                 result.conflicts.append(f"{rel}: changed both on the host and in the volume")
                 continue
@@ -351,8 +354,9 @@ def export_image(
                 shown = "\n".join(result.conflicts[:20])
                 more = f"\n… and {len(result.conflicts) - 20} more" if len(result.conflicts) > 20 else ""
                 raise ExportConflicts(
-                    f"export into {dest} stopped: {len(result.conflicts)} host path(s) were changed both on the "
-                    "host and in the volume since mvm last copied them, or are in the way; nothing was written",
+                    f"export into {dest} stopped: {len(result.conflicts)} host path(s) differ from the volume's "
+                    "(changed on both sides since mvm last copied them, there before any copy, or in the way); "
+                    "nothing was written",
                     output=shown + more, volume=volume, dest=str(dest), conflicts=result.conflicts,
                     hint="directories are never replaced; export into an empty directory with --to DIR"
                     if force else "export into an empty directory with --to DIR, or pass --force to overwrite the "
