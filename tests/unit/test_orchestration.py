@@ -1175,3 +1175,21 @@ def test_a_guest_refusal_whose_start_was_undone_does_not_send_the_user_to_the_vm
         _up(layout, fake, image)
     assert "nothing of web was kept" in (caught.value.hint or "") and "mvmctl status" not in (caught.value.hint or "")
     _nothing_left(layout, fake)
+
+
+def test_an_image_a_vm_of_another_state_dir_uses_is_kept(layout: Layout, fake: FakeBackend, image: Image,
+                                                          tmp_path: Path) -> None:
+    """MVM_HOME=a and b sharing MVM_CACHE: b's rmi removed the image of a's suspended VM, which
+    could then never resume (hands-on). b's rmi and cleanup now see a's VM, and say how to stop it."""
+    stored = _stored(layout, image)
+    other = Layout(state=tmp_path / "other-state", cache=layout.cache)
+    vm = _up(layout, fake, stored)
+    vm.suspend()
+    with pytest.raises(UsageError, match=f"used by running or suspended VM.s.: MVM_STATE={layout.state} web") as caught:
+        mvm.rmi(image.key, layout=other)
+    assert f"MVM_STATE={layout.state} mvmctl down web" in (caught.value.hint or "")
+    assert not [i for i in mvm.cleanup(other, keep=0).items if i.kind == "image"]
+    assert stored.path.is_dir()
+    vm.down()  # its marker goes with it
+    assert [i.key for i in mvm.rmi(image.key, layout=other)] == [image.key]
+    assert not (layout.cache / "images" / ".users" / image.key).exists()

@@ -134,6 +134,7 @@ def cleanup(
             if time.time() - values.stat().st_mtime > ENV_FILE_GRACE:
                 items.append(CleanupItem(kind="build", path=str(values), bytes=disk_usage(values),
                                          reason="-e values left for a template maker that never started"))
+    in_use |= ImageStore(layout.images).used_keys()  # VMs of other state dirs sharing this cache, too
     images = _unused_images(layout, in_use, keep)
     if not dry_run:
         images = [item for item in images if _removed_image(layout, item, notes)]

@@ -55,8 +55,14 @@ def _match(ref: str, store: ImageStore) -> list[Image]:
 
 
 def _needing(layout: Layout, key: str) -> list[str]:
-    """The VMs that need image ``key`` now: they run (or are starting), or are suspended."""
-    return [name for name, needs in _users(layout).get(key, []) if needs]
+    """The VMs that need image ``key`` now: they run (or are starting), or are suspended;
+    and any VM of another state dir that shares this cache (``MVM_HOME=b`` beside ``a``),
+    named as ``MVM_STATE=DIR NAME``: this state dir cannot judge its record, but its VM dir
+    is there, so it may resume."""
+    own = [name for name, needs in _users(layout).get(key, []) if needs]
+    mine = layout.vms.resolve()
+    return own + [f"MVM_STATE={d.parent.parent} {d.name}" for d in ImageStore(layout.images).user_dirs(key)
+                  if d.parent.resolve() != mine]
 
 
 def remove_unneeded(layout: Layout, key: str) -> list[str]:
@@ -99,7 +105,9 @@ def rmi(ref: str, *, layout: Layout | None = None) -> list[ImageInfo]:
 
 def _refuse_if_needed(img: Image, needed: list[str]) -> None:
     if needed:
+        own = [n for n in needed if " " not in n]
+        downs = ([f"mvmctl down {' '.join(own)}"] if own else []) + [
+            f"{n.split(' ')[0]} mvmctl down {n.split(' ')[1]}" for n in needed if " " in n]
         raise UsageError(f"image {img.key[:12]} ({img.name}) is used by running or suspended VM(s): "
                          f"{', '.join(needed)}",
-                         hint=f"stop them first (a suspended VM's saved state goes too): "
-                         f"mvmctl down {' '.join(needed)}")
+                         hint=f"stop them first (a suspended VM's saved state goes too): {'; '.join(downs)}")

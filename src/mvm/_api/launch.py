@@ -65,7 +65,8 @@ class Launch:
         """Claim the name, under the image's lock: from then on the record names the image,
         and ``rmi`` or ``cleanup`` would not remove it (they look under that lock)."""
         image = self.plan.image
-        with ImageStore(image.path.parent).locked(image.key):
+        store = ImageStore(image.path.parent)
+        with store.locked(image.key):
             if not image.path.is_dir():
                 raise StateError(f"image {image.key[:12]} of {image.name} was removed (`mvmctl rmi` or "
                                  "`cleanup`) before this VM could use it", hint="run the same `mvmctl up` again: "
@@ -74,7 +75,9 @@ class Launch:
                 files = self.registry.reserve(self.plan.record)
             except VMExists:
                 raise exists_error(self.plan.name, self.registry, self.runner) from None
-        undo.callback(self._forget, files)
+            undo.callback(self._forget, files)
+            store.add_user(image.key, files.root)  # seen by rmi and cleanup of other state dirs too
+            undo.callback(store.remove_user, image.key, files.root)
         return files
 
     def attach_volumes(self, files: VMFiles, undo: ExitStack) -> volume_attach.Attached:

@@ -10,6 +10,7 @@ image (the root drive is a per-boot snapshot).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +32,9 @@ from ..spec import GuestSpec
 #: 2: ``guest`` is the validated guest model (1 had a free-form dict); ``arch`` added.
 MANIFEST_SCHEMA = 2
 MANIFEST = "manifest.json"
+#: where VMs mark the images they use (ImageStore.add_user), and the markers' format
+USERS = ".users"
+USERS_SCHEMA = 1
 
 
 class Manifest(BaseModel):
@@ -177,6 +181,49 @@ class ImageStore:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
         return Image(self._dir(key), manifest)
+
+    # -- users in other state dirs ------------------------------------------------------------
+    # A cache may be shared by several state dirs (MVM_HOME=a and b, one MVM_CACHE). Each reads
+    # only its own VM records, so every VM also leaves a marker here, beside the image, naming
+    # its VM dir: `rmi` and `cleanup` of any state dir then see it.
+
+    def _user_marker(self, key: str, vm_dir: Path) -> Path:
+        digest = hashlib.sha256(str(vm_dir).encode()).hexdigest()[:16]
+        return self.root / USERS / key / f"{digest}.json"
+
+    def add_user(self, key: str, vm_dir: Path) -> None:
+        """Record that the VM in ``vm_dir`` uses image ``key`` (under the image's lock)."""
+        marker = self._user_marker(key, vm_dir)
+        marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_json_atomic(marker, {"schema_version": USERS_SCHEMA, "vm_dir": str(vm_dir)})
+
+    def remove_user(self, key: str, vm_dir: Path) -> None:
+        marker = self._user_marker(key, vm_dir)
+        marker.unlink(missing_ok=True)
+        try:
+            marker.parent.rmdir()
+        except OSError:
+            pass  # other VMs use it, or it was never there
+
+    def user_dirs(self, key: str) -> list[Path]:
+        """The VM dirs, in any state dir, whose VMs use image ``key``: those still there.
+        A marker whose VM dir is gone (removed by a ``cleanup`` there, by hand) is dropped."""
+        found = []
+        for marker in sorted((self.root / USERS / key).glob("*.json")):
+            try:
+                vm_dir = Path(json.loads(marker.read_text())["vm_dir"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable: left for the next look, never a reason to refuse
+            if vm_dir.is_dir():
+                found.append(vm_dir)
+            else:
+                marker.unlink(missing_ok=True)
+        return found
+
+    def used_keys(self) -> set[str]:
+        """The images some VM dir (of any state dir) still uses."""
+        users = self.root / USERS
+        return {d.name for d in users.iterdir() if d.is_dir() and self.user_dirs(d.name)} if users.is_dir() else set()
 
     def stale_staging(self) -> list[Path]:
         """Leftovers of interrupted builds (only ever named ``.build-*``); a staging dir whose
