@@ -1193,3 +1193,32 @@ def test_an_image_a_vm_of_another_state_dir_uses_is_kept(layout: Layout, fake: F
     vm.down()  # its marker goes with it
     assert [i.key for i in mvm.rmi(image.key, layout=other)] == [image.key]
     assert not (layout.cache / "images" / ".users" / image.key).exists()
+
+
+def test_a_stale_image_mark_refuses_nothing(layout: Layout, fake: FakeBackend, image: Image, tmp_path: Path) -> None:
+    """Marks that outlived their meaning: a new VM of the same name on another image, a VM of
+    another state dir that has exited. Neither may keep an image; one that is suspended does."""
+    from mvm.builders.store import ImageStore
+    from mvm.runtime.registry import VMRecord
+
+    _stored(layout, image)
+    other = Layout(state=tmp_path / "b", cache=layout.cache)
+    vm_dir = other.vms / "web"
+    vm_dir.mkdir(parents=True)
+    ImageStore(layout.images).add_user(image.key, vm_dir)
+
+    def record(**fields: object) -> None:
+        (vm_dir / "vm.json").write_text(VMRecord(name="web", **fields).model_dump_json())  # type: ignore[arg-type]
+
+    record(image_key="x" * 32, phase="running")  # a new VM of that name, on another image
+    assert mvm.rmi(image.key, layout=layout)[0].key == image.key  # not refused
+    _stored(layout, image)
+    ImageStore(layout.images).add_user(image.key, vm_dir)
+    record(image_key=image.key, phase="running")  # its machine is not there: exited
+    assert mvm.rmi(image.key, layout=layout)[0].key == image.key
+    _stored(layout, image)
+    ImageStore(layout.images).add_user(image.key, vm_dir)
+    record(image_key=image.key, phase="suspended")
+    (vm_dir / "suspended.state").write_bytes(b"x")
+    with pytest.raises(UsageError, match="used by running or suspended"):
+        mvm.rmi(image.key, layout=layout)

@@ -37,7 +37,7 @@ from ..errors import MvmError, StateError
 from ..paths import Layout, VMFiles
 from ..runtime.registry import Registry
 from ..runtime.templates import TemplateStore, bytes_on_disk
-from .images import remove_unneeded
+from .images import other_users, remove_unneeded
 from .machines import backend_for, status_of
 from .models import CleanupItem, CleanupReport
 from .template_maker import stop_staged_machine
@@ -134,7 +134,7 @@ def cleanup(
             if time.time() - values.stat().st_mtime > ENV_FILE_GRACE:
                 items.append(CleanupItem(kind="build", path=str(values), bytes=disk_usage(values),
                                          reason="-e values left for a template maker that never started"))
-    in_use |= ImageStore(layout.images).used_keys()  # VMs of other state dirs sharing this cache, too
+    in_use |= {key for key in ImageStore(layout.images).marked_keys() if other_users(layout, key)}  # other state dirs'
     images = _unused_images(layout, in_use, keep)
     if not dry_run:
         images = [item for item in images if _removed_image(layout, item, notes)]

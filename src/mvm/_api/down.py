@@ -103,10 +103,10 @@ def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None 
                 raise
             how += "; its logs were not kept (the disk is full)"  # a full disk must not keep a VM from going
     registry.remove(name, no_machine)
-    if record is not None:
-        ImageStore(layout.images).remove_user(record.image_key, files.root)
     if record is not None and record.phase == "suspended":  # its volumes are free now, and stay free
         _release_volumes(name, record, layout)  # (a new VM of this name, suspended later, must not own them)
+    if record is not None:
+        ImageStore(layout.images).remove_user(record.image_key, files.root)
     return DownResult(name=name, how=how)
 
 

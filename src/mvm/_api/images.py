@@ -8,6 +8,9 @@ templates go with it (VMs restored from them keep their own links to what they n
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+
 from .._atomic import remove_tree
 from .._locks import remove_unheld
 from ..builders.store import Image, ImageStore
@@ -54,15 +57,35 @@ def _match(ref: str, store: ImageStore) -> list[Image]:
     return by_key or [img for img in everything if img.name == ref]
 
 
+def other_users(layout: Layout, key: str) -> list[tuple[Path, str]]:
+    """(state dir, VM name) of each VM of another state dir sharing this cache that needs
+    image ``key`` now (it runs, or is suspended), as its own record says; one whose record
+    cannot be read counts (it may resume), one whose record names another image does not
+    (a new VM of that name)."""
+    mine = layout.vms.resolve()
+    found = []
+    for vm_dir in ImageStore(layout.images).user_dirs(key):
+        if vm_dir.parent.resolve() == mine:
+            continue  # this state dir's VMs are judged by _users
+        state = vm_dir.parent.parent
+        registry = Registry(Layout(state=state, cache=layout.cache))
+        try:
+            record = registry.load(vm_dir.name)
+            if record.image_key != key:
+                continue
+            needs = status_of(record, registry.files(vm_dir.name), backend_for(record)).kept
+        except MvmError:
+            needs = True
+        if needs:
+            found.append((state, vm_dir.name))
+    return found
+
+
 def _needing(layout: Layout, key: str) -> list[str]:
     """The VMs that need image ``key`` now: they run (or are starting), or are suspended;
-    and any VM of another state dir that shares this cache (``MVM_HOME=b`` beside ``a``),
-    named as ``MVM_STATE=DIR NAME``: this state dir cannot judge its record, but its VM dir
-    is there, so it may resume."""
+    also those of other state dirs (``MVM_STATE=DIR NAME``)."""
     own = [name for name, needs in _users(layout).get(key, []) if needs]
-    mine = layout.vms.resolve()
-    return own + [f"MVM_STATE={d.parent.parent} {d.name}" for d in ImageStore(layout.images).user_dirs(key)
-                  if d.parent.resolve() != mine]
+    return own + [f"MVM_STATE={shlex.quote(str(state))} {name}" for state, name in other_users(layout, key)]
 
 
 def remove_unneeded(layout: Layout, key: str) -> list[str]:
@@ -105,9 +128,9 @@ def rmi(ref: str, *, layout: Layout | None = None) -> list[ImageInfo]:
 
 def _refuse_if_needed(img: Image, needed: list[str]) -> None:
     if needed:
-        own = [n for n in needed if " " not in n]
+        own = [n for n in needed if not n.startswith("MVM_STATE=")]
         downs = ([f"mvmctl down {' '.join(own)}"] if own else []) + [
-            f"{n.split(' ')[0]} mvmctl down {n.split(' ')[1]}" for n in needed if " " in n]
+            " mvmctl down ".join(n.rsplit(" ", 1)) for n in needed if n.startswith("MVM_STATE=")]
         raise UsageError(f"image {img.key[:12]} ({img.name}) is used by running or suspended VM(s): "
                          f"{', '.join(needed)}",
                          hint=f"stop them first (a suspended VM's saved state goes too): {'; '.join(downs)}")

@@ -77,7 +77,6 @@ class Launch:
                 raise exists_error(self.plan.name, self.registry, self.runner) from None
             undo.callback(self._forget, files)
             store.add_user(image.key, files.root)  # seen by rmi and cleanup of other state dirs too
-            undo.callback(store.remove_user, image.key, files.root)
         return files
 
     def attach_volumes(self, files: VMFiles, undo: ExitStack) -> volume_attach.Attached:
@@ -205,6 +204,7 @@ class Launch:
         """Remove the VM dir, unless a machine still runs in it (then `down` must see it)."""
         if not self.plan.backend.strays(files):
             self.registry.remove(self.plan.name)
+            ImageStore(self.plan.image.path.parent).remove_user(self.plan.image.key, files.root)
 
 
 

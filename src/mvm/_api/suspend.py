@@ -67,10 +67,11 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
         # the forwards of now, not of its `up`: `forward` may have added or removed some since
         spec.ports = [PortForward(p.host_port, p.guest_port, p.host_ip, p.proto) for p in record.ports]
         missing = [f for f in (spec.kernel, spec.initrd, *spec.root_backing) if f is not None and not f.exists()]
-        if missing:  # `rmi` or `cleanup` of another MVM_HOME sharing the cache sees no VM of this one
+        if missing:  # removed by hand, or by another MVM_HOME's rmi before this VM's mark existed
             raise StateError(f"VM {name!r} cannot be resumed: its image is gone ({missing[0]} was removed)",
-                             hint=f"`mvmctl down {name}` discards the saved machine; build the image again and `up` "
-                             "it (rmi and cleanup of another MVM_HOME that shares MVM_CACHE cannot see this VM)")
+                             hint=f"`mvmctl down {name}` discards the saved machine; build the image again and "
+                             "`up` it (a VM made by an mvm older than its mark in the cache is not seen by rmi and "
+                             "cleanup of another MVM_HOME sharing MVM_CACHE)")
         gone = [v.host for v in record.volumes if v.image is not None and not Path(v.image).exists()]
         if gone:
             raise StateError(f"VM {name!r} cannot be resumed: its volume {gone[0]} is gone (removed by hand?)",

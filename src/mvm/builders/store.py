@@ -185,45 +185,56 @@ class ImageStore:
     # -- users in other state dirs ------------------------------------------------------------
     # A cache may be shared by several state dirs (MVM_HOME=a and b, one MVM_CACHE). Each reads
     # only its own VM records, so every VM also leaves a marker here, beside the image, naming
-    # its VM dir: `rmi` and `cleanup` of any state dir then see it.
+    # its VM dir: `rmi` and `cleanup` of any state dir then find it (and judge its record).
+    # Added and removed under the image's lock.
 
     def _user_marker(self, key: str, vm_dir: Path) -> Path:
-        digest = hashlib.sha256(str(vm_dir).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(str(vm_dir.resolve()).encode()).hexdigest()[:16]
         return self.root / USERS / key / f"{digest}.json"
 
     def add_user(self, key: str, vm_dir: Path) -> None:
         """Record that the VM in ``vm_dir`` uses image ``key`` (under the image's lock)."""
         marker = self._user_marker(key, vm_dir)
         marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_json_atomic(marker, {"schema_version": USERS_SCHEMA, "vm_dir": str(vm_dir)})
+        write_json_atomic(marker, {"schema_version": USERS_SCHEMA, "vm_dir": str(vm_dir.resolve())})
 
     def remove_user(self, key: str, vm_dir: Path) -> None:
+        """Forget that mark, if the VM dir is gone (under the image's lock: an ``up`` of the
+        same name that took the dir again since keeps its own). Never fails: the VM is gone."""
         marker = self._user_marker(key, vm_dir)
-        marker.unlink(missing_ok=True)
+        if not marker.exists():
+            return  # never marked (an older mvm's VM), or dropped already: no lock file made for it
         try:
-            marker.parent.rmdir()
+            with self.locked(key):
+                if vm_dir.exists():
+                    return
+                marker.unlink(missing_ok=True)
+                try:
+                    marker.parent.rmdir()
+                except OSError:
+                    pass  # other VMs use it
         except OSError:
-            pass  # other VMs use it, or it was never there
+            pass  # a read-only or full cache: a stale mark is dropped by the next look
 
     def user_dirs(self, key: str) -> list[Path]:
-        """The VM dirs, in any state dir, whose VMs use image ``key``: those still there.
-        A marker whose VM dir is gone (removed by a ``cleanup`` there, by hand) is dropped."""
+        """The VM dirs, in any state dir, marked as using image ``key`` and still there (a
+        mark whose dir is gone is dropped). Whether the VM there still uses it, and needs it,
+        is its record's to say (:func:`mvm._api.images.other_users`)."""
         found = []
         for marker in sorted((self.root / USERS / key).glob("*.json")):
             try:
                 vm_dir = Path(json.loads(marker.read_text())["vm_dir"])
             except (OSError, ValueError, KeyError, TypeError):
-                continue  # unreadable: left for the next look, never a reason to refuse
+                continue  # unreadable: left for the next look
             if vm_dir.is_dir():
                 found.append(vm_dir)
             else:
                 marker.unlink(missing_ok=True)
         return found
 
-    def used_keys(self) -> set[str]:
-        """The images some VM dir (of any state dir) still uses."""
+    def marked_keys(self) -> list[str]:
         users = self.root / USERS
-        return {d.name for d in users.iterdir() if d.is_dir() and self.user_dirs(d.name)} if users.is_dir() else set()
+        return sorted(d.name for d in users.iterdir() if d.is_dir()) if users.is_dir() else []
 
     def stale_staging(self) -> list[Path]:
         """Leftovers of interrupted builds (only ever named ``.build-*``); a staging dir whose

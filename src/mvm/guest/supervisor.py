@@ -220,6 +220,7 @@ class Service:
                         code = self._spawn(pre, Identity("root").marked(mark), "preStart").wait()
                         self._hand_over(mark, user)
             except OSError as exc:  # no /bin/sh, no memory to fork: the thread must not die with it
+                self.last_exit = 127
                 self._set_state("failed", reason=f"preStart could not start: {exc}", exit=127)
                 self.started.set()
                 return
@@ -234,9 +235,12 @@ class Service:
         while not self.sup.stopping.is_set():
             try:
                 self.child = self._spawn(self.spec["command"], user, "service")
-            except OSError as exc:  # as a run that could not start (127): backed off and tried again
+            except OSError as exc:  # as a run that could not start (127), under the restart policy
                 self.last_exit, self.reason = 127, f"could not start: {exc}"
                 self.started.set()
+                if not should_restart(self.spec.get("restart") or "always", 127):
+                    self._set_state("failed", exit=127, reason=self.reason)
+                    return
                 failures += 1
                 self._set_state("backoff", exit=127, delay=backoff_delay(failures), reason=self.reason)
                 if self.sup.stopping.wait(backoff_delay(failures)):

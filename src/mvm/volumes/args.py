@@ -77,9 +77,6 @@ def normalize_guest_path(text: str, guest: str) -> str:
         if path == tree or path.startswith(tree + "/"):
             raise _usage(text, f"guest path {path} is reserved: mounting on {tree} would break the guest",
                          hint="pick a path such as /mnt/NAME or /srv/NAME")
-        if tree.startswith(path + "/") and path not in RESERVED_EXACT:  # it would hide the tree
-            raise _usage(text, f"guest path {path} is reserved: the volume would hide {tree}, which the guest "
-                         "needs", hint="pick a path such as /mnt/NAME or /srv/NAME")
     if path in RESERVED_EXACT:
         what = "the root filesystem" if path == "/" else f"{path}, which the guest needs"
         raise _usage(text, f"guest path {path} is reserved: the volume would hide {what}",

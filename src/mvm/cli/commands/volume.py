@@ -48,9 +48,10 @@ EXPORT_HELP = (
     "the guest wrote.\n\n"
     "Without --force, no edit made on the host is ever overwritten. A host file is written when it is "
     "missing, or unchanged since mvm last copied it (when the volume was created, or at the last export). "
-    "A host file changed on the host only is kept. If a file was changed both on the host and in the volume, "
-    "nothing at all is written and the conflicts are listed: export elsewhere with --to, or overwrite them "
-    "with --force. Nothing on the host is ever deleted. Exported files get the owner of the destination "
+    "A host file changed on the host only is kept. If a file was changed both on the host and in the volume "
+    "(or was there, different, before mvm ever copied to that place), nothing at all is written and the "
+    "conflicts are listed: export elsewhere with --to, or overwrite them with --force. Nothing on the host is "
+    "ever deleted. Exported files get the owner of the destination "
     "directory; setuid/setgid bits are dropped.\n\n"
     "The guest wrote the volume, so mvm reads it as untrusted: nothing is ever written outside the destination, "
     "and device nodes, FIFOs, symlinks that point outside the destination and names no file system makes are "
@@ -111,7 +112,8 @@ def export(
         show_default=False)] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Overwrite host files that were changed both on the host and in the volume since mvm "
-        "last copied them. Directories are never replaced, and host files that are not in the volume are kept.")]
+        "last copied them (or were there, different, before any copy). Directories are never replaced, and "
+        "host files that are not in the volume are kept.")]
     = False,
     json: Json = False,
 ) -> None:
