@@ -363,8 +363,9 @@ def test_logs_follow_shows_new_lines_live(cli: CLI, testbed_vm: dict[str, Any]) 
 
 
 def test_the_guest_clock_stays_with_the_host_next_to_a_busy_vm(cli: CLI, testbed_vm: dict[str, Any]) -> None:
-    """Set at boot from a fresh ping (not one that waited in the socket), and kept: after a
-    minute of idling while another VM keeps a core busy, still within 100 ms."""
+    """Set at boot from a fresh ping (not one that waited in the socket), and kept: after
+    half a minute of idling while another VM keeps a core busy, still within 100 ms (a drift
+    of 0.3 % would show; the suite's 20 minutes could not spare the minute this waited)."""
     import mvm
 
     layout = mvm.paths.Layout(state=cli.home / "state", cache=Path(cli.env["MVM_CACHE"]))
@@ -373,7 +374,7 @@ def test_the_guest_clock_stays_with_the_host_next_to_a_busy_vm(cli: CLI, testbed
     cli("up", str(EXAMPLES / "hello"), "--name", "busy")
     try:
         cli("exec", "busy", "--", "sh", "-c", "(while :; do :; done) >/dev/null 2>&1 &")
-        time.sleep(60)
+        time.sleep(30)
         # one round trip's offset is uncertain by half of it (a loaded host delays some): the
         # sample with the shortest round trip counts, allowed that uncertainty on top
         samples = []
