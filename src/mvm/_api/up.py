@@ -37,7 +37,7 @@ from ..names import HEALTH_TIMEOUT, host_arch
 from ..paths import Layout
 from ..runtime.registry import Registry
 from ..runtime.templates import TemplateStore
-from ..spec import load_toml, spec_file
+from ..spec import GuestSpec, load_toml, spec_file
 from . import templates, volume_attach
 from .build import build_image, check_arch_option
 from .launch import Launch, exists_error
@@ -92,7 +92,8 @@ def up(
     try:
         backend.check_ports(request.forwards)  # before the build: a taken port fails fast
     except PortInUse:
-        taken = _spec_name(path) if request.name is None and image is None and flake is None else None
+        spec = _spec(path) if request.name is None and image is None and flake is None else None
+        taken = spec.name if spec is not None else None
         if taken is not None and registry.files(taken).root.exists():
             raise exists_error(taken, registry, runner) from None  # its ports are taken by it: the real cause
         raise
@@ -101,8 +102,9 @@ def up(
         prog.note(note)
     if request.accel == "kvm":  # a foreign guest: refused now, not after its minutes-long build
         check_arch_option(arch)
+        spec = _spec(path) if image is None and arch is None and flake is None else None
         wanted = image.manifest.arch if image is not None else arch or (
-            _spec_arch(path) if flake is None else None)
+            (spec.arch or host_arch()) if spec is not None else None)
         if wanted is not None:
             refuse_kvm(wanted)
     if image is None:
@@ -152,19 +154,10 @@ def up(
     return vm
 
 
-def _spec_name(path: str | os.PathLike[str]) -> str | None:
-    """The name ``mvm.toml`` at ``path`` gives its VM, or None where it cannot be read now
-    (the build will say why)."""
+def _spec(path: str | os.PathLike[str]) -> GuestSpec | None:
+    """The ``mvm.toml`` at ``path``, read ahead of the build for what is asked before it (its
+    name, its architecture), or None where it cannot be read now (the build will say why)."""
     try:
-        return load_toml(spec_file(Path(path))).name
-    except (MvmError, OSError):
-        return None
-
-
-def _spec_arch(path: str | os.PathLike[str]) -> str | None:
-    """The architecture ``mvm.toml`` at ``path`` asks for (the host's if it names none), or
-    None where it cannot be read now (the build will say why)."""
-    try:
-        return load_toml(spec_file(Path(path))).arch or host_arch()
+        return load_toml(spec_file(Path(path)))
     except (MvmError, OSError):
         return None
