@@ -229,6 +229,20 @@ def test_large_input_reaches_the_guest_byte_for_byte(cli: CLI, testbed_vm: dict[
     assert echoed.returncode == 0 and echoed.stdout == blob.read_bytes()[: 4 << 20], echoed.stderr
 
 
+def test_input_to_a_command_that_never_reads_it_neither_hangs_nor_holds_the_port(cli: CLI,
+                                                                                 testbed_vm: dict[str, Any]) -> None:
+    """`exec -i VM --timeout 3 -- sleep 60 < 4MiB`: the agent's port reader wrote the input
+    itself, hung in that write for good, and `--timeout` never fired (it was armed after the
+    held input went in). Now it times out (124) and the port serves the next commands."""
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "mvm", "exec", "-i", "shared", "--timeout", "3", "--", "sleep", "60"],
+                       input=os.urandom(4 << 20), env=cli.env, capture_output=True, timeout=120)
+    assert r.returncode == 124 and b"timed out" in r.stderr, r.stderr
+    assert time.monotonic() - started < 45  # not the 60 s of its sleep (a slow CI's TCG start included)
+    for _ in range(4):  # each of the agent's ports
+        assert cli("exec", "shared", "--", "echo", "hi").stdout == "hi\n"
+
+
 def test_an_exec_cut_short_does_not_hold_up_the_next(cli: CLI, testbed_vm: dict[str, Any]) -> None:
     """`exec ... | head` ended the client while the guest still ran its command on that agent
     port: the next exec got the old output and a refusal, and printed nothing (exit 1)."""

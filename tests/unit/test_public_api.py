@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,27 @@ def test_the_api_takes_the_forms_its_siblings_take_and_names_bad_input(tmp_path:
     with pytest.raises(mvm.UsageError, match="-o /etc/hostname/x: /etc/hostname is not a directory this user can"):
         mvm.export_kubevirt("nosuch", out="/etc/hostname/x", layout=layout, ports=["8080"], env=["A=1"])
     assert not out.exists()
+
+
+def test_exec_input_goes_in_pieces_the_guest_takes() -> None:
+    """`vm.exec(..., stdin=<13 MB>)` went as one message, over the guest's 16 MiB line limit:
+    refused, and the command read an empty input. Every piece is now at most 64 KiB."""
+    from mvm._api.vm import INPUT_CHUNK, _feed_stdin
+
+    class Session:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+            self.ended = False
+
+        def send_stdin(self, data: bytes) -> None:
+            self.sent.append(data)
+
+        def send_input(self, kind: str) -> None:
+            self.ended = kind == "eof"
+
+    data = os.urandom(3 * INPUT_CHUNK + 5)
+    for given in (data, [data[:10], data[10:]]):
+        session = Session()
+        _feed_stdin(session, given)  # type: ignore[arg-type]
+        assert b"".join(session.sent) == data and session.ended
+        assert max(map(len, session.sent)) <= INPUT_CHUNK

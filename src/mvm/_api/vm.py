@@ -362,10 +362,16 @@ class VM:
                     runner=self.runner, keep_logs=keep_logs)
 
 
+#: The most input one message carries: the guest queues a few dozen messages per command, and
+#: refuses a message over 16 MiB (``exec(stdin=b"..." * 13_000_000)`` once lost its input so).
+INPUT_CHUNK = 65536
+
+
 def _feed_stdin(session: agent.AgentSession, stdin: bytes | Iterable[bytes]) -> None:
     try:
         for chunk in [stdin] if isinstance(stdin, bytes) else stdin:
-            session.send_stdin(chunk)
+            for start in range(0, len(chunk), INPUT_CHUNK):
+                session.send_stdin(chunk[start:start + INPUT_CHUNK])
         session.send_input("eof")
     except (AgentError, OSError):
         pass  # the command ended (or the VM went away) before it read all its input

@@ -12,6 +12,8 @@ import errno
 import fcntl
 import os
 import pty
+import queue
+import select
 import signal
 import struct
 import subprocess
@@ -28,6 +30,12 @@ if TYPE_CHECKING:
 from . import protocol
 from .reaper import Exit
 from .supervisor import Identity, base_env
+
+#: Input messages (each at most a host read, 64 KiB) waiting for the command to read them:
+#: the bound is what holds the host back, through the port, from a command that reads slowly.
+INPUT_QUEUE = 32
+#: How often a wait for the command to take input looks whether it, or its client, is gone.
+INPUT_POLL = 0.25
 
 
 class CannotStart(Exception):
@@ -62,16 +70,16 @@ class StreamOp:
         self.rid = req.get("id")
         self.server = server
         self.child: Exit | None = None
-        self.stdin_fd: int | None = None
         self.pty_master: int | None = None
         self.timed_out = False
         #: its host client is gone: its output and reply go nowhere (see ControlServer._dispatch)
         self.abandoned = False
         self.done = threading.Event()
-        # Input can arrive before the process exists; it is held until then.
-        self._input_lock = threading.Lock()
-        self._started = False
-        self._early: list[dict[str, Any]] = []
+        # Input, in arrival order, for the one thread that writes it (see :meth:`feed`). It
+        # can arrive before the process exists: it waits here until then.
+        self._input: queue.Queue[dict[str, Any]] = queue.Queue(INPUT_QUEUE)
+        self._input_over = threading.Event()  # the command ended: the writer stops
+        self._writer: threading.Thread | None = None
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="exec", daemon=True).start()
@@ -106,7 +114,7 @@ class StreamOp:
             self._start_and_finish()
         except Exception as exc:  # a bug here must not leave the port held by a dead op
             self.kill()
-            self._close_stdin()
+            self._end_input()
             self.conn.active = None
             self.conn.send({"ok": False, "error": f"the guest agent failed running this: {exc!r}", "exit": 127},
                            self.rid)
@@ -148,6 +156,9 @@ class StreamOp:
         while True:
             try:
                 data = os.read(fd, 32768)
+            except BlockingIOError:  # a pty's master: non-blocking for the input writer's sake
+                _wait(fd, select.POLLIN, None)
+                continue
             except OSError:
                 data = b""
             if not data:
@@ -168,12 +179,11 @@ class StreamOp:
             os.close(w_out)
             os.close(w_err)
             os.close(r_in)
-        self.stdin_fd = w_in
         pumps = [threading.Thread(target=self._pump, args=(r_out, "stdout"), daemon=True),
                  threading.Thread(target=self._pump, args=(r_err, "stderr"), daemon=True)]
         for p in pumps:  # before the held input goes in: a command that echoes it must not block
             p.start()
-        self._mark_started()
+        self._start_input(w_in)
         self._finish(pumps)
 
     def _run_tty(self, argv: list[str], kwargs: dict[str, Any]) -> None:
@@ -192,10 +202,9 @@ class StreamOp:
         finally:
             os.close(slave)
         self.pty_master = master
-        self.stdin_fd = os.dup(master)
         pump = threading.Thread(target=self._pump, args=(master, "stdout"), daemon=True)
         pump.start()  # before the held input, as for pipes
-        self._mark_started()
+        self._start_input(os.dup(master))
         self._finish([pump])
 
     def _finish(self, pumps: list[threading.Thread]) -> None:
@@ -208,7 +217,7 @@ class StreamOp:
             code = self.child.wait(5)
         for p in pumps:
             p.join(2)
-        self._close_stdin()
+        self._end_input()
         self.conn.active = None
         if self.abandoned:
             return
@@ -217,14 +226,6 @@ class StreamOp:
                             "error": f"timed out after {float(timeout or 0):g}s; process killed"}, self.rid)
         else:
             self.conn.send({"ok": True, "exit": code}, self.rid)
-
-    def _close_stdin(self) -> None:
-        if self.stdin_fd is not None:
-            try:
-                os.close(self.stdin_fd)
-            except OSError:
-                pass
-            self.stdin_fd = None
 
     def abandon(self) -> None:
         self.abandoned = True  # its host client went away: send nothing more of it
@@ -237,34 +238,85 @@ class StreamOp:
             except ProcessLookupError:
                 pass
 
-    def _mark_started(self) -> None:
-        """Apply the input held until now, then let :meth:`feed` apply its own. All under the
-        one lock: input that arrives while the held input is written waits behind it (it
-        used to overtake it, and a `cp` of a large file arrived with its chunks reordered)."""
+    def _start_input(self, fd: int) -> None:
+        """Start writing input to the command's ``fd`` (which the writer then owns, and closes)."""
         if self.abandoned:  # abandoned while it was being started
             self.kill()
-        with self._input_lock:
-            for msg in self._early:
-                self._apply(msg)
-            self._early = []
-            self._started = True
+        os.set_blocking(fd, False)
+        self._writer = threading.Thread(target=self._write_input, args=(fd,), name="exec-input", daemon=True)
+        self._writer.start()
+
+    def _end_input(self) -> None:
+        """The command ended: its writer stops (dropping input it did not take) and closes its input."""
+        self._input_over.set()
+        try:
+            self._input.put_nowait({"op": "over"})  # wakes a writer waiting for input
+        except queue.Full:
+            pass  # it is writing: it sees the end within INPUT_POLL
+        if self._writer is not None:
+            self._writer.join(2 * INPUT_POLL + 1)
 
     def feed(self, msg: dict[str, Any]) -> None:
-        with self._input_lock:
-            if self._started:
-                self._apply(msg)
-            else:
-                self._early.append(msg)
+        """Queue input for the command (called by the port's reader, in arrival order).
 
-    def _apply(self, msg: dict[str, Any]) -> None:
-        kind = msg.get("op")
-        if kind == "stdin" and self.stdin_fd is not None:
+        A full queue holds the reader, and so the host, back. It used to write here itself: a
+        command that never read its input (`exec -i VM -- sleep 100 < big`) held the reader in
+        that write for good, its port dead, `--timeout` never firing. Now the reader waits only
+        while the command runs and its client is there: input for an ended command is dropped,
+        and a client gone (the port hung up) ends the command, as it would if the reader saw it.
+        """
+        while not self.done.is_set() and not self._input_over.is_set():
             try:
-                protocol.write_all(self.stdin_fd, base64.b64decode(msg.get("data") or ""))
-            except OSError:
-                pass
-        elif kind == "eof":
-            self._close_stdin()
-        elif kind == "resize" and self.pty_master is not None:
-            packed = struct.pack("HHHH", int(msg.get("rows", 24)), int(msg.get("cols", 80)), 0, 0)
-            fcntl.ioctl(self.pty_master, termios.TIOCSWINSZ, packed)
+                self._input.put(msg, timeout=INPUT_POLL)
+                return
+            except queue.Full:
+                if self._client_gone():
+                    self.abandon()
+                    return
+
+    def _client_gone(self) -> bool:
+        hung_up = select.poll()
+        hung_up.register(self.conn.fd, select.POLLHUP)
+        return any(mask & select.POLLHUP for _, mask in hung_up.poll(0))
+
+    def _write_input(self, fd: int) -> None:
+        """The writer: applies queued input in order until the command ends; closes ``fd``.
+        Only this thread writes to or closes ``fd`` (closing it under a write would let the
+        number be reused, and the rest of the input go to another file)."""
+        is_open = True  # until end of input, or the command closes its side: the rest is dropped
+        try:
+            while not self._input_over.is_set():
+                msg = self._input.get()
+                kind = msg.get("op")
+                if kind == "stdin" and is_open:
+                    is_open = self._write(fd, base64.b64decode(msg.get("data") or ""))
+                elif kind == "eof" and is_open:
+                    os.close(fd)
+                    is_open = False
+                elif kind == "resize" and self.pty_master is not None:
+                    packed = struct.pack("HHHH", int(msg.get("rows", 24)), int(msg.get("cols", 80)), 0, 0)
+                    fcntl.ioctl(self.pty_master, termios.TIOCSWINSZ, packed)
+        finally:
+            if is_open:
+                os.close(fd)
+
+    def _write(self, fd: int, data: bytes) -> bool:
+        """Write ``data`` as the command takes it, until it ends; False if its input is closed
+        (then ``fd`` is closed too)."""
+        view = memoryview(data)
+        while view and not self._input_over.is_set():
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                _wait(fd, select.POLLOUT, INPUT_POLL)
+            except OSError:  # EPIPE: no reader; EIO: the pty's other side is closed
+                os.close(fd)
+                return False
+        return True
+
+
+def _wait(fd: int, events: int, timeout: float | None) -> None:
+    """Until ``fd`` is ready for ``events`` (or hung up), or ``timeout`` seconds pass."""
+    poller = select.poll()
+    poller.register(fd, events)
+    poller.poll(None if timeout is None else timeout * 1000)

@@ -1,0 +1,151 @@
+"""The guest agent's input path for ``exec``/``cp``/``console``: real commands under a real
+reaper (each in a Python of its own, as PID 1's threads are), the port a socket pair."""
+
+import base64
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mvm.guest import execstream
+
+_AGENT = """
+import base64, socket, sys, threading, time
+from mvm.guest.control import ControlServer
+from mvm.guest.execstream import Connection, StreamOp
+from mvm.guest.reaper import Reaper
+reaper = Reaper()
+threading.Thread(target=reaper.loop, daemon=True).start()
+server = ControlServer([], reaper=reaper, status=dict, shutdown=lambda: None, configure=lambda c: None,
+                       env_overrides={}, path="/usr/bin:/bin", signals=None)
+host, guest = socket.socketpair()
+replies = []
+def read_host():
+    for data in iter(lambda: host.recv(65536), b""):
+        replies.append(data)
+reading = threading.Thread(target=read_host, daemon=True)
+reading.start()
+conn = Connection(guest.fileno())
+def run(req):
+    op = StreamOp(conn, {"id": 1, "user": "root", "cwd": "/", **req}, server)
+    conn.active = op
+    return op
+def feed(op, chunks, size=32768):
+    for _ in range(chunks):
+        op.feed({"op": "stdin", "data": base64.b64encode(b"x" * size).decode()})
+"""
+
+
+def _agent(script: str) -> str:
+    r = subprocess.run([sys.executable, "-c", _AGENT + script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_held_input_larger_than_a_pipe_reaches_a_command_that_echoes_it() -> None:
+    """`exec -i VM -- tee /x < big` (and cp of a large file): the input held before the command
+    started was written before its output was read, so `cat` filled its stdout pipe, stopped
+    reading, and the write (with the agent's reader behind its lock) hung for good."""
+    out = _agent("""
+op = run({"argv": ["cat"]})
+feeding = threading.Thread(target=lambda: (feed(op, 16), op.feed({"op": "eof"})))
+feeding.start()  # 512 KiB, held at first: the command does not exist yet
+op.start()
+print("done" if op.done.wait(20) else "hung", flush=True)
+""")
+    assert out == "done\n"
+
+
+def test_input_to_a_command_that_never_reads_it_holds_neither_the_port_nor_its_timeout() -> None:
+    """`exec -i VM --timeout 1 -- sleep 30 < 4MiB`: the port's reader used to write the input
+    itself and hung in that write; the timeout was never armed, the port never read again.
+    Now the command times out, the reader is released and the input dropped."""
+    out = _agent("""
+op = run({"argv": ["sleep", "30"], "timeout": 1})
+op.start()
+started = time.monotonic()
+feeding = threading.Thread(target=lambda: feed(op, 128), daemon=True)  # 4 MiB
+feeding.start()
+feeding.join(15)
+op.done.wait(15)
+time.sleep(0.2)
+print("reader free" if not feeding.is_alive() else "reader held", "done" if op.done.is_set() else "running",
+      "timed out" if op.timed_out else "not timed out", round(time.monotonic() - started) < 8, flush=True)
+""")
+    assert out == "reader free done timed out True\n"
+
+
+def test_input_to_a_command_that_never_reads_it_ends_when_its_client_goes() -> None:
+    """The same without a timeout: the client gives up (Ctrl-C). The reader, held by the full
+    input queue, cannot read the port's hang-up; it looks for it while it waits."""
+    out = _agent("""
+op = run({"argv": ["sleep", "30"]})
+op.start()
+feeding = threading.Thread(target=lambda: feed(op, 128), daemon=True)
+feeding.start()
+time.sleep(1)
+assert feeding.is_alive()  # held back: the command takes no input
+host.shutdown(socket.SHUT_RDWR)
+feeding.join(10)
+print("reader free" if not feeding.is_alive() else "reader held", "ended" if op.done.wait(10) else "running",
+      flush=True)
+""")
+    assert out == "reader free ended\n"
+
+
+def test_input_arrives_in_order_around_the_start_of_the_command() -> None:
+    """Input that arrives before the command exists waits; input arriving while that is written
+    must not overtake it (a `cp` of 20 MB once reached the guest with 64 KiB chunks swapped)."""
+    out = _agent("""
+import hashlib
+op = run({"argv": ["sha256sum"]})
+chunks = [bytes([n]) * 50000 for n in range(40)]
+def send(part):
+    for c in part:
+        op.feed({"op": "stdin", "data": base64.b64encode(c).decode()})
+early = threading.Thread(target=send, args=(chunks[:20],))
+early.start()
+time.sleep(0.2)
+op.start()
+early.join()
+send(chunks[20:])
+op.feed({"op": "eof"})
+op.done.wait(20)
+time.sleep(0.2)
+host.shutdown(socket.SHUT_RDWR)
+reading.join(5)
+from mvm.guest import protocol
+msgs = [protocol.decode(line) for line in protocol.LineBuffer().feed(b"".join(replies))]
+out = b"".join(base64.b64decode(m["data"]) for m in msgs if m.get("event") == "stdout")
+print(out.split()[0].decode() == hashlib.sha256(b"".join(chunks)).hexdigest(), msgs[-1], flush=True)
+""")
+    assert out == "True {'ok': True, 'exit': 0, 'id': 1}\n"
+
+
+def test_input_for_an_ended_command_is_dropped_not_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a command has ended, input for it (`yes | exec -i VM -- head -1`) neither waits
+    nor fills memory: feed returns at once."""
+    op = execstream.StreamOp(conn=None, req={"id": 1}, server=None)  # type: ignore[arg-type]
+    op.done.set()
+    started = time.monotonic()
+    for _ in range(execstream.INPUT_QUEUE * 2):
+        op.feed({"op": "stdin", "data": base64.b64encode(b"y\n").decode()})
+    assert time.monotonic() - started < 1 and op._input.empty()
+
+
+def test_the_writer_closes_the_commands_input_once_and_stops_at_the_end() -> None:
+    op = execstream.StreamOp(conn=None, req={"id": 1}, server=None)  # type: ignore[arg-type]
+    r, w = os.pipe()
+    op._start_input(w)
+    op.feed({"op": "stdin", "data": base64.b64encode(b"abc").decode()})
+    op.feed({"op": "eof"})
+    with os.fdopen(r, "rb") as f:
+        assert f.read() == b"abc"  # end of input: the writer closed its side
+    op._end_input()
+    assert op._writer is not None and not op._writer.is_alive()
+    with pytest.raises(OSError):
+        os.fstat(w)
+
+
