@@ -226,6 +226,12 @@ class Init:
         if not settings["template"]:
             self._start_control(ports)
         threading.Thread(target=self._watch_power_button, name="power", daemon=True).start()
+        from . import clock
+
+        def report(msg: str) -> None:
+            events.emit("init", msg=msg)
+
+        threading.Thread(target=clock.keep, args=(threading.Event(), report), name="clock", daemon=True).start()
         uptime = _uptime()
         events.emit("init", msg="ready", uptime=uptime)
         say(f"ready after {uptime:.2f}s uptime ({len(services)} services)")

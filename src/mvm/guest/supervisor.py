@@ -232,38 +232,15 @@ class Service:
                 self.started.set()
                 return
         failures = 0
+        policy = self.spec.get("restart") or "always"
         while not self.sup.stopping.is_set():
-            try:
-                self.child = self._spawn(self.spec["command"], user, "service")
-            except OSError as exc:  # as a run that could not start (127), under the restart policy
-                self.last_exit, self.reason = 127, f"could not start: {exc}"
-                self.started.set()
-                if not should_restart(self.spec.get("restart") or "always", 127):
-                    self._set_state("failed", exit=127, reason=self.reason)
-                    return
-                failures += 1
-                self._set_state("backoff", exit=127, delay=backoff_delay(failures), reason=self.reason)
-                if self.sup.stopping.wait(backoff_delay(failures)):
-                    self._set_state("stopped", exit=127)
-                    return
-                self.restarts += 1
-                continue
-            self.pid = self.child.pid
-            self.started_at = time.monotonic()  # not the wall clock: a restored clone's jumps to the host's
             began = time.monotonic()
-            self._set_state("running", pid=self.pid, restarts=self.restarts)
-            self.started.set()
-            code = self.child.wait()
-            assert code is not None
-            killed = None if self.sup.stopping.is_set() else oom_kill_of(self.child.pid, user.uid, code, began)
-            self.last_exit, self.pid = code, None
-            if self.sup.stopping.is_set():
-                self._set_state("stopped", exit=code)
+            ended = self._run_once(user)
+            if ended is None:  # stopped while it ran
                 return
-            ended = killed or cannot_run(code, time.monotonic() - began)
-            why = {"reason": ended} if ended else {}
-            self.reason = ended
-            policy = self.spec.get("restart") or "always"
+            code, cause = ended
+            self.last_exit, self.reason = code, cause
+            why = {"reason": cause} if cause else {}
             if not should_restart(policy, code):
                 self._set_state("exited" if code == 0 else "failed", exit=code, **why)
                 return
@@ -274,6 +251,30 @@ class Service:
                 self._set_state("stopped", exit=code)
                 return
             self.restarts += 1
+
+    def _run_once(self, user: Identity) -> tuple[int, str | None] | None:
+        """One run of the command: its exit code and why it ended, if the code alone does not
+        say (out of memory, a shell that cannot run it); None if the guest stopped meanwhile.
+        A command whose shell cannot even start (no /bin/sh under a volume, no memory to fork)
+        is a run that ended with 127, under the same restart policy."""
+        try:
+            self.child = self._spawn(self.spec["command"], user, "service")
+        except OSError as exc:
+            self.started.set()
+            return 127, f"could not start: {exc}"
+        self.pid = self.child.pid
+        self.started_at = time.monotonic()  # not the wall clock: a restored clone's jumps to the host's
+        began = time.monotonic()
+        self._set_state("running", pid=self.pid, restarts=self.restarts)
+        self.started.set()
+        code = self.child.wait()
+        assert code is not None
+        killed = None if self.sup.stopping.is_set() else oom_kill_of(self.child.pid, user.uid, code, began)
+        self.last_exit, self.pid = code, None
+        if self.sup.stopping.is_set():
+            self._set_state("stopped", exit=code)
+            return None
+        return code, killed or cannot_run(code, time.monotonic() - began)
 
     def signal(self, sig: int) -> None:
         child = self.child
