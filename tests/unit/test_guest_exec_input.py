@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +150,55 @@ def test_the_writer_closes_the_commands_input_once_and_stops_at_the_end() -> Non
         os.fstat(w)
 
 
+
+
+def test_a_command_ended_by_its_timeout_gets_sigterm_first_then_sigkill(tmp_path: Path) -> None:
+    """SIGTERM first lets a command clean up (a `cp` cut short removes its partial file); one
+    that ignores it is killed KILL_GRACE seconds later."""
+    mark = tmp_path / "termed"
+    out = _agent(f"""
+op = run({{"argv": ["sh", "-c", "trap 'echo termed > {mark}; exit 3' TERM; while :; do sleep 0.05; done"],
+          "timeout": 0.5}})
+op.start()
+print(op.done.wait(15), op.timed_out, flush=True)
+op = run({{"argv": ["sh", "-c", "trap '' TERM; sleep 30"], "timeout": 0.5}})
+started = time.monotonic()
+op.start()
+print(op.done.wait(15), op.timed_out, round(time.monotonic() - started) < 8, flush=True)
+""")
+    assert out == "True True\nTrue True True\n"
+    assert mark.read_text() == "termed\n"
+
+
+def test_a_cp_ended_by_sigterm_leaves_no_partial_file(tmp_path: Path) -> None:
+    """The guest's copy helper mid-file when its client goes away (the agent's SIGTERM): the
+    file it was to replace is as it was, and no hidden `.mvm-cp-PID` is left beside it."""
+    import io
+    import signal
+    import tarfile
+
+    from mvm.guest.copy import TOP
+
+    payload = b"x" * (4 << 20)
+    stream = io.BytesIO()
+    with tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(TOP)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    target = tmp_path / "data.bin"
+    target.write_bytes(b"old")
+    agent_root = Path(execstream.__file__).parents[2]
+    helper = subprocess.Popen(
+        [sys.executable, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); from mvm.guest.copy import main; "
+         "sys.exit(main(sys.argv[2:]))", str(agent_root), "in", str(target), "file", "data.bin", "0", "0"],
+        stdin=subprocess.PIPE)
+    assert helper.stdin is not None
+    helper.stdin.write(stream.getvalue()[: 1 << 20])  # a quarter of the file, then nothing more
+    helper.stdin.flush()
+    deadline = time.monotonic() + 10
+    while not [p for p in tmp_path.iterdir() if p.name.startswith(".mvm-cp-")] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    helper.send_signal(signal.SIGTERM)
+    assert helper.wait(10) == 128 + signal.SIGTERM
+    helper.stdin.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"] and target.read_bytes() == b"old"

@@ -15,8 +15,8 @@ Copied in, files belong to root unless ``--archive`` keeps the host's owners; mo
 kept. Copied out, owners are the host user's (the host does that, not this side). A file
 is written beside its target under a temporary name and renamed onto it once complete: a
 copy cut short (a full disk, a broken stream) leaves no partial file, and a file it was
-to replace as it was. (A copy killed outright, as when its host client goes away, can leave
-its hidden ``.mvm-cp-PID`` file.)
+to replace as it was. A copy ended by SIGTERM (its host client went away: the agent sends
+SIGTERM, then SIGKILL two seconds later) removes its partial file the same way.
 
 ``mvmctl cp - NAME:DIR`` (``untar``) extracts a tar archive the user piped in into the
 directory DIR, as ``docker cp -`` does: its entries as they are named (a leading ``/``
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 import tarfile
 
@@ -165,7 +166,12 @@ def copy_out(src: str, follow: bool = False) -> None:
         tar.add(path, arcname=TOP)
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through _extract, which removes its partial file
+
+
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, _stop)
     try:
         if argv[0] == "out":
             copy_out(argv[1], follow=argv[2:] == ["1"])

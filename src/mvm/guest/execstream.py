@@ -36,6 +36,8 @@ from .supervisor import Identity, base_env
 INPUT_QUEUE = 32
 #: How often a wait for the command to take input looks whether it, or its client, is gone.
 INPUT_POLL = 0.25
+#: Seconds a command ended by its timeout or by its client going away has to exit on SIGTERM.
+KILL_GRACE = 2.0
 
 
 class CannotStart(Exception):
@@ -223,7 +225,7 @@ class StreamOp:
             return
         if self.timed_out:
             self.conn.send({"ok": False, "exit": 124, "timed_out": True,
-                            "error": f"timed out after {float(timeout or 0):g}s; process killed"}, self.rid)
+                            "error": f"timed out after {float(timeout or 0):g}s; process ended"}, self.rid)
         else:
             self.conn.send({"ok": True, "exit": code}, self.rid)
 
@@ -232,11 +234,21 @@ class StreamOp:
         self.kill()
 
     def kill(self) -> None:
-        if self.child is not None and not self.child.done:
-            try:
-                os.killpg(self.child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """End the command: SIGTERM to its process group, SIGKILL :data:`KILL_GRACE` s later if
+        it still runs (so that a `cp` cut short removes its hidden partial file, and any
+        command may clean up, as `timeout` and `docker stop` allow)."""
+        child = self.child
+        if child is None or child.done:
+            return
+        _signal_group(child.pid, signal.SIGTERM)
+
+        def kill_now() -> None:
+            if not child.done:
+                _signal_group(child.pid, signal.SIGKILL)
+
+        timer = threading.Timer(KILL_GRACE, kill_now)
+        timer.daemon = True
+        timer.start()
 
     def _start_input(self, fd: int) -> None:
         """Start writing input to the command's ``fd`` (which the writer then owns, and closes)."""
@@ -313,6 +325,13 @@ class StreamOp:
                 os.close(fd)
                 return False
         return True
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _wait(fd: int, events: int, timeout: float | None) -> None:

@@ -44,7 +44,8 @@ def exec_(
 
     Exit code: the command's own, as a shell reports it: 127 if the program is not found,
     126 if it cannot be run (not executable, another architecture's) or the --user or the -w
-    DIR does not exist in the guest, 128+N if signal N killed it, 124 if --timeout killed it.
+    DIR does not exist in the guest, 128+N if signal N killed it, 124 if --timeout ended it
+    (SIGTERM to its process group, SIGKILL 2 s later if it still runs).
 
     
     Examples:
