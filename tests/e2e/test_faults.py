@@ -336,6 +336,25 @@ def test_data_survives_kill_9_and_down(cli: CLI, testbed_image: dict[str, Any], 
     _assert_clean(leaks)
 
 
+def test_a_short_down_keeps_what_was_written_and_names_a_killed_service(cli: CLI, testbed_image: dict[str, Any],
+                                                                       tmp_path: Path) -> None:
+    """`down --timeout 2` of a VM whose service ignores SIGTERM: the guest spent its 5 s on the
+    service, the host quit QEMU at 2 s, and a file written just before (not fsync'd) was gone,
+    exit 0. Now the guest syncs first and the services get the timeout less 5 s; a service
+    that had to be killed is named."""
+    vol = f"{tmp_path / 'data'}:/mnt/data:16"
+    cli("up", TESTBED, "--name", "stubborn", "-e", "STUBBORN=1", "-v", vol)
+    cli("exec", "stubborn", "--user", "mvm", "--", "sh", "-c", "echo precious > /mnt/data/precious.txt")
+    cli("down", "stubborn", "--timeout", "2")
+    cli("up", TESTBED, "--name", "stubborn", "-e", "STUBBORN=1", "-v", vol)
+    try:
+        assert cli("exec", "stubborn", "--", "cat", "/mnt/data/precious.txt").stdout == "precious\n"
+    finally:
+        [result] = cli.json("down", "stubborn", "--timeout", "7")
+    assert result["how"] == "shut down cleanly; web killed after 2s: ignored SIGTERM"
+    _assert_clean(_leaks(cli))
+
+
 def test_full_data_volume(cli: CLI, testbed_image: dict[str, Any], recorder: Recorder, tmp_path: Path) -> None:
     """ENOSPC on one volume reaches the writer; the VM, its services and other volumes stay fine."""
     started = time.monotonic()

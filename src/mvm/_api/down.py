@@ -21,6 +21,7 @@ from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import Backend, MachineRef
 from ..builders.store import ImageStore
 from ..errors import MvmError, StopFailed, VMError, VMNotFound
+from ..guest import protocol
 from ..paths import Layout, VMFiles
 from ..runtime import agent, logs
 from ..runtime.registry import Registry, VMRecord
@@ -28,7 +29,10 @@ from ..volumes.store import VolumeStore
 from .machines import backend_for, machine_alive
 from .models import DownResult
 
-SHUTDOWN_TIMEOUT = 20.0
+#: Seconds `down` waits for the guest to power off; its services get all but SHUTDOWN_MARGIN
+#: of them to stop (docker stop's 10 s by default).
+SHUTDOWN_TIMEOUT = 15.0
+SHUTDOWN_MARGIN = 5.0
 
 
 def _machines(record: VMRecord | None, files: VMFiles, backend: Backend) -> list[MachineRef]:
@@ -47,14 +51,24 @@ def _wait_gone(backend: Backend, machine: MachineRef, timeout: float) -> bool:
     return True
 
 
+def stop_grace(timeout: float) -> float:
+    """The seconds services get between SIGTERM and SIGKILL within a ``down`` of ``timeout``:
+    the rest of the guest's shutdown (sync, unmount, power-off) keeps SHUTDOWN_MARGIN of it."""
+    return min(max(0.0, timeout - SHUTDOWN_MARGIN), protocol.MAX_STOP_GRACE)
+
+
 def _stop(name: str, files: VMFiles, backend: Backend, machine: MachineRef, timeout: float) -> str:
     try:
-        agent.request(files, name, "shutdown", timeout=3.0)
+        agent.request(files, name, "shutdown", grace=stop_grace(timeout), timeout=3.0)
     except MvmError:
         return backend.stop(files, machine, 5.0)  # no agent: straight to the hypervisor's rungs
     if _wait_gone(backend, machine, timeout):
-        return "shut down cleanly"
-    return backend.stop(files, machine, 5.0)
+        killed = logs.services_killed_at_stop(files)
+        return "shut down cleanly" + (f"; {', '.join(killed)} killed after {stop_grace(timeout):g}s: "
+                                      "ignored SIGTERM" if killed else "")
+    how = backend.stop(files, machine, 5.0)
+    return (f"{how}: the guest had not powered off after {timeout:g}s; what it wrote since its shutdown "
+            "began may be lost")
 
 
 def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None = None,

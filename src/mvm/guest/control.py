@@ -41,7 +41,7 @@ class ControlServer:
         *,
         reaper: Reaper,
         status: Callable[[], dict[str, Any]],
-        shutdown: Callable[[], None],
+        shutdown: Callable[[float], None],
         configure: Callable[[dict[str, Any]], str | None],
         env_overrides: dict[str, str],
         path: str,
@@ -188,8 +188,14 @@ class ControlServer:
         conn.send({"ok": True, **usage(self.status().get("services") or {})}, rid)
 
     def _op_shutdown(self, conn: Connection, req: dict[str, Any], rid: Any) -> None:
+        """Power off; ``grace``: the seconds services get between SIGTERM and SIGKILL (the host's
+        `down --timeout` less what the rest of the shutdown needs)."""
+        grace = req.get("grace", protocol.STOP_GRACE)
+        if not isinstance(grace, (int, float)) or isinstance(grace, bool) or not 0 <= grace <= protocol.MAX_STOP_GRACE:
+            conn.send({"ok": False, "error": f"grace {grace!r}: seconds from 0 to {protocol.MAX_STOP_GRACE:g}"}, rid)
+            return
         conn.send({"ok": True}, rid)
-        threading.Thread(target=self.shutdown, name="shutdown", daemon=True).start()
+        threading.Thread(target=self.shutdown, args=(float(grace),), name="shutdown", daemon=True).start()
 
     def _op_stream(self, conn: Connection, req: dict[str, Any], rid: Any) -> None:
         """``exec``, ``console`` and ``copy``: a command whose output streams back."""

@@ -333,18 +333,22 @@ class Init:
             "shutting_down": self._shutting_down,
         }
 
-    def shutdown(self) -> None:
+    def shutdown(self, grace: float = protocol.STOP_GRACE) -> None:
+        """Stop the services (SIGTERM, SIGKILL after ``grace`` s), the rest, sync, unmount and
+        power off. What was written before it began is synced first: if the host gives up
+        waiting (`down --timeout`) and ends the machine, only writes during the stop are lost."""
         with self._shutdown_lock:
             if self._shutting_down:
                 return
             self._shutting_down = True
         say("shutting down")
+        os.sync()
         if self.events:
-            self.events.emit("init", msg="shutting down")
+            self.events.emit("init", msg="shutting down", grace=grace)
         if self.health:
             self.health.stop()
         if self.supervisor:
-            self.supervisor.stop(STOP_TIMEOUT)
+            self.supervisor.stop(grace)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.kill(-1, sig)  # every process but PID 1

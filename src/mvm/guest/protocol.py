@@ -46,6 +46,10 @@ STREAM_INPUT = frozenset({"stdin", "eof", "resize"})
 #: What ``sh -c`` exits with when it cannot find (127) or run (126) the program: a service's
 #: short run ending so carries a reason, and the host counts it failing from that run on.
 SHELL_CANNOT_RUN = frozenset({126, 127})
+#: Seconds services get between SIGTERM and SIGKILL when the guest stops, unless the host's
+#: ``shutdown`` says otherwise (its ``grace``: `down --timeout` less what the rest needs).
+STOP_GRACE = 5.0
+MAX_STOP_GRACE = 3600.0
 
 
 def encode(msg: dict[str, Any]) -> bytes:

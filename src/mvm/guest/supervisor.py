@@ -312,15 +312,20 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         return {name: svc.status() for name, svc in self.services.items()}
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """TERM every service's process group, then KILL what is left after ``timeout``."""
+    def stop(self, timeout: float = 5.0) -> list[str]:
+        """TERM every service's process group, then KILL what is left after ``timeout``;
+        return the services that had to be killed (each also said on the event log)."""
         self.stopping.set()
         for svc in self.services.values():
             svc.signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
+        killed = []
         for svc in self.services.values():
             child = svc.child
-            if child is not None:
-                child.wait(max(0.0, deadline - time.monotonic()))
+            if child is not None and child.wait(max(0.0, deadline - time.monotonic())) is None:
+                killed.append(svc.name)
+                self.events.emit("init", msg=f"stop: service {svc.name} did not end within {timeout:g}s of "
+                                 "SIGTERM: killed", service=svc.name)
         for svc in self.services.values():
             svc.signal(signal.SIGKILL)
+        return killed

@@ -357,6 +357,20 @@ def _init_powered_off(files: VMFiles) -> bool:
     return '"msg":"powering off"' in tail
 
 
+def services_killed_at_stop(files: VMFiles) -> list[str]:
+    """The services the guest's last shutdown killed, having waited its grace after SIGTERM
+    in vain (``stop: service NAME did not end ...`` events, from mvm.guest.supervisor)."""
+    killed: list[str] = []
+    for ev in read_events(files):
+        if ev.get("kind") != "init":
+            continue
+        if ev.get("msg") == "shutting down":
+            killed = []
+        elif str(ev.get("msg", "")).startswith("stop: service ") and isinstance(ev.get("service"), str):
+            killed.append(printable(ev["service"], 64))
+    return killed
+
+
 def clean_poweroff(files: VMFiles) -> bool:
     """The guest powered the machine off (as opposed to QEMU being killed, or a panic): its
     init said so, or its kernel did (a power-off that bypassed init)."""

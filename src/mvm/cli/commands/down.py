@@ -13,14 +13,20 @@ from ..options import Json, missing
 def down(
     names: Annotated[list[str] | None, typer.Argument(metavar="NAME", help="VMs to stop.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", "-a", help="Stop every VM, suspended ones too.")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", min=0,
-                                           help="Seconds to wait for a graceful stop.")] = 20.0,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", metavar="SECONDS", min=0,
+        help="Seconds the guest has to stop: its services get all but 5 of them between SIGTERM and "
+             "SIGKILL, the rest is for syncing and powering off.")] = 15.0,
     json: Json = False,
 ) -> None:
     """Stop VMs and remove their runtime state. Idempotent.
 
-    First the guest agent stops the services (TERM, then KILL), syncs and powers off; if the
-    agent does not answer, QEMU is told to quit; if that fails it is killed. The VM's runtime
+    First the guest syncs its disks, stops the services (SIGTERM; SIGKILL for what still runs
+    --timeout less 5 s later: 10 s by default, as `docker stop`), syncs again, unmounts and
+    powers off. If the agent does not answer, or the guest has not powered off after
+    --timeout, QEMU is told to quit (what the guest wrote since its shutdown began may then be
+    lost; down says so); if that fails it is killed. Services that had to be killed are named
+    ("shut down cleanly; web killed after 10s: ignored SIGTERM"). The VM's runtime
     dir is removed once its machine is gone; if the machine survives everything (for
     example a QEMU this user may not signal), down exits 1 and the VM stays listed. A
     suspended VM is removed with its saved state (it cannot be resumed after). Volumes are
