@@ -239,7 +239,7 @@ def test_input_to_a_command_that_never_reads_it_neither_hangs_nor_holds_the_port
                        input=os.urandom(4 << 20), env=cli.env, capture_output=True, timeout=120)
     assert r.returncode == 124 and b"timed out" in r.stderr, r.stderr
     assert time.monotonic() - started < 45  # not the 60 s of its sleep (a slow CI's TCG start included)
-    for _ in range(4):  # each of the agent's ports
+    for _ in range(4):  # the next clients take the port the timed-out exec held
         assert cli("exec", "shared", "--", "echo", "hi").stdout == "hi\n"
 
 

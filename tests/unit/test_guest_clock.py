@@ -51,23 +51,41 @@ def test_a_clock_ahead_is_set_back() -> None:
     assert c.set_to == 1001.0 and step is not None and step < -29
 
 
-def test_the_keeper_reports_each_step_and_stops_for_good_without_an_rtc(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_keeper_reports_each_step_goes_on_past_a_failed_read_and_stops_without_an_rtc(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(clock, "CHECK_EVERY", 0.01)
     said: list[str] = []
-    steps = iter([None, 68.8, None, -30.0])
+    steps = iter([None, 68.8, OSError(5, "Input/output error"), OSError(5, "again"), None, -30.0])
 
     def step_once() -> float | None:
-        try:
-            return next(steps)
-        except StopIteration:
-            raise FileNotFoundError(2, "No such file or directory", clock.RTC) from None
+        step = next(steps, FileNotFoundError(2, "No such file or directory", clock.RTC))
+        if isinstance(step, OSError):
+            raise step
+        return step
 
     keeper = threading.Thread(target=clock.keep, args=(threading.Event(), said.append, step_once))
     keeper.start()
     keeper.join(5)
     assert not keeper.is_alive()
-    assert said[0].startswith("clock: 68.8 s behind the host's") and said[1].startswith("clock: 30.0 s ahead of")
-    assert len(said) == 3 and "cannot read the RTC" in said[2]
+    assert said[0].startswith("clock: 68.8 s behind the host's")
+    assert said[1].startswith("clock: cannot read the RTC ([Errno 5] Input/output error)")  # once, not twice
+    assert said[2].startswith("clock: 30.0 s ahead of") and "has no RTC" in said[3] and len(said) == 4
+
+
+def test_a_clock_set_while_waiting_for_the_edge_is_left_alone() -> None:
+    """The host's ping sets the exact time while the keeper waits for the RTC's next second:
+    setting the RTC's whole second over it would make it less exact."""
+    c = Clocks(1000.5, behind=30.0)
+    reads = iter([1000])
+
+    def rtc() -> int:
+        value = next(reads, None)
+        if value is None:
+            c.behind = 0.0  # the ping came
+            return int(c.host)
+        return value
+
+    assert clock.step_to_rtc(rtc, c.now, settime=c.settime, sleep=c.sleep) is None and c.set_to is None
 
 
 def test_the_keeper_ends_when_asked() -> None:

@@ -202,3 +202,63 @@ def test_a_cp_ended_by_sigterm_leaves_no_partial_file(tmp_path: Path) -> None:
     assert helper.wait(10) == 128 + signal.SIGTERM
     helper.stdin.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"] and target.read_bytes() == b"old"
+
+
+def test_an_ended_command_leaves_no_member_of_its_group_that_ignores_sigterm(tmp_path: Path) -> None:
+    """The leader gone, a member ignoring SIGTERM lived on (the SIGKILL was only for a live leader)."""
+    pid_file = tmp_path / "member"
+    out = _agent(f"""
+op = run({{"argv": ["sh", "-c", "sh -c 'trap \\"\\" TERM; echo $$ > {pid_file}; exec sleep 30' & sleep 30"],
+          "timeout": 1}})
+op.start()
+op.done.wait(15)
+time.sleep({execstream.KILL_GRACE} + 1)
+print(op.timed_out, flush=True)
+""")
+    member = int(pid_file.read_text())
+    try:
+        with open(f"/proc/{member}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert out == "True\n" and state in ("gone", "Z"), state
+
+
+def test_a_command_gets_one_sigterm_however_often_it_is_ended(tmp_path: Path) -> None:
+    """Each leftover input of a gone client ended the command again: 8 SIGTERMs for one exec,
+    and a second SIGTERM is "quit now, skip the clean-up" to many programs."""
+    count = tmp_path / "terms"
+    out = _agent(f"""
+op = run({{"argv": ["sh", "-c", "trap 'echo term >> {count}' TERM; while :; do sleep 0.05; done"]}})
+op.start()
+time.sleep(0.5)
+for _ in range(3):
+    op.abandon()
+print(op.done.wait(15), flush=True)
+""")
+    assert out == "True\n" and count.read_text() == "term\n"
+
+
+def test_malformed_input_is_dropped_and_the_writer_goes_on() -> None:
+    """A resize out of range or input that is not base64 killed the writer: the queue filled
+    and the port's reader was held until the command ended (a console, never)."""
+    out = _agent("""
+op = run({"argv": ["cat"]})
+op.start()
+op.feed({"op": "stdin", "data": "not base64!"})
+op.feed({"op": "stdin", "data": base64.b64encode(b"fine").decode()})
+op.feed({"op": "eof"})
+first = op.done.wait(15)
+tty = run({"argv": ["sh", "-c", "read line; echo got $line"], "tty": True})
+tty.start()
+tty.feed({"op": "resize", "rows": 70000, "cols": None})
+feed(tty, 40, size=10)  # more than the queue holds: the writer must be taking them
+tty.feed({"op": "stdin", "data": base64.b64encode(b"\\n").decode()})
+print(first, tty.done.wait(15), flush=True)
+host.shutdown(socket.SHUT_RDWR)
+reading.join(5)
+from mvm.guest import protocol
+msgs = [protocol.decode(line) for line in protocol.LineBuffer().feed(b"".join(replies))]
+print(b"".join(base64.b64decode(m["data"]) for m in msgs if m.get("event") == "stdout" and m.get("id") == 1)[:4])
+""")
+    assert out.splitlines()[0] == "True True" and "fine" in out.splitlines()[1]

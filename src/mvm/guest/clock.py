@@ -7,8 +7,9 @@ only when mvmctl talks to the guest. The RTC QEMU gives the guest (``-rtc clock=
 default) reads the host's clock at every read, paused or not, so PID 1 looks at it now and
 then and steps its clock when the two are apart by more than the RTC's whole seconds explain.
 
-A clock set by hand in the guest is stepped back too: the guest's clock is the host's.
-Stdlib only.
+A clock set by hand in the guest is stepped back too: the guest's clock is the host's. (So
+is the RTC: a guest program that writes it, `hwclock -w` or an NTP daemon's RTC sync, makes
+the two disagree until QEMU's next start.) Stdlib only.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def step_to_rtc(read: Callable[[], int] = read_rtc, now: Callable[[], float] = t
     while (edge := read()) == rtc and time.monotonic() < deadline:
         sleep(EDGE_POLL)
     step = edge - now()
+    if abs(step) <= TOLERANCE:
+        return None  # set meanwhile (the host's ping, exact to the millisecond): left as it is
     settime(float(edge))
     return step
 
@@ -55,12 +58,19 @@ def step_to_rtc(read: Callable[[], int] = read_rtc, now: Callable[[], float] = t
 def keep(stopping: threading.Event, report: Callable[[str], None],
          step_once: Callable[[], float | None] = step_to_rtc) -> None:
     """Compare the clock with the RTC every :data:`CHECK_EVERY` seconds until ``stopping``."""
+    failing = False
     while not stopping.wait(CHECK_EVERY):
         try:
             step = step_once()
-        except (OSError, ValueError) as exc:  # no RTC (a kernel without one): nothing to follow
-            report(f"clock: cannot read the RTC ({exc}); the clock is set only by the host's pings")
+        except FileNotFoundError:  # no RTC (a kernel without one): nothing to follow
+            report("clock: the guest has no RTC; its clock is set only by the host's pings")
             return
+        except (OSError, ValueError) as exc:  # a read that failed (the RTC mid-update): next time
+            if not failing:
+                report(f"clock: cannot read the RTC ({exc}); trying again every {CHECK_EVERY:g}s")
+            failing = True
+            continue
+        failing = False
         if step is not None:
             report(f"clock: {abs(step):.1f} s {'behind' if step > 0 else 'ahead of'} the host's "
                    "(the VM was paused, or the clock set by hand); set to the host's")

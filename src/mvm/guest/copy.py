@@ -167,6 +167,7 @@ def copy_out(src: str, follow: bool = False) -> None:
 
 
 def _stop(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second one must not cut the clean-up short
     raise SystemExit(128 + signum)  # unwinds through _extract, which removes its partial file
 
 

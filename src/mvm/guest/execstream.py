@@ -82,6 +82,8 @@ class StreamOp:
         self._input: queue.Queue[dict[str, Any]] = queue.Queue(INPUT_QUEUE)
         self._input_over = threading.Event()  # the command ended: the writer stops
         self._writer: threading.Thread | None = None
+        self._kill_lock = threading.Lock()
+        self._killing = False
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="exec", daemon=True).start()
@@ -177,6 +179,10 @@ class StreamOp:
             self.child = self.server.reaper.spawn(
                 argv, stdin=r_in, stdout=w_out, stderr=w_err, close_fds=True, **kwargs
             )
+        except BaseException:  # not started: PID 1 must not keep the other ends (15 fds per 5 tries)
+            for fd in (r_out, r_err, w_in):
+                os.close(fd)
+            raise
         finally:
             os.close(w_out)
             os.close(w_err)
@@ -238,13 +244,14 @@ class StreamOp:
         it still runs (so that a `cp` cut short removes its hidden partial file, and any
         command may clean up, as `timeout` and `docker stop` allow)."""
         child = self.child
-        if child is None or child.done:
-            return
+        with self._kill_lock:
+            if child is None or child.done or self._killing:
+                return  # once: a second SIGTERM means "quit now, skip the clean-up" to many programs
+            self._killing = True
         _signal_group(child.pid, signal.SIGTERM)
 
-        def kill_now() -> None:
-            if not child.done:
-                _signal_group(child.pid, signal.SIGKILL)
+        def kill_now() -> None:  # the whole group, even if its leader has gone (a member may ignore SIGTERM)
+            _signal_group(child.pid, signal.SIGKILL)
 
         timer = threading.Timer(KILL_GRACE, kill_now)
         timer.daemon = True
@@ -277,7 +284,7 @@ class StreamOp:
         while the command runs and its client is there: input for an ended command is dropped,
         and a client gone (the port hung up) ends the command, as it would if the reader saw it.
         """
-        while not self.done.is_set() and not self._input_over.is_set():
+        while not (self.done.is_set() or self._input_over.is_set() or self.abandoned):
             try:
                 self._input.put(msg, timeout=INPUT_POLL)
                 return
@@ -300,14 +307,19 @@ class StreamOp:
             while not self._input_over.is_set():
                 msg = self._input.get()
                 kind = msg.get("op")
-                if kind == "stdin" and is_open:
-                    is_open = self._write(fd, base64.b64decode(msg.get("data") or ""))
-                elif kind == "eof" and is_open:
-                    os.close(fd)
-                    is_open = False
-                elif kind == "resize" and self.pty_master is not None:
-                    packed = struct.pack("HHHH", int(msg.get("rows", 24)), int(msg.get("cols", 80)), 0, 0)
-                    fcntl.ioctl(self.pty_master, termios.TIOCSWINSZ, packed)
+                try:
+                    if kind == "stdin" and is_open:
+                        is_open = self._write(fd, base64.b64decode(msg.get("data") or "", validate=True))
+                    elif kind == "eof" and is_open:
+                        is_open = False
+                        os.close(fd)
+                    elif kind == "resize" and is_open and self.pty_master is not None:
+                        # through the writer's own descriptor (a dup of the master): the pump
+                        # closes the master itself when the terminal's other side goes
+                        packed = struct.pack("HHHH", int(msg.get("rows", 24)), int(msg.get("cols", 80)), 0, 0)
+                        fcntl.ioctl(fd, termios.TIOCSWINSZ, packed)
+                except (ValueError, TypeError, struct.error, OSError):
+                    continue  # a malformed message (bad base64, a size out of range) is dropped, not the writer
         finally:
             if is_open:
                 os.close(fd)

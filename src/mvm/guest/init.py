@@ -231,7 +231,8 @@ class Init:
         def report(msg: str) -> None:
             events.emit("init", msg=msg)
 
-        threading.Thread(target=clock.keep, args=(threading.Event(), report), name="clock", daemon=True).start()
+        threading.Thread(target=clock.keep, args=(self.supervisor.stopping, report), name="clock",
+                         daemon=True).start()
         uptime = _uptime()
         events.emit("init", msg="ready", uptime=uptime)
         say(f"ready after {uptime:.2f}s uptime ({len(services)} services)")
