@@ -261,7 +261,11 @@ def test_wait_fails_fast_when_a_service_failed_for_good(layout: Layout, fake: Fa
     (row,) = mvm.ls(layout=layout)
     assert row.failing == ["svc"] and row.health == "starting"
     fake.status["services"] = {"svc": {"state": "backoff", "restarts": 7, "last_exit": 2}}
-    with pytest.raises(ServiceFailed, match="keeps failing: crash-looping"):
+    with pytest.raises(ServiceFailed, match=r"keeps failing: crash-looping \(7 restarts, last exit 2\)"):
+        mvm.get("web", layout=layout).wait_healthy(60)
+    # a one-shot under the default restart policy: exit 0 again and again, and what to do about it
+    fake.status["services"] = {"svc": {"state": "backoff", "restarts": 5, "last_exit": 0, "restart": "always"}}
+    with pytest.raises(ServiceFailed, match='exits 0 and is started again .*restart = "on-failure"'):
         mvm.get("web", layout=layout).wait_healthy(60)
     # a program the shell could not find: failing from its first run, not its fifth
     fake.status["services"] = {"svc": {"state": "backoff", "restarts": 0, "last_exit": 127,
@@ -1222,3 +1226,13 @@ def test_a_stale_image_mark_refuses_nothing(layout: Layout, fake: FakeBackend, i
     (vm_dir / "suspended.state").write_bytes(b"x")
     with pytest.raises(UsageError, match="used by running or suspended"):
         mvm.rmi(image.key, layout=layout)
+
+
+def test_a_template_of_a_one_shot_that_has_exited_is_made_at_once(layout: Layout, fake: FakeBackend,
+                                                                  image: Image) -> None:
+    """A service that exited 0 for good (a one-shot under restart = "on-failure") never counted
+    as settled: the maker's hidden 512 MiB VM waited its whole 120 s, then saved no ready state."""
+    fake.status["services"] = {"svc": {"state": "exited", "restarts": 0, "last_exit": 0, "restart": "on-failure"}}
+    started = time.monotonic()
+    template = make_template(image, cpus=1, memory=512, layout=layout, backend=fake)
+    assert template.meta.kinds == ["agent", "ready"] and time.monotonic() - started < 10

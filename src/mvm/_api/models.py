@@ -107,6 +107,16 @@ class ServiceStatus(_Model):
             return True
         return self.state == "running" and (checked or self.uptime is None or self.uptime >= START_SECS)
 
+    def failure(self) -> str:
+        """Why it fails, in words: the guest's reason, else what its restarts look like (a
+        command that exits 0 under ``restart = "always"`` is a one-shot started again and again)."""
+        if self.reason:
+            return self.reason
+        if self.last_exit == 0 and self.restart in (None, "always"):
+            return (f"it exits 0 and is started again ({self.restarts} restarts): for a one-shot command "
+                    'set restart = "on-failure" (or "no")')
+        return f"crash-looping ({self.restarts} restarts, last exit {self.last_exit})"
+
     @property
     def failing(self) -> bool:
         """Failed for good, or crash-looping: restarted again and again, or backing off from a

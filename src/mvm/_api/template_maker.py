@@ -187,10 +187,10 @@ GIVE_UP_FAILURES = 3
 
 
 def _unhealthy(files: VMFiles, name: str, image: Image, timeout: float) -> str | None:
-    """None once healthy as ``up --wait`` means it (VM.wait_healthy), every service running,
-    not between restarts: what is saved is what every clone starts from (no checks: the
-    services running, and a moment for them to finish starting). Else why not: a service
-    failing, a check failing again and again, or the time."""
+    """None once healthy as ``up --wait`` means it (VM.wait_healthy), every service running
+    (or exited for good, a one-shot), not between restarts: what is saved is what every clone
+    starts from (no checks: the services running, and a moment for them to finish starting).
+    Else why not: a service failing, a check failing again and again, or the time."""
     deadline = time.monotonic() + timeout
     want_services, want_checks = image.manifest.guest.services, image.manifest.guest.health_checks
     while time.monotonic() < deadline:
@@ -199,12 +199,14 @@ def _unhealthy(files: VMFiles, name: str, image: Image, timeout: float) -> str |
         except MvmError as exc:
             return f"the agent did not answer ({exc.message})"
         if (svc := status.failing()) is not None:
-            return f"service {svc.name} is failing ({svc.reason or svc.state})"
+            return f"service {svc.name} is failing ({svc.failure()})"
         if (check := next((c for c in status.checks if c.state == "unhealthy"
                            and c.failures >= GIVE_UP_FAILURES), None)) is not None:
             return f"check {check.name} failed {check.failures} probes in a row (last exit {check.last_exit})"
-        # (without checks, healthy_with waits until the services have run START_SECS)
-        if status.healthy_with(want_services, want_checks) and all(s.state == "running" for s in status.services):
+        # (without checks, healthy_with waits until the services have run START_SECS; a one-shot
+        # that has exited 0 for good is as settled as a running service: it waited the 120 s out)
+        if status.healthy_with(want_services, want_checks) and all(s.state in ("running", "exited")
+                                                                   for s in status.services):
             return None
         time.sleep(0.2)
     return f"not healthy within {timeout:g}s"

@@ -252,9 +252,9 @@ class VM:
                 return status
             svc = status.failing()
             if svc is not None:  # no health will come: say why now, not after the whole timeout
-                why = svc.reason or f"crash-looping ({svc.restarts} restarts)"
                 raise ServiceFailed(
-                    self.name, f"service {svc.name} {'failed' if svc.state == 'failed' else 'keeps failing'}: {why}",
+                    self.name, f"service {svc.name} {'failed' if svc.state == 'failed' else 'keeps failing'}: "
+                    f"{svc.failure()}",
                     hint=f"the VM is left running for inspection: `mvmctl logs {self.name}`; "
                     f"stop it with `mvmctl down {self.name}`",
                     output=logs.service_tail(self.files, svc.name),

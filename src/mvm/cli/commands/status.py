@@ -48,7 +48,7 @@ def status(name: VMName, json: Json = False) -> None:
             Column[mvm.ServiceStatus]("LAST EXIT", lambda s: s.last_exit, "right"),
             Column[mvm.ServiceStatus]("USER", lambda s: s.user),
             Column[mvm.ServiceStatus]("UPTIME", lambda s: output.human_secs(s.uptime), "right"),
-            Column[mvm.ServiceStatus]("REASON", lambda s: s.reason, no_wrap=False),
+            Column[mvm.ServiceStatus]("REASON", lambda s: s.failure() if s.failing else s.reason, no_wrap=False),
         ], guest.services)
     if guest.checks:
         output.out.print("\n[bold]health checks[/]")
