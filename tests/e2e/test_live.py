@@ -315,10 +315,12 @@ def test_a_missing_program_fails_up_wait_without_health_checks(cli: CLI, tmp_pat
     `up --wait` called the VM up (hands-on: 4 of 4 API ups, and a pytest fixture that passed)."""
     (tmp_path / "mvm.toml").write_text('name = "nocheck"\npackages = ["python3", "curl"]\n'
                                        '[services.web]\ncommand = "no-such-prog --serve"\n')
-    r = cli("up", str(tmp_path), "--wait", "--timeout", "60", check=False)
+    r = cli("up", str(tmp_path), "--wait", "--timeout", "60", "--json", check=False)
     try:
         assert r.returncode == 1, r.stderr
         assert "service web keeps failing: command not found (exit 127)" in r.stderr, r.stderr
+        left = json.loads(r.stdout)  # with --json, what was kept for inspection (a script can down it)
+        assert (left["name"], left["status"], left["failing"]) == ("nocheck", "running", ["web"])
     finally:
         cli("down", "nocheck")
     cli("rmi", "nocheck")

@@ -280,3 +280,21 @@ def human_secs(value: float | None) -> str:
     if value < 3600:
         return f"{value // 60}m{value % 60:02d}s"
     return f"{value // 3600}h{(value % 3600) // 60:02d}m"
+
+
+@contextmanager
+def json_of_a_vm_left_running(as_json: bool) -> Iterator[None]:
+    """`up`/`restart --wait --json`: when the wait gives up and the VM is kept for inspection,
+    its ``VMInfo`` still goes to stdout (then the error to stderr, exit 1), so that a script
+    learns what was left running, and can bring it down."""
+    import mvm
+
+    try:
+        yield
+    except (mvm.HealthTimeout, mvm.ServiceFailed) as exc:
+        if as_json:
+            try:
+                print_json(mvm.get(exc.vm).info(ask_guest=True))
+            except mvm.MvmError:
+                pass  # not kept (a template maker's VM): only the error
+        raise

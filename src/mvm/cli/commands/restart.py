@@ -33,7 +33,7 @@ def restart(
     from .. import output
 
     seconds = wait_timeout(wait, timeout)
-    with output.progress(f"restarting {name}") as prog:
+    with output.json_of_a_vm_left_running(json), output.progress(f"restarting {name}") as prog:
         vm = mvm.get(name).restart(wait=wait, wait_timeout=seconds, progress=prog)
     info = vm.info(ask_guest=json)  # only --json prints health
     if json:

@@ -74,7 +74,7 @@ def up(
     from .. import output
 
     seconds = wait_timeout(wait, timeout)
-    with output.progress("starting") as prog:
+    with output.json_of_a_vm_left_running(json), output.progress("starting") as prog:
         vm = mvm.up(path, flake=flake, nix_args=nix_args(override_input, nix_arg), name=name,
                     cpus=cpus, memory=memory, ports=port or [], env=env or [], volumes=volume or [],
                     hypervisor=hypervisor, wait=wait, wait_timeout=seconds, progress=prog, cold=cold,
