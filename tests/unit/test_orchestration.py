@@ -1236,3 +1236,24 @@ def test_a_template_of_a_one_shot_that_has_exited_is_made_at_once(layout: Layout
     started = time.monotonic()
     template = make_template(image, cpus=1, memory=512, layout=layout, backend=fake)
     assert template.meta.kinds == ["agent", "ready"] and time.monotonic() - started < 10
+
+
+def test_a_suspended_vm_whose_host_port_was_taken_can_have_its_forward_moved(layout: Layout, fake: FakeBackend,
+                                                                              image: Image) -> None:
+    """Its host port taken while it was suspended, `resume` was refused with `up`'s hint (-p),
+    and `forward --rm` was refused as the VM was not running: only `down` was left, losing its state."""
+    vm = _up(layout, fake, image, ports=["18200:8080"])
+    vm.suspend()
+    fake.taken_ports.add(18200)
+    with pytest.raises(mvm.PortInUse) as taken:
+        vm.resume()
+    assert "mvmctl forward web --rm -p HOST:GUEST" in (taken.value.hint or "") and "-p" not in taken.value.message
+    with pytest.raises(mvm.UsageError, match="suspended: name the host port"):
+        vm.forward("8080")
+    vm.unforward("18200:8080")
+    assert vm.forward("18201:8080").host_port == 18201
+    assert vm.info(ask_guest=False).status is mvm.VMStatus.SUSPENDED
+    vm.resume()
+    (machine,) = [m for m in fake.machines.values() if m.running]
+    assert [(p.host_port, p.guest_port) for p in machine.spec.ports] == [(18201, 8080)]
+    vm.down()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, Runner, signals_deferred
 from ..backends.base import LAUNCH_SCHEMA, Incoming, LaunchSpec, PortForward, spec_from_json
-from ..errors import StateError, VMError, VMNotRunning
+from ..errors import PortInUse, StateError, VMError, VMNotRunning
 from ..paths import Layout, VMFiles
 from ..runtime import agent
 from ..runtime.registry import ProcessRecord, Registry
@@ -81,7 +81,12 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
         try:
             spec.hold_fds = tuple(lock.fd for lock in locks)
             backend = backend_for(record, runner)
-            machine = start_undoable(backend, spec, undo, stop_timeout=2.0)  # stopped unless it comes back
+            try:
+                machine = start_undoable(backend, spec, undo, stop_timeout=2.0)  # stopped unless it comes back
+            except PortInUse as exc:  # its hint is `up`'s: resume has no -p
+                raise PortInUse(exc.message, hint=f"free it (`ss -ltnup` shows who has it), or change the forward "
+                                f"while {name} is suspended: `mvmctl forward {name} --rm -p HOST:GUEST`, and "
+                                f"`mvmctl forward {name} -p OTHER:GUEST`; then resume") from None
         finally:
             for lock in locks:
                 lock.release()

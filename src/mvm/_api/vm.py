@@ -19,6 +19,7 @@ from ..errors import (
     MvmError,
     ServiceFailed,
     UsageError,
+    VMError,
     VMNotFound,
     VMNotRunning,
 )
@@ -185,7 +186,10 @@ class VM:
         (``"8080"`` or ``8080`` alone: a guest port, as ``up``'s ``ports``) picks a free one;
         the result says which."""
         fwd = port if isinstance(port, PortForward) else parse_port(str(port))
-        with self._hotplug() as (files, record, backend, machine):
+        with self._forwards() as (files, record, backend, machine):
+            if machine is None and not fwd.host_port:
+                raise UsageError(f"{self.name} is suspended: name the host port to forward (HOST:GUEST); "
+                                 "a free one is picked only for a running VM")
             for existing in record.ports:
                 if fwd.host_port and existing.host_port == fwd.host_port and existing.proto == fwd.proto:
                     raise UsageError(
@@ -193,7 +197,7 @@ class VM:
                         f"{existing.guest_port} on {self.name}",
                         hint="pick another host port",
                     )
-            added = backend.forward(files, machine, fwd)
+            added = fwd if machine is None else backend.forward(files, machine, fwd)  # suspended: at resume
             record.ports.append(PortRecord.of(added))
         return PortInfo(host_ip=added.host_ip, host_port=added.host_port, guest_port=added.guest_port,
                         proto=added.proto)
@@ -202,7 +206,7 @@ class VM:
         """Remove a forward and forget it: ``HOST:GUEST`` (the host side decides), or ``GUEST``
         alone, as ``-p GUEST`` added it (the one forward to that guest port)."""
         fwd = port if isinstance(port, PortForward) else parse_port(str(port))
-        with self._hotplug() as (files, record, backend, machine):
+        with self._forwards() as (files, record, backend, machine):
             if fwd.host_port == 0:
                 to_guest = [p for p in record.ports if p.guest_port == fwd.guest_port and p.proto == fwd.proto]
                 if len(to_guest) > 1:
@@ -217,22 +221,32 @@ class VM:
                 missing = f"no forward from host port {fwd.host_ip}:{fwd.host_port}/{fwd.proto}"
             if found is None:
                 raise UsageError(f"{self.name} has {missing}", hint="see its forwards with `mvmctl ls`")
-            backend.unforward(files, machine, PortForward(found.host_port, found.guest_port, found.host_ip,
-                                                          found.proto))
+            if machine is not None:
+                backend.unforward(files, machine, PortForward(found.host_port, found.guest_port, found.host_ip,
+                                                              found.proto))
             record.ports.remove(found)
         return PortInfo(**found.model_dump())
 
     @contextmanager
-    def _hotplug(self) -> Iterator[tuple[VMFiles, VMRecord, Backend, MachineRef]]:
-        """The running VM's record under its lock (one change at a time), with its backend."""
-        self.require_running()
+    def _forwards(self) -> Iterator[tuple[VMFiles, VMRecord, Backend, MachineRef | None]]:
+        """The VM's record under its lock (one change at a time), with its backend and its
+        machine, or None for a suspended VM: its forwards are the record's until ``resume``
+        opens them (so one whose host port was taken meanwhile can be removed, or moved)."""
+        suspended = self.record().phase == "suspended"
+        if not suspended:
+            self.require_running()
         with Registry(self.layout).transaction(self.name) as (files, record):
+            if (record.phase == "suspended") != suspended:
+                raise VMError(self.name, f"VM {self.name!r} was resumed or suspended meanwhile", hint="try again")
             backend = backend_for(record, self.runner)
-            if HOTPLUG_FORWARD not in backend.capabilities():
+            if not suspended and HOTPLUG_FORWARD not in backend.capabilities():
                 raise UsageError(f"the {backend.name} backend cannot change the forwards of a running VM",
                                  hint="stop it and `mvmctl up` again with the -p you want")
-            assert record.machine is not None  # running
-            yield files, record, backend, record.machine.ref
+            machine = None
+            if not suspended:
+                assert record.machine is not None  # running
+                machine = record.machine.ref
+            yield files, record, backend, machine
 
     def wait_healthy(self, timeout: float, on_change: Callable[[GuestStatus], None] | None = None) -> GuestStatus:
         """Block until every service of the VM has started and every health check is healthy

@@ -217,6 +217,7 @@ class FakeBackend:
             raise self.fail_start
         if not spec.kernel.is_file():
             raise BootError(spec.name, f"no kernel at {spec.kernel}")
+        self.check_ports(spec.ports)  # as QEMU's start binds them
         if spec.incoming is not None:  # a restore: the saved file must be one fake save wrote
             try:
                 saved = json.loads(spec.incoming.state.read_text())

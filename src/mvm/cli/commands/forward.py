@@ -17,7 +17,9 @@ def forward(
 ) -> None:
     """Add port forwards to a running VM, or remove them with --rm (recorded, and shown by
     `mvmctl ls`). `-p GUEST` alone picks a free host port and prints it; with --rm it removes
-    the forward to that guest port.
+    the forward to that guest port. A suspended VM's forwards are changed in its record and
+    opened by `mvmctl resume` (a host port taken meanwhile can be moved so); adding one
+    names its host port.
 
     \b
     Examples:
