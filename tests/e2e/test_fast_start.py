@@ -7,6 +7,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -179,6 +180,9 @@ def test_suspend_and_resume_keep_processes_and_tmp(cli: CLI, hello_image: dict[s
         row = next(x for x in cli.json("ls") if x["name"] == "fz")
         assert row["status"] == "suspended" and not qemu_pids_under(cli.home)
         assert "kept: suspended VM fz" in cli("cleanup", "--dry-run").stderr
+        moved = free_port()  # a suspended VM's forward moved (its host port taken meanwhile, say)
+        cli("forward", "fz", "--rm", "-p", f"{added}:8080")
+        cli("forward", "fz", "-p", f"{moved}:8080")
         cli("resume", "fz")
         assert cli("exec", "fz", "--", "cat", "/tmp/f").stdout == "kept\n"
         after = int(cli("exec", "fz", "--", "cat", "/tmp/counter").stdout)
@@ -186,7 +190,9 @@ def test_suspend_and_resume_keep_processes_and_tmp(cli: CLI, hello_image: dict[s
         time.sleep(1.0)
         assert int(cli("exec", "fz", "--", "cat", "/tmp/counter").stdout) > after
         assert http_get(port) == "<h1>Hello from mvm!</h1>\n"
-        assert http_get(added) == "<h1>Hello from mvm!</h1>\n"
+        assert http_get(moved) == "<h1>Hello from mvm!</h1>\n"
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", added)) != 0  # removed while suspended: not opened again
         cli("suspend", "fz")
     finally:
         cli("down", "fz")
