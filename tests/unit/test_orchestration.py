@@ -1257,3 +1257,20 @@ def test_a_suspended_vm_whose_host_port_was_taken_can_have_its_forward_moved(lay
     (machine,) = [m for m in fake.machines.values() if m.running]
     assert [(p.host_port, p.guest_port) for p in machine.spec.ports] == [(18201, 8080)]
     vm.down()
+
+
+def test_a_host_port_another_vm_forwards_is_refused_naming_that_vm(layout: Layout, fake: FakeBackend,
+                                                                    image: Image) -> None:
+    """`ss` shows a QEMU only; mvm knows which of its VMs holds the port."""
+    _up(layout, fake, image, name="a", ports=["18300:8080"])
+    fake.taken_ports.add(18300)  # as QEMU's listener holds it
+    with pytest.raises(mvm.PortInUse, match=r"host port 18300/tcp is forwarded by VM 'a' \(to its guest port 8080\)"
+                       ) as taken:
+        _up(layout, fake, image, name="b", ports=["18300:9090"])
+    assert "mvmctl forward a --rm -p 127.0.0.1:18300:8080" in (taken.value.hint or "")
+    b = _up(layout, fake, image, name="b")
+    with pytest.raises(mvm.PortInUse, match="forwarded by VM 'a'"):
+        b.forward("18300:9090")
+    fake.taken_ports.add(18301)  # something else holds this one: the backend's own words
+    with pytest.raises(mvm.PortInUse, match="taken \\(fake\\)"):
+        b.forward("18301:9090")

@@ -5,17 +5,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 from .. import backends
 from .._proc import DEFAULT_RUNNER, Runner
-from ..backends.base import Backend, LaunchSpec, MachineRef, MachineRequest, Preflight
-from ..errors import BootError, MvmError
+from ..backends.base import Backend, LaunchSpec, MachineRef, MachineRequest, PortForward, Preflight
+from ..errors import BootError, MvmError, PortInUse
 from ..paths import VMFiles
 from ..runtime import logs, machine_users, states
-from ..runtime.registry import VMRecord
+from ..runtime.registry import Registry, VMRecord
 from ..runtime.states import VMStatus
 from .models import GuestStatus, MountInfo, PortInfo, VMInfo
 
@@ -131,3 +131,20 @@ def vm_info(record: VMRecord, files: VMFiles, status: VMStatus, guest: GuestStat
 
 def broken_info(name: str, files: VMFiles, error: str) -> VMInfo:
     return VMInfo(name=name, status=VMStatus.BROKEN, health="unknown", error=error, dir=str(files.root))
+
+
+def name_the_vm_holding(forwards: Sequence[PortForward], registry: Registry) -> None:
+    """A host port one of our own VMs forwards: raise PortInUse naming it (``ss`` would show a
+    QEMU process only), with the ways to free it."""
+    wanted = {(f.host_port, f.proto): f for f in forwards if f.host_port}
+    for vm in registry.names():
+        try:
+            record = registry.load(vm)
+        except MvmError:
+            continue
+        for p in record.ports:
+            if (p.host_port, p.proto) in wanted:
+                raise PortInUse(f"host port {p.host_port}/{p.proto} is forwarded by VM {vm!r} (to its guest port "
+                                f"{p.guest_port})",
+                                hint=f"pick another host port with -p, or free it: `mvmctl forward {vm} --rm -p "
+                                f"{p.host_ip}:{p.host_port}:{p.guest_port}` or `mvmctl down {vm}`") from None

@@ -41,6 +41,7 @@ from ..spec import GuestSpec, load_toml, spec_file
 from . import templates, volume_attach
 from .build import build_image, check_arch_option
 from .launch import Launch, exists_error
+from .machines import name_the_vm_holding
 from .progress import Progress, Quiet
 from .up_plan import BOOT_TIMEOUT, UpRequest, plan_up
 from .vm import VM
@@ -96,6 +97,7 @@ def up(
         taken = spec.name if spec is not None else None
         if taken is not None and registry.files(taken).root.exists():
             raise exists_error(taken, registry, runner) from None  # its ports are taken by it: the real cause
+        name_the_vm_holding(request.forwards, registry)
         raise
     planned = volume_attach.plan(request.volumes, layout)
     for note in volume_attach.hidden_volumes(planned, layout):

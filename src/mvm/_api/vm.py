@@ -17,6 +17,7 @@ from ..errors import (
     ExecTimeout,
     HealthTimeout,
     MvmError,
+    PortInUse,
     ServiceFailed,
     UsageError,
     VMError,
@@ -28,7 +29,7 @@ from ..paths import Layout, VMFiles
 from ..runtime import agent, logs
 from ..runtime.registry import PortRecord, Registry, VMRecord
 from ..runtime.states import VMStatus
-from .machines import backend_for, status_of, vm_info
+from .machines import backend_for, name_the_vm_holding, status_of, vm_info
 from .models import DownResult, ExecResult, GuestStatus, PortInfo, VMDetails, VMInfo
 from .options import parse_env, parse_port
 
@@ -197,7 +198,11 @@ class VM:
                         f"{existing.guest_port} on {self.name}",
                         hint="pick another host port",
                     )
-            added = fwd if machine is None else backend.forward(files, machine, fwd)  # suspended: at resume
+            try:
+                added = fwd if machine is None else backend.forward(files, machine, fwd)  # suspended: at resume
+            except PortInUse:
+                name_the_vm_holding([fwd], Registry(self.layout))
+                raise
             record.ports.append(PortRecord.of(added))
         return PortInfo(host_ip=added.host_ip, host_port=added.host_port, guest_port=added.guest_port,
                         proto=added.proto)
