@@ -36,32 +36,63 @@ def read_rtc(path: str = RTC) -> int:
         return int(f.read())
 
 
-def step_to_rtc(read: Callable[[], int] = read_rtc, now: Callable[[], float] = time.time,
-                settime: Callable[[float], None] = lambda t: time.clock_settime(time.CLOCK_REALTIME, t),
-                sleep: Callable[[float], None] = time.sleep) -> float | None:
-    """If the clock is more than :data:`TOLERANCE` from the RTC, set it to the RTC's next
-    second, the moment that second begins (the only exact time a whole-second clock gives);
-    return the step in seconds, or None when the clock was right."""
-    rtc = read()
-    if abs(now() - rtc) <= TOLERANCE:
-        return None
-    deadline = time.monotonic() + 1.5
-    while (edge := read()) == rtc and time.monotonic() < deadline:
-        sleep(EDGE_POLL)
-    step = edge - now()
-    if abs(step) <= TOLERANCE:
-        return None  # set meanwhile (the host's ping, exact to the millisecond): left as it is
-    settime(float(edge))
-    return step
+def _settime(t: float) -> None:
+    time.clock_settime(time.CLOCK_REALTIME, t)
 
 
-def keep(stopping: threading.Event, report: Callable[[str], None],
-         step_once: Callable[[], float | None] = step_to_rtc) -> None:
-    """Compare the clock with the RTC every :data:`CHECK_EVERY` seconds until ``stopping``."""
+class Keeper:
+    """Keeps the clock with the RTC. QEMU's RTC counts the host's seconds, but its seconds do
+    not begin where the host's do: each QEMU process has its own phase (0.13 s in one VM,
+    0.64 s in another). So once the host has set the clock exactly (its ``ping``), the keeper
+    learns that phase at its next check, from one edge of the RTC's second, and sets a clock
+    found astray to that edge plus the phase: exact to a few milliseconds. Before it knows the
+    phase, the middle of the possible range: half a second off at most."""
+
+    def __init__(self, read: Callable[[], int] = read_rtc, now: Callable[[], float] = time.time,
+                 settime: Callable[[float], None] = _settime, sleep: Callable[[float], None] = time.sleep,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.read, self.now, self.settime, self.sleep, self.monotonic = read, now, settime, sleep, monotonic
+        #: seconds after the RTC's second turns that the host's second does; None: not known yet
+        self.phase: float | None = None
+        #: set when the host has just set the clock exactly: the next check measures the phase
+        self.exact = threading.Event()
+
+    def _edge(self) -> int | None:
+        """Wait for the RTC's next second; its value, or None if none came (a starved vCPU)."""
+        first = self.read()
+        deadline = self.monotonic() + 1.5
+        while (value := self.read()) == first:
+            if self.monotonic() > deadline:
+                return None
+            self.sleep(EDGE_POLL)
+        return value
+
+    def check(self) -> float | None:
+        """Measure the phase if the host set the clock since; then, if the clock is more than
+        :data:`TOLERANCE` from the RTC, set it; return the step in seconds, or None."""
+        if self.exact.is_set():
+            self.exact.clear()
+            if (edge := self._edge()) is not None and 0.0 <= (phase := self.now() - edge) < 1.0:
+                self.phase = phase
+        phase = 0.5 if self.phase is None else self.phase
+        if abs(self.now() - (self.read() + phase + 0.5)) <= TOLERANCE:
+            return None
+        edge = self._edge()  # None: no edge came; the middle of the second the RTC shows
+        target = self.read() + phase + 0.5 if edge is None else edge + phase
+        step = target - self.now()
+        if abs(step) <= TOLERANCE:
+            return None  # set meanwhile (the host's ping, exact to the millisecond): left as it is
+        self.settime(target)
+        return step
+
+
+def keep(stopping: threading.Event, report: Callable[[str], None], keeper: Keeper | None = None) -> None:
+    """Check the clock with ``keeper`` every :data:`CHECK_EVERY` seconds until ``stopping``."""
+    keeper = keeper or Keeper()
     failing = False
     while not stopping.wait(CHECK_EVERY):
         try:
-            step = step_once()
+            step = keeper.check()
         except FileNotFoundError:  # no RTC (a kernel without one): nothing to follow
             report("clock: the guest has no RTC; its clock is set only by the host's pings")
             return

@@ -46,8 +46,10 @@ class ControlServer:
         env_overrides: dict[str, str],
         path: str,
         signals: SignalDispatcher,
+        clock_set: Callable[[], None] = lambda: None,
     ) -> None:
         self.signals = signals
+        self.clock_set = clock_set  # the host set the clock exactly (mvm.guest.clock.Keeper learns from it)
         self.ports = ports
         self.reaper = reaper
         self.status = status
@@ -150,10 +152,12 @@ class ControlServer:
 
     def _op_ping(self, conn: Connection, req: dict[str, Any], rid: Any) -> None:
         host_time = req.get("time")
-        if isinstance(host_time, (int, float)) and abs(time.time() - host_time) > 0.05:
-            # The RTC gives whole seconds at boot; the host's clock makes log times exact.
+        if isinstance(host_time, (int, float)):
             try:
-                time.clock_settime(time.CLOCK_REALTIME, float(host_time))
+                if abs(time.time() - host_time) > 0.05:
+                    # The RTC gives whole seconds at boot; the host's clock makes log times exact.
+                    time.clock_settime(time.CLOCK_REALTIME, float(host_time))
+                self.clock_set()
             except OSError:
                 pass
         conn.send({"ok": True, "pong": time.time(), "version": protocol.PROTOCOL_VERSION}, rid)

@@ -30,7 +30,7 @@ import time
 
 TYPE_CHECKING = False  # not `from typing`: importing typing costs ~35 ms at boot under TCG
 
-from . import cmdline, protocol, system
+from . import clock, cmdline, protocol, system
 from .events import EventLog, open_console
 from .reaper import Reaper
 from .signals import SignalDispatcher
@@ -141,6 +141,7 @@ class Init:
         settings = cmdline.settings(cmdline.read())
         ports = system.virtio_ports()
         runtime: dict[str, Any] | None = None
+        self.keeper = clock.Keeper()  # the host's pings (control) tell it when the clock is exact
         if settings["template"]:
             # A template boot: be ready for the agent, and wait for the per-boot config. The
             # host saves the machine while it waits; every clone restored from it continues here.
@@ -226,12 +227,11 @@ class Init:
         if not settings["template"]:
             self._start_control(ports)
         threading.Thread(target=self._watch_power_button, name="power", daemon=True).start()
-        from . import clock
 
         def report(msg: str) -> None:
             events.emit("init", msg=msg)
 
-        threading.Thread(target=clock.keep, args=(self.supervisor.stopping, report), name="clock",
+        threading.Thread(target=clock.keep, args=(self.supervisor.stopping, report, self.keeper), name="clock",
                          daemon=True).start()
         uptime = _uptime()
         events.emit("init", msg="ready", uptime=uptime)
@@ -261,6 +261,7 @@ class Init:
             env_overrides=self.env,
             path=self.guest.get("path") or DEFAULT_PATH,
             signals=self.signals,
+            clock_set=self.keeper.exact.set,
         ).start()
 
     def configure(self, doc: dict[str, Any]) -> str | None:
