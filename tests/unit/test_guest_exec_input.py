@@ -262,3 +262,32 @@ msgs = [protocol.decode(line) for line in protocol.LineBuffer().feed(b"".join(re
 print(b"".join(base64.b64decode(m["data"]) for m in msgs if m.get("event") == "stdout" and m.get("id") == 1)[:4])
 """)
     assert out.splitlines()[0] == "True True" and "fine" in out.splitlines()[1]
+
+
+def test_a_new_client_is_not_glued_to_the_partial_line_a_cut_off_client_left() -> None:
+    """Ctrl-C amid `exec -i` input left half a message in the port; the next client's request
+    was glued to it, a malformed line answered without an id, and that client waited for ever.
+    The host now starts each connection with a newline, which ends the partial line."""
+    import socket as socket_mod
+
+    from mvm.guest import protocol
+    from mvm.paths import VMFiles
+    from mvm.runtime.agent import AgentSession
+
+    host, guest = socket_mod.socketpair()
+    with host, guest:
+        session = AgentSession(VMFiles(Path("/nonexistent")), "vm")
+        session._sock, session._fresh = host, True  # as _try_port leaves a new connection
+        cut_off = b'{"op":"stdin","id":"old","data":"AAAA'  # what the last client sent before it died
+        session.send({"op": "ping", "id": "new"})
+        session.send({"op": "status", "id": "next"})
+        session._sock = None  # (the socket pair closes itself)
+        buf = protocol.LineBuffer()
+        lines = buf.feed(cut_off) + buf.feed(guest.recv(65536))
+    requests = []
+    for line in lines:
+        try:
+            requests.append(protocol.decode(line)["id"])
+        except ValueError:
+            requests.append("malformed")
+    assert requests == ["malformed", "new", "next"]  # the leftover alone is lost; the requests are whole

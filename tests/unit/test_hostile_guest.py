@@ -83,14 +83,14 @@ def _agent(files: VMFiles, behave: Callable[[socket.socket, dict[str, object]], 
                 return
             with conn:
                 data = b""
-                while b"\n" not in data:
+                while b"\n" not in data.lstrip(b"\n"):  # (a client starts with a newline: mvm.runtime.agent)
                     chunk = conn.recv(65536)
                     if not chunk:
                         break
                     data += chunk
-                if data:
+                if data.strip():
                     try:
-                        behave(conn, json.loads(data.split(b"\n")[0]))
+                        behave(conn, json.loads(data.lstrip(b"\n").split(b"\n")[0]))
                     except OSError:
                         pass
 

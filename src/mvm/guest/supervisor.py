@@ -322,10 +322,32 @@ class Supervisor:
         killed = []
         for svc in self.services.values():
             child = svc.child
-            if child is not None and child.wait(max(0.0, deadline - time.monotonic())) is None:
+            # the whole group, not its leader: `sh -c` that did not exec its command ends on the
+            # SIGTERM at once, and the program under it, which may ignore it, lived on unnamed
+            if child is not None and not _group_ends(child, deadline):
                 killed.append(svc.name)
                 self.events.emit("init", msg=f"stop: service {svc.name} did not end within {timeout:g}s of "
                                  "SIGTERM: killed", service=svc.name)
         for svc in self.services.values():
-            svc.signal(signal.SIGKILL)
+            if svc.child is not None:  # the group, its leader gone or not
+                try:
+                    os.killpg(svc.child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         return killed
+
+
+def _group_ends(child: Exit, deadline: float) -> bool:
+    """Whether every process of ``child``'s process group has ended by ``deadline`` (the reaper
+    reaps them: the leader as PID 1's child, the rest as orphans it inherits)."""
+    child.wait(max(0.0, deadline - time.monotonic()))
+    while True:
+        try:
+            os.killpg(child.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # not ours to ask (cannot happen as PID 1): as gone
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)

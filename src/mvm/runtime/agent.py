@@ -71,6 +71,7 @@ class AgentSession:
         self.timeout = timeout
         self._lock_fd: int | None = None
         self._sock: socket.socket | None = None
+        self._fresh = False  #: connected, nothing sent yet (see send)
         self._buf = protocol.LineBuffer(LINE_LIMIT)
         self._pending: list[bytes] = []
         self._foreign = 0
@@ -113,6 +114,7 @@ class AgentSession:
             raise AgentError(self.vm, f"cannot connect to the VM's agent: {exc.strerror or exc}",
                              hint="is it running? see `mvmctl ls`") from None
         self._lock_fd = fd
+        self._fresh = True
         return True
 
     def close(self) -> None:
@@ -128,8 +130,14 @@ class AgentSession:
     def send(self, msg: dict[str, Any]) -> None:
         if self._sock is None:
             raise AgentError(self.vm, "the connection to the agent is closed")
+        data = protocol.encode(msg)
+        if self._fresh:
+            # A newline first ends whatever partial line the port's last client left when it was
+            # cut off (Ctrl-C amid its input): glued to that, this request was a malformed line,
+            # answered without an id, and this client waited for its reply for ever.
+            data, self._fresh = b"\n" + data, False
         try:
-            self._sock.sendall(protocol.encode(msg))
+            self._sock.sendall(data)
         except OSError as exc:
             raise AgentError(self.vm, f"lost the connection to the agent: {exc}") from None
 

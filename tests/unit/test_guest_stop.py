@@ -1,0 +1,49 @@
+"""How PID 1 stops services (mvm.guest.supervisor.Supervisor.stop), with real processes under
+a real reaper, in a Python of their own (as PID 1's threads are)."""
+
+import subprocess
+import sys
+
+_STOP = """
+import ctypes, sys, threading, time
+from mvm.guest.reaper import Reaper
+ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans come to this reaper, as to PID 1
+from mvm.guest.supervisor import Supervisor
+reaper = Reaper()
+threading.Thread(target=reaper.loop, daemon=True).start()
+class Events:
+    def emit(self, kind, **fields):
+        if fields.get("msg"):
+            print("event:", fields["msg"], flush=True)
+stubborn = "python3 -c 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'"
+services = {
+    # not exec'd by sh: sh is the group's leader and ends on SIGTERM; python3 under it ignores it
+    "wrapped": {"command": stubborn + "; echo after", "user": "root"},
+    "polite": {"command": "sleep 60; echo after", "user": "root"},
+}
+sup = Supervisor(services, reaper=reaper, events=Events(), env_overrides={}, handover_roots=[])
+sup.start()
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline and any(s["state"] != "running" for s in sup.status().values()):
+    time.sleep(0.05)
+time.sleep(1.0)  # python3 started under its shell
+began = time.monotonic()
+killed = sup.stop(1.5)
+print("killed", killed, "after", round(time.monotonic() - began, 1), flush=True)
+time.sleep(0.5)
+import subprocess
+print("left:", subprocess.run(["pgrep", "-f", "^python3 -c import signal, time; signal.signal"],
+                              capture_output=True, text=True).stdout.split(), flush=True)
+"""
+
+
+def test_a_service_under_a_shell_that_ignores_sigterm_gets_its_grace_and_is_named() -> None:
+    """`command = "python3 ... ; echo"` runs under `sh -c`, which ended on SIGTERM at once: the
+    service counted as stopped, python3 (ignoring SIGTERM) got no grace, and down named nothing."""
+    r = subprocess.run([sys.executable, "-c", _STOP], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "event: stop: service wrapped did not end within 1.5s of SIGTERM: killed" in lines, lines
+    last = lines[-2].split()
+    assert last[:2] == ["killed", "['wrapped']"] and float(last[-1]) >= 1.4, lines
+    assert lines[-1] == "left: []", lines  # and then SIGKILLed, its shell gone or not
