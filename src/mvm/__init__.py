@@ -108,6 +108,12 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def __dir__() -> list[str]:
+    """What ``dir(mvm)`` and ``help(mvm)`` see: the public names too, not only those loaded yet
+    (``help(mvm)`` listed no function but ``__getattr__``)."""
+    return sorted(set(globals()) | set(__all__))
+
+
 # A literal, for the type checker and linters; tests/unit/test_public_api.py checks that it
 # names what the lazy loader gives and the block above imports.
 __all__ = [  # the errors are appended below

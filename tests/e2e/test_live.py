@@ -208,6 +208,21 @@ def test_cp_both_ways_and_to_stdout(cli: CLI, testbed_vm: dict[str, Any], tmp_pa
     assert cli("exec", "shared", "--", "ls", "/tmp/escaped.txt", check=False).returncode != 0
 
 
+def test_the_vm_handle_copies_in_and_out(cli: CLI, testbed_vm: dict[str, Any], tmp_path: Path) -> None:
+    """`vm.copy_in` / `vm.copy_out`: `mvm.cp` from a VM handle (a test had to spell NAME:/path)."""
+    import mvm
+
+    layout = mvm.paths.Layout(state=cli.home / "state", cache=Path(cli.env["MVM_CACHE"]))
+    shared = mvm.get("shared", layout=layout)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("copied in\n")
+    shared.copy_in(tmp_path / "in", "/tmp/handle")
+    assert shared.exec("cat", "/tmp/handle/a.txt").stdout == b"copied in\n"
+    assert shared.copy_out("/tmp/handle/a.txt", tmp_path / "out.txt") == []
+    assert (tmp_path / "out.txt").read_text() == "copied in\n"
+    shared.exec("rm", "-r", "/tmp/handle")
+
+
 def test_large_input_reaches_the_guest_byte_for_byte(cli: CLI, testbed_vm: dict[str, Any], tmp_path: Path) -> None:
     """A 16 MiB `cp` arrived with 64 KiB chunks swapped near its start, in most tries (exit
     0, no warning): input that came while the guest wrote what it had held overtook it.

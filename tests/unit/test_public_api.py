@@ -105,3 +105,14 @@ def test_exec_input_goes_in_pieces_the_guest_takes() -> None:
         _feed_stdin(session, given)  # type: ignore[arg-type]
         assert b"".join(session.sent) == data and session.ended
         assert max(map(len, session.sent)) <= INPUT_CHUNK
+
+
+def test_help_and_dir_show_the_public_names() -> None:
+    """PEP 562's lazy names were invisible to dir() and help(mvm) until first used."""
+    import subprocess
+    import sys
+
+    assert {"up", "down", "VM", "cp", "MvmError"} <= set(dir(mvm))
+    render = "import mvm, pydoc; print(pydoc.render_doc(mvm, renderer=pydoc.plaintext))"  # a fresh mvm: nothing loaded
+    text = subprocess.run([sys.executable, "-c", render], capture_output=True, text=True, timeout=60).stdout
+    assert "up(" in text and "class VM" in text, text[:2000]

@@ -148,7 +148,8 @@ def extract(root_fd: int, tar: tarfile.TarFile, member: tarfile.TarInfo, floor: 
         elif member.issym():
             why = _leaves(member, parts, floor)
             if why is not None and len(parts) == 1:  # SRC itself: leaving it out would copy nothing
-                raise _refuse(member, f"is {why}", "SRC itself is a link: `mvmctl cp -L` copies what it points to")
+                raise _refuse(member, f"is {why}", "SRC itself is a link: `mvmctl cp -L` (follow_link=True "
+                              "in Python) copies what it points to")
             if why is not None:
                 return f"{_shown(member.name)}: {why}"
             _clear(fd, name, member)

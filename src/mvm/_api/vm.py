@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -119,6 +120,22 @@ class VM:
             raise AgentError(self.name, "the agent's ping reply has no time in it")
         return pong - (sent + received) / 2
 
+    def copy_in(self, src: str | os.PathLike[str], dest: str, *, archive: bool = False,
+                follow_link: bool = False) -> None:
+        """Copy a host file or directory into the guest (``mvmctl cp SRC NAME:DEST``, the rules
+        of :func:`mvm.cp`)."""
+        from .copy import cp
+
+        cp(os.path.abspath(src), f"{self.name}:{dest}", archive=archive, follow_link=follow_link,
+           layout=self.layout)
+
+    def copy_out(self, src: str, dest: str | os.PathLike[str], *, follow_link: bool = False) -> list[str]:
+        """Copy a guest file or directory to the host (``mvmctl cp NAME:SRC DEST``); returns what
+        was left out, and why (links leading out of ``dest``, device nodes)."""
+        from .copy import cp
+
+        return cp(f"{self.name}:{src}", os.path.abspath(dest), follow_link=follow_link, layout=self.layout)
+
     def exec(
         self,
         *argv: str | Sequence[str],
@@ -139,6 +156,7 @@ class VM:
         ``on_output(stream, data)`` is given, which then gets it as it arrives. Raises
         :class:`ExecTimeout` once ``timeout`` expires (the guest process is killed).
         """
+        __tracebackhide__ = True  # a failing test's report shows its own line, not this method's source
         command = _words(argv)
         if not command:
             raise UsageError("exec needs a command", hint="e.g. mvmctl exec NAME -- uname -a")
