@@ -291,3 +291,30 @@ def test_a_new_client_is_not_glued_to_the_partial_line_a_cut_off_client_left() -
         except ValueError:
             requests.append("malformed")
     assert requests == ["malformed", "new", "next"]  # the leftover alone is lost; the requests are whole
+
+
+def test_a_process_left_in_the_background_does_not_stream_to_later_clients(tmp_path: Path) -> None:
+    """`exec VM -- sh -c 'loop &'`: the pump kept sending the loop's output, under the ended
+    op's id, to every later client of the port (10,000 of them end a session)."""
+    pid_file = tmp_path / "bg"
+    out = _agent(f"""
+op = run({{"argv": ["sh", "-c", "sh -c 'echo $$ > {pid_file}; while :; do echo bg; sleep 0.05; done' &"]}})
+op.start()
+op.done.wait(15)
+time.sleep(1.5)
+host.shutdown(socket.SHUT_RDWR)
+reading.join(5)
+from mvm.guest import protocol
+msgs = [protocol.decode(line) for line in protocol.LineBuffer().feed(b"".join(replies))]
+final = next(i for i, m in enumerate(msgs) if "ok" in m)
+print(final == len(msgs) - 1, msgs[final], flush=True)
+""")
+    assert out == "True {'ok': True, 'exit': 0, 'id': 1}\n"
+    member = int(pid_file.read_text())
+    time.sleep(0.5)
+    try:
+        with open(f"/proc/{member}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z"), state  # its output closed: the loop ended on EPIPE

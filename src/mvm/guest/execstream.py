@@ -81,6 +81,7 @@ class StreamOp:
         # can arrive before the process exists: it waits here until then.
         self._input: queue.Queue[dict[str, Any]] = queue.Queue(INPUT_QUEUE)
         self._input_over = threading.Event()  # the command ended: the writer stops
+        self._output_over = threading.Event()  # and, its reply sent, its output pumps
         self._writer: threading.Thread | None = None
         self._kill_lock = threading.Lock()
         self._killing = False
@@ -165,7 +166,10 @@ class StreamOp:
                 continue
             except OSError:
                 data = b""
-            if not data:
+            if not data or self._output_over.is_set():
+                # Ended, or its reply sent: a process it left in the background (`sh -c 'x &'`)
+                # that still writes gets EPIPE now, as after an ssh session; its output used to
+                # go on, under this op's id, to every later client of the port.
                 break
             if not self.abandoned:
                 self.conn.send({"event": name, "data": base64.b64encode(data).decode()}, self.rid)
@@ -225,6 +229,7 @@ class StreamOp:
             code = self.child.wait(5)
         for p in pumps:
             p.join(2)
+        self._output_over.set()
         self._end_input()
         self.conn.active = None
         if self.abandoned:
