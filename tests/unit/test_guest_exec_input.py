@@ -173,18 +173,11 @@ print(op.done.wait(15), op.timed_out, round(time.monotonic() - started) < 8, flu
 def test_a_cp_ended_by_sigterm_leaves_no_partial_file(tmp_path: Path) -> None:
     """The guest's copy helper mid-file when its client goes away (the agent's SIGTERM): the
     file it was to replace is as it was, and no hidden `.mvm-cp-PID` is left beside it."""
-    import io
     import signal
-    import tarfile
 
-    from mvm.guest.copy import TOP
+    from .cp_streams import one_file
 
-    payload = b"x" * (4 << 20)
-    stream = io.BytesIO()
-    with tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo(TOP)
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
+    stream = one_file(b"x" * (4 << 20))
     target = tmp_path / "data.bin"
     target.write_bytes(b"old")
     agent_root = Path(execstream.__file__).parents[2]
@@ -193,7 +186,7 @@ def test_a_cp_ended_by_sigterm_leaves_no_partial_file(tmp_path: Path) -> None:
          "sys.exit(main(sys.argv[2:]))", str(agent_root), "in", str(target), "file", "data.bin", "0", "0"],
         stdin=subprocess.PIPE)
     assert helper.stdin is not None
-    helper.stdin.write(stream.getvalue()[: 1 << 20])  # a quarter of the file, then nothing more
+    helper.stdin.write(stream[: 1 << 20])  # a quarter of the file, then nothing more
     helper.stdin.flush()
     deadline = time.monotonic() + 10
     while not [p for p in tmp_path.iterdir() if p.name.startswith(".mvm-cp-")] and time.monotonic() < deadline:

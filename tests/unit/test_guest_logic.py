@@ -246,14 +246,12 @@ def test_a_cp_cut_short_leaves_no_partial_file_and_the_old_one_whole(
     import tarfile
     import types
 
-    from mvm.guest.copy import TOP, copy_in
+    from mvm.guest.copy import copy_in
+
+    from .cp_streams import one_file
 
     payload = b"new" * 100_000
-    stream = io.BytesIO()
-    with tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo(TOP)
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
+    stream = one_file(payload)
     target = tmp_path / "data.bin"
     target.write_bytes(b"old")
 
@@ -262,12 +260,12 @@ def test_a_cp_cut_short_leaves_no_partial_file_and_the_old_one_whole(
         copy_in(str(target), False, "data.bin", False, False)
 
     with pytest.raises(tarfile.ReadError):
-        copy(stream.getvalue()[:150_000])
+        copy(stream[:150_000])
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
-    copy(stream.getvalue())  # whole: replaces it
+    copy(stream)  # whole: replaces it
     assert target.read_bytes() == payload and sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
     target = tmp_path / ("n" * 250)  # a name near the 255-byte limit: its temporary name must fit too
-    copy(stream.getvalue())
+    copy(stream)
     assert target.read_bytes() == payload
 
 

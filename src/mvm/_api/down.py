@@ -58,14 +58,15 @@ def stop_grace(timeout: float) -> float:
 
 
 def _stop(name: str, files: VMFiles, backend: Backend, machine: MachineRef, timeout: float) -> str:
+    grace = stop_grace(timeout)
     try:
-        agent.request(files, name, "shutdown", grace=stop_grace(timeout), timeout=3.0)
+        agent.request(files, name, "shutdown", grace=grace, timeout=3.0)
     except MvmError:
         return backend.stop(files, machine, 5.0)  # no agent: straight to the hypervisor's rungs
     if _wait_gone(backend, machine, timeout):
         killed = logs.services_killed_at_stop(files)
-        return "shut down cleanly" + (f"; {', '.join(killed)} killed after {stop_grace(timeout):g}s: "
-                                      "ignored SIGTERM" if killed else "")
+        return "shut down cleanly" + (f"; {', '.join(killed)} killed after {grace:g}s: ignored SIGTERM"
+                                      if killed else "")
     how = backend.stop(files, machine, 5.0)
     return (f"{how}: the guest had not powered off after {timeout:g}s; what it wrote since its shutdown "
             "began may be lost")

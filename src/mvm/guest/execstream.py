@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 from . import protocol
 from .reaper import Exit
-from .supervisor import Identity, base_env
+from .supervisor import Identity, base_env, signal_group
 
 #: Input messages (each at most a host read, 64 KiB) waiting for the command to read them:
 #: the bound is what holds the host back, through the port, from a command that reads slowly.
@@ -253,10 +253,10 @@ class StreamOp:
             if child is None or child.done or self._killing:
                 return  # once: a second SIGTERM means "quit now, skip the clean-up" to many programs
             self._killing = True
-        _signal_group(child.pid, signal.SIGTERM)
+        signal_group(child.pid, signal.SIGTERM)
 
         def kill_now() -> None:  # the whole group, even if its leader has gone (a member may ignore SIGTERM)
-            _signal_group(child.pid, signal.SIGKILL)
+            signal_group(child.pid, signal.SIGKILL)
 
         timer = threading.Timer(KILL_GRACE, kill_now)
         timer.daemon = True
@@ -342,13 +342,6 @@ class StreamOp:
                 os.close(fd)
                 return False
         return True
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _wait(fd: int, events: int, timeout: float | None) -> None:

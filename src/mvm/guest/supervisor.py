@@ -279,10 +279,7 @@ class Service:
     def signal(self, sig: int) -> None:
         child = self.child
         if child is not None and not child.done:
-            try:
-                os.killpg(child.pid, sig)
-            except ProcessLookupError:
-                pass
+            signal_group(child.pid, sig)
 
 
 class Supervisor:
@@ -330,11 +327,16 @@ class Supervisor:
                                  "SIGTERM: killed", service=svc.name)
         for svc in self.services.values():
             if svc.child is not None:  # the group, its leader gone or not
-                try:
-                    os.killpg(svc.child.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                signal_group(svc.child.pid, signal.SIGKILL)
         return killed
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """``sig`` to a process group (a service's, an exec'd command's); none left is no error."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _group_ends(child: Exit, deadline: float) -> bool:
