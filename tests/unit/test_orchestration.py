@@ -699,6 +699,29 @@ def test_suspend_and_resume(layout: Layout, fake: FakeBackend, image: Image, tmp
     _nothing_left(layout, fake)
 
 
+def test_uptime_goes_on_across_suspend_and_starts_again_at_restart(layout: Layout, fake: FakeBackend, image: Image,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the guest's own uptime and its services' do: time suspended is not counted, and a
+    resumed VM is not 'up 1s' (`ls` said so)."""
+    monkeypatch.setattr(ImageStore, "get", lambda self, key: image if key == image.key else None)
+    vm = _up(layout, fake, image)
+
+    def ran_100s(r: Any) -> None:
+        r.started_at = time.time() - 100
+
+    Registry(layout).update("web", ran_100s)
+    vm.suspend()
+    uptime = vm.resume(ask_guest=False).uptime
+    assert uptime is not None and 100 <= uptime < 110
+    vm.suspend()
+    uptime = vm.resume(ask_guest=False).uptime
+    assert uptime is not None and 100 <= uptime < 110  # counted once, not twice
+    vm.suspend()
+    vm.resume(ask_guest=False)
+    assert (vm.restart().info().uptime or 0) < 10  # a new boot
+    vm.down()
+
+
 def test_a_suspended_vm_keeps_its_volumes(layout: Layout, fake: FakeBackend, image: Image, tmp_path: Path) -> None:
     """A suspended guest has the volume's file system mounted, its writes partly in memory: a
     second VM on the volume meanwhile had its changes overwritten by the resumed one (data

@@ -142,7 +142,7 @@ class Launch:
 
         def started(r: VMRecord) -> None:
             r.machine = ProcessRecord(pid=machine.pid, start_time=machine.start_time)
-            r.started_at = time.time()
+            r.started_at, r.ran_for = time.time(), 0.0
 
         self.registry.update(plan.name, started)
         return machine

@@ -120,7 +120,8 @@ def vm_info(record: VMRecord, files: VMFiles, status: VMStatus, guest: GuestStat
         pid=record.machine.pid if record.machine and status.active else None,
         created_at=record.created_at,
         started_at=record.started_at,
-        uptime=round(time.time() - record.started_at, 1) if running and record.started_at else None,
+        # suspended time not counted, as in the guest's own uptime and its services'
+        uptime=round(record.ran_for + time.time() - record.started_at, 1) if running and record.started_at else None,
         start=record.start,
         start_reason=record.start_reason or None,
         start_warning=record.start_warning,

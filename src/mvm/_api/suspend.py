@@ -49,6 +49,8 @@ def suspend(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT
                 store.set_holder(v.volume, Holder(what=f"suspended VM {name!r}", vm=name, pid=0,
                                                   since=time.time(), suspended=True))
         backend.stop(files, machine, 5.0)
+        if record.started_at is not None:
+            record.ran_for += max(0.0, time.time() - record.started_at)
         record.phase, record.machine, record.started_at = "suspended", None, None
     return VM(name, layout, runner).info()
 

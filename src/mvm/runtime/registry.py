@@ -95,6 +95,8 @@ class VMRecord(BaseModel):
     checks: list[str] = []
     created_at: float = 0.0
     started_at: float | None = None
+    #: seconds it ran before its last `suspend` (its boot's earlier runs): `uptime` goes on from it
+    ran_for: float = 0.0
     #: how the machine started: booted ("cold"), or restored from a template
     start: Literal["cold", "restored"] = "cold"
     start_reason: str = ""
