@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import SpecError
+from .guest import protocol
 from .names import (
     ARCH_ALIASES,
     MIN_MEMORY_MIB,
@@ -111,13 +112,15 @@ class GuestSpec(_Model):
 
     @field_validator("files")
     @classmethod
-    def _files(cls, value: dict[str, str]) -> dict[str, str]:
+    def _files(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
         for target in value:
             parts = target.split("/")
             if not target.startswith("/") or ".." in parts or target.rstrip("/") == "":
                 raise ValueError(f"{target!r} must be an absolute guest path (not / and without '..')")
             if any(ord(c) < 32 or c == "\x7f" for c in target):
                 raise ValueError(f"{target!r}: a guest path cannot hold a line break or another control character")
+            if info.context == INPUT:  # images built before the rule keep working
+                _check_file_target(target)
         return value
 
     @field_validator("packages")
@@ -160,6 +163,21 @@ class GuestSpec(_Model):
         """Of what the guest is; not of ``arch``, which image keys hold resolved (None: the host's)."""
         blob = json.dumps(self.model_dump(by_alias=True, mode="json", exclude={"arch"}), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _check_file_target(target: str) -> None:
+    """A ``files`` target where the guest would never see it, or that would break the guest."""
+    path = "/" + "/".join(p for p in target.split("/") if p not in ("", "."))
+    under = next((t for t in (*protocol.MVM_TREES, *protocol.BOOT_MOUNTS) if path == t or path.startswith(t + "/")),
+                 None)
+    if under in protocol.MVM_TREES:
+        raise ValueError(f"{target!r} is under {under}, mvm's own files in the guest (its agent and config): "
+                         "a file there would replace them and the guest would not boot; put it elsewhere, "
+                         "e.g. /srv or /opt")
+    if under is not None:
+        raise ValueError(f"{target!r} would be hidden: the guest mounts a fresh file system on {under} at every "
+                         f"boot; put the file elsewhere (e.g. /srv{path}) and copy or link it in a service's "
+                         "preStart if it must be there")
 
 
 def _dependency_cycle(graph: dict[str, list[str]]) -> list[str] | None:
@@ -218,6 +236,9 @@ def describe_error(err: dict[str, Any]) -> str:
         known = _known_keys(err["loc"])
         close = difflib.get_close_matches(key, known, n=1)
         suffix = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(known)})"
+        top = _known_keys(("x",))  # the spec's own keys
+        if len(err["loc"]) > 1 and key in top and not close:
+            suffix = f" (`{key}` is a key of the spec itself: put it above the first [section])"
         return f"{loc}: unknown key{suffix}"
     if kind == "missing":
         return f"{loc}: required key is missing"

@@ -1,4 +1,5 @@
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,29 @@ def test_env_numbers_are_strings_as_in_mkguest() -> None:
     assert spec.services["a"].env == {"PORT": "8080"}
     with pytest.raises(SpecError, match="env.RATIO: must be a string \\(quote it\\), not float 0.5"):
         parse_spec({"name": "x", "services": {"a": {"command": "x", "env": {"RATIO": 0.5}}}}, source="t")
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("/etc/mvm/guest.json", "under /etc/mvm, mvm's own files in the guest"),
+    ("/usr/lib/mvm/mvm/guest/init.py", "under /usr/lib/mvm, mvm's own files"),
+    ("/tmp/www/index.html", "would be hidden: the guest mounts a fresh file system on /tmp at every boot"),
+    ("//run/x.txt", "on /run at every boot; put the file elsewhere (e.g. /srv/run/x.txt)"),
+    ("/dev/./thing", "on /dev at every boot"),
+])
+def test_files_the_guest_would_never_see_or_that_break_it_are_refused(tmp_path: Path, target: str,
+                                                                      message: str) -> None:
+    """A file on /etc/mvm replaced the agent's config and the guest could not boot; one under
+    /tmp was hidden by the tmpfs mounted there at boot: both were built without a word."""
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "mvm.toml").write_text(f'name = "x"\nfiles = {{ "{target}" = "f" }}\n')
+    with pytest.raises(SpecError, match=re.escape(message)):
+        load_toml(tmp_path)
+    (tmp_path / "mvm.toml").write_text('name = "x"\nfiles = { "/tmpx/a" = "f", "/srv/tmp/a" = "f" }\n')
+    assert set(load_toml(tmp_path).files) == {"/tmpx/a", "/srv/tmp/a"}
+
+
+def test_a_top_level_key_inside_a_service_says_where_it_belongs(tmp_path: Path) -> None:
+    (tmp_path / "mvm.toml").write_text('name = "x"\n[services.web]\ncommand = "true"\npackages = ["curl"]\n')
+    with pytest.raises(SpecError, match=re.escape("services.web.packages: unknown key (`packages` is a key of the "
+                                                  "spec itself: put it above the first [section])")):
+        load_toml(tmp_path)

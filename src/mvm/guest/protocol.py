@@ -34,6 +34,11 @@ EVENT_PORT = "org.mvm.events"
 CONTROL_PORTS = 4
 #: Where every image has the init (PID 1): the kernel's ``init=`` on every machine mvm makes.
 INIT_PATH = "/usr/lib/mvm/init"
+#: mvm's own trees in every image: the agent and its config (no spec's file or volume goes there).
+MVM_TREES = ("/usr/lib/mvm", "/etc/mvm")
+#: Where the init mounts a file system at boot (mvm.guest.system.mount_early), hiding what the
+#: image holds there.
+BOOT_MOUNTS = ("/proc", "/sys", "/dev", "/run", "/tmp")
 #: Serial of the raw disk that carries the per-boot runtime config.
 CONFIG_DISK_SERIAL = "mvm-config"
 CONFIG_DISK_BYTES = 64 * 1024

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import UsageError
+from ..guest import protocol
 
 Mode = Literal["ro", "secret", "rw"]
 MIN_SIZE_MB = 8
@@ -27,7 +28,7 @@ MAX_SIZE_MB = 1024 * 1024  # 1 TiB
 FORMS = ("HOSTDIR:/guest/path (read-only), HOSTDIR:/guest/path:secret, "
          "or HOST:/guest/path:SIZE_MB[:secret] (writable, persistent)")
 #: Guest paths that cannot be volumes, with everything below them.
-RESERVED_TREES = ("/proc", "/sys", "/dev", "/usr/lib/mvm", "/etc/mvm")
+RESERVED_TREES = ("/proc", "/sys", "/dev", *protocol.MVM_TREES)
 #: Guest paths that cannot be volumes themselves (the guest needs what is in them).
 RESERVED_EXACT = ("/", "/bin", "/boot", "/etc", "/lib", "/lib64", "/sbin", "/usr",
                   # merged /usr (Debian 12 on): /bin is /usr/bin, and so on
