@@ -47,3 +47,44 @@ def test_a_service_under_a_shell_that_ignores_sigterm_gets_its_grace_and_is_name
     last = lines[-2].split()
     assert last[:2] == ["killed", "['wrapped']"] and float(last[-1]) >= 1.4, lines
     assert lines[-1] == "left: []", lines  # and then SIGKILLed, its shell gone or not
+
+
+_DEPENDS = """
+import ctypes, json, threading, time
+from mvm.guest.reaper import Reaper
+ctypes.CDLL(None).prctl(36, 1)
+from mvm.guest.supervisor import Supervisor
+reaper = Reaper()
+threading.Thread(target=reaper.loop, daemon=True).start()
+class Events:
+    def emit(self, kind, **fields): pass
+services = {
+    "db": {"command": "sleep 60", "preStart": "exit 3", "user": "root"},
+    "web": {"command": "sleep 60", "user": "root", "dependsOn": ["db"]},
+    "edge": {"command": "sleep 60", "user": "root", "dependsOn": ["web"]},
+    "flaky": {"command": "exit 1", "user": "root", "restart": "no"},  # ran once, then failed
+    "after_flaky": {"command": "sleep 60", "user": "root", "dependsOn": ["flaky"]},
+}
+sup = Supervisor(services, reaper=reaper, events=Events(), env_overrides={}, handover_roots=[])
+sup.start()
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline and any(s["state"] in ("pending", "prestart") for s in sup.status().values()):
+    time.sleep(0.05)
+time.sleep(0.3)
+print(json.dumps({n: [s["state"], s.get("reason")] for n, s in sup.status().items()}), flush=True)
+sup.stop(1.0)
+"""
+
+
+def test_a_service_whose_dependency_failed_to_start_is_not_started() -> None:
+    """guest.md: `dependsOn` starts a service after those it names have started. One whose
+    dependency's preStart failed ran all the same."""
+    import json
+
+    r = subprocess.run([sys.executable, "-c", _DEPENDS], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    states = json.loads(r.stdout.splitlines()[-1])
+    assert states["db"] == ["failed", "preStart exited with 3"]
+    assert states["web"] == ["failed", "not started: it depends on db, which failed to start (preStart exited with 3)"]
+    assert states["edge"][0] == "failed" and states["edge"][1].startswith("not started: it depends on web, which")
+    assert states["flaky"][0] == "failed" and states["after_flaky"][0] == "running"  # it had started

@@ -3,7 +3,9 @@
 Rules (documented in docs/guest.md):
 - ``preStart`` runs once per boot, as root, under ``sh -c`` with the service's env, before
   the service first starts. A restart does not repeat it. If it fails the service is
-  marked failed and not started.
+  marked failed and not started, and so is every service that ``dependsOn`` it (a
+  dependency that started once and then fails does not stop them: Compose's
+  ``service_started``).
 - Ownership hand-off: whatever ``preStart`` creates under ``/tmp`` or on a writable volume
   is handed to the service's user (files the service could not otherwise write to). The
   root of every writable volume belongs to the default service user.
@@ -136,7 +138,8 @@ class Service:
         self.last_exit: int | None = None
         self.reason: str | None = None  # why it failed, or why its last run was killed (out of memory)
         self.started_at: float | None = None
-        self.started = threading.Event()
+        self.started = threading.Event()  #: set once it ran, or failed before it could
+        self.ran = False  #: its command has started at least once this boot
         self.child: Exit | None = None
         self.thread = threading.Thread(target=self._run, name=f"svc-{name}", daemon=True)
 
@@ -201,7 +204,13 @@ class Service:
 
     def _run(self) -> None:
         for dep in self.spec.get("dependsOn") or []:
-            self.sup.services[dep].started.wait()
+            needed = self.sup.services[dep]
+            needed.started.wait()
+            if needed.state == "failed" and not needed.ran:  # its preStart failed, its user is missing ...
+                self._set_state("failed", reason=f"not started: it depends on {dep}, which failed to start"
+                                + (f" ({needed.reason})" if needed.reason else ""))
+                self.started.set()
+                return
         try:
             user = Identity(self.spec.get("user") or "mvm")
         except KeyError:
@@ -262,7 +271,7 @@ class Service:
         except OSError as exc:
             self.started.set()
             return 127, f"could not start: {exc}"
-        self.pid = self.child.pid
+        self.pid, self.ran = self.child.pid, True
         self.started_at = time.monotonic()  # not the wall clock: a restored clone's jumps to the host's
         began = time.monotonic()
         self._set_state("running", pid=self.pid, restarts=self.restarts)
