@@ -8,6 +8,12 @@ A standalone guest (KubeVirt: no mvm host, no event port) writes the same events
 serial console instead, one readable line each, in the format of ``mvmctl logs``
 (``12:00:01.250 hello | GET / 200``, ``12:00:02.000 [health hello] healthy (exit 0)``):
 the console is what ``kubectl logs`` and ``virtctl console`` show.
+
+A boot's first events would carry the clock the kernel read from the RTC: whole seconds, up
+to one behind the host's, so ``logs`` showed a boot's first lines up to a second early. They
+wait instead (at most :data:`CLOCK_HOLD` s) for the host's first ping, which sets the clock,
+and go out with their times taken from it and their ``up`` (the monotonic clock, which the
+setting leaves alone).
 """
 
 from __future__ import annotations
@@ -22,12 +28,18 @@ import time
 TYPE_CHECKING = False  # not `from typing`: importing typing costs ~35 ms at boot under TCG
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 from .eventtext import event_line
 from .protocol import write_all
 
 CONSOLE_OUTPUT_LIMIT = 300
+#: The longest a boot's events wait for the host to set the clock (its first ping comes
+#: within a second or two of the services' start, under emulation too).
+CLOCK_HOLD = 10.0
+#: ... and the most events held (a service's flood of output at boot): past it, they go out.
+CLOCK_HOLD_EVENTS = 1000
 
 
 def _one_line(text: str) -> str:
@@ -58,11 +70,18 @@ def open_console(path: str = "/dev/console") -> int:
 class EventLog:
     """``path``: the event port (JSON lines). ``console``: a descriptor that gets each
     event as a readable line (standalone mode); it replaces the JSON fallback on stderr
-    that a guest without an event port otherwise writes."""
+    that a guest without an event port otherwise writes. ``hold``: the events wait that long
+    at most for :meth:`clock_exact` (a boot with an mvm host, whose first ping sets the clock).
+    ``wall`` and ``monotonic``: the clocks (tests give their own)."""
 
-    def __init__(self, path: str | None, console: int | None = None) -> None:
+    def __init__(self, path: str | None, console: int | None = None, *, hold: float = 0.0,
+                 wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._fd: int | None = None
         self._console = console
+        self._wall, self._monotonic = wall, monotonic
+        self._lock = threading.Lock()
+        #: events waiting for the clock (None: not waiting); in order
+        self._held: list[dict[str, Any]] | None = [] if hold > 0 else None
         if path:
             try:
                 self._fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
@@ -72,10 +91,42 @@ class EventLog:
         self._queue: queue.SimpleQueue[tuple[bytes, bool] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._drain, name="events", daemon=True)
         self._thread.start()
+        if self._held is not None:
+            timer = threading.Timer(hold, self._release, kwargs={"exact": False})
+            timer.daemon = True
+            timer.start()
 
     def emit(self, kind: str, **fields: Any) -> None:
         # t: wall clock (for people); up: seconds since boot (for boot timelines)
-        event = {"t": round(time.time(), 3), "up": round(time.monotonic(), 3), "kind": kind, **fields}
+        event = {"t": round(self._wall(), 3), "up": round(self._monotonic(), 3), "kind": kind, **fields}
+        with self._lock:
+            if self._held is not None:
+                if len(self._held) < CLOCK_HOLD_EVENTS:
+                    self._held.append(event)
+                    return
+                self._release_held(exact=False)
+            self._put(event)
+
+    def clock_exact(self) -> None:
+        """The host has just set the clock: the events held until now go out, their times
+        taken from it (an event's ``up`` says how long before now it happened)."""
+        self._release(exact=True)
+
+    def _release(self, exact: bool) -> None:
+        with self._lock:
+            self._release_held(exact)
+
+    def _release_held(self, exact: bool) -> None:
+        """Send the held events (with times from the clock now if ``exact``); hold no more."""
+        held, self._held = self._held or [], None
+        if exact:
+            boot = self._wall() - self._monotonic()  # the wall-clock time the boot began
+            for event in held:
+                event["t"] = round(boot + event["up"], 3)
+        for event in held:
+            self._put(event)
+
+    def _put(self, event: dict[str, Any]) -> None:
         self._queue.put((json.dumps(event, separators=(",", ":")).encode() + b"\n", False))
         if self._console is not None:
             line = format_console(event)
@@ -86,6 +137,7 @@ class EventLog:
         self.emit("log", svc=svc, stream=stream, line=line)
 
     def flush(self, timeout: float = 2.0) -> None:
+        self._release(exact=False)
         done = threading.Event()
         self._flushed = done
         self._queue.put(None)

@@ -31,7 +31,7 @@ import time
 TYPE_CHECKING = False  # not `from typing`: importing typing costs ~35 ms at boot under TCG
 
 from . import clock, cmdline, protocol, system
-from .events import EventLog, open_console
+from .events import CLOCK_HOLD, EventLog, open_console
 from .reaper import Reaper
 from .signals import SignalDispatcher
 from .supervisor import DEFAULT_PATH, Identity, Supervisor
@@ -178,7 +178,9 @@ class Init:
             say("standalone: no mvm host; network by DHCP, logs on the console")
         if self.events is None:
             console = open_console() if self.standalone else None
-            self.events = EventLog(ports.get(protocol.EVENT_PORT), console=console)
+            # with a host, the boot's events wait for its first ping to make their times exact
+            self.events = EventLog(ports.get(protocol.EVENT_PORT), console=console,
+                                   hold=0.0 if self.standalone else CLOCK_HOLD)
         events = self.events
         # the spec's hostname, else the VM's name (`up --name`), else the spec's name
         hostname = self.guest.get("hostname") or runtime.get("vm") or self.guest.get("name")
@@ -261,8 +263,15 @@ class Init:
             env_overrides=self.env,
             path=self.guest.get("path") or DEFAULT_PATH,
             signals=self.signals,
-            clock_set=self.keeper.exact.set,
+            clock_set=self._clock_exact,
         ).start()
+
+    def _clock_exact(self) -> None:
+        """The host's ping has set the clock: the keeper learns the RTC's phase from it, and
+        the boot's first events get their exact times."""
+        self.keeper.exact.set()
+        if self.events:
+            self.events.clock_exact()
 
     def configure(self, doc: dict[str, Any]) -> str | None:
         """The per-boot config of a clone restored from a template (the agent's ``configure``);

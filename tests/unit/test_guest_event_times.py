@@ -1,0 +1,90 @@
+"""A boot's first events wait for the host to set the guest's clock, then go out with exact times."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from mvm.guest import events as events_mod
+from mvm.guest.events import EventLog
+
+
+class Clocks:
+    """A guest's two clocks: the wall clock starts 0.7 s behind the host's (the RTC's whole
+    seconds) until the host sets it; the monotonic one counts from boot."""
+
+    def __init__(self) -> None:
+        self.up = 2.0
+        self.offset = -0.7  # guest wall clock minus the host's
+
+    def host(self) -> float:
+        return 1_800_000_000.0 + self.up
+
+    def wall(self) -> float:
+        return self.host() + self.offset
+
+    def monotonic(self) -> float:
+        return self.up
+
+
+def written(port: Path, log: EventLog) -> list[dict[str, object]]:
+    log.flush()
+    return [json.loads(line) for line in port.read_text().splitlines()]
+
+
+def test_held_events_get_the_hosts_time_once_it_sets_the_clock(tmp_path: Path) -> None:
+    port = tmp_path / "events.log"
+    port.touch()
+    clocks = Clocks()
+    log = EventLog(str(port), hold=60.0, wall=clocks.wall, monotonic=clocks.monotonic)
+    log.emit("init", msg="services started")
+    clocks.up += 0.5
+    log.emit("service", svc="web", state="running")
+    time.sleep(0.05)
+    assert port.read_text() == ""  # held: their times would be 0.7 s early
+    clocks.up += 0.3
+    clocks.offset = 0.0  # the host's ping sets the clock ...
+    log.clock_exact()  # ... and says so
+    clocks.up += 0.1
+    log.emit("init", msg="later")
+    lines = written(port, log)
+    assert [e.get("msg") or e.get("state") for e in lines] == ["services started", "running", "later"]
+    assert [e["t"] for e in lines] == [1_800_000_002.0, 1_800_000_002.5, 1_800_000_002.9]
+    assert [e["up"] for e in lines] == [2.0, 2.5, 2.9]
+
+
+def test_without_the_host_held_events_go_out_as_they_are_after_the_hold(tmp_path: Path) -> None:
+    port = tmp_path / "events.log"
+    port.touch()
+    clocks = Clocks()
+    log = EventLog(str(port), hold=0.2, wall=clocks.wall, monotonic=clocks.monotonic)
+    log.emit("init", msg="services started")
+    time.sleep(0.05)
+    assert port.read_text() == ""
+    time.sleep(0.4)  # the hold ends without a ping (a host that never pings)
+    assert json.loads(port.read_text())["t"] == round(1_800_000_002.0 - 0.7, 3)
+    log.clock_exact()  # a ping after that changes nothing already written
+    log.emit("init", msg="later")
+    assert [e["msg"] for e in written(port, log)] == ["services started", "later"]
+
+
+def test_a_boot_flood_of_output_is_not_held_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(events_mod, "CLOCK_HOLD_EVENTS", 3)
+    port = tmp_path / "events.log"
+    port.touch()
+    log = EventLog(str(port), hold=60.0)
+    for i in range(5):
+        log.log("web", "stdout", f"line {i}")
+    assert [e["line"] for e in written(port, log)] == [f"line {i}" for i in range(5)]  # in order, none lost
+
+
+def test_a_stop_before_the_ping_sends_what_was_held(tmp_path: Path) -> None:
+    port = tmp_path / "events.log"
+    port.touch()
+    log = EventLog(str(port), hold=60.0)
+    log.emit("init", msg="services started")
+    log.emit("init", msg="powering off")
+    assert [e["msg"] for e in written(port, log)] == ["services started", "powering off"]
