@@ -20,11 +20,14 @@ services = {
     # not exec'd by sh: sh is the group's leader and ends on SIGTERM; python3 under it ignores it
     "wrapped": {"command": stubborn + "; echo after", "user": "root"},
     "polite": {"command": "sleep 60; echo after", "user": "root"},
+    # put in the background: its shell (the group's leader) ends at once, the daemon lives on
+    "daemon": {"command": "sleep 61 & echo started", "user": "root", "restart": "no"},
 }
 sup = Supervisor(services, reaper=reaper, events=Events(), env_overrides={}, handover_roots=[])
 sup.start()
 deadline = time.monotonic() + 20
-while time.monotonic() < deadline and any(s["state"] != "running" for s in sup.status().values()):
+while time.monotonic() < deadline and any(s["state"] not in ("running", "exited")
+                                          for s in sup.status().values()):
     time.sleep(0.05)
 time.sleep(1.0)  # python3 started under its shell
 began = time.monotonic()
@@ -44,6 +47,8 @@ def test_a_service_under_a_shell_that_ignores_sigterm_gets_its_grace_and_is_name
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "event: stop: service wrapped did not end within 1.5s of SIGTERM: killed" in lines, lines
+    # the daemon of a service whose shell had ended got SIGTERM too, and ended on it: not named
+    assert not any("service daemon" in line for line in lines), lines
     last = lines[-2].split()
     assert last[:2] == ["killed", "['wrapped']"] and float(last[-1]) >= 1.4, lines
     assert lines[-1] == "left: []", lines  # and then SIGKILLed, its shell gone or not

@@ -286,8 +286,11 @@ class Service:
         return code, killed or cannot_run(code, time.monotonic() - began)
 
     def signal(self, sig: int) -> None:
+        """``sig`` to the service's process group, also once its leader has ended: what it put
+        in the background (`prog &`, a daemon that forks and does not setsid) lives on there,
+        and got no SIGTERM at `down`, only the SIGKILL after the grace."""
         child = self.child
-        if child is not None and not child.done:
+        if child is not None:
             signal_group(child.pid, sig)
 
 
