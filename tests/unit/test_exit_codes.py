@@ -35,3 +35,19 @@ def test_a_second_interrupt_while_undoing_is_ignored(monkeypatch: pytest.MonkeyP
     app._interrupt(2, None)  # no KeyboardInterrupt: the undo goes on
     app._interrupt(15, None)
     assert app._interrupted == 2  # the exit code stays the first signal's (130)
+
+
+@pytest.mark.parametrize(("disposition", "handled"), [("default", True), ("ignored", False)])
+def test_a_hang_up_unwinds_like_an_interrupt_unless_nohup(disposition: str, handled: bool) -> None:
+    """A closed terminal or a lost ssh session (SIGHUP) ended `up` at once, its VM left
+    "starting" for good; under nohup (SIGHUP ignored) it is left ignored."""
+    import subprocess
+    import sys
+
+    code = ("import signal, sys\n"
+            f"signal.signal(signal.SIGHUP, signal.{'SIG_DFL' if disposition == 'default' else 'SIG_IGN'})\n"
+            "from mvm.cli import app\n"
+            "try:\n    app.main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "print(signal.getsignal(signal.SIGHUP) is app._interrupt)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.splitlines()[-1] == str(handled), r.stderr

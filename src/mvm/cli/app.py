@@ -8,13 +8,15 @@
     3    a bug in mvm (traceback printed; please report it)
     120  stdout was closed early (e.g. `mvmctl ls | head`)
     124  `exec --timeout` expired
-    130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM: what the command had started and not
-         finished is undone (a VM whose start had finished keeps running)
+    130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM, 129 by SIGHUP (its terminal closed):
+         what the command had started and not finished is undone (a VM whose start had
+         finished keeps running)
     N    `exec` passes the guest command's exit code through
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import importlib
@@ -260,6 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # not under nohup
+        # the terminal closed, the ssh session lost: an `up` ended there left its VM "starting"
+        signal.signal(signal.SIGHUP, _interrupt)
     word = _command_word(args)
     if word in OTHER_TOOLS_WORDS:  # none is an mvmctl command (a test says so)
         from mvm import UsageError
@@ -316,8 +321,9 @@ def main(argv: list[str] | None = None) -> None:
         # interrupt apart from a guest command that exited 130.
         from . import output
 
-        starts_nothing = word in ("logs", "ls", "status", "stats", "images", "doctor", "console")
-        output.err.print("[yellow]interrupted[/]" + ("" if starts_nothing else ": what it had started and not "
-                                                    "finished is undone (`mvmctl ls` shows what runs)"))
+        starts_nothing = word in ("logs", "ls", "status", "stats", "images", "doctor", "console", "exec")
+        with contextlib.suppress(OSError):  # a terminal that hung up (SIGHUP)
+            output.err.print("[yellow]interrupted[/]" + ("" if starts_nothing else ": what it had started and not "
+                                                        "finished is undone (`mvmctl ls` shows what runs)"))
         code = 128 + _interrupted
     raise SystemExit(code if isinstance(code, int) else 0)
