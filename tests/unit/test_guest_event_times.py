@@ -88,3 +88,40 @@ def test_a_stop_before_the_ping_sends_what_was_held(tmp_path: Path) -> None:
     log.emit("init", msg="services started")
     log.emit("init", msg="powering off")
     assert [e["msg"] for e in written(port, log)] == ["services started", "powering off"]
+
+
+def test_a_host_that_stops_reading_costs_bounded_memory_and_the_drop_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's log shim killed: the port's writer blocked, and every line the services
+    printed piled up in PID 1 until the guest hung (2 MB/s, hands-on)."""
+    import fcntl
+    import os
+
+    monkeypatch.setattr(events_mod, "QUEUE_LIMIT", 64 * 1024)
+    r, w = os.pipe()
+    fcntl.fcntl(w, 1031, 4096)  # F_SETPIPE_SZ: the port's buffer fills at once
+    try:
+        log = EventLog(f"/proc/self/fd/{w}")
+        for i in range(5000):  # ~700 KB of output, with nobody reading
+            log.log("web", "stdout", f"line {i:05d} " + "x" * 60)
+            assert log._queued <= 64 * 1024  # bounded: the rest is dropped
+        got, ends = b"", 0
+        os.set_blocking(r, False)
+        deadline = time.monotonic() + 10
+        while b'"end"' not in got and time.monotonic() < deadline:  # the host reads again
+            log.log("web", "stdout", "end")
+            ends += 1
+            try:
+                got += os.read(r, 1 << 20)
+            except BlockingIOError:
+                time.sleep(0.01)
+        events = [json.loads(x) for x in got.splitlines() if x]
+    finally:
+        os.close(r)
+        os.close(w)
+    notes = [e["msg"] for e in events if e["kind"] == "init"]
+    assert notes and all(n.endswith(" log lines and events dropped: the host was not reading them") for n in notes)
+    kept = [e["line"] for e in events if e["kind"] == "log" and e["line"].startswith("line ")]
+    assert kept == sorted(kept) and kept[0].startswith("line 00000")  # in order, the first ones kept
+    dropped = sum(int(n.split()[0]) for n in notes)
+    assert 5000 <= len(kept) + dropped <= 5000 + ends  # every line written or counted (an "end" may be dropped)
+    assert len(kept) < 1000

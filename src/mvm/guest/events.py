@@ -40,6 +40,11 @@ CONSOLE_OUTPUT_LIMIT = 300
 CLOCK_HOLD = 10.0
 #: ... and the most events held (a service's flood of output at boot): past it, they go out.
 CLOCK_HOLD_EVENTS = 1000
+#: The most bytes waiting for the port or the console. A host that stops reading (its log shim
+#: killed) blocks the writer: past this, events are dropped and counted, and once there is
+#: room again a line says how many. (Unbounded, PID 1 grew by the services' output until the
+#: guest hung.) The services are never held up by their logs.
+QUEUE_LIMIT = 8 << 20
 
 
 def _one_line(text: str) -> str:
@@ -89,6 +94,8 @@ class EventLog:
                 print(f"mvm-init: cannot open event port {path}: {exc}", file=sys.stderr)
         # (data, for the console?) or None, which marks a flush
         self._queue: queue.SimpleQueue[tuple[bytes, bool] | None] = queue.SimpleQueue()
+        self._queued = 0  #: bytes in the queue
+        self._dropped = 0  #: events dropped since the last line that said so
         self._thread = threading.Thread(target=self._drain, name="events", daemon=True)
         self._thread.start()
         if self._held is not None:
@@ -127,11 +134,24 @@ class EventLog:
             self._put(event)
 
     def _put(self, event: dict[str, Any]) -> None:
-        self._queue.put((json.dumps(event, separators=(",", ":")).encode() + b"\n", False))
-        if self._console is not None:
-            line = format_console(event)
-            if line is not None:
-                self._queue.put(((line + "\n").encode(errors="replace"), True))
+        """Queue ``event`` for the port (and the console), or drop it if the queue is full.
+        Called with the lock held."""
+        data = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        text = format_console(event) if self._console is not None else None
+        line = (text + "\n").encode(errors="replace") if text is not None else b""
+        size = len(data) + len(line)
+        if self._dropped and self._queued + size + 256 <= QUEUE_LIMIT:
+            note = {"t": round(self._wall(), 3), "up": round(self._monotonic(), 3), "kind": "init",
+                    "msg": f"{self._dropped} log lines and events dropped: the host was not reading them"}
+            self._dropped = 0
+            self._put(note)
+        if self._queued + size > QUEUE_LIMIT:
+            self._dropped += 1
+            return
+        self._queued += size
+        self._queue.put((data, False))
+        if line:
+            self._queue.put((line, True))
 
     def log(self, svc: str, stream: str, line: str) -> None:
         self.emit("log", svc=svc, stream=stream, line=line)
@@ -152,18 +172,14 @@ class EventLog:
                     flushed.set()
                 continue
             data, for_console = item
-            if for_console:
-                fd: int | None = self._console
-            elif self._fd is None:
-                if self._console is None:
-                    sys.stderr.buffer.write(data)
-                    sys.stderr.flush()
-                continue
-            else:
-                fd = self._fd
-            if fd is None:
-                continue
-            try:
-                write_all(fd, data)
-            except OSError:
-                pass
+            fd: int | None = self._console if for_console else self._fd
+            if not for_console and self._fd is None and self._console is None:
+                sys.stderr.buffer.write(data)
+                sys.stderr.flush()
+            if fd is not None:
+                try:
+                    write_all(fd, data)
+                except OSError:
+                    pass
+            with self._lock:
+                self._queued -= len(data)
