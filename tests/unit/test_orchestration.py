@@ -722,6 +722,35 @@ def test_uptime_goes_on_across_suspend_and_starts_again_at_restart(layout: Layou
     vm.down()
 
 
+def test_a_resume_killed_midway_leaves_no_second_machine(layout: Layout, fake: FakeBackend, image: Image,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`resume` SIGKILLed after it started the machine and before it recorded it: the next
+    `resume` started a second machine on the same root disk (hands-on); with a volume, it was
+    refused with a hint to resume."""
+    from mvm._api import suspend
+    from mvm.backends.base import Incoming
+
+    (tmp_path / "data").mkdir()
+    vm = _up(layout, fake, image, volumes=[f"{tmp_path}/data:/mnt/data:16"])
+    vm.suspend()
+    spec = suspend._read_launch("web", vm.files)
+    spec.incoming, spec.ports = Incoming(vm.files.saved_state, ignore_shared=False), []
+    left = fake.start(spec)  # what the killed resume had started: its guest runs on
+    info = vm.resume(ask_guest=False)
+    assert info.pid == left.pid and [m.ref for m in fake.machines.values() if m.running] == [left]
+    assert not vm.files.saved_state.exists()
+    vm.suspend()
+    monkeypatch.setattr(suspend, "STRAY_ANSWER_SECS", 0.3)
+    fake.agent_answers = False
+    cut_short = fake.start(spec)  # its restore never finished: no guest answers
+    fake.agent_answers = True
+    info = vm.resume(ask_guest=False)
+    assert info.pid != cut_short.pid and not fake.alive(cut_short)
+    assert len([m for m in fake.machines.values() if m.running]) == 1
+    vm.down()
+    _nothing_left(layout, fake)
+
+
 def test_a_suspended_vm_keeps_its_volumes(layout: Layout, fake: FakeBackend, image: Image, tmp_path: Path) -> None:
     """A suspended guest has the volume's file system mounted, its writes partly in memory: a
     second VM on the volume meanwhile had its changes overwritten by the resumed one (data

@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, Runner, signals_deferred
-from ..backends.base import LAUNCH_SCHEMA, Incoming, LaunchSpec, PortForward, spec_from_json
+from ..backends.base import LAUNCH_SCHEMA, Backend, Incoming, LaunchSpec, MachineRef, PortForward, spec_from_json
 from ..errors import PortInUse, StateError, VMError, VMNotRunning
 from ..paths import Layout, VMFiles
 from ..runtime import agent
@@ -27,6 +27,9 @@ from ..volumes.store import Holder, VolumeStore
 from .machines import backend_for, start_undoable, status_of
 from .models import VMInfo
 from .vm import VM
+
+#: How long the guest of a machine an interrupted `resume` left has to answer to be taken.
+STRAY_ANSWER_SECS = 5.0
 
 
 def suspend(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_RUNNER) -> VMInfo:
@@ -78,21 +81,24 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
         if gone:
             raise StateError(f"VM {name!r} cannot be resumed: its volume {gone[0]} is gone (removed by hand?)",
                              hint=f"`mvmctl down {name}` discards the saved machine; `up` it again with the volume")
-        locks = [store.lock(v.volume, f"{v.host} ({v.volume})", attaching=True, resuming=name)
-                 for v in record.volumes if v.volume is not None]
-        try:
-            spec.hold_fds = tuple(lock.fd for lock in locks)
-            backend = backend_for(record, runner)
+        backend = backend_for(record, runner)
+        machine = _left_by_an_interrupted_resume(backend, files, name)
+        if machine is None:
+            locks = [store.lock(v.volume, f"{v.host} ({v.volume})", attaching=True, resuming=name)
+                     for v in record.volumes if v.volume is not None]
             try:
-                machine = start_undoable(backend, spec, undo, stop_timeout=2.0)  # stopped unless it comes back
-            except PortInUse as exc:  # its hint is `up`'s: resume has no -p
-                raise PortInUse(exc.message, hint=f"free it (`ss -ltnup` shows who has it), or change the forward "
-                                f"while {name} is suspended: `mvmctl forward {name} --rm -p HOST:GUEST`, and "
-                                f"`mvmctl forward {name} -p OTHER:GUEST`; then resume") from None
-        finally:
-            for lock in locks:
-                lock.release()
-        agent.wait_ready(files, name, 30.0, lambda: backend.alive(machine))  # and sets the clock
+                spec.hold_fds = tuple(lock.fd for lock in locks)
+                try:
+                    machine = start_undoable(backend, spec, undo, stop_timeout=2.0)  # stopped unless it comes back
+                except PortInUse as exc:  # its hint is `up`'s: resume has no -p
+                    raise PortInUse(exc.message, hint=f"free it (`ss -ltnup` shows who has it), or change the forward "
+                                    f"while {name} is suspended: `mvmctl forward {name} --rm -p HOST:GUEST`, and "
+                                    f"`mvmctl forward {name} -p OTHER:GUEST`; then resume") from None
+            finally:
+                for lock in locks:
+                    lock.release()
+        running = machine
+        agent.wait_ready(files, name, 30.0, lambda: backend.alive(running))  # and sets the clock
         # It runs: the rest happens whole, an interrupt held until the record says so (one in
         # between stopped the machine after its saved state was gone, the record "suspended").
         with signals_deferred():
@@ -107,6 +113,25 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
             undo.pop_all()
             files.saved_state.unlink(missing_ok=True)
     return VM(name, layout, runner).info(ask_guest=ask_guest)
+
+
+def _left_by_an_interrupted_resume(backend: Backend, files: VMFiles, name: str) -> MachineRef | None:
+    """The machine a `resume` killed before it recorded it (SIGKILL, a lost session) left in
+    the VM dir, if its guest answers: it is this VM resumed, and is taken as it is. (Another
+    machine restored from the saved state would hold the same root disk, and its memory would
+    be older than the disks the first one's guest has written since.) One whose guest does not
+    answer (its restore cut short) is stopped, and the resume starts anew."""
+    for machine in backend.strays(files):
+        def alive(m: MachineRef = machine) -> bool:
+            return backend.alive(m)
+
+        try:
+            agent.wait_ready(files, name, STRAY_ANSWER_SECS, alive)
+        except VMError:
+            backend.stop(files, machine, 2.0)
+        else:
+            return machine
+    return None
 
 
 def _read_launch(name: str, files: VMFiles) -> LaunchSpec:
