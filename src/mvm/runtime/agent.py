@@ -273,7 +273,9 @@ def wait_ready(files: VMFiles, vm: str, timeout: float, alive: Callable[[], bool
         try:
             with AgentSession(files, vm, timeout=max(0.1, deadline - time.monotonic())) as session:
                 rid = secrets.token_hex(6)
-                session.send({"op": "ping", "id": rid, "time": time.time()})
+                # no time: it would be seconds old when the guest reads it, and the guest
+                # would date its boot's first events by it (the second ping sets the clock)
+                session.send({"op": "ping", "id": rid})
                 while True:
                     if not alive():
                         raise AgentError(vm, "the VM stopped while booting")
