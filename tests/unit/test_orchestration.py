@@ -722,6 +722,28 @@ def test_uptime_goes_on_across_suspend_and_starts_again_at_restart(layout: Layou
     vm.down()
 
 
+def test_a_restart_that_cannot_start_again_keeps_the_vm_or_says_how_to_start_it(
+        layout: Layout, fake: FakeBackend, image: Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """restart is down + up: an up that failed (a read-only volume's directory moved away, its
+    host port taken meanwhile) left no VM and no record of how it had been started (hands-on)."""
+    monkeypatch.setattr(ImageStore, "get", lambda self, key: image if key == image.key else None)
+    (tmp_path / "cfg").mkdir()
+    vm = _up(layout, fake, image, ports=["18124:8080"], env=["TOKEN=s3cret"], volumes=[f"{tmp_path}/cfg:/mnt/cfg"])
+    (tmp_path / "cfg").rename(tmp_path / "moved")
+    with pytest.raises(mvm.VolumeError, match="HOSTDIR .* does not exist"):
+        vm.restart()
+    assert vm.info().status is mvm.VMStatus.RUNNING  # checked before its down
+    (tmp_path / "moved").rename(tmp_path / "cfg")
+    fake.taken_ports.add(18124)  # taken in the gap between down and up
+    with pytest.raises(mvm.PortInUse) as taken:
+        vm.restart()
+    assert "web was stopped and is gone: once that is fixed, start it again with `mvmctl up " in str(taken.value.hint)
+    assert f"-p 18124:8080/tcp -v {tmp_path}/cfg:/mnt/cfg -e TOKEN=...` (its -e values as before)" in str(
+        taken.value.hint)
+    assert "s3cret" not in str(taken.value.hint)
+    _nothing_left(layout, fake)
+
+
 def test_a_resume_killed_midway_leaves_no_second_machine(layout: Layout, fake: FakeBackend, image: Image,
                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`resume` SIGKILLed after it started the machine and before it recorded it: the next

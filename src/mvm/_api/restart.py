@@ -13,11 +13,12 @@ import shlex
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import PortForward
 from ..builders.store import ImageStore
-from ..errors import StateError, VMError
+from ..errors import MvmError, StateError, VMError
 from ..names import HEALTH_TIMEOUT, host_arch
 from ..paths import Layout
 from ..runtime.bootconfig import read_config_disk
 from ..runtime.registry import Registry, VMRecord
+from ..volumes.args import parse_volumes
 from .down import down
 from .machines import backend_for
 from .options import check_host_cpus, check_host_memory
@@ -25,6 +26,7 @@ from .progress import Progress
 from .templates import COLD_FORCED
 from .up import up
 from .vm import VM
+from .volume_attach import check_readonly_source
 
 
 def restart(name: str, *, wait: bool = False, wait_timeout: float = HEALTH_TIMEOUT, layout: Layout | None = None,
@@ -50,12 +52,23 @@ def restart(name: str, *, wait: bool = False, wait_timeout: float = HEALTH_TIMEO
                     hint=f"restart keeps the shape: `mvmctl down {name}`, then `{_up_again(record)} --cpus N`")
     check_host_memory(record.memory, f"{name} has {record.memory} MiB of memory",
                       hint=f"restart keeps the shape: `mvmctl down {name}`, then `{_up_again(record)} --memory N`")
+    for arg in parse_volumes(volumes):  # a read-only volume's directory moved away: before `down`, too
+        if not arg.writable:
+            check_readonly_source(arg)
     down(name, layout=layout, runner=runner)
-    return up(image=image, name=name, cpus=record.cpus, memory=record.memory, ports=ports, env=env,
-              volumes=volumes, hypervisor=record.hypervisor, log_limit_mb=record.log_limit_mb, wait=wait,
-              cold=record.start_reason == COLD_FORCED,
-              wait_timeout=wait_timeout, layout=layout, runner=runner, progress=progress,
-              backend=backend_for(record, runner))
+    try:
+        return up(image=image, name=name, cpus=record.cpus, memory=record.memory, ports=ports, env=env,
+                  volumes=volumes, hypervisor=record.hypervisor, log_limit_mb=record.log_limit_mb, wait=wait,
+                  cold=record.start_reason == COLD_FORCED,
+                  wait_timeout=wait_timeout, layout=layout, runner=runner, progress=progress,
+                  backend=backend_for(record, runner))
+    except MvmError as exc:  # after `down`: the VM is gone, and how it was started must not be
+        if name in registry.names():  # `up --wait` keeps an unhealthy VM for inspection
+            raise
+        again = _up_again(record) + "".join(f" -e {k}=..." for k in sorted(env))
+        exc.hint = (f"{exc.hint}; " if exc.hint else "") + f"{name} was stopped and is gone: once that is " \
+            f"fixed, start it again with `{again}`" + (" (its -e values as before)" if env else "")
+        raise
 
 
 def _up_again(record: VMRecord) -> str:

@@ -62,7 +62,7 @@ class Planned:
                             size_mb=self.arg.size_mb, image=image, volume=self.vid, secret=self.arg.secret)
 
 
-def _check_readonly_source(arg: VolumeArg) -> None:
+def check_readonly_source(arg: VolumeArg) -> None:
     if not arg.host.exists():
         raise VolumeError(f"-v {arg.text!r}: HOSTDIR {arg.host} does not exist",
                           hint="create it and put the files the guest should see in it")
@@ -153,7 +153,7 @@ def plan(texts: Sequence[str], layout: Layout, *, cwd: Path | None = None) -> li
             if store.holder(p.vid) is not None:
                 raise store.in_use_error(p.vid, p.label, attaching=True)
         else:
-            _check_readonly_source(arg)
+            check_readonly_source(arg)
         planned.append(p)
     return planned
 
