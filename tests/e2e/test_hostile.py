@@ -357,3 +357,41 @@ def test_a_full_disk_during_build_up_and_volumes(cli: CLI, testbed_image: dict[s
                  "seed, 140 MB free), volume export (48 MB into 64 MB): exit 1 naming the disk, nothing "
                  "half-written", faults, leaks, started=started)
     _assert_clean(leaks)
+
+
+@NEEDS_ROOT
+def test_a_host_disk_that_fills_under_a_volume_pauses_the_vm_status_says_so_and_resume_goes_on(
+        cli: CLI, testbed_image: dict[str, Any], tmp_path: Path) -> None:
+    """QEMU pauses a machine whose disk write failed for lack of host space (and loses
+    nothing). `status` said only that the agent did not answer, and only `down` got out."""
+    with _tmpfs(tmp_path / "small", 96) as small:
+        image = small / "vol.ext4"
+        subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+        st = os.statvfs(small)
+        with open(small / ".filler", "wb") as f:  # 8 MiB left for the volume's 24 MiB write
+            os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize - 8 * 2**20)
+        cli("up", TESTBED, "--name", "hostfull", "-v", f"{image}:/mnt/big:64", "--wait")
+        writer = subprocess.Popen([sys.executable, "-m", "mvm", "exec", "hostfull", "--", "sh", "-c",
+                                   "dd if=/dev/urandom of=/mnt/big/fill bs=1M count=24 conv=fsync 2>/dev/null; "
+                                   "echo rc=$?; cat /mnt/big/fill | md5sum; md5sum /mnt/big/fill"],
+                                  env=cli.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            def paused() -> str | None:
+                r = cli("status", "hostfull", check=False)
+                return r.stderr if "is paused" in r.stderr else None
+
+            said = wait_for(paused, 90, "status to say the VM is paused")
+            assert "VM 'hostfull' is paused: a write to one of its disks failed, most likely because the host " \
+                   "disk holding it is full" in said
+            assert "free space where its disks are" in said and "`mvmctl resume hostfull` continues it" in said
+            (small / ".filler").unlink()  # space again
+            cli("resume", "hostfull")
+            out, err = writer.communicate(timeout=120)
+            assert out.startswith("rc=0\n"), (out, err)
+            sums = out.splitlines()[1:]
+            assert len(sums) == 2 and sums[0].split()[0] == sums[1].split()[0]
+            assert service(cli.json("status", "hostfull"), "web")["state"] == "running"
+        finally:
+            writer.kill()
+            cli("down", "hostfull", check=False)

@@ -664,6 +664,25 @@ def test_a_failed_restore_falls_back_to_a_cold_boot_and_leaves_nothing(template:
     _nothing_left(layout, fake)
 
 
+def test_a_machine_qemu_paused_is_said_and_resume_continues_it(layout: Layout, fake: FakeBackend,
+                                                               image: Image) -> None:
+    """A full host disk under a VM's disk: QEMU paused the machine, `status` said only that the
+    agent did not answer (pointing at `status`), and only `down` got out of it (hands-on)."""
+    vm = _up(layout, fake, image)
+    machine = vm.record().machine
+    assert machine is not None
+    fake.pause(machine.ref, "io-error")
+    with pytest.raises(mvm.VMError, match="VM 'web' is paused: a write to one of its disks failed") as paused:
+        vm.guest_status(timeout=0.3)
+    assert paused.value.hint is not None and paused.value.hint.endswith("then `mvmctl resume web` continues it")
+    info = vm.resume(ask_guest=False)  # space freed: it runs on, the same machine
+    assert info.status is mvm.VMStatus.RUNNING and info.pid == machine.pid
+    assert vm.guest_status(timeout=2.0).services
+    with pytest.raises(mvm.VMError, match="is not suspended"):
+        vm.resume()  # running, not paused: nothing to continue
+    vm.down()
+
+
 def test_suspend_and_resume(layout: Layout, fake: FakeBackend, image: Image, tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     vm = _up(layout, fake, image, volumes=[f"{tmp_path}/data:/mnt/data:16"])

@@ -18,13 +18,13 @@ from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, Runner, signals_deferred
 from ..backends.base import LAUNCH_SCHEMA, Backend, Incoming, LaunchSpec, MachineRef, PortForward, spec_from_json
-from ..errors import PortInUse, StateError, VMError, VMNotRunning
+from ..errors import AgentTimeout, PortInUse, StateError, VMError, VMNotRunning
 from ..paths import Layout, VMFiles
 from ..runtime import agent
-from ..runtime.registry import ProcessRecord, Registry
+from ..runtime.registry import ProcessRecord, Registry, VMRecord
 from ..runtime.states import VMStatus
 from ..volumes.store import Holder, VolumeStore
-from .machines import backend_for, start_undoable, status_of
+from .machines import backend_for, paused_error, paused_state, start_undoable, status_of
 from .models import VMInfo
 from .vm import VM
 
@@ -64,6 +64,8 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
     registry = Registry(layout)
     store = VolumeStore(layout)
     with registry.transaction(name) as (files, record), ExitStack() as undo:
+        if record.phase == "running" and _continue_paused(record, files, runner):
+            return VM(name, layout, runner).info(ask_guest=ask_guest)
         if record.phase != "suspended" or not files.saved_state.is_file():
             raise VMError(name, f"VM {name!r} is not suspended", hint="see `mvmctl ls`")
         spec = _read_launch(name, files)
@@ -113,6 +115,26 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
             undo.pop_all()
             files.saved_state.unlink(missing_ok=True)
     return VM(name, layout, runner).info(ask_guest=ask_guest)
+
+
+def _continue_paused(record: VMRecord, files: VMFiles, runner: Runner) -> bool:
+    """Run again a machine QEMU paused (a disk write failed on a full host disk, a suspend cut
+    short after saving it) and wait for its agent; False if it was not paused."""
+    backend = backend_for(record, runner)
+    if record.machine is None or not backend.alive(machine := record.machine.ref):
+        return False
+    state = paused_state(record, files, backend)
+    if state is None:
+        return False
+    backend.resume(files, machine)
+    try:
+        agent.wait_ready(files, record.name, 30.0, lambda: backend.alive(machine))  # and sets the clock
+    except AgentTimeout:
+        again = paused_error(record, files, backend)
+        if again is not None:  # paused again at once: the disk is still full
+            raise again from None
+        raise
+    return True
 
 
 def _left_by_an_interrupted_resume(backend: Backend, files: VMFiles, name: str) -> MachineRef | None:

@@ -15,6 +15,7 @@ from .._untrusted import as_float
 from ..backends.base import HOTPLUG_FORWARD, Backend, MachineRef, PortForward
 from ..errors import (
     AgentError,
+    AgentTimeout,
     ExecTimeout,
     HealthTimeout,
     MvmError,
@@ -30,7 +31,7 @@ from ..paths import Layout, VMFiles
 from ..runtime import agent, logs
 from ..runtime.registry import PortRecord, Registry, VMRecord
 from ..runtime.states import VMStatus
-from .machines import backend_for, name_the_vm_holding, status_of, vm_info
+from .machines import backend_for, name_the_vm_holding, paused_error, status_of, vm_info
 from .models import DownResult, ExecResult, GuestStatus, PortInfo, VMDetails, VMInfo
 from .options import parse_env, parse_port
 
@@ -98,8 +99,12 @@ class VM:
 
     def guest_status(self, timeout: float = 5.0) -> GuestStatus:
         """Services and health checks, as the guest agent reports them now."""
-        self.require_running()
-        return GuestStatus.from_agent(agent.request(self.files, self.name, "status", timeout=timeout), self.name)
+        record = self.require_running()
+        try:
+            reply = agent.request(self.files, self.name, "status", timeout=timeout)
+        except AgentTimeout as exc:  # a machine QEMU paused (a full host disk) answers nothing
+            raise paused_error(record, self.files, backend_for(record, self.runner)) or exc from None
+        return GuestStatus.from_agent(reply, self.name)
 
     def ping(self, timeout: float = 5.0) -> float:
         """Seconds one agent round trip took (connection included)."""

@@ -260,6 +260,12 @@ class Backend(Protocol):
         """Run a paused machine again."""
         ...
 
+    def run_state(self, files: VMFiles, machine: MachineRef) -> str:
+        """``running`` while the machine's CPUs run, else why not, in QEMU's words
+        (``io-error``: a disk write failed and the machine was paused, ``postmigrate``: a save
+        ended without a stop, ``paused`` ...)."""
+        ...
+
     def attach_disk(self, files: VMFiles, machine: MachineRef, disk: Disk, slot: int) -> None:
         """Attach ``disk`` to a running machine in hot-plug slot ``slot`` (needs :data:`HOTPLUG_DISK`)."""
         ...

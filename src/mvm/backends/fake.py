@@ -59,6 +59,7 @@ class FakeMachine:
     forwards: list[PortForward] = field(default_factory=list)
     running: bool = True
     paused: bool = False
+    paused_as: str = "paused"  #: run_state while paused (``io-error``: as QEMU on a full host disk)
     hotplugged: list[tuple[int, Disk]] = field(default_factory=list)
 
 
@@ -260,7 +261,12 @@ class FakeBackend:
         return Saved(bytes=state.stat().st_size, seconds=0.0)
 
     def resume(self, files: VMFiles, machine: MachineRef) -> None:
-        self.machines[machine.pid].paused = False
+        found = self.machines[machine.pid]
+        found.paused, found.guest.answers = False, self.agent_answers
+
+    def run_state(self, files: VMFiles, machine: MachineRef) -> str:
+        found = self.machines[machine.pid]
+        return found.paused_as if found.paused else "running"
 
     def attach_disk(self, files: VMFiles, machine: MachineRef, disk: Disk, slot: int) -> None:
         self.machines[machine.pid].hotplugged.append((slot, disk))
@@ -293,6 +299,12 @@ class FakeBackend:
 
     def forwards(self, files: VMFiles, machine: MachineRef) -> list[PortForward]:
         return list(self.machines[machine.pid].forwards)
+
+    def pause(self, machine: MachineRef, why: str) -> None:
+        """QEMU stops the machine's CPUs by itself (``io-error``: a disk write failed on a full
+        host disk): its guest answers nothing until it runs again."""
+        found = self.machines[machine.pid]
+        found.paused, found.paused_as, found.guest.answers = True, why, False
 
     def crash(self, machine: MachineRef) -> None:
         """The machine dies without a word (as QEMU killed by the OOM killer would)."""

@@ -244,6 +244,8 @@ class QemuBackend:
         try:
             with QMP(files.qmp, files.root.name, timeout=60.0) as qmp:
                 shared = any(b.get("share") for b in _memory_backends(qmp))
+                if qmp.command("query-status").get("status") == "postmigrate":
+                    qmp.command("cont")  # a save cut short (SIGKILL) left it so: QEMU migrates it no more
                 qmp.command("stop")
                 try:
                     qmp.command("migrate-set-capabilities", capabilities=[
@@ -267,6 +269,10 @@ class QemuBackend:
     def resume(self, files: VMFiles, machine: MachineRef) -> None:
         with QMP(files.qmp, files.root.name) as qmp:
             qmp.command("cont")
+
+    def run_state(self, files: VMFiles, machine: MachineRef) -> str:
+        with QMP(files.qmp, files.root.name, timeout=5.0) as qmp:
+            return str(qmp.command("query-status").get("status") or "unknown")
 
     def attach_disk(self, files: VMFiles, machine: MachineRef, disk: Disk, slot: int) -> None:
         node = hotplug_node(slot)

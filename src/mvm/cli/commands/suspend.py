@@ -35,6 +35,10 @@ def suspend(name: VMName, json: Json = False) -> None:
 def resume(name: VMName, json: Json = False) -> None:
     """Bring a suspended VM back as it was (its clock is set to now).
 
+    It also continues a running VM whose machine QEMU paused: a write to its disks failed
+    because the host disk holding them was full (free space first), or a `suspend` was cut
+    short. `mvmctl status` says when a VM is paused, and why.
+
     \b
     Example:
       mvmctl resume hello
