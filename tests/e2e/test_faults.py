@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import CLI, FIXTURES, ROOT, check, free_port, http_get, service, wait_for
+from .conftest import CLI, FIXTURES, ROOT, check, free_port, http_get, qemu_pids_under, service, wait_for
 from .faults import Recorder, find_leaks
 
 TESTBED = str(FIXTURES / "testbed")
@@ -425,3 +425,27 @@ def _stop_a_frozen_machine(cli: CLI, freezer: Path) -> None:
                 time.sleep(0.1)
     assert "down" in cli("down", "frozen").stderr
     assert "frozen" not in {r["name"] for r in cli.json("ls")}
+
+
+def test_a_template_maker_ended_by_sigterm_stops_its_machine(cli: CLI, testbed_image: dict[str, Any],
+                                                             recorder: Recorder) -> None:
+    """The maker `up` leaves in the background, ended by SIGTERM: it died at once, and its
+    hidden machine (hundreds of MiB) ran on until a `cleanup` (hands-on)."""
+    started = time.monotonic()
+    templates = Path(cli.env["MVM_CACHE"]) / "templates"
+    maker = subprocess.Popen([sys.executable, "-m", "mvm._api.template_maker", "qemu", testbed_image["path"], "1",
+                              "320"], env=cli.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        wait_for(lambda: qemu_pids_under(templates), 60, "the template's machine to start")
+        maker.send_signal(signal.SIGTERM)
+        _, err = maker.communicate(timeout=60)
+        assert maker.returncode == 130 and "interrupted; its machine stopped" in err, (maker.returncode, err)
+        assert not qemu_pids_under(templates)
+        assert not list(templates.glob(".build-*"))
+    finally:
+        maker.kill()
+    leaks = _leaks(cli)
+    recorder.add("SIGTERM to a template maker", "its machine stopped, its staging dir removed", 1, leaks,
+                 bytes_lost=0, started=started)
+    _assert_clean(leaks)

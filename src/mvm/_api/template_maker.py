@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -302,7 +303,18 @@ def make_in_background(image: Image, *, cpus: int, memory: int, layout: Layout, 
         raise
 
 
+def _stop_on_signal(signum: int, frame: object) -> None:
+    """SIGTERM and SIGHUP unwind the maker like Ctrl-C, so that it stops its machine (it ended
+    at once, and its hidden machine ran on, until a `cleanup` or the next maker of its key).
+    A second one is ignored: it would cut the undo short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def _main(argv: list[str]) -> int:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop_on_signal)
     backend_name, image_path, cpus, memory = argv[0], Path(argv[1]), int(argv[2]), int(argv[3])
     env: dict[str, str] | None = None
     if len(argv) > 4:
@@ -329,6 +341,9 @@ def _main(argv: list[str]) -> int:
     except OSError as exc:  # e.g. the template was removed (`template rm`, `cleanup`) meanwhile
         print(f"template for {image.name}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"template for {image.name}: interrupted; its machine stopped", file=sys.stderr)
+        return 130
     return 0
 
 
