@@ -184,6 +184,10 @@ def test_help_examples_paste_into_a_shell(capsys: pytest.CaptureFixture[str]) ->
     (["--debug", "ps"], "`mvmctl ls` lists VMs"),
     (["exec", "-it", "web", "sh"], "`mvmctl console NAME` opens an interactive shell"),
     (["exec", "-u", "mvm", "-t", "web", "sh"], "`mvmctl console NAME` opens an interactive shell"),
+    (["exec", "web", "ls", "-la", "/tmp"], "put `--` before the command, so that its options are not taken for "
+                                           "exec's: `mvmctl exec web -- ls -la /tmp`"),
+    (["up", "examples/hello", "-d"], "up returns once the VM runs, in the background already: leave out -d"),
+    (["version"], "`mvmctl --version` prints the version"),
 ])
 def test_another_tools_words_get_mvmctls_equivalent(args: list[str], expected: str,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -197,7 +201,7 @@ def test_another_tools_words_get_mvmctls_equivalent(args: list[str], expected: s
 def test_other_tools_words_never_shadow_a_command() -> None:
     assert not set(app.OTHER_TOOLS_WORDS) & set(app.COMMANDS)
     assert app.usage_hint(["exec", "web", "--", "ls", "-t"]) is None  # the guest command's own -t
-    assert app.usage_hint(["exec", "web", "ls", "-t"]) is None  # after NAME: a missing `--`, not a terminal
+    assert "put `--` before" in str(app.usage_hint(["exec", "web", "ls", "-t"]))  # after NAME: not a terminal
 
 
 def test_nothing_mvmctl_writes_is_writable_by_others() -> None:

@@ -23,6 +23,7 @@ import importlib
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 from collections.abc import Mapping
@@ -62,6 +63,7 @@ OTHER_TOOLS_WORDS: dict[str, str] = {
     "top": "`mvmctl stats` shows what VMs use", "prune": "`mvmctl cleanup` removes what stopped VMs left",
     "pause": "`mvmctl suspend NAME` saves a VM to disk", "unpause": "`mvmctl resume NAME` brings it back",
     "log": "`mvmctl logs NAME`", "image": "`mvmctl images` lists images, `mvmctl rmi` removes them",
+    "version": "`mvmctl --version` prints the version",
 }
 
 
@@ -105,7 +107,10 @@ def plain_refusal(message: str, opts: list[str], args: list[str]) -> str:
 
 def usage_hint(args: list[str]) -> str | None:
     """What to type instead, for a command line click refused that another tool takes."""
-    if _command_word(args) != "exec":
+    word = _command_word(args)
+    if word == "up" and {"-d", "--detach"} & set(args[:args.index("--")] if "--" in args else args):
+        return "up returns once the VM runs, in the background already: leave out -d"
+    if word != "exec":
         return None
     rest = args[args.index("exec") + 1:]
     options: list[str] = []
@@ -115,6 +120,9 @@ def usage_hint(args: list[str]) -> str | None:
             rest.pop(0)
     if {"-t", "-it", "-ti", "--tty"} & set(options):
         return "exec gives no terminal (there is no -t): `mvmctl console NAME` opens an interactive shell"
+    if "--" not in args and len(rest) >= 2 and any(a.startswith("-") for a in rest[1:]):
+        return (f"put `--` before the command, so that its options are not taken for exec's: "
+                f"`mvmctl exec {shlex.join(rest[:1])} -- {shlex.join(rest[1:])}`")
     return None
 
 
