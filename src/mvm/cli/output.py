@@ -49,6 +49,11 @@ def _shown(match: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
+def one_line(text: str) -> str:
+    """A table cell's text on one line: a check's output of two lines broke its table's rows."""
+    return " / ".join(line.strip() for line in text.strip().splitlines()) if "\n" in text or "\r" in text else text
+
+
 def safe(text: str) -> str:
     """``text`` with Rich markup escaped and control characters shown as ``\\xNN`` (``\\uNNNN``)."""
     from rich.markup import escape
@@ -187,7 +192,7 @@ def table(columns: Sequence[Column[Row]], rows: Sequence[Row]) -> None:
                      min_width=len(col.header), overflow="ellipsis" if col.no_wrap else "fold")
     for row in rows:
         cells = (col.value(row) for col in columns)
-        t.add_row(*(safe("-" if cell is None or cell == "" else str(cell)) for cell in cells))
+        t.add_row(*(safe(one_line("-" if cell is None or cell == "" else str(cell))) for cell in cells))
     if out.is_terminal:
         out.print(t)
         return
