@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,14 +24,22 @@ class Busy(Exception):
 
 
 @contextmanager
-def locked(path: Path, *, wait: bool = True) -> Iterator[None]:
+def locked(path: Path, *, wait: bool = True, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     """A lock held for the ``with`` block, on a file only its owner can open. ``wait=False``:
-    :class:`Busy` at once if another holds it."""
+    :class:`Busy` at once if another holds it. ``on_wait``: called once before waiting for
+    another holder (to say so: a long build of the same image)."""
     from filelock import FileLock, Timeout  # not at import: most commands take no lock
 
     lock = FileLock(str(path), mode=0o600, timeout=-1 if wait else 0)
     try:
-        lock.acquire()
+        if on_wait is not None and wait:
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                on_wait()
+                lock.acquire()
+        else:
+            lock.acquire()
     except Timeout:
         raise Busy(str(path)) from None
     try:

@@ -29,7 +29,7 @@ from . import arches, kernel
 from .aptsources import host_sources
 from .assemble import assemble, copy_image
 from .layer import Layer, held_layer
-from .store import Image, ImageStore, Manifest, link_or_copy
+from .store import WAITING_FOR_ANOTHER_BUILD, Image, ImageStore, Manifest, link_or_copy
 
 log = logging.getLogger(__name__)
 
@@ -97,4 +97,4 @@ def build(
                 guest=spec,
             )
 
-        return store.publish(key, make), True
+        return store.publish(key, make, on_wait=lambda: stage(WAITING_FOR_ANOTHER_BUILD)), True

@@ -40,7 +40,7 @@ from ..names import host_arch
 from ..paths import Layout
 from ..spec import INPUT, GuestSpec, describe_error
 from . import arches, nixerrors
-from .store import Image, ImageStore, Manifest, link_or_copy
+from .store import WAITING_FOR_ANOTHER_BUILD, Image, ImageStore, Manifest, link_or_copy
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +309,6 @@ def build(
             guest=guest,
         )
 
-    image = store.publish(key, make)
+    image = store.publish(key, make, on_wait=lambda: stage(WAITING_FOR_ANOTHER_BUILD))
     log.info("imported %s as image %s", out_path, key)
     return image, True

@@ -37,6 +37,9 @@ USERS = ".users"
 USERS_SCHEMA = 1
 
 
+#: What a build says while another process builds the same image (it then takes that one's).
+WAITING_FOR_ANOTHER_BUILD = "waiting for another build of the same image (another mvmctl)"
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -128,12 +131,12 @@ class ImageStore:
         return self.root / f".{key}.lock"
 
     @contextmanager
-    def locked(self, key: str) -> Iterator[None]:
+    def locked(self, key: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
         """The image's lock. Held to build it, to remove it, and by an ``up`` from the moment
         it has the image until its VM's record names it: ``rmi`` and ``cleanup`` look for the
         VMs using an image under this lock, so neither removes an image an ``up`` is taking."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with locked(self.lock_path(key)):
+        with locked(self.lock_path(key), on_wait=on_wait):
             yield
 
     def get(self, key: str) -> Image | None:
@@ -156,9 +159,11 @@ class ImageStore:
                     continue
         return sorted(images, key=lambda i: i.manifest.created_at)
 
-    def publish(self, key: str, make: Callable[[Path], Manifest]) -> Image:
-        """Build into a temp dir with ``make`` and rename it to ``images/<key>``."""
-        with self.locked(key):
+    def publish(self, key: str, make: Callable[[Path], Manifest],
+                on_wait: Callable[[], None] | None = None) -> Image:
+        """Build into a temp dir with ``make`` and rename it to ``images/<key>``. ``on_wait``:
+        called if another process is building it (this one then takes its image)."""
+        with self.locked(key, on_wait):
             existing = self.get(key)
             if existing is not None:
                 return existing
