@@ -683,6 +683,23 @@ def test_a_machine_qemu_paused_is_said_and_resume_continues_it(layout: Layout, f
     vm.down()
 
 
+def test_a_damaged_saved_machine_says_how_to_discard_it(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    """A truncated saved state: `resume` said "QMP query-migrate failed: Disconnected", no hint."""
+    from mvm.errors import RestoreFailed
+
+    vm = _up(layout, fake, image)
+    vm.suspend()
+    fake.fail_start = RestoreFailed("web", "QEMU could not restore the saved machine (QEMU exited)",
+                                    output="error while loading state section id 2(ram)")
+    with pytest.raises(RestoreFailed) as failed:
+        vm.resume()
+    assert failed.value.hint == ("the saved machine may be damaged (QEMU's words above): `mvmctl down web` "
+                                 "discards it; its volumes are kept")
+    assert vm.info(ask_guest=False).status is mvm.VMStatus.SUSPENDED  # nothing lost meanwhile
+    fake.fail_start = None
+    vm.down()
+
+
 def test_suspend_and_resume(layout: Layout, fake: FakeBackend, image: Image, tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     vm = _up(layout, fake, image, volumes=[f"{tmp_path}/data:/mnt/data:16"])

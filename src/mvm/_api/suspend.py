@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, Runner, signals_deferred
 from ..backends.base import LAUNCH_SCHEMA, Backend, Incoming, LaunchSpec, MachineRef, PortForward, spec_from_json
-from ..errors import AgentTimeout, PortInUse, StateError, VMError, VMNotRunning
+from ..errors import AgentTimeout, PortInUse, RestoreFailed, StateError, VMError, VMNotRunning
 from ..paths import Layout, VMFiles
 from ..runtime import agent
 from ..runtime.registry import ProcessRecord, Registry, VMRecord
@@ -92,6 +92,10 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
                 spec.hold_fds = tuple(lock.fd for lock in locks)
                 try:
                     machine = start_undoable(backend, spec, undo, stop_timeout=2.0)  # stopped unless it comes back
+                except RestoreFailed as exc:
+                    exc.hint = (f"the saved machine may be damaged (QEMU's words above): `mvmctl down {name}` "
+                                "discards it; its volumes are kept")
+                    raise
                 except PortInUse as exc:  # its hint is `up`'s: resume has no -p
                     raise PortInUse(exc.message, hint=f"free it (`ss -ltnup` shows who has it), or change the forward "
                                     f"while {name} is suspended: `mvmctl forward {name} --rm -p HOST:GUEST`, and "

@@ -220,7 +220,12 @@ class QemuBackend:
                 {"capability": "x-ignore-shared", "state": spec.incoming.ignore_shared}])
             qmp.command("migrate-incoming", uri=f"fd:{state_fd}")
             while True:
-                status = qmp.command("query-migrate").get("status")
+                try:
+                    status = qmp.command("query-migrate").get("status")
+                except VMError:  # QEMU ended (a damaged state): its log says why
+                    if proc.poll() is None:
+                        raise
+                    status = "QEMU exited"
                 if status == "completed":
                     break
                 if status == "failed" or proc.poll() is not None or time.monotonic() > deadline:

@@ -291,7 +291,9 @@ def wait_ready(files: VMFiles, vm: str, timeout: float, alive: Callable[[], bool
                     return time.monotonic() - started
         except AgentTimeout:
             raise
-        except AgentError:
-            if not alive() or time.monotonic() > deadline:
+        except AgentError as exc:
+            if not alive():  # its connection reset is how a killed QEMU shows first: say what happened
+                raise AgentError(vm, f"the VM stopped while booting ({exc.message})") from None
+            if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
