@@ -39,6 +39,7 @@ class Sink:
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.size = os.fstat(self.fd).st_size
         self.pending = b""
+        self.dropped = 0  #: bytes dropped by this shim (each rotation drops the older file)
 
     def write(self, data: bytes) -> None:
         data = self.pending + data
@@ -75,7 +76,9 @@ class Sink:
             self.size = os.fstat(self.fd).st_size
 
     def marker(self, dropped: int) -> bytes:
-        text = f"{dropped} bytes of older {self.stream} output dropped (log cap)"
+        self.dropped += dropped
+        total = f"; {self.dropped} bytes in all" if self.dropped > dropped else ""
+        text = f"{dropped} bytes of older {self.stream} output dropped (log cap{total})"
         if self.stream == "events":
             return json.dumps({"t": round(time.time(), 3), "kind": "init", "msg": text}).encode() + b"\n"
         return f"[mvm: {text}]\n".encode()

@@ -118,7 +118,7 @@ def test_a_hostile_agent_floods_the_control_and_event_channels(cli: CLI, testbed
                  60, "the flood to end")
         text = cli("logs", "flood").stdout
         assert "an event line longer than 256 KiB was left out" in text and "\x1b" not in text
-        assert "bytes of older events output dropped (log cap)" in text
+        assert "bytes of older events output dropped (log cap" in text
         on_disk = {p.name: p.stat().st_size for p in (cli.vms / "flood").glob("*.log*")}
         assert sum(on_disk.values()) <= cap + (128 << 10), f"the logs outgrew their cap: {on_disk}"
         status = cli.json("status", "flood")
@@ -373,8 +373,8 @@ def test_a_host_disk_that_fills_under_a_volume_pauses_the_vm_status_says_so_and_
             os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize - 8 * 2**20)
         cli("up", TESTBED, "--name", "hostfull", "-v", f"{image}:/mnt/big:64", "--wait")
         writer = subprocess.Popen([sys.executable, "-m", "mvm", "exec", "hostfull", "--", "sh", "-c",
-                                   "dd if=/dev/urandom of=/mnt/big/fill bs=1M count=24 conv=fsync 2>/dev/null; "
-                                   "echo rc=$?; cat /mnt/big/fill | md5sum; md5sum /mnt/big/fill"],
+                                   "yes mvm | head -c 25165824 > /mnt/big/fill && sync; echo rc=$?; "
+                                   "yes mvm | head -c 25165824 | cmp - /mnt/big/fill && echo same"],
                                   env=cli.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             def paused() -> str | None:
@@ -388,9 +388,7 @@ def test_a_host_disk_that_fills_under_a_volume_pauses_the_vm_status_says_so_and_
             (small / ".filler").unlink()  # space again
             cli("resume", "hostfull")
             out, err = writer.communicate(timeout=120)
-            assert out.startswith("rc=0\n"), (out, err)
-            sums = out.splitlines()[1:]
-            assert len(sums) == 2 and sums[0].split()[0] == sums[1].split()[0]
+            assert out == "rc=0\nsame\n", (out, err)  # every byte written, none lost while paused
             assert service(cli.json("status", "hostfull"), "web")["state"] == "running"
         finally:
             writer.kill()
