@@ -199,6 +199,13 @@ def test_a_taken_host_port_is_named_with_a_free_one_to_use_instead() -> None:
             s.bind(("127.0.0.1", int(match[1])))
 
 
+def test_a_host_address_that_is_not_this_hosts_is_named_not_the_port() -> None:
+    """-p 10.1.2.3:18094:8080: "Cannot assign requested address", and a hint to pick another port."""
+    with pytest.raises(PortInUse, match="10.1.2.3 is not an address of this host") as caught:
+        check_ports_free([PortForward(18094, 8080, "10.1.2.3")])
+    assert "-p 18094:8080" in (caught.value.hint or "") and "another host port" not in (caught.value.hint or "")
+
+
 def test_a_privileged_host_port_is_refused_before_qemu_fails_on_it() -> None:
     first = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
     if first == 0:

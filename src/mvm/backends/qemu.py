@@ -9,6 +9,7 @@ QEMU's own words), liveness by pid and start time, forwards over QMP, and the st
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import socket
@@ -86,6 +87,13 @@ def check_ports_free(ports: Sequence[PortForward]) -> None:
         try:
             _bind_probe(fwd.host_ip, fwd.host_port, fwd.proto)
         except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:  # the address is wrong, not the port
+                raise PortInUse(
+                    f"-p {fwd.host_ip}:{fwd.host_port}:{fwd.guest_port}: {fwd.host_ip} is not an address of this "
+                    f"host ({exc.strerror})",
+                    hint="give one of its addresses (`ip -brief addr` lists them), 0.0.0.0 for all of them, or "
+                    f"none (127.0.0.1): -p {fwd.host_port}:{fwd.guest_port}",
+                ) from None
             free = _free_port_after(fwd.host_ip, fwd.host_port, fwd.proto)
             suffix = "" if fwd.proto == "tcp" else "/udp"
             raise PortInUse(
