@@ -324,7 +324,9 @@ def load_toml(path: str | os.PathLike[str]) -> GuestSpec:
         raise SpecError(f"{file}: not UTF-8 text (byte {exc.object[exc.start]:#04x} on line {line})",
                         hint="TOML files are UTF-8: save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{file}: not valid TOML: {exc}") from None
+        raise SpecError(f"{file}: not valid TOML: {exc}",
+                        hint="strings need quotes (command = \"python3 -m http.server\"), tables a [header] "
+                        "of their own; README.md shows a whole mvm.toml") from None
     except OSError as exc:
         raise SpecError(f"{file}: cannot read: {exc.strerror}") from None
     spec = parse_spec(data, source=str(file))

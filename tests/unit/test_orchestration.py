@@ -683,6 +683,13 @@ def test_a_machine_qemu_paused_is_said_and_resume_continues_it(layout: Layout, f
     vm.down()
 
 
+def test_a_log_limit_of_0_says_what_the_limit_is(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    with pytest.raises(UsageError, match="--log-limit 0: must be at least 1 MiB") as bad:
+        _up(layout, fake, image, log_limit_mb=0)
+    assert "logs cannot be turned off" in (bad.value.hint or "")
+    _nothing_left(layout, fake)
+
+
 def test_a_damaged_saved_machine_says_how_to_discard_it(layout: Layout, fake: FakeBackend, image: Image) -> None:
     """A truncated saved state: `resume` said "QMP query-migrate failed: Disconnected", no hint."""
     from mvm.errors import RestoreFailed

@@ -68,8 +68,9 @@ def test_invalid_values_are_named(data: dict, fragment: str) -> None:
 
 def test_bad_toml_syntax(tmp_path: Path) -> None:
     (tmp_path / "mvm.toml").write_text("name = \n")
-    with pytest.raises(SpecError, match="not valid TOML"):
+    with pytest.raises(SpecError, match="not valid TOML") as bad:
         load_toml(tmp_path)
+    assert "strings need quotes" in (bad.value.hint or "")  # every mvm error has a hint
 
 
 def test_a_spec_that_is_not_utf8_is_named_not_a_traceback(tmp_path: Path) -> None:

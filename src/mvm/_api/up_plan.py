@@ -88,7 +88,9 @@ class UpRequest:
             except ValueError as exc:
                 raise UsageError(f"--name: {exc}") from None
         if log_limit_mb is not None and log_limit_mb < 1:
-            raise UsageError(f"--log-limit {log_limit_mb}: must be at least 1 MiB")
+            raise UsageError(f"--log-limit {log_limit_mb}: must be at least 1 MiB",
+                             hint="the cap on the VM's console and service logs on the host (default: the spec's "
+                             "logLimitMb, else 64); logs cannot be turned off, only kept small, e.g. --log-limit 1")
         if hypervisor not in HYPERVISORS:
             raise UsageError(f"unknown hypervisor {hypervisor!r}", hint=f"use one of: {', '.join(HYPERVISORS)}")
         backend, accel = HYPERVISORS[hypervisor]
