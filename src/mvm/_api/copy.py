@@ -15,6 +15,7 @@ memory whole, so those are capped (:class:`BoundedTarInfo`).
 from __future__ import annotations
 
 import functools
+import io
 import os
 import re
 import shlex
@@ -24,7 +25,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from .._untrusted import printable
 from ..errors import MvmError, UsageError, VMError, VMNotFound
@@ -107,7 +108,7 @@ def cp(src: str, dest: str, *, archive: bool = False, follow_link: bool = False,
         raise UsageError("cp copies between the host and a VM: give NAME:/path on one side",
                          hint="e.g. mvmctl cp ./site hello:/srv/site, or mvmctl cp hello:/var/log/app.log .")
     if b.vm is not None and src == "-":  # a tar archive on stdin, as `docker cp -` takes one
-        _run(VM(b.vm, layout), ["untar", b.path, "1" if archive else "0"], sys.stdin.buffer, None)
+        _run(VM(b.vm, layout), ["untar", b.path, "1" if archive else "0"], tar_stream(sys.stdin.buffer), None)
         return []
     if b.vm is not None:
         _to_guest(Path(a.path), src.endswith("/."), VM(b.vm, layout), b.path, archive, follow_link)
@@ -118,6 +119,38 @@ def cp(src: str, dest: str, *, archive: bool = False, follow_link: bool = False,
         _to_stream(VM(a.vm, layout), a.path, sys.stdout.buffer, follow_link)
         return []
     return _to_host(VM(a.vm, layout), a.path, dest, follow_link)
+
+
+def tar_stream(stream: IO[bytes]) -> IO[bytes]:
+    """``stream`` if it begins with a tar header (its first 512 bytes, read and put back), else
+    a clear error: the guest's tar said only "truncated header" of `echo abc | cp - web:/tmp`."""
+    first = b""
+    while len(first) < tarfile.BLOCKSIZE and (more := stream.read(tarfile.BLOCKSIZE - len(first))):
+        first += more
+    try:
+        tarfile.TarInfo.frombuf(first[:tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        what = "empty" if not first else "not a tar archive"
+        raise UsageError(f"`cp -` reads a tar archive on stdin (as docker cp does), and stdin is {what}",
+                         hint="e.g. tar -C ./site -cf - . | mvmctl cp - web:/srv/site; to copy files, name "
+                         "them: mvmctl cp ./file web:/path") from None
+    return io.BufferedReader(_Prefixed(first, stream))
+
+
+class _Prefixed(io.RawIOBase):
+    """``head``, then the rest of ``tail``."""
+
+    def __init__(self, head: bytes, tail: IO[bytes]) -> None:
+        self._head, self._tail = head, tail
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._head[:len(buffer)] if self._head else self._tail.read(len(buffer))
+        self._head = self._head[len(data):] if self._head else b""
+        buffer[:len(data)] = data
+        return len(data)
 
 
 def _run(vm: VM, args: list[str], feed: IO[bytes] | None, sink: IO[bytes] | None) -> None:
