@@ -172,6 +172,26 @@ def test_flake_refs() -> None:
         nix.parse_ref(" ")
 
 
+def test_a_local_flake_that_is_not_one_is_said_before_nix_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--flake t1` (a directory here) had nix look "t1" up in its registry online and say
+    "check the network"; `--flake ./nosuch` got a hint about paths relative to flake.nix."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t1" / "flake.nix").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="nix takes a bare word for a name in its flake registry") as bare:
+        nix.check_local("t1")
+    assert bare.value.hint == "write it as a path: --flake ./t1"
+    with pytest.raises(UsageError, match="nosuch does not exist"):
+        nix.check_local("./nosuch")
+    with pytest.raises(UsageError, match="empty has no flake.nix"):
+        nix.check_local("./empty")
+    for fine in ("./t1", str(tmp_path / "t1"), "nixpkgs", "github:me/app", "./t1?dir=x", "."):
+        if fine == ".":
+            monkeypatch.chdir(tmp_path / "t1")
+        nix.check_local(fine)
+
+
 class FakeNix:
     """A Runner that answers `nix eval` with a path and records `nix build`."""
 

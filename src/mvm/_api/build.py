@@ -62,6 +62,7 @@ def build_image(
                 raise UsageError("--arch picks the flake's packages.<system>.default; with #ATTR it has nothing "
                                  "to pick", hint="drop one of them")
             flake = f"{flake}#packages.{arch}-linux.default"
+        nix.check_local(nix.parse_ref(flake).url)
         return nix.build(flake, nix_args=nix_args, layout=layout, runner=runner,
                          on_stage=prog.stage, on_line=prog.line)
     from .. import spec as spec_mod

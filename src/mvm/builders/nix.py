@@ -114,6 +114,25 @@ def parse_ref(ref: str, system: str | None = None) -> FlakeRef:
     return FlakeRef(ref, url or ".", attr or f"packages.{system or host_system()}.default")
 
 
+def check_local(url: str) -> None:
+    """A flake given as a local path that holds none, or as a bare word naming a directory
+    here, said in mvm's words: nix looked the word up in its registry online ("unable to
+    download ... flake-registry.json") and reported a missing path relative to flake.nix."""
+    if "?" in url:
+        return
+    if url.startswith((".", "/", "~", "path:")):
+        path = Path(url.removeprefix("path:")).expanduser()
+        if not path.exists():
+            raise UsageError(f"--flake {url}: {path} does not exist",
+                             hint="give the directory that holds flake.nix, e.g. --flake . (the current one)")
+        if path.is_dir() and not (path / "flake.nix").is_file():
+            raise UsageError(f"--flake {url}: {path} has no flake.nix",
+                             hint="give the directory that holds flake.nix; `mvmctl build DIR` builds an mvm.toml")
+    elif ":" not in url and Path(url).is_dir():
+        raise UsageError(f"--flake {url}: nix takes a bare word for a name in its flake registry, not for the "
+                         f"directory {url} here", hint=f"write it as a path: --flake ./{url}")
+
+
 #: The systems mvm boots: a flake with no default for this host's is built for its own.
 SYSTEMS = ("x86_64-linux", "aarch64-linux")
 
