@@ -46,6 +46,14 @@ def pids_with_cwd(directory: Path) -> list[int]:
     return found
 
 
+def program(pid: int) -> str:
+    """The file name of the program ``pid`` runs ("" if it cannot be read)."""
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return ""
+
+
 def alive(pid: int | None, started: int | None) -> bool:
     """``pid`` runs and is the process that started at ``started``. A zombie is dead (and
     reaped, if it is our child: after ``up`` in this process, QEMU is)."""

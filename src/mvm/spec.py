@@ -165,9 +165,17 @@ class GuestSpec(_Model):
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
+#: Links in every Debian root (merged /usr; /var/run and /var/lock point into /run): a file put
+#: through one lands where it points.
+FILE_ALIASES = (("/lib", "/usr/lib"), ("/var/run", "/run"), ("/var/lock", "/run/lock"))
+
+
 def _check_file_target(target: str) -> None:
     """A ``files`` target where the guest would never see it, or that would break the guest."""
     path = "/" + "/".join(p for p in target.split("/") if p not in ("", "."))
+    for alias, real in FILE_ALIASES:  # Debian's links: /lib is usr/lib, /var/run is /run ...
+        if path == alias or path.startswith(alias + "/"):
+            path = real + path[len(alias):]
     under = next((t for t in (*protocol.MVM_TREES, *protocol.BOOT_MOUNTS) if path == t or path.startswith(t + "/")),
                  None)
     if under in protocol.MVM_TREES:

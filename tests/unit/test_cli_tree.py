@@ -186,6 +186,7 @@ def test_help_examples_paste_into_a_shell(capsys: pytest.CaptureFixture[str]) ->
     (["exec", "-u", "mvm", "-t", "web", "sh"], "`mvmctl console NAME` opens an interactive shell"),
     (["exec", "web", "ls", "-la", "/tmp"], "put `--` before the command, so that its options are not taken for "
                                            "exec's: `mvmctl exec web -- ls -la /tmp`"),
+    (["exec", "-u", "root", "web", "ls", "-la"], "`mvmctl exec -u root web -- ls -la`"),
     (["up", "examples/hello", "-d"], "up returns once the VM runs, in the background already: leave out -d"),
     (["version"], "`mvmctl --version` prints the version"),
 ])

@@ -36,6 +36,16 @@ def test_a_tar_on_stdin_passes_whole() -> None:
     assert tar_stream(Trickle()).read() == archive  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("mode", ["w:gz", "w:bz2", "w:xz"])
+def test_a_compressed_tar_and_an_empty_one_pass(mode: str) -> None:
+    """The guest's tar reads compressed archives (`tar czf - site | mvmctl cp - web:/srv`)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode=mode) as tar:  # type: ignore[call-overload]
+        tar.addfile(tarfile.TarInfo("empty"))
+    assert tar_stream(io.BytesIO(raw.getvalue())).read() == raw.getvalue()
+    assert tar_stream(io.BytesIO(b"\0" * 1024)).read() == b"\0" * 1024  # no members: still a tar
+
+
 @pytest.mark.parametrize(("stdin", "said"), [(b"abc\n", "not a tar archive"), (b"", "empty")])
 def test_stdin_that_is_not_a_tar_is_said_so(stdin: bytes, said: str) -> None:
     """`echo abc | mvmctl cp - web:/tmp` failed in the guest with only "truncated header"."""

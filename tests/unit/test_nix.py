@@ -186,9 +186,14 @@ def test_a_local_flake_that_is_not_one_is_said_before_nix_runs(tmp_path: Path, m
         nix.check_local("./nosuch")
     with pytest.raises(UsageError, match="empty has no flake.nix"):
         nix.check_local("./empty")
-    for fine in ("./t1", str(tmp_path / "t1"), "nixpkgs", "github:me/app", "./t1?dir=x", "."):
-        if fine == ".":
-            monkeypatch.chdir(tmp_path / "t1")
+    (tmp_path / "t1" / "src").mkdir()
+    (tmp_path / "t1" / ".git").mkdir()
+    (tmp_path / "empty" / ".git").mkdir()
+    with pytest.raises(UsageError, match="empty has no flake.nix"):  # above its git top: not looked at
+        nix.check_local("./empty")
+    for fine in ("./t1", str(tmp_path / "t1"), "nixpkgs", "github:me/app", "./t1?dir=x", "./t1/src", "."):
+        if fine == ".":  # in a subdirectory of a flake's repository: nix finds the flake above it
+            monkeypatch.chdir(tmp_path / "t1" / "src")
         nix.check_local(fine)
 
 

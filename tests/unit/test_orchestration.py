@@ -680,6 +680,15 @@ def test_a_machine_qemu_paused_is_said_and_resume_continues_it(layout: Layout, f
     assert vm.guest_status(timeout=2.0).services
     with pytest.raises(mvm.VMError, match="is not suspended"):
         vm.resume()  # running, not paused: nothing to continue
+    vm.files.saved_state.write_bytes(b"state")  # a suspend killed after it saved: paused, its state left
+    fake.pause(machine.ref, "postmigrate")
+    vm.resume(ask_guest=False)
+    assert not vm.files.saved_state.exists()
+    fake.pause(machine.ref, "guest-panicked")  # no `cont` ends that
+    with pytest.raises(mvm.AgentError, match="VM 'web' does not run: QEMU says 'guest-panicked'") as panicked:
+        vm.resume()
+    assert panicked.value.hint == "`mvmctl restart web` boots it again (`mvmctl logs web` may say why)"
+    assert vm.info().health == "unknown"  # info() of such a VM still answers
     vm.down()
 
 
@@ -836,7 +845,8 @@ def test_a_suspended_vm_keeps_its_volumes(layout: Layout, fake: FakeBackend, ima
     with pytest.raises(mvm.VMError, match="is suspended: restarting it would discard its saved state") as refused:
         vm.restart()  # was down + up, the saved machine lost unasked
     # the way to start it afresh names it, and its volume (the hint had only the spec: a VM named after it)
-    assert refused.value.hint is not None and f"--name web -v {tmp_path}/data:/mnt/data:16" in refused.value.hint
+    assert refused.value.hint is not None and f"--name web --cpus 1 --memory 512 -v {tmp_path}/data:/mnt/data:16" in (
+        refused.value.hint)
     assert vm.files.saved_state.is_file()
     vm.resume()  # its own resume takes them back
     vm.down()
@@ -1253,11 +1263,16 @@ def test_restarts_up_again_hint_starts_the_vm_as_it_was_started() -> None:
 
     other = "aarch64" if host_arch() == "x86_64" else "x86_64"
     toml = VMRecord(name="web", source="/srv/app/mvm.toml", arch=other)
-    assert _up_again(toml) == f"mvmctl up /srv/app/mvm.toml --name web --arch {other}"
+    assert _up_again(toml) == f"mvmctl up /srv/app/mvm.toml --name web --arch {other} --cpus 1 --memory 512"
     flake = VMRecord(name="web", frontend="nix", source="path:/srv/my app", arch=host_arch())
-    assert _up_again(flake) == "mvmctl up --flake 'path:/srv/my app' --name web"
+    assert _up_again(flake, shape=False) == "mvmctl up --flake 'path:/srv/my app' --name web"
     named = VMRecord(name="web", frontend="nix", source=f".#packages.{other}-linux.default", arch=other)
-    assert _up_again(named) == f"mvmctl up --flake '.#packages.{other}-linux.default' --name web"
+    assert _up_again(named, shape=False) == f"mvmctl up --flake '.#packages.{other}-linux.default' --name web"
+    # the shape and what restart keeps: the VM the hint starts is the one that was (review)
+    shaped = VMRecord(name="web", source="/a/mvm.toml", arch=host_arch(), cpus=2, memory=1024, hypervisor="qemu-tcg",
+                      log_limit_mb=8, start_reason="--cold")
+    assert _up_again(shaped) == ("mvmctl up /a/mvm.toml --name web --cpus 2 --memory 1024 --hypervisor qemu-tcg "
+                                 "--log-limit 8 --cold")
 
 
 def test_down_without_logs_of_a_gone_vm_drops_the_logs_a_down_kept(tmp_path: Path) -> None:
@@ -1391,3 +1406,24 @@ def test_a_host_port_another_vm_forwards_is_refused_naming_that_vm(layout: Layou
     fake.taken_ports.add(18301)  # something else holds this one: the backend's own words
     with pytest.raises(mvm.PortInUse, match="taken \\(fake\\)"):
         b.forward("18301:9090")
+
+
+def test_a_vm_that_stops_while_booting_is_said_once(layout: Layout, fake: FakeBackend, image: Image,
+                                                      tmp_path: Path) -> None:
+    """Its connection reset was what up reported of a QEMU killed while booting; then the new
+    wording came out doubled ("the VM stopped while booting (the VM stopped while booting)")."""
+    import socket
+
+    from mvm.runtime import agent
+
+    files = VMFiles(tmp_path / "gone")
+    files.root.mkdir()
+    with pytest.raises(mvm.AgentError) as stopped:  # no socket: the connection fails, the VM is gone
+        agent.wait_ready(files, "web", 5.0, lambda: False)
+    assert stopped.value.message.startswith("the VM stopped while booting (cannot connect")
+    with socket.socket(socket.AF_UNIX) as port:  # a port that takes the ping and never answers
+        port.bind(str(files.control(0)))
+        port.listen()
+        with pytest.raises(mvm.AgentError) as stopped:
+            agent.wait_ready(files, "web", 5.0, lambda: False)
+    assert stopped.value.message == "the VM stopped while booting"

@@ -27,7 +27,8 @@ def test_a_piped_table_is_never_wrapped_or_cut(capsys: pytest.CaptureFixture[str
 def test_a_cell_of_several_lines_keeps_its_row_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     """A health check's output of two lines ("nope\nwww-data") broke `status`'s table (hands-on)."""
     output.table([Column[tuple[str, str]]("NAME", lambda r: r[0]),
-                  Column[tuple[str, str]]("LAST OUTPUT", lambda r: r[1], no_wrap=False)], [("web", "nope\nwww-data\n")])
+                  Column[tuple[str, str]]("LAST OUTPUT", lambda r: r[1], no_wrap=False)],
+                 [("web", "nope\n\nwww-data\n")])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[1].split(None, 1) == ["web", "nope / www-data"]
 

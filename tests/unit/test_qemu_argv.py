@@ -23,10 +23,10 @@ from mvm.backends.base import (
     spec_from_json,
     spec_to_json,
 )
-from mvm.backends.qemu import check_ports_free
+from mvm.backends.host_ports import check_ports_free
 from mvm.backends.qemu_argv import build_argv, kernel_cmdline, virtiofsd_argv
 from mvm.backends.qemu_handoff import Handoff
-from mvm.errors import PortInUse
+from mvm.errors import PortInUse, UsageError
 from mvm.paths import VMFiles
 
 from .handoffs import NamingHandoff
@@ -201,7 +201,7 @@ def test_a_taken_host_port_is_named_with_a_free_one_to_use_instead() -> None:
 
 def test_a_host_address_that_is_not_this_hosts_is_named_not_the_port() -> None:
     """-p 10.1.2.3:18094:8080: "Cannot assign requested address", and a hint to pick another port."""
-    with pytest.raises(PortInUse, match="10.1.2.3 is not an address of this host") as caught:
+    with pytest.raises(UsageError, match="10.1.2.3 is not an address of this host") as caught:
         check_ports_free([PortForward(18094, 8080, "10.1.2.3")])
     assert "-p 18094:8080" in (caught.value.hint or "") and "another host port" not in (caught.value.hint or "")
 
@@ -291,3 +291,25 @@ def test_the_tsc_rate_is_the_tsc_s_not_the_core_clock_of_the_moment() -> None:
     assert tsc_khz_of("cpu MHz\t\t: 2596.150\nflags\t\t: fpu tsc\n") == 2596150  # no bogomips line
     assert tsc_khz_of("cpu MHz\t\t: 2596.150\nflags\t\t: fpu\nbogomips\t: 5192.30\n") is None
     assert tsc_khz_of("") is None
+
+
+def test_only_qemu_in_a_vm_dir_is_taken_for_its_machine(tmp_path: Path) -> None:
+    """`resume` took the machine an interrupted resume left from every process in the VM dir:
+    a user's shell there would have been waited on, then stopped (review)."""
+    import shutil
+    import subprocess
+
+    from mvm.backends.qemu import QemuBackend
+
+    files = VMFiles(tmp_path / "vm")
+    files.root.mkdir()
+    fake_qemu = tmp_path / "qemu-system-x86_64"
+    shutil.copy("/bin/sleep", fake_qemu)
+    shell = subprocess.Popen(["sleep", "30"], cwd=files.root)
+    machine = subprocess.Popen([str(fake_qemu), "30"], cwd=files.root)
+    try:
+        assert [m.pid for m in QemuBackend().strays(files)] == [machine.pid]
+    finally:
+        for proc in (shell, machine):
+            proc.kill()
+            proc.wait()

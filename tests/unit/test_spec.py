@@ -196,6 +196,9 @@ def test_env_numbers_are_strings_as_in_mkguest() -> None:
     ("/tmp/www/index.html", "would be hidden: the guest mounts a fresh file system on /tmp at every boot"),
     ("//run/x.txt", "on /run at every boot; put the file elsewhere (e.g. /srv/run/x.txt)"),
     ("/dev/./thing", "on /dev at every boot"),
+    ("/lib/mvm/x.py", "under /usr/lib/mvm, mvm's own files"),  # merged /usr: /lib is usr/lib
+    ("/var/run/app.pid", "on /run at every boot"),
+    ("/var/lock/x", "on /run at every boot"),
 ])
 def test_files_the_guest_would_never_see_or_that_break_it_are_refused(tmp_path: Path, target: str,
                                                                       message: str) -> None:

@@ -108,6 +108,10 @@ def cp(src: str, dest: str, *, archive: bool = False, follow_link: bool = False,
         raise UsageError("cp copies between the host and a VM: give NAME:/path on one side",
                          hint="e.g. mvmctl cp ./site hello:/srv/site, or mvmctl cp hello:/var/log/app.log .")
     if b.vm is not None and src == "-":  # a tar archive on stdin, as `docker cp -` takes one
+        if sys.stdin.isatty():
+            raise UsageError("`cp -` reads a tar archive on stdin (as docker cp does), and stdin is a terminal",
+                             hint=f"e.g. tar -C ./site -cf - . | mvmctl cp - {b.vm}:{b.path}")
+        VM(b.vm, layout).require_running()  # before reading stdin
         _run(VM(b.vm, layout), ["untar", b.path, "1" if archive else "0"], tar_stream(sys.stdin.buffer), None)
         return []
     if b.vm is not None:
@@ -121,14 +125,21 @@ def cp(src: str, dest: str, *, archive: bool = False, follow_link: bool = False,
     return _to_host(VM(a.vm, layout), a.path, dest, follow_link)
 
 
+#: How a gzip, bzip2 or xz stream begins (`tar czf - dir | mvmctl cp - web:/srv`, as docker cp takes).
+COMPRESSED_TAR_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
 def tar_stream(stream: IO[bytes]) -> IO[bytes]:
     """``stream`` if it begins with a tar header (its first 512 bytes, read and put back), else
     a clear error: the guest's tar said only "truncated header" of `echo abc | cp - web:/tmp`."""
     first = b""
     while len(first) < tarfile.BLOCKSIZE and (more := stream.read(tarfile.BLOCKSIZE - len(first))):
         first += more
+    header = first[:tarfile.BLOCKSIZE]
     try:
-        tarfile.TarInfo.frombuf(first[:tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
+        # a compressed one the guest's tar reads as well; a block of zeros ends an empty one
+        if not first.startswith(COMPRESSED_TAR_MAGIC) and header != tarfile.NUL * tarfile.BLOCKSIZE:
+            tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
     except tarfile.HeaderError:
         what = "empty" if not first else "not a tar archive"
         raise UsageError(f"`cp -` reads a tar archive on stdin (as docker cp does), and stdin is {what}",

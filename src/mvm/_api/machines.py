@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import backends
 from .._proc import DEFAULT_RUNNER, Runner
 from ..backends.base import Backend, LaunchSpec, MachineRef, MachineRequest, PortForward, Preflight
-from ..errors import BootError, MvmError, PortInUse, VMError
+from ..errors import AgentError, BootError, MvmError, PortInUse
 from ..paths import VMFiles
 from ..runtime import logs, machine_users, states
 from ..runtime.registry import Registry, VMRecord
@@ -93,7 +93,8 @@ def status_of(record: VMRecord, files: VMFiles, backend: Backend) -> VMStatus:
     return states.derive(record.phase, alive, record.owner_alive, not alive and logs.clean_poweroff(files))
 
 
-#: Why QEMU holds a machine's CPUs, in a user's words (QMP query-status's names).
+#: Why QEMU holds a machine's CPUs, in a user's words (QMP query-status's names), for the
+#: states a `cont` ends: `resume` continues those.
 PAUSED_WHY = {
     "io-error": "a write to one of its disks failed, most likely because the host disk holding it is full",
     "postmigrate": "a suspend was cut short after saving it (its mvmctl killed)",
@@ -102,8 +103,8 @@ PAUSED_WHY = {
 
 
 def paused_state(record: VMRecord, files: VMFiles, backend: Backend) -> str | None:
-    """Why the VM's machine does not run (QEMU paused it: its agent cannot answer), or None
-    if it runs or cannot be asked."""
+    """Why the VM's machine does not run (QEMU holds it: its agent cannot answer), in QEMU's
+    words, or None if it runs or cannot be asked."""
     if record.machine is None:
         return None
     try:
@@ -113,16 +114,20 @@ def paused_state(record: VMRecord, files: VMFiles, backend: Backend) -> str | No
     return None if state == "running" else state
 
 
-def paused_error(record: VMRecord, files: VMFiles, backend: Backend) -> VMError | None:
-    """An error saying that the VM is paused, why, and that `resume` continues it; None if it runs."""
+def paused_error(record: VMRecord, files: VMFiles, backend: Backend) -> AgentError | None:
+    """An error saying that the VM's machine does not run, why, and what gets it going (its
+    agent cannot answer: an AgentError); None if it runs."""
     state = paused_state(record, files, backend)
     if state is None:
         return None
     name = record.name
+    if state not in PAUSED_WHY:  # internal-error, guest-panicked, shutdown ...: no `cont` ends those
+        return AgentError(name, f"VM {name!r} does not run: QEMU says {state!r}",
+                          hint=f"`mvmctl restart {name}` boots it again (`mvmctl logs {name}` may say why)")
     first = (f"free space where its disks are (its VM dir {files.root}, its volumes' files), then "
              if state == "io-error" else "")
-    return VMError(name, f"VM {name!r} is paused: {PAUSED_WHY.get(state, f'QEMU says {state!r}')}",
-                   hint=f"{first}`mvmctl resume {name}` continues it")
+    return AgentError(name, f"VM {name!r} is paused: {PAUSED_WHY[state]}",
+                      hint=f"{first}`mvmctl resume {name}` continues it")
 
 
 def vm_info(record: VMRecord, files: VMFiles, status: VMStatus, guest: GuestStatus | None = None) -> VMInfo:

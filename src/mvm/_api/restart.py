@@ -48,10 +48,11 @@ def restart(name: str, *, wait: bool = False, wait_timeout: float = HEALTH_TIMEO
     volumes = [v.as_arg() for v in record.volumes]
     # before `down`: a shape this host cannot run (a VM made elsewhere, or by an older mvm)
     # must not cost the VM
+    unshaped = _up_again(record, shape=False)
     check_host_cpus(record.cpus, f"{name} has {record.cpus} vCPUs",
-                    hint=f"restart keeps the shape: `mvmctl down {name}`, then `{_up_again(record)} --cpus N`")
+                    hint=f"restart keeps the shape: `mvmctl down {name}`, then `{unshaped} --cpus N`")
     check_host_memory(record.memory, f"{name} has {record.memory} MiB of memory",
-                      hint=f"restart keeps the shape: `mvmctl down {name}`, then `{_up_again(record)} --memory N`")
+                      hint=f"restart keeps the shape: `mvmctl down {name}`, then `{unshaped} --memory N`")
     for arg in parse_volumes(volumes):  # a read-only volume's directory moved away: before `down`, too
         if not arg.writable:
             check_readonly_source(arg)
@@ -71,13 +72,19 @@ def restart(name: str, *, wait: bool = False, wait_timeout: float = HEALTH_TIMEO
         raise
 
 
-def _up_again(record: VMRecord) -> str:
+def _up_again(record: VMRecord, *, shape: bool = True) -> str:
     """The `up` that starts the VM afresh as it was started: its spec (or flake) and
-    architecture, name, ports, volumes."""
+    architecture, name, ports, volumes and (``shape``) its vCPUs, memory and the options
+    `restart` keeps (`--hypervisor`, `--log-limit`, `--cold`)."""
     flake = record.frontend == "nix"
     words = ["mvmctl up", "--flake" if flake else "", shlex.quote(record.source or "."), "--name", record.name]
     if record.arch != host_arch() and not (flake and "#" in record.source):  # a flake's #ATTR names it
         words += ["--arch", record.arch]
+    if shape:
+        words += [f"--cpus {record.cpus}", f"--memory {record.memory}"]
+        words += [f"--hypervisor {record.hypervisor}"] if record.hypervisor != "auto" else []
+        words += [f"--log-limit {record.log_limit_mb}"] if record.log_limit_mb is not None else []
+        words += ["--cold"] if record.start_reason == COLD_FORCED else []
     words += [f"-p {p.host_ip + ':' if p.host_ip != '127.0.0.1' else ''}{p.host_port}:{p.guest_port}/{p.proto}"
               for p in record.ports]
     words += [f"-v {shlex.quote(v.as_arg())}" for v in record.volumes]

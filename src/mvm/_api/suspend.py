@@ -18,13 +18,13 @@ from pathlib import Path
 
 from .._proc import DEFAULT_RUNNER, Runner, signals_deferred
 from ..backends.base import LAUNCH_SCHEMA, Backend, Incoming, LaunchSpec, MachineRef, PortForward, spec_from_json
-from ..errors import AgentTimeout, PortInUse, RestoreFailed, StateError, VMError, VMNotRunning
+from ..errors import PortInUse, RestoreFailed, StateError, VMError, VMNotRunning
 from ..paths import Layout, VMFiles
 from ..runtime import agent
 from ..runtime.registry import ProcessRecord, Registry, VMRecord
 from ..runtime.states import VMStatus
 from ..volumes.store import Holder, VolumeStore
-from .machines import backend_for, paused_error, paused_state, start_undoable, status_of
+from .machines import PAUSED_WHY, backend_for, paused_error, paused_state, start_undoable, status_of
 from .models import VMInfo
 from .vm import VM
 
@@ -64,7 +64,7 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
     registry = Registry(layout)
     store = VolumeStore(layout)
     with registry.transaction(name) as (files, record), ExitStack() as undo:
-        if record.phase == "running" and _continue_paused(record, files, runner):
+        if record.phase == "running" and _continue_paused(record, files, runner, store):
             return VM(name, layout, runner).info(ask_guest=ask_guest)
         if record.phase != "suspended" or not files.saved_state.is_file():
             raise VMError(name, f"VM {name!r} is not suspended", hint="see `mvmctl ls`")
@@ -121,23 +121,30 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
     return VM(name, layout, runner).info(ask_guest=ask_guest)
 
 
-def _continue_paused(record: VMRecord, files: VMFiles, runner: Runner) -> bool:
+def _continue_paused(record: VMRecord, files: VMFiles, runner: Runner, store: VolumeStore) -> bool:
     """Run again a machine QEMU paused (a disk write failed on a full host disk, a suspend cut
-    short after saving it) and wait for its agent; False if it was not paused."""
+    short after saving it) and wait for its agent; False if it was not paused. What a cut
+    short suspend left goes: its saved state, and its volumes' "suspended" holders."""
     backend = backend_for(record, runner)
     if record.machine is None or not backend.alive(machine := record.machine.ref):
         return False
     state = paused_state(record, files, backend)
     if state is None:
         return False
+    if state not in PAUSED_WHY:
+        raise paused_error(record, files, backend) or VMError(record.name, f"VM {record.name!r} is {state}")
     backend.resume(files, machine)
-    try:
-        agent.wait_ready(files, record.name, 30.0, lambda: backend.alive(machine))  # and sets the clock
-    except AgentTimeout:
-        again = paused_error(record, files, backend)
-        if again is not None:  # paused again at once: the disk is still full
-            raise again from None
-        raise
+    if state == "io-error":  # QEMU retries the failed write at once: paused again if the disk is still full
+        for _ in range(10):
+            time.sleep(0.05)
+            if (again := paused_error(record, files, backend)) is not None:
+                raise again
+    agent.wait_ready(files, record.name, 30.0, lambda: backend.alive(machine))  # and sets the clock
+    for v in record.volumes:
+        if v.volume is not None:
+            store.set_holder(v.volume, Holder(what=f"VM {record.name!r} (pid {machine.pid})", vm=record.name,
+                                              pid=machine.pid, pid_start=machine.start_time, since=time.time()))
+    files.saved_state.unlink(missing_ok=True)
     return True
 
 

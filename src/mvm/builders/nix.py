@@ -114,6 +114,17 @@ def parse_ref(ref: str, system: str | None = None) -> FlakeRef:
     return FlakeRef(ref, url or ".", attr or f"packages.{system or host_system()}.default")
 
 
+def _flake_above(path: Path) -> bool:
+    """Whether nix finds a flake.nix for a path: in it, or above it up to the top of its git
+    repository (nix looks upwards as far as that)."""
+    for here in (path, *path.parents):
+        if (here / "flake.nix").is_file():
+            return True
+        if (here / ".git").exists():
+            return False
+    return False
+
+
 def check_local(url: str) -> None:
     """A flake given as a local path that holds none, or as a bare word naming a directory
     here, said in mvm's words: nix looked the word up in its registry online ("unable to
@@ -125,8 +136,9 @@ def check_local(url: str) -> None:
         if not path.exists():
             raise UsageError(f"--flake {url}: {path} does not exist",
                              hint="give the directory that holds flake.nix, e.g. --flake . (the current one)")
-        if path.is_dir() and not (path / "flake.nix").is_file():
-            raise UsageError(f"--flake {url}: {path} has no flake.nix",
+        if path.is_dir() and not _flake_above(path.resolve()):
+            raise UsageError(f"--flake {url}: {path} has no flake.nix (nor has a directory above it, up to its "
+                             "git repository's top)",
                              hint="give the directory that holds flake.nix; `mvmctl build DIR` builds an mvm.toml")
     elif ":" not in url and Path(url).is_dir():
         raise UsageError(f"--flake {url}: nix takes a bare word for a name in its flake registry, not for the "

@@ -114,15 +114,17 @@ def usage_hint(args: list[str]) -> str | None:
         return None
     rest = args[args.index("exec") + 1:]
     options: list[str] = []
+    options_given: list[str] = []  # with their values
     while rest and rest[0].startswith("-") and rest[0] != "--":  # exec's own, before NAME
         options.append(rest.pop(0))
+        options_given.append(options[-1])
         if options[-1] in _EXEC_VALUED and rest:
-            rest.pop(0)
+            options_given.append(rest.pop(0))
     if {"-t", "-it", "-ti", "--tty"} & set(options):
         return "exec gives no terminal (there is no -t): `mvmctl console NAME` opens an interactive shell"
     if "--" not in args and len(rest) >= 2 and any(a.startswith("-") for a in rest[1:]):
         return (f"put `--` before the command, so that its options are not taken for exec's: "
-                f"`mvmctl exec {shlex.join(rest[:1])} -- {shlex.join(rest[1:])}`")
+                f"`mvmctl exec {shlex.join([*options_given, rest[0]])} -- {shlex.join(rest[1:])}`")
     return None
 
 
@@ -204,7 +206,7 @@ def raise_or_report_bug(debug: bool) -> None:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    """SIGINT and SIGTERM unwind like Ctrl-C, so every cleanup (ExitStack) runs. A second
+    """SIGINT, SIGTERM and SIGHUP unwind like Ctrl-C, so every cleanup (ExitStack) runs. A second
     one while that runs is ignored: raised in the middle of the undo (or of printing
     "interrupted"), it cut the undo short and ended in a traceback (`timeout -s INT` sends
     SIGINT to the process and its group: two). Every undo step has a time limit; SIGKILL

@@ -51,7 +51,9 @@ def _shown(match: re.Match[str]) -> str:
 
 def one_line(text: str) -> str:
     """A table cell's text on one line: a check's output of two lines broke its table's rows."""
-    return " / ".join(line.strip() for line in text.strip().splitlines()) if "\n" in text or "\r" in text else text
+    if "\n" not in text and "\r" not in text:
+        return text
+    return " / ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def safe(text: str) -> str:

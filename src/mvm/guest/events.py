@@ -38,8 +38,8 @@ CONSOLE_OUTPUT_LIMIT = 300
 #: The longest a boot's events wait for the host to set the clock (its first ping comes
 #: within a second or two of the services' start, under emulation too).
 CLOCK_HOLD = 10.0
-#: ... and the most events held (a service's flood of output at boot): past it, they go out.
-CLOCK_HOLD_EVENTS = 1000
+#: ... and the most bytes of them held (a service's flood of output at boot): past it, they go out.
+CLOCK_HOLD_BYTES = 1 << 20
 #: The most bytes waiting for the port or the console. A host that stops reading (its log shim
 #: killed) blocks the writer: past this, events are dropped and counted, and once there is
 #: room again a line says how many. (Unbounded, PID 1 grew by the services' output until the
@@ -87,6 +87,7 @@ class EventLog:
         self._lock = threading.Lock()
         #: events waiting for the clock (None: not waiting); in order
         self._held: list[dict[str, Any]] | None = [] if hold > 0 else None
+        self._held_bytes = 0  #: about how many bytes they make
         if path:
             try:
                 self._fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
@@ -108,7 +109,8 @@ class EventLog:
         event = {"t": round(self._wall(), 3), "up": round(self._monotonic(), 3), "kind": kind, **fields}
         with self._lock:
             if self._held is not None:
-                if len(self._held) < CLOCK_HOLD_EVENTS:
+                self._held_bytes += 128 + sum(len(v) for v in fields.values() if isinstance(v, str))
+                if self._held_bytes <= CLOCK_HOLD_BYTES:
                     self._held.append(event)
                     return
                 self._release_held(exact=False)
@@ -141,10 +143,7 @@ class EventLog:
         line = (text + "\n").encode(errors="replace") if text is not None else b""
         size = len(data) + len(line)
         if self._dropped and self._queued + size + 256 <= QUEUE_LIMIT:
-            note = {"t": round(self._wall(), 3), "up": round(self._monotonic(), 3), "kind": "init",
-                    "msg": f"{self._dropped} log lines and events dropped: the host was not reading them"}
-            self._dropped = 0
-            self._put(note)
+            self._note_dropped()
         if self._queued + size > QUEUE_LIMIT:
             self._dropped += 1
             return
@@ -153,11 +152,24 @@ class EventLog:
         if line:
             self._queue.put((line, True))
 
+    def _note_dropped(self) -> None:
+        """Queue a line saying how many were dropped (with the lock held)."""
+        note = {"t": round(self._wall(), 3), "up": round(self._monotonic(), 3), "kind": "init",
+                "msg": f"{self._dropped} log lines and events dropped: more than {QUEUE_LIMIT >> 20} MiB of them "
+                "waited for the host (it was not reading, or they came faster than it reads)"}
+        self._dropped = 0
+        data = json.dumps(note, separators=(",", ":")).encode() + b"\n"
+        self._queued += len(data)
+        self._queue.put((data, False))
+
     def log(self, svc: str, stream: str, line: str) -> None:
         self.emit("log", svc=svc, stream=stream, line=line)
 
     def flush(self, timeout: float = 2.0) -> None:
         self._release(exact=False)
+        with self._lock:
+            if self._dropped:
+                self._note_dropped()
         done = threading.Event()
         self._flushed = done
         self._queue.put(None)

@@ -252,10 +252,12 @@ class Service:
             why = {"reason": cause} if cause else {}
             if not should_restart(policy, code):
                 self._set_state("exited" if code == 0 else "failed", exit=code, **why)
+                self.started.set()
                 return
             failures = 1 if time.monotonic() - began >= BACKOFF_RESET_AFTER else failures + 1
             delay = backoff_delay(failures)
             self._set_state("backoff", exit=code, delay=delay, **why)
+            self.started.set()  # it tried: dependents go ahead (Compose's service_started)
             if self.sup.stopping.wait(delay):
                 self._set_state("stopped", exit=code)
                 return
@@ -268,8 +270,7 @@ class Service:
         is a run that ended with 127, under the same restart policy."""
         try:
             self.child = self._spawn(self.spec["command"], user, "service")
-        except OSError as exc:
-            self.started.set()
+        except OSError as exc:  # `started` is set once its state says how it ended (its dependents read it)
             return 127, f"could not start: {exc}"
         self.pid, self.ran = self.child.pid, True
         self.started_at = time.monotonic()  # not the wall clock: a restored clone's jumps to the host's

@@ -259,6 +259,9 @@ def request(files: VMFiles, vm: str, op: str, timeout: float = DEFAULT_TIMEOUT, 
         return session.request(op, **args)
 
 
+STOPPED_BOOTING = "the VM stopped while booting"
+
+
 def wait_ready(files: VMFiles, vm: str, timeout: float, alive: Callable[[], bool]) -> float:
     """Ping until the agent answers, then set the guest's clock; return the seconds it took.
 
@@ -278,7 +281,7 @@ def wait_ready(files: VMFiles, vm: str, timeout: float, alive: Callable[[], bool
                 session.send({"op": "ping", "id": rid})
                 while True:
                     if not alive():
-                        raise AgentError(vm, "the VM stopped while booting")
+                        raise AgentError(vm, STOPPED_BOOTING)
                     if time.monotonic() > deadline:
                         raise AgentTimeout(vm, f"the guest agent did not answer within {timeout:g}s")
                     try:
@@ -292,8 +295,10 @@ def wait_ready(files: VMFiles, vm: str, timeout: float, alive: Callable[[], bool
         except AgentTimeout:
             raise
         except AgentError as exc:
-            if not alive():  # its connection reset is how a killed QEMU shows first: say what happened
-                raise AgentError(vm, f"the VM stopped while booting ({exc.message})") from None
+            if not alive():  # a connection reset is how a killed QEMU often shows first: say what happened
+                if exc.message.startswith(STOPPED_BOOTING):
+                    raise
+                raise AgentError(vm, f"{STOPPED_BOOTING} ({exc.message})") from None
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)

@@ -53,7 +53,10 @@ def run_on_terminal(session: ConsoleSession) -> int:
     finally:
         signal.signal(signal.SIGWINCH, signal.SIG_DFL)
         if saved is not None:
-            termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+            try:
+                termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+            except termios.error:  # the terminal hung up (SIGHUP): nothing to give its settings back to
+                pass
 
 
 def register(app: typer.Typer) -> None:
