@@ -185,9 +185,16 @@ def test_ctrl_c_while_booting_leaves_nothing(layout: Layout, fake: FakeBackend, 
 
 
 def test_a_guest_that_never_answers_is_a_boot_error(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    kept = layout.retained_logs / "web"
+    kept.mkdir(parents=True)
+    (kept / "console.log").write_text("an older VM named web: powering off\n")  # what `down` kept of it
     fake.agent_answers = False
-    with pytest.raises(BootError, match="did not come up"):
-        mvm.up(image=image, layout=layout, backend=fake, boot_timeout=0.5)
+    with pytest.raises(BootError, match="did not come up") as failed:
+        mvm.up(image=image, name="web", layout=layout, backend=fake, boot_timeout=0.5)
+    assert "`mvmctl logs web` shows all of it" in (failed.value.hint or "")
+    # the failed boot's logs are what `logs web` shows now, not the older VM's (hands-on)
+    assert "older VM" not in "".join(line.text for line in mvm.logs("web", layout=layout))
+    assert (kept / "console.log").exists()
     _nothing_left(layout, fake)
 
 

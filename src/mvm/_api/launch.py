@@ -4,6 +4,7 @@ running."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -154,7 +155,8 @@ class Launch:
             agent.wait_ready(files, self.plan.name, self.plan.boot_timeout, lambda: backend.alive(machine))
         except AgentError as exc:
             raise BootError(self.plan.name, f"the VM did not come up: {exc.message}",
-                            hint="the console output below shows how far it got",
+                            hint=f"its console shows how far it got (the end of it here; `mvmctl logs "
+                            f"{self.plan.name}` shows all of it)",
                             output=tail_file(files.console_log, 25)) from exc
 
     def personalize(self, files: VMFiles, machine: MachineRef, attached: volume_attach.Attached) -> None:
@@ -201,8 +203,13 @@ class Launch:
     # -- undo --------------------------------------------------------------------------------
 
     def _forget(self, files: VMFiles) -> None:
-        """Remove the VM dir, unless a machine still runs in it (then `down` must see it)."""
+        """Remove the VM dir, unless a machine still runs in it (then `down` must see it). The
+        logs of a machine that started are kept, as `down` keeps them: `mvmctl logs NAME` showed
+        an older VM's of that name, and the failed boot's were gone."""
         if not self.plan.backend.strays(files):
+            if files.console_log.exists():
+                with contextlib.suppress(OSError):  # a full disk: the error says why it failed anyway
+                    logs.retain(files, self.layout.retained_logs / self.plan.name)
             self.registry.remove(self.plan.name)
             ImageStore(self.plan.image.path.parent).remove_user(self.plan.image.key, files.root)
 
