@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -401,6 +402,17 @@ def test_down_works_on_a_full_disk(layout: Layout, fake: FakeBackend, image: Ima
     monkeypatch.setattr(logs, "retain", full)
     assert mvm.down("web", layout=layout).how == "shut down cleanly; its logs were not kept (the disk is full)"
     _nothing_left(layout, fake)
+
+
+def test_logs_follow_says_how_the_vm_ended(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    """`logs -f` of a VM whose QEMU was killed ended with exit 0 and no word (hands-on)."""
+    vm = _up(layout, fake, image)
+    (machine,) = fake.machines.values()
+    threading.Timer(0.3, fake.crash, args=(machine.ref,)).start()
+    last = list(vm.logs(follow=True))[-1]
+    assert last.source == "init" and last.text.startswith("[mvm] web is crashed"), last
+    assert not any(line.text.startswith("[mvm]") for line in vm.logs())  # without follow: nothing added
+    vm.down()
 
 
 def test_status_follows_the_machine(layout: Layout, fake: FakeBackend, image: Image) -> None:

@@ -29,6 +29,7 @@ from ..errors import (
 from ..names import HEALTH_TIMEOUT
 from ..paths import Layout, VMFiles
 from ..runtime import agent, logs
+from ..runtime.logs import LogLine
 from ..runtime.registry import PortRecord, Registry, VMRecord
 from ..runtime.states import VMStatus
 from .machines import backend_for, name_the_vm_holding, paused_error, status_of, vm_info
@@ -354,8 +355,21 @@ class VM:
             except MvmError:  # the VM went away while we followed it
                 return False
 
-        return logs.stream(self.files, console=console, services=services, lines=lines, follow=follow,
-                           keep=logs.LogFilter(service, since), keep_going=running)
+        shown = logs.stream(self.files, console=console, services=services, lines=lines, follow=follow,
+                            keep=logs.LogFilter(service, since), keep_going=running)
+        return self._with_end(shown) if follow else shown
+
+    def _with_end(self, shown: Iterator[LogLine]) -> Iterator[LogLine]:
+        """``shown``, then a line saying how the VM ended: `logs -f` of a VM whose QEMU was
+        killed just stopped, as if it had been brought down cleanly."""
+        yield from shown
+        try:
+            info = self.info(ask_guest=False)
+        except MvmError:
+            yield LogLine("init", f"[mvm] {self.name} is gone (brought down)")
+            return
+        yield LogLine("init", f"[mvm] {self.name} is {info.status}"
+                           + (f": {info.exit_reason}" if info.exit_reason else ""))
 
     def console(self, *, user: str | None = None, cwd: str | None = None,
                 env: dict[str, str] | None = None) -> ConsoleSession:
