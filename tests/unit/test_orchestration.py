@@ -404,6 +404,24 @@ def test_down_works_on_a_full_disk(layout: Layout, fake: FakeBackend, image: Ima
     _nothing_left(layout, fake)
 
 
+def test_down_waits_for_the_up_that_is_starting_the_vm(layout: Layout, fake: FakeBackend, image: Image) -> None:
+    """Refused while `up` had not started the machine, accepted once it had: that `up` then
+    failed with "no VM named 'web'" (hands-on)."""
+    from mvm import _pids
+    from mvm.runtime.registry import ProcessRecord
+
+    vm = _up(layout, fake, image)
+
+    def starting(r: Any) -> None:  # its machine runs; its `up` (this process) is still at work
+        r.phase, r.owner = "starting", ProcessRecord(pid=os.getpid(), start_time=_pids.start_time(os.getpid()))
+
+    Registry(layout).update("web", starting)
+    with pytest.raises(mvm.VMError, match=f"VM 'web' is being started by process {os.getpid()}"):
+        mvm.down("web", layout=layout)
+    Registry(layout).update("web", lambda r: setattr(r, "phase", "running"))
+    vm.down()
+
+
 def test_logs_follow_says_how_the_vm_ended(layout: Layout, fake: FakeBackend, image: Image) -> None:
     """`logs -f` of a VM whose QEMU was killed ended with exit 0 and no word (hands-on)."""
     vm = _up(layout, fake, image)

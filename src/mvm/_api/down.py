@@ -26,7 +26,7 @@ from ..paths import Layout, VMFiles
 from ..runtime import agent, logs
 from ..runtime.registry import Registry, VMRecord
 from ..volumes.store import VolumeStore
-from .machines import backend_for, machine_alive
+from .machines import backend_for
 from .models import DownResult
 
 #: Seconds `down` waits for the guest to power off; its services get all but SHUTDOWN_MARGIN
@@ -91,8 +91,8 @@ def down(name: str, *, timeout: float = SHUTDOWN_TIMEOUT, layout: Layout | None 
     except MvmError:
         record = None  # unreadable state: its machine is still found by the VM dir
     backend = backend_for(record, runner) if record is not None else backends.get(backends.DEFAULT, runner)
-    if (record is not None and record.phase == "starting" and not machine_alive(record, backend)
-            and record.owner_alive):
+    # while its `up` runs, even once its machine does: that `up` then failed with "no VM named"
+    if record is not None and record.phase == "starting" and record.owner_alive:
         assert record.owner is not None
         raise VMError(name, f"VM {name!r} is being started by process {record.owner.pid}",
                       hint="wait for that `mvmctl up` to finish (or interrupt it), then run down")
