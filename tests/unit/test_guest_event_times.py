@@ -30,16 +30,21 @@ class Clocks:
         return self.up
 
 
+def held_log(tmp_path: Path, hold: float, clocks: Clocks) -> tuple[Path, EventLog]:
+    """An event port (a file) and a log on it that holds its events up to ``hold`` s."""
+    port = tmp_path / "events.log"
+    port.touch()
+    return port, EventLog(str(port), hold=hold, wall=clocks.wall, monotonic=clocks.monotonic)
+
+
 def written(port: Path, log: EventLog) -> list[dict[str, object]]:
     log.flush()
     return [json.loads(line) for line in port.read_text().splitlines()]
 
 
 def test_held_events_get_the_hosts_time_once_it_sets_the_clock(tmp_path: Path) -> None:
-    port = tmp_path / "events.log"
-    port.touch()
     clocks = Clocks()
-    log = EventLog(str(port), hold=60.0, wall=clocks.wall, monotonic=clocks.monotonic)
+    port, log = held_log(tmp_path, 60.0, clocks)
     log.emit("init", msg="services started")
     clocks.up += 0.5
     log.emit("service", svc="web", state="running")
@@ -57,10 +62,8 @@ def test_held_events_get_the_hosts_time_once_it_sets_the_clock(tmp_path: Path) -
 
 
 def test_without_the_host_held_events_go_out_as_they_are_after_the_hold(tmp_path: Path) -> None:
-    port = tmp_path / "events.log"
-    port.touch()
     clocks = Clocks()
-    log = EventLog(str(port), hold=0.2, wall=clocks.wall, monotonic=clocks.monotonic)
+    port, log = held_log(tmp_path, 0.2, clocks)
     log.emit("init", msg="services started")
     time.sleep(0.05)
     assert port.read_text() == ""

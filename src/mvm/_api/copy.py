@@ -111,8 +111,9 @@ def cp(src: str, dest: str, *, archive: bool = False, follow_link: bool = False,
         if sys.stdin.isatty():
             raise UsageError("`cp -` reads a tar archive on stdin (as docker cp does), and stdin is a terminal",
                              hint=f"e.g. tar -C ./site -cf - . | mvmctl cp - {b.vm}:{b.path}")
-        VM(b.vm, layout).require_running()  # before reading stdin
-        _run(VM(b.vm, layout), ["untar", b.path, "1" if archive else "0"], tar_stream(sys.stdin.buffer), None)
+        vm = VM(b.vm, layout)
+        vm.require_running()  # before reading stdin
+        _run(vm, ["untar", b.path, "1" if archive else "0"], tar_stream(sys.stdin.buffer), None)
         return []
     if b.vm is not None:
         _to_guest(Path(a.path), src.endswith("/."), VM(b.vm, layout), b.path, archive, follow_link)

@@ -64,7 +64,7 @@ def restart(name: str, *, wait: bool = False, wait_timeout: float = HEALTH_TIMEO
                   wait_timeout=wait_timeout, layout=layout, runner=runner, progress=progress,
                   backend=backend_for(record, runner))
     except MvmError as exc:  # after `down`: the VM is gone, and how it was started must not be
-        if name in registry.names():  # `up --wait` keeps an unhealthy VM for inspection
+        if registry.files(name).root.is_dir():  # `up --wait` keeps an unhealthy VM for inspection
             raise
         again = _up_again(record) + "".join(f" -e {k}=..." for k in sorted(env))
         exc.hint = (f"{exc.hint}; " if exc.hint else "") + f"{name} was stopped and is gone: once that is " \

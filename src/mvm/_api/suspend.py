@@ -108,11 +108,7 @@ def resume(name: str, *, layout: Layout | None = None, runner: Runner = DEFAULT_
         # It runs: the rest happens whole, an interrupt held until the record says so (one in
         # between stopped the machine after its saved state was gone, the record "suspended").
         with signals_deferred():
-            for v in record.volumes:  # only now: a resume that failed left them the suspended VM's
-                if v.volume is not None:
-                    store.set_holder(v.volume, Holder(what=f"VM {name!r} (pid {machine.pid})", vm=name,
-                                                      pid=machine.pid, pid_start=machine.start_time,
-                                                      since=time.time()))
+            _hold_volumes(store, record, machine)  # only now: a resume that failed left them the suspended VM's
             record.phase, record.machine = "running", ProcessRecord(pid=machine.pid, start_time=machine.start_time)
             record.started_at = time.time()
             registry.write(files, record)
@@ -140,12 +136,17 @@ def _continue_paused(record: VMRecord, files: VMFiles, runner: Runner, store: Vo
             if (again := paused_error(record, files, backend)) is not None:
                 raise again
     agent.wait_ready(files, record.name, 30.0, lambda: backend.alive(machine))  # and sets the clock
+    _hold_volumes(store, record, machine)
+    files.saved_state.unlink(missing_ok=True)
+    return True
+
+
+def _hold_volumes(store: VolumeStore, record: VMRecord, machine: MachineRef) -> None:
+    """The VM's writable volumes are its running machine's again (not the suspended VM's)."""
     for v in record.volumes:
         if v.volume is not None:
             store.set_holder(v.volume, Holder(what=f"VM {record.name!r} (pid {machine.pid})", vm=record.name,
                                               pid=machine.pid, pid_start=machine.start_time, since=time.time()))
-    files.saved_state.unlink(missing_ok=True)
-    return True
 
 
 def _left_by_an_interrupted_resume(backend: Backend, files: VMFiles, name: str) -> MachineRef | None:

@@ -105,8 +105,7 @@ class EventLog:
             timer.start()
 
     def emit(self, kind: str, **fields: Any) -> None:
-        # t: wall clock (for people); up: seconds since boot (for boot timelines)
-        event = {"t": round(self._wall(), 3), "up": round(self._monotonic(), 3), "kind": kind, **fields}
+        event = self._stamped(kind, **fields)
         with self._lock:
             if self._held is not None:
                 self._held_bytes += 128 + sum(len(v) for v in fields.values() if isinstance(v, str))
@@ -115,6 +114,10 @@ class EventLog:
                     return
                 self._release_held(exact=False)
             self._put(event)
+
+    def _stamped(self, kind: str, **fields: Any) -> dict[str, Any]:
+        # t: wall clock (for people); up: seconds since boot (for boot timelines)
+        return {"t": round(self._wall(), 3), "up": round(self._monotonic(), 3), "kind": kind, **fields}
 
     def clock_exact(self) -> None:
         """The host has just set the clock: the events held until now go out, their times
@@ -147,20 +150,21 @@ class EventLog:
         if self._queued + size > QUEUE_LIMIT:
             self._dropped += 1
             return
-        self._queued += size
-        self._queue.put((data, False))
+        self._enqueue(data, False)
         if line:
-            self._queue.put((line, True))
+            self._enqueue(line, True)
 
     def _note_dropped(self) -> None:
-        """Queue a line saying how many were dropped (with the lock held)."""
-        note = {"t": round(self._wall(), 3), "up": round(self._monotonic(), 3), "kind": "init",
-                "msg": f"{self._dropped} log lines and events dropped: more than {QUEUE_LIMIT >> 20} MiB of them "
-                "waited for the host (it was not reading, or they came faster than it reads)"}
+        """Queue a line saying how many were dropped, past the limit (with the lock held)."""
+        note = self._stamped("init", msg=f"{self._dropped} log lines and events dropped: more than "
+                             f"{QUEUE_LIMIT >> 20} MiB of them waited for the host (it was not reading, or they "
+                             "came faster than it reads)")
         self._dropped = 0
-        data = json.dumps(note, separators=(",", ":")).encode() + b"\n"
-        self._queued += len(data)
-        self._queue.put((data, False))
+        self._enqueue(json.dumps(note, separators=(",", ":")).encode() + b"\n", False)
+
+    def _enqueue(self, data: bytes, for_console: bool) -> None:
+        self._queued += len(data)  # the drain takes it off once written
+        self._queue.put((data, for_console))
 
     def log(self, svc: str, stream: str, line: str) -> None:
         self.emit("log", svc=svc, stream=stream, line=line)
